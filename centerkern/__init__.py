@@ -1,0 +1,24 @@
+"""centerkern: center loss kernels that get duplicate labels right, for any array framework.
+
+Center loss (Wen et al., ECCV 2016) keeps one center per class, pulls each feature toward its
+class center and moves the centers toward the features. Its hot loop is a gather
+(``centers[labels]``) and a scatter in which duplicate labels must add up. The contract is
+written once, in the docstrings of the three functions below; ``backends()`` lists where they
+can run (``numpy``: the reference, ``numba``: parallel CPU kernels, ``cuda``: GPU kernels).
+"""
+
+from ._api import CenterLossResult, backends, center_loss, gather_centers, scatter_sub_update
+from ._rules import RULES
+from ._validation import BackendUnavailableError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CenterLossResult",
+    "BackendUnavailableError",
+    "RULES",
+    "backends",
+    "center_loss",
+    "gather_centers",
+    "scatter_sub_update",
+]

@@ -1,0 +1,205 @@
+"""The public functions: choose a backend, validate once, allocate, call the backend's kernel.
+
+The backend modules (``kernels_numpy``, ``kernels_numba``, ``kernels_cuda``) share one set of
+signatures and only do arithmetic, in place, on arrays that ``_validation`` has checked. This
+module decides what is copied: nothing when ``out=centers`` (the fast path), the centers once
+when ``out=None`` (the caller's arrays are never modified).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any, NamedTuple
+
+from . import _validation
+from ._rules import rule_coefficients
+from ._validation import BACKENDS, BackendUnavailableError, HostArrays, check_choice
+
+
+class CenterLossResult(NamedTuple):
+    """What ``center_loss`` returns.
+
+    Attributes
+    ----------
+    loss : float
+        The rule's loss, accumulated in float64.
+    grad : array, shape (B, D)
+        d loss / d features.
+    centers : array, shape (K, D)
+        The centers after the step (``out`` itself when given).
+    grad_centers : array, shape (K, D), or None
+        d loss / d centers for rule ``pytorch`` (for the caller's optimizer); None otherwise.
+    """
+
+    loss: float
+    grad: Any
+    centers: Any
+    grad_centers: Any
+
+
+def _is_device_array(x: Any) -> bool:
+    return hasattr(x, "__cuda_array_interface__")
+
+
+def _cuda_module() -> ModuleType:
+    return importlib.import_module("centerkern.kernels_cuda")
+
+
+def backends() -> tuple[str, ...]:
+    """The backend names usable on this machine, fastest last: ``numpy``, ``numba``, and ``cuda``
+    where Numba finds a GPU (or runs its CUDA simulator, ``NUMBA_ENABLE_CUDASIM=1``)."""
+    available = ["numpy", "numba"]
+    try:
+        if _cuda_module().is_available():
+            available.append("cuda")
+    except ImportError:  # numba-cuda is an optional extra
+        pass
+    return tuple(available)
+
+
+def _select(backend: Any, *arrays: Any) -> tuple[ModuleType, Any]:
+    """The kernel module for ``backend`` and the object that checks and converts its arrays."""
+    check_choice(backend, "backend", ("auto", *BACKENDS))
+    on_device = any(_is_device_array(a) for a in arrays if a is not None)
+    if backend == "auto":
+        backend = "cuda" if on_device else "numba"
+    if backend == "cuda":
+        try:
+            module = _cuda_module()
+        except ImportError as error:
+            raise BackendUnavailableError(
+                f"backend 'cuda' needs numba-cuda, which is not installed ({error}); "
+                "install the extra: pip install 'centerkern[cuda]'"
+            ) from error
+        module.require_available()
+        return module, (module.DeviceArrays if on_device else HostArrays)
+    if on_device:
+        raise ValueError(
+            f"backend {backend!r} computes in host memory but got a device array "
+            "(__cuda_array_interface__); use backend='cuda' or backend='auto'"
+        )
+    return importlib.import_module(f"centerkern.kernels_{backend}"), HostArrays
+
+
+def _target(arrays, centers, out, out_is_centers):
+    """The array the update is written into: out itself, or a fresh copy of the centers."""
+    if out is None:
+        return arrays.copy(centers)
+    if not out_is_centers:
+        arrays.copy_into(out, centers)
+    return out
+
+
+def gather_centers(centers: Any, labels: Any, *, backend: str = "auto") -> Any:
+    """Return ``centers[labels]``: the (B, D) rows of the centers of the batch's classes.
+
+    Parameters
+    ----------
+    centers : array, shape (K, D), float32 or float64
+    labels : integer array of any shape holding B values in [0, K); flattened
+    backend : {"auto", "numpy", "numba", "cuda"}
+
+    Returns
+    -------
+    array, shape (B, D), the dtype of ``centers``
+    """
+    kernels, arrays = _select(backend, centers, labels)
+    checked = _validation.validate_gather(centers, labels, arrays)
+    return arrays.to_caller(kernels.gather_centers(checked.centers, checked.labels))
+
+
+def scatter_sub_update(
+    centers: Any, labels: Any, updates: Any, *, out: Any = None, backend: str = "auto",
+    deterministic: bool = False,
+) -> Any:
+    """Subtract ``updates[i]`` from row ``labels[i]`` of the centers, for every i.
+
+    Duplicate labels accumulate, as in ``tf.scatter_sub`` and ``np.subtract.at``:
+    ``scatter_sub_update([[1], [2], [3]], [0, 0, 1, 1], [[9], [10], [11], [12]])`` is
+    ``[[-18], [-21], [3]]``. (``centers[labels] -= updates`` keeps one duplicate only.)
+
+    Parameters
+    ----------
+    centers : array, shape (K, D), float32 or float64
+    labels : integer array holding B values in [0, K)
+    updates : array, shape (B, D), the dtype of ``centers``
+    out : None or array, shape (K, D)
+        None: ``centers`` is left as it was and a new array is returned. ``out=centers`` updates
+        in place without copying the K x D centers, and returns ``out``.
+    backend : {"auto", "numpy", "numba", "cuda"}
+    deterministic : bool
+        Bitwise-identical results from run to run. The CPU backends always are; the ``cuda``
+        backend is when asked (no float atomics).
+
+    Returns
+    -------
+    array, shape (K, D): the updated centers
+    """
+    kernels, arrays = _select(backend, centers, updates, out)
+    checked = _validation.validate_scatter(centers, labels, updates, out, arrays)
+    target = _target(arrays, checked.centers, checked.out, checked.out_is_centers)
+    kernels.scatter_sub_update(target, checked.labels, checked.updates, deterministic=deterministic)
+    return out if out is not None else arrays.to_caller(target)
+
+
+def center_loss(
+    features: Any, labels: Any, centers: Any, alpha: Any, *, rule: str = "facenet", out: Any = None,
+    backend: str = "auto", deterministic: bool = False,
+) -> CenterLossResult:
+    """One center-loss step: the loss, its gradient, and the centers moved toward the features.
+
+    With ``d_i = features[i] - centers[labels[i]]`` (the centers as they were before the call,
+    for every sample, duplicates included) and ``n_j`` the number of samples of class j:
+
+    ========= ============================ ============ ==============================================
+    rule      loss                         grad         centers after the call
+    ========= ============================ ============ ==============================================
+    facenet   mean of d^2 over B*D values  2 d_i/(B*D)  c_j + (1 - alpha) * sum_{y_i=j} d_i
+    wen       sum ||d_i||^2 / (2B)         d_i / B      c_j + alpha * sum_{y_i=j} d_i / (1 + n_j)
+    pytorch   sum ||d_i||^2 / B            2 d_i / B    unchanged; grad_centers = -(2/B) sum d_i
+    ========= ============================ ============ ==============================================
+
+    ``facenet`` is davidsandberg/facenet's TensorFlow code (alpha is the retention; it trains
+    with 0.95), ``wen`` is Eq. 2-4 of Wen et al., ECCV 2016 (https://doi.org/10.1007/978-3-319-46478-7_31)
+    as in caffe-face and PaddlePaddle, ``pytorch`` is KaiyangZhou/pytorch-center-loss. Classes
+    absent from the batch are untouched.
+
+    Parameters
+    ----------
+    features : array, shape (B, D), float32 or float64
+    labels : integer array holding B values in [0, K), any shape (flattened)
+    centers : array, shape (K, D), the dtype of ``features``
+    alpha : finite real number
+    rule : {"facenet", "wen", "pytorch"}
+    out : None or array, shape (K, D)
+        None: ``centers`` is left as it was and a new array is returned. ``out=centers`` updates
+        in place without copying the K x D centers, and is returned as ``result.centers``.
+    backend : {"auto", "numpy", "numba", "cuda"}
+    deterministic : bool
+        Bitwise-identical results from run to run. The CPU backends always are; the ``cuda``
+        backend is when asked (no float atomics).
+
+    Returns
+    -------
+    CenterLossResult
+        ``(loss, grad, centers, grad_centers)``.
+    """
+    kernels, arrays = _select(backend, features, centers, out)
+    checked = _validation.validate_center_loss(features, labels, centers, alpha, rule, out, arrays)
+    batch_size, feature_size = checked.features.shape
+    coefficients = rule_coefficients(checked.rule, checked.alpha, batch_size, feature_size)
+
+    target = _target(arrays, checked.centers, checked.out, checked.out_is_centers)
+    grad = arrays.empty(checked.features.shape, checked.features.dtype)
+    grad_centers = None if coefficients.moves_centers else arrays.zeros(target.shape, target.dtype)
+    written = target if coefficients.moves_centers else grad_centers
+    squares = kernels.center_loss_step(
+        checked.features, checked.labels, target, grad, written, coefficients, deterministic=deterministic
+    )
+    return CenterLossResult(
+        loss=float(coefficients.loss_scale * squares),
+        grad=arrays.to_caller(grad),
+        centers=out if out is not None else arrays.to_caller(target),
+        grad_centers=None if grad_centers is None else arrays.to_caller(grad_centers),
+    )

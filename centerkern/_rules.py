@@ -1,0 +1,48 @@
+"""The three published center-loss rules, reduced to four numbers and a flag.
+
+Every rule in SPEC.md has the same shape. With ``d_i = features[i] - c_{y_i}`` (the centers as
+they were before the call) and ``S_j = sum over i with y_i == j of d_i``:
+
+    loss            = loss_scale * sum_i ||d_i||^2
+    grad[i]         = grad_scale * d_i                 (grad_scale == 2 * loss_scale)
+    written_row[j]  = c_j + step / (1 + count_weight * n_j) * S_j     if moves_centers
+                    =       step / (1 + count_weight * n_j) * S_j     otherwise
+
+``written_row`` goes into the centers for ``facenet`` and ``wen``, and into ``grad_centers`` for
+``pytorch``, whose centers are left to the caller's optimizer. (The ``c_j`` term is dropped by a
+branch, not multiplied by zero, so that an infinite center does not turn ``grad_centers`` to NaN.)
+Writing the rules this way lets one kernel per backend serve all three; the ``numpy`` reference
+uses the same numbers, and the tests check them against SPEC's worked example independently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RULES = ("facenet", "wen", "pytorch")
+
+
+@dataclass(frozen=True)
+class RuleCoefficients:
+    loss_scale: float
+    grad_scale: float
+    step: float
+    count_weight: float
+    moves_centers: bool  # False: the row update is grad_centers, the centers stay as they were
+
+
+def rule_coefficients(rule: str, alpha: float, batch_size: int, feature_size: int) -> RuleCoefficients:
+    """The coefficients of ``rule`` for a batch of ``batch_size`` rows of ``feature_size``."""
+    # An empty batch has no loss and moves nothing; any finite scale keeps the kernels simple.
+    batch = max(batch_size, 1)
+    elements = max(batch_size * feature_size, 1)
+    if rule == "facenet":
+        # mean over B*D elements; alpha is the retention, so each sample moves its center by 1 - alpha
+        return RuleCoefficients(1.0 / elements, 2.0 / elements, 1.0 - alpha, 0.0, True)
+    if rule == "wen":
+        # paper Eq. 2-4: 1/(2B) loss, the step alpha divided by 1 + n_j
+        return RuleCoefficients(0.5 / batch, 1.0 / batch, alpha, 1.0, True)
+    if rule == "pytorch":
+        # trainable centers: grad_centers[j] = -(2/B) * S_j, the centers themselves unchanged
+        return RuleCoefficients(1.0 / batch, 2.0 / batch, -2.0 / batch, 0.0, False)
+    raise ValueError(f"unknown rule {rule!r}; valid rules are {', '.join(map(repr, RULES))}")

@@ -1,0 +1,279 @@
+"""Every check of SPEC.md's error table, in one place, before any backend runs.
+
+The public functions call ``validate_*`` here first. A backend receives checked arrays only:
+floating matrices of one dtype, labels as a flat int64 vector with every value in range, an
+``out`` that may be written, and no input that overlaps the array it writes. Nothing here
+writes to a caller's array, so an exception leaves every caller array as it was.
+
+How arrays are inspected depends on where they live: ``HostArrays`` below for the CPU backends,
+and the CUDA backend's own object of the same shape for device arrays, so that the label range
+check runs where the labels are.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._rules import RULES
+
+BACKENDS = ("numpy", "numba", "cuda")
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run on this machine (for example ``cuda`` without a GPU)."""
+
+
+def check_choice(value: Any, what: str, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; valid choices are {', '.join(map(repr, choices))}")
+    return value
+
+
+def check_alpha(alpha: Any) -> float:
+    if isinstance(alpha, np.ndarray) and alpha.ndim == 0:
+        alpha = alpha[()]
+    # bool is an int to Python, but an alpha of True is surely a mistake
+    if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a real number, got {alpha!r} of type {type(alpha).__name__}")
+    value = float(alpha)
+    if not math.isfinite(value):
+        raise ValueError(f"alpha must be finite, got {alpha!r}")
+    return value
+
+
+class HostArrays:
+    """Conversion and inspection of arrays that live in host memory."""
+
+    name = "host"
+
+    @staticmethod
+    def asarray(x: Any, what: str) -> np.ndarray:
+        if isinstance(x, np.ndarray):
+            return x
+        if isinstance(x, (list, tuple)):
+            return np.asarray(x)
+        if hasattr(x, "__dlpack__"):
+            # DLPack first: zero-copy and writable for torch CPU tensors, so out= writes into them
+            try:
+                return np.from_dlpack(x)
+            except (BufferError, TypeError, RuntimeError, ValueError):
+                pass
+        try:
+            return np.asarray(x)
+        except Exception as error:  # the object's own __array__ failed: say which input it was
+            raise TypeError(f"{what} of type {type(x).__name__} cannot be read as an array: {error}") from error
+
+    @staticmethod
+    def label_bounds(labels: np.ndarray) -> tuple[int, int]:
+        return int(labels.min()), int(labels.max())
+
+    @staticmethod
+    def first_out_of_range(labels: np.ndarray, num_classes: int) -> tuple[int, int]:
+        bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+        position = int(bad[0])
+        return position, int(labels[position])
+
+    @staticmethod
+    def as_label_vector(labels: np.ndarray) -> np.ndarray:
+        # values are already known to lie in [0, K), so the cast cannot wrap
+        return np.ascontiguousarray(labels.reshape(-1), dtype=np.int64)
+
+    @staticmethod
+    def contiguous(x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x)
+
+    @staticmethod
+    def is_writable(x: np.ndarray) -> bool:
+        return bool(x.flags.writeable)
+
+    @staticmethod
+    def same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+        return (
+            a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.shape == b.shape
+            and a.strides == b.strides
+        )
+
+    @staticmethod
+    def may_share_memory(a: np.ndarray, b: np.ndarray) -> bool:
+        return bool(np.may_share_memory(a, b))
+
+    @staticmethod
+    def holds(x: Any) -> bool:
+        return not hasattr(x, "__cuda_array_interface__")
+
+    @staticmethod
+    def copy(x: np.ndarray) -> np.ndarray:
+        return np.array(x, order="C", copy=True)
+
+    @staticmethod
+    def copy_into(destination: np.ndarray, source: np.ndarray) -> None:
+        np.copyto(destination, source)
+
+    @staticmethod
+    def empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+        return np.empty(shape, dtype=dtype)
+
+    @staticmethod
+    def zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+        return np.zeros(shape, dtype=dtype)
+
+    @staticmethod
+    def to_caller(x: np.ndarray) -> np.ndarray:
+        return x
+
+
+def _float_matrix(x: Any, what: str, arrays) -> Any:
+    untyped = isinstance(x, (list, tuple))
+    array = arrays.asarray(x, what)
+    if untyped and array.dtype.kind in "iu":
+        array = array.astype(np.float64)  # a Python list of numbers carries no dtype of its own
+    if array.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{what} must be float32 or float64, got dtype {array.dtype}")
+    if array.ndim != 2:
+        raise ValueError(f"{what} must be 2-D, got shape {tuple(array.shape)}")
+    return array
+
+
+def _check_same_dtype(**named) -> None:
+    dtypes = {name: array.dtype for name, array in named.items()}
+    if len(set(dtypes.values())) > 1:
+        listed = ", ".join(f"{name} {dtype}" for name, dtype in dtypes.items())
+        raise TypeError(f"dtypes must match (no silent cast): {listed}")
+
+
+def _check_feature_size(rows, rows_name: str, centers) -> None:
+    if rows.shape[1] != centers.shape[1]:
+        raise ValueError(
+            f"{rows_name} of shape {tuple(rows.shape)} and centers of shape {tuple(centers.shape)} "
+            "must have the same number of columns D"
+        )
+
+
+def _labels(labels: Any, batch_size: int | None, num_classes: int, arrays, batch_source: str) -> Any:
+    untyped = isinstance(labels, (list, tuple))
+    array = arrays.asarray(labels, "labels")
+    if untyped and array.size == 0:
+        array = array.astype(np.int64)  # [] is float64 to NumPy, but means "no labels" here
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"labels must have an integer dtype (not bool), got dtype {array.dtype}")
+    count = int(array.size)
+    if batch_size is not None and count != batch_size:
+        raise ValueError(
+            f"labels of shape {tuple(array.shape)} hold {count} values, but {batch_source} has "
+            f"{batch_size} rows"
+        )
+    if count:
+        low, high = arrays.label_bounds(array.reshape(-1))
+        if low < 0 or high >= num_classes:
+            position, value = arrays.first_out_of_range(array.reshape(-1), num_classes)
+            raise IndexError(
+                f"label {value} at position {position} is out of range: labels must lie in "
+                f"[0, {num_classes}) for {num_classes} classes"
+            )
+    return arrays.as_label_vector(array)
+
+
+def _out(out: Any, centers, arrays) -> Any:
+    if isinstance(out, (list, tuple)):
+        raise TypeError("out must be an array, got a " + type(out).__name__)
+    if not arrays.holds(out):
+        raise ValueError(f"out must live in {arrays.name} memory, where this backend computes")
+    target = arrays.asarray(out, "out")
+    if target.dtype != centers.dtype:
+        raise TypeError(f"out must have the dtype of centers: out {target.dtype}, centers {centers.dtype}")
+    if tuple(target.shape) != tuple(centers.shape):
+        raise ValueError(f"out must have the shape of centers: out {tuple(target.shape)}, centers {tuple(centers.shape)}")
+    if not arrays.is_writable(target):
+        raise ValueError("out is read-only; pass a writable array or out=None")
+    return target
+
+
+def _read_before_write(arrays, target, **inputs):
+    """Copy every input that shares memory with ``target``: results are as if all inputs were
+    read before the first write, and a parallel kernel never reads memory another thread writes."""
+    return tuple(
+        arrays.copy(value) if arrays.may_share_memory(value, target) else value for value in inputs.values()
+    )
+
+
+@dataclass
+class GatherInputs:
+    centers: Any
+    labels: Any
+
+
+@dataclass
+class ScatterInputs:
+    centers: Any
+    labels: Any
+    updates: Any
+    out: Any  # None, or the caller's array to write (it may be centers itself)
+    out_is_centers: bool
+
+
+@dataclass
+class CenterLossInputs:
+    features: Any
+    labels: Any
+    centers: Any
+    alpha: float
+    rule: str
+    out: Any
+    out_is_centers: bool
+
+
+def validate_gather(centers: Any, labels: Any, arrays) -> GatherInputs:
+    centers = _float_matrix(centers, "centers", arrays)
+    labels = _labels(labels, None, centers.shape[0], arrays, "")
+    return GatherInputs(centers, labels)
+
+
+def _resolve_out(out, arrays, **inputs):
+    """The checked ``out``, whether it is the centers themselves, and the inputs, each copied
+    where it overlaps ``out`` (except the centers when ``out`` is them: the in-place path)."""
+    if out is None:
+        return None, False, tuple(inputs.values())
+    centers = inputs["centers"]
+    target = _out(out, centers, arrays)
+    out_is_centers = arrays.same_memory(target, centers)
+    if out_is_centers:
+        del inputs["centers"]
+        return target, True, (centers, *_read_before_write(arrays, target, **inputs))
+    return target, False, _read_before_write(arrays, target, **inputs)
+
+
+def validate_scatter(centers: Any, labels: Any, updates: Any, out: Any, arrays) -> ScatterInputs:
+    centers = _float_matrix(centers, "centers", arrays)
+    updates = _float_matrix(updates, "updates", arrays)
+    _check_same_dtype(centers=centers, updates=updates)
+    _check_feature_size(updates, "updates", centers)
+    labels = _labels(labels, updates.shape[0], centers.shape[0], arrays, f"updates of shape {tuple(updates.shape)}")
+    target, out_is_centers, (centers, labels, updates) = _resolve_out(
+        out, arrays, centers=centers, labels=labels, updates=arrays.contiguous(updates)
+    )
+    return ScatterInputs(centers, labels, updates, target, out_is_centers)
+
+
+def validate_center_loss(
+    features: Any, labels: Any, centers: Any, alpha: Any, rule: Any, out: Any, arrays
+) -> CenterLossInputs:
+    rule = check_choice(rule, "rule", RULES)
+    alpha = check_alpha(alpha)
+    features = _float_matrix(features, "features", arrays)
+    centers = _float_matrix(centers, "centers", arrays)
+    _check_same_dtype(features=features, centers=centers)
+    _check_feature_size(features, "features", centers)
+    labels = _labels(
+        labels, features.shape[0], centers.shape[0], arrays, f"features of shape {tuple(features.shape)}"
+    )
+    target, out_is_centers, (centers, labels, features) = _resolve_out(
+        out, arrays, centers=centers, labels=labels, features=arrays.contiguous(features)
+    )
+    return CenterLossInputs(features, labels, centers, alpha, rule, target, out_is_centers)

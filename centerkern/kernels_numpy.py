@@ -1,0 +1,63 @@
+"""The ``numpy`` backend: the reference every other backend is tested against.
+
+Plain NumPy, written to be obviously correct rather than fast: the duplicate-label scatter is
+``np.add.at`` (never ``centers[labels] -= u``, which keeps only one of the duplicates), every
+sum is taken in float64, and the centers are gathered before anything is written.
+
+Every backend module has these three functions with the same signatures. They receive arrays
+that ``centerkern._validation`` has already checked, and update ``centers`` in place; the public
+functions in ``centerkern`` decide what is copied first. ``deterministic`` is part of the shared
+signature; this backend's results are bitwise reproducible whatever it says.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._rules import RuleCoefficients
+
+
+def gather_centers(centers: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Return ``centers[labels]``, a new (B, D) array."""
+    return centers[labels]
+
+
+def scatter_sub_update(
+    centers: np.ndarray, labels: np.ndarray, updates: np.ndarray, *, deterministic: bool = False
+) -> None:
+    """Subtract ``updates[i]`` from ``centers[labels[i]]`` for every i, duplicates accumulating."""
+    total = np.zeros(centers.shape, dtype=np.float64)
+    np.add.at(total, labels, updates)
+    touched = np.unique(labels)
+    centers[touched] = centers[touched] - total[touched]
+
+
+def center_loss_step(
+    features: np.ndarray,
+    labels: np.ndarray,
+    centers: np.ndarray,
+    grad: np.ndarray,
+    written: np.ndarray,
+    rule: RuleCoefficients,
+    *,
+    deterministic: bool = False,
+) -> float:
+    """One step of ``rule``: write the grad and the center rows, return ``sum_i ||d_i||^2``.
+
+    ``written`` is ``centers`` itself for rules that move the centers, or the zeroed
+    ``grad_centers`` for the ``pytorch`` rule.
+    """
+    centers_before = centers[labels].astype(np.float64)  # gathered before any write
+    differences = features.astype(np.float64) - centers_before
+    grad[...] = rule.grad_scale * differences
+
+    sums = np.zeros(centers.shape, dtype=np.float64)
+    np.add.at(sums, labels, differences)
+    counts = np.bincount(labels, minlength=centers.shape[0])
+    touched = np.flatnonzero(counts)
+    row_update = (rule.step / (1.0 + rule.count_weight * counts[touched]))[:, None] * sums[touched]
+    if rule.moves_centers:
+        written[touched] = centers[touched] + row_update
+    else:
+        written[touched] = row_update
+    return float(np.sum(differences * differences))
