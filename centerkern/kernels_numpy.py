@@ -26,10 +26,10 @@ def scatter_sub_update(
     centers: np.ndarray, labels: np.ndarray, updates: np.ndarray, *, deterministic: bool = False
 ) -> None:
     """Subtract ``updates[i]`` from ``centers[labels[i]]`` for every i, duplicates accumulating."""
-    total = np.zeros(centers.shape, dtype=np.float64)
-    np.add.at(total, labels, updates)
-    touched = np.unique(labels)
-    centers[touched] = centers[touched] - total[touched]
+    touched, row_of_sample = np.unique(labels, return_inverse=True)
+    totals = np.zeros((touched.size, centers.shape[1]), dtype=np.float64)
+    np.add.at(totals, row_of_sample, updates)
+    centers[touched] = centers[touched] - totals
 
 
 def center_loss_step(
@@ -51,11 +51,10 @@ def center_loss_step(
     differences = features.astype(np.float64) - centers_before
     grad[...] = rule.grad_scale * differences
 
-    sums = np.zeros(centers.shape, dtype=np.float64)
-    np.add.at(sums, labels, differences)
-    counts = np.bincount(labels, minlength=centers.shape[0])
-    touched = np.flatnonzero(counts)
-    row_update = (rule.step / (1.0 + rule.count_weight * counts[touched]))[:, None] * sums[touched]
+    touched, row_of_sample, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    sums = np.zeros((touched.size, centers.shape[1]), dtype=np.float64)
+    np.add.at(sums, row_of_sample, differences)
+    row_update = (rule.step / (1.0 + rule.count_weight * counts))[:, None] * sums
     if rule.moves_centers:
         written[touched] = centers[touched] + row_update
     else:

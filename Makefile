@@ -1,0 +1,39 @@
+# Every target sets up what it needs from a fresh clone: a virtual environment in .venv with
+# the package (editable), its test tools, the CUDA simulator's toolkit and the CPU build of torch.
+PYTHON_BOOTSTRAP ?= python3
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+.PHONY: install test test-cpu test-cudasim demo info bench clean
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet -e ".[test,bench]"
+	touch $@
+
+install: $(INSTALLED)
+
+test: test-cpu test-cudasim
+
+test-cpu: $(INSTALLED)
+	$(PYTHON) -m pytest -q
+
+# The CUDA backend without a GPU: Numba's simulator must be switched on before Numba is
+# imported, so it runs in a pytest process of its own, on the CUDA tests only.
+test-cudasim: $(INSTALLED)
+	NUMBA_ENABLE_CUDASIM=1 $(PYTHON) -m pytest -q -k "cuda" -p no:cacheprovider
+
+demo: $(INSTALLED)
+	$(PYTHON) -m centerkern demo
+
+info: $(INSTALLED)
+	$(PYTHON) -m centerkern info
+
+bench: $(INSTALLED)
+	$(PYTHON) benchmarks/bench_cpu.py --json benchmarks/results/cpu-latest.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
