@@ -69,7 +69,7 @@ def _select(backend: Any, *arrays: Any) -> tuple[ModuleType, Any]:
             module = _cuda_module()
         except ImportError as error:
             raise BackendUnavailableError(
-                f"backend 'cuda' needs numba-cuda, which is not installed ({error}); "
+                f"backend 'cuda' cannot load Numba's CUDA target ({error}); "
                 "install the extra: pip install 'centerkern[cuda]'"
             ) from error
         module.require_available()

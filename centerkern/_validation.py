@@ -48,7 +48,9 @@ def check_alpha(alpha: Any) -> float:
 
 
 class HostArrays:
-    """Conversion and inspection of arrays that live in host memory."""
+    """Conversion and inspection of arrays that live in host memory.
+
+    The CUDA backend's ``DeviceArrays`` has the same methods for device arrays."""
 
     name = "host"
 
@@ -70,19 +72,21 @@ class HostArrays:
             raise TypeError(f"{what} of type {type(x).__name__} cannot be read as an array: {error}") from error
 
     @staticmethod
-    def label_bounds(labels: np.ndarray) -> tuple[int, int]:
-        return int(labels.min()), int(labels.max())
+    def flat_labels(labels: np.ndarray) -> np.ndarray:
+        return labels.reshape(-1)
 
     @staticmethod
-    def first_out_of_range(labels: np.ndarray, num_classes: int) -> tuple[int, int]:
-        bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
-        position = int(bad[0])
+    def first_out_of_range(labels: np.ndarray, num_classes: int) -> tuple[int, int] | None:
+        """(position, value) of the first label outside [0, num_classes), or None."""
+        if labels.size == 0 or (labels.min() >= 0 and labels.max() < num_classes):  # the common case
+            return None
+        position = int(np.flatnonzero((labels < 0) | (labels >= num_classes))[0])
         return position, int(labels[position])
 
     @staticmethod
     def as_label_vector(labels: np.ndarray) -> np.ndarray:
         # values are already known to lie in [0, K), so the cast cannot wrap
-        return np.ascontiguousarray(labels.reshape(-1), dtype=np.int64)
+        return np.ascontiguousarray(labels, dtype=np.int64)
 
     @staticmethod
     def contiguous(x: np.ndarray) -> np.ndarray:
@@ -130,10 +134,11 @@ class HostArrays:
 
 
 def _float_matrix(x: Any, what: str, arrays) -> Any:
-    untyped = isinstance(x, (list, tuple))
+    if isinstance(x, (list, tuple)):
+        x = np.asarray(x)
+        if x.dtype.kind in "iu":
+            x = x.astype(np.float64)  # a Python list of numbers carries no dtype of its own
     array = arrays.asarray(x, what)
-    if untyped and array.dtype.kind in "iu":
-        array = array.astype(np.float64)  # a Python list of numbers carries no dtype of its own
     if array.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{what} must be float32 or float64, got dtype {array.dtype}")
     if array.ndim != 2:
@@ -157,10 +162,11 @@ def _check_feature_size(rows, rows_name: str, centers) -> None:
 
 
 def _labels(labels: Any, batch_size: int | None, num_classes: int, arrays, batch_source: str) -> Any:
-    untyped = isinstance(labels, (list, tuple))
+    if isinstance(labels, (list, tuple)):
+        labels = np.asarray(labels)
+        if labels.size == 0:
+            labels = labels.astype(np.int64)  # [] is float64 to NumPy, but means "no labels" here
     array = arrays.asarray(labels, "labels")
-    if untyped and array.size == 0:
-        array = array.astype(np.int64)  # [] is float64 to NumPy, but means "no labels" here
     if array.dtype.kind not in "iu":
         raise TypeError(f"labels must have an integer dtype (not bool), got dtype {array.dtype}")
     count = int(array.size)
@@ -169,15 +175,15 @@ def _labels(labels: Any, batch_size: int | None, num_classes: int, arrays, batch
             f"labels of shape {tuple(array.shape)} hold {count} values, but {batch_source} has "
             f"{batch_size} rows"
         )
-    if count:
-        low, high = arrays.label_bounds(array.reshape(-1))
-        if low < 0 or high >= num_classes:
-            position, value = arrays.first_out_of_range(array.reshape(-1), num_classes)
-            raise IndexError(
-                f"label {value} at position {position} is out of range: labels must lie in "
-                f"[0, {num_classes}) for {num_classes} classes"
-            )
-    return arrays.as_label_vector(array)
+    flat = arrays.flat_labels(array)
+    bad = arrays.first_out_of_range(flat, num_classes)
+    if bad is not None:
+        position, value = bad
+        raise IndexError(
+            f"label {value} at position {position} is out of range: labels must lie in "
+            f"[0, {num_classes}) for {num_classes} classes"
+        )
+    return arrays.as_label_vector(flat)
 
 
 def _out(out: Any, centers, arrays) -> Any:

@@ -1,0 +1,100 @@
+"""The command line: ``python -m centerkern demo`` and ``python -m centerkern info``.
+
+``demo`` reproduces the seed example (SPEC.md) on every backend beside TensorFlow's numbers, shows
+why facenet's rule diverges on a repeated class, and times the kernels; ``info`` reports the
+versions and threading setup that a bug report needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import sys
+
+import numba
+import numpy as np
+
+import centerkern
+
+from . import _demo
+
+
+def _installed_version(distribution: str) -> str:
+    # metadata rather than an import: importing torch alone takes seconds
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _threading_layer() -> str:
+    """Numba's threading layer, which it only chooses when its first parallel kernel runs."""
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        centerkern.gather_centers(np.zeros((1, 1)), [0], backend="numba")
+        return numba.threading_layer()
+
+
+def info() -> int:
+    """Print the versions, backends and threading setup of this installation."""
+    rows = [
+        ("centerkern", centerkern.__version__),
+        ("Python", f"{platform.python_version()} ({sys.executable})"),
+        ("NumPy", np.__version__),
+        ("Numba", numba.__version__),
+        ("numba-cuda", _installed_version("numba-cuda")),
+        ("torch", _installed_version("torch")),
+        ("backends", ", ".join(centerkern.backends())),
+        ("numba threads", str(numba.get_num_threads())),
+        ("threading layer", _threading_layer()),
+        ("NUMBA_CACHE_DIR", os.environ.get("NUMBA_CACHE_DIR", "not set")),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m centerkern", description="Center loss kernels: a demonstration and a report."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="command")
+    demo = commands.add_parser(
+        "demo", help="the seed example on every backend, facenet vs wen, and a timing table",
+        description="Reproduce the seed example beside TensorFlow's numbers, show facenet's "
+                    "divergence on a repeated class, and time the kernels (well under a minute).",
+    )
+    demo.add_argument("--backend", choices=centerkern.backends(),
+                      help="check the seed example and the scatter on this backend only "
+                           "(default: every backend)")
+    demo.add_argument("--no-timing", action="store_true", help="skip the timing table")
+    commands.add_parser("info", help="versions, backends and threading setup",
+                        description="Print the versions, backends and threading setup of this installation.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    parser = _parser()
+    arguments = parser.parse_args(argv)
+    if arguments.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        if arguments.command == "demo":
+            backends = (arguments.backend,) if arguments.backend else centerkern.backends()
+            return _demo.demo(backends, with_timing=not arguments.no_timing)
+        return info()
+    except BrokenPipeError:
+        # the reader left early (``| head``): stop quietly, and keep the interpreter's final
+        # flush of stdout from raising again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
