@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 from . import _validation
 from ._rules import rule_coefficients
-from ._validation import BACKENDS, BackendUnavailableError, HostArrays, check_choice
+from ._validation import BACKENDS, BackendUnavailableError, HostArrays, check_choice, is_device_array
 
 
 class CenterLossResult(NamedTuple):
@@ -38,10 +38,6 @@ class CenterLossResult(NamedTuple):
     grad_centers: Any
 
 
-def _is_device_array(x: Any) -> bool:
-    return hasattr(x, "__cuda_array_interface__")
-
-
 def _cuda_module() -> ModuleType:
     return importlib.import_module("centerkern.kernels_cuda")
 
@@ -61,7 +57,7 @@ def backends() -> tuple[str, ...]:
 def _select(backend: Any, *arrays: Any) -> tuple[ModuleType, Any]:
     """The kernel module for ``backend`` and the object that checks and converts its arrays."""
     check_choice(backend, "backend", ("auto", *BACKENDS))
-    on_device = any(_is_device_array(a) for a in arrays if a is not None)
+    on_device = any(is_device_array(a) for a in arrays if a is not None)
     if backend == "auto":
         backend = "cuda" if on_device else "numba"
     if backend == "cuda":
@@ -76,8 +72,8 @@ def _select(backend: Any, *arrays: Any) -> tuple[ModuleType, Any]:
         return module, (module.DeviceArrays if on_device else HostArrays)
     if on_device:
         raise ValueError(
-            f"backend {backend!r} computes in host memory but got a device array "
-            "(__cuda_array_interface__); use backend='cuda' or backend='auto'"
+            f"backend {backend!r} computes in host memory but got a device array; "
+            "use backend='cuda' or backend='auto'"
         )
     return importlib.import_module(f"centerkern.kernels_{backend}"), HostArrays
 

@@ -25,6 +25,12 @@ BACKENDS = ("numpy", "numba", "cuda")
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def is_device_array(x: Any) -> bool:
+    """Whether ``x`` lives in GPU memory: the CUDA Array Interface (numba, CuPy, torch), or a
+    Numba device array (which is how the CUDA simulator's arrays show themselves)."""
+    return hasattr(x, "__cuda_array_interface__") or bool(getattr(x, "__cuda_ndarray__", False))
+
+
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run on this machine (for example ``cuda`` without a GPU)."""
 
@@ -110,7 +116,7 @@ class HostArrays:
 
     @staticmethod
     def holds(x: Any) -> bool:
-        return not hasattr(x, "__cuda_array_interface__")
+        return not is_device_array(x)
 
     @staticmethod
     def copy(x: np.ndarray) -> np.ndarray:

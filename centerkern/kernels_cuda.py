@@ -40,13 +40,13 @@ import numpy as np
 from numba import cuda, float64, int64
 
 from ._rules import RuleCoefficients
-from ._validation import BackendUnavailableError, HostArrays
+from ._validation import BackendUnavailableError, HostArrays, is_device_array
 
 # Launch shape. Module attributes, read at every call, so tests can shrink them to make small
 # inputs span many tiles and blocks (the kernels take them as arguments; shared arrays are sized
 # by the MAX_ constants).
-TILE_ROWS = 64
-COLUMNS_PER_BLOCK = 128
+TILE_ROWS = 32
+COLUMNS_PER_BLOCK = 64
 MAX_TILE_ROWS = 64
 MAX_COLUMNS_PER_BLOCK = 128
 GRID_STRIDE_BLOCKS = 1024  # blocks for the 1-D grid-stride kernels over the batch
@@ -283,9 +283,17 @@ def _finish_spanning_classes(
 # --------------------------------------------------------------------------- arrays
 
 
+def _interface(array: Any) -> dict:
+    """The array's CUDA Array Interface. The simulator's device arrays are NumPy arrays in
+    disguise and offer NumPy's array interface instead, which has the same keys."""
+    if hasattr(array, "__cuda_array_interface__"):
+        return array.__cuda_array_interface__
+    return array.__array_interface__
+
+
 def _interface_extent(array: Any) -> tuple[int, int]:
     """[start, end) of the bytes a device array may touch."""
-    interface = array.__cuda_array_interface__
+    interface = _interface(array)
     pointer = interface["data"][0]
     itemsize = np.dtype(interface["typestr"]).itemsize
     shape = interface["shape"]
@@ -324,13 +332,15 @@ class DeviceArrays:
 
     @staticmethod
     def asarray(x: Any, what: str) -> Any:
+        if getattr(x, "__cuda_ndarray__", False):
+            return x  # already a Numba device array
         if hasattr(x, "__cuda_array_interface__"):
-            return cuda.as_cuda_array(x)  # zero-copy view of the caller's device memory
+            return cuda.as_cuda_array(x)  # zero-copy view of the caller's device memory (CuPy, torch)
         return cuda.to_device(np.ascontiguousarray(HostArrays.asarray(x, what)))
 
     @staticmethod
     def holds(x: Any) -> bool:
-        return hasattr(x, "__cuda_array_interface__")
+        return is_device_array(x)
 
     @staticmethod
     def flat_labels(labels: Any) -> Any:
@@ -364,11 +374,11 @@ class DeviceArrays:
 
     @staticmethod
     def is_writable(x: Any) -> bool:
-        return not x.__cuda_array_interface__["data"][1]
+        return not _interface(x)["data"][1]
 
     @staticmethod
     def same_memory(a: Any, b: Any) -> bool:
-        ia, ib = a.__cuda_array_interface__, b.__cuda_array_interface__
+        ia, ib = _interface(a), _interface(b)
         return (ia["data"][0] == ib["data"][0] and tuple(ia["shape"]) == tuple(ib["shape"])
                 and (ia.get("strides") or _contiguous_strides(ia["shape"], a.dtype.itemsize))
                 == (ib.get("strides") or _contiguous_strides(ib["shape"], b.dtype.itemsize)))
@@ -413,12 +423,24 @@ class DeviceArrays:
 
 
 class _Scratch(threading.local):
-    """K-sized per-class bookkeeping kept between calls (one set per thread), so that a call
-    neither allocates nor clears anything of size K."""
+    """Work arrays kept between calls (one set per thread): the K-sized per-class bookkeeping,
+    so that a call neither allocates nor clears anything of size K, and the batch-sized buffers,
+    so that a call does not pay for device allocations."""
 
     def __init__(self):
         self.capacity = 0
         self.first_row = self.last_row = self.counts = None
+        self.buffers = {}
+
+    def buffer(self, name: str, shape: tuple[int, ...], dtype) -> Any:
+        """A device array of ``shape`` and ``dtype``, contents undefined, reused across calls."""
+        size = math.prod(shape)
+        dtype = np.dtype(dtype)
+        held = self.buffers.get((name, dtype))
+        if held is None or held.size < size:
+            held = cuda.device_array(max(size, 2 * (0 if held is None else held.size)), dtype=dtype)
+            self.buffers[(name, dtype)] = held
+        return held[:size].reshape(shape)
 
     def classes(self, num_classes: int):
         if num_classes > self.capacity:
@@ -477,12 +499,12 @@ def _segmented_update(rows, labels, centers, written, grad, rows_are_features, r
     first_row, last_row, counts = _scratch.classes(centers.shape[0])
     try:
         _classify[_grid_1d(batch_size), THREADS_1D](labels, first_row, last_row, counts)
-        spanning_sums = cuda.device_array((batch_size, width), dtype=rows.dtype)
+        spanning_sums = _scratch.buffer("spanning sums", (batch_size, width), rows.dtype)
         if not deterministic:
             _zero_spanning_sums[row_blocks, threads](labels, first_row, last_row, spanning_sums, tile_rows)
-        tile_sorted_labels = cuda.device_array(batch_size, dtype=np.int64)
-        tile_sorted_rows = cuda.device_array(batch_size, dtype=np.int64)
-        block_squares = cuda.device_array(tile_blocks * column_blocks, dtype=np.float64)
+        tile_sorted_labels = _scratch.buffer("tile sorted labels", (batch_size,), np.int64)
+        tile_sorted_rows = _scratch.buffer("tile sorted rows", (batch_size,), np.int64)
+        block_squares = _scratch.buffer("block squares", (tile_blocks * column_blocks,), np.float64)
         _tile_step[(tile_blocks, column_blocks), threads](
             rows, labels, centers, written, grad, first_row, last_row, counts, spanning_sums,
             tile_sorted_labels, tile_sorted_rows, block_squares,

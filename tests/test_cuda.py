@@ -113,3 +113,21 @@ def test_cuda_results_of_device_inputs_stay_on_the_device():
     features, labels, centers, _ = _batch(2, 16, 4, 3)
     result = centerkern.center_loss(cuda.to_device(features), cuda.to_device(labels), cuda.to_device(centers), 0.5)
     assert cuda.is_cuda_array(result.grad) and cuda.is_cuda_array(result.centers)
+
+
+def test_cuda_gpu_check_script_runs(tmp_path):
+    """benchmarks/gpu_check.py (the real-GPU check) at tiny sizes: its checks pass, its JSON is written."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    output = tmp_path / "gpu.json"
+    assert gpu_check.main([str(output), "--small"]) == 0
+    report = json.loads(output.read_text())
+    assert report["property_checks"]["cases"] == 12 and report["property_checks"]["failures"] == []
+    assert report["deterministic_check"]["deterministic"]["bitwise_identical_over_3_runs"]
+    assert {"centerkern step", "device-to-device copy, floor bytes"} <= set(report["timings"][0]["median_ms"])
