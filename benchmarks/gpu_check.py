@@ -37,6 +37,7 @@ import numba  # noqa: E402
 from numba import cuda  # noqa: E402
 
 import centerkern  # noqa: E402
+import centerkern.kernels_cuda  # noqa: E402
 
 RULES = centerkern.RULES
 TOLERANCE = {np.float32: 1e-5, np.float64: 1e-12}
@@ -274,6 +275,43 @@ def sweep_launch_shapes(rng, batch, width, classes, repeats, shapes):
     return results
 
 
+def host_overhead(rng, batch, width, classes, calls=20):
+    """Where the host time of a call goes: device allocation, a tiny launch, and the top of a
+    profile of ``center_loss`` on device arrays (these decide the small-batch times)."""
+    import cProfile
+    import io
+    import pstats
+
+    figures = {}
+    start = time.perf_counter()
+    for _ in range(calls):
+        cuda.device_array((batch, width), np.float32)
+    cuda.synchronize()
+    figures["device_array(B, D) seconds"] = (time.perf_counter() - start) / calls
+    target = cuda.device_array(1, np.int64)
+    centerkern.kernels_cuda._fill_vector[1, 1](target, 0)
+    cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        centerkern.kernels_cuda._fill_vector[1, 1](target, 0)
+    cuda.synchronize()
+    figures["tiny kernel launch seconds"] = (time.perf_counter() - start) / calls
+    features, labels, centers, _ = random_case(rng, batch, width, classes, np.float32, 0.0)
+    d_features, d_labels, d_centers = cuda.to_device(features), cuda.to_device(labels), cuda.to_device(centers)
+    centerkern.center_loss(d_features, d_labels, d_centers, 0.95, out=d_centers)
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    for _ in range(calls):
+        centerkern.center_loss(d_features, d_labels, d_centers, 0.95, out=d_centers)
+    profiler.disable()
+    figures["center_loss host seconds per call"] = (time.perf_counter() - start) / calls
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
+    figures["profile (tottime)"] = text.getvalue()
+    return figures
+
+
 def first_call_seconds():
     """Compile cost of this process's first fused step (cold or cached, as it happens)."""
     features = cuda.to_device(np.ones((4, 3), np.float32))
@@ -312,6 +350,12 @@ def main(argv=None):
         report["compute_capability"] = list(device.compute_capability)
     report["first_call_seconds"] = first_call_seconds()
     print(f"first fused step in this process: {report['first_call_seconds']:.2f} s", flush=True)
+
+    overhead = host_overhead(rng, *((24, 6, 10) if args.small else FULL_SIZES[0]))
+    report["host_overhead"] = overhead
+    print({name: value for name, value in overhead.items() if "profile" not in name}, flush=True)
+    print(overhead["profile (tottime)"], flush=True)
+    save(report, args.output)
 
     checked, failures = check_properties(rng, 12 if args.small else args.cases, args.small)
     report["property_checks"] = {"cases": checked, "failures": failures}

@@ -354,7 +354,8 @@ class DeviceArrays:
     def first_out_of_range(labels: Any, num_classes: int) -> tuple[int, int] | None:
         if labels.size == 0:
             return None
-        first_bad = cuda.to_device(np.array([labels.size], dtype=np.int64))
+        first_bad = _scratch.buffer("first bad label", (1,), np.int64)
+        first_bad.copy_to_device(np.array([labels.size], dtype=np.int64))
         _find_first_bad_label[_grid_1d(labels.size), THREADS_1D](labels, num_classes, first_bad)
         position = int(first_bad.copy_to_host()[0])  # one integer crosses to the host, not the labels
         if position == labels.size:
@@ -363,6 +364,8 @@ class DeviceArrays:
 
     @staticmethod
     def as_label_vector(labels: Any) -> Any:
+        if labels.dtype == np.int64 and labels.is_c_contiguous():
+            return labels  # already what the kernels read: no copy, no launch
         out = cuda.device_array(labels.size, dtype=np.int64)
         if labels.size:
             _copy_labels[_grid_1d(labels.size), THREADS_1D](labels, out)
@@ -537,7 +540,7 @@ def scatter_sub_update(centers: Any, labels: Any, updates: Any, *, deterministic
     """Subtract ``updates[i]`` from ``centers[labels[i]]`` for every i, duplicates accumulating."""
     on_device = _OnDevice()
     device_centers = on_device(centers, written=True)
-    unused_grad = cuda.device_array((1, 1), dtype=device_centers.dtype)
+    unused_grad = _scratch.buffer("unused grad", (1, 1), device_centers.dtype)
     _segmented_update(on_device(updates), on_device(labels), device_centers, device_centers, unused_grad,
                       False, -1.0, 0.0, 0.0, True, deterministic)
     on_device.finish()
