@@ -15,10 +15,12 @@ What a run's sum does next depends on the class:
   With many classes (the usual case) this is nearly every class, and the step moves no more
   bytes than it must.
 * a class that spans tiles is finished by a second kernel, once every tile has read the center
-  as it was. In the default mode each tile adds its run sum into a per-class row with one float
-  atomic per column. With ``deterministic=True`` each tile stores its run sum in a slot of its
-  own, and the second kernel adds the slots in tile order (it finds them by binary search in
-  each tile's sorted labels): no float atomics, the same bits on every run.
+  as it was; the tile holding its first sample puts it on a list, so that this kernel visits
+  only such classes. In the default mode each tile adds its run sum into a per-class row with
+  one float atomic per column. With ``deterministic=True`` each tile stores its run sum in a
+  slot of its own, and the second kernel adds the slots in tile order (it finds them by binary
+  search in each tile's sorted labels): no float atomics, the same bits on every run. Either
+  way the second kernel zeroes what it read, so the buffer needs no clearing pass.
 
 Per-class bookkeeping (first and last row of each class, its count) lives in K-sized integer
 scratch arrays that are set once and put back by a last kernel touching only the batch's labels,
@@ -131,9 +133,11 @@ def _classify(labels, first_row, last_row, counts):
 
 
 @cuda.jit(cache=True)
-def _reset_classes(labels, first_row, last_row, counts):
+def _reset_classes(labels, first_row, last_row, counts, spanning_count):
     # only the batch's own classes were touched: put them back for the next call
     start, stride = cuda.grid(1), cuda.gridsize(1)
+    if start == 0:
+        spanning_count[0] = 0
     for i in range(start, labels.size, stride):
         label = labels[i]
         first_row[label] = NO_ROW
@@ -142,18 +146,9 @@ def _reset_classes(labels, first_row, last_row, counts):
 
 
 @cuda.jit(cache=True)
-def _zero_spanning_sums(labels, first_row, last_row, sums, tile_rows):
-    for row in range(cuda.blockIdx.x, labels.size, cuda.gridDim.x):
-        label = labels[row]
-        if first_row[label] == row and first_row[label] // tile_rows != last_row[label] // tile_rows:
-            for k in range(cuda.threadIdx.x, sums.shape[1], cuda.blockDim.x):
-                sums[row, k] = 0
-
-
-@cuda.jit(cache=True)
 def _tile_step(
     rows, labels, centers, written, grad, first_row, last_row, counts, spanning_sums,
-    tile_sorted_labels, tile_sorted_rows, block_squares,
+    spanning_leaders, spanning_count, tile_sorted_labels, tile_sorted_rows, block_squares,
     rows_are_features, deterministic, moves_centers, step, count_weight, grad_scale, tile_rows,
 ):
     """Each block: tiles of the batch (grid-stride), one slice of columns (see the module docstring)."""
@@ -211,10 +206,14 @@ def _tile_step(
                     # turn grad_centers to NaN)
                     base = center if moves_centers else 0.0
                     written[label, k] = base + step / (1.0 + count_weight * counts[label]) * total
-                elif deterministic:
-                    spanning_sums[run_first, k] = total  # this tile's own slot
                 else:
-                    cuda.atomic.add(spanning_sums, (first, k), total)
+                    if deterministic:
+                        spanning_sums[run_first, k] = total  # this tile's own slot
+                    else:
+                        cuda.atomic.add(spanning_sums, (first, k), total)
+                    if first // tile_rows == tile and cuda.blockIdx.y == 0 and thread == 0:
+                        # list the class once, for the kernel that finishes it
+                        spanning_leaders[cuda.atomic.add(spanning_count, 0, 1)] = first
 
     squares_by_thread[thread] = squares
     cuda.syncthreads()
@@ -230,21 +229,21 @@ def _tile_step(
 
 @cuda.jit(cache=True)
 def _finish_spanning_classes(
-    labels, centers, written, first_row, last_row, counts, spanning_sums,
+    labels, centers, written, first_row, last_row, counts, spanning_sums, spanning_leaders, spanning_count,
     tile_sorted_labels, tile_sorted_rows,
     deterministic, moves_centers, step, count_weight, tile_rows,
 ):
-    """Each block: rows of the batch (grid-stride), one slice of columns. A row that is the
-    first sample of a class spanning tiles finishes that class's center."""
+    """Each block: classes that span tiles (grid-stride over the list the tile kernel made),
+    one slice of columns. The sums it reads are zeroed again behind it, so that the buffer is
+    all zeros at the start of every call without a pass to clear it."""
     slots = cuda.shared.array(MAX_COLUMNS_PER_BLOCK, int64)
     thread, threads = cuda.threadIdx.x, cuda.blockDim.x
     k = cuda.blockIdx.y * threads + thread
-    for row in range(cuda.blockIdx.x, labels.size, cuda.gridDim.x):
+    for item in range(cuda.blockIdx.x, spanning_count[0], cuda.gridDim.x):
+        row = spanning_leaders[item]
         label = labels[row]
-        first_tile = first_row[label] // tile_rows
+        first_tile = row // tile_rows
         last_tile = last_row[label] // tile_rows
-        if first_row[label] != row or first_tile == last_tile:
-            continue  # the same for the whole block, so the barriers below stay uniform
         total = 0.0
         if deterministic:
             tile = first_tile
@@ -271,10 +270,12 @@ def _finish_spanning_classes(
                     for s in range(min(threads, last_tile - tile + 1)):
                         if slots[s] >= 0:
                             total += float64(spanning_sums[slots[s], k])
+                            spanning_sums[slots[s], k] = 0
                 cuda.syncthreads()
                 tile += threads
         elif k < centers.shape[1]:
             total = float64(spanning_sums[row, k])
+            spanning_sums[row, k] = 0
         if k < centers.shape[1]:
             base = float64(centers[label, k]) if moves_centers else 0.0
             written[label, k] = base + step / (1.0 + count_weight * counts[label]) * total
@@ -435,13 +436,17 @@ class _Scratch(threading.local):
         self.first_row = self.last_row = self.counts = None
         self.buffers = {}
 
-    def buffer(self, name: str, shape: tuple[int, ...], dtype) -> Any:
-        """A device array of ``shape`` and ``dtype``, contents undefined, reused across calls."""
+    def buffer(self, name: str, shape: tuple[int, ...], dtype, zeroed: bool = False) -> Any:
+        """A device array of ``shape`` and ``dtype``, reused across calls. Its contents are
+        undefined, or all zeros when ``zeroed`` (a promise the kernels keep by zeroing what
+        they used: the buffer is cleared once, when it is allocated)."""
         size = math.prod(shape)
         dtype = np.dtype(dtype)
         held = self.buffers.get((name, dtype))
         if held is None or held.size < size:
             held = cuda.device_array(max(size, 2 * (0 if held is None else held.size)), dtype=dtype)
+            if zeroed:
+                _fill_vector[_grid_1d(held.size), THREADS_1D](held, 0)
             self.buffers[(name, dtype)] = held
         return held[:size].reshape(shape)
 
@@ -464,6 +469,7 @@ class _Scratch(threading.local):
     def discard(self):
         """After a failure midway the bookkeeping may be dirty: start afresh next time."""
         self.capacity = 0
+        self.buffers = {}
 
 
 _scratch = _Scratch()
@@ -497,28 +503,27 @@ def _segmented_update(rows, labels, centers, written, grad, rows_are_features, r
     threads = _row_threads(width)
     column_blocks = math.ceil(width / threads)
     tile_blocks = _row_blocks(math.ceil(batch_size / tile_rows))
-    row_blocks = _row_blocks(batch_size)
 
     first_row, last_row, counts = _scratch.classes(centers.shape[0])
     try:
         _classify[_grid_1d(batch_size), THREADS_1D](labels, first_row, last_row, counts)
-        spanning_sums = _scratch.buffer("spanning sums", (batch_size, width), rows.dtype)
-        if not deterministic:
-            _zero_spanning_sums[row_blocks, threads](labels, first_row, last_row, spanning_sums, tile_rows)
+        spanning_sums = _scratch.buffer("spanning sums", (batch_size, width), rows.dtype, zeroed=True)
+        spanning_leaders = _scratch.buffer("spanning leaders", (batch_size,), np.int64)
+        spanning_count = _scratch.buffer("spanning count", (1,), np.int64, zeroed=True)
         tile_sorted_labels = _scratch.buffer("tile sorted labels", (batch_size,), np.int64)
         tile_sorted_rows = _scratch.buffer("tile sorted rows", (batch_size,), np.int64)
         block_squares = _scratch.buffer("block squares", (tile_blocks * column_blocks,), np.float64)
         _tile_step[(tile_blocks, column_blocks), threads](
             rows, labels, centers, written, grad, first_row, last_row, counts, spanning_sums,
-            tile_sorted_labels, tile_sorted_rows, block_squares,
+            spanning_leaders, spanning_count, tile_sorted_labels, tile_sorted_rows, block_squares,
             rows_are_features, deterministic, moves_centers, rule_step, count_weight, grad_scale, tile_rows,
         )
-        _finish_spanning_classes[(row_blocks, column_blocks), threads](
-            labels, centers, written, first_row, last_row, counts, spanning_sums,
+        _finish_spanning_classes[(_grid_1d(batch_size), column_blocks), threads](
+            labels, centers, written, first_row, last_row, counts, spanning_sums, spanning_leaders, spanning_count,
             tile_sorted_labels, tile_sorted_rows,
             deterministic, moves_centers, rule_step, count_weight, tile_rows,
         )
-        _reset_classes[_grid_1d(batch_size), THREADS_1D](labels, first_row, last_row, counts)
+        _reset_classes[_grid_1d(batch_size), THREADS_1D](labels, first_row, last_row, counts, spanning_count)
     except BaseException:
         _scratch.discard()
         raise

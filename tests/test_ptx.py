@@ -45,14 +45,13 @@ def test_ptx_row_kernels(float_type):
     _compile(kernels_cuda._gather, _matrix(float_type), labels, _matrix(float_type, "C"))
     _compile(kernels_cuda._copy_matrix, _matrix(float_type), _matrix(float_type))
     _compile(kernels_cuda._fill_matrix, _matrix(float_type, "C"), types.int64)
-    _compile(kernels_cuda._zero_spanning_sums, labels, labels, labels, _matrix(float_type, "C"), types.int64)
 
 
 def test_ptx_bookkeeping_kernels():
     labels = _vector(types.int64)
     _compile(kernels_cuda._fill_vector, labels, types.int64)
     _compile(kernels_cuda._classify, labels, labels, labels, labels)
-    _compile(kernels_cuda._reset_classes, labels, labels, labels, labels)
+    _compile(kernels_cuda._reset_classes, labels, labels, labels, labels, labels)
 
 
 @pytest.mark.parametrize("float_type", FLOAT_TYPES, ids=str)
@@ -62,9 +61,9 @@ def test_ptx_fused_step_and_spanning_classes(float_type):
     sums = _matrix(float_type, "C")
     flags = (types.boolean, types.boolean, types.boolean)
     ptx = _compile(kernels_cuda._tile_step, rows, labels, centers, centers, _matrix(float_type, "C"), labels, labels,
-                   labels, sums, labels, labels, _vector(types.float64), *flags, types.float64, types.float64,
-                   types.float64, types.int64)
+                   labels, sums, labels, labels, labels, labels, _vector(types.float64), *flags, types.float64,
+                   types.float64, types.float64, types.int64)
     atomic = "atom.global.add.f32" if float_type == types.float32 else "atom.global.add.f64"
     assert atomic in ptx  # the default mode's one atomic per (run, column)
     _compile(kernels_cuda._finish_spanning_classes, labels, centers, centers, labels, labels, labels, sums, labels,
-             labels, types.boolean, types.boolean, types.float64, types.float64, types.int64)
+             labels, labels, labels, types.boolean, types.boolean, types.float64, types.float64, types.int64)
