@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from datetime import datetime, timezone
 
 import numba
@@ -26,7 +24,9 @@ import numpy as np
 from numba import njit
 
 import centerkern
-from centerkern import kernels_numba
+from centerkern._peers import (
+    interleaved_medians, numpy_subtract_at_scatter, torch_eager_step, torch_index_add_scatter,
+)
 
 SIZES = {  # (B, D, K)
     "S": (256, 128, 1000),
@@ -61,53 +61,20 @@ def implementations(features, labels, centers, updates):
     ck_scatter = centers.copy()
     impls["centerkern numba scatter"] = ("scatter", lambda: centerkern.scatter_sub_update(
         ck_scatter, labels, updates, out=ck_scatter, backend="numba"))
-    np_scatter = centers.copy()
-    impls["np.subtract.at scatter"] = ("scatter", lambda: np.subtract.at(np_scatter, labels, updates))
+    impls["np.subtract.at scatter"] = ("scatter", numpy_subtract_at_scatter(centers, labels, updates))
     serial = centers.copy()
     impls["numba serial-rows scatter"] = ("scatter", lambda: serial_scatter_sub(serial, labels, updates))
     # the bandwidth floor of the step: read features, write grad, read and write touched rows
     source = np.empty(3 * features.size, dtype=np.float32)
     destination = np.empty_like(source)
     impls["memcpy of 3*B*D floats"] = ("floor", lambda: np.copyto(destination, source))
-    try:
-        import torch
-    except ImportError:
+    torch_step = torch_eager_step(features, labels, centers, ALPHA)
+    if torch_step is None:
         print("torch is not installed: its rows are absent", file=sys.stderr)
         return impls
-    t_features = torch.from_numpy(features)
-    t_labels = torch.from_numpy(labels)
-    t_updates = torch.from_numpy(updates)
-    t_step_centers = torch.from_numpy(centers.copy())
-    t_scatter_centers = torch.from_numpy(centers.copy())
-    scale = 2.0 / features.size
-
-    def torch_step():
-        differences = t_features - t_step_centers.index_select(0, t_labels)
-        loss = differences.square().mean().item()
-        grad = differences * scale
-        t_step_centers.index_add_(0, t_labels, differences, alpha=1.0 - ALPHA)
-        return loss, grad
-
     impls["torch eager step"] = ("step", torch_step)
-    impls["torch index_add_ scatter"] = ("scatter", lambda: t_scatter_centers.index_add_(0, t_labels, t_updates, alpha=-1.0))
+    impls["torch index_add_ scatter"] = ("scatter", torch_index_add_scatter(centers, labels, updates))
     return impls
-
-
-def measure(impls, repeats, rounds=5):
-    """Median seconds per call. Each round runs every implementation in turn, a short block of
-    calls each, so that a slow moment of the machine hits every row alike. Blocks rather than
-    single calls: torch and Numba each keep a pool of OpenMP threads that spin for a while after
-    a parallel region, and a call made right after the other library's would pay for that."""
-    samples = {name: [] for name in impls}
-    per_round = max(1, repeats // rounds)
-    for _ in range(rounds):
-        for name, (_, run) in impls.items():
-            run()  # let the other library's threads go idle; not timed
-            for _ in range(per_round):
-                start = time.perf_counter()
-                run()
-                samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def main(argv=None):
@@ -126,7 +93,7 @@ def main(argv=None):
     for size in args.sizes:
         batch, width, classes = SIZES[size]
         impls = implementations(*make_inputs(batch, width, classes))
-        medians = measure(impls, args.repeats)
+        medians = interleaved_medians({name: run for name, (_, run) in impls.items()}, args.repeats)
         report["threading_layer"] = numba.threading_layer()
         report["sizes"][size] = {"B": batch, "D": width, "K": classes, "median_seconds": medians}
         print(f"\n{size}: B={batch} D={width} K={classes}, float32, median of {args.repeats}")

@@ -8,15 +8,14 @@ published numbers, so that ``demo`` exits non-zero when one disagrees.
 from __future__ import annotations
 
 import os
-import statistics
 import textwrap
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numba
 import numpy as np
 
 from . import center_loss, scatter_sub_update
+from ._peers import interleaved_medians, numpy_subtract_at_scatter, torch_eager_step, torch_index_add_scatter
 
 # SPEC.md, "The seed example": a small batch that facenet's TensorFlow code was run on.
 SEED_FEATURES = np.array(
@@ -56,7 +55,7 @@ REPEATED_STEPS = 6
 TIMING_BATCH, TIMING_WIDTH, TIMING_CLASSES = 1024, 512, 10000
 TIMING_ALPHA = 0.95  # facenet's training value
 # torch's first twenty or so calls are up to 10x slower (allocator, thread pool)
-TIMING_WARMUP_SECONDS, TIMING_REPEATS = 0.1, 20
+TIMING_REPEATS = 50
 # A 1-minute load average (about one core's worth of other work) that can delay the timed threads.
 BUSY_LOAD = 1.0
 
@@ -188,45 +187,6 @@ def repeated_class() -> None:
         print(f"{step:>4}  {_describe(facenet_offset, facenet[0])}  {_describe(wen_offset, wen[0])}".rstrip())
 
 
-def median_seconds(
-    call: Callable[[], object], warmup_seconds: float = TIMING_WARMUP_SECONDS, repeats: int = TIMING_REPEATS
-) -> float:
-    """The median wall time of ``call()`` over ``repeats`` calls, after untimed calls for at least
-    ``warmup_seconds`` (which compile, warm caches and allocators, and let the other library's
-    idle worker threads go to sleep)."""
-    warmup_end = time.perf_counter() + warmup_seconds
-    call()
-    while time.perf_counter() < warmup_end:
-        call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _torch_step(features: np.ndarray, labels: np.ndarray, centers: np.ndarray) -> Callable[[], object] | None:
-    """facenet's step in torch eager mode, on its own copy of the centers; None without torch."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    torch_features = torch.from_numpy(features)
-    torch_labels = torch.from_numpy(labels)
-    torch_centers = torch.from_numpy(centers.copy())
-    grad_scale = 2.0 / features.size
-
-    def step():
-        differences = torch_features - torch_centers.index_select(0, torch_labels)
-        loss = differences.square().mean().item()
-        grad = differences * grad_scale
-        torch_centers.index_add_(0, torch_labels, differences, alpha=1.0 - TIMING_ALPHA)
-        return loss, grad
-
-    return step
-
-
 def timing() -> None:
     """Print median times of the fused step and of the scatter, with ratios to centerkern's."""
     rng = np.random.default_rng(0)
@@ -238,21 +198,23 @@ def timing() -> None:
     # each implementation updates its own copy of the centers, in place, call after call
     step_centers = centers.copy()
     scatter_centers = centers.copy()
-    subtract_at_centers = centers.copy()
     steps = {"centerkern center_loss(out=centers)": lambda: center_loss(
         features, labels, step_centers, TIMING_ALPHA, out=step_centers, backend="numba")}
-    torch_step = _torch_step(features, labels, centers)
+    torch_step = torch_eager_step(features, labels, centers, TIMING_ALPHA)
     if torch_step is not None:
         steps["torch eager index_select + index_add_"] = torch_step
     scatters = {
         "centerkern scatter_sub_update(out=centers)": lambda: scatter_sub_update(
             scatter_centers, labels, updates, out=scatter_centers, backend="numba"),
-        "np.subtract.at": lambda: np.subtract.at(subtract_at_centers, labels, updates),
+        "np.subtract.at": numpy_subtract_at_scatter(centers, labels, updates),
     }
+    torch_scatter = torch_index_add_scatter(centers, labels, updates)
+    if torch_scatter is not None:
+        scatters["torch index_add_"] = torch_scatter
 
     print(f"Timing: B={TIMING_BATCH}, D={TIMING_WIDTH}, K={TIMING_CLASSES}, float32, random normal data, "
           f"uniform labels;")
-    print(f"median of {TIMING_REPEATS} calls after {TIMING_WARMUP_SECONDS:g} s of warm-up calls, numba "
+    print(f"median of {TIMING_REPEATS} calls, in interleaved blocks after a warm-up call, numba "
           f"backend on {numba.get_num_threads()} threads")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if load >= BUSY_LOAD:
@@ -262,6 +224,10 @@ def timing() -> None:
             f"Note: the load average is {load:.2f}; other processes are using the CPUs, so the parallel "
             f"kernels (centerkern's and torch's) may be measured many times slower than they are.",
             PARAGRAPH_WIDTH))
+    print(textwrap.fill(
+        "Indicative only: torch's eager times swing several-fold with the state of the process's "
+        "memory allocator (its temporaries can be mapped and unmapped on every call); "
+        "benchmarks/bench_cpu.py measures every peer in one clean process.", PARAGRAPH_WIDTH))
     width = max(map(len, [*steps, *scatters]))
     groups = (
         ("fused step, rule 'facenet' (loss, grad, center update)", steps,
@@ -273,7 +239,7 @@ def timing() -> None:
         print()
         print(f"  {title}")
         print(f"    {'':<{width}}  {'median':>10}  {'time / centerkern':>17}")
-        medians = {name: median_seconds(call) for name, call in implementations.items()}
+        medians = interleaved_medians(implementations, TIMING_REPEATS)
         reference = next(iter(medians.values()))  # centerkern's row comes first
         for name, seconds in medians.items():
             print(f"    {name:<{width}}  {seconds * 1e3:7.3f} ms  {seconds / reference:16.2f}x")

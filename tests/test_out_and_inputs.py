@@ -8,7 +8,7 @@ import pytest
 
 import centerkern
 
-from conftest import BACKENDS, assert_matches, to_host
+from conftest import BACKENDS, assert_matches
 
 
 def _data(dtype=np.float32, batch=40, width=8, classes=5, seed=0):
