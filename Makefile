@@ -1,5 +1,6 @@
 # Every target sets up what it needs from a fresh clone: a virtual environment in .venv with
-# the package (editable), its test tools, the CUDA simulator's toolkit and the CPU build of torch.
+# the package (editable), its test tools, the CUDA simulator's toolkit and the CPU build of torch
+# (and, for `make bench`, the peers it is timed against).
 PYTHON_BOOTSTRAP ?= python3
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
@@ -10,7 +11,13 @@ INSTALLED := $(VENV)/.installed
 $(INSTALLED): pyproject.toml
 	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -e ".[test,bench]"
+	$(PYTHON) -m pip install --quiet -e ".[test]"
+	touch $@
+
+# the benchmark's peers (JAX, TensorFlow, numpy-groupies) are large: installed only for it
+BENCH_INSTALLED := $(VENV)/.bench-installed
+$(BENCH_INSTALLED): $(INSTALLED)
+	$(PYTHON) -m pip install --quiet -e ".[bench]"
 	touch $@
 
 install: $(INSTALLED)
@@ -31,8 +38,8 @@ demo: $(INSTALLED)
 info: $(INSTALLED)
 	$(PYTHON) -m centerkern info
 
-bench: $(INSTALLED)
-	$(PYTHON) benchmarks/bench_cpu.py --json benchmarks/results/cpu-latest.json
+bench: $(BENCH_INSTALLED)
+	$(PYTHON) -m centerkern bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

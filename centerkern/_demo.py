@@ -15,7 +15,7 @@ import numba
 import numpy as np
 
 from . import center_loss, scatter_sub_update
-from ._peers import interleaved_medians, numpy_subtract_at_scatter, torch_eager_step, torch_index_add_scatter
+from ._peers import ALPHA, TORCH, Absent, implementations, interleaved_medians
 
 # SPEC.md, "The seed example": a small batch that facenet's TensorFlow code was run on.
 SEED_FEATURES = np.array(
@@ -53,7 +53,6 @@ REPEATED_STEPS = 6
 
 # The timing size: a face-recognition batch over a mid-sized identity set.
 TIMING_BATCH, TIMING_WIDTH, TIMING_CLASSES = 1024, 512, 10000
-TIMING_ALPHA = 0.95  # facenet's training value
 # torch's first twenty or so calls are up to 10x slower (allocator, thread pool)
 TIMING_REPEATS = 50
 # A 1-minute load average (about one core's worth of other work) that can delay the timed threads.
@@ -196,21 +195,17 @@ def timing() -> None:
     updates = rng.standard_normal((TIMING_BATCH, TIMING_WIDTH), dtype=np.float32)
 
     # each implementation updates its own copy of the centers, in place, call after call
-    step_centers = centers.copy()
-    scatter_centers = centers.copy()
-    steps = {"centerkern center_loss(out=centers)": lambda: center_loss(
-        features, labels, step_centers, TIMING_ALPHA, out=step_centers, backend="numba")}
-    torch_step = torch_eager_step(features, labels, centers, TIMING_ALPHA)
-    if torch_step is not None:
-        steps["torch eager index_select + index_add_"] = torch_step
-    scatters = {
-        "centerkern scatter_sub_update(out=centers)": lambda: scatter_sub_update(
-            scatter_centers, labels, updates, out=scatter_centers, backend="numba"),
-        "np.subtract.at": numpy_subtract_at_scatter(centers, labels, updates),
-    }
-    torch_scatter = torch_index_add_scatter(centers, labels, updates)
-    if torch_scatter is not None:
-        scatters["torch index_add_"] = torch_scatter
+    makers = implementations(with_compile=False)
+    inputs = (features, labels, centers, updates)
+    steps = {"centerkern center_loss(out=centers)": makers["centerkern numba"](*inputs, "step facenet", ALPHA).run}
+    scatters = {"centerkern scatter_sub_update(out=centers)": makers["centerkern numba"](*inputs, "scatter", ALPHA).run,
+                "np.subtract.at": makers["np.subtract.at"](*inputs, "scatter", ALPHA).run}
+    torch_note = ""
+    try:
+        steps["torch eager index_select + index_add_"] = makers[TORCH](*inputs, "step facenet", ALPHA).run
+        scatters["torch index_add_"] = makers[TORCH](*inputs, "scatter", ALPHA).run
+    except Absent as reason:
+        torch_note = f"torch: {reason}"
 
     print(f"Timing: B={TIMING_BATCH}, D={TIMING_WIDTH}, K={TIMING_CLASSES}, float32, random normal data, "
           f"uniform labels;")
@@ -227,19 +222,19 @@ def timing() -> None:
     print(textwrap.fill(
         "Indicative only: torch's eager times swing several-fold with the state of the process's "
         "memory allocator (its temporaries can be mapped and unmapped on every call); "
-        "benchmarks/bench_cpu.py measures every peer in one clean process.", PARAGRAPH_WIDTH))
+        "python -m centerkern bench measures every peer in one clean process.", PARAGRAPH_WIDTH))
     width = max(map(len, [*steps, *scatters]))
     groups = (
         ("fused step, rule 'facenet' (loss, grad, center update)", steps,
-         "torch: not installed" if torch_step is None else ""),
+         torch_note),
         ("scatter, duplicate labels accumulating (centers[labels[i]] -= updates[i] for every i)",
          scatters, ""),
     )
-    for title, implementations, note in groups:
+    for title, calls, note in groups:
         print()
         print(f"  {title}")
         print(f"    {'':<{width}}  {'median':>10}  {'time / centerkern':>17}")
-        medians = interleaved_medians(implementations, TIMING_REPEATS)
+        medians = interleaved_medians(calls, TIMING_REPEATS)
         reference = next(iter(medians.values()))  # centerkern's row comes first
         for name, seconds in medians.items():
             print(f"    {name:<{width}}  {seconds * 1e3:7.3f} ms  {seconds / reference:16.2f}x")

@@ -1,0 +1,270 @@
+"""``python -m centerkern bench``: centerkern against the implementations a user would otherwise pick.
+
+Every implementation runs in this one process, on the same inputs, timed in interleaved blocks
+(``_peers.interleaved_medians``), and the tables give medians with two ratios: against torch
+eager (the usual choice) and against the memory-bandwidth floor, a ``np.copyto`` moving the
+bytes the step must move at least (read the features and the touched center rows, write the
+grad and those rows: 3·B·D floats when the batch's classes are distinct). A peer whose library
+is missing, or that fails here, is listed as absent with the reason, never silently dropped.
+
+Results (machine, versions, thread counts, date, every median) go to a JSON file under
+``benchmarks/results/``, and PNG plots of the sweeps beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+import numba
+import numpy as np
+
+from . import __version__
+from ._peers import ALPHA, FLOOR, TORCH, Absent, implementations, interleaved_medians
+from ._rules import RULES
+
+
+@dataclass(frozen=True)
+class Size:
+    name: str
+    batch: int
+    width: int
+    classes: int
+    hot_share: float = 0.0  # share of the batch in 3 hot classes
+    # facenet moves a class n_j * (1 - alpha) of the way: with ~300 samples of a hot class, 0.95
+    # diverges within a few calls (its issue #528), and timing infinities would be pointless
+    alpha: float = ALPHA
+
+    def label(self) -> str:
+        hot = f", {self.hot_share:.0%} in 3 classes, alpha {self.alpha}" if self.hot_share else ""
+        return f"{self.name} (B={self.batch}, D={self.width}, K={self.classes}{hot})"
+
+
+SIZES = {
+    "S": Size("S", 256, 128, 1000),
+    "M": Size("M", 1024, 512, 10_000),
+    "L": Size("L", 8192, 512, 100_000),
+    "hot": Size("hot", 1024, 512, 10_000, hot_share=0.9, alpha=0.999),
+}
+SWEEPS = {  # the variable, its values, and the other two fixed
+    "B": ([64, 256, 1024, 4096, 16384], lambda b: Size(f"B={b}", b, 512, 10_000)),
+    "K": ([1_000, 10_000, 100_000, 1_000_000], lambda k: Size(f"K={k}", 1024, 64, k)),
+    "D": ([16, 64, 256, 1024], lambda d: Size(f"D={d}", 1024, d, 10_000)),
+}
+OPERATIONS = [f"step {rule}" for rule in RULES] + ["scatter"]
+
+
+def make_inputs(size: Size, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, size.classes, size.batch)
+    if size.hot_share:
+        hot = rng.choice(size.classes, 3, replace=False)
+        labels = np.where(rng.random(size.batch) < size.hot_share, rng.choice(hot, size.batch), labels)
+    return (rng.standard_normal((size.batch, size.width), dtype=np.float32), labels.astype(np.int64),
+            rng.standard_normal((size.classes, size.width), dtype=np.float32),
+            rng.standard_normal((size.batch, size.width), dtype=np.float32))
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def measure_size(size: Size, operations, makers, repeats: int, progress) -> dict:
+    """Medians (seconds) of every implementation of every operation at one size."""
+    inputs = make_inputs(size)
+    result = {"B": size.batch, "D": size.width, "K": size.classes, "hot_share": size.hot_share, "alpha": size.alpha,
+              "median_seconds": {}, "absent": {}}
+    for operation in operations:
+        runnable = {}
+        for name, make in makers.items():
+            try:
+                runnable[name] = make(*inputs, operation, size.alpha).run
+            except Absent as reason:
+                result["absent"].setdefault(operation, {})[name] = str(reason)
+        result["median_seconds"][operation] = interleaved_medians(runnable, repeats)
+        progress.update(1)
+    return result
+
+
+def compile_cost() -> dict:
+    """First call of ``center_loss`` in a fresh process: with an empty Numba cache, then warm."""
+    code = ("import time; start = time.perf_counter(); import numpy as np, centerkern; "
+            "c = np.zeros((4, 3), np.float32); "
+            "centerkern.center_loss(np.ones((8, 3), np.float32), np.arange(8) % 4, c, 0.5, out=c); "
+            "print(time.perf_counter() - start)")
+    with tempfile.TemporaryDirectory() as cache:
+        environment = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        runs = [float(subprocess.run([sys.executable, "-c", code], env=environment, check=True,
+                                     capture_output=True, text=True).stdout) for _ in range(2)]
+    return {"cold cache seconds": runs[0], "warm cache seconds": runs[1]}
+
+
+def _versions() -> dict:
+    versions = {"python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__,
+                "centerkern": __version__}
+    for name in ("torch", "jax", "tensorflow", "numpy_groupies"):
+        try:
+            versions[name] = importlib.metadata.version(name.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _threads() -> dict:
+    threads = {"numba": numba.get_num_threads(), "cpus": os.cpu_count()}
+    try:
+        threads["numba threading layer"] = numba.threading_layer()
+    except ValueError:
+        threads["numba threading layer"] = None
+    try:
+        import torch
+        threads["torch"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    return threads
+
+
+def print_table(title: str, medians: dict, absent: dict) -> None:
+    floor = medians.get(FLOOR)
+    torch_time = medians.get(TORCH)
+    print(f"\n{title}")
+    print(f"  {'implementation':32s} {'median':>11s} {'/ torch eager':>14s} {'/ floor':>9s}")
+    for name, seconds in sorted(medians.items(), key=lambda item: item[1]):
+        versus_torch = f"{seconds / torch_time:13.2f}x" if torch_time else f"{'-':>14s}"
+        versus_floor = f"{seconds / floor:8.2f}x" if floor else f"{'-':>9s}"
+        print(f"  {name:32s} {seconds * 1e6:9.1f} us {versus_torch} {versus_floor}")
+    for name, reason in absent.items():
+        print(f"  {name:32s} absent: {reason}")
+
+
+def plot(report: dict, directory: Path) -> list[str]:
+    """time vs B and vs K per implementation (log axes), and the ratio to the floor vs B."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plots", file=sys.stderr)
+        return []
+    written = []
+    every_name = sorted({name for points in report["sweeps"].values() for point in points
+                         for name in point["median_seconds"]["step facenet"]})
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {name: palette[index % len(palette)] for index, name in enumerate(every_name)}  # same in every panel
+    figure, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    for axis, variable in zip(axes[:2], ("B", "K")):
+        points = report["sweeps"].get(variable, [])
+        names = sorted({name for point in points for name in point["median_seconds"]["step facenet"]})
+        for name in names:
+            xs = [point[variable] for point in points if name in point["median_seconds"]["step facenet"]]
+            ys = [point["median_seconds"]["step facenet"][name] * 1e6 for point in points
+                  if name in point["median_seconds"]["step facenet"]]
+            axis.plot(xs, ys, marker="o", label=name, color=color[name], linestyle="--" if name == FLOOR else "-")
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel(variable)
+        axis.set_ylabel("median time of one facenet step (us)")
+        fixed = "D=512, K=10000" if variable == "B" else "B=1024, D=64"
+        axis.set_title(f"time vs {variable} ({fixed}, float32)")
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    points = report["sweeps"].get("B", [])
+    for name in sorted({name for point in points for name in point["median_seconds"]["step facenet"]} - {FLOOR}):
+        xs = [p["B"] for p in points if name in p["median_seconds"]["step facenet"]]
+        ys = [p["median_seconds"]["step facenet"][name] / p["median_seconds"]["step facenet"][FLOOR]
+              for p in points if name in p["median_seconds"]["step facenet"]]
+        axes[2].plot(xs, ys, marker="o", label=name, color=color[name])
+    axes[2].set_xscale("log")
+    axes[2].set_yscale("log")
+    axes[2].axhline(1.0, color="black", linewidth=0.8)
+    axes[2].set_xlabel("B")
+    axes[2].set_ylabel("time / memcpy floor")
+    axes[2].set_title("ratio to the bandwidth floor (D=512, K=10000)")
+    axes[2].grid(True, which="both", alpha=0.3)
+    figure.suptitle(f"centerkern bench, {report['date'][:10]}, {report['machine']}, {report['threads']['numba']} threads",
+                    fontsize=9)
+    figure.tight_layout()
+    path = directory / f"bench-{report['date'][:10]}.png"
+    figure.savefig(path, dpi=110)
+    written.append(str(path))
+    return written
+
+
+def parse_size(text: str) -> Size:
+    batch, width, classes = (int(part) for part in text.split(","))
+    return Size(f"custom {text}", batch, width, classes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m centerkern bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="*", default=["S", "M", "L", "hot"], choices=sorted(SIZES))
+    parser.add_argument("--size", action="append", type=parse_size, default=[], metavar="B,D,K",
+                        help="another size to measure (repeatable)")
+    parser.add_argument("--sweeps", nargs="*", default=["B", "K", "D"], choices=sorted(SWEEPS))
+    parser.add_argument("--repeats", type=int, default=30, help="timed calls per implementation")
+    parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out (it compiles for minutes)")
+    parser.add_argument("--no-compile-cost", action="store_true", help="skip the fresh-process first-call timing")
+    parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/bench-<date>.json)")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    output = Path(args.output or Path("benchmarks") / "results" / f"bench-{date[:10]}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    report = {"date": date, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+              "platform": platform.platform(), "versions": _versions(), "sizes": {}, "sweeps": {}}
+
+    makers = implementations(with_compile=not args.no_compile)
+    sweep_makers = {name: makers[name] for name in makers
+                    if name in {"centerkern numba", TORCH, "numpy sort + reduceat", "jax jit",
+                                "tensorflow tf.function", FLOOR}}
+    sizes = [SIZES[name] for name in args.sizes] + args.size
+    sweep_points = [(variable, value, SWEEPS[variable][1](value)) for variable in args.sweeps
+                    for value in SWEEPS[variable][0]]
+    total = len(sizes) * len(OPERATIONS) + len(sweep_points)
+    progress = tqdm(total=total, desc="bench", file=sys.stderr) if tqdm else _NoProgress()
+
+    for size in sizes:
+        report["sizes"][size.name] = measure_size(size, OPERATIONS, makers, args.repeats, progress)
+    for variable, value, size in sweep_points:
+        point = measure_size(size, ["step facenet"], sweep_makers, max(5, args.repeats // 3), progress)
+        report["sweeps"].setdefault(variable, []).append({variable: value, **point})
+    progress.close()
+    report["threads"] = _threads()
+    if not args.no_compile_cost:
+        report["compile_cost"] = compile_cost()
+
+    for size in sizes:
+        measured = report["sizes"][size.name]
+        for operation in OPERATIONS:
+            print_table(f"{operation}, {size.label()}, float32", measured["median_seconds"][operation],
+                        measured["absent"].get(operation, {}))
+    if "compile_cost" in report:
+        cost = report["compile_cost"]
+        print(f"\nfirst center_loss in a fresh process (import included): cold Numba cache "
+              f"{cost['cold cache seconds']:.2f} s, warm cache {cost['warm cache seconds']:.2f} s")
+    if not args.no_plots and report["sweeps"]:
+        for path in plot(report, output.parent):
+            print(f"plot: {path}")
+    output.write_text(json.dumps(report, indent=2))
+    print(f"results: {output}")
+    return 0
+
+
+class _NoProgress:
+    def update(self, count):
+        pass
+
+    def close(self):
+        pass

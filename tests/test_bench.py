@@ -1,0 +1,73 @@
+"""``python -m centerkern bench`` at tiny sizes: every implementation is timed or reported absent
+with a reason, the JSON holds what the README's table needs, and the peers compute what
+centerkern computes (a benchmark of a wrong peer would be worthless)."""
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+import centerkern
+from centerkern import _bench, _peers
+
+from conftest import assert_matches
+
+TINY_SWEEPS = {"B": ([16, 48], lambda b: _bench.Size(f"B={b}", b, 8, 30)),
+               "K": ([10, 300], lambda k: _bench.Size(f"K={k}", 32, 8, k))}
+
+
+def test_bench_runs_and_records_every_implementation(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(_bench, "SWEEPS", TINY_SWEEPS)
+    output = tmp_path / "bench.json"
+    assert _bench.main(["--sizes", "--size", "40,8,12", "--sweeps", "B", "K", "--repeats", "3", "--no-compile",
+                        "--no-compile-cost", "--output", str(output)]) == 0
+    report = json.loads(output.read_text())
+    assert report["versions"]["numba"] and report["threads"]["numba"] >= 1 and report["date"]
+    measured = report["sizes"]["custom 40,8,12"]
+    names = set(_peers.implementations(with_compile=False))
+    for operation in _bench.OPERATIONS:
+        timed = measured["median_seconds"][operation]
+        absent = measured["absent"].get(operation, {})
+        assert set(timed) | set(absent) == names  # nothing silently dropped
+        assert all(seconds > 0 for seconds in timed.values())
+        assert all(reason for reason in absent.values())
+        assert {"centerkern numba", _peers.FLOOR} <= set(timed)
+    assert [point["B"] for point in report["sweeps"]["B"]] == [16, 48]
+    assert "centerkern numba" in report["sweeps"]["K"][0]["median_seconds"]["step facenet"]
+    printed = capsys.readouterr().out
+    assert "scatter, custom 40,8,12" in printed and "/ torch eager" in printed
+    if importlib.util.find_spec("matplotlib"):
+        assert list(tmp_path.glob("bench-*.png"))
+
+
+@pytest.mark.parametrize("operation", _bench.OPERATIONS)
+def test_every_peer_computes_what_centerkern_computes(operation):
+    """Run each available peer once: the centers it keeps (and for a step, its loss and grad)
+    must equal the reference's, or the benchmark would compare against the wrong thing."""
+    features, labels, centers, updates = _bench.make_inputs(_bench.Size("check", 64, 6, 9, hot_share=0.5))
+    if operation == "scatter":
+        expected_centers = centerkern.scatter_sub_update(centers, labels, updates, backend="numpy")
+    else:
+        expected = centerkern.center_loss(features, labels, centers, _peers.ALPHA, rule=operation.split()[1],
+                                          backend="numpy")
+        expected_centers = expected.centers
+    checked = []
+    for name, make in _peers.implementations(with_compile=False).items():
+        try:
+            prepared = make(features, labels, centers, updates, operation, _peers.ALPHA)
+        except _peers.Absent:
+            continue
+        result = prepared.run()
+        if prepared.centers is None:  # the floor computes nothing
+            continue
+        assert_matches(prepared.centers(), expected_centers, features, centers, updates)
+        if operation != "scatter":
+            if isinstance(result, centerkern.CenterLossResult):  # the peers return (loss, grad[, grad_centers])
+                result = (result.loss, result.grad, result.grad_centers)
+            assert float(np.asarray(result[0])) == pytest.approx(expected.loss, rel=1e-5), name
+            assert_matches(np.asarray(result[1]), expected.grad, features, centers)
+            if expected.grad_centers is not None:
+                assert_matches(np.asarray(result[2]), expected.grad_centers, features, centers)
+        checked.append(name)
+    assert {"centerkern numba", "centerkern numpy (reference)", "numpy sort + reduceat"} <= set(checked)
