@@ -109,11 +109,16 @@ def compile_cost() -> dict:
 def _versions() -> dict:
     versions = {"python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__,
                 "centerkern": __version__}
-    for name in ("torch", "jax", "tensorflow", "numpy_groupies"):
-        try:
-            versions[name] = importlib.metadata.version(name.replace("_", "-"))
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
+    distributions = {"torch": ["torch"], "jax": ["jax"], "tensorflow": ["tensorflow", "tensorflow-cpu"],
+                     "numpy_groupies": ["numpy-groupies"]}
+    for name, candidates in distributions.items():
+        versions[name] = None
+        for distribution in candidates:
+            try:
+                versions[name] = importlib.metadata.version(distribution)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
     return versions
 
 

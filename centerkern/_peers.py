@@ -172,7 +172,6 @@ def _jax(features, labels, centers, updates, operation, alpha):
     rule = rule_coefficients(operation.split()[1], alpha, *features.shape)
     device_features = jnp.asarray(features)
 
-    @jax.jit
     def step(c):
         differences = device_features - c[device_labels]
         loss = rule.loss_scale * jnp.sum(differences * differences)
@@ -185,6 +184,9 @@ def _jax(features, labels, centers, updates, operation, alpha):
         if rule.moves_centers:
             return loss, grad, c.at[device_labels].add(moved)
         return loss, grad, jnp.zeros_like(c).at[device_labels].add(moved)
+
+    # centers that move are donated, so XLA may update them in place as the others do
+    step = jax.jit(step, donate_argnums=0 if rule.moves_centers else ())
 
     def run_step():
         loss, grad, result = step(state["centers"])
