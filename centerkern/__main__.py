@@ -1,4 +1,4 @@
-"""The command line: ``python -m centerkern demo``, ``info`` and ``bench``.
+"""The command line: ``python -m centerkern demo``, ``info``, ``bench`` and ``check``.
 
 ``demo`` reproduces the seed example (SPEC.md) on every backend beside TensorFlow's numbers, shows
 why facenet's rule diverges on a repeated class, and times the kernels; ``info`` reports the
@@ -76,7 +76,37 @@ def _parser() -> argparse.ArgumentParser:
                         description="Print the versions, backends and threading setup of this installation.")
     commands.add_parser("bench", help="time every backend against the peers (python -m centerkern bench --help)",
                         add_help=False)
+    check = commands.add_parser(
+        "check", help="check your own center-loss step against the reference (exit 0 or 1)",
+        description="Import MODULE:FUNCTION, a step (features, labels, centers, alpha) -> (loss, new_centers"
+                    "[, grad or grad_centers]), and check it on cases drawn by hypothesis.")
+    check.add_argument("step", metavar="MODULE:FUNCTION")
+    check.add_argument("--rule", default="facenet", choices=centerkern.RULES)
+    check.add_argument("--framework", default="numpy", choices=("numpy", "torch", "jax", "tensorflow"))
+    check.add_argument("--max-examples", type=int, default=200)
+    check.add_argument("--alpha", type=float, default=None)
     return parser
+
+
+def check(step: str, rule: str, framework: str, max_examples: int, alpha: float | None) -> int:
+    """Run the oracle on ``MODULE:FUNCTION``; 0 when it agrees, 1 with the diagnosis when not."""
+    import importlib
+
+    from .testing import check_center_loss
+
+    module_name, _, function_name = step.partition(":")
+    if not function_name:
+        print(f"expected MODULE:FUNCTION, got {step!r}", file=sys.stderr)
+        return 2
+    sys.path.insert(0, os.getcwd())  # as python -m would: the caller's own modules
+    function = getattr(importlib.import_module(module_name), function_name)
+    try:
+        check_center_loss(function, rule, framework=framework, max_examples=max_examples, alpha=alpha)
+    except AssertionError as failure:
+        print(f"FAILED {step} (rule {rule!r}, {framework}):\n{failure}")
+        return 1
+    print(f"OK {step}: agrees with the {rule!r} reference on {max_examples} cases ({framework})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         if arguments.command == "demo":
             backends = (arguments.backend,) if arguments.backend else centerkern.backends()
             return _demo.demo(backends, with_timing=not arguments.no_timing)
+        if arguments.command == "check":
+            return check(arguments.step, arguments.rule, arguments.framework, arguments.max_examples, arguments.alpha)
         return info()
     except BrokenPipeError:
         # the reader left early (``| head``): stop quietly, and keep the interpreter's final

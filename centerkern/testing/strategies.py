@@ -1,0 +1,65 @@
+"""Hypothesis strategies for center-loss inputs, public so that other projects can reuse them in
+their own property tests.
+
+    from hypothesis import given
+    from centerkern.testing.strategies import center_loss_inputs
+
+    @given(center_loss_inputs())
+    def test_my_step(case):
+        features, labels, centers, alpha = case
+        ...
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import strategies as st
+
+__all__ = ["center_loss_inputs", "labels_with_hot_classes"]
+
+
+@st.composite
+def labels_with_hot_classes(draw, batch_size: int, num_classes: int, max_hot: int = 3):
+    """int64 labels in [0, num_classes): sometimes uniform, sometimes most of the batch in a few
+    hot classes, sometimes a single class. Duplicates are what breaks scatter code."""
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    mode = draw(st.sampled_from(["uniform", "hot", "one class"]))
+    if mode == "one class" or num_classes == 1:
+        return np.full(batch_size, draw(st.integers(0, num_classes - 1)), dtype=np.int64)
+    labels = rng.integers(0, num_classes, batch_size)
+    if mode == "hot":
+        hot = rng.choice(num_classes, size=min(max_hot, num_classes), replace=False)
+        labels = np.where(rng.random(batch_size) < 0.8, rng.choice(hot, batch_size), labels)
+    return labels.astype(np.int64)
+
+
+def _layout(array: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "fortran":
+        return np.asfortranarray(array)
+    if layout == "strided":
+        padded = np.zeros((array.shape[0], 2 * array.shape[1]), dtype=array.dtype)
+        padded[:, ::2] = array
+        return padded[:, ::2]
+    return array
+
+
+@st.composite
+def center_loss_inputs(draw, max_batch: int = 32, max_width: int = 12, max_classes: int = 10,
+                       dtypes=(np.float32, np.float64), alpha=None):
+    """``(features, labels, centers, alpha)`` as NumPy arrays: B from 1 (batches of one are a
+    classic edge), heavy duplicates, one class, both dtypes, odd memory layouts."""
+    batch = draw(st.integers(1, max_batch))
+    width = draw(st.integers(1, max_width))
+    classes = draw(st.integers(1, max_classes))
+    dtype = draw(st.sampled_from(list(dtypes)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    scale = draw(st.sampled_from([1.0, 10.0, 0.01]))
+    features = _layout((rng.standard_normal((batch, width)) * scale).astype(dtype),
+                       draw(st.sampled_from(["c", "fortran", "strided"])))
+    centers = _layout((rng.standard_normal((classes, width)) * scale).astype(dtype),
+                      draw(st.sampled_from(["c", "fortran", "strided"])))
+    labels = draw(labels_with_hot_classes(batch, classes))
+    if alpha is None:
+        alpha = draw(st.sampled_from([0.5, 0.9, 0.95]))
+    return features, labels, centers, float(alpha)
