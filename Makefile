@@ -1,6 +1,6 @@
 # Every target sets up what it needs from a fresh clone: a virtual environment in .venv with
-# the package (editable), its test tools, the CUDA simulator's toolkit and the CPU build of torch
-# (and, for `make bench`, the peers it is timed against).
+# the package (editable), its test tools, the CUDA simulator's toolkit, and the frameworks the
+# tests and the benchmark run for real (the CPU build of torch, JAX, TensorFlow, numpy-groupies).
 PYTHON_BOOTSTRAP ?= python3
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
@@ -12,12 +12,6 @@ $(INSTALLED): pyproject.toml
 	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet -e ".[test]"
-	touch $@
-
-# the benchmark's peers (JAX, TensorFlow, numpy-groupies) are large: installed only for it
-BENCH_INSTALLED := $(VENV)/.bench-installed
-$(BENCH_INSTALLED): $(INSTALLED)
-	$(PYTHON) -m pip install --quiet -e ".[bench]"
 	touch $@
 
 install: $(INSTALLED)
@@ -38,7 +32,7 @@ demo: $(INSTALLED)
 info: $(INSTALLED)
 	$(PYTHON) -m centerkern info
 
-bench: $(BENCH_INSTALLED)
+bench: $(INSTALLED)
 	$(PYTHON) -m centerkern bench
 
 clean:
