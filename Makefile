@@ -6,7 +6,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install test test-cpu test-cudasim demo info bench clean
+.PHONY: install test test-cpu test-cudasim demo info bench fuzz clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
@@ -38,3 +38,7 @@ bench: $(INSTALLED)
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# A longer fuzzing run than the smoke run inside `make test`.
+fuzz: $(INSTALLED)
+	$(PYTHON) tests/fuzz_center_loss.py 20000

@@ -18,6 +18,10 @@ the data only, results are bitwise identical for any thread count. Sums are take
 
 from __future__ import annotations
 
+import threading
+from contextlib import nullcontext
+
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -155,10 +159,26 @@ def _gather(centers, labels, out):
             out[i, k] = centers[labels[i], k]
 
 
+_workqueue_lock = threading.Lock()
+
+
+def _one_launch_at_a_time():
+    """Numba's ``workqueue`` threading layer (its fallback when neither TBB nor OpenMP is
+    installed) aborts the whole process when two Python threads launch parallel kernels at once.
+    Under it, and before the first launch has chosen a layer, launches take turns; under ``omp``
+    and ``tbb`` concurrent calls run concurrently."""
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet, so no layer is chosen
+        layer = None
+    return nullcontext() if layer in ("omp", "tbb") else _workqueue_lock
+
+
 def gather_centers(centers: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Return ``centers[labels]``, a new (B, D) array."""
     out = np.empty((labels.size, centers.shape[1]), dtype=centers.dtype)
-    _gather(centers, labels, out)
+    with _one_launch_at_a_time():
+        _gather(centers, labels, out)
     return out
 
 
@@ -168,7 +188,8 @@ def scatter_sub_update(
     """Subtract ``updates[i]`` from ``centers[labels[i]]`` for every i, duplicates accumulating."""
     order, sorted_labels = _sort_by_label(labels, centers.shape[0])
     no_grad = np.empty((0, centers.shape[1]), dtype=centers.dtype)
-    _segmented_update(order, sorted_labels, updates, centers, centers, no_grad, False, True, -1.0, 0.0, 0.0)
+    with _one_launch_at_a_time():
+        _segmented_update(order, sorted_labels, updates, centers, centers, no_grad, False, True, -1.0, 0.0, 0.0)
 
 
 def center_loss_step(
@@ -183,7 +204,8 @@ def center_loss_step(
 ) -> float:
     """One step of ``rule``: write the grad and the center rows, return ``sum_i ||d_i||^2``."""
     order, sorted_labels = _sort_by_label(labels, centers.shape[0])
-    return _segmented_update(
-        order, sorted_labels, features, centers, written, grad,
-        True, rule.moves_centers, rule.step, rule.count_weight, rule.grad_scale,
-    )
+    with _one_launch_at_a_time():
+        return _segmented_update(
+            order, sorted_labels, features, centers, written, grad,
+            True, rule.moves_centers, rule.step, rule.count_weight, rule.grad_scale,
+        )
