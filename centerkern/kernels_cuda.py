@@ -435,6 +435,7 @@ class _Scratch(threading.local):
         self.capacity = 0
         self.first_row = self.last_row = self.counts = None
         self.buffers = {}
+        self.views = {}
 
     def buffer(self, name: str, shape: tuple[int, ...], dtype, zeroed: bool = False) -> Any:
         """A device array of ``shape`` and ``dtype``, reused across calls. Its contents are
@@ -442,13 +443,21 @@ class _Scratch(threading.local):
         they used: the buffer is cleared once, when it is allocated)."""
         size = math.prod(shape)
         dtype = np.dtype(dtype)
+        view = self.views.get((name, shape, dtype))
+        if view is not None:  # slicing a device array costs hundreds of Python calls: reuse the view
+            return view
         held = self.buffers.get((name, dtype))
         if held is None or held.size < size:
             held = cuda.device_array(max(size, 2 * (0 if held is None else held.size)), dtype=dtype)
             if zeroed:
                 _fill_vector[_grid_1d(held.size), THREADS_1D](held, 0)
             self.buffers[(name, dtype)] = held
-        return held[:size].reshape(shape)
+            self.views = {key: value for key, value in self.views.items() if key[0] != name}
+        view = held[:size].reshape(shape)
+        if len(self.views) > 64:  # batch shapes that keep changing: keep the cache small
+            self.views.clear()
+        self.views[(name, shape, dtype)] = view
+        return view
 
     def classes(self, num_classes: int):
         if num_classes > self.capacity:
@@ -470,6 +479,7 @@ class _Scratch(threading.local):
         """After a failure midway the bookkeeping may be dirty: start afresh next time."""
         self.capacity = 0
         self.buffers = {}
+        self.views = {}
 
 
 _scratch = _Scratch()
