@@ -492,7 +492,7 @@ class _OnDevice:
         self._write_back = []
 
     def __call__(self, array, written=False):
-        if not isinstance(array, np.ndarray):
+        if is_device_array(array):
             return array
         device = cuda.to_device(np.ascontiguousarray(array))
         if written:
@@ -548,7 +548,7 @@ def gather_centers(centers: Any, labels: Any) -> Any:
     out = cuda.device_array((device_labels.size, device_centers.shape[1]), dtype=device_centers.dtype)
     if out.shape[0] and out.shape[1]:
         _gather[_row_blocks(out.shape[0]), _row_threads(out.shape[1])](device_centers, device_labels, out)
-    return out.copy_to_host() if isinstance(centers, np.ndarray) else out
+    return out if is_device_array(centers) else out.copy_to_host()
 
 
 def scatter_sub_update(centers: Any, labels: Any, updates: Any, *, deterministic: bool = False) -> None:
