@@ -15,6 +15,7 @@ import numba
 import numpy as np
 
 from . import center_loss, scatter_sub_update
+from ._bench import SIZES, make_inputs
 from ._peers import ALPHA, TORCH, Absent, implementations, interleaved_medians
 
 # SPEC.md, "The seed example": a small batch that facenet's TensorFlow code was run on.
@@ -51,8 +52,6 @@ REPEATS = 8
 REPEATED_ALPHA = 0.5
 REPEATED_STEPS = 6
 
-# The timing size: a face-recognition batch over a mid-sized identity set.
-TIMING_BATCH, TIMING_WIDTH, TIMING_CLASSES = 1024, 512, 10000
 # torch's first twenty or so calls are up to 10x slower (allocator, thread pool)
 TIMING_REPEATS = 50
 # A 1-minute load average (about one core's worth of other work) that can delay the timed threads.
@@ -188,15 +187,10 @@ def repeated_class() -> None:
 
 def timing() -> None:
     """Print median times of the fused step and of the scatter, with ratios to centerkern's."""
-    rng = np.random.default_rng(0)
-    features = rng.standard_normal((TIMING_BATCH, TIMING_WIDTH), dtype=np.float32)
-    labels = rng.integers(0, TIMING_CLASSES, TIMING_BATCH)
-    centers = rng.standard_normal((TIMING_CLASSES, TIMING_WIDTH), dtype=np.float32)
-    updates = rng.standard_normal((TIMING_BATCH, TIMING_WIDTH), dtype=np.float32)
-
+    size = SIZES["M"]
+    inputs = make_inputs(size)
     # each implementation updates its own copy of the centers, in place, call after call
     makers = implementations(with_compile=False)
-    inputs = (features, labels, centers, updates)
     steps = {"centerkern center_loss(out=centers)": makers["centerkern numba"](*inputs, "step facenet", ALPHA).run}
     scatters = {"centerkern scatter_sub_update(out=centers)": makers["centerkern numba"](*inputs, "scatter", ALPHA).run,
                 "np.subtract.at": makers["np.subtract.at"](*inputs, "scatter", ALPHA).run}
@@ -207,7 +201,7 @@ def timing() -> None:
     except Absent as reason:
         torch_note = f"torch: {reason}"
 
-    print(f"Timing: B={TIMING_BATCH}, D={TIMING_WIDTH}, K={TIMING_CLASSES}, float32, random normal data, "
+    print(f"Timing: B={size.batch}, D={size.width}, K={size.classes}, float32, random normal data, "
           f"uniform labels;")
     print(f"median of {TIMING_REPEATS} calls, in interleaved blocks after a warm-up call, numba "
           f"backend on {numba.get_num_threads()} threads")
