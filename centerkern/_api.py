@@ -12,7 +12,7 @@ import importlib
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from . import _validation
+from . import _interop, _validation
 from ._rules import rule_coefficients
 from ._validation import BACKENDS, BackendUnavailableError, HostArrays, check_choice, is_device_array
 
@@ -78,6 +78,10 @@ def _select(backend: Any, *arrays: Any) -> tuple[ModuleType, Any]:
     return importlib.import_module(f"centerkern.kernels_{backend}"), HostArrays
 
 
+def _exportable(*arrays: Any) -> tuple[Any, ...]:
+    return tuple(_interop.exportable(a) for a in arrays)
+
+
 def _target(arrays, centers, out, out_is_centers):
     """The array the update is written into: out itself, or a fresh copy of the centers."""
     if out is None:
@@ -100,9 +104,11 @@ def gather_centers(centers: Any, labels: Any, *, backend: str = "auto") -> Any:
     -------
     array, shape (B, D), the dtype of ``centers``
     """
+    to_caller = _interop.converter_like(centers)
+    centers, labels = _exportable(centers, labels)
     kernels, arrays = _select(backend, centers, labels)
     checked = _validation.validate_gather(centers, labels, arrays)
-    return arrays.to_caller(kernels.gather_centers(checked.centers, checked.labels))
+    return to_caller(kernels.gather_centers(checked.centers, checked.labels))
 
 
 def scatter_sub_update(
@@ -132,11 +138,14 @@ def scatter_sub_update(
     -------
     array, shape (K, D): the updated centers
     """
+    to_caller = _interop.converter_like(centers)
+    caller_out = out
+    centers, labels, updates, out = _exportable(centers, labels, updates, out)
     kernels, arrays = _select(backend, centers, updates, out)
     checked = _validation.validate_scatter(centers, labels, updates, out, arrays)
     target = _target(arrays, checked.centers, checked.out, checked.out_is_centers)
     kernels.scatter_sub_update(target, checked.labels, checked.updates, deterministic=deterministic)
-    return out if out is not None else arrays.to_caller(target)
+    return caller_out if caller_out is not None else to_caller(target)
 
 
 def center_loss(
@@ -181,6 +190,9 @@ def center_loss(
     CenterLossResult
         ``(loss, grad, centers, grad_centers)``.
     """
+    to_caller = _interop.converter_like(features)
+    caller_out = out
+    features, labels, centers, out = _exportable(features, labels, centers, out)
     kernels, arrays = _select(backend, features, centers, out)
     checked = _validation.validate_center_loss(features, labels, centers, alpha, rule, out, arrays)
     batch_size, feature_size = checked.features.shape
@@ -195,7 +207,7 @@ def center_loss(
     )
     return CenterLossResult(
         loss=float(coefficients.loss_scale * squares),
-        grad=arrays.to_caller(grad),
-        centers=out if out is not None else arrays.to_caller(target),
-        grad_centers=None if grad_centers is None else arrays.to_caller(grad_centers),
+        grad=to_caller(grad),
+        centers=caller_out if caller_out is not None else to_caller(target),
+        grad_centers=None if grad_centers is None else to_caller(grad_centers),
     )

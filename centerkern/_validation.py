@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ._interop import check_writable
 from ._rules import RULES
 
 BACKENDS = ("numpy", "numba", "cuda")
@@ -134,10 +135,6 @@ class HostArrays:
     def zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
         return np.zeros(shape, dtype=dtype)
 
-    @staticmethod
-    def to_caller(x: np.ndarray) -> np.ndarray:
-        return x
-
 
 def _float_matrix(x: Any, what: str, arrays) -> Any:
     if isinstance(x, (list, tuple)):
@@ -192,9 +189,15 @@ def _labels(labels: Any, batch_size: int | None, num_classes: int, arrays, batch
     return arrays.as_label_vector(flat)
 
 
+def check_labels(labels: Any, batch_size: int, num_classes: int, batch_source: str) -> np.ndarray:
+    """Host labels as a flat int64 vector, checked as every entry point checks them."""
+    return _labels(labels, batch_size, num_classes, HostArrays, batch_source)
+
+
 def _out(out: Any, centers, arrays) -> Any:
     if isinstance(out, (list, tuple)):
         raise TypeError("out must be an array, got a " + type(out).__name__)
+    check_writable(out)
     if not arrays.holds(out):
         raise ValueError(f"out must live in {arrays.name} memory, where this backend computes")
     target = arrays.asarray(out, "out")

@@ -418,10 +418,6 @@ class DeviceArrays:
             _fill_matrix[_row_blocks(shape[0]), _row_threads(shape[1])](out, 0)
         return out
 
-    @staticmethod
-    def to_caller(x: Any) -> Any:
-        return x
-
 
 # --------------------------------------------------------------------------- driver
 

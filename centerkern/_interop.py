@@ -1,0 +1,126 @@
+"""Results in the caller's framework: torch in, torch out; JAX in, JAX out; and so on.
+
+The kernels compute on NumPy arrays (host) or Numba device arrays (GPU). Inputs reach them
+without a copy through DLPack or ``__cuda_array_interface__`` (see ``_validation.HostArrays``
+and ``kernels_cuda.DeviceArrays``); this module takes the results back the same way:
+
+========== ============================= =====================================================
+framework  host results                  device results
+========== ============================= =====================================================
+torch      ``torch.from_numpy`` (shared) ``torch.as_tensor`` on the input's device (shared)
+JAX        ``jax.numpy.from_dlpack``     through host memory (JAX GPU arrays are not
+           (shared where aligned)        writable through the CUDA Array Interface)
+TensorFlow DLPack (shared)               through host memory
+CuPy       (CuPy arrays live on device)  ``cupy.asarray`` (shared)
+other      NumPy as is                   Numba device arrays as is
+========== ============================= =====================================================
+
+No framework is imported unless the caller passed one of its arrays: a framework is known by
+the module its array type comes from.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+_FRAMEWORK_OF_MODULE = {
+    "torch": "torch",
+    "jax": "jax",
+    "jaxlib": "jax",
+    "tensorflow": "tensorflow",
+    "cupy": "cupy",
+}
+
+# Frameworks whose arrays cannot be written in place, and what to do instead.
+_IMMUTABLE = {
+    "jax": "JAX arrays are immutable; pass out=None and use the returned centers "
+    "(or centerkern.jax.center_loss inside jax.jit)",
+    "tensorflow": "TensorFlow tensors and variables cannot be written in place through array "
+    "interop; pass out=None and use the returned centers (or centerkern.tensorflow, which "
+    "updates a tf.Variable)",
+}
+
+
+def framework_of(x: Any) -> str:
+    """``torch``, ``jax``, ``tensorflow``, ``cupy``, or ``other`` (NumPy, lists, Numba arrays)."""
+    root = type(x).__module__.partition(".")[0]
+    return _FRAMEWORK_OF_MODULE.get(root, "other")
+
+
+def exportable(x: Any) -> Any:
+    """``x`` in a form the exchange protocols accept, sharing its memory.
+
+    torch refuses to export a tensor that requires grad (DLPack and the CUDA Array Interface
+    both raise); the kernels only read it, or write it as an optimizer would, so its detached
+    view is what they get."""
+    if framework_of(x) == "torch" and getattr(x, "requires_grad", False):
+        return x.detach()
+    return x
+
+
+def check_writable(out: Any) -> None:
+    """Raise if ``out`` belongs to a framework whose arrays cannot be written in place."""
+    reason = _IMMUTABLE.get(framework_of(out))
+    if reason is not None:
+        raise TypeError(f"out of type {type(out).__name__} cannot be updated in place: {reason}")
+
+
+def _on_device(x: Any) -> bool:
+    return not isinstance(x, np.ndarray)
+
+
+def _to_torch(like: Any) -> Callable[[Any], Any]:
+    import torch
+
+    def convert(x):
+        if _on_device(x):
+            return torch.as_tensor(x, device=like.device)  # through __cuda_array_interface__
+        return torch.from_numpy(x)
+
+    return convert
+
+
+def _to_jax(like: Any) -> Callable[[Any], Any]:
+    import jax.numpy as jnp
+
+    def convert(x):
+        if _on_device(x):
+            return jnp.asarray(x.copy_to_host())
+        return jnp.from_dlpack(x)
+
+    return convert
+
+
+def _to_tensorflow(like: Any) -> Callable[[Any], Any]:
+    import tensorflow as tf
+
+    def convert(x):
+        host = x.copy_to_host() if _on_device(x) else x
+        return tf.experimental.dlpack.from_dlpack(host.__dlpack__())
+
+    return convert
+
+
+def _to_cupy(like: Any) -> Callable[[Any], Any]:
+    import cupy
+
+    def convert(x):
+        return cupy.asarray(x)  # a device result through __cuda_array_interface__; a host one copied up
+
+    return convert
+
+
+_CONVERTERS = {"torch": _to_torch, "jax": _to_jax, "tensorflow": _to_tensorflow, "cupy": _to_cupy}
+
+
+def converter_like(like: Any) -> Callable[[Any], Any]:
+    """A function taking a result array to the framework of ``like`` (the identity for NumPy,
+    lists and Numba arrays)."""
+    make = _CONVERTERS.get(framework_of(like))
+    return _identity if make is None else make(like)
+
+
+def _identity(x: Any) -> Any:
+    return x

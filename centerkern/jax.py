@@ -1,0 +1,110 @@
+"""Center loss for JAX: ``centerkern.jax.center_loss``, differentiable and usable under ``jax.jit``.
+
+::
+
+    def objective(params, centers, images, labels):
+        embeddings = model(params, images)
+        loss, new_centers = centerkern.jax.center_loss(embeddings, labels, centers, 0.5, rule="wen")
+        return loss, new_centers
+
+    (loss, centers), grads = jax.value_and_grad(objective, has_aux=True)(params, centers, images, labels)
+
+The kernels run on the host as a ``jax.pure_callback`` on the batch's classes only (see
+``centerkern._compact``), so the cost of a step does not grow with the number of classes. The
+gradient with respect to ``features`` is the kernel's; the one with respect to ``centers`` (what
+rule ``pytorch`` trains) is ``-sum`` of the features' gradient per class. ``new_centers`` is the
+rule's update, like an optimizer step: no gradient flows through it. Under ``jax.jit`` with the
+centers donated (``donate_argnums``) the update is written in place by XLA.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from ._compact import host_step
+from ._rules import RULES, rule_coefficients
+from ._validation import BACKENDS, _check_feature_size, _check_same_dtype, check_choice
+
+_HOST_BACKENDS = tuple(b for b in BACKENDS if b != "cuda")
+
+
+def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, backend: str = "numba"):
+    """One center-loss step on JAX arrays: ``(loss, new_centers)``.
+
+    Parameters
+    ----------
+    features : jax array, shape (B, D), float32 (or float64 with ``jax_enable_x64``)
+    labels : integer jax array holding B values in [0, K), any shape (flattened)
+    centers : jax array, shape (K, D), the dtype of ``features``
+    alpha : float or 0-d array; see ``centerkern.center_loss``
+    rule : {"facenet", "wen", "pytorch"}
+    backend : {"numba", "numpy"}
+        The host kernels the callback runs.
+
+    Returns
+    -------
+    loss : 0-d array of the features' dtype, differentiable with respect to features and centers
+    new_centers : (K, D) array, the centers after the rule's update (unchanged for ``pytorch``)
+    """
+    rule = check_choice(rule, "rule", RULES)
+    backend = check_choice(backend, "backend", _HOST_BACKENDS)
+    features, centers = jnp.asarray(features), jnp.asarray(centers)
+    labels = jnp.ravel(jnp.asarray(labels))
+    _check_same_dtype(features=features, centers=centers)
+    if features.ndim != 2 or centers.ndim != 2:
+        raise ValueError(f"features and centers must be 2-D, got shapes {features.shape} and {centers.shape}")
+    _check_feature_size(features, "features", centers)
+    if labels.shape[0] != features.shape[0]:
+        raise ValueError(f"{labels.shape[0]} labels for features of shape {features.shape}")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"labels must have an integer dtype (not bool), got dtype {labels.dtype}")
+
+    num_classes, batch_size = centers.shape[0], features.shape[0]
+    # size=B keeps the shapes static under jit; the padding class K is out of range, so reading
+    # it fills zeros and writing it is dropped
+    classes, index = jnp.unique(labels, return_inverse=True, size=batch_size, fill_value=num_classes)
+    rows = centers.at[classes].get(mode="fill", fill_value=0)
+    step = _differentiable_step(rule, backend, num_classes)
+    loss, new_rows = step(features, labels, index.reshape(-1), rows, jnp.asarray(alpha, dtype=features.dtype))
+    if rule_coefficients(rule, 0.0, 1, 1).moves_centers:
+        new_centers = centers.at[classes].set(new_rows, mode="drop")
+    else:
+        new_centers = centers
+    return loss, jax.lax.stop_gradient(new_centers)
+
+
+@functools.lru_cache(maxsize=None)
+def _differentiable_step(rule: str, backend: str, num_classes: int):
+    """``(features, labels, index, rows, alpha) -> (loss, new_rows)`` with its VJP."""
+    callback = functools.partial(host_step, num_classes=num_classes, rule=rule, backend=backend)
+
+    def run(features, labels, index, rows, alpha):
+        shapes = (
+            jax.ShapeDtypeStruct((), features.dtype),
+            jax.ShapeDtypeStruct(features.shape, features.dtype),
+            jax.ShapeDtypeStruct(rows.shape, rows.dtype),
+        )
+        return jax.pure_callback(callback, shapes, features, labels, index, rows, alpha, vmap_method="sequential")
+
+    @jax.custom_vjp
+    def step(features, labels, index, rows, alpha):
+        loss, _, new_rows = run(features, labels, index, rows, alpha)
+        return loss, new_rows
+
+    def forward(features, labels, index, rows, alpha):
+        loss, grad, new_rows = run(features, labels, index, rows, alpha)
+        return (loss, new_rows), (grad, index)
+
+    def backward(residuals, cotangents):
+        grad, index = residuals
+        grad_loss, _ = cotangents  # new_rows is the rule's update: not differentiated
+        grad_features = grad_loss * grad
+        # d loss / d c_j = -sum of d loss / d f_i over the samples of class j (one row per class)
+        grad_rows = -grad_loss * jax.ops.segment_sum(grad, index, num_segments=grad.shape[0])
+        return grad_features, None, None, grad_rows, None
+
+    step.defvjp(forward, backward)
+    return step

@@ -1,0 +1,157 @@
+"""Center loss for TensorFlow and Keras 3: a ``tf.Variable`` of centers, eager or in ``tf.function``.
+
+::
+
+    center_loss = centerkern.tensorflow.CenterLoss(num_classes=10, alpha=0.95)   # facenet's rule
+    with tf.GradientTape() as tape:
+        embeddings, logits = model(images, training=True)
+        loss = cross_entropy(labels, logits) + 0.01 * center_loss([embeddings, labels], training=True)
+
+``center_loss(features, labels, centers, alpha, rule, training)`` is the function beneath the
+layer: it returns the loss, differentiable with respect to ``features`` (and to ``centers``,
+what rule ``pytorch`` trains, as sparse ``IndexedSlices`` like ``tf.gather``'s), and in
+training mode moves the rows of ``centers`` that the batch touches with one
+``scatter_update``, as facenet's ``tf.scatter_sub`` does. The kernels run as a
+``tf.numpy_function`` on the batch's classes only (see ``centerkern._compact``): a step reads
+and writes B rows of the variable, never all K.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import keras
+import tensorflow as tf
+
+from ._compact import host_step
+from ._rules import RULES, rule_coefficients
+from ._validation import BACKENDS, _check_feature_size, _check_same_dtype, check_alpha, check_choice, check_labels
+
+_HOST_BACKENDS = tuple(b for b in BACKENDS if b != "cuda")
+_PROMOTED_DTYPES = (tf.float16, tf.bfloat16)  # mixed precision: computed in the centers' dtype
+
+
+def center_loss(
+    features, labels, centers, alpha, rule: str = "facenet", *, training: bool = True, backend: str = "numba",
+):
+    """One center-loss step in TensorFlow: the loss, and the centers moved in training mode.
+
+    Parameters
+    ----------
+    features : tensor, shape (B, D), float32 or float64 (float16/bfloat16 are promoted)
+    labels : integer tensor holding B values in [0, K), any shape (flattened)
+    centers : ``tf.Variable`` (or Keras variable), shape (K, D): updated in place when
+        ``training`` and the rule moves centers (``facenet``, ``wen``)
+    alpha : float or 0-d tensor; see ``centerkern.center_loss``
+    rule : {"facenet", "wen", "pytorch"}
+    training : bool
+        False evaluates the loss and leaves the centers as they are.
+    backend : {"numba", "numpy"}
+
+    Returns
+    -------
+    0-d tensor of the centers' dtype
+    """
+    rule = check_choice(rule, "rule", RULES)
+    backend = check_choice(backend, "backend", _HOST_BACKENDS)
+    variable = _as_variable(centers)
+    features = tf.convert_to_tensor(features)
+    if features.dtype in _PROMOTED_DTYPES:
+        features = tf.cast(features, variable.dtype)
+    labels = tf.reshape(tf.convert_to_tensor(labels), [-1])
+    _check_same_dtype(features=features, centers=variable)
+    if features.shape.rank != 2 or variable.shape.rank != 2:
+        raise ValueError(f"features and centers must be 2-D, got shapes {features.shape} and {variable.shape}")
+    _check_feature_size(features, "features", variable)
+    if not (labels.dtype.is_integer and labels.dtype != tf.bool):
+        raise TypeError(f"labels must have an integer dtype (not bool), got dtype {labels.dtype.name}")
+    num_classes = int(variable.shape[0])
+    if tf.executing_eagerly():  # SPEC's IndexError before the gather; in a graph, tf.gather's own error
+        check_labels(labels.numpy(), int(features.shape[0]), num_classes, f"features of shape {tuple(features.shape)}")
+
+    classes, index = tf.unique(labels, out_idx=tf.int64)
+    rows = tf.gather(variable, classes)  # differentiable into the variable, sparsely
+    loss, new_rows = _step(features, labels, index, rows, tf.cast(alpha, variable.dtype), num_classes, rule, backend)
+    if training and rule_coefficients(rule, 0.0, 1, 1).moves_centers:
+        variable.scatter_update(tf.IndexedSlices(new_rows, classes))
+    return loss
+
+
+def _as_variable(centers):
+    if isinstance(centers, tf.Variable):
+        return centers
+    value = getattr(centers, "value", None)  # a Keras 3 variable holds its tf.Variable here
+    if isinstance(value, tf.Variable):
+        return value
+    raise TypeError(f"centers must be a tf.Variable or a Keras variable (it is updated in place), got {type(centers).__name__}")
+
+
+def _step(features, labels, index, rows, alpha, num_classes, rule, backend):
+    callback = functools.partial(host_step, num_classes=num_classes, rule=rule, backend=backend)
+
+    @tf.custom_gradient
+    def step(features, rows):
+        dtype = features.dtype
+        loss, grad, new_rows = tf.numpy_function(
+            callback, [features, labels, index, rows, alpha], [dtype, dtype, dtype], stateful=False
+        )
+        loss.set_shape(())
+        grad.set_shape(features.shape)
+        new_rows.set_shape(rows.shape)
+
+        def backward(grad_loss, grad_new_rows):  # new_rows is the rule's update: not differentiated
+            grad_rows = -grad_loss * tf.math.unsorted_segment_sum(grad, index, tf.shape(rows)[0])
+            return grad_loss * grad, grad_rows
+
+        return (loss, new_rows), backward
+
+    loss, new_rows = step(features, rows)
+    return loss, tf.stop_gradient(new_rows)
+
+
+@keras.saving.register_keras_serializable(package="centerkern")
+class CenterLoss(keras.layers.Layer):
+    """A Keras 3 layer (TensorFlow backend) holding the centers as a weight.
+
+    ``layer([features, labels], training=...)`` returns the center loss of the batch. With
+    ``training=True`` rules ``facenet`` and ``wen`` move the centers, which are a non-trainable
+    weight; for ``pytorch`` they are trainable and the optimizer moves them. Following Keras,
+    ``training=None`` outside ``fit`` means inference: the centers stay where they are.
+
+    Parameters
+    ----------
+    num_classes : int
+    alpha : float
+    rule : {"facenet", "wen", "pytorch"}
+    backend : {"numba", "numpy"}
+    """
+
+    def __init__(self, num_classes: int, alpha: float = 0.5, rule: str = "facenet", backend: str = "numba", **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = int(num_classes)
+        self.alpha = check_alpha(alpha)
+        self.rule = check_choice(rule, "rule", RULES)
+        self.backend = check_choice(backend, "backend", _HOST_BACKENDS)
+
+    def build(self, input_shape):
+        features_shape = input_shape[0]
+        trainable = not rule_coefficients(self.rule, self.alpha, 1, 1).moves_centers
+        self.centers = self.add_weight(
+            name="centers",
+            shape=(self.num_classes, int(features_shape[-1])),
+            initializer="random_normal" if trainable else "zeros",
+            trainable=trainable,
+        )
+
+    def call(self, inputs, training=None):
+        features, labels = inputs
+        return center_loss(
+            features, labels, self.centers, self.alpha, self.rule, training=bool(training), backend=self.backend
+        )
+
+    def compute_output_shape(self, input_shape):
+        return ()
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes, "alpha": self.alpha,
+                "rule": self.rule, "backend": self.backend}

@@ -1,0 +1,163 @@
+"""Center loss as a PyTorch module: ``centerkern.torch.CenterLoss``.
+
+::
+
+    center_loss = CenterLoss(num_classes=10, feat_dim=2, alpha=0.5, rule="wen")
+    loss = cross_entropy(logits, labels) + weight * center_loss(embeddings, labels)
+    loss.backward()          # into the embeddings; wen and facenet centers moved already
+    optimizer.step()
+
+The rules keep their sources' meaning of the centers (see ``centerkern.center_loss``):
+
+* ``facenet`` and ``wen``: the centers are a buffer (saved in ``state_dict``, not a parameter).
+  In training mode every call moves them in place, by the kernels, with no copy of the
+  (num_classes, feat_dim) tensor. In eval mode they are left as they are.
+* ``pytorch``: the centers are an ``nn.Parameter``; ``backward`` gives them ``grad_centers``
+  and the caller's optimizer moves them (KaiyangZhou/pytorch-center-loss trains them with SGD,
+  learning rate 0.5).
+
+The loss backpropagates into the features through a ``torch.autograd.Function`` whose backward
+is the kernel's own gradient, so no (B, D) graph of gathers and subtractions is recorded. CPU
+tensors go to the ``numba`` kernels and CUDA tensors to the ``cuda`` ones, zero-copy both ways.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from . import _api
+from ._rules import RULES, rule_coefficients
+from ._validation import _check_same_dtype, check_alpha, check_choice
+
+# Features in these dtypes (autocast's) are promoted to the centers' dtype: the kernels compute
+# in float32 or float64, and autograd casts the gradient back.
+_PROMOTED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class _CenterLossStep(torch.autograd.Function):
+    """One kernel call: forward returns the loss and moves (or not) the centers; backward
+    returns the saved ``grad`` for the features and ``grad_centers`` for a trainable center."""
+
+    @staticmethod
+    def forward(ctx, features, centers, labels, alpha, rule, backend, deterministic, step):
+        # out=centers: facenet and wen write their update there in place; pytorch reads it only
+        # (its update goes into grad_centers), so no rule copies the centers.
+        result = step(
+            features, labels, centers, alpha, rule=rule, out=centers, backend=backend,
+            deterministic=deterministic,
+        )
+        ctx.grad, ctx.grad_centers = result.grad, result.grad_centers
+        return torch.tensor(result.loss, dtype=features.dtype, device=features.device)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        grad_features = ctx.grad * grad_loss if ctx.needs_input_grad[0] else None
+        grad_centers = None
+        if ctx.needs_input_grad[1] and ctx.grad_centers is not None:
+            grad_centers = ctx.grad_centers * grad_loss
+        return grad_features, grad_centers, None, None, None, None, None, None
+
+
+class CenterLoss(nn.Module):
+    """Center loss (Wen et al., ECCV 2016) with one of the published rules.
+
+    Parameters
+    ----------
+    num_classes, feat_dim : int
+        K and D: the centers are a (num_classes, feat_dim) tensor, ``self.centers``.
+    alpha : float
+        The rule's alpha: the retention for ``facenet`` (step 1 - alpha), the step for ``wen``;
+        unused by ``pytorch``.
+    rule : {"facenet", "wen", "pytorch"}
+    backend : {"auto", "numpy", "numba", "cuda"}
+        ``auto`` picks ``cuda`` for CUDA tensors and ``numba`` otherwise.
+    deterministic : bool
+        Bitwise-identical center updates from run to run on the GPU too (see ``center_loss``).
+    process_group : torch.distributed process group, optional
+        Data-parallel training: the centers move as if one process had seen every rank's batch,
+        and stay identical on every rank (``centerkern.distributed.center_loss``). ``None`` with
+        ``distributed=True`` is the default group.
+    distributed : bool
+        Synchronise the center updates over ``process_group`` (the default group when None).
+    device, dtype :
+        Where the centers live and their dtype (float32 by default).
+
+    The centers start at zero for ``facenet`` (as facenet's ``constant_initializer(0)``) and
+    ``wen``, and from a standard normal for ``pytorch`` (as pytorch-center-loss's ``randn``).
+    """
+
+    def __init__(
+        self, num_classes: int, feat_dim: int, alpha: float = 0.5, rule: str = "facenet",
+        backend: str = "auto", *, deterministic: bool = False, process_group: Any = None,
+        distributed: bool = False, device: Any = None, dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        self.rule = check_choice(rule, "rule", RULES)
+        self.alpha = check_alpha(alpha)
+        self.backend = check_choice(backend, "backend", ("auto", *_api.BACKENDS))
+        self.deterministic = bool(deterministic)
+        self.num_classes, self.feat_dim = int(num_classes), int(feat_dim)
+        self.process_group = process_group
+        self.distributed = bool(distributed) or process_group is not None
+        factory = {"device": device, "dtype": dtype or torch.float32}
+        if self._moves_centers:
+            self.register_buffer("centers", torch.zeros(self.num_classes, self.feat_dim, **factory))
+        else:
+            self.centers = nn.Parameter(torch.randn(self.num_classes, self.feat_dim, **factory))
+
+    @property
+    def _moves_centers(self) -> bool:
+        return rule_coefficients(self.rule, self.alpha, 1, 1).moves_centers
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of the batch (a 0-d tensor of the centers' dtype) that backpropagates into
+        ``features`` (and into the centers for rule ``pytorch``). In training mode, rules
+        ``facenet`` and ``wen`` also move the centers."""
+        if features.dtype in _PROMOTED_DTYPES:
+            features = features.to(self.centers.dtype)
+        if self._moves_centers:
+            needs_kernel_step = self.training
+        else:  # pytorch: the kernel step is what computes grad_centers
+            needs_kernel_step = torch.is_grad_enabled() and (features.requires_grad or self.centers.requires_grad)
+        if not needs_kernel_step:
+            return self._loss_without_update(features, labels)
+        return _CenterLossStep.apply(
+            features, self.centers, labels, self.alpha, self.rule, self.backend, self.deterministic,
+            self._step_function(),
+        )
+
+    def _step_function(self):
+        if not self.distributed:
+            return _api.center_loss
+        from . import distributed
+
+        def step(*args, **kwargs):
+            return distributed.center_loss(*args, group=self.process_group, **kwargs)
+
+        return step
+
+    def _loss_without_update(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Evaluation: the same loss, the centers neither moved nor copied (the kernel gather
+        reads only the batch's B rows), differentiable by autograd."""
+        _check_same_dtype(features=features, centers=self.centers)
+        gathered = _api.gather_centers(self.centers, labels, backend=self.backend)
+        if features.shape != gathered.shape:
+            raise ValueError(
+                f"features of shape {tuple(features.shape)} do not match {labels.numel()} labels "
+                f"and centers of shape {tuple(self.centers.shape)}"
+            )
+        coefficients = rule_coefficients(self.rule, self.alpha, features.shape[0], features.shape[1])
+        squares = (features - gathered).pow(2).sum(dtype=torch.float64)
+        return (coefficients.loss_scale * squares).to(features.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, feat_dim={self.feat_dim}, alpha={self.alpha}, "
+            f"rule={self.rule!r}, backend={self.backend!r}"
+            + (", distributed=True" if self.distributed else "")
+        )
