@@ -23,10 +23,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._compact import host_step
 from ._rules import RULES, rule_coefficients
-from ._validation import BACKENDS, _check_feature_size, _check_same_dtype, check_choice
+from ._validation import BACKENDS, _check_feature_size, _check_same_dtype, check_choice, check_labels
 
 _HOST_BACKENDS = tuple(b for b in BACKENDS if b != "cuda")
 
@@ -63,6 +64,8 @@ def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, back
         raise TypeError(f"labels must have an integer dtype (not bool), got dtype {labels.dtype}")
 
     num_classes, batch_size = centers.shape[0], features.shape[0]
+    if not isinstance(labels, jax.core.Tracer):  # concrete labels: SPEC's IndexError right here
+        check_labels(np.asarray(labels), batch_size, num_classes, f"features of shape {features.shape}")
     # size=B keeps the shapes static under jit; the padding class K is out of range, so reading
     # it fills zeros and writing it is dropped
     classes, index = jnp.unique(labels, return_inverse=True, size=batch_size, fill_value=num_classes)

@@ -41,7 +41,7 @@ def center_loss(
     features : tensor, shape (B, D), float32 or float64 (float16/bfloat16 are promoted)
     labels : integer tensor holding B values in [0, K), any shape (flattened)
     centers : ``tf.Variable`` (or Keras variable), shape (K, D): updated in place when
-        ``training`` and the rule moves centers (``facenet``, ``wen``)
+        ``training`` and the rule moves centers (``facenet``, ``wen``); any tensor otherwise
     alpha : float or 0-d tensor; see ``centerkern.center_loss``
     rule : {"facenet", "wen", "pytorch"}
     training : bool
@@ -55,6 +55,11 @@ def center_loss(
     rule = check_choice(rule, "rule", RULES)
     backend = check_choice(backend, "backend", _HOST_BACKENDS)
     variable = _as_variable(centers)
+    moves_centers = training and rule_coefficients(rule, 0.0, 1, 1).moves_centers
+    if moves_centers and not isinstance(variable, tf.Variable):
+        raise TypeError(
+            f"centers must be a tf.Variable or a Keras variable to be updated in place, got {type(centers).__name__}"
+        )
     features = tf.convert_to_tensor(features)
     if features.dtype in _PROMOTED_DTYPES:
         features = tf.cast(features, variable.dtype)
@@ -72,18 +77,17 @@ def center_loss(
     classes, index = tf.unique(labels, out_idx=tf.int64)
     rows = tf.gather(variable, classes)  # differentiable into the variable, sparsely
     loss, new_rows = _step(features, labels, index, rows, tf.cast(alpha, variable.dtype), num_classes, rule, backend)
-    if training and rule_coefficients(rule, 0.0, 1, 1).moves_centers:
+    if moves_centers:
         variable.scatter_update(tf.IndexedSlices(new_rows, classes))
     return loss
 
 
 def _as_variable(centers):
+    """The tf.Variable behind ``centers``, or the centers as a tensor when there is none."""
     if isinstance(centers, tf.Variable):
         return centers
     value = getattr(centers, "value", None)  # a Keras 3 variable holds its tf.Variable here
-    if isinstance(value, tf.Variable):
-        return value
-    raise TypeError(f"centers must be a tf.Variable or a Keras variable (it is updated in place), got {type(centers).__name__}")
+    return value if isinstance(value, tf.Variable) else tf.convert_to_tensor(centers)
 
 
 def _step(features, labels, index, rows, alpha, num_classes, rule, backend):
@@ -145,8 +149,12 @@ class CenterLoss(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         features, labels = inputs
+        # Keras traces layers in a stateless scope to infer output shapes; there the weight is a
+        # plain tensor, and nothing may be written
+        writable = isinstance(self.centers.value, tf.Variable)
         return center_loss(
-            features, labels, self.centers, self.alpha, self.rule, training=bool(training), backend=self.backend
+            features, labels, self.centers, self.alpha, self.rule, training=bool(training) and writable,
+            backend=self.backend,
         )
 
     def compute_output_shape(self, input_shape):

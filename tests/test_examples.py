@@ -1,0 +1,31 @@
+"""The examples run as a user would run them, and do what they say."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _run(script, *args):
+    completed = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True, timeout=300
+    )
+    assert completed.returncode == 0, completed.stderr
+    rows = re.findall(r"accuracy\s+([\d.]+)%.*spread ([\d.]+)", completed.stdout)
+    return [(float(accuracy) / 100, float(spread)) for accuracy, spread in rows]
+
+
+def test_torch_training_example_tightens_the_classes():
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    with_center_loss = _run("train_torch_center_loss.py", "--epochs", "30")
+    softmax_only = _run("train_torch_center_loss.py", "--epochs", "30", "--weight", "0")
+    assert len(with_center_loss) == 30
+    first_spread, last_spread = with_center_loss[0][1], with_center_loss[-1][1]
+    assert last_spread < first_spread / 5  # the intra-class spread falls
+    assert with_center_loss[-1][0] > 0.9  # and the digits are still told apart
+    assert last_spread < softmax_only[-1][1] / 2  # tighter than softmax alone makes them

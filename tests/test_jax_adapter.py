@@ -1,0 +1,105 @@
+"""centerkern.jax.center_loss: values against the numpy backend, gradients against jax.grad of
+the SPEC formulas, under jax.jit, value_and_grad(has_aux=True) and vmap."""
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+
+import centerkern  # noqa: E402
+import centerkern.jax as center_jax  # noqa: E402
+from centerkern._rules import rule_coefficients  # noqa: E402
+from conftest import assert_matches  # noqa: E402
+
+
+def _batch(seed, batch=30, classes=8, width=4):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes - 1, batch)  # the last class never appears
+    labels[: batch // 3] = 2  # a hot class
+    return (rng.standard_normal((batch, width)).astype(np.float32), labels,
+            rng.standard_normal((classes, width)).astype(np.float32))
+
+
+def _formula_loss(rule, features, labels, centers):
+    scale = rule_coefficients(rule, 0.5, features.shape[0], features.shape[1]).loss_scale
+    return scale * jnp.sum((features - centers[labels]) ** 2)
+
+
+@pytest.mark.parametrize("rule", centerkern.RULES)
+@pytest.mark.parametrize("jit", [False, True])
+def test_values_and_gradients(rule, jit):
+    features, labels, centers = _batch(0)
+    expected = centerkern.center_loss(features, labels, centers, 0.5, rule=rule, backend="numpy")
+
+    def objective(features, centers):
+        return center_jax.center_loss(features, labels, centers, 0.5, rule=rule)
+
+    step = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)
+    (loss, new_centers), (grad_features, grad_centers) = (jax.jit(step) if jit else step)(features, centers)
+    reference = jax.grad(_formula_loss, argnums=(1, 3))(rule, features, labels, centers)
+
+    assert loss.dtype == jnp.float32 and loss.shape == ()
+    assert float(loss) == pytest.approx(expected.loss, rel=1e-6)
+    assert isinstance(new_centers, jax.Array) and new_centers.dtype == jnp.float32
+    assert_matches(np.asarray(new_centers), expected.centers, features, centers)
+    assert_matches(np.asarray(grad_features), np.asarray(reference[0]), features, centers)
+    assert_matches(np.asarray(grad_features), expected.grad, features, centers)
+    assert_matches(np.asarray(grad_centers), np.asarray(reference[1]), features, centers)
+    if rule == "pytorch":
+        assert_matches(np.asarray(grad_centers), expected.grad_centers, features, centers)
+
+
+def test_jitted_training_loop_matches_repeated_reference_steps():
+    features, labels, centers = _batch(1)
+    step = jax.jit(lambda f, l, c: center_jax.center_loss(f, l, c, 0.5, rule="wen"), donate_argnums=2)
+    reference = centers.copy()
+    current = jnp.asarray(centers)
+    for seed in range(4):
+        features, labels, _ = _batch(10 + seed)
+        loss, current = step(features, labels, current)
+        expected = centerkern.center_loss(features, labels, reference, 0.5, rule="wen", backend="numpy")
+        reference = expected.centers
+        assert float(loss) == pytest.approx(expected.loss, rel=1e-6)
+    assert_matches(np.asarray(current), reference, features, centers)
+
+
+def test_float64_in_x64_mode_and_labels_of_any_shape():
+    features, labels, centers = _batch(2)
+    with jax.enable_x64(True):
+        loss, new_centers = center_jax.center_loss(
+            features.astype(np.float64), labels.reshape(-1, 1), centers.astype(np.float64), 0.25, rule="facenet"
+        )
+        assert loss.dtype == jnp.float64 and new_centers.dtype == jnp.float64
+    expected = centerkern.center_loss(features.astype(np.float64), labels, centers.astype(np.float64), 0.25, backend="numpy")
+    assert float(loss) == pytest.approx(expected.loss, rel=1e-12)
+    assert_matches(np.asarray(new_centers), expected.centers)
+
+
+def test_vmap_over_independent_problems():
+    batches = [_batch(20 + i) for i in range(3)]
+    stacked = [np.stack(parts) for parts in zip(*batches)]
+    losses, centers = jax.vmap(lambda f, l, c: center_jax.center_loss(f, l, c, 0.5, rule="wen"))(*stacked)
+    for i, (features, labels, start) in enumerate(batches):
+        expected = centerkern.center_loss(features, labels, start, 0.5, rule="wen", backend="numpy")
+        assert float(losses[i]) == pytest.approx(expected.loss, rel=1e-6)
+        assert_matches(np.asarray(centers[i]), expected.centers, features, start)
+
+
+def test_empty_batch_and_errors():
+    features, labels, centers = _batch(3)
+    loss, new_centers = center_jax.center_loss(features[:0], labels[:0], centers, 0.5)
+    assert float(loss) == 0.0
+    np.testing.assert_array_equal(np.asarray(new_centers), centers)
+    with pytest.raises(TypeError, match="dtypes must match"):
+        center_jax.center_loss(features, labels, centers.astype(np.float16), 0.5)
+    with pytest.raises(TypeError, match="integer"):
+        center_jax.center_loss(features, labels.astype(np.float32), centers, 0.5)
+    with pytest.raises(ValueError, match="rule"):
+        center_jax.center_loss(features, labels, centers, 0.5, rule="caffe")
+    bad = labels.copy()
+    bad[5] = 8
+    with pytest.raises(IndexError, match="label 8 at position 5"):
+        center_jax.center_loss(features, bad, centers, 0.5)
+    with pytest.raises(Exception, match="label 8 at position 5"):  # under jit the callback's error, wrapped by JAX
+        jax.jit(lambda f, l, c: center_jax.center_loss(f, l, c, 0.5))(features, bad, centers)[0].block_until_ready()

@@ -1,0 +1,149 @@
+"""centerkern.tensorflow: the function on a tf.Variable (eager and tf.function) and the Keras 3
+layer, against the numpy backend and TensorFlow's own gradients of the SPEC formulas."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+import centerkern  # noqa: E402
+import centerkern.tensorflow as center_tf  # noqa: E402
+from centerkern._rules import rule_coefficients  # noqa: E402
+from conftest import assert_matches  # noqa: E402
+
+
+def _batch(seed, batch=30, classes=8, width=4, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes - 1, batch)
+    labels[: batch // 3] = 5
+    return (rng.standard_normal((batch, width)).astype(dtype), labels,
+            rng.standard_normal((classes, width)).astype(dtype))
+
+
+def _formula_gradients(rule, features, labels, centers):
+    features, centers = tf.constant(features), tf.Variable(centers)
+    scale = rule_coefficients(rule, 0.5, features.shape[0], features.shape[1]).loss_scale
+    with tf.GradientTape() as tape:
+        tape.watch(features)
+        loss = scale * tf.reduce_sum((features - tf.gather(centers, labels)) ** 2)
+    return [tf.convert_to_tensor(g).numpy() for g in tape.gradient(loss, [features, centers])]
+
+
+@pytest.mark.parametrize("rule", centerkern.RULES)
+@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_function_on_a_variable(rule, graph, dtype):
+    features, labels, start = _batch(0, dtype=dtype)
+    variable = tf.Variable(start)
+    expected = centerkern.center_loss(features, labels, start, 0.5, rule=rule, backend="numpy")
+    reference = _formula_gradients(rule, features, labels, start)
+
+    def step(features):
+        with tf.GradientTape() as tape:
+            tape.watch(features)
+            loss = center_tf.center_loss(features, labels, variable, 0.5, rule, training=True)
+        return loss, tape.gradient(loss, [features, variable])
+
+    loss, (grad_features, grad_centers) = (tf.function(step) if graph else step)(tf.constant(features))
+    assert loss.dtype == tf.as_dtype(dtype)
+    assert float(loss) == pytest.approx(expected.loss, rel=1e-6)
+    assert_matches(variable.numpy(), expected.centers, features, start)
+    assert_matches(grad_features.numpy(), reference[0], features, start)
+    assert isinstance(grad_centers, tf.IndexedSlices)  # sparse, as tf.gather's: B rows, not K
+    assert_matches(tf.convert_to_tensor(grad_centers).numpy(), reference[1], features, start)
+
+
+def test_facenet_training_steps_in_a_tf_function_and_inference_leaves_the_variable():
+    features, labels, start = _batch(1)
+    variable = tf.Variable(start)
+    step = tf.function(lambda f, l, training: center_tf.center_loss(f, l, variable, 0.95, training=training))
+    reference = start.copy()
+    for seed in range(3):
+        features, labels, _ = _batch(10 + seed)
+        loss = step(features, labels, True)
+        expected = centerkern.center_loss(features, labels, reference, 0.95, backend="numpy")
+        reference = expected.centers
+        assert float(loss) == pytest.approx(expected.loss, rel=1e-6)
+        assert_matches(variable.numpy(), reference, features, start)
+    before = variable.numpy().copy()
+    loss = step(features, labels, False)
+    np.testing.assert_array_equal(variable.numpy(), before)
+    assert float(loss) == pytest.approx(centerkern.center_loss(features, labels, before, 0.95, backend="numpy").loss, rel=1e-6)
+
+
+def test_keras_layer_in_a_custom_training_step_and_in_fit():
+    features, labels, _ = _batch(2, batch=64)
+    layer = center_tf.CenterLoss(8, alpha=0.5, rule="wen")
+    assert layer([features, labels]).shape == ()  # builds; training=None is inference
+    assert not layer.centers.trainable and np.count_nonzero(layer.centers.numpy()) == 0
+
+    dense = keras.layers.Dense(4, kernel_initializer="ones")
+    optimizer = keras.optimizers.SGD(0.01)
+
+    @tf.function
+    def train_step(inputs, labels):
+        with tf.GradientTape() as tape:
+            embeddings = dense(inputs)
+            loss = layer([embeddings, labels], training=True)
+        gradients = tape.gradient(loss, dense.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, dense.trainable_variables))
+        return embeddings, loss
+
+    centers = np.zeros((8, 4), np.float32)
+    for _ in range(3):
+        embeddings, loss = train_step(features, labels)
+        expected = centerkern.center_loss(embeddings.numpy(), labels, centers, 0.5, rule="wen", backend="numpy")
+        centers = expected.centers
+        assert float(loss) == pytest.approx(expected.loss, rel=1e-5)
+        assert_matches(layer.centers.numpy(), centers, embeddings.numpy())
+
+    # model.fit with the loss added by a wrapping layer: the centers move during fit
+    inputs, label_input = keras.Input((4,)), keras.Input((), dtype="int64")
+    embedded = keras.layers.Dense(4)(inputs)
+    fit_layer = center_tf.CenterLoss(8, alpha=0.5, rule="wen")
+
+    class AddCenterLoss(keras.layers.Layer):
+        def call(self, embedded, labels, training=None):
+            self.add_loss(fit_layer([embedded, labels], training=training))
+            return embedded
+
+    outputs = AddCenterLoss()(embedded, label_input)
+    model = keras.Model([inputs, label_input], outputs)
+    model.compile(optimizer="sgd", loss=lambda y_true, y_pred: tf.reduce_mean(y_pred) * 0.0)
+    history = model.fit([features, labels], np.zeros(64), epochs=2, batch_size=16, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert np.count_nonzero(fit_layer.centers.numpy()[np.unique(labels)]) > 0
+
+
+def test_keras_layer_config_round_trips_and_pytorch_rule_trains_its_centers():
+    layer = center_tf.CenterLoss(8, alpha=0.25, rule="pytorch", name="centers_of_8")
+    clone = center_tf.CenterLoss.from_config(layer.get_config())
+    assert (clone.num_classes, clone.alpha, clone.rule, clone.name) == (8, 0.25, "pytorch", "centers_of_8")
+    features, labels, _ = _batch(3)
+    with tf.GradientTape() as tape:
+        loss = layer([features, labels], training=True)
+    assert layer.centers.trainable
+    gradient = tape.gradient(loss, layer.trainable_variables)[0]
+    reference = _formula_gradients("pytorch", features, labels, layer.centers.numpy())[1]
+    assert_matches(tf.convert_to_tensor(gradient).numpy(), reference, features)
+
+
+def test_errors():
+    features, labels, start = _batch(4)
+    variable = tf.Variable(start)
+    bad = labels.copy()
+    bad[7] = 8
+    with pytest.raises(IndexError, match="label 8 at position 7"):
+        center_tf.center_loss(features, bad, variable, 0.5)
+    with pytest.raises(TypeError, match="tf.Variable"):
+        center_tf.center_loss(features, labels, tf.constant(start), 0.5)
+    with pytest.raises(TypeError, match="dtypes must match"):
+        center_tf.center_loss(features.astype(np.float64), labels, variable, 0.5)
+    with pytest.raises(TypeError, match="integer"):
+        center_tf.center_loss(features, labels.astype(np.float32), variable, 0.5)
+    np.testing.assert_array_equal(variable.numpy(), start)

@@ -1,0 +1,175 @@
+"""centerkern.torch.CenterLoss against the numpy backend and against torch's own autograd on the
+SPEC formulas."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import centerkern  # noqa: E402
+from centerkern.torch import CenterLoss  # noqa: E402
+from conftest import BACKENDS, assert_matches  # noqa: E402
+
+SEED_FEATURES = [[1, 1, 1, 1, 1], [1, 1, 2, 1, 1], [1, 1, 3, 1, 1], [1, 1, 4, 1, 1], [2, 2, 2, 1, 2],
+                 [2, 2, 2, 2, 2], [2, 2, 2, 3, 2], [3, 3, 3, 3, 1], [3, 3, 3, 3, 2]]
+SEED_LABELS = [0, 0, 0, 0, 1, 1, 1, 2, 2]
+
+
+def _batch(seed, batch=40, classes=6, width=5, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(batch, width, generator=generator, dtype=dtype)
+    labels = torch.randint(0, classes, (batch,), generator=generator)
+    labels[: batch // 2] = 1  # a hot class
+    return features, labels
+
+
+def _formula_loss(rule, features, labels, centers):
+    """The SPEC table's loss written in torch ops, for torch's autograd to differentiate."""
+    difference = features - centers[labels]
+    squares = difference.pow(2).sum()
+    batch, width = features.shape
+    return {"facenet": squares / (batch * width), "wen": squares / (2 * batch), "pytorch": squares / batch}[rule]
+
+
+@pytest.mark.parametrize("rule", centerkern.RULES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_training_steps_match_the_reference_and_autograd(rule, dtype):
+    module = CenterLoss(6, 5, alpha=0.7, rule=rule, dtype=dtype)
+    with torch.no_grad():
+        module.centers.copy_(torch.randn(6, 5, generator=torch.Generator().manual_seed(9), dtype=dtype))
+    centers = module.centers.detach().numpy().copy()
+    pointer = module.centers.data_ptr()
+    for step in range(3):
+        features, labels = _batch(step, dtype=dtype)
+        features.requires_grad_()
+        expected = centerkern.center_loss(features.detach().numpy(), labels.numpy(), centers, 0.7, rule=rule, backend="numpy")
+        # autograd on the formula, with the centers as they were before the step
+        reference_features = features.detach().clone().requires_grad_()
+        reference_centers = torch.from_numpy(centers.copy()).requires_grad_()
+        _formula_loss(rule, reference_features, labels, reference_centers).backward()
+
+        module.zero_grad()
+        loss = module(features, labels)
+        loss.backward()
+
+        assert loss.dtype == dtype and loss.shape == ()
+        assert loss.item() == pytest.approx(expected.loss, rel=1e-6)
+        assert features.grad.dtype == dtype
+        assert_matches(features.grad.numpy(), reference_features.grad.numpy(), features.detach().numpy(), centers)
+        assert_matches(module.centers.detach().numpy(), expected.centers, features.detach().numpy(), centers)
+        assert module.centers.data_ptr() == pointer  # moved in place
+        if rule == "pytorch":
+            assert_matches(module.centers.grad.numpy(), reference_centers.grad.numpy(), features.detach().numpy(), centers)
+            with torch.no_grad():  # the caller's optimizer: plain SGD
+                module.centers -= 0.5 * module.centers.grad
+        centers = module.centers.detach().numpy().copy()
+
+
+def test_seed_example_reproduces_tensorflows_numbers():
+    module = CenterLoss(3, 5, alpha=0.5)
+    features = torch.tensor(SEED_FEATURES, dtype=torch.float32)
+    labels = torch.tensor(SEED_LABELS)
+    losses = [float(module(features, labels)) for _ in range(3)]
+    np.testing.assert_allclose(losses, [4.1111111, 1.4111111, 1.1611111], rtol=1e-6)
+    np.testing.assert_allclose(module.centers.numpy(), [[2, 2, 5, 2, 2], [2.25] * 5, [3, 3, 3, 3, 1.5]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("rule", centerkern.RULES)
+def test_eval_mode_gives_the_loss_and_leaves_the_centers(rule):
+    module = CenterLoss(6, 5, alpha=0.7, rule=rule)
+    features, labels = _batch(1)
+    module(features, labels)  # one training step: the centers are no longer at their start
+    module.eval()
+    before = module.centers.detach().clone()
+    tracked = features.clone().requires_grad_()
+    loss = module(tracked, labels)
+    loss.backward()
+    expected = centerkern.center_loss(features.numpy(), labels.numpy(), before.numpy(), 0.7, rule=rule, backend="numpy")
+    assert loss.item() == pytest.approx(expected.loss, rel=1e-6)
+    assert_matches(tracked.grad.numpy(), expected.grad, features.numpy(), before.numpy())
+    assert torch.equal(module.centers.detach(), before)
+    with torch.no_grad():
+        assert float(module(features, labels)) == pytest.approx(expected.loss, rel=1e-6)
+    assert torch.equal(module.centers.detach(), before)
+
+
+def test_no_grad_training_still_moves_facenet_and_wen_centers():
+    module = CenterLoss(6, 5, alpha=0.5, rule="wen")
+    features, labels = _batch(2)
+    expected = centerkern.center_loss(features.numpy(), labels.numpy(), np.zeros((6, 5), np.float32), 0.5, rule="wen", backend="numpy")
+    with torch.no_grad():
+        module(features, labels)
+    assert_matches(module.centers.numpy(), expected.centers, features.numpy())
+
+
+def test_centers_are_a_buffer_or_a_parameter_by_rule_and_state_dict_round_trips():
+    for rule in ("facenet", "wen"):
+        module = CenterLoss(4, 3, rule=rule)
+        assert "centers" in dict(module.named_buffers()) and not list(module.parameters())
+        assert not module.centers.requires_grad and torch.count_nonzero(module.centers) == 0
+    module = CenterLoss(4, 3, rule="pytorch")
+    assert [name for name, _ in module.named_parameters()] == ["centers"]
+    assert isinstance(module.centers, torch.nn.Parameter) and module.centers.shape == (4, 3)
+
+    trained = CenterLoss(6, 5, alpha=0.5, rule="wen")
+    trained(*_batch(3))
+    restored = CenterLoss(6, 5, alpha=0.5, rule="wen")
+    restored.load_state_dict(trained.state_dict())
+    assert torch.equal(restored.centers, trained.centers)
+    features, labels = _batch(4)
+    assert float(restored(features, labels)) == float(trained(features, labels))
+    assert torch.equal(restored.centers, trained.centers)
+
+
+def test_mixed_precision_features_are_promoted_and_their_grad_comes_back_in_their_dtype():
+    module = CenterLoss(6, 5, rule="wen")
+    features, labels = _batch(5)
+    half = features.to(torch.bfloat16).requires_grad_()
+    loss = module(half, labels)
+    loss.backward()
+    assert loss.dtype == torch.float32 and half.grad.dtype == torch.bfloat16
+    expected = centerkern.center_loss(half.detach().float().numpy(), labels.numpy(), np.zeros((6, 5), np.float32), 0.5, rule="wen", backend="numpy")
+    np.testing.assert_allclose(half.grad.float().numpy(), expected.grad, rtol=1e-2, atol=1e-4)
+
+
+def test_bad_input_is_an_error_and_leaves_the_centers():
+    module = CenterLoss(6, 5)
+    features, labels = _batch(6)
+    before = module.centers.clone()
+    labels[3] = 6
+    with pytest.raises(IndexError, match="label 6 at position 3"):
+        module(features, labels)
+    with pytest.raises(TypeError, match="dtypes must match"):
+        module(features.double(), labels % 6)
+    module.eval()
+    with pytest.raises(ValueError, match="shape"):
+        module(features[:5], labels % 6)
+    assert torch.equal(module.centers, before)
+    with pytest.raises(ValueError, match="rule"):
+        CenterLoss(3, 2, rule="paddle")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_backend_trains_the_same(backend):
+    """CPU tensors through each backend (``cuda`` copies them to the device and back)."""
+    modules = [CenterLoss(6, 5, rule="facenet", alpha=0.9, backend=b) for b in ("numpy", backend)]
+    for step in range(3):
+        features, labels = _batch(10 + step)
+        losses = [float(m(features, labels)) for m in modules]
+        assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    assert_matches(modules[1].centers.numpy(), modules[0].centers.numpy())
+
+
+def test_cuda_module_updates_device_centers_in_place():
+    if not torch.cuda.is_available() or "cuda" not in centerkern.backends():
+        pytest.skip("needs a CUDA GPU and a CUDA build of torch")
+    module = CenterLoss(6, 5, rule="wen", device="cuda")
+    pointer = module.centers.data_ptr()
+    features, labels = _batch(7)
+    expected = centerkern.center_loss(features.numpy(), labels.numpy(), np.zeros((6, 5), np.float32), 0.5, rule="wen", backend="numpy")
+    tracked = features.cuda().requires_grad_()
+    loss = module(tracked, labels.cuda())
+    loss.backward()
+    assert loss.is_cuda and tracked.grad.is_cuda and module.centers.data_ptr() == pointer
+    assert_matches(module.centers.cpu().numpy(), expected.centers, features.numpy())
+    assert_matches(tracked.grad.cpu().numpy(), expected.grad, features.numpy())
