@@ -91,6 +91,14 @@ def _target(arrays, centers, out, out_is_centers):
     return out
 
 
+def validate_center_loss(features, labels, centers, alpha, rule, out, backend) -> _validation.CenterLossInputs:
+    """Every check ``center_loss`` makes, and nothing written: for callers that must know the
+    input is good before they start (``centerkern.distributed``, before a collective)."""
+    features, labels, centers, out = _exportable(features, labels, centers, out)
+    _, arrays = _select(backend, features, centers, out)
+    return _validation.validate_center_loss(features, labels, centers, alpha, rule, out, arrays)
+
+
 def gather_centers(centers: Any, labels: Any, *, backend: str = "auto") -> Any:
     """Return ``centers[labels]``: the (B, D) rows of the centers of the batch's classes.
 

@@ -1,0 +1,159 @@
+"""Data-parallel center loss over ``torch.distributed``: the centers move as if one process had
+seen every rank's batch, and every rank ends with the same bits.
+
+Each rank holds the same centers and a slice of the global batch. The loss and its gradient are
+the rank's own (DDP averages gradients as usual). The update of class j needs the global
+``S_j = sum of d_i`` and ``n_j`` over every rank's samples; since every rank reads the same
+centers, those are sums of per-rank partials, so a step is
+
+1. local: ``d_i`` against the shared centers, the loss and grad, and the partial sums and
+   counts of the classes this rank saw (the scatter kernel, float64);
+2. exchange the partials, by whichever collective is cheaper (below);
+3. every rank applies the rule to the classes seen anywhere, with identical inputs in an
+   identical order, so every replica computes identical bits.
+
+The exchange:
+
+* ``sparse``: all-gather of each rank's ``(class, count, sums)`` rows, padded to the largest
+  rank's number of classes U. Every rank receives R·U rows of D + 2 float64 values and adds
+  them up in rank order (the scatter kernel, deterministic). Cheap when a batch touches few
+  classes.
+* ``dense``: all-reduce of a (K, D + 1) float64 table of counts and sums. Its cost does not
+  depend on U; a ring all-reduce moves about 2·K·(D + 1) values per rank, and its result is
+  computed once per chunk and copied to every rank (gloo's and NCCL's ring and tree
+  algorithms), so all replicas hold the same bits.
+
+``exchange="auto"`` takes ``sparse`` while ``R·U < SPARSE_BELOW_FRACTION · K``: measured on
+loopback gloo (``benchmarks/distributed_exchange.py``, results in ``benchmarks/results/``).
+
+Before anything is exchanged the ranks share their batch sizes in one small all-gather that
+also carries a flag for invalid input: a rank whose input fails validation raises its own
+error, and the others raise too, instead of waiting forever in the next collective.
+
+Rule ``pytorch`` leaves the centers to the caller's optimizer: its ``grad_centers`` is local and
+DDP (or the caller) averages it like any parameter gradient, so nothing is exchanged here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import _api, _validation
+from ._api import CenterLossResult
+from ._rules import RULES, rule_coefficients
+
+# sparse while R * U < SPARSE_BELOW_FRACTION * K (see the module docstring)
+SPARSE_BELOW_FRACTION = 1.0
+EXCHANGES = ("auto", "sparse", "dense")
+
+
+class PeerInputError(RuntimeError):
+    """Another rank's input failed validation, so this step was abandoned on every rank."""
+
+
+def center_loss(
+    features: torch.Tensor, labels: Any, centers: torch.Tensor, alpha: Any, *, rule: str = "facenet",
+    out: torch.Tensor | None = None, group: Any = None, backend: str = "auto", deterministic: bool = False,
+    exchange: str = "auto",
+) -> CenterLossResult:
+    """``centerkern.center_loss`` over a ``torch.distributed`` process group.
+
+    Same arguments and result as ``centerkern.center_loss`` (torch tensors: CPU with gloo, CUDA
+    with NCCL), plus ``group`` (None: the default group) and ``exchange`` ("auto", "sparse",
+    "dense"; see the module docstring). ``loss`` and ``grad`` are this rank's; ``centers``
+    are the centers after one step of the rule on the concatenation of every rank's batch,
+    identical on every rank. Every rank of the group must call it, with the same centers.
+    """
+    if rule in RULES and not rule_coefficients(rule, 0.0, 1, 1).moves_centers:
+        # pytorch: nothing moves here, so there is nothing to exchange
+        return _api.center_loss(
+            features, labels, centers, alpha, rule=rule, out=out, backend=backend, deterministic=deterministic
+        )
+    error = checked = None
+    try:
+        _validation.check_choice(exchange, "exchange", EXCHANGES)
+        if not (isinstance(features, torch.Tensor) and isinstance(centers, torch.Tensor)):
+            raise TypeError(
+                f"features and centers must be torch tensors, got {type(features).__name__} and {type(centers).__name__}"
+            )
+        checked = _api.validate_center_loss(features, labels, centers, alpha, rule, out, backend)
+    except (TypeError, ValueError, IndexError, RuntimeError) as caught:
+        error = caught
+
+    world_size = dist.get_world_size(group)
+    device = features.device if isinstance(features, torch.Tensor) else torch.device("cpu")
+    if error is None:
+        features, centers = features.detach(), centers.detach()  # the gradient is returned, not recorded
+        labels = torch.as_tensor(labels, device=device).reshape(-1).to(torch.int64)
+        classes, index = torch.unique(labels, return_inverse=True)
+    sizes = _all_gather_sizes(-1 if error else classes.numel(), world_size, group, device)
+    if error is not None:
+        raise error
+    if min(sizes) < 0:
+        failed = [rank for rank, size in enumerate(sizes) if size < 0]
+        raise PeerInputError(f"the input of rank(s) {failed} failed validation; no rank moved its centers")
+    local_classes = classes.numel()
+
+    coefficients = rule_coefficients(checked.rule, checked.alpha, *features.shape)
+    gathered = _api.gather_centers(centers, labels, backend=backend)
+    # float64 for the sums, as the kernels: e = c - f = -d, so that scatter_sub adds up +d
+    minus_difference = gathered.double() - features.double()
+    squares = float(minus_difference.pow(2).sum())
+    grad = (-coefficients.grad_scale * minus_difference).to(features.dtype)
+    partial_sums = torch.zeros(local_classes, features.shape[1], dtype=torch.float64, device=device)
+    _api.scatter_sub_update(partial_sums, index, minus_difference, out=partial_sums, backend=backend)
+    counts = torch.bincount(index, minlength=local_classes).double()
+
+    num_classes = centers.shape[0]
+    if exchange == "auto":
+        exchange = "sparse" if world_size * max(sizes) < SPARSE_BELOW_FRACTION * num_classes else "dense"
+    target = centers.clone() if out is None else out.detach()
+    if out is not None and not checked.out_is_centers:
+        target.copy_(centers)
+    if max(sizes) > 0:  # an empty global batch moves nothing
+        combine = _exchange_sparse if exchange == "sparse" else _exchange_dense
+        touched, total_counts, total_sums = combine(classes, counts, partial_sums, sizes, num_classes, group, backend)
+        scale = coefficients.step / (1.0 + coefficients.count_weight * total_counts)
+        new_rows = centers.index_select(0, touched).double() + scale[:, None] * total_sums
+        target.index_copy_(0, touched, new_rows.to(target.dtype))
+    return CenterLossResult(
+        loss=coefficients.loss_scale * squares, grad=grad, centers=target if out is None else out, grad_centers=None
+    )
+
+
+def _all_gather_sizes(local: int, world_size: int, group: Any, device: torch.device) -> list[int]:
+    mine = torch.tensor([local], dtype=torch.int64, device=device)
+    everyone = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(everyone, mine, group=group)
+    return [int(size) for size in everyone]
+
+
+def _exchange_sparse(classes, counts, partial_sums, sizes, num_classes, group, backend):
+    """All-gather the rows (class, count, sums) of every rank, then add them up in rank order."""
+    width = partial_sums.shape[1]
+    rows = torch.zeros(max(sizes), width + 2, dtype=torch.float64, device=partial_sums.device)
+    rows[: classes.numel(), 0] = classes.double()  # class ids are exact in float64 below 2**53
+    rows[: classes.numel(), 1] = counts
+    rows[: classes.numel(), 2:] = partial_sums
+    received = [torch.empty_like(rows) for _ in sizes]
+    dist.all_gather(received, rows, group=group)
+    every_row = torch.cat([block[:size] for block, size in zip(received, sizes)])
+    touched, position = torch.unique(every_row[:, 0].to(torch.int64), return_inverse=True)
+    # the scatter kernel adds duplicates in batch order, here rank order: the same bits on every rank
+    totals = torch.zeros(touched.numel(), width + 1, dtype=torch.float64, device=rows.device)
+    _api.scatter_sub_update(totals, position, -every_row[:, 1:], out=totals, backend=backend, deterministic=True)
+    return touched, totals[:, 0], totals[:, 1:]
+
+
+def _exchange_dense(classes, counts, partial_sums, sizes, num_classes, group, backend):
+    """All-reduce a (K, D + 1) table of counts and sums."""
+    table = torch.zeros(num_classes, partial_sums.shape[1] + 1, dtype=torch.float64, device=partial_sums.device)
+    table[classes, 0] = counts
+    table[classes, 1:] = partial_sums
+    dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
+    touched = torch.nonzero(table[:, 0]).reshape(-1)
+    return touched, table[touched, 0], table[touched, 1:]
+
