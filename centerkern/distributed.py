@@ -72,6 +72,11 @@ def center_loss(
         return _api.center_loss(
             features, labels, centers, alpha, rule=rule, out=out, backend=backend, deterministic=deterministic
         )
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "centerkern.distributed.center_loss needs a torch.distributed process group: call "
+            "torch.distributed.init_process_group first (or use centerkern.center_loss)"
+        )
     error = checked = None
     try:
         _validation.check_choice(exchange, "exchange", EXCHANGES)
