@@ -164,7 +164,9 @@ def _check_feature_size(rows, rows_name: str, centers) -> None:
         )
 
 
-def _labels(labels: Any, batch_size: int | None, num_classes: int, arrays, batch_source: str) -> Any:
+def _labels(
+    labels: Any, batch_size: int | None, num_classes: int, arrays, batch_source: str, first_position: int = 0
+) -> Any:
     if isinstance(labels, (list, tuple)):
         labels = np.asarray(labels)
         if labels.size == 0:
@@ -183,15 +185,18 @@ def _labels(labels: Any, batch_size: int | None, num_classes: int, arrays, batch
     if bad is not None:
         position, value = bad
         raise IndexError(
-            f"label {value} at position {position} is out of range: labels must lie in "
+            f"label {value} at position {first_position + position} is out of range: labels must lie in "
             f"[0, {num_classes}) for {num_classes} classes"
         )
     return arrays.as_label_vector(flat)
 
 
-def check_labels(labels: Any, batch_size: int, num_classes: int, batch_source: str) -> np.ndarray:
-    """Host labels as a flat int64 vector, checked as every entry point checks them."""
-    return _labels(labels, batch_size, num_classes, HostArrays, batch_source)
+def check_labels(
+    labels: Any, batch_size: int, num_classes: int, batch_source: str, first_position: int = 0
+) -> np.ndarray:
+    """Host labels as a flat int64 vector, checked as every entry point checks them. A bad
+    label's position is reported counting from ``first_position`` (a chunk's place in the whole)."""
+    return _labels(labels, batch_size, num_classes, HostArrays, batch_source, first_position)
 
 
 def _out(out: Any, centers, arrays) -> Any:

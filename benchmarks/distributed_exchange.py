@@ -1,0 +1,131 @@
+"""The cost of a distributed center-loss step by exchange, against ranks and touched classes.
+
+Runs R local processes (gloo over 127.0.0.1) for each R in --ranks. Every rank's batch touches
+U classes of K (each twice), and a step of ``centerkern.distributed.center_loss`` is timed with
+``exchange="sparse"`` (all-gather of the touched rows) and ``exchange="dense"`` (all-reduce of
+K x (D + 1)), interleaved, after a barrier; medians on rank 0. Both exchanges are checked to give
+the same centers. The crossover, in R·U/K, is where dense becomes the faster; it sets
+``centerkern.distributed.SPARSE_BELOW_FRACTION``.
+
+    python benchmarks/distributed_exchange.py                 # R = 2, 3, 4; K = 20000, D = 128
+    python benchmarks/distributed_exchange.py --ranks 2 --classes 1000 --width 16 --repeats 3 --out /tmp/x.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _rank_main(rank, world_size, port, args, results):
+    os.environ["NUMBA_NUM_THREADS"] = "1"  # R processes share the machine's cores
+    import torch
+    import torch.distributed as dist
+
+    import centerkern.distributed as center_distributed
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=300))
+    rng = np.random.default_rng(1000 + rank)
+    start = np.random.default_rng(0).standard_normal((args.classes, args.width)).astype(np.float32)
+    rows = []
+    for touched in args.touched:
+        if touched > args.classes:
+            continue
+        classes = rng.choice(args.classes, touched, replace=False)
+        labels = torch.from_numpy(np.repeat(classes, 2))
+        features = torch.from_numpy(rng.standard_normal((labels.numel(), args.width)).astype(np.float32))
+        times = {"sparse": [], "dense": []}
+        finals = {}
+        for repeat in range(args.repeats + 1):  # the first round warms up (compiles, buffers)
+            for exchange in times:
+                centers = torch.from_numpy(start.copy())
+                dist.barrier()
+                began = time.perf_counter()
+                center_distributed.center_loss(features, labels, centers, 0.5, rule="wen", out=centers, exchange=exchange)
+                elapsed = time.perf_counter() - began
+                if repeat:
+                    times[exchange].append(elapsed)
+                finals[exchange] = centers.numpy()
+        agree = bool(np.allclose(finals["sparse"], finals["dense"], rtol=1e-5, atol=1e-6))
+        rows.append({
+            "ranks": world_size, "touched_per_rank": int(touched), "classes": args.classes, "width": args.width,
+            "sparse_ms": 1e3 * statistics.median(times["sparse"]), "dense_ms": 1e3 * statistics.median(times["dense"]),
+            "load": world_size * touched / args.classes, "agree": agree,
+        })
+    if rank == 0:
+        results.put(rows)
+    dist.destroy_process_group()
+
+
+def _run(world_size, args):
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    port = _free_port()
+    processes = [context.Process(target=_rank_main, args=(r, world_size, port, args, results)) for r in range(world_size)]
+    for process in processes:
+        process.start()
+    rows = results.get(timeout=1800)
+    for process in processes:
+        process.join(timeout=60)
+    return rows
+
+
+def crossover(rows):
+    """Per rank count: the smallest R·U/K at which dense was faster (None if never)."""
+    found = {}
+    for world_size in sorted({row["ranks"] for row in rows}):
+        loads = [row["load"] for row in rows if row["ranks"] == world_size and row["dense_ms"] < row["sparse_ms"]]
+        found[world_size] = min(loads) if loads else None
+    return found
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--classes", type=int, default=20000)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--touched", type=int, nargs="+", default=[16, 128, 1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    rows = []
+    for world_size in args.ranks:
+        rows += _run(world_size, args)
+        for row in rows[-len([u for u in args.touched if u <= args.classes]):]:
+            print(f"R={row['ranks']}  U={row['touched_per_rank']:6d}  R*U/K={row['load']:6.3f}  "
+                  f"sparse {row['sparse_ms']:8.3f} ms  dense {row['dense_ms']:8.3f} ms  agree={row['agree']}", flush=True)
+    found = crossover(rows)
+    print("crossover R*U/K (dense faster from):", found)
+    report = {
+        "what": "centerkern.distributed step (rule wen), gloo on 127.0.0.1, median ms on rank 0",
+        "date": datetime.date.today().isoformat(), "machine": platform.platform(), "cpus": os.cpu_count(),
+        "python": sys.version.split()[0], "rows": rows, "crossover_load": found,
+    }
+    out = args.out or Path(__file__).parent / "results" / f"distributed-{report['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
