@@ -6,7 +6,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install test test-cpu test-cudasim demo info bench fuzz clean
+.PHONY: install test test-cpu test-cudasim demo info bench bench-distributed fuzz clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
@@ -34,6 +34,10 @@ info: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(PYTHON) -m centerkern bench
+
+# the exchange of centerkern.distributed: ranks x touched classes, local gloo processes
+bench-distributed: $(INSTALLED)
+	$(PYTHON) benchmarks/distributed_exchange.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

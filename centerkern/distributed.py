@@ -23,8 +23,11 @@ The exchange:
   computed once per chunk and copied to every rank (gloo's and NCCL's ring and tree
   algorithms), so all replicas hold the same bits.
 
-``exchange="auto"`` takes ``sparse`` while ``R·U < SPARSE_BELOW_FRACTION · K``: measured on
-loopback gloo (``benchmarks/distributed_exchange.py``, results in ``benchmarks/results/``).
+``exchange="auto"`` takes ``sparse`` while ``R·U < SPARSE_BELOW_FRACTION · K`` (R ranks, U the
+most classes one rank touched, K classes). Measured with gloo on 127.0.0.1 (K = 20000,
+D = 128, ``benchmarks/distributed_exchange.py``, ``benchmarks/results/distributed-*.json``),
+dense became the faster between R·U/K = 0.41 and 0.82 with 2 ranks, 0.61 and 1.23 with 3,
+0.82 and 1.64 with 4: both costs grow with D alike, so the crossover is a ratio of row counts.
 
 Before anything is exchanged the ranks share their batch sizes in one small all-gather that
 also carries a flag for invalid input: a rank whose input fails validation raises its own

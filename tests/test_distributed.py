@@ -111,3 +111,25 @@ def test_outside_a_process_group_it_says_so():
         import centerkern.distributed as center_distributed
 
         center_distributed.center_loss(torch.from_numpy(features[0]), torch.from_numpy(labels[0]), torch.from_numpy(centers), 0.5)
+
+
+def test_the_exchange_benchmark_runs_and_both_exchanges_agree(tmp_path):
+    """The benchmark at toy sizes: it runs, reports every configuration, and checks that the
+    sparse and dense exchanges gave the same centers (its timings are not asserted)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "distributed_exchange.py"
+    out = tmp_path / "exchange.json"
+    completed = subprocess.run(
+        [sys.executable, str(script), "--ranks", "2", "--classes", "64", "--width", "4", "--touched", "4", "32",
+         "--repeats", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=TIME_LIMIT,
+    )
+    assert completed.returncode == 0, completed.stderr
+    report = json.loads(out.read_text())
+    assert [(row["ranks"], row["touched_per_rank"]) for row in report["rows"]] == [(2, 4), (2, 32)]
+    assert all(row["agree"] for row in report["rows"])
+    assert set(report["crossover_load"]) == {"2"}
