@@ -21,12 +21,15 @@ import centerkern
 from . import _demo
 
 
-def _installed_version(distribution: str) -> str:
+def _installed_version(*distributions: str) -> str:
+    """The version of the first of ``distributions`` installed (one package, several names)."""
     # metadata rather than an import: importing torch alone takes seconds
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
+    for distribution in distributions:
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return "not installed"
 
 
 def _threading_layer() -> str:
@@ -46,7 +49,10 @@ def info() -> int:
         ("NumPy", np.__version__),
         ("Numba", numba.__version__),
         ("numba-cuda", _installed_version("numba-cuda")),
-        ("torch", _installed_version("torch")),
+        ("torch", _installed_version("torch") + "  (centerkern.torch, centerkern.distributed)"),
+        ("JAX", _installed_version("jax") + "  (centerkern.jax)"),
+        ("TensorFlow", _installed_version("tensorflow-cpu", "tensorflow") + "  (centerkern.tensorflow)"),
+        ("Dask", _installed_version("dask") + "  (centerkern.dask)"),
         ("backends", ", ".join(centerkern.backends())),
         ("numba threads", str(numba.get_num_threads())),
         ("threading layer", _threading_layer()),
