@@ -153,7 +153,10 @@ def scatter_sub_update(
     checked = _validation.validate_scatter(centers, labels, updates, out, arrays)
     target = _target(arrays, checked.centers, checked.out, checked.out_is_centers)
     kernels.scatter_sub_update(target, checked.labels, checked.updates, deterministic=deterministic)
-    return caller_out if caller_out is not None else to_caller(target)
+    if caller_out is None:
+        return to_caller(target)
+    _interop.mark_written(caller_out)
+    return caller_out
 
 
 def center_loss(
@@ -206,13 +209,17 @@ def center_loss(
     batch_size, feature_size = checked.features.shape
     coefficients = rule_coefficients(checked.rule, checked.alpha, batch_size, feature_size)
 
-    target = _target(arrays, checked.centers, checked.out, checked.out_is_centers)
+    # the outputs are allocated before out is first written, so that running out of memory
+    # leaves it as it was
     grad = arrays.empty(checked.features.shape, checked.features.dtype)
-    grad_centers = None if coefficients.moves_centers else arrays.zeros(target.shape, target.dtype)
+    grad_centers = None if coefficients.moves_centers else arrays.zeros(checked.centers.shape, checked.centers.dtype)
+    target = _target(arrays, checked.centers, checked.out, checked.out_is_centers)
     written = target if coefficients.moves_centers else grad_centers
     squares = kernels.center_loss_step(
         checked.features, checked.labels, target, grad, written, coefficients, deterministic=deterministic
     )
+    if caller_out is not None and coefficients.moves_centers:
+        _interop.mark_written(caller_out)
     return CenterLossResult(
         loss=float(coefficients.loss_scale * squares),
         grad=to_caller(grad),

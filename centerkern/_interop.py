@@ -10,7 +10,7 @@ framework  host results                  device results
 torch      ``torch.from_numpy`` (shared) ``torch.as_tensor`` on the input's device (shared)
 JAX        ``jax.numpy.from_dlpack``     through host memory (JAX GPU arrays are not
            (shared where aligned)        writable through the CUDA Array Interface)
-TensorFlow DLPack (shared)               through host memory
+TensorFlow DLPack (shared when aligned)  through host memory
 CuPy       (CuPy arrays live on device)  ``cupy.asarray`` (shared)
 other      NumPy as is                   Numba device arrays as is
 ========== ============================= =====================================================
@@ -67,6 +67,16 @@ def check_writable(out: Any) -> None:
         raise TypeError(f"out of type {type(out).__name__} cannot be updated in place: {reason}")
 
 
+def mark_written(out: Any) -> None:
+    """Tell torch's autograd that ``out`` was written in place: the kernels write through raw
+    memory, which torch's version counter cannot see, and a graph that saved ``out`` earlier
+    would then differentiate with the moved values instead of raising."""
+    if framework_of(out) == "torch":
+        import torch
+
+        torch.autograd.graph.increment_version(out)
+
+
 def _on_device(x: Any) -> bool:
     return not isinstance(x, np.ndarray)
 
@@ -98,6 +108,10 @@ def _to_tensorflow(like: Any) -> Callable[[Any], Any]:
 
     def convert(x):
         host = x.copy_to_host() if _on_device(x) else x
+        if host.ctypes.data % _TENSORFLOW_ALIGNMENT:
+            # TensorFlow aborts the process (not an exception) on the first op over a shared
+            # buffer that is not aligned as its own allocator aligns
+            return tf.convert_to_tensor(host)
         return tf.experimental.dlpack.from_dlpack(host.__dlpack__())
 
     return convert
@@ -111,6 +125,8 @@ def _to_cupy(like: Any) -> Callable[[Any], Any]:
 
     return convert
 
+
+_TENSORFLOW_ALIGNMENT = 64
 
 _CONVERTERS = {"torch": _to_torch, "jax": _to_jax, "tensorflow": _to_tensorflow, "cupy": _to_cupy}
 

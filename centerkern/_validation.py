@@ -48,7 +48,10 @@ def check_alpha(alpha: Any) -> float:
     # bool is an int to Python, but an alpha of True is surely a mistake
     if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"alpha must be a real number, got {alpha!r} of type {type(alpha).__name__}")
-    value = float(alpha)
+    try:
+        value = float(alpha)
+    except OverflowError:  # an int beyond float range, 10**400
+        value = math.inf
     if not math.isfinite(value):
         raise ValueError(f"alpha must be finite, got {alpha!r}")
     return value

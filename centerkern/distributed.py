@@ -80,30 +80,36 @@ def center_loss(
             "centerkern.distributed.center_loss needs a torch.distributed process group: call "
             "torch.distributed.init_process_group first (or use centerkern.center_loss)"
         )
-    error = checked = None
-    try:
+    world_size = dist.get_world_size(group)
+    error = None
+    try:  # anything that can fail on one rank alone fails here, before the first collective
         _validation.check_choice(exchange, "exchange", EXCHANGES)
-        if not (isinstance(features, torch.Tensor) and isinstance(centers, torch.Tensor)):
+        if not all(isinstance(x, torch.Tensor) for x in (features, centers) + (() if out is None else (out,))):
             raise TypeError(
-                f"features and centers must be torch tensors, got {type(features).__name__} and {type(centers).__name__}"
+                "features, centers and out must be torch tensors, got "
+                f"{type(features).__name__}, {type(centers).__name__} and {type(out).__name__}"
             )
         checked = _api.validate_center_loss(features, labels, centers, alpha, rule, out, backend)
-    except (TypeError, ValueError, IndexError, RuntimeError) as caught:
-        error = caught
-
-    world_size = dist.get_world_size(group)
-    device = features.device if isinstance(features, torch.Tensor) else torch.device("cpu")
-    if error is None:
         features, centers = features.detach(), centers.detach()  # the gradient is returned, not recorded
-        labels = torch.as_tensor(labels, device=device).reshape(-1).to(torch.int64)
+        labels = torch.as_tensor(labels, device=features.device).reshape(-1).to(torch.int64)
         classes, index = torch.unique(labels, return_inverse=True)
-    sizes = _all_gather_sizes(-1 if error else classes.numel(), world_size, group, device)
+        header = [classes.numel(), *centers.shape, _DTYPES.index(centers.dtype), EXCHANGES.index(exchange),
+                  RULES.index(checked.rule), checked.alpha]
+    except Exception as caught:  # noqa: BLE001 - re-raised below, after the other ranks are told
+        error, header = caught, [-1.0] * _HEADER_SIZE
+    headers = _all_gather_headers(header, world_size, group)
     if error is not None:
         raise error
-    if min(sizes) < 0:
-        failed = [rank for rank, size in enumerate(sizes) if size < 0]
+    failed = [rank for rank, row in enumerate(headers) if row[0] < 0]
+    if failed:
         raise PeerInputError(f"the input of rank(s) {failed} failed validation; no rank moved its centers")
-    local_classes = classes.numel()
+    disagreeing = [rank for rank, row in enumerate(headers) if row[1:] != headers[0][1:]]
+    if disagreeing:
+        raise PeerInputError(
+            f"rank(s) {disagreeing} disagree with rank 0 on the centers' shape or dtype, the exchange, the rule "
+            "or alpha; no rank moved its centers"
+        )
+    sizes = [int(row[0]) for row in headers]
 
     coefficients = rule_coefficients(checked.rule, checked.alpha, *features.shape)
     gathered = _api.gather_centers(centers, labels, backend=backend)
@@ -111,57 +117,76 @@ def center_loss(
     minus_difference = gathered.double() - features.double()
     squares = float(minus_difference.pow(2).sum())
     grad = (-coefficients.grad_scale * minus_difference).to(features.dtype)
-    partial_sums = torch.zeros(local_classes, features.shape[1], dtype=torch.float64, device=device)
-    _api.scatter_sub_update(partial_sums, index, minus_difference, out=partial_sums, backend=backend)
-    counts = torch.bincount(index, minlength=local_classes).double()
+    partial_sums = torch.zeros(classes.numel(), features.shape[1], dtype=torch.float64, device=features.device)
+    _api.scatter_sub_update(
+        partial_sums, index, minus_difference, out=partial_sums, backend=backend, deterministic=deterministic
+    )
+    counts = torch.bincount(index, minlength=classes.numel()).double()
 
     num_classes = centers.shape[0]
     if exchange == "auto":
         exchange = "sparse" if world_size * max(sizes) < SPARSE_BELOW_FRACTION * num_classes else "dense"
-    target = centers.clone() if out is None else out.detach()
-    if out is not None and not checked.out_is_centers:
-        target.copy_(centers)
+    touched = torch.empty(0, dtype=torch.int64, device=features.device)
     if max(sizes) > 0:  # an empty global batch moves nothing
         combine = _exchange_sparse if exchange == "sparse" else _exchange_dense
         touched, total_counts, total_sums = combine(classes, counts, partial_sums, sizes, num_classes, group, backend)
         scale = coefficients.step / (1.0 + coefficients.count_weight * total_counts)
-        new_rows = centers.index_select(0, touched).double() + scale[:, None] * total_sums
-        target.index_copy_(0, touched, new_rows.to(target.dtype))
+        # read before anything is written: out may overlap the centers
+        new_rows = (centers.index_select(0, touched).double() + scale[:, None] * total_sums).to(centers.dtype)
+
+    # out is written only now, after every collective, so that a failed exchange leaves it as it was
+    target = centers.clone() if out is None else out.detach()
+    if out is not None and not checked.out_is_centers:
+        target.copy_(centers)
+    if touched.numel():
+        target.index_copy_(0, touched, new_rows)
     return CenterLossResult(
         loss=coefficients.loss_scale * squares, grad=grad, centers=target if out is None else out, grad_centers=None
     )
 
 
-def _all_gather_sizes(local: int, world_size: int, group: Any, device: torch.device) -> list[int]:
-    mine = torch.tensor([local], dtype=torch.int64, device=device)
+_DTYPES = (torch.float32, torch.float64)
+_HEADER_SIZE = 7  # classes touched, K, D, dtype, exchange, rule, alpha
+
+
+def _collective_device(group: Any) -> torch.device:
+    """Where this group's collectives take their tensors: NCCL's on the GPU, gloo's on the host."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_gather_headers(header: list[float], world_size: int, group: Any) -> list[list[float]]:
+    """Every rank's header (float64 holds the counts, sizes and alpha exactly)."""
+    mine = torch.tensor(header, dtype=torch.float64, device=_collective_device(group))
     everyone = [torch.empty_like(mine) for _ in range(world_size)]
     dist.all_gather(everyone, mine, group=group)
-    return [int(size) for size in everyone]
+    return [row.tolist() for row in everyone]
 
 
 def _exchange_sparse(classes, counts, partial_sums, sizes, num_classes, group, backend):
     """All-gather the rows (class, count, sums) of every rank, then add them up in rank order."""
     width = partial_sums.shape[1]
-    rows = torch.zeros(max(sizes), width + 2, dtype=torch.float64, device=partial_sums.device)
+    rows = torch.zeros(max(sizes), width + 2, dtype=torch.float64, device=_collective_device(group))
     rows[: classes.numel(), 0] = classes.double()  # class ids are exact in float64 below 2**53
     rows[: classes.numel(), 1] = counts
     rows[: classes.numel(), 2:] = partial_sums
     received = [torch.empty_like(rows) for _ in sizes]
     dist.all_gather(received, rows, group=group)
-    every_row = torch.cat([block[:size] for block, size in zip(received, sizes)])
+    every_row = torch.cat([block[:size] for block, size in zip(received, sizes)]).to(partial_sums.device)
     touched, position = torch.unique(every_row[:, 0].to(torch.int64), return_inverse=True)
     # the scatter kernel adds duplicates in batch order, here rank order: the same bits on every rank
-    totals = torch.zeros(touched.numel(), width + 1, dtype=torch.float64, device=rows.device)
+    totals = torch.zeros(touched.numel(), width + 1, dtype=torch.float64, device=partial_sums.device)
     _api.scatter_sub_update(totals, position, -every_row[:, 1:], out=totals, backend=backend, deterministic=True)
     return touched, totals[:, 0], totals[:, 1:]
 
 
 def _exchange_dense(classes, counts, partial_sums, sizes, num_classes, group, backend):
     """All-reduce a (K, D + 1) table of counts and sums."""
-    table = torch.zeros(num_classes, partial_sums.shape[1] + 1, dtype=torch.float64, device=partial_sums.device)
-    table[classes, 0] = counts
-    table[classes, 1:] = partial_sums
+    table = torch.zeros(num_classes, partial_sums.shape[1] + 1, dtype=torch.float64, device=_collective_device(group))
+    classes = classes.to(table.device)
+    table[classes, 0] = counts.to(table.device)
+    table[classes, 1:] = partial_sums.to(table.device)
     dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
     touched = torch.nonzero(table[:, 0]).reshape(-1)
-    return touched, table[touched, 0], table[touched, 1:]
-
+    return tuple(x.to(partial_sums.device) for x in (touched, table[touched, 0], table[touched, 1:]))

@@ -68,7 +68,10 @@ def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, back
         check_labels(np.asarray(labels), batch_size, num_classes, f"features of shape {features.shape}")
     # size=B keeps the shapes static under jit; the padding class K is out of range, so reading
     # it fills zeros and writing it is dropped
-    classes, index = jnp.unique(labels, return_inverse=True, size=batch_size, fill_value=num_classes)
+    # in a label dtype too narrow for K (uint8 labels, K = 256) the padding class would wrap
+    # onto a real one: find the classes in the widest integer type JAX has in this mode
+    wide_labels = labels.astype(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
+    classes, index = jnp.unique(wide_labels, return_inverse=True, size=batch_size, fill_value=num_classes)
     rows = centers.at[classes].get(mode="fill", fill_value=0)
     step = _differentiable_step(rule, backend, num_classes)
     loss, new_rows = step(features, labels, index.reshape(-1), rows, jnp.asarray(alpha, dtype=features.dtype))

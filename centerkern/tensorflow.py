@@ -54,6 +54,8 @@ def center_loss(
     """
     rule = check_choice(rule, "rule", RULES)
     backend = check_choice(backend, "backend", _HOST_BACKENDS)
+    if not tf.is_tensor(alpha):  # a tensor alpha (a schedule) is checked by the kernel call
+        alpha = check_alpha(alpha)
     variable = _as_variable(centers)
     moves_centers = training and rule_coefficients(rule, 0.0, 1, 1).moves_centers
     if moves_centers and not isinstance(variable, tf.Variable):

@@ -87,6 +87,11 @@ class CenterLoss(nn.Module):
     device, dtype :
         Where the centers live and their dtype (float32 by default).
 
+    With ``torch.nn.parallel.DistributedDataParallel`` around a model holding this module, pass
+    ``broadcast_buffers=False``: by default DDP copies rank 0's buffers over the others' at every
+    forward, which costs a K x D broadcast per step and, without ``distributed=True``, would
+    discard the other ranks' center updates.
+
     The centers start at zero for ``facenet`` (as facenet's ``constant_initializer(0)``) and
     ``wen``, and from a standard normal for ``pytorch`` (as pytorch-center-loss's ``randn``).
     """

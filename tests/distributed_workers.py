@@ -102,4 +102,18 @@ def _scenarios(rank, world_size, torch):
         out["bad label"] = ("no error", None)
     except Exception as error:  # noqa: BLE001 - the parent checks which
         out["bad label"] = (type(error).__name__ + ": " + str(error), bool(np.array_equal(centers.numpy(), start)))
+
+    # rank 1 asks for another alpha (or an alpha beyond float range): the replicas would drift
+    # apart, so every rank refuses
+    features, labels, start = global_batches(10, world_size, False)
+    for name, alpha in (("other alpha", 0.7), ("huge alpha", 10**400)):
+        centers = torch.from_numpy(start.copy())
+        try:
+            center_distributed.center_loss(
+                torch.from_numpy(features[rank]), torch.from_numpy(labels[rank]), centers,
+                alpha if rank == 1 else 0.6, rule="wen", out=centers,
+            )
+            out[name] = ("no error", None)
+        except Exception as error:  # noqa: BLE001 - the parent checks which
+            out[name] = (type(error).__name__ + ": " + str(error), bool(np.array_equal(centers.numpy(), start)))
     return out

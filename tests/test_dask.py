@@ -97,6 +97,8 @@ def test_errors_name_the_problem():
         center_dask.class_centers(features, unknown, 30)
     with pytest.raises(ValueError, match="num_classes"):
         center_dask.class_centers(features, labels, 0)
+    with pytest.raises(ValueError, match="'numba'"):
+        center_dask.class_centers(features, labels, 30, backend="numbaa")
 
 
 def test_numpy_input_and_empty_input():

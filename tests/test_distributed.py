@@ -105,6 +105,20 @@ def test_a_bad_input_on_one_rank_fails_every_rank_without_hanging(group):
         assert centers_unchanged
 
 
+def test_ranks_that_disagree_on_alpha_all_refuse(group):
+    world_size, results = group
+    for rank in range(world_size):
+        message, centers_unchanged = results[rank]["other alpha"]
+        assert message.startswith("PeerInputError") and "[1] disagree" in message
+        assert centers_unchanged
+        message, centers_unchanged = results[rank]["huge alpha"]
+        if rank == 1:
+            assert message.startswith("ValueError") and "finite" in message
+        else:
+            assert message.startswith("PeerInputError") and "[1]" in message
+        assert centers_unchanged
+
+
 def test_outside_a_process_group_it_says_so():
     features, labels, centers = global_batches(0, 1, False)
     with pytest.raises(RuntimeError, match="process group"):

@@ -124,7 +124,8 @@ def test_non_float_centers_name_the_dtype(function, dtype):
 
 
 @pytest.mark.parametrize("alpha, error", [(float("nan"), ValueError), (float("inf"), ValueError), (-np.inf, ValueError),
-                                          (1 + 2j, TypeError), ("0.5", TypeError), (None, TypeError), (True, TypeError)])
+                                          (1 + 2j, TypeError), ("0.5", TypeError), (None, TypeError), (True, TypeError),
+                                          (10**400, ValueError)])
 def test_bad_alpha_names_the_value(alpha, error):
     with pytest.raises(error, match=re.escape(repr(alpha))):
         _call_all("loss", _inputs(), alpha=alpha)

@@ -165,3 +165,17 @@ def test_torch_cuda_tensors_stay_on_the_device():
     assert result.grad.is_cuda and result.centers is out and out.data_ptr() == pointer
     assert_matches(out.cpu().numpy(), expected.centers, features, centers)
     assert_matches(result.grad.cpu().numpy(), expected.grad, features, centers)
+
+
+def test_tensorflow_results_are_usable_by_tensorflow_ops():
+    """Results shared with TensorFlow must meet its alignment, or its first op aborts the process:
+    run ops on many results, whatever alignment NumPy happened to give them."""
+    tf = pytest.importorskip("tensorflow")
+    features, labels, centers = _data()
+    expected = centerkern.center_loss(features, labels, centers, 0.5, backend="numpy")
+    for rows in range(1, 24):
+        result = centerkern.center_loss(tf.constant(features[:rows]), tf.constant(labels[:rows]), tf.constant(centers), 0.5)
+        assert float(tf.reduce_sum(result.grad * 2.0)) == pytest.approx(2 * float(np.sum(
+            centerkern.center_loss(features[:rows], labels[:rows], centers, 0.5, backend="numpy").grad)), rel=1e-4, abs=1e-5)
+        tf.matmul(result.centers, result.centers, transpose_b=True)
+    np.testing.assert_allclose(result.centers.numpy(), expected.centers, rtol=1e-5, atol=1e-6)

@@ -103,3 +103,15 @@ def test_empty_batch_and_errors():
         center_jax.center_loss(features, bad, centers, 0.5)
     with pytest.raises(Exception, match="label 8 at position 5"):  # under jit the callback's error, wrapped by JAX
         jax.jit(lambda f, l, c: center_jax.center_loss(f, l, c, 0.5))(features, bad, centers)[0].block_until_ready()
+
+
+@pytest.mark.parametrize("label_dtype, num_classes", [(np.uint8, 256), (np.int8, 128), (np.int16, 40)])
+def test_narrow_label_dtypes_with_as_many_classes_as_they_can_name(label_dtype, num_classes):
+    """The padding class K must not wrap onto class 0 (uint8, K=256) or onto a real row (int8)."""
+    rng = np.random.default_rng(5)
+    labels = np.array([0, 0, num_classes - 1, 7, 7, 7], dtype=label_dtype)
+    features = rng.standard_normal((6, 3)).astype(np.float32)
+    centers = rng.standard_normal((num_classes, 3)).astype(np.float32)
+    expected = centerkern.center_loss(features, labels, centers, 0.5, rule="wen", backend="numpy")
+    loss, new_centers = jax.jit(lambda f, l, c: center_jax.center_loss(f, l, c, 0.5, rule="wen"))(features, labels, centers)
+    assert_matches(np.asarray(new_centers), expected.centers, features, centers)

@@ -173,3 +173,14 @@ def test_cuda_module_updates_device_centers_in_place():
     assert loss.is_cuda and tracked.grad.is_cuda and module.centers.data_ptr() == pointer
     assert_matches(module.centers.cpu().numpy(), expected.centers, features.numpy())
     assert_matches(tracked.grad.cpu().numpy(), expected.grad, features.numpy())
+
+
+def test_autograd_sees_the_in_place_update_of_saved_centers():
+    """A graph that saved the centers before a step must refuse to backpropagate through the
+    moved values (as for any in-place write), not silently use them."""
+    module = CenterLoss(6, 5, rule="wen")
+    weights = torch.ones(3, 5, requires_grad=True)
+    saved = (weights * module.centers[:3]).sum()  # mul saves the centers for its backward
+    module(*_batch(8))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
