@@ -23,6 +23,7 @@ from ._interop import check_writable
 from ._rules import RULES
 
 BACKENDS = ("numpy", "numba", "cuda")
+HOST_BACKENDS = ("numpy", "numba")  # those that compute on host arrays, as framework callbacks need
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -152,14 +153,14 @@ def _float_matrix(x: Any, what: str, arrays) -> Any:
     return array
 
 
-def _check_same_dtype(**named) -> None:
+def check_same_dtype(**named) -> None:
     dtypes = {name: array.dtype for name, array in named.items()}
     if len(set(dtypes.values())) > 1:
         listed = ", ".join(f"{name} {dtype}" for name, dtype in dtypes.items())
         raise TypeError(f"dtypes must match (no silent cast): {listed}")
 
 
-def _check_feature_size(rows, rows_name: str, centers) -> None:
+def check_feature_size(rows, rows_name: str, centers) -> None:
     if rows.shape[1] != centers.shape[1]:
         raise ValueError(
             f"{rows_name} of shape {tuple(rows.shape)} and centers of shape {tuple(centers.shape)} "
@@ -275,8 +276,8 @@ def _resolve_out(out, arrays, **inputs):
 def validate_scatter(centers: Any, labels: Any, updates: Any, out: Any, arrays) -> ScatterInputs:
     centers = _float_matrix(centers, "centers", arrays)
     updates = _float_matrix(updates, "updates", arrays)
-    _check_same_dtype(centers=centers, updates=updates)
-    _check_feature_size(updates, "updates", centers)
+    check_same_dtype(centers=centers, updates=updates)
+    check_feature_size(updates, "updates", centers)
     labels = _labels(labels, updates.shape[0], centers.shape[0], arrays, f"updates of shape {tuple(updates.shape)}")
     target, out_is_centers, (centers, labels, updates) = _resolve_out(
         out, arrays, centers=centers, labels=labels, updates=arrays.contiguous(updates)
@@ -291,8 +292,8 @@ def validate_center_loss(
     alpha = check_alpha(alpha)
     features = _float_matrix(features, "features", arrays)
     centers = _float_matrix(centers, "centers", arrays)
-    _check_same_dtype(features=features, centers=centers)
-    _check_feature_size(features, "features", centers)
+    check_same_dtype(features=features, centers=centers)
+    check_feature_size(features, "features", centers)
     labels = _labels(
         labels, features.shape[0], centers.shape[0], arrays, f"features of shape {tuple(features.shape)}"
     )

@@ -24,7 +24,7 @@ import dask.array as da
 import numpy as np
 
 from . import _api
-from ._validation import FLOAT_DTYPES, check_choice, check_labels
+from ._validation import FLOAT_DTYPES, HOST_BACKENDS, check_choice, check_labels
 
 
 def class_centers(
@@ -48,7 +48,7 @@ def class_centers(
         no rows
     counts : ndarray of int64, shape (num_classes,)
     """
-    check_choice(backend, "backend", ("auto", "numpy", "numba"))
+    check_choice(backend, "backend", ("auto", *HOST_BACKENDS))
     features, labels = da.asarray(features), da.asarray(labels)
     if features.ndim != 2 or labels.ndim != 1:
         raise ValueError(f"features must be 2-D and labels 1-D, got shapes {features.shape} and {labels.shape}")

@@ -27,9 +27,8 @@ import numpy as np
 
 from ._compact import host_step
 from ._rules import RULES, rule_coefficients
-from ._validation import BACKENDS, _check_feature_size, _check_same_dtype, check_choice, check_labels
+from ._validation import HOST_BACKENDS, check_feature_size, check_same_dtype, check_choice, check_labels
 
-_HOST_BACKENDS = tuple(b for b in BACKENDS if b != "cuda")
 
 
 def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, backend: str = "numba"):
@@ -51,13 +50,13 @@ def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, back
     new_centers : (K, D) array, the centers after the rule's update (unchanged for ``pytorch``)
     """
     rule = check_choice(rule, "rule", RULES)
-    backend = check_choice(backend, "backend", _HOST_BACKENDS)
+    backend = check_choice(backend, "backend", HOST_BACKENDS)
     features, centers = jnp.asarray(features), jnp.asarray(centers)
     labels = jnp.ravel(jnp.asarray(labels))
-    _check_same_dtype(features=features, centers=centers)
+    check_same_dtype(features=features, centers=centers)
     if features.ndim != 2 or centers.ndim != 2:
         raise ValueError(f"features and centers must be 2-D, got shapes {features.shape} and {centers.shape}")
-    _check_feature_size(features, "features", centers)
+    check_feature_size(features, "features", centers)
     if labels.shape[0] != features.shape[0]:
         raise ValueError(f"{labels.shape[0]} labels for features of shape {features.shape}")
     if not jnp.issubdtype(labels.dtype, jnp.integer):

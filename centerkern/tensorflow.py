@@ -25,9 +25,8 @@ import tensorflow as tf
 
 from ._compact import host_step
 from ._rules import RULES, rule_coefficients
-from ._validation import BACKENDS, _check_feature_size, _check_same_dtype, check_alpha, check_choice, check_labels
+from ._validation import HOST_BACKENDS, check_feature_size, check_same_dtype, check_alpha, check_choice, check_labels
 
-_HOST_BACKENDS = tuple(b for b in BACKENDS if b != "cuda")
 _PROMOTED_DTYPES = (tf.float16, tf.bfloat16)  # mixed precision: computed in the centers' dtype
 
 
@@ -53,7 +52,7 @@ def center_loss(
     0-d tensor of the centers' dtype
     """
     rule = check_choice(rule, "rule", RULES)
-    backend = check_choice(backend, "backend", _HOST_BACKENDS)
+    backend = check_choice(backend, "backend", HOST_BACKENDS)
     if not tf.is_tensor(alpha):  # a tensor alpha (a schedule) is checked by the kernel call
         alpha = check_alpha(alpha)
     variable = _as_variable(centers)
@@ -66,10 +65,10 @@ def center_loss(
     if features.dtype in _PROMOTED_DTYPES:
         features = tf.cast(features, variable.dtype)
     labels = tf.reshape(tf.convert_to_tensor(labels), [-1])
-    _check_same_dtype(features=features, centers=variable)
+    check_same_dtype(features=features, centers=variable)
     if features.shape.rank != 2 or variable.shape.rank != 2:
         raise ValueError(f"features and centers must be 2-D, got shapes {features.shape} and {variable.shape}")
-    _check_feature_size(features, "features", variable)
+    check_feature_size(features, "features", variable)
     if not (labels.dtype.is_integer and labels.dtype != tf.bool):
         raise TypeError(f"labels must have an integer dtype (not bool), got dtype {labels.dtype.name}")
     num_classes = int(variable.shape[0])
@@ -137,7 +136,7 @@ class CenterLoss(keras.layers.Layer):
         self.num_classes = int(num_classes)
         self.alpha = check_alpha(alpha)
         self.rule = check_choice(rule, "rule", RULES)
-        self.backend = check_choice(backend, "backend", _HOST_BACKENDS)
+        self.backend = check_choice(backend, "backend", HOST_BACKENDS)
 
     def build(self, input_shape):
         features_shape = input_shape[0]

@@ -31,7 +31,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _api
 from ._rules import RULES, rule_coefficients
-from ._validation import _check_same_dtype, check_alpha, check_choice
+from ._validation import check_same_dtype, check_alpha, check_choice
 
 # Features in these dtypes (autocast's) are promoted to the centers' dtype: the kernels compute
 # in float32 or float64, and autograd casts the gradient back.
@@ -149,7 +149,7 @@ class CenterLoss(nn.Module):
     def _loss_without_update(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Evaluation: the same loss, the centers neither moved nor copied (the kernel gather
         reads only the batch's B rows), differentiable by autograd."""
-        _check_same_dtype(features=features, centers=self.centers)
+        check_same_dtype(features=features, centers=self.centers)
         gathered = _api.gather_centers(self.centers, labels, backend=self.backend)
         if features.shape != gathered.shape:
             raise ValueError(
