@@ -71,3 +71,21 @@ def test_every_peer_computes_what_centerkern_computes(operation):
                 assert_matches(np.asarray(result[2]), expected.grad_centers, features, centers)
         checked.append(name)
     assert {"centerkern numba", "centerkern numpy (reference)", "numpy sort + reduceat"} <= set(checked)
+
+
+def test_adapter_benchmark_runs_and_its_pairs_agree(tmp_path):
+    """benchmarks/adapters.py at a toy size: every adapter and its framework-native twin compute
+    the same step (the script checks loss, grad and centers before timing); timings not asserted."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "adapters.py"
+    out = tmp_path / "adapters.json"
+    completed = subprocess.run([sys.executable, str(script), "--size", "48,8,30", "--repeats", "2", "--out", str(out)],
+                               capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    groups = json.loads(out.read_text())["groups"]
+    assert set(groups) == {"torch wen step", "torch pytorch-rule step", "JAX wen step (jit)",
+                           "TensorFlow facenet step (tf.function)"}
+    assert all(len(timed) >= 2 and all(ms > 0 for ms in timed.values()) for timed in groups.values())
