@@ -29,9 +29,13 @@ D = 128, ``benchmarks/distributed_exchange.py``, ``benchmarks/results/distribute
 dense became the faster between R·U/K = 0.41 and 0.82 with 2 ranks, 0.61 and 1.23 with 3,
 0.82 and 1.64 with 4: both costs grow with D alike, so the crossover is a ratio of row counts.
 
-Before anything is exchanged the ranks share their batch sizes in one small all-gather that
-also carries a flag for invalid input: a rank whose input fails validation raises its own
-error, and the others raise too, instead of waiting forever in the next collective.
+Before anything is exchanged the ranks share a small header in one all-gather: how many
+classes each touched (the padding of the sparse exchange, and the choice of exchange, which
+every rank must make alike), K, D, the dtype, the exchange, the rule and alpha, or a flag for
+invalid input. A rank whose input fails validation raises its own error, and the others raise
+``PeerInputError`` instead of waiting forever in the next collective; so do all ranks when the
+headers disagree (replicas would drift apart, or the collectives would not match). Only then
+is ``out`` written: an error leaves every rank's centers as they were.
 
 Rule ``pytorch`` leaves the centers to the caller's optimizer: its ``grad_centers`` is local and
 DDP (or the caller) averages it like any parameter gradient, so nothing is exchanged here.
@@ -54,7 +58,8 @@ EXCHANGES = ("auto", "sparse", "dense")
 
 
 class PeerInputError(RuntimeError):
-    """Another rank's input failed validation, so this step was abandoned on every rank."""
+    """Another rank's input failed validation, or the ranks disagree on the step, so it was
+    abandoned on every rank."""
 
 
 def center_loss(
