@@ -119,6 +119,9 @@ class CenterLoss(nn.Module):
     def _moves_centers(self) -> bool:
         return rule_coefficients(self.rule, self.alpha, 1, 1).moves_centers
 
+    # torch.compile cannot trace into the kernels (they read the tensors' memory); compiled code
+    # around the module runs compiled, and this call runs as it is, behind a graph break
+    @torch.compiler.disable
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The loss of the batch (a 0-d tensor of the centers' dtype) that backpropagates into
         ``features`` (and into the centers for rule ``pytorch``). In training mode, rules

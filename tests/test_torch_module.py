@@ -184,3 +184,32 @@ def test_autograd_sees_the_in_place_update_of_saved_centers():
     module(*_batch(8))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         saved.backward()
+
+
+def test_a_compiled_training_step_around_the_module_matches_eager():
+    """torch.compile of a step holding the module: the module runs behind a graph break, and
+    the compiled step computes what the eager one does."""
+    torch.manual_seed(0)
+    results = []
+    for compiled in (False, True):
+        embed = torch.nn.Linear(4, 5)
+        with torch.no_grad():
+            embed.weight.copy_(torch.arange(20.0).reshape(5, 4) / 20)
+            embed.bias.zero_()
+        module = CenterLoss(6, 5, rule="wen")
+
+        def step(inputs, labels):
+            return module(embed(inputs), labels)
+
+        run = torch.compile(step) if compiled else step
+        for seed in range(2):
+            generator = torch.Generator().manual_seed(seed)
+            inputs, labels = torch.randn(12, 4, generator=generator), torch.randint(0, 6, (12,), generator=generator)
+            embed.zero_grad()
+            loss = run(inputs, labels)
+            loss.backward()
+        results.append((loss.item(), embed.weight.grad.clone(), module.centers.clone()))
+    (eager_loss, eager_grad, eager_centers), (compiled_loss, compiled_grad, compiled_centers) = results
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-6)
+    torch.testing.assert_close(compiled_grad, eager_grad)
+    torch.testing.assert_close(compiled_centers, eager_centers)
