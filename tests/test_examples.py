@@ -29,3 +29,16 @@ def test_torch_training_example_tightens_the_classes():
     assert last_spread < first_spread / 5  # the intra-class spread falls
     assert with_center_loss[-1][0] > 0.9  # and the digits are still told apart
     assert last_spread < softmax_only[-1][1] / 2  # tighter than softmax alone makes them
+
+
+def test_data_parallel_example_keeps_the_ranks_centers_identical():
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    completed = subprocess.run(
+        [sys.executable, str(EXAMPLES / "train_ddp_center_loss.py"), "--ranks", "2", "--epochs", "12"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    spreads = [float(s) for s in re.findall(r"spread ([\d.]+)", completed.stdout)]
+    assert len(spreads) == 12 and spreads[-1] < spreads[0] / 3
+    assert "centers identical on 2 ranks: True" in completed.stdout

@@ -1,0 +1,97 @@
+"""Data-parallel softmax plus center loss: DistributedDataParallel and a distributed CenterLoss.
+
+The digits example (train_torch_center_loss.py) on R local processes (gloo on 127.0.0.1): each
+rank trains on its shard of every batch, DDP averages the network's gradients, and
+``CenterLoss(..., distributed=True)`` moves the centers as if one process had seen the whole
+batch. At the end every rank's centers are compared with rank 0's, bit for bit.
+
+    python examples/train_ddp_center_loss.py --ranks 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from centerkern.torch import CenterLoss
+from train_torch_center_loss import spread
+
+
+class EmbedAndClassify(nn.Module):
+    """A 2-D embedding and a linear classifier on it; one forward, so that DDP sees both."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.embed = nn.Sequential(nn.Linear(64, 128), nn.PReLU(), nn.Linear(128, 64), nn.PReLU(), nn.Linear(64, 2))
+        self.classify = nn.Linear(2, num_classes)
+
+    def forward(self, images):
+        embeddings = self.embed(images)
+        return embeddings, self.classify(embeddings)
+
+
+def _rank(rank: int, world_size: int, port: int, args) -> None:
+    torch.set_num_threads(1)  # the ranks share this machine's cores
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=120))
+    torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts them)
+    digits = load_digits()
+    images = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    labels = torch.tensor(digits.target)
+    num_classes = 10
+
+    model = DistributedDataParallel(EmbedAndClassify(num_classes))
+    center_loss = CenterLoss(num_classes, feat_dim=2, alpha=args.alpha, rule="wen", distributed=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    cross_entropy = nn.CrossEntropyLoss()
+
+    for epoch in range(args.epochs):
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(epoch))
+        for batch in order.split(128):  # the global batch, as in the single-process example
+            shard = batch[rank::world_size]  # this rank's part of the global batch
+            embeddings, logits = model(images[shard])
+            loss = cross_entropy(logits, labels[shard]) + args.weight * center_loss(embeddings, labels[shard])
+            optimizer.zero_grad()
+            loss.backward()  # DDP averages the network's gradients; the centers moved already
+            optimizer.step()
+        if rank == 0:
+            with torch.no_grad():
+                embeddings, logits = model.module(images)
+                accuracy = float((logits.argmax(1) == labels).float().mean())
+            print(f"epoch {epoch + 1:3d}  accuracy {accuracy:6.1%}  spread {spread(embeddings, labels, num_classes):.4f}",
+                  flush=True)
+
+    gathered = [torch.empty_like(center_loss.centers) for _ in range(world_size)]
+    dist.all_gather(gathered, center_loss.centers)
+    if rank == 0:
+        identical = all(torch.equal(gathered[0], other) for other in gathered[1:])
+        print(f"centers identical on {world_size} ranks: {identical}", flush=True)
+    dist.destroy_process_group()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--weight", type=float, default=0.1)
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_rank, args=(args.ranks, port, args), nprocs=args.ranks)
+
+
+if __name__ == "__main__":
+    main()
