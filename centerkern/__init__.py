@@ -5,13 +5,18 @@ class center and moves the centers toward the features. Its hot loop is a gather
 (``centers[labels]``) and a scatter in which duplicate labels must add up. The contract is
 written once, in the docstrings of the three functions below; ``backends()`` lists where they
 can run (``numpy``: the reference, ``numba``: parallel CPU kernels, ``cuda``: GPU kernels).
+
+Framework adapters live in their own modules, imported only when asked for:
+``centerkern.torch`` (an ``nn.Module``), ``centerkern.jax``, ``centerkern.tensorflow`` (a function
+on a ``tf.Variable`` and a Keras 3 layer), ``centerkern.distributed`` (``torch.distributed``) and
+``centerkern.dask`` (class centers over chunked arrays).
 """
 
 from ._api import CenterLossResult, backends, center_loss, gather_centers, scatter_sub_update
 from ._rules import RULES
 from ._validation import BackendUnavailableError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "CenterLossResult",
