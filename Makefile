@@ -18,13 +18,15 @@ install: $(INSTALLED)
 
 test: test-cpu test-cudasim
 
+# CENTERKERN_REQUIRE_FRAMEWORKS=1: every framework the tests use is installed here, so one that
+# does not import fails the run instead of skipping its tests (see tests/conftest.py)
 test-cpu: $(INSTALLED)
-	$(PYTHON) -m pytest -q
+	CENTERKERN_REQUIRE_FRAMEWORKS=1 $(PYTHON) -m pytest -q
 
 # The CUDA backend without a GPU: Numba's simulator must be switched on before Numba is
 # imported, so it runs in a pytest process of its own, on the CUDA tests only.
 test-cudasim: $(INSTALLED)
-	NUMBA_ENABLE_CUDASIM=1 $(PYTHON) -m pytest -q -k "cuda" -p no:cacheprovider
+	CENTERKERN_REQUIRE_FRAMEWORKS=1 NUMBA_ENABLE_CUDASIM=1 $(PYTHON) -m pytest -q -k "cuda" -p no:cacheprovider
 
 demo: $(INSTALLED)
 	$(PYTHON) -m centerkern demo

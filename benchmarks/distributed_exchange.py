@@ -19,22 +19,16 @@ import json
 import multiprocessing
 import os
 import platform
-import socket
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _rank_main(rank, world_size, port, args, results):
+def _rank_main(rank, world_size, store, args, results):
     os.environ["NUMBA_NUM_THREADS"] = "1"  # R processes share the machine's cores
     import torch
     import torch.distributed as dist
@@ -42,7 +36,8 @@ def _rank_main(rank, world_size, port, args, results):
     import centerkern.distributed as center_distributed
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+    # rendezvous through a file; the collectives themselves still go over gloo's TCP on loopback
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=300))
     rng = np.random.default_rng(1000 + rank)
     start = np.random.default_rng(0).standard_normal((args.classes, args.width)).astype(np.float32)
@@ -79,13 +74,15 @@ def _rank_main(rank, world_size, port, args, results):
 def _run(world_size, args):
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    port = _free_port()
-    processes = [context.Process(target=_rank_main, args=(r, world_size, port, args, results)) for r in range(world_size)]
-    for process in processes:
-        process.start()
-    rows = results.get(timeout=1800)
-    for process in processes:
-        process.join(timeout=60)
+    with tempfile.TemporaryDirectory() as rendezvous:
+        store = os.path.join(rendezvous, "store")
+        processes = [context.Process(target=_rank_main, args=(r, world_size, store, args, results))
+                     for r in range(world_size)]
+        for process in processes:
+            process.start()
+        rows = results.get(timeout=1800)
+        for process in processes:
+            process.join(timeout=60)
     return rows
 
 

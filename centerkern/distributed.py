@@ -129,11 +129,10 @@ def center_loss(
     counts = torch.bincount(index, minlength=classes.numel()).double()
 
     num_classes = centers.shape[0]
-    if exchange == "auto":
-        exchange = "sparse" if world_size * max(sizes) < SPARSE_BELOW_FRACTION * num_classes else "dense"
     touched = torch.empty(0, dtype=torch.int64, device=features.device)
     if max(sizes) > 0:  # an empty global batch moves nothing
-        combine = _exchange_sparse if exchange == "sparse" else _exchange_dense
+        chosen = choose_exchange(exchange, world_size, max(sizes), num_classes)
+        combine = _exchange_sparse if chosen == "sparse" else _exchange_dense
         touched, total_counts, total_sums = combine(classes, counts, partial_sums, sizes, num_classes, group, backend)
         scale = coefficients.step / (1.0 + coefficients.count_weight * total_counts)
         # read before anything is written: out may overlap the centers
@@ -148,6 +147,15 @@ def center_loss(
     return CenterLossResult(
         loss=coefficients.loss_scale * squares, grad=grad, centers=target if out is None else out, grad_centers=None
     )
+
+
+def choose_exchange(exchange: str, world_size: int, most_touched: int, num_classes: int) -> str:
+    """``sparse`` or ``dense``: what ``exchange`` asks for, or for ``auto`` the cheaper one by the
+    measured crossover. Every rank passes the same numbers (from the header), so every rank
+    makes the same choice."""
+    if exchange != "auto":
+        return exchange
+    return "sparse" if world_size * most_touched < SPARSE_BELOW_FRACTION * num_classes else "dense"
 
 
 _DTYPES = (torch.float32, torch.float64)

@@ -17,8 +17,7 @@ like an optimizer step: no gradient flows through it.
 
 Cost: the callback is a synchronisation point and XLA's functional ``.at[].set`` copies the
 (K, D) centers, so on a CPU this step is slower than the same rule written in ``jax.numpy``
-(``benchmarks/adapters.py``: 5.6 against 1.4 ms at B=1024, D=512, K=10^4; donating the
-centers does not help). Use it for the published rules exactly, with the kernels'
+(``benchmarks/adapters.py``: 5.6 against 1.4 ms at B=1024, D=512, K=10^4). Use it for the published rules exactly, with the kernels'
 validation, inside JAX programs; the oracle (``centerkern.testing``) checks a hand-written
 ``jax.numpy`` step just as well.
 """
@@ -34,7 +33,6 @@ import numpy as np
 from ._compact import host_step
 from ._rules import RULES, rule_coefficients
 from ._validation import HOST_BACKENDS, check_feature_size, check_same_dtype, check_choice, check_labels
-
 
 
 def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, backend: str = "numba"):

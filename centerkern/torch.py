@@ -10,8 +10,9 @@
 The rules keep their sources' meaning of the centers (see ``centerkern.center_loss``):
 
 * ``facenet`` and ``wen``: the centers are a buffer (saved in ``state_dict``, not a parameter).
-  In training mode every call moves them in place, by the kernels, with no copy of the
-  (num_classes, feat_dim) tensor. In eval mode they are left as they are.
+  In training mode every call moves them in place, with no copy of the (num_classes, feat_dim)
+  tensor (the kernels write them; with ``distributed=True``, the rows the ranks' batches touched
+  are written after the exchange). In eval mode they are left as they are.
 * ``pytorch``: the centers are an ``nn.Parameter``; ``backward`` gives them ``grad_centers``
   and the caller's optimizer moves them (KaiyangZhou/pytorch-center-loss trains them with SGD,
   learning rate 0.5).

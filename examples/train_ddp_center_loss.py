@@ -1,6 +1,6 @@
 """Data-parallel softmax plus center loss: DistributedDataParallel and a distributed CenterLoss.
 
-The digits example (train_torch_center_loss.py) on R local processes (gloo on 127.0.0.1): each
+The digits example (train_torch_center_loss.py) on R local processes (gloo): each
 rank trains on its shard of every batch, DDP averages the network's gradients, and
 ``CenterLoss(..., distributed=True)`` moves the centers as if one process had seen the whole
 batch. At the end every rank's centers are compared with rank 0's, bit for bit.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import socket
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -39,9 +39,10 @@ class EmbedAndClassify(nn.Module):
         return embeddings, self.classify(embeddings)
 
 
-def _rank(rank: int, world_size: int, port: int, args) -> None:
+def _rank(rank: int, world_size: int, store: str, args) -> None:
     torch.set_num_threads(1)  # the ranks share this machine's cores
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+    # a rendezvous file: on one machine, simpler than agreeing on a free port
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=120))
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts them)
     digits = load_digits()
@@ -86,11 +87,9 @@ def main(argv=None) -> None:
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_rank, args=(args.ranks, port, args), nprocs=args.ranks)
+    with tempfile.TemporaryDirectory() as rendezvous:
+        mp.spawn(_rank, args=(args.ranks, os.path.join(rendezvous, "store"), args), nprocs=args.ranks)
 
 
 if __name__ == "__main__":

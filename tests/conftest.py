@@ -28,6 +28,33 @@ if SIMULATED:
     kernels_cuda.ROW_BLOCKS = 3
 
 
+# `make test` installs every framework the tests use, and sets this: there a framework that does
+# not import is a failure, not a skip that a passing run would hide. CuPy is the exception: it
+# needs a GPU, which the test machine may not have.
+REQUIRE_FRAMEWORKS = os.environ.get("CENTERKERN_REQUIRE_FRAMEWORKS") == "1"
+NEEDS_A_GPU = ("cupy",)
+
+
+def _missing_required_framework(report) -> bool:
+    reason = str(report.longrepr)
+    return (REQUIRE_FRAMEWORKS and report.skipped and "could not import" in reason
+            and not any(f"'{name}'" in reason for name in NEEDS_A_GPU))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    report = (yield).get_result()
+    if _missing_required_framework(report):
+        report.outcome = "failed"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if _missing_required_framework(report):
+        report.outcome = "failed"
+
+
 def to_host(array):
     """A result as a NumPy array, wherever it lives."""
     return array.copy_to_host() if hasattr(array, "copy_to_host") else np.asarray(array)

@@ -4,19 +4,12 @@ import it by name), and the data every rank and the single-process reference sha
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from datetime import timedelta
 
 import numpy as np
 
 NUM_CLASSES, WIDTH = 40, 6
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def global_batches(seed: int, world_size: int, hot: bool):
@@ -42,13 +35,14 @@ SCENARIOS = [
 ]
 
 
-def run_rank(rank: int, world_size: int, port: int, results) -> None:
+def run_rank(rank: int, world_size: int, store: str, results) -> None:
     try:
         import torch
         import torch.distributed as dist
 
         dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+            # a file rendezvous: no port to pick and lose to another process before rank 0 binds it
+            "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
             timeout=timedelta(seconds=60),
         )
         results.put((rank, _scenarios(rank, world_size, torch)))

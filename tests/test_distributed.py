@@ -11,16 +11,15 @@ torch = pytest.importorskip("torch")
 
 import centerkern  # noqa: E402
 from conftest import assert_matches  # noqa: E402
-from distributed_workers import NUM_CLASSES, SCENARIOS, WIDTH, free_port, global_batches, run_rank  # noqa: E402
+from distributed_workers import NUM_CLASSES, SCENARIOS, WIDTH, global_batches, run_rank  # noqa: E402
 
 TIME_LIMIT = 240  # seconds for a whole group: process start-up, imports and compiles included
 
 
-def _run_group(world_size):
+def _run_group(world_size, store):
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    port = free_port()
-    ranks = [context.Process(target=run_rank, args=(rank, world_size, port, results)) for rank in range(world_size)]
+    ranks = [context.Process(target=run_rank, args=(rank, world_size, str(store), results)) for rank in range(world_size)]
     for process in ranks:
         process.start()
     collected = {}
@@ -38,8 +37,8 @@ def _run_group(world_size):
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2 ranks", "3 ranks"])
-def group(request):
-    return request.param, _run_group(request.param)
+def group(request, tmp_path_factory):
+    return request.param, _run_group(request.param, tmp_path_factory.mktemp("rendezvous") / "store")
 
 
 def _one_process(rule, scenario, steps, world_size, hot):
@@ -120,11 +119,24 @@ def test_ranks_that_disagree_on_alpha_all_refuse(group):
 
 
 def test_outside_a_process_group_it_says_so():
+    import centerkern.distributed as center_distributed
+
     features, labels, centers = global_batches(0, 1, False)
     with pytest.raises(RuntimeError, match="process group"):
-        import centerkern.distributed as center_distributed
-
         center_distributed.center_loss(torch.from_numpy(features[0]), torch.from_numpy(labels[0]), torch.from_numpy(centers), 0.5)
+
+
+def test_auto_exchange_follows_the_measured_crossover():
+    """sparse while ranks x touched classes < K (the crossover of benchmarks/distributed_exchange.py)."""
+    from centerkern.distributed import SPARSE_BELOW_FRACTION, choose_exchange
+
+    assert SPARSE_BELOW_FRACTION == 1.0
+    assert choose_exchange("auto", 2, 16, 20_000) == "sparse"  # R*U/K = 0.0016: 6x cheaper measured
+    assert choose_exchange("auto", 4, 4096, 20_000) == "sparse"  # 0.82: 66 against 79 ms
+    assert choose_exchange("auto", 3, 8192, 20_000) == "dense"  # 1.23: 66 against 76 ms
+    assert choose_exchange("auto", 2, 16_384, 20_000) == "dense"  # 1.64: 93 against 149 ms
+    assert choose_exchange("auto", 2, 4999, 10_000) == "sparse" and choose_exchange("auto", 2, 5000, 10_000) == "dense"
+    assert choose_exchange("sparse", 4, 10**6, 10) == "sparse" and choose_exchange("dense", 2, 1, 10**6) == "dense"
 
 
 def test_the_exchange_benchmark_runs_and_both_exchanges_agree(tmp_path):
@@ -145,5 +157,5 @@ def test_the_exchange_benchmark_runs_and_both_exchanges_agree(tmp_path):
     assert completed.returncode == 0, completed.stderr
     report = json.loads(out.read_text())
     assert [(row["ranks"], row["touched_per_rank"]) for row in report["rows"]] == [(2, 4), (2, 32)]
-    assert all(row["agree"] for row in report["rows"])
+    assert all(row["agree"] for row in report["rows"])  # the script's own sparse-vs-dense check
     assert set(report["crossover_load"]) == {"2"}

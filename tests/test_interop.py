@@ -112,9 +112,9 @@ def test_torch_strided_and_integer_label_types():
     torch = pytest.importorskip("torch")
     features, labels, centers = _data(np.float64)
     wide = torch.from_numpy(np.repeat(features, 2, axis=1))[:, ::2]  # non-contiguous view
+    expected = centerkern.center_loss(features, labels, centers, 0.5, backend="numpy")
     for label_dtype in (torch.int32, torch.int64, torch.uint8):
         result = centerkern.center_loss(wide, torch.from_numpy(labels).to(label_dtype), torch.from_numpy(centers), 0.5)
-        expected = centerkern.center_loss(features, labels, centers, 0.5, backend="numpy")
         assert_matches(result.centers.numpy(), expected.centers, features, centers)
 
 
@@ -179,3 +179,22 @@ def test_tensorflow_results_are_usable_by_tensorflow_ops():
             centerkern.center_loss(features[:rows], labels[:rows], centers, 0.5, backend="numpy").grad)), rel=1e-4, abs=1e-5)
         tf.matmul(result.centers, result.centers, transpose_b=True)
     np.testing.assert_allclose(result.centers.numpy(), expected.centers, rtol=1e-5, atol=1e-6)
+
+
+def test_tensorflow_gets_a_copy_of_a_misaligned_result_and_shares_an_aligned_one():
+    tf = pytest.importorskip("tensorflow")
+    from centerkern import _interop
+
+    convert = _interop.converter_like(tf.constant([1.0]))
+    storage = np.zeros(64 + 8, np.float32)
+    offset = (-storage.ctypes.data % 64) // 4  # elements up to the next 64-byte boundary
+    aligned = storage[offset : offset + 8]
+    misaligned = storage[offset + 1 : offset + 9]
+    assert aligned.ctypes.data % 64 == 0 and misaligned.ctypes.data % 64 == 4
+    misaligned[:] = np.arange(8, dtype=np.float32)  # aligned, one element behind, holds 0, 0, 1, ..., 6
+    shared, copied = convert(aligned), convert(misaligned)
+    assert float(tf.reduce_sum(copied * 2.0)) == 56.0  # a TensorFlow op on it runs (no abort)
+    assert float(tf.reduce_sum(shared * 2.0)) == 42.0
+    storage[:] = -1.0  # later writes: the shared tensor sees them, the copy does not
+    assert float(tf.reduce_sum(shared)) == -8.0
+    np.testing.assert_array_equal(copied.numpy(), np.arange(8, dtype=np.float32))

@@ -105,9 +105,9 @@ def test_empty_batch_and_errors():
         jax.jit(lambda f, l, c: center_jax.center_loss(f, l, c, 0.5))(features, bad, centers)[0].block_until_ready()
 
 
-@pytest.mark.parametrize("label_dtype, num_classes", [(np.uint8, 256), (np.int8, 128), (np.int16, 40)])
+@pytest.mark.parametrize("label_dtype, num_classes", [(np.uint8, 256), (np.int8, 128), (np.int16, 2**15)])
 def test_narrow_label_dtypes_with_as_many_classes_as_they_can_name(label_dtype, num_classes):
-    """The padding class K must not wrap onto class 0 (uint8, K=256) or onto a real row (int8)."""
+    """The padding class K must not wrap onto class 0 (uint8, K=256) or onto a real row (int8, int16)."""
     rng = np.random.default_rng(5)
     labels = np.array([0, 0, num_classes - 1, 7, 7, 7], dtype=label_dtype)
     features = rng.standard_normal((6, 3)).astype(np.float32)
