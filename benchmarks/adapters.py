@@ -22,17 +22,14 @@ checked to compute the same loss, gradient and centers.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
+from centerkern._bench import provenance, write_report  # noqa: E402
 from centerkern._peers import interleaved_medians  # noqa: E402
 
 ALPHA = 0.5
@@ -231,8 +228,7 @@ def main(argv=None):
     features, labels, start = _inputs(batch, width, classes)
 
     report = {"what": "one training step per adapter against the framework's own code, median ms",
-              "date": datetime.date.today().isoformat(), "machine": platform.platform(), "cpus": os.cpu_count(),
-              "python": sys.version.split()[0], "size": {"B": batch, "D": width, "K": classes}, "groups": {}}
+              **provenance(), "size": {"B": batch, "D": width, "K": classes}, "groups": {}}
     for make in (_torch_pairs, _jax_pairs, _tensorflow_pairs):
         # two sets of fresh state: one for the check, one to time (timing moves the centers
         # again and again, which changes nothing of the cost)
@@ -244,10 +240,7 @@ def main(argv=None):
             ours = next(iter(medians.values()))
             for name, seconds in medians.items():
                 print(f"  {name:42s} {1e3 * seconds:9.3f} ms   {seconds / ours:6.2f}x centerkern's")
-    out = args.out or Path(__file__).parent / "results" / f"adapters-{report['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print("wrote", out)
+    write_report(report, args.out or Path(__file__).parent / "results" / f"adapters-{report['date'][:10]}.json")
 
 
 if __name__ == "__main__":

@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import multiprocessing
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from centerkern._bench import provenance, write_report
 
 
 def _rank_main(rank, world_size, store, args, results):
@@ -113,15 +112,9 @@ def main(argv=None):
                   f"sparse {row['sparse_ms']:8.3f} ms  dense {row['dense_ms']:8.3f} ms  agree={row['agree']}", flush=True)
     found = crossover(rows)
     print("crossover R*U/K (dense faster from):", found)
-    report = {
-        "what": "centerkern.distributed step (rule wen), gloo on 127.0.0.1, median ms on rank 0",
-        "date": datetime.date.today().isoformat(), "machine": platform.platform(), "cpus": os.cpu_count(),
-        "python": sys.version.split()[0], "rows": rows, "crossover_load": found,
-    }
-    out = args.out or Path(__file__).parent / "results" / f"distributed-{report['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print("wrote", out)
+    report = {"what": "centerkern.distributed step (rule wen), gloo on 127.0.0.1, median ms on rank 0",
+              **provenance(), "rows": rows, "crossover_load": found}
+    write_report(report, args.out or Path(__file__).parent / "results" / f"distributed-{report['date'][:10]}.json")
 
 
 if __name__ == "__main__":

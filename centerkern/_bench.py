@@ -122,6 +122,20 @@ def _versions() -> dict:
     return versions
 
 
+def provenance() -> dict:
+    """Where, when and with what a result was measured: every report of the benchmarks starts
+    with it, so that numbers from different machines or versions are not compared unknowingly."""
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "platform": platform.platform(), "cpus": os.cpu_count(), "versions": _versions()}
+
+
+def write_report(report: dict, output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2))
+    print(f"results: {output}")
+
+
 def _threads() -> dict:
     threads = {"numba": numba.get_num_threads(), "cpus": os.cpu_count()}
     try:
@@ -224,11 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         from tqdm import tqdm
     except ImportError:
         tqdm = None
-    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    output = Path(args.output or Path("benchmarks") / "results" / f"bench-{date[:10]}.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    report = {"date": date, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-              "platform": platform.platform(), "versions": _versions(), "sizes": {}, "sweeps": {}}
+    report = {**provenance(), "sizes": {}, "sweeps": {}}
+    output = Path(args.output or Path("benchmarks") / "results" / f"bench-{report['date'][:10]}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)  # the plots go beside it
 
     makers = implementations(with_compile=not args.no_compile)
     sweep_makers = {name: makers[name] for name in makers
@@ -262,8 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plots and report["sweeps"]:
         for path in plot(report, output.parent):
             print(f"plot: {path}")
-    output.write_text(json.dumps(report, indent=2))
-    print(f"results: {output}")
+    write_report(report, output)
     return 0
 
 
