@@ -139,32 +139,32 @@ def test_errors_name_the_problem_for_framework_inputs():
         centerkern.center_loss(torch.from_numpy(features).double(), torch.from_numpy(labels), torch.from_numpy(centers), 0.5)
 
 
-def test_cupy_arrays_stay_on_the_device_and_out_writes_in_place():
+def _cupy_on_device():
     cupy = pytest.importorskip("cupy")
     if "cuda" not in centerkern.backends() or not cupy.cuda.is_available():
         pytest.skip("CuPy arrays need a CUDA GPU")
-    features, labels, centers = _data()
-    expected = centerkern.center_loss(features, labels, centers, 0.5, backend="numpy")
-    out = cupy.asarray(centers)
-    pointer = out.data.ptr
-    result = centerkern.center_loss(cupy.asarray(features), cupy.asarray(labels), out, 0.5, out=out)
-    assert isinstance(result.grad, cupy.ndarray) and result.centers is out and out.data.ptr == pointer
-    assert_matches(cupy.asnumpy(out), expected.centers, features, centers)
-    assert_matches(cupy.asnumpy(result.grad), expected.grad, features, centers)
+    return cupy.asarray, cupy.asnumpy, lambda array: array.data.ptr, lambda array: isinstance(array, cupy.ndarray)
 
 
-def test_torch_cuda_tensors_stay_on_the_device():
+def _torch_on_device():
     torch = pytest.importorskip("torch")
     if "cuda" not in centerkern.backends() or not torch.cuda.is_available():
         pytest.skip("torch CUDA tensors need a CUDA GPU and a CUDA build of torch")
+    return (lambda array: torch.from_numpy(array).cuda()), (lambda tensor: tensor.cpu().numpy()), \
+        (lambda tensor: tensor.data_ptr()), (lambda tensor: isinstance(tensor, torch.Tensor) and tensor.is_cuda)
+
+
+@pytest.mark.parametrize("make", [_cupy_on_device, _torch_on_device], ids=["cupy", "torch"])
+def test_cuda_arrays_stay_on_the_device_and_out_writes_in_place(make):
+    to_device, to_numpy, pointer_of, on_device = make()
     features, labels, centers = _data()
     expected = centerkern.center_loss(features, labels, centers, 0.5, backend="numpy")
-    out = torch.from_numpy(centers).cuda()
-    pointer = out.data_ptr()
-    result = centerkern.center_loss(torch.from_numpy(features).cuda(), torch.from_numpy(labels).cuda(), out, 0.5, out=out)
-    assert result.grad.is_cuda and result.centers is out and out.data_ptr() == pointer
-    assert_matches(out.cpu().numpy(), expected.centers, features, centers)
-    assert_matches(result.grad.cpu().numpy(), expected.grad, features, centers)
+    out = to_device(centers.copy())
+    pointer = pointer_of(out)
+    result = centerkern.center_loss(to_device(features), to_device(labels), out, 0.5, out=out)
+    assert on_device(result.grad) and result.centers is out and pointer_of(out) == pointer
+    assert_matches(to_numpy(out), expected.centers, features, centers)
+    assert_matches(to_numpy(result.grad), expected.grad, features, centers)
 
 
 def test_tensorflow_results_are_usable_by_tensorflow_ops():
