@@ -65,9 +65,15 @@ def _rank_main(rank, world_size, store, args, results):
             "sparse_ms": 1e3 * statistics.median(times["sparse"]), "dense_ms": 1e3 * statistics.median(times["dense"]),
             "load": world_size * touched / args.classes, "agree": agree,
         })
+    dist.barrier()
+    dist.destroy_process_group()
     if rank == 0:
         results.put(rows)
-    dist.destroy_process_group()
+        results.close()
+        results.join_thread()
+    # without the interpreter's teardown, where torch's gloo process group can hang joining a
+    # worker thread that waits for the GIL
+    os._exit(0)
 
 
 def _run(world_size, args):

@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import sys
 import tempfile
 
+import numba
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -40,7 +42,11 @@ class EmbedAndClassify(nn.Module):
 
 
 def _rank(rank: int, world_size: int, store: str, args) -> None:
-    torch.set_num_threads(1)  # the ranks share this machine's cores
+    # the ranks share this machine's cores: one thread each, for torch and for the kernels. More
+    # threads than cores makes every parallel region wait for a descheduled thread, while the
+    # other rank waits for this one in the next collective.
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
     # a rendezvous file: on one machine, simpler than agreeing on a free port
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=120))
@@ -76,7 +82,18 @@ def _rank(rank: int, world_size: int, store: str, args) -> None:
     if rank == 0:
         identical = all(torch.equal(gathered[0], other) for other in gathered[1:])
         print(f"centers identical on {world_size} ranks: {identical}", flush=True)
+    _leave(dist)
+
+
+def _leave(dist) -> None:
+    """End this rank's process without the interpreter's teardown. torch's gloo process group,
+    destroyed at exit, joins its worker threads while holding the GIL, and a worker still
+    releasing a finished collective's tensors needs the GIL: the process then hangs for ever
+    (seen here with DDP's reducer, intermittently). Everything is finished and flushed first."""
+    dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def main(argv=None) -> None:
