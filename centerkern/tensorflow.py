@@ -13,7 +13,9 @@ what rule ``pytorch`` trains, as sparse ``IndexedSlices`` like ``tf.gather``'s),
 training mode moves the rows of ``centers`` that the batch touches with one
 ``scatter_update``, as facenet's ``tf.scatter_sub`` does. The kernels run as a
 ``tf.numpy_function`` on the batch's classes only (see ``centerkern._compact``): a step reads
-and writes B rows of the variable, never all K.
+and writes B rows of the variable, never all K. For the same reason a ``tf.function`` holding it
+cannot be compiled with XLA (``jit_compile=True``); the layer says so (``supports_jit = False``),
+so that Keras's default ``jit_compile="auto"`` leaves XLA off for a model holding it.
 """
 
 from __future__ import annotations
@@ -137,6 +139,7 @@ class CenterLoss(keras.layers.Layer):
         self.alpha = check_alpha(alpha)
         self.rule = check_choice(rule, "rule", RULES)
         self.backend = check_choice(backend, "backend", HOST_BACKENDS)
+        self.supports_jit = False  # a tf.numpy_function inside: Keras must not compile it with XLA
 
     def build(self, input_shape):
         features_shape = input_shape[0]

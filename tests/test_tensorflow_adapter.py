@@ -105,16 +105,24 @@ def test_keras_layer_in_a_custom_training_step_and_in_fit():
     # model.fit with the loss added by a wrapping layer: the centers move during fit
     inputs, label_input = keras.Input((4,)), keras.Input((), dtype="int64")
     embedded = keras.layers.Dense(4)(inputs)
-    fit_layer = center_tf.CenterLoss(8, alpha=0.5, rule="wen")
 
     class AddCenterLoss(keras.layers.Layer):
+        def __init__(self):
+            super().__init__()
+            self.center_loss = center_tf.CenterLoss(8, alpha=0.5, rule="wen")
+
         def call(self, embedded, labels, training=None):
-            self.add_loss(fit_layer([embedded, labels], training=training))
+            self.add_loss(self.center_loss([embedded, labels], training=training))
             return embedded
 
-    outputs = AddCenterLoss()(embedded, label_input)
+    adder = AddCenterLoss()
+    outputs = adder(embedded, label_input)
     model = keras.Model([inputs, label_input], outputs)
-    model.compile(optimizer="sgd", loss=lambda y_true, y_pred: tf.reduce_mean(y_pred) * 0.0)
+    # asked for XLA, Keras declines it (the layer declares supports_jit = False) and fit runs
+    with pytest.warns(UserWarning, match="doesn't support `jit_compile=True`"):
+        model.compile(optimizer="sgd", loss=lambda y_true, y_pred: tf.reduce_mean(y_pred) * 0.0, jit_compile=True)
+    assert model.jit_compile is False
+    fit_layer = adder.center_loss
     history = model.fit([features, labels], np.zeros(64), epochs=2, batch_size=16, verbose=0)
     # the compiled loss is zero: what fit reports is the center loss that add_loss carried
     assert all(np.isfinite(loss) and loss > 0 for loss in history.history["loss"])
