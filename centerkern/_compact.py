@@ -16,6 +16,20 @@ import numpy as np
 from . import _api, _validation
 
 
+def check_shapes_and_dtypes(features, centers, label_count: int | None, label_dtype) -> None:
+    """``center_loss``'s checks that need no values, on a framework's own arrays (inside
+    ``jax.jit`` or ``tf.function`` the values are not there yet; the labels' range is checked
+    where they are). ``label_count`` None: not known until run time."""
+    _validation.check_same_dtype(features=features, centers=centers)
+    if len(features.shape) != 2 or len(centers.shape) != 2:
+        raise ValueError(f"features and centers must be 2-D, got shapes {features.shape} and {centers.shape}")
+    _validation.check_feature_size(features, "features", centers)
+    if label_count is not None and features.shape[0] is not None and label_count != features.shape[0]:
+        raise ValueError(f"{label_count} labels for features of shape {tuple(features.shape)}")
+    if np.dtype(label_dtype).kind not in "iu":
+        raise TypeError(f"labels must have an integer dtype (not bool), got dtype {np.dtype(label_dtype)}")
+
+
 def host_step(features, labels, index, rows, alpha, *, num_classes: int, rule: str, backend: str):
     """``(loss, grad, new_rows)`` as NumPy arrays: the kernel step on the batch's classes.
 

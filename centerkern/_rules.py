@@ -46,3 +46,9 @@ def rule_coefficients(rule: str, alpha: float, batch_size: int, feature_size: in
         # trainable centers: grad_centers[j] = -(2/B) * S_j, the centers themselves unchanged
         return RuleCoefficients(1.0 / batch, 2.0 / batch, -2.0 / batch, 0.0, False)
     raise ValueError(f"unknown rule {rule!r}; valid rules are {', '.join(map(repr, RULES))}")
+
+
+def moves_centers(rule: str) -> bool:
+    """Whether ``rule`` moves the centers itself (``facenet``, ``wen``) or leaves them to the
+    caller's optimizer (``pytorch``): where the adapters keep them as state or as a parameter."""
+    return rule_coefficients(rule, 0.0, 1, 1).moves_centers

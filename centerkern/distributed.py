@@ -50,7 +50,7 @@ import torch.distributed as dist
 
 from . import _api, _validation
 from ._api import CenterLossResult
-from ._rules import RULES, rule_coefficients
+from ._rules import RULES, moves_centers, rule_coefficients
 
 # sparse while R * U < SPARSE_BELOW_FRACTION * K (see the module docstring)
 SPARSE_BELOW_FRACTION = 1.0
@@ -75,7 +75,7 @@ def center_loss(
     are the centers after one step of the rule on the concatenation of every rank's batch,
     identical on every rank. Every rank of the group must call it, with the same centers.
     """
-    if rule in RULES and not rule_coefficients(rule, 0.0, 1, 1).moves_centers:
+    if rule in RULES and not moves_centers(rule):
         # pytorch: nothing moves here, so there is nothing to exchange
         return _api.center_loss(
             features, labels, centers, alpha, rule=rule, out=out, backend=backend, deterministic=deterministic

@@ -17,9 +17,9 @@ like an optimizer step: no gradient flows through it.
 
 Cost: the callback is a synchronisation point and XLA's functional ``.at[].set`` copies the
 (K, D) centers, so on a CPU this step is slower than the same rule written in ``jax.numpy``
-(``benchmarks/adapters.py``: 5.6 against 1.4 ms at B=1024, D=512, K=10^4). Use it for the published rules exactly, with the kernels'
-validation, inside JAX programs; the oracle (``centerkern.testing``) checks a hand-written
-``jax.numpy`` step just as well.
+(``benchmarks/adapters.py``: 5.6 against 1.4 ms at B=1024, D=512, K=10^4). Use it for the
+published rules exactly, with the kernels' validation, inside JAX programs; the oracle
+(``centerkern.testing``) checks a hand-written ``jax.numpy`` step just as well.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._compact import host_step
-from ._rules import RULES, rule_coefficients
-from ._validation import HOST_BACKENDS, check_feature_size, check_same_dtype, check_choice, check_labels
+from ._compact import check_shapes_and_dtypes, host_step
+from ._rules import RULES, moves_centers
+from ._validation import HOST_BACKENDS, check_choice, check_labels
 
 
 def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, backend: str = "numba"):
@@ -57,28 +57,20 @@ def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, back
     backend = check_choice(backend, "backend", HOST_BACKENDS)
     features, centers = jnp.asarray(features), jnp.asarray(centers)
     labels = jnp.ravel(jnp.asarray(labels))
-    check_same_dtype(features=features, centers=centers)
-    if features.ndim != 2 or centers.ndim != 2:
-        raise ValueError(f"features and centers must be 2-D, got shapes {features.shape} and {centers.shape}")
-    check_feature_size(features, "features", centers)
-    if labels.shape[0] != features.shape[0]:
-        raise ValueError(f"{labels.shape[0]} labels for features of shape {features.shape}")
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise TypeError(f"labels must have an integer dtype (not bool), got dtype {labels.dtype}")
+    check_shapes_and_dtypes(features, centers, labels.shape[0], labels.dtype)
 
     num_classes, batch_size = centers.shape[0], features.shape[0]
     if not isinstance(labels, jax.core.Tracer):  # concrete labels: SPEC's IndexError right here
         check_labels(np.asarray(labels), batch_size, num_classes, f"features of shape {features.shape}")
     # size=B keeps the shapes static under jit; the padding class K is out of range, so reading
-    # it fills zeros and writing it is dropped
-    # in a label dtype too narrow for K (uint8 labels, K = 256) the padding class would wrap
-    # onto a real one: find the classes in the widest integer type JAX has in this mode
+    # it fills zeros and writing it is dropped. The classes are found in the widest integer type
+    # JAX has in this mode: in a narrow label dtype (uint8, K = 256) K would wrap onto a real class.
     wide_labels = labels.astype(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
     classes, index = jnp.unique(wide_labels, return_inverse=True, size=batch_size, fill_value=num_classes)
     rows = centers.at[classes].get(mode="fill", fill_value=0)
     step = _differentiable_step(rule, backend, num_classes)
     loss, new_rows = step(features, labels, index.reshape(-1), rows, jnp.asarray(alpha, dtype=features.dtype))
-    if rule_coefficients(rule, 0.0, 1, 1).moves_centers:
+    if moves_centers(rule):
         new_centers = centers.at[classes].set(new_rows, mode="drop")
     else:
         new_centers = centers

@@ -25,9 +25,9 @@ import functools
 import keras
 import tensorflow as tf
 
-from ._compact import host_step
-from ._rules import RULES, rule_coefficients
-from ._validation import HOST_BACKENDS, check_feature_size, check_same_dtype, check_alpha, check_choice, check_labels
+from ._compact import check_shapes_and_dtypes, host_step
+from ._rules import RULES, moves_centers
+from ._validation import HOST_BACKENDS, check_alpha, check_choice, check_labels
 
 _PROMOTED_DTYPES = (tf.float16, tf.bfloat16)  # mixed precision: computed in the centers' dtype
 
@@ -58,8 +58,8 @@ def center_loss(
     if not tf.is_tensor(alpha):  # a tensor alpha (a schedule) is checked by the kernel call
         alpha = check_alpha(alpha)
     variable = _as_variable(centers)
-    moves_centers = training and rule_coefficients(rule, 0.0, 1, 1).moves_centers
-    if moves_centers and not isinstance(variable, tf.Variable):
+    updates = training and moves_centers(rule)
+    if updates and not isinstance(variable, tf.Variable):
         raise TypeError(
             f"centers must be a tf.Variable or a Keras variable to be updated in place, got {type(centers).__name__}"
         )
@@ -67,12 +67,7 @@ def center_loss(
     if features.dtype in _PROMOTED_DTYPES:
         features = tf.cast(features, variable.dtype)
     labels = tf.reshape(tf.convert_to_tensor(labels), [-1])
-    check_same_dtype(features=features, centers=variable)
-    if features.shape.rank != 2 or variable.shape.rank != 2:
-        raise ValueError(f"features and centers must be 2-D, got shapes {features.shape} and {variable.shape}")
-    check_feature_size(features, "features", variable)
-    if not (labels.dtype.is_integer and labels.dtype != tf.bool):
-        raise TypeError(f"labels must have an integer dtype (not bool), got dtype {labels.dtype.name}")
+    check_shapes_and_dtypes(features, variable, labels.shape[0], labels.dtype.as_numpy_dtype)
     num_classes = int(variable.shape[0])
     if tf.executing_eagerly():  # SPEC's IndexError before the gather; in a graph, tf.gather's own error
         check_labels(labels.numpy(), int(features.shape[0]), num_classes, f"features of shape {tuple(features.shape)}")
@@ -80,7 +75,7 @@ def center_loss(
     classes, index = tf.unique(labels, out_idx=tf.int64)
     rows = tf.gather(variable, classes)  # differentiable into the variable, sparsely
     loss, new_rows = _step(features, labels, index, rows, tf.cast(alpha, variable.dtype), num_classes, rule, backend)
-    if moves_centers:
+    if updates:
         variable.scatter_update(tf.IndexedSlices(new_rows, classes))
     return loss
 
@@ -143,7 +138,7 @@ class CenterLoss(keras.layers.Layer):
 
     def build(self, input_shape):
         features_shape = input_shape[0]
-        trainable = not rule_coefficients(self.rule, self.alpha, 1, 1).moves_centers
+        trainable = not moves_centers(self.rule)
         self.centers = self.add_weight(
             name="centers",
             shape=(self.num_classes, int(features_shape[-1])),

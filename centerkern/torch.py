@@ -31,7 +31,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import _api
-from ._rules import RULES, rule_coefficients
+from ._rules import RULES, moves_centers, rule_coefficients
 from ._validation import check_same_dtype, check_alpha, check_choice
 
 # Features in these dtypes (autocast's) are promoted to the centers' dtype: the kernels compute
@@ -111,14 +111,10 @@ class CenterLoss(nn.Module):
         self.process_group = process_group
         self.distributed = bool(distributed) or process_group is not None
         factory = {"device": device, "dtype": dtype or torch.float32}
-        if self._moves_centers:
+        if moves_centers(self.rule):
             self.register_buffer("centers", torch.zeros(self.num_classes, self.feat_dim, **factory))
         else:
             self.centers = nn.Parameter(torch.randn(self.num_classes, self.feat_dim, **factory))
-
-    @property
-    def _moves_centers(self) -> bool:
-        return rule_coefficients(self.rule, self.alpha, 1, 1).moves_centers
 
     # torch.compile cannot trace into the kernels (they read the tensors' memory); compiled code
     # around the module runs compiled, and this call runs as it is, behind a graph break
@@ -129,7 +125,7 @@ class CenterLoss(nn.Module):
         ``facenet`` and ``wen`` also move the centers."""
         if features.dtype in _PROMOTED_DTYPES:
             features = features.to(self.centers.dtype)
-        if self._moves_centers:
+        if moves_centers(self.rule):
             needs_kernel_step = self.training
         else:  # pytorch: the kernel step is what computes grad_centers
             needs_kernel_step = torch.is_grad_enabled() and (features.requires_grad or self.centers.requires_grad)

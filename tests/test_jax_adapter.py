@@ -97,6 +97,8 @@ def test_empty_batch_and_errors():
         center_jax.center_loss(features, labels.astype(np.float32), centers, 0.5)
     with pytest.raises(ValueError, match="rule"):
         center_jax.center_loss(features, labels, centers, 0.5, rule="caffe")
+    with pytest.raises(ValueError, match="29 labels for features of shape"):
+        center_jax.center_loss(features, labels[:-1], centers, 0.5)
     bad = labels.copy()
     bad[5] = 8
     with pytest.raises(IndexError, match="label 8 at position 5"):

@@ -155,6 +155,8 @@ def test_errors():
         center_tf.center_loss(features.astype(np.float64), labels, variable, 0.5)
     with pytest.raises(TypeError, match="integer"):
         center_tf.center_loss(features, labels.astype(np.float32), variable, 0.5)
+    with pytest.raises(ValueError, match="29 labels for features of shape"):
+        center_tf.center_loss(features, labels[:-1], variable, 0.5)
     with pytest.raises(ValueError, match="finite"):
         center_tf.center_loss(features, labels, variable, float("nan"))
     np.testing.assert_array_equal(variable.numpy(), start)
