@@ -41,6 +41,15 @@ def _threading_layer() -> str:
         return numba.threading_layer()
 
 
+def _cuda_launch_path() -> str:
+    """How the cuda backend launches its kernels here (Numba's own path under the simulator)."""
+    if "cuda" not in centerkern.backends():
+        return "no cuda backend here"
+    from centerkern.cuda import launch_path
+
+    return launch_path()
+
+
 def info() -> int:
     """Print the versions, backends and threading setup of this installation."""
     rows = [
@@ -54,6 +63,7 @@ def info() -> int:
         ("TensorFlow", _installed_version("tensorflow-cpu", "tensorflow") + "  (centerkern.tensorflow)"),
         ("Dask", _installed_version("dask") + "  (centerkern.dask)"),
         ("backends", ", ".join(centerkern.backends())),
+        ("cuda launches", _cuda_launch_path()),
         ("numba threads", str(numba.get_num_threads())),
         ("threading layer", _threading_layer()),
         ("NUMBA_CACHE_DIR", os.environ.get("NUMBA_CACHE_DIR", "not set")),

@@ -1,9 +1,11 @@
 """The public functions: choose a backend, validate once, allocate, call the backend's kernel.
 
-The backend modules (``kernels_numpy``, ``kernels_numba``, ``kernels_cuda``) share one set of
+The backend modules (``kernels_numpy``, ``kernels_numba``, the ``cuda`` package) share one set of
 signatures and only do arithmetic, in place, on arrays that ``_validation`` has checked. This
 module decides what is copied: nothing when ``out=centers`` (the fast path), the centers once
-when ``out=None`` (the caller's arrays are never modified).
+when ``out=None`` (the caller's arrays are never modified). The copy is the backend's first
+write (``copy_from``), so that the CUDA backend, whose label check runs on the device, makes it
+only once the labels are known to be good.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ class CenterLossResult(NamedTuple):
 
     Attributes
     ----------
-    loss : float
-        The rule's loss, accumulated in float64.
+    loss : float, or a 0-d float64 device array
+        The rule's loss, accumulated in float64: a Python float for host inputs; for device
+        inputs a 0-d float64 array on the device, in the features' framework (``float(loss)``
+        is where the caller chooses to wait for the GPU).
     grad : array, shape (B, D)
         d loss / d features.
     centers : array, shape (K, D)
@@ -39,7 +43,7 @@ class CenterLossResult(NamedTuple):
 
 
 def _cuda_module() -> ModuleType:
-    return importlib.import_module("centerkern.kernels_cuda")
+    return importlib.import_module("centerkern.cuda")
 
 
 def backends() -> tuple[str, ...]:
@@ -54,10 +58,12 @@ def backends() -> tuple[str, ...]:
     return tuple(available)
 
 
-def _select(backend: Any, *arrays: Any) -> tuple[ModuleType, Any]:
-    """The kernel module for ``backend`` and the object that checks and converts its arrays."""
+def _select(backend: Any, *arrays: Any, stream: Any = None, sync: bool = True) -> tuple[ModuleType, Any]:
+    """The kernel module for ``backend`` and the object that checks and converts its arrays (for
+    device arrays, also the call's stream, allocator and ``sync`` choice)."""
     check_choice(backend, "backend", ("auto", *BACKENDS))
-    on_device = any(is_device_array(a) for a in arrays if a is not None)
+    device_arrays = [a for a in arrays if a is not None and is_device_array(a)]
+    on_device = bool(device_arrays)
     if backend == "auto":
         backend = "cuda" if on_device else "numba"
     if backend == "cuda":
@@ -69,7 +75,7 @@ def _select(backend: Any, *arrays: Any) -> tuple[ModuleType, Any]:
                 "install the extra: pip install 'centerkern[cuda]'"
             ) from error
         module.require_available()
-        return module, (module.DeviceArrays if on_device else HostArrays)
+        return module, (module.DeviceArrays(device_arrays[0], stream=stream, sync=sync) if on_device else HostArrays)
     if on_device:
         raise ValueError(
             f"backend {backend!r} computes in host memory but got a device array; "
@@ -83,23 +89,23 @@ def _exportable(*arrays: Any) -> tuple[Any, ...]:
 
 
 def _target(arrays, centers, out, out_is_centers):
-    """The array the update is written into: out itself, or a fresh copy of the centers."""
+    """The array the update is written into (out itself, or a fresh array), and the centers to
+    copy into it first (None on the in-place path)."""
     if out is None:
-        return arrays.copy(centers)
-    if not out_is_centers:
-        arrays.copy_into(out, centers)
-    return out
+        return arrays.empty(centers.shape, centers.dtype), centers
+    return out, (None if out_is_centers else centers)
 
 
 def validate_center_loss(features, labels, centers, alpha, rule, out, backend) -> _validation.CenterLossInputs:
     """Every check ``center_loss`` makes, and nothing written: for callers that must know the
-    input is good before they start (``centerkern.distributed``, before a collective)."""
+    input is good before they start (``centerkern.distributed``, before a collective; it runs
+    on host arrays, whose labels are checked here)."""
     features, labels, centers, out = _exportable(features, labels, centers, out)
     _, arrays = _select(backend, features, centers, out)
     return _validation.validate_center_loss(features, labels, centers, alpha, rule, out, arrays)
 
 
-def gather_centers(centers: Any, labels: Any, *, backend: str = "auto") -> Any:
+def gather_centers(centers: Any, labels: Any, *, backend: str = "auto", sync: bool = True, stream: Any = None) -> Any:
     """Return ``centers[labels]``: the (B, D) rows of the centers of the batch's classes.
 
     Parameters
@@ -107,6 +113,8 @@ def gather_centers(centers: Any, labels: Any, *, backend: str = "auto") -> Any:
     centers : array, shape (K, D), float32 or float64
     labels : integer array of any shape holding B values in [0, K); flattened
     backend : {"auto", "numpy", "numba", "cuda"}
+    sync, stream :
+        Device arrays only; see ``center_loss``.
 
     Returns
     -------
@@ -114,14 +122,14 @@ def gather_centers(centers: Any, labels: Any, *, backend: str = "auto") -> Any:
     """
     to_caller = _interop.converter_like(centers)
     centers, labels = _exportable(centers, labels)
-    kernels, arrays = _select(backend, centers, labels)
+    kernels, arrays = _select(backend, centers, labels, stream=stream, sync=sync)
     checked = _validation.validate_gather(centers, labels, arrays)
     return to_caller(kernels.gather_centers(checked.centers, checked.labels))
 
 
 def scatter_sub_update(
     centers: Any, labels: Any, updates: Any, *, out: Any = None, backend: str = "auto",
-    deterministic: bool = False,
+    deterministic: bool = False, sync: bool = True, stream: Any = None,
 ) -> Any:
     """Subtract ``updates[i]`` from row ``labels[i]`` of the centers, for every i.
 
@@ -141,6 +149,8 @@ def scatter_sub_update(
     deterministic : bool
         Bitwise-identical results from run to run. The CPU backends always are; the ``cuda``
         backend is when asked (no float atomics).
+    sync, stream :
+        Device arrays only; see ``center_loss``.
 
     Returns
     -------
@@ -149,10 +159,11 @@ def scatter_sub_update(
     to_caller = _interop.converter_like(centers)
     caller_out = out
     centers, labels, updates, out = _exportable(centers, labels, updates, out)
-    kernels, arrays = _select(backend, centers, updates, out)
+    kernels, arrays = _select(backend, centers, updates, out, stream=stream, sync=sync)
     checked = _validation.validate_scatter(centers, labels, updates, out, arrays)
-    target = _target(arrays, checked.centers, checked.out, checked.out_is_centers)
-    kernels.scatter_sub_update(target, checked.labels, checked.updates, deterministic=deterministic)
+    target, copy_from = _target(arrays, checked.centers, checked.out, checked.out_is_centers)
+    kernels.scatter_sub_update(target, checked.labels, checked.updates, deterministic=deterministic,
+                               copy_from=copy_from)
     if caller_out is None:
         return to_caller(target)
     _interop.mark_written(caller_out)
@@ -161,7 +172,7 @@ def scatter_sub_update(
 
 def center_loss(
     features: Any, labels: Any, centers: Any, alpha: Any, *, rule: str = "facenet", out: Any = None,
-    backend: str = "auto", deterministic: bool = False,
+    backend: str = "auto", deterministic: bool = False, sync: bool = True, stream: Any = None,
 ) -> CenterLossResult:
     """One center-loss step: the loss, its gradient, and the centers moved toward the features.
 
@@ -195,6 +206,17 @@ def center_loss(
     deterministic : bool
         Bitwise-identical results from run to run. The CPU backends always are; the ``cuda``
         backend is when asked (no float atomics).
+    sync : bool
+        Device arrays only. The labels are checked on the device; a bad one makes the call write
+        nothing and its loss NaN. ``True`` (the default): the call waits for that check and
+        raises its ``IndexError``. ``False``: the call returns at once (the GPU step as a
+        training loop wants it, and what CUDA graph capture needs); the error is raised by the
+        next call on the device once this one has finished, or by
+        ``centerkern.cuda.check_errors()``.
+    stream : None, a Numba stream or an integer ``CUstream`` handle
+        Device arrays only: the stream the call's kernels are queued on. torch tensors and CuPy
+        arrays use their framework's current stream (``stream=`` may only name that one);
+        other device arrays use this stream, by default Numba's default stream.
 
     Returns
     -------
@@ -204,7 +226,7 @@ def center_loss(
     to_caller = _interop.converter_like(features)
     caller_out = out
     features, labels, centers, out = _exportable(features, labels, centers, out)
-    kernels, arrays = _select(backend, features, centers, out)
+    kernels, arrays = _select(backend, features, centers, out, stream=stream, sync=sync)
     checked = _validation.validate_center_loss(features, labels, centers, alpha, rule, out, arrays)
     batch_size, feature_size = checked.features.shape
     coefficients = rule_coefficients(checked.rule, checked.alpha, batch_size, feature_size)
@@ -213,15 +235,16 @@ def center_loss(
     # leaves it as it was
     grad = arrays.empty(checked.features.shape, checked.features.dtype)
     grad_centers = None if coefficients.moves_centers else arrays.zeros(checked.centers.shape, checked.centers.dtype)
-    target = _target(arrays, checked.centers, checked.out, checked.out_is_centers)
+    target, copy_from = _target(arrays, checked.centers, checked.out, checked.out_is_centers)
     written = target if coefficients.moves_centers else grad_centers
-    squares = kernels.center_loss_step(
-        checked.features, checked.labels, target, grad, written, coefficients, deterministic=deterministic
+    loss = kernels.center_loss_step(
+        checked.features, checked.labels, target, grad, written, coefficients, deterministic=deterministic,
+        copy_from=copy_from,
     )
     if caller_out is not None and coefficients.moves_centers:
         _interop.mark_written(caller_out)
     return CenterLossResult(
-        loss=float(coefficients.loss_scale * squares),
+        loss=loss if isinstance(loss, float) else to_caller(loss),
         grad=to_caller(grad),
         centers=caller_out if caller_out is not None else to_caller(target),
         grad_centers=None if grad_centers is None else to_caller(grad_centers),

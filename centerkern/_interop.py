@@ -1,8 +1,9 @@
 """Results in the caller's framework: torch in, torch out; JAX in, JAX out; and so on.
 
-The kernels compute on NumPy arrays (host) or Numba device arrays (GPU). Inputs reach them
-without a copy through DLPack or ``__cuda_array_interface__`` (see ``_validation.HostArrays``
-and ``kernels_cuda.DeviceArrays``); this module takes the results back the same way:
+The kernels compute on NumPy arrays (host) or device memory (GPU). Inputs reach them without a
+copy through DLPack or ``__cuda_array_interface__`` (see ``_validation.HostArrays`` and
+``centerkern.cuda.arrays.DeviceArrays``); device results are allocated by the caller's own
+framework and come back as they are (``Owned``); this module takes the rest back the same way:
 
 ========== ============================= =====================================================
 framework  host results                  device results
@@ -128,6 +129,13 @@ def _to_cupy(like: Any) -> Callable[[Any], Any]:
 
 _TENSORFLOW_ALIGNMENT = 64
 
+
+class Owned:
+    """A backend's view of memory that belongs to ``owner``, an array of the caller's framework
+    (the CUDA backend's ``DeviceView``): a result goes back to the caller as the owner itself."""
+
+    __slots__ = ("owner",)
+
 _CONVERTERS = {"torch": _to_torch, "jax": _to_jax, "tensorflow": _to_tensorflow, "cupy": _to_cupy}
 
 
@@ -135,7 +143,8 @@ def converter_like(like: Any) -> Callable[[Any], Any]:
     """A function taking a result array to the framework of ``like`` (the identity for NumPy,
     lists and Numba arrays)."""
     make = _CONVERTERS.get(framework_of(like))
-    return _identity if make is None else make(like)
+    convert = _identity if make is None else make(like)
+    return lambda x: convert(x.owner if isinstance(x, Owned) else x)
 
 
 def _identity(x: Any) -> Any:

@@ -108,6 +108,10 @@ class HostArrays:
         return bool(x.flags.writeable)
 
     @staticmethod
+    def strides(x: np.ndarray) -> tuple[int, ...]:
+        return x.strides
+
+    @staticmethod
     def same_memory(a: np.ndarray, b: np.ndarray) -> bool:
         return (
             a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
@@ -126,10 +130,6 @@ class HostArrays:
     @staticmethod
     def copy(x: np.ndarray) -> np.ndarray:
         return np.array(x, order="C", copy=True)
-
-    @staticmethod
-    def copy_into(destination: np.ndarray, source: np.ndarray) -> None:
-        np.copyto(destination, source)
 
     @staticmethod
     def empty(shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -188,11 +188,29 @@ def _labels(
     bad = arrays.first_out_of_range(flat, num_classes)
     if bad is not None:
         position, value = bad
-        raise IndexError(
-            f"label {value} at position {first_position + position} is out of range: labels must lie in "
-            f"[0, {num_classes}) for {num_classes} classes"
-        )
+        raise label_out_of_range(first_position + position, value, num_classes)
     return arrays.as_label_vector(flat)
+
+
+def label_out_of_range(position: int, value: int, num_classes: int) -> IndexError:
+    """SPEC's error for a bad label, wherever it is found (here, or by the CUDA backend's kernels)."""
+    return IndexError(
+        f"label {value} at position {position} is out of range: labels must lie in "
+        f"[0, {num_classes}) for {num_classes} classes"
+    )
+
+
+def overlaps_itself(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> bool:
+    """Whether two elements of an array share memory (a broadcast row stride of 0, or strides
+    smaller than the extent of the dimension inside them): such an array cannot be written."""
+    if 0 in shape:
+        return False  # no elements, nothing to share
+    extent = itemsize
+    for stride, length in sorted((abs(s), n) for s, n in zip(strides, shape) if n > 1):
+        if stride < extent:
+            return True
+        extent = stride * (length - 1) + extent
+    return False
 
 
 def check_labels(
@@ -216,6 +234,11 @@ def _out(out: Any, centers, arrays) -> Any:
         raise ValueError(f"out must have the shape of centers: out {tuple(target.shape)}, centers {tuple(centers.shape)}")
     if not arrays.is_writable(target):
         raise ValueError("out is read-only; pass a writable array or out=None")
+    if overlaps_itself(tuple(target.shape), arrays.strides(target), target.dtype.itemsize):
+        raise ValueError(
+            f"out overlaps itself (strides {tuple(arrays.strides(target))} for shape {tuple(target.shape)}): "
+            "some of its elements share memory; pass an array that owns each element, or out=None"
+        )
     return target
 
 

@@ -183,9 +183,13 @@ def gather_centers(centers: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def scatter_sub_update(
-    centers: np.ndarray, labels: np.ndarray, updates: np.ndarray, *, deterministic: bool = False
+    centers: np.ndarray, labels: np.ndarray, updates: np.ndarray, *, deterministic: bool = False,
+    copy_from: np.ndarray | None = None,
 ) -> None:
-    """Subtract ``updates[i]`` from ``centers[labels[i]]`` for every i, duplicates accumulating."""
+    """Subtract ``updates[i]`` from ``centers[labels[i]]`` for every i, duplicates accumulating
+    (after copying ``copy_from`` into ``centers``, when given)."""
+    if copy_from is not None:
+        np.copyto(centers, copy_from)
     order, sorted_labels = _sort_by_label(labels, centers.shape[0])
     no_grad = np.empty((0, centers.shape[1]), dtype=centers.dtype)
     with _one_launch_at_a_time():
@@ -201,11 +205,15 @@ def center_loss_step(
     rule: RuleCoefficients,
     *,
     deterministic: bool = False,
+    copy_from: np.ndarray | None = None,
 ) -> float:
-    """One step of ``rule``: write the grad and the center rows, return ``sum_i ||d_i||^2``."""
+    """One step of ``rule``: write the grad and the center rows, return the loss."""
+    if copy_from is not None:
+        np.copyto(centers, copy_from)
     order, sorted_labels = _sort_by_label(labels, centers.shape[0])
     with _one_launch_at_a_time():
-        return _segmented_update(
+        squares = _segmented_update(
             order, sorted_labels, features, centers, written, grad,
             True, rule.moves_centers, rule.step, rule.count_weight, rule.grad_scale,
         )
+    return float(rule.loss_scale * squares)

@@ -6,8 +6,9 @@ sum is taken in float64, and the centers are gathered before anything is written
 
 Every backend module has these three functions with the same signatures. They receive arrays
 that ``centerkern._validation`` has already checked, and update ``centers`` in place; the public
-functions in ``centerkern`` decide what is copied first. ``deterministic`` is part of the shared
-signature; this backend's results are bitwise reproducible whatever it says.
+functions in ``centerkern`` decide what is copied first, and pass it as ``copy_from`` (the
+backend's first write). ``deterministic`` is part of the shared signature; this backend's
+results are bitwise reproducible whatever it says.
 """
 
 from __future__ import annotations
@@ -23,9 +24,13 @@ def gather_centers(centers: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def scatter_sub_update(
-    centers: np.ndarray, labels: np.ndarray, updates: np.ndarray, *, deterministic: bool = False
+    centers: np.ndarray, labels: np.ndarray, updates: np.ndarray, *, deterministic: bool = False,
+    copy_from: np.ndarray | None = None,
 ) -> None:
-    """Subtract ``updates[i]`` from ``centers[labels[i]]`` for every i, duplicates accumulating."""
+    """Subtract ``updates[i]`` from ``centers[labels[i]]`` for every i, duplicates accumulating
+    (after copying ``copy_from`` into ``centers``, when given)."""
+    if copy_from is not None:
+        centers[...] = copy_from
     touched, row_of_sample = np.unique(labels, return_inverse=True)
     totals = np.zeros((touched.size, centers.shape[1]), dtype=np.float64)
     np.add.at(totals, row_of_sample, updates)
@@ -41,12 +46,16 @@ def center_loss_step(
     rule: RuleCoefficients,
     *,
     deterministic: bool = False,
+    copy_from: np.ndarray | None = None,
 ) -> float:
-    """One step of ``rule``: write the grad and the center rows, return ``sum_i ||d_i||^2``.
+    """One step of ``rule``: write the grad and the center rows, return the loss.
 
     ``written`` is ``centers`` itself for rules that move the centers, or the zeroed
-    ``grad_centers`` for the ``pytorch`` rule.
+    ``grad_centers`` for the ``pytorch`` rule. ``copy_from``, when given, is copied into
+    ``centers`` first.
     """
+    if copy_from is not None:
+        centers[...] = copy_from
     centers_before = centers[labels].astype(np.float64)  # gathered before any write
     differences = features.astype(np.float64) - centers_before
     grad[...] = rule.grad_scale * differences
@@ -59,4 +68,4 @@ def center_loss_step(
         written[touched] = centers[touched] + row_update
     else:
         written[touched] = row_update
-    return float(np.sum(differences * differences))
+    return float(rule.loss_scale * np.sum(differences * differences))

@@ -20,10 +20,15 @@ The rules keep their sources' meaning of the centers (see ``centerkern.center_lo
 The loss backpropagates into the features through a ``torch.autograd.Function`` whose backward
 is the kernel's own gradient, so no (B, D) graph of gathers and subtractions is recorded. CPU
 tensors go to the ``numba`` kernels and CUDA tensors to the ``cuda`` ones, zero-copy both ways.
+On CUDA tensors the step runs on torch's current stream, with memory from torch's caching
+allocator, and never waits for the GPU (``sync=False``: a bad label is raised by the next call or
+by ``centerkern.cuda.check_errors()``), so a training step holding it can be captured in a CUDA
+graph (``torch.cuda.graph``) and replayed.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -52,7 +57,9 @@ class _CenterLossStep(torch.autograd.Function):
             deterministic=deterministic,
         )
         ctx.grad, ctx.grad_centers = result.grad, result.grad_centers
-        return torch.tensor(result.loss, dtype=features.dtype, device=features.device)
+        if isinstance(result.loss, float):
+            return torch.tensor(result.loss, dtype=features.dtype, device=features.device)
+        return result.loss.to(features.dtype)  # a CUDA tensor already: no trip through the host
 
     @staticmethod
     @once_differentiable
@@ -133,12 +140,15 @@ class CenterLoss(nn.Module):
             return self._loss_without_update(features, labels)
         return _CenterLossStep.apply(
             features, self.centers, labels, self.alpha, self.rule, self.backend, self.deterministic,
-            self._step_function(),
+            self._step_function(features.is_cuda),
         )
 
-    def _step_function(self):
+    def _step_function(self, on_gpu: bool):
         if not self.distributed:
-            return _api.center_loss
+            # on the GPU the step is queued like any torch op: no wait for the label check (a
+            # bad label is raised by the next call, or centerkern.cuda.check_errors()), which
+            # also lets a CUDA graph capture it
+            return functools.partial(_api.center_loss, sync=False) if on_gpu else _api.center_loss
         from . import distributed
 
         def step(*args, **kwargs):

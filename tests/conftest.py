@@ -3,29 +3,33 @@ import os
 import numpy as np
 import pytest
 
-import centerkern
+SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+if SIMULATED:
+    # The simulator runs every GPU thread as a Python thread: tiny tiles and column blocks (a
+    # compile-time fact of the kernels, read when they are imported) make small inputs span many.
+    os.environ.setdefault("CENTERKERN_CUDA_TILE", "4,4")
+
+import centerkern  # noqa: E402
+from centerkern.testing import BACKEND_TOLERANCE, close_within, difference  # noqa: E402
 
 # Every backend this process can run. The CUDA backend appears here only in the separate
 # simulator process (NUMBA_ENABLE_CUDASIM=1, see the Makefile) or on a machine with a GPU.
 BACKENDS = centerkern.backends()
 FAST_BACKENDS = tuple(b for b in BACKENDS if b != "numpy")
-SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
-# The simulator runs every GPU thread as a Python thread: keep its inputs small, and its tiles
-# and blocks tiny so that small inputs still span many tiles and column blocks.
+# The simulator runs every GPU thread as a Python thread: keep its inputs small, and its blocks
+# few so that small inputs still take the grid-stride loops.
 MAX_BATCH = 40 if SIMULATED else 500
 MAX_WIDTH = 9 if SIMULATED else 70
 
 collect_ignore = [] if "cuda" in BACKENDS else ["test_cuda.py"]
 
 if SIMULATED:
-    from centerkern import kernels_cuda
+    from centerkern.cuda import driver
 
-    kernels_cuda.TILE_ROWS = 4
-    kernels_cuda.COLUMNS_PER_BLOCK = 4
-    kernels_cuda.THREADS_1D = 8  # with 2 blocks at most, batches above 16 take the grid-stride loops
-    kernels_cuda.GRID_STRIDE_BLOCKS = 2
-    kernels_cuda.ROW_BLOCKS = 3
+    driver.THREADS_1D = 8  # with 2 blocks at most, batches above 16 take the grid-stride loops
+    driver.GRID_STRIDE_BLOCKS = 2
+    driver.ROW_BLOCKS = 3
 
 
 # `make test` installs every framework the tests use, and sets this: there a framework that does
@@ -59,19 +63,11 @@ def to_host(array):
     """A result as a NumPy array, wherever it lives."""
     return array.copy_to_host() if hasattr(array, "copy_to_host") else np.asarray(array)
 
-# SPEC: every backend equals numpy to a relative error below these, whatever the summation order
-TOLERANCE = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
-
-
 def assert_matches(got, reference, *inputs):
-    """Equal to within SPEC's tolerance. Relative to the larger of the value and the inputs'
-    magnitude, since sums of terms that cancel are exact only to the terms' own scale."""
-    got = to_host(got)
-    reference = to_host(reference)
-    assert got.shape == reference.shape, (got.shape, reference.shape)
-    tolerance = TOLERANCE[np.dtype(got.dtype)]
-    scale = max([1e-300] + [float(np.max(np.abs(a), initial=0.0)) for a in (reference, *inputs)])
-    np.testing.assert_allclose(got, reference, rtol=tolerance, atol=tolerance * scale)
+    """Equal to within SPEC's tolerance for the dtype, relative to the larger of the value and the
+    inputs' magnitude."""
+    got, reference = to_host(got), to_host(reference)
+    assert close_within(got, reference, BACKEND_TOLERANCE[np.dtype(got.dtype)], *inputs), difference(got, reference)
 
 
 @pytest.fixture(params=BACKENDS)

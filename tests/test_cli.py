@@ -8,6 +8,8 @@ import sys
 
 import centerkern
 
+from conftest import SIMULATED
+
 # The first run in a fresh environment compiles the numba kernels (then cached on disk).
 TIMEOUT_SECONDS = 300
 
@@ -42,6 +44,9 @@ def test_info_lists_the_backends():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "numba" in result.stdout
     assert centerkern.__version__ in result.stdout
+    # how the cuda backend launches: said plainly, whether or not this process has a GPU
+    expected = "numba dispatcher" if SIMULATED else ("direct" if "cuda" in centerkern.backends() else "no cuda backend")
+    assert re.search(rf"cuda launches\s+{expected}", result.stdout), result.stdout
 
 
 def test_no_command_prints_help_and_exits_2():

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from numba import cuda
 
 import centerkern
-from centerkern import kernels_cuda
+import centerkern.cuda
 
 from conftest import MAX_BATCH, MAX_WIDTH, SIMULATED, assert_matches, to_host
 
@@ -36,7 +36,8 @@ def test_cuda_device_arrays_equal_reference(seed, batch, width, classes, hot_sha
     result = centerkern.center_loss(cuda.to_device(features), cuda.to_device(labels), device_centers, 0.5,
                                     rule=rule, out=device_centers, deterministic=deterministic)  # auto -> cuda
     assert result.centers is device_centers
-    assert result.loss == pytest.approx(reference.loss, rel=1e-9, abs=1e-300)
+    assert to_host(result.loss).shape == () and to_host(result.loss).dtype == np.float64  # on the device, 0-d
+    assert float(to_host(result.loss)) == pytest.approx(reference.loss, rel=1e-9, abs=1e-300)
     assert_matches(result.grad, reference.grad, features, centers)
     assert_matches(device_centers, reference.centers, features, centers)
     if rule == "pytorch":
@@ -70,14 +71,196 @@ def test_cuda_deterministic_mode_is_bitwise_identical_across_runs(rule):
     assert_matches(runs[0][2], reference.centers, features, centers)
 
 
-def test_cuda_out_of_range_device_label_leaves_device_centers_alone():
-    features, labels, centers, _ = _batch(3, 20, 5, 4)
-    labels[13] = 4
+@pytest.mark.parametrize("rule", centerkern.RULES)
+@pytest.mark.parametrize("separate_out", [False, True])
+def test_cuda_bad_device_label_raises_and_nothing_is_written(rule, separate_out):
+    features, labels, centers, updates = _batch(3, 20, 5, 4)
+    labels[13], labels[17] = 4, -1
     device_centers = cuda.to_device(centers)
+    out = cuda.to_device(np.full_like(centers, 7.0)) if separate_out else device_centers
+    before = to_host(out)
     with pytest.raises(IndexError, match=r"label 4 at position 13.*\[0, 4\)"):
+        centerkern.center_loss(cuda.to_device(features), cuda.to_device(labels), device_centers, 0.5, rule=rule,
+                               out=out)
+    with pytest.raises(IndexError, match=r"label 4 at position 13"):
+        centerkern.scatter_sub_update(device_centers, cuda.to_device(labels), cuda.to_device(updates), out=out)
+    with pytest.raises(IndexError, match=r"label 4 at position 13"):
+        centerkern.gather_centers(device_centers, cuda.to_device(labels))
+    np.testing.assert_array_equal(to_host(device_centers), centers)
+    np.testing.assert_array_equal(to_host(out), before)
+    centerkern.cuda.check_errors()  # each error was raised once, and is gone
+
+
+def test_cuda_sync_false_defers_the_error_to_the_next_call_or_check_errors():
+    features, labels, centers, _ = _batch(4, 20, 5, 4)
+    bad = labels.copy()
+    bad[6] = 9
+    device_centers = cuda.to_device(centers)
+    result = centerkern.center_loss(cuda.to_device(features), cuda.to_device(bad), device_centers, 0.5,
+                                    out=device_centers, sync=False)
+    assert np.isnan(to_host(result.loss))  # the call returned; its loss says it computed nothing
+    np.testing.assert_array_equal(to_host(device_centers), centers)
+    with pytest.raises(IndexError, match=r"label 9 at position 6 .*\[0, 4\)"):
+        centerkern.cuda.check_errors()
+    centerkern.cuda.check_errors()  # raised once
+
+    huge = labels.astype(np.uint64)
+    huge[11] = 2**64 - 1
+    centerkern.scatter_sub_update(cuda.to_device(centers), cuda.to_device(huge), cuda.to_device(features),
+                                  sync=False)
+    with pytest.raises(IndexError, match=rf"label {2**64 - 1} at position 11 "):  # as written, never wrapped
+        centerkern.cuda.check_errors()
+
+    gathered = centerkern.gather_centers(cuda.to_device(centers), cuda.to_device(bad), sync=False)
+    assert np.isnan(to_host(gathered)).all()
+    with pytest.raises(IndexError, match=r"label 9 at position 6"):  # the next call raises it
         centerkern.center_loss(cuda.to_device(features), cuda.to_device(labels), device_centers, 0.5,
                                out=device_centers)
-    np.testing.assert_array_equal(to_host(device_centers), centers)
+    np.testing.assert_array_equal(to_host(device_centers), centers)  # ... before it writes anything
+    reference = centerkern.center_loss(features, labels, centers, 0.5, backend="numpy")
+    result = centerkern.center_loss(cuda.to_device(features), cuda.to_device(labels), device_centers, 0.5,
+                                    out=device_centers, sync=False)
+    centerkern.cuda.check_errors()
+    assert float(to_host(result.loss)) == pytest.approx(reference.loss, rel=1e-9)
+    assert_matches(device_centers, reference.centers, features, centers)
+
+
+def test_cuda_host_inputs_keep_a_float_loss_and_ignore_sync():
+    features, labels, centers, _ = _batch(5, 12, 3, 4)
+    reference = centerkern.center_loss(features, labels, centers, 0.5, backend="numpy")
+    result = centerkern.center_loss(features, labels, centers, 0.5, backend="cuda", sync=False)
+    assert isinstance(result.loss, float) and result.loss == pytest.approx(reference.loss, rel=1e-9)
+    assert isinstance(result.centers, np.ndarray)
+    assert_matches(result.centers, reference.centers, features, centers)
+
+
+def test_cuda_stream_keyword():
+    features, labels, centers, updates = _batch(6, 30, 5, 6, hot_share=0.5)
+    reference = centerkern.center_loss(features, labels, centers, 0.5, rule="wen", backend="numpy")
+    stream = cuda.stream()
+    device_centers = cuda.to_device(centers)
+    result = centerkern.center_loss(cuda.to_device(features), cuda.to_device(labels), device_centers, 0.5,
+                                    rule="wen", out=device_centers, stream=stream, sync=False)
+    stream.synchronize()
+    assert float(to_host(result.loss)) == pytest.approx(reference.loss, rel=1e-9)
+    assert_matches(device_centers, reference.centers, features, centers)
+    expected = centerkern.scatter_sub_update(centers, labels, updates, backend="numpy")
+    scattered = centerkern.scatter_sub_update(cuda.to_device(centers), cuda.to_device(labels),
+                                              cuda.to_device(updates), stream=0)
+    assert_matches(scattered, expected, centers, updates)
+    with pytest.raises(TypeError, match="stream must be"):
+        centerkern.gather_centers(cuda.to_device(centers), cuda.to_device(labels), stream="default")
+
+
+def test_cuda_spanning_sums_are_float64_in_both_modes():
+    """A class spanning tiles adds its tiles' partial sums in float64, as SPEC promises: with
+    float32 partials, 2**24 + 1 rounds to 2**24 in the first tile and the 1 is lost."""
+    tile_rows = centerkern.cuda.kernels.TILE_ROWS
+    updates = np.zeros((2 * tile_rows, 1), np.float32)
+    updates[0], updates[1], updates[tile_rows] = 2.0**24, 1.0, -(2.0**24)
+    labels = np.zeros(2 * tile_rows, np.int64)
+    expected = centerkern.scatter_sub_update(np.zeros((1, 1), np.float32), labels, updates, backend="numpy")
+    assert expected[0, 0] == -1.0
+    for deterministic in (False, True):
+        got = centerkern.scatter_sub_update(np.zeros((1, 1), np.float32), labels, updates, backend="cuda",
+                                            deterministic=deterministic)
+        assert got[0, 0] == -1.0, deterministic
+
+
+def test_cuda_out_that_overlaps_itself_is_refused():
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    features, labels, centers, _ = _batch(7, 8, 3, 4)
+    storage = np.zeros(3, np.float32)
+    broadcast = np.lib.stride_tricks.as_strided(storage, shape=(4, 3), strides=(0, 4), writeable=True)
+    for out in (broadcast, FakeCUDAArray(broadcast)):
+        with pytest.raises(ValueError, match="out overlaps itself"):
+            centerkern.center_loss(features, labels, centers, 0.5, out=out, backend="cuda")
+    np.testing.assert_array_equal(storage, 0)
+
+
+def test_cuda_failure_while_growing_the_bookkeeping_leaves_it_clean(monkeypatch):
+    """Scratch is built in full before it is published: an allocation that fails midway (an
+    out-of-memory, an interrupt) leaves the old bookkeeping in use, and later calls right."""
+    from centerkern.cuda import driver
+
+    def step(seed, classes):
+        features, labels, centers, _ = _batch(seed, 24, 3, classes, hot_share=0.5)
+        reference = centerkern.center_loss(features, labels, centers, 0.3, rule="wen", backend="numpy")
+        result = centerkern.center_loss(features, labels, centers, 0.3, rule="wen", backend="cuda")
+        assert_matches(result.centers, reference.centers, features, centers)
+
+    step(0, 3)
+    real_device_array, calls = driver.cuda.device_array, []
+
+    def failing_second_allocation(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise MemoryError("out of device memory")
+        return real_device_array(*args, **kwargs)
+
+    monkeypatch.setattr(driver.cuda, "device_array", failing_second_allocation)
+    with pytest.raises(MemoryError):
+        step(1, 5000)  # needs more classes than the scratch holds
+    monkeypatch.undo()
+    for seed, classes in enumerate([3, 4, 5000, 2]):
+        step(seed + 2, classes)
+
+
+def test_cuda_no_kernel_runs_before_every_kernel_of_the_call_is_ready(monkeypatch):
+    """A failure while a call's kernels are prepared (a compile error, an interrupt) comes before
+    the first launch that writes: out is left as it was."""
+    from centerkern.cuda import driver, kernels
+
+    features, labels, centers, _ = _batch(8, 16, 3, 4)
+    out = cuda.to_device(np.full_like(centers, 5.0))
+    real_prepare = driver.prepare
+
+    def failing_on_the_tile_kernel(dispatcher, *args):
+        if dispatcher is kernels.tile_step:
+            raise KeyboardInterrupt
+        return real_prepare(dispatcher, *args)
+
+    monkeypatch.setattr(driver, "prepare", failing_on_the_tile_kernel)
+    with pytest.raises(KeyboardInterrupt):
+        centerkern.center_loss(cuda.to_device(features), cuda.to_device(labels), cuda.to_device(centers), 0.5,
+                               out=out)
+    np.testing.assert_array_equal(to_host(out), 5.0)  # the copy of the centers into out never ran
+    monkeypatch.undo()
+    reference = centerkern.center_loss(features, labels, centers, 0.5, backend="numpy")
+    centerkern.center_loss(cuda.to_device(features), cuda.to_device(labels), cuda.to_device(centers), 0.5, out=out)
+    assert_matches(out, reference.centers, features, centers)
+
+
+def test_cuda_scratch_belongs_to_one_device_context(monkeypatch):
+    from centerkern.cuda import driver
+
+    contexts = [object(), object()]
+    monkeypatch.setattr(driver, "_simulated", lambda: False)  # contexts as a real GPU's driver keeps them
+    monkeypatch.setattr(driver.cuda, "current_context", lambda: contexts[0])
+    first = driver._scratch_for_current_context()
+    assert driver._scratch_for_current_context() is first
+    monkeypatch.setattr(driver.cuda, "current_context", lambda: contexts[1])
+    assert driver._scratch_for_current_context() is not first
+
+
+def test_cuda_launch_shape_is_one_compile_time_fact():
+    from centerkern.cuda import kernels
+
+    assert (kernels.TILE_ROWS, kernels.COLUMNS_PER_BLOCK) == (4, 4)  # CENTERKERN_CUDA_TILE, set by conftest
+    assert not kernels._CACHE  # kernels of a shrunk shape never reach the disk cache
+
+
+def test_cuda_launch_path_and_kernel_parameters():
+    from centerkern.cuda import launcher
+    from centerkern.cuda.arrays import DeviceView
+
+    assert launcher.launch_path().startswith("numba dispatcher")  # the simulator has no driver
+    view = DeviceView(None, 4096, (3, 5), (40, 8), np.dtype(np.float64), False, None)
+    parameters = launcher.kernel_parameters((view, 7, 0.5, True))
+    # Numba's calling convention for an array: meminfo, parent, nitems, itemsize, data, shape, strides
+    assert parameters[:9] == [0, 0, 15, 8, 4096, 3, 5, 40, 8]
+    assert parameters[9].value == 7 and parameters[10].value == 0.5 and parameters[11] is True
 
 
 def test_cuda_bookkeeping_is_clean_between_calls_of_other_sizes():
@@ -103,9 +286,18 @@ def test_cuda_strided_device_views_and_separate_out():
     np.testing.assert_array_equal(to_host(device_centers), centers)  # out=None semantics for the input
 
 
+def test_cuda_empty_batch_on_the_device():
+    centers = np.arange(6, dtype=np.float32).reshape(3, 2)
+    device_centers = cuda.to_device(centers)
+    result = centerkern.center_loss(cuda.to_device(np.zeros((0, 2), np.float32)), cuda.to_device(np.zeros(0, np.int64)),
+                                    device_centers, 0.5, out=device_centers)
+    assert float(to_host(result.loss)) == 0.0 and to_host(result.grad).shape == (0, 2)
+    np.testing.assert_array_equal(to_host(device_centers), centers)
+
+
 def test_cuda_listed_by_backends():
     assert "cuda" in centerkern.backends()
-    assert kernels_cuda.is_available()
+    assert centerkern.cuda.is_available()
 
 
 @pytest.mark.skipif(SIMULATED, reason="the simulator's device arrays are NumPy arrays")
@@ -128,6 +320,33 @@ def test_cuda_gpu_check_script_runs(tmp_path):
     output = tmp_path / "gpu.json"
     assert gpu_check.main([str(output), "--small"]) == 0
     report = json.loads(output.read_text())
-    assert report["property_checks"]["cases"] == 12 and report["property_checks"]["failures"] == []
-    assert report["deterministic_check"]["deterministic"]["bitwise_identical_over_3_runs"]
-    assert {"centerkern step", "device-to-device copy, floor bytes"} <= set(report["timings"][0]["median_ms"])
+    assert report["simulator"] is SIMULATED and report["small"] is True and "errors" not in report
+    assert report["launch_path"] == centerkern.cuda.launch_path()
+    assert {"numpy", "numba", "centerkern", "numba-cuda"} <= set(report["versions"])
+    assert report["first_call_seconds"] > 0
+    assert report["property_checks"] == {"cases": 12, "failures": []}
+    assert report["bad_label_check"] and all(problems == [] for problems in report["bad_label_check"].values())
+    assert report["deterministic_check"]["deterministic"] == {"bitwise_identical_over_3_runs": True,
+                                                              "equals_reference": True}
+    assert set(report["timings"]) == {"B8192", "B65536", "B65536_hot"}
+    for figures in report["timings"].values():
+        assert figures["floor_bytes"]["step"] > figures["floor_bytes"]["scatter"] > 0
+        assert {"centerkern step", "centerkern step, deterministic", "centerkern scatter",
+                "centerkern scatter, deterministic"} <= set(figures["loops"])
+        assert set(figures["loops"]) | set(figures["skipped"]) >= {
+            "torch eager step", "torch eager scatter (index_add_)", "centerkern step, CUDA graph"}
+        for loop in figures["loops"].values():
+            assert loop["host_us_per_call"] > 0 and len(loop["runs_ms_per_call"]) == figures["repeats"]
+    assert report["timings"]["B65536_hot"]["touched_classes"] < report["timings"]["B65536"]["touched_classes"]
+    assert set(report["goals"]) == {"step_vs_torch_eager_B8192", "graph_step_over_floor_B8192", "step_over_floor_B65536",
+                                    "hot_over_uniform_B65536", "deterministic_over_default", "host_overhead_us_per_call"}
+    for goal in report["goals"].values():
+        assert {"goal", "value", "target", "met"} <= set(goal) and isinstance(goal["met"], bool)
+        assert goal["value"] is not None or goal["why"]
+    if SIMULATED:
+        assert report["bandwidth"]["TBps"] is None and report["bandwidth"]["why"]
+        assert report["timings"]["B8192"]["loops"]["centerkern step"]["ms_per_call"] is None
+        assert "torch eager step" in report["timings"]["B8192"]["skipped"]
+    else:
+        assert report["bandwidth"]["TBps"] > 0
+        assert all(goal["value"] is not None for goal in report["goals"].values())

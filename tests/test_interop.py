@@ -163,8 +163,24 @@ def test_cuda_arrays_stay_on_the_device_and_out_writes_in_place(make):
     pointer = pointer_of(out)
     result = centerkern.center_loss(to_device(features), to_device(labels), out, 0.5, out=out)
     assert on_device(result.grad) and result.centers is out and pointer_of(out) == pointer
+    assert on_device(result.loss) and to_numpy(result.loss).shape == () and result.loss.dtype == np.float64
+    assert float(to_numpy(result.loss)) == pytest.approx(expected.loss, rel=1e-9)
     assert_matches(to_numpy(out), expected.centers, features, centers)
     assert_matches(to_numpy(result.grad), expected.grad, features, centers)
+
+
+def test_cuda_cupy_arrays_run_on_cupys_current_stream():
+    cupy = pytest.importorskip("cupy")
+    to_device, to_numpy, _, _ = _cupy_on_device()
+    features, labels, centers = _data()
+    expected = centerkern.center_loss(features, labels, centers, 0.5, rule="wen", backend="numpy")
+    out = to_device(centers)
+    with cupy.cuda.Stream(non_blocking=True) as stream:
+        late = to_device(features) * 1.0  # queued on the stream, as the step must be
+        result = centerkern.center_loss(late, to_device(labels), out, 0.5, rule="wen", out=out, sync=False)
+    stream.synchronize()
+    assert float(to_numpy(result.loss)) == pytest.approx(expected.loss, rel=1e-9)
+    assert_matches(to_numpy(out), expected.centers, features, centers)
 
 
 def test_tensorflow_results_are_usable_by_tensorflow_ops():

@@ -1,29 +1,48 @@
-"""Every CUDA kernel, for every dtype it is launched with, compiles to PTX for Hopper (sm_90)
+"""Every CUDA kernel, for every signature the launcher compiles it with (arrays of layout "A",
+int64/float64/bool scalars, labels of every integer dtype), compiles to PTX for Hopper (sm_90)
 with the real NVVM compiler (no GPU needed). Runs in the ordinary test process."""
 
+import ctypes
 import os
+import re
 
 import pytest
 
 pytestmark = pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") == "1",
                                 reason="the simulator has no compiler; these run in the main test process")
 
+import numpy as np  # noqa: E402
 from numba import cuda, types  # noqa: E402
 
-from centerkern import kernels_cuda  # noqa: E402
+from centerkern.cuda import kernels, launcher  # noqa: E402
+from centerkern.cuda.arrays import DeviceView  # noqa: E402
 
-LABEL_TYPES = [types.int8, types.int16, types.int32, types.int64, types.uint8, types.uint16, types.uint32,
-               types.uint64]
-FLOAT_TYPES = [types.float32, types.float64]
+LABEL_DTYPES = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64]
+FLOAT_DTYPES = [np.float32, np.float64]
 HOPPER = (9, 0)
 
 
-def _matrix(dtype, layout="A"):
-    return types.Array(dtype, 2, layout)
+def _array(dtype, ndim):
+    """The type the launcher gives a device view of this dtype and rank."""
+    view = DeviceView(None, 0, (1,) * ndim, (8,) * ndim, np.dtype(dtype), False, None)
+    return launcher._numba_type(view)
 
 
-def _vector(dtype, layout="C"):
-    return types.Array(dtype, 1, layout)
+INT, FLOAT, BOOL = launcher._numba_type(1), launcher._numba_type(1.0), launcher._numba_type(True)
+VECTOR = _array(np.int64, 1)
+
+
+class _Hopper:
+    compute_capability = HOPPER
+
+
+@pytest.fixture(autouse=True)
+def _device_functions_for_hopper(monkeypatch):
+    """numba-cuda compiles a kernel's device functions for the current device's compute
+    capability, and there is no device here: name Hopper as the current one."""
+    from numba.cuda import dispatcher
+
+    monkeypatch.setattr(dispatcher, "get_current_device", lambda: _Hopper)
 
 
 def _compile(kernel, *signature):
@@ -32,38 +51,76 @@ def _compile(kernel, *signature):
     return ptx
 
 
-@pytest.mark.parametrize("label_type", LABEL_TYPES, ids=str)
-def test_ptx_label_kernels(label_type):
-    labels = _vector(label_type, "A")
-    _compile(kernels_cuda._find_first_bad_label, labels, types.int64, _vector(types.int64))
-    _compile(kernels_cuda._copy_labels, labels, _vector(types.int64))
+def test_launcher_types_match_numba_types():
+    assert (INT, FLOAT, BOOL) == (types.int64, types.float64, types.boolean)
+    assert _array(np.float32, 2) == types.Array(types.float32, 2, "A")
 
 
-@pytest.mark.parametrize("float_type", FLOAT_TYPES, ids=str)
-def test_ptx_row_kernels(float_type):
-    labels = _vector(types.int64)
-    _compile(kernels_cuda._gather, _matrix(float_type), labels, _matrix(float_type, "C"))
-    _compile(kernels_cuda._copy_matrix, _matrix(float_type), _matrix(float_type))
-    _compile(kernels_cuda._fill_matrix, _matrix(float_type, "C"), types.int64)
+@pytest.mark.parametrize("label_dtype", LABEL_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_ptx_kernels_reading_labels(label_dtype):
+    labels = _array(label_dtype, 1)
+    _compile(kernels.classify, labels, INT, VECTOR, VECTOR, VECTOR, VECTOR)
+    _compile(kernels.check_labels, labels, INT, VECTOR)
+    _compile(kernels.settle, labels, INT, VECTOR, VECTOR, VECTOR, VECTOR, VECTOR, VECTOR)
+    _compile(kernels.settle_gather, labels, INT, VECTOR, VECTOR)
+    _compile(kernels.copy_vector, labels, labels, VECTOR)  # a copy of overlapping labels
+    for float_dtype in FLOAT_DTYPES:
+        matrix = _array(float_dtype, 2)
+        _compile(kernels.gather, matrix, labels, matrix, VECTOR)
 
 
-def test_ptx_bookkeeping_kernels():
-    labels = _vector(types.int64)
-    _compile(kernels_cuda._fill_vector, labels, types.int64)
-    _compile(kernels_cuda._classify, labels, labels, labels, labels)
-    _compile(kernels_cuda._reset_classes, labels, labels, labels, labels, labels)
+@pytest.mark.parametrize("label_dtype", [np.int32, np.int64, np.uint8], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("float_dtype", FLOAT_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_ptx_step_kernels(float_dtype, label_dtype):
+    labels, matrix = _array(label_dtype, 1), _array(float_dtype, 2)
+    sums, squares = _array(np.float64, 2), _array(np.float64, 1)
+    ptx = _compile(kernels.tile_step, matrix, labels, matrix, matrix, matrix, VECTOR, VECTOR, VECTOR, sums,
+                   VECTOR, VECTOR, VECTOR, VECTOR, squares, VECTOR, BOOL, BOOL, BOOL, FLOAT, FLOAT, FLOAT)
+    float_atomics = set(re.findall(r"\b(?:atom|red)(?:\.global)?\.add\.(f\d+)", ptx))
+    assert float_atomics == {"f64"}  # the default mode's one atomic per (run, column), never rounded to float32
+    _compile(kernels.finish_spanning_classes, labels, matrix, matrix, VECTOR, VECTOR, sums, VECTOR, VECTOR,
+             VECTOR, VECTOR, squares, squares, VECTOR, BOOL, BOOL, BOOL, FLOAT, FLOAT, FLOAT)
 
 
-@pytest.mark.parametrize("float_type", FLOAT_TYPES, ids=str)
-def test_ptx_fused_step_and_spanning_classes(float_type):
-    labels = _vector(types.int64)
-    rows, centers = _matrix(float_type), _matrix(float_type)
-    sums = _matrix(float_type, "C")
-    flags = (types.boolean, types.boolean, types.boolean)
-    ptx = _compile(kernels_cuda._tile_step, rows, labels, centers, centers, _matrix(float_type, "C"), labels, labels,
-                   labels, sums, labels, labels, labels, labels, _vector(types.float64), *flags, types.float64,
-                   types.float64, types.float64, types.int64)
-    atomic = "atom.global.add.f32" if float_type == types.float32 else "atom.global.add.f64"
-    assert atomic in ptx  # the default mode's one atomic per (run, column)
-    _compile(kernels_cuda._finish_spanning_classes, labels, centers, centers, labels, labels, labels, sums, labels,
-             labels, labels, labels, types.boolean, types.boolean, types.float64, types.float64, types.int64)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64], ids=lambda d: np.dtype(d).name)
+def test_ptx_copy_and_fill_kernels(dtype):
+    matrix, vector = _array(dtype, 2), _array(dtype, 1)
+    _compile(kernels.copy_rows, matrix, matrix, VECTOR)
+    _compile(kernels.copy_vector, vector, vector, VECTOR)
+    for value in (INT, FLOAT):
+        _compile(kernels.fill_rows, matrix, value)
+        _compile(kernels.fill_vector, vector, value)
+
+
+class _DeviceMemoryAt:
+    """Stands for device memory at an address, so that a Numba device array can be made without
+    a GPU (Numba never dereferences it while it flattens the arguments)."""
+
+    def __init__(self, address):
+        self.device_ctypes_pointer = ctypes.c_void_p(address)
+
+    def own(self):
+        return self
+
+
+@pytest.mark.parametrize("shape, strides", [((3, 5), (40, 8)), ((3, 5), (8, 24)), ((4, 2), (-16, 8)), ((7,), (8,))])
+def test_launcher_flattens_arguments_as_numbas_own_launch_path(shape, strides):
+    """The direct launch hands cuda.core the very parameters Numba's own launch would: an array as
+    (meminfo, parent, nitems, itemsize, data, *shape, *strides), then int64, float64 and bool."""
+    from numba.cuda import dispatcher
+    from numba.cuda.cudadrv import devicearray
+
+    dtype = np.dtype(np.float64)
+    numba_array = devicearray.DeviceNDArray(shape, strides, dtype, gpu_data=_DeviceMemoryAt(4096))
+    view = DeviceView(None, 4096, shape, strides, dtype, False, None)
+
+    class _NoExtensions:
+        extensions = []
+
+    expected = []
+    for numba_type, value in [(_array(dtype, len(shape)), numba_array), (INT, 7), (FLOAT, 0.5), (BOOL, True)]:
+        dispatcher._Kernel._prepare_args(_NoExtensions(), numba_type, value, 0, [], expected)
+    got = launcher.kernel_parameters((view, np.int64(7), 0.5, True))
+    plain = lambda values: [getattr(v, "value", v) for v in values]  # ctypes scalars by value
+    assert plain(got) == plain(expected)
+    assert [type(v) for v in got] == [type(v) for v in expected]

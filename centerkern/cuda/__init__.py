@@ -1,0 +1,41 @@
+"""The ``cuda`` backend: Numba CUDA kernels, run on the caller's stream without host waits.
+
+The same three functions as every backend (``gather_centers``, ``scatter_sub_update``,
+``center_loss_step``), and ``check_errors`` for calls made with ``sync=False``. Each concern has
+a module of its own:
+
+* ``kernels``: the ``@cuda.jit`` kernels, and why they are laid out as they are;
+* ``arrays``: device arrays as the kernels see them, and each framework's stream and allocator;
+* ``launcher``: compiling a kernel once per signature and launching it with little host work;
+* ``driver``: what one call launches, in which order, on which scratch.
+"""
+
+from __future__ import annotations
+
+import os
+
+from numba import cuda
+
+from .._validation import BackendUnavailableError
+from .arrays import DeviceArrays
+from .driver import center_loss_step, check_errors, gather_centers, scatter_sub_update
+from .launcher import launch_path
+
+__all__ = ["DeviceArrays", "center_loss_step", "check_errors", "gather_centers", "is_available", "launch_path",
+           "require_available", "scatter_sub_update"]
+
+
+def is_available() -> bool:
+    try:
+        return bool(cuda.is_available())
+    except Exception:  # a broken driver installation reads as "not available", said by require_available
+        return False
+
+
+def require_available() -> None:
+    if not is_available():
+        simulator = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+        raise BackendUnavailableError(
+            "backend 'cuda' needs a CUDA GPU and its driver, and Numba found none"
+            + ("" if simulator else " (without a GPU, NUMBA_ENABLE_CUDASIM=1 runs Numba's CUDA simulator)")
+        )

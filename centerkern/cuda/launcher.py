@@ -1,0 +1,152 @@
+"""Launching the compiled kernels on a stream, with as little host work as a launch allows.
+
+Numba's own launch path (``kernel[grid, block, stream](*args)``) types every argument, wraps every
+array in a device-array object and flattens it into kernel parameters on every call: tens of
+microseconds per kernel, a millisecond and more for a step of several kernels. Here each kernel
+is compiled once per argument signature (all arrays typed with layout "A": the kernels index with
+strides, so one compiled kernel serves every layout), the driver's handle of the compiled kernel
+is kept, and a ``DeviceView`` is flattened straight into the parameters Numba's calling
+convention expects for an array (meminfo, parent, item count, item size, data pointer, shape,
+strides in bytes). A launch is then one ``cuda.core.launch`` call on the caller's stream.
+
+Where that path cannot be set up (Numba's CUDA simulator has no driver; a numba-cuda whose
+internals differ), launches go through Numba's own path, with the same kernels and arguments;
+``launch_path()`` says which is in use. ``@cuda.jit`` in ``kernels.py`` stays the only place
+kernels are written.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import numbers
+from typing import Any
+
+import numpy as np
+from numba import types
+from numba.cuda.np import numpy_support
+
+from .arrays import DeviceView, _simulated
+
+_DIRECT = "direct (compiled kernel handle, cuda.core.launch)"
+_path = {"name": None, "why": ""}
+
+
+def launch_path() -> str:
+    """Which launch path this process uses, and why, for ``python -m centerkern info``."""
+    if _path["name"] is None:
+        _choose_path()
+    return _path["name"] + (f" ({_path['why']})" if _path["why"] else "")
+
+
+def _choose_path() -> None:
+    if _simulated():
+        _path.update(name="numba dispatcher", why="the CUDA simulator has no driver to launch with")
+        return
+    try:
+        from cuda.core import LaunchConfig, launch  # noqa: F401  (shipped with numba-cuda)
+    except ImportError as error:
+        _path.update(name="numba dispatcher", why=f"cuda.core unavailable: {error}")
+        return
+    _path.update(name=_DIRECT, why="")
+
+
+def _fall_back(reason: str) -> None:
+    _path.update(name="numba dispatcher", why=reason)
+
+
+def _scalar_kind(value: Any) -> str:
+    if isinstance(value, (bool, np.bool_)):
+        return "bool"
+    if isinstance(value, numbers.Integral):
+        return "int"
+    if isinstance(value, numbers.Real):
+        return "float"
+    raise TypeError(f"no kernel argument type for {type(value).__name__}")
+
+
+_SCALAR_TYPES = {"bool": types.boolean, "int": types.int64, "float": types.float64}
+
+
+def _argument_key(value: Any) -> Any:
+    if isinstance(value, DeviceView):
+        return value.dtype, value.ndim
+    return _scalar_kind(value)
+
+
+def _numba_type(value: Any) -> types.Type:
+    if isinstance(value, DeviceView):
+        return types.Array(numpy_support.from_dtype(value.dtype), value.ndim, "A")
+    return _SCALAR_TYPES[_scalar_kind(value)]
+
+
+def kernel_parameters(args: tuple) -> list:
+    """The kernel parameters of ``args`` as Numba's calling convention lays them out, for
+    ``cuda.core.launch``: an array is (meminfo, parent, nitems, itemsize, data, *shape, *strides)."""
+    parameters = []
+    for value in args:
+        if isinstance(value, DeviceView):
+            parameters += (0, 0, value.size, value.dtype.itemsize, value.pointer, *value.shape, *value.strides)
+            continue
+        kind = _scalar_kind(value)
+        if kind == "bool":
+            parameters.append(bool(value))
+        elif kind == "int":
+            parameters.append(ctypes.c_int64(int(value)))
+        else:
+            parameters.append(ctypes.c_double(float(value)))
+    return parameters
+
+
+class PreparedLaunch:
+    """One kernel, compiled for one call's arguments, ready to launch on one stream."""
+
+    __slots__ = ("dispatcher", "grid", "block", "args", "kernel", "config", "stream")
+
+    def __init__(self, dispatcher, grid, block, stream, args, kernel, config):
+        self.dispatcher, self.grid, self.block, self.stream, self.args = dispatcher, grid, block, stream, args
+        self.kernel, self.config = kernel, config
+
+    def __call__(self) -> None:
+        if self.kernel is not None:
+            from cuda.core import launch
+
+            launch(self.stream, self.config, self.kernel, *kernel_parameters(self.args))
+        else:
+            arguments = [a.numba() if isinstance(a, DeviceView) else a for a in self.args]
+            self.dispatcher[self.grid, self.block, self.stream](*arguments)
+
+
+_compiled: dict[tuple, Any] = {}
+_configs: dict[tuple, Any] = {}
+
+
+def prepare(dispatcher, grid, block, arrays, *args) -> PreparedLaunch:
+    """Compile ``dispatcher`` for ``args`` (once per signature) and return its launch on the
+    stream of ``arrays`` (the call's ``DeviceArrays``), not yet made.
+
+    A call prepares every kernel it will launch before the first one that writes, so that no
+    compilation (and no failure of one) can fall between two writing launches."""
+    if _path["name"] is None:
+        _choose_path()
+    if _path["name"] != _DIRECT:
+        if not _simulated():  # compile now rather than inside the launch sequence
+            dispatcher.compile(tuple(dispatcher.typeof_pyval(a.numba()) if isinstance(a, DeviceView)
+                                     else _numba_type(a) for a in args))
+        return PreparedLaunch(dispatcher, grid, block, arrays.stream, args, None, None)
+    key = (dispatcher, arrays.device_ordinal, *map(_argument_key, args))
+    kernel = _compiled.get(key)
+    if kernel is None:
+        try:
+            compiled = dispatcher.compile(tuple(map(_numba_type, args)))
+            compiled.bind()
+            kernel = compiled._codelibrary.get_cufunc().kernel
+        except AttributeError as error:  # numba-cuda internals moved: use its own launch path
+            _fall_back(f"compiled kernel handle unavailable: {error}")
+            return prepare(dispatcher, grid, block, arrays, *args)
+        _compiled[key] = kernel
+    config = _configs.get((grid, block))
+    if config is None:
+        from cuda.core import LaunchConfig
+
+        config = _configs[(grid, block)] = LaunchConfig(grid=grid, block=block)
+    return PreparedLaunch(dispatcher, grid, block, arrays.stream, args, kernel, config)
