@@ -96,13 +96,13 @@ def _target(arrays, centers, out, out_is_centers):
     return out, (None if out_is_centers else centers)
 
 
-def validate_center_loss(features, labels, centers, alpha, rule, out, backend) -> _validation.CenterLossInputs:
+def validate_center_loss(features, labels, centers, alpha, rule, out, backend, grad_out=None) -> _validation.CenterLossInputs:
     """Every check ``center_loss`` makes, and nothing written: for callers that must know the
     input is good before they start (``centerkern.distributed``, before a collective; it runs
     on host arrays, whose labels are checked here)."""
-    features, labels, centers, out = _exportable(features, labels, centers, out)
-    _, arrays = _select(backend, features, centers, out)
-    return _validation.validate_center_loss(features, labels, centers, alpha, rule, out, arrays)
+    features, labels, centers, out, grad_out = _exportable(features, labels, centers, out, grad_out)
+    _, arrays = _select(backend, features, centers, out, grad_out)
+    return _validation.validate_center_loss(features, labels, centers, alpha, rule, out, arrays, grad_out)
 
 
 def gather_centers(centers: Any, labels: Any, *, backend: str = "auto", sync: bool = True, stream: Any = None) -> Any:
@@ -172,7 +172,8 @@ def scatter_sub_update(
 
 def center_loss(
     features: Any, labels: Any, centers: Any, alpha: Any, *, rule: str = "facenet", out: Any = None,
-    backend: str = "auto", deterministic: bool = False, sync: bool = True, stream: Any = None,
+    grad_out: Any = None, backend: str = "auto", deterministic: bool = False, sync: bool = True,
+    stream: Any = None,
 ) -> CenterLossResult:
     """One center-loss step: the loss, its gradient, and the centers moved toward the features.
 
@@ -202,6 +203,9 @@ def center_loss(
     out : None or array, shape (K, D)
         None: ``centers`` is left as it was and a new array is returned. ``out=centers`` updates
         in place without copying the K x D centers, and is returned as ``result.centers``.
+    grad_out : None or array, shape (B, D), the dtype of ``features``
+        Where to write the grad (returned as ``result.grad``), so that a training loop need not
+        allocate B x D every step. It may overlap no input. None: a new array.
     backend : {"auto", "numpy", "numba", "cuda"}
     deterministic : bool
         Bitwise-identical results from run to run. The CPU backends always are; the ``cuda``
@@ -224,16 +228,16 @@ def center_loss(
         ``(loss, grad, centers, grad_centers)``.
     """
     to_caller = _interop.converter_like(features)
-    caller_out = out
-    features, labels, centers, out = _exportable(features, labels, centers, out)
-    kernels, arrays = _select(backend, features, centers, out, stream=stream, sync=sync)
-    checked = _validation.validate_center_loss(features, labels, centers, alpha, rule, out, arrays)
+    caller_out, caller_grad_out = out, grad_out
+    features, labels, centers, out, grad_out = _exportable(features, labels, centers, out, grad_out)
+    kernels, arrays = _select(backend, features, centers, out, grad_out, stream=stream, sync=sync)
+    checked = _validation.validate_center_loss(features, labels, centers, alpha, rule, out, arrays, grad_out)
     batch_size, feature_size = checked.features.shape
     coefficients = rule_coefficients(checked.rule, checked.alpha, batch_size, feature_size)
 
     # the outputs are allocated before out is first written, so that running out of memory
     # leaves it as it was
-    grad = arrays.empty(checked.features.shape, checked.features.dtype)
+    grad = checked.grad_out if grad_out is not None else arrays.empty(checked.features.shape, checked.features.dtype)
     grad_centers = None if coefficients.moves_centers else arrays.zeros(checked.centers.shape, checked.centers.dtype)
     target, copy_from = _target(arrays, checked.centers, checked.out, checked.out_is_centers)
     written = target if coefficients.moves_centers else grad_centers
@@ -243,9 +247,11 @@ def center_loss(
     )
     if caller_out is not None and coefficients.moves_centers:
         _interop.mark_written(caller_out)
+    if caller_grad_out is not None:
+        _interop.mark_written(caller_grad_out)
     return CenterLossResult(
         loss=loss if isinstance(loss, float) else to_caller(loss),
-        grad=to_caller(grad),
+        grad=caller_grad_out if caller_grad_out is not None else to_caller(grad),
         centers=caller_out if caller_out is not None else to_caller(target),
         grad_centers=None if grad_centers is None else to_caller(grad_centers),
     )

@@ -221,25 +221,40 @@ def check_labels(
     return _labels(labels, batch_size, num_classes, HostArrays, batch_source, first_position)
 
 
-def _out(out: Any, centers, arrays) -> Any:
-    if isinstance(out, (list, tuple)):
-        raise TypeError("out must be an array, got a " + type(out).__name__)
-    check_writable(out)
-    if not arrays.holds(out):
-        raise ValueError(f"out must live in {arrays.name} memory, where this backend computes")
-    target = arrays.asarray(out, "out")
-    if target.dtype != centers.dtype:
-        raise TypeError(f"out must have the dtype of centers: out {target.dtype}, centers {centers.dtype}")
-    if tuple(target.shape) != tuple(centers.shape):
-        raise ValueError(f"out must have the shape of centers: out {tuple(target.shape)}, centers {tuple(centers.shape)}")
-    if not arrays.is_writable(target):
-        raise ValueError("out is read-only; pass a writable array or out=None")
-    if overlaps_itself(tuple(target.shape), arrays.strides(target), target.dtype.itemsize):
+def _writable_target(target: Any, name: str, like: Any, like_name: str, arrays) -> Any:
+    """A caller's array that a call will write (``out``, ``grad_out``): checked to take the
+    place of a fresh array shaped and typed as ``like``."""
+    if isinstance(target, (list, tuple)):
+        raise TypeError(f"{name} must be an array, got a " + type(target).__name__)
+    check_writable(target)
+    if not arrays.holds(target):
+        raise ValueError(f"{name} must live in {arrays.name} memory, where this backend computes")
+    checked = arrays.asarray(target, name)
+    if checked.dtype != like.dtype:
+        raise TypeError(f"{name} must have the dtype of {like_name}: {name} {checked.dtype}, {like_name} {like.dtype}")
+    if tuple(checked.shape) != tuple(like.shape):
         raise ValueError(
-            f"out overlaps itself (strides {tuple(arrays.strides(target))} for shape {tuple(target.shape)}): "
-            "some of its elements share memory; pass an array that owns each element, or out=None"
+            f"{name} must have the shape of {like_name}: {name} {tuple(checked.shape)}, {like_name} {tuple(like.shape)}"
         )
-    return target
+    if not arrays.is_writable(checked):
+        raise ValueError(f"{name} is read-only; pass a writable array or {name}=None")
+    if overlaps_itself(tuple(checked.shape), arrays.strides(checked), checked.dtype.itemsize):
+        raise ValueError(
+            f"{name} overlaps itself (strides {tuple(arrays.strides(checked))} for shape {tuple(checked.shape)}): "
+            f"some of its elements share memory; pass an array that owns each element, or {name}=None"
+        )
+    return checked
+
+
+def _grad_out(grad_out: Any, arrays, **inputs) -> Any:
+    """The checked ``grad_out``, which may overlap no input: the grad is written while they are read."""
+    if grad_out is None:
+        return None
+    checked = _writable_target(grad_out, "grad_out", inputs["features"], "features", arrays)
+    for name, value in inputs.items():
+        if value is not None and arrays.may_share_memory(checked, value):
+            raise ValueError(f"grad_out overlaps {name}; pass a buffer of its own, or grad_out=None")
+    return checked
 
 
 def _read_before_write(arrays, target, **inputs):
@@ -274,6 +289,7 @@ class CenterLossInputs:
     rule: str
     out: Any
     out_is_centers: bool
+    grad_out: Any = None  # None, or the caller's (B, D) array for the grad
 
 
 def validate_gather(centers: Any, labels: Any, arrays) -> GatherInputs:
@@ -288,7 +304,7 @@ def _resolve_out(out, arrays, **inputs):
     if out is None:
         return None, False, tuple(inputs.values())
     centers = inputs["centers"]
-    target = _out(out, centers, arrays)
+    target = _writable_target(out, "out", centers, "centers", arrays)
     out_is_centers = arrays.same_memory(target, centers)
     if out_is_centers:
         del inputs["centers"]
@@ -309,7 +325,7 @@ def validate_scatter(centers: Any, labels: Any, updates: Any, out: Any, arrays) 
 
 
 def validate_center_loss(
-    features: Any, labels: Any, centers: Any, alpha: Any, rule: Any, out: Any, arrays
+    features: Any, labels: Any, centers: Any, alpha: Any, rule: Any, out: Any, arrays, grad_out: Any = None
 ) -> CenterLossInputs:
     rule = check_choice(rule, "rule", RULES)
     alpha = check_alpha(alpha)
@@ -320,7 +336,10 @@ def validate_center_loss(
     labels = _labels(
         labels, features.shape[0], centers.shape[0], arrays, f"features of shape {tuple(features.shape)}"
     )
+    grad_out = _grad_out(grad_out, arrays, features=features, labels=labels, centers=centers)
     target, out_is_centers, (centers, labels, features) = _resolve_out(
         out, arrays, centers=centers, labels=labels, features=arrays.contiguous(features)
     )
-    return CenterLossInputs(features, labels, centers, alpha, rule, target, out_is_centers)
+    if grad_out is not None and target is not None and arrays.may_share_memory(grad_out, target):
+        raise ValueError("grad_out overlaps out; pass a buffer of its own, or grad_out=None")
+    return CenterLossInputs(features, labels, centers, alpha, rule, target, out_is_centers, grad_out)

@@ -286,6 +286,27 @@ def test_cuda_strided_device_views_and_separate_out():
     np.testing.assert_array_equal(to_host(device_centers), centers)  # out=None semantics for the input
 
 
+@pytest.mark.parametrize("rule", centerkern.RULES)
+def test_cuda_grad_out_on_the_device(rule):
+    features, labels, centers, _ = _batch(9, 18, 4, 5, hot_share=0.5)
+    reference = centerkern.center_loss(features, labels, centers, 0.5, rule=rule, backend="numpy")
+    grad_out = cuda.to_device(np.full_like(features, np.nan))
+    result = centerkern.center_loss(cuda.to_device(features), cuda.to_device(labels), cuda.to_device(centers), 0.5,
+                                    rule=rule, grad_out=grad_out)
+    assert result.grad is grad_out
+    assert_matches(grad_out, reference.grad, features, centers)
+    bad = labels.copy()
+    bad[3] = 5
+    grad_out = cuda.to_device(np.full_like(features, 3.0))
+    with pytest.raises(IndexError, match="label 5 at position 3"):
+        centerkern.center_loss(cuda.to_device(features), cuda.to_device(bad), cuda.to_device(centers), 0.5,
+                               rule=rule, grad_out=grad_out)
+    np.testing.assert_array_equal(to_host(grad_out), 3.0)  # not written on a bad batch
+    with pytest.raises(ValueError, match="grad_out must live in device memory"):
+        centerkern.center_loss(cuda.to_device(features), cuda.to_device(labels), cuda.to_device(centers), 0.5,
+                               grad_out=np.empty_like(features))
+
+
 def test_cuda_empty_batch_on_the_device():
     centers = np.arange(6, dtype=np.float32).reshape(3, 2)
     device_centers = cuda.to_device(centers)

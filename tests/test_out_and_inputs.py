@@ -157,3 +157,37 @@ def test_auto_runs_numba_for_host_arrays(monkeypatch):
     features, labels, centers = _data()
     centerkern.center_loss(features, labels, centers, 0.5)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rule", centerkern.RULES)
+def test_grad_out_receives_the_grad_and_is_returned(backend, rule):
+    features, labels, centers = _data()
+    expected = centerkern.center_loss(features, labels, centers, 0.5, rule=rule, backend="numpy")
+    grad_out = np.full_like(features, np.nan)
+    result = centerkern.center_loss(features, labels, centers, 0.5, rule=rule, grad_out=grad_out, backend=backend)
+    assert result.grad is grad_out
+    assert_matches(grad_out, expected.grad, features, centers)
+    assert_matches(result.centers, expected.centers, features, centers)
+
+
+def test_grad_out_is_checked_before_anything_is_written():
+    features, labels, centers = _data()
+    before = centers.copy()
+    cases = [
+        (np.empty((40, 7), np.float32), ValueError, "grad_out must have the shape of features"),
+        (np.empty((40, 8), np.float64), TypeError, "grad_out must have the dtype of features"),
+        (np.lib.stride_tricks.as_strided(np.empty(8, np.float32), (40, 8), (0, 4), writeable=True), ValueError,
+         "grad_out overlaps itself"),
+        (features, ValueError, "grad_out overlaps features"),
+    ]
+    read_only = np.empty((40, 8), np.float32)
+    read_only.flags.writeable = False
+    cases.append((read_only, ValueError, "grad_out is read-only"))
+    for grad_out, error, message in cases:
+        with pytest.raises(error, match=message):
+            centerkern.center_loss(features, labels, centers, 0.5, out=centers, grad_out=grad_out)
+    np.testing.assert_array_equal(centers, before)
+    shared = np.empty((45, 8), np.float32)
+    with pytest.raises(ValueError, match="grad_out overlaps out"):
+        centerkern.center_loss(features, labels, centers, 0.5, out=shared[:5], grad_out=shared[4:44])
