@@ -160,7 +160,8 @@ class CenterLoss(nn.Module):
         """Evaluation: the same loss, the centers neither moved nor copied (the kernel gather
         reads only the batch's B rows), differentiable by autograd."""
         check_same_dtype(features=features, centers=self.centers)
-        gathered = _api.gather_centers(self.centers, labels, backend=self.backend)
+        # sync=False: on the GPU the gather is queued, not waited for (host tensors ignore it)
+        gathered = _api.gather_centers(self.centers, labels, backend=self.backend, sync=False)
         if features.shape != gathered.shape:
             raise ValueError(
                 f"features of shape {tuple(features.shape)} do not match {labels.numel()} labels "

@@ -125,6 +125,36 @@ def test_cuda_sync_false_defers_the_error_to_the_next_call_or_check_errors():
     assert_matches(device_centers, reference.centers, features, centers)
 
 
+@pytest.mark.parametrize("rule", centerkern.RULES)
+def test_cuda_bad_batch_under_sync_false_leaves_no_uninitialised_result(rule):
+    """A caller that does not wait for the verdict must not train on memory nobody wrote: the
+    backend's own fresh results of a bad call are NaN (the caller's own arrays are untouched)."""
+    features, labels, centers, updates = _batch(12, 20, 5, 4)
+    labels[9] = 4
+    result = centerkern.center_loss(cuda.to_device(features), cuda.to_device(labels), cuda.to_device(centers), 0.5,
+                                    rule=rule, sync=False)
+    for fresh in (result.loss, result.grad, result.centers, result.grad_centers):
+        if fresh is not None:
+            assert np.isnan(to_host(fresh)).all()
+    with pytest.raises(IndexError, match="label 4 at position 9"):
+        centerkern.cuda.check_errors()
+    scattered = centerkern.scatter_sub_update(cuda.to_device(centers), cuda.to_device(labels),
+                                              cuda.to_device(updates), sync=False)
+    assert np.isnan(to_host(scattered)).all()
+    with pytest.raises(IndexError, match="label 4 at position 9"):
+        centerkern.cuda.check_errors()
+
+
+def test_cuda_strided_labels_of_any_shape_on_the_device():
+    features, labels, centers, _ = _batch(13, 24, 3, 5)
+    reference = centerkern.center_loss(features, labels, centers, 0.5, backend="numpy")
+    wide = np.zeros((2, 3, 2, 4), labels.dtype)
+    wide[:, :, :, ::2] = labels.reshape(2, 3, 2, 2)
+    strided = cuda.to_device(wide)[:, :, :, ::2]  # 24 labels in a 4-D non-contiguous view
+    result = centerkern.center_loss(cuda.to_device(features), strided, cuda.to_device(centers), 0.5)
+    assert_matches(result.centers, reference.centers, features, centers)
+
+
 def test_cuda_host_inputs_keep_a_float_loss_and_ignore_sync():
     features, labels, centers, _ = _batch(5, 12, 3, 4)
     reference = centerkern.center_loss(features, labels, centers, 0.5, backend="numpy")

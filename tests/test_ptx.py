@@ -75,7 +75,7 @@ def test_ptx_step_kernels(float_dtype, label_dtype):
     labels, matrix = _array(label_dtype, 1), _array(float_dtype, 2)
     sums, squares = _array(np.float64, 2), _array(np.float64, 1)
     ptx = _compile(kernels.tile_step, matrix, labels, matrix, matrix, matrix, VECTOR, VECTOR, VECTOR, sums,
-                   VECTOR, VECTOR, VECTOR, VECTOR, squares, VECTOR, BOOL, BOOL, BOOL, FLOAT, FLOAT, FLOAT)
+                   VECTOR, VECTOR, VECTOR, VECTOR, squares, VECTOR, BOOL, BOOL, BOOL, FLOAT, FLOAT, FLOAT, BOOL, BOOL)
     float_atomics = set(re.findall(r"\b(?:atom|red)(?:\.global)?\.add\.(f\d+)", ptx))
     assert float_atomics == {"f64"}  # the default mode's one atomic per (run, column), never rounded to float32
     _compile(kernels.finish_spanning_classes, labels, matrix, matrix, VECTOR, VECTOR, sums, VECTOR, VECTOR,
@@ -85,7 +85,7 @@ def test_ptx_step_kernels(float_dtype, label_dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64], ids=lambda d: np.dtype(d).name)
 def test_ptx_copy_and_fill_kernels(dtype):
     matrix, vector = _array(dtype, 2), _array(dtype, 1)
-    _compile(kernels.copy_rows, matrix, matrix, VECTOR)
+    _compile(kernels.copy_rows, matrix, matrix, VECTOR, BOOL)
     _compile(kernels.copy_vector, vector, vector, VECTOR)
     for value in (INT, FLOAT):
         _compile(kernels.fill_rows, matrix, value)

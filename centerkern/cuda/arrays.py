@@ -51,12 +51,15 @@ class DeviceView(Owned):
     memory (kept alive by the view); ``numba()`` is the same memory as a Numba device array, for
     launches through Numba's own launch path (the simulator's)."""
 
-    __slots__ = ("pointer", "shape", "strides", "dtype", "readonly", "arrays", "_numba", "_derive")
+    __slots__ = ("pointer", "shape", "strides", "dtype", "readonly", "arrays", "fresh", "parameters", "_numba",
+                 "_derive")
 
     def __init__(self, owner, pointer, shape, strides, dtype, readonly, arrays, numba_array=None, derive=None):
         self.owner = owner
         self.pointer, self.shape, self.strides = pointer, tuple(shape), tuple(strides)
         self.dtype, self.readonly, self.arrays = dtype, readonly, arrays
+        self.fresh = False  # allocated by the backend for this call's results, not the caller's memory
+        self.parameters = None  # the kernel parameters of this array, flattened once (see launcher)
         self._numba, self._derive = numba_array, derive
 
     @classmethod
@@ -112,12 +115,7 @@ class DeviceView(Owned):
 _NUMPY_DTYPE_OF_TORCH: dict = {}
 
 
-def _describe_torch_tensor(owner: Any):
-    """(pointer, shape, strides, dtype, readonly) of a torch tensor from its own attributes:
-    torch's ``__cuda_array_interface__`` is Python code that costs several microseconds per
-    tensor, on every call. None for anything else (and for dtypes NumPy does not have)."""
-    if not type(owner).__module__.startswith("torch"):
-        return None
+def _numpy_dtypes_of_torch() -> dict:
     if not _NUMPY_DTYPE_OF_TORCH:
         import torch
 
@@ -125,7 +123,16 @@ def _describe_torch_tensor(owner: Any):
                      "uint64", "bool", "float16"):
             if hasattr(torch, name):
                 _NUMPY_DTYPE_OF_TORCH[getattr(torch, name)] = np.dtype(name)
-    dtype = _NUMPY_DTYPE_OF_TORCH.get(owner.dtype)
+    return _NUMPY_DTYPE_OF_TORCH
+
+
+def _describe_torch_tensor(owner: Any):
+    """(pointer, shape, strides, dtype, readonly) of a torch tensor from its own attributes:
+    torch's ``__cuda_array_interface__`` is Python code that costs several microseconds per
+    tensor, on every call. None for anything else (and for dtypes NumPy does not have)."""
+    if not type(owner).__module__.startswith("torch"):
+        return None
+    dtype = _numpy_dtypes_of_torch().get(owner.dtype)
     if dtype is None:
         return None
     strides = tuple(step * dtype.itemsize for step in owner.stride())
@@ -152,6 +159,11 @@ class _NumbaMemory:
     def zeros(self, shape, dtype):
         return None  # filled by a kernel on the call's stream (see DeviceArrays.zeros)
 
+    def flat(self, owner):
+        # rare (labels of three or more dimensions, strided): through the host
+        host = np.ascontiguousarray(owner.copy_to_host(stream=self.stream)).reshape(-1)
+        return cuda.to_device(host, stream=self.stream)
+
 
 
 class _TorchMemory:
@@ -169,14 +181,20 @@ class _TorchMemory:
         return self.device.index if self.device.index is not None else self.torch.cuda.current_device()
 
     def empty(self, shape, dtype):
-        return self.torch.empty(shape, dtype=_TORCH_DTYPES[np.dtype(dtype)](self.torch), device=self.device)
+        return self.torch.empty(shape, dtype=_torch_dtype(dtype), device=self.device)
 
     def zeros(self, shape, dtype):
-        return self.torch.zeros(shape, dtype=_TORCH_DTYPES[np.dtype(dtype)](self.torch), device=self.device)
+        return self.torch.zeros(shape, dtype=_torch_dtype(dtype), device=self.device)
+
+    def flat(self, owner):
+        return owner.reshape(-1)  # a copy on torch's current stream, from its allocator
 
 
-_TORCH_DTYPES = {np.dtype(np.float32): lambda t: t.float32, np.dtype(np.float64): lambda t: t.float64,
-                 np.dtype(np.int64): lambda t: t.int64}
+def _torch_dtype(dtype) -> Any:
+    for torch_dtype, numpy_dtype in _numpy_dtypes_of_torch().items():
+        if numpy_dtype == dtype:
+            return torch_dtype
+    raise TypeError(f"torch has no dtype {np.dtype(dtype)}")
 
 
 class _CupyMemory:
@@ -200,6 +218,10 @@ class _CupyMemory:
     def zeros(self, shape, dtype):
         with self.cupy.cuda.Device(self.device_id):
             return self.cupy.zeros(shape, dtype=dtype)
+
+    def flat(self, owner):
+        with self.cupy.cuda.Device(self.device_id):
+            return owner.reshape(-1)  # a copy on CuPy's current stream, from its pool
 
 
 def _simulated() -> bool:
@@ -304,7 +326,7 @@ class DeviceArrays:
             return labels
         if labels.is_c_contiguous():
             return labels.reshape((labels.size,))
-        return self.copy(labels).reshape((labels.size,))  # rare: strided N-D labels
+        return DeviceView.of(self.memory.flat(labels.owner), self)  # rare: strided N-D labels
 
     @staticmethod
     def first_out_of_range(labels: DeviceView, num_classes: int) -> None:
@@ -339,16 +361,20 @@ class DeviceArrays:
         return start_a < end_b and start_b < end_a
 
     def empty(self, shape: tuple[int, ...], dtype) -> DeviceView:
-        return DeviceView.of(self.memory.empty(tuple(shape), np.dtype(dtype)), self)
+        view = DeviceView.of(self.memory.empty(tuple(shape), np.dtype(dtype)), self)
+        view.fresh = True
+        return view
 
     def zeros(self, shape: tuple[int, int], dtype) -> DeviceView:
         owner = self.memory.zeros(tuple(shape), np.dtype(dtype))
-        if owner is not None:
-            return DeviceView.of(owner, self)
-        from . import driver
+        if owner is None:
+            from . import driver
 
-        view = self.empty(shape, dtype)
-        driver.fill(view, 0, self)
+            view = self.empty(shape, dtype)
+            driver.fill(view, 0, self)
+            return view
+        view = DeviceView.of(owner, self)
+        view.fresh = True
         return view
 
     def copy(self, x: DeviceView) -> DeviceView:

@@ -61,6 +61,8 @@ class _Scratch:
         self._pending_view: DeviceView | None = None
         self.last_stream: int | None = None
         self.done = None  # an event recorded after the last call, on its stream
+        self.captured = False  # whether a CUDA graph has captured a call using this scratch
+        self.retired: list = []  # arrays replaced by larger ones, kept while a graph may use them
 
     def pending_view(self) -> DeviceView:
         if self._pending_view is None:
@@ -92,6 +94,8 @@ class _Scratch:
                 view = DeviceView.of(cuda.device_array(capacity, dtype=np.int64, stream=arrays.stream), None)
                 fill(view, value, arrays)
                 built.append(view)
+            if self.captured and self.classes is not None:
+                self.retired.append(self.classes)
             self.classes, self.capacity = tuple(built), capacity
         return self.classes
 
@@ -110,6 +114,8 @@ class _Scratch:
                                      stream=arrays.stream)
             if fill_value is not None:
                 fill(DeviceView.of(held, None), fill_value, arrays)
+            if self.captured and (name, dtype) in self.buffers:
+                self.retired.append(self.buffers[(name, dtype)])
             self.buffers[(name, dtype)] = held
             self.views = {key: value for key, value in self.views.items() if key[0] != name}
         view = DeviceView.of(held[:size].reshape(shape), None)
@@ -134,6 +140,15 @@ class _Scratch:
 
 
 _scratches: dict[int, _Scratch] = {}
+_kept_for_graphs: list[_Scratch] = []  # discarded scratch that a captured graph may still use
+
+
+def _discard(scratch: _Scratch) -> None:
+    """After a failure midway the bookkeeping may be dirty: the next call starts afresh. Memory a
+    captured graph refers to is kept, since its replays still use it."""
+    _scratches.pop(_context_key(scratch.context), None)
+    if scratch.captured:
+        _kept_for_graphs.append(scratch)
 
 
 def _context_key(context: Any) -> int:
@@ -178,27 +193,35 @@ def _call(arrays: DeviceArrays):
     label check's verdict before returning."""
     with _device_context(arrays):
         scratch = _scratch_for_current_context()
-        error = scratch.take_pending_error()  # a bad label of an earlier sync=False call
-        if error is not None:
-            raise error
         capturing = _is_capturing(arrays)
         if capturing and arrays.sync:
             raise ValueError("sync=True waits for the GPU, which a stream under CUDA graph capture cannot; "
                              "pass sync=False to capture this call")
+        if arrays.sync and scratch.done is not None:
+            # this call waits for the GPU anyway: let an earlier sync=False call finish first, so
+            # that its bad label is raised before this call writes, and the verdict read after
+            # this call is this call's own
+            scratch.done.synchronize()
+        error = scratch.take_pending_error()  # a bad label of an earlier sync=False call
+        if error is not None:
+            raise error
         if not capturing and scratch.done is not None and scratch.last_stream != arrays.stream_handle:
             scratch.done.wait(arrays.stream)
         try:
             scratch.ensure_status(arrays)
             yield scratch
         except BaseException:
-            _scratches.pop(_context_key(scratch.context), None)
+            _discard(scratch)
             raise
         if capturing:
-            scratch.done = None  # an event recorded under capture cannot be waited on outside it
+            # a graph now holds the scratch's addresses: none of it may be freed from now on. (An
+            # event recorded under capture cannot be waited on outside it: the ordering of eager
+            # calls stays as it was.)
+            scratch.captured = True
         elif not _simulated():
             scratch.done = scratch.done or cuda.event(timing=False)
             scratch.done.record(arrays.stream)
-        scratch.last_stream = arrays.stream_handle
+            scratch.last_stream = arrays.stream_handle
         if arrays.sync:
             arrays.stream.synchronize()
             error = scratch.take_pending_error()
@@ -238,7 +261,7 @@ def copy(source: DeviceView, destination: DeviceView) -> None:
                     always_clear)()
         else:
             prepare(kernels.copy_rows, _row_blocks(source.shape[0]), _row_threads(source.shape[1]), arrays,
-                    source, destination, always_clear)()
+                    source, destination, always_clear, True)()
 
 
 # --------------------------------------------------------------------------- the three functions
@@ -352,16 +375,17 @@ def _segmented_update(arrays, scratch, rows, labels, centers, written, grad, los
     block_squares = buffer("block squares", (tile_blocks * column_blocks,), np.float64, arrays)
     status = scratch.status
 
-    launches = [prepare(kernels.classify, _grid_1d(batch_size), THREADS_1D, arrays,
+    launches = [prepare(kernels.classify, tile_blocks, kernels.TILE_ROWS, arrays,
                         labels, num_classes, first_row, last_row, counts, status)]
     if copy_from is not None:
         launches.append(prepare(kernels.copy_rows, _row_blocks(num_classes), threads, arrays,
-                                copy_from, centers, status))
+                                copy_from, centers, status, centers.fresh))
     launches += [
         prepare(kernels.tile_step, (tile_blocks, column_blocks), threads, arrays,
                 rows, labels, centers, written, grad, first_row, last_row, counts, spanning_sums,
                 spanning_leaders, spanning_count, tile_sorted_labels, tile_sorted_rows, block_squares, status,
-                rows_are_features, deterministic, moves_centers, rule_step, count_weight, grad_scale),
+                rows_are_features, deterministic, moves_centers, rule_step, count_weight, grad_scale,
+                grad.fresh, written.fresh and written is not centers),
         prepare(kernels.finish_spanning_classes, (_grid_1d(batch_size), column_blocks), threads, arrays,
                 labels, centers, written, last_row, counts, spanning_sums, spanning_leaders, spanning_count,
                 tile_sorted_labels, tile_sorted_rows, block_squares, loss, status,

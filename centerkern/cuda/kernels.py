@@ -24,12 +24,13 @@ What a run's sum does next depends on the class:
 
 One step is four kernels, in stream order: ``classify`` (the label range check fused with the
 per-class bookkeeping, reading the caller's labels in their own integer dtype), ``copy_rows``
-(only when the update goes into a copy), ``tile_step``, ``finish_spanning_classes`` (which also
-reduces the loss on the device, in a fixed order), ``settle`` (which puts the bookkeeping back).
+(only when the update goes into a copy, which makes five), ``tile_step``,
+``finish_spanning_classes`` (which also reduces the loss on the device, in a fixed order), and
+``settle`` (which puts the bookkeeping back).
 
 The label check never needs the host. ``classify`` records the first bad position in
-``status``; every later kernel that writes reads ``status`` first and writes nothing when it is
-set; ``settle`` moves the bad position and value into ``pending``, host-mapped memory the host
+``status``; every later kernel that writes reads ``status`` first and writes nothing of the
+caller's when it is set (the backend's own fresh results become NaN); ``settle`` moves the bad position and value into ``pending``, host-mapped memory the host
 reads whenever it chooses to (at once with ``sync=True``, or at the next call), and clears
 ``status`` for the next call.
 
@@ -71,17 +72,39 @@ def _bad(status) -> bool:
 
 @cuda.jit(cache=_CACHE)
 def classify(labels, num_classes, first_row, last_row, counts, status):
-    """First kernel of a step: check every label (recording the first bad position) and count
-    the classes of the good ones. Writes only the backend's own bookkeeping."""
-    start, stride = cuda.grid(1), cuda.gridsize(1)
-    for i in range(start, labels.size, stride):
-        label = int64(labels[i])  # an unsigned label past the int64 range turns negative: still bad
-        if label < 0 or label >= num_classes:
-            cuda.atomic.min(status, 0, i)
-        else:
-            cuda.atomic.min(first_row, label, i)
-            cuda.atomic.max(last_row, label, i)
-            cuda.atomic.add(counts, label, 1)
+    """First kernel of a step: check every label (recording the first bad position) and note,
+    per class, its first and last row and its count. Writes only the backend's own bookkeeping.
+
+    A block takes a tile of ``TILE_ROWS`` rows (one thread per row, as the tile kernel cuts them)
+    and compares each row with the tile's others in shared memory, so that only the first row of
+    a class in the tile updates its first row and count, and only the last its last row: with
+    one class holding most of the batch, three atomics per tile instead of three per sample."""
+    tile_labels = cuda.shared.array(TILE_ROWS, int64)
+    p = cuda.threadIdx.x
+    tiles = (labels.size + TILE_ROWS - 1) // TILE_ROWS
+    for tile in range(cuda.blockIdx.x, tiles, cuda.gridDim.x):
+        tile_start = tile * TILE_ROWS
+        tile_size = min(TILE_ROWS, labels.size - tile_start)
+        cuda.syncthreads()  # the previous tile's labels are no longer read
+        if p < tile_size:
+            tile_labels[p] = int64(labels[tile_start + p])  # an unsigned label past 2**63 turns negative: bad
+        cuda.syncthreads()
+        if p < tile_size:
+            label = tile_labels[p]
+            if label < 0 or label >= num_classes:
+                cuda.atomic.min(status, 0, tile_start + p)
+            else:
+                first_of_class, last_of_class, count = True, True, 0
+                for q in range(tile_size):
+                    if tile_labels[q] == label:
+                        count += 1
+                        first_of_class = first_of_class and q >= p
+                        last_of_class = last_of_class and q <= p
+                if first_of_class:
+                    cuda.atomic.min(first_row, label, tile_start + p)
+                    cuda.atomic.add(counts, label, count)
+                if last_of_class:
+                    cuda.atomic.max(last_row, label, tile_start + p)
 
 
 @cuda.jit(cache=_CACHE)
@@ -95,18 +118,22 @@ def check_labels(labels, num_classes, status):
 
 
 @cuda.jit(cache=_CACHE)
-def copy_rows(source, destination, status):
-    """``destination[...] = source``, unless a label of the call was bad (copies into the backend's
-    own fresh arrays are given a status that is never set)."""
-    if _bad(status):
+def copy_rows(source, destination, status, destination_is_fresh):
+    """``destination[...] = source``, unless a label of the call was bad: then a destination of the
+    caller's is left alone, and a fresh one of the backend's is filled with NaN, so that no
+    result of a failed call can be mistaken for a value. (Copies made before the call's check
+    are given a status that is never set.)"""
+    bad = _bad(status)
+    if bad and not destination_is_fresh:
         return
     for row in range(cuda.blockIdx.x, source.shape[0], cuda.gridDim.x):
         for k in range(cuda.threadIdx.x, source.shape[1], cuda.blockDim.x):
-            destination[row, k] = source[row, k]
+            destination[row, k] = np.nan if bad else source[row, k]
 
 
 @cuda.jit(cache=_CACHE)
 def copy_vector(source, destination, status):
+    """A copy into a fresh vector of the backend's own, before the call's check."""
     if _bad(status):
         return
     start, stride = cuda.grid(1), cuda.gridsize(1)
@@ -143,11 +170,17 @@ def gather(centers, labels, out, status):
 def tile_step(
     rows, labels, centers, written, grad, first_row, last_row, counts, spanning_sums,
     spanning_leaders, spanning_count, tile_sorted_labels, tile_sorted_rows, block_squares, status,
-    rows_are_features, deterministic, moves_centers, step, count_weight, grad_scale,
+    rows_are_features, deterministic, moves_centers, step, count_weight, grad_scale, grad_is_fresh,
+    written_is_fresh,
 ):
     """Each block: tiles of the batch (grid-stride), one slice of columns (see the module docstring)."""
     if _bad(status):
-        return  # nothing of the caller's is written on a bad batch
+        # nothing of the caller's is written on a bad batch; the backend's own fresh outputs
+        # (the grad, grad_centers) become NaN, so that a caller that does not wait for the
+        # verdict (sync=False) cannot train on uninitialised memory
+        _fill_nan_if(grad_is_fresh and rows_are_features, grad)
+        _fill_nan_if(written_is_fresh, written)
+        return
     tile_labels = cuda.shared.array(TILE_ROWS, int64)
     order = cuda.shared.array(TILE_ROWS, int64)
     squares_by_thread = cuda.shared.array(COLUMNS_PER_BLOCK, float64)
@@ -216,6 +249,15 @@ def tile_step(
     total = _block_sum(squares_by_thread, thread, threads)
     if thread == 0:
         block_squares[cuda.blockIdx.x * cuda.gridDim.y + cuda.blockIdx.y] = total
+
+
+@cuda.jit(device=True)
+def _fill_nan_if(condition, matrix):
+    if condition:
+        for row in range(cuda.blockIdx.x, matrix.shape[0], cuda.gridDim.x):
+            for k in range(cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x, matrix.shape[1],
+                           cuda.gridDim.y * cuda.blockDim.x):
+                matrix[row, k] = np.nan
 
 
 @cuda.jit(device=True)

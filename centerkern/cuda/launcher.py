@@ -42,11 +42,13 @@ def _choose_path() -> None:
     if _simulated():
         _path.update(name="numba dispatcher", why="the CUDA simulator has no driver to launch with")
         return
+    global _launch
     try:
-        from cuda.core import LaunchConfig, launch  # noqa: F401  (shipped with numba-cuda)
+        from cuda.core import launch  # shipped with numba-cuda
     except ImportError as error:
         _path.update(name="numba dispatcher", why=f"cuda.core unavailable: {error}")
         return
+    _launch = launch
     _path.update(name=_DIRECT, why="")
 
 
@@ -85,7 +87,10 @@ def kernel_parameters(args: tuple) -> list:
     parameters = []
     for value in args:
         if isinstance(value, DeviceView):
-            parameters += (0, 0, value.size, value.dtype.itemsize, value.pointer, *value.shape, *value.strides)
+            if value.parameters is None:  # once per view: the backend's scratch views live across calls
+                value.parameters = (0, 0, value.size, value.dtype.itemsize, value.pointer, *value.shape,
+                                    *value.strides)
+            parameters += value.parameters
             continue
         kind = _scalar_kind(value)
         if kind == "bool":
@@ -108,9 +113,7 @@ class PreparedLaunch:
 
     def __call__(self) -> None:
         if self.kernel is not None:
-            from cuda.core import launch
-
-            launch(self.stream, self.config, self.kernel, *kernel_parameters(self.args))
+            _launch(self.stream, self.config, self.kernel, *kernel_parameters(self.args))
         else:
             arguments = [a.numba() if isinstance(a, DeviceView) else a for a in self.args]
             self.dispatcher[self.grid, self.block, self.stream](*arguments)
@@ -118,6 +121,19 @@ class PreparedLaunch:
 
 _compiled: dict[tuple, Any] = {}
 _configs: dict[tuple, Any] = {}
+_core_streams: dict[int, Any] = {}
+_launch = None  # cuda.core.launch, once the direct path is chosen
+
+
+def _core_stream(arrays) -> Any:
+    """cuda.core's own stream object for the call's stream, made once per handle: given Numba's,
+    cuda.core would build one at every launch."""
+    from cuda.core import Stream
+
+    try:
+        return Stream.from_handle(arrays.stream_handle)
+    except Exception:  # e.g. a default-stream handle it will not wrap: Numba's object serves
+        return arrays.stream
 
 
 def prepare(dispatcher, grid, block, arrays, *args) -> PreparedLaunch:
@@ -133,6 +149,9 @@ def prepare(dispatcher, grid, block, arrays, *args) -> PreparedLaunch:
             dispatcher.compile(tuple(dispatcher.typeof_pyval(a.numba()) if isinstance(a, DeviceView)
                                      else _numba_type(a) for a in args))
         return PreparedLaunch(dispatcher, grid, block, arrays.stream, args, None, None)
+    stream = _core_streams.get(arrays.stream_handle)
+    if stream is None:
+        stream = _core_streams[arrays.stream_handle] = _core_stream(arrays)
     key = (dispatcher, arrays.device_ordinal, *map(_argument_key, args))
     kernel = _compiled.get(key)
     if kernel is None:
@@ -149,4 +168,4 @@ def prepare(dispatcher, grid, block, arrays, *args) -> PreparedLaunch:
         from cuda.core import LaunchConfig
 
         config = _configs[(grid, block)] = LaunchConfig(grid=grid, block=block)
-    return PreparedLaunch(dispatcher, grid, block, arrays.stream, args, kernel, config)
+    return PreparedLaunch(dispatcher, grid, block, stream, args, kernel, config)
