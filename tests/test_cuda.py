@@ -197,16 +197,28 @@ def test_cuda_spanning_sums_are_float64_in_both_modes():
         assert got[0, 0] == -1.0, deterministic
 
 
-def test_cuda_out_that_overlaps_itself_is_refused():
-    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+def _device_broadcast_rows(row):
+    """A writable (4, D) device array whose four rows are one row of memory (row stride 0)."""
+    if SIMULATED:
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 
+        return FakeCUDAArray(np.lib.stride_tricks.as_strided(row, (4, row.size), (0, row.itemsize), writeable=True))
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+    device_row = cuda.to_device(row)
+    return DeviceNDArray((4, row.size), (0, row.itemsize), row.dtype, gpu_data=device_row.gpu_data)
+
+
+def test_cuda_out_that_overlaps_itself_is_refused():
     features, labels, centers, _ = _batch(7, 8, 3, 4)
     storage = np.zeros(3, np.float32)
     broadcast = np.lib.stride_tricks.as_strided(storage, shape=(4, 3), strides=(0, 4), writeable=True)
-    for out in (broadcast, FakeCUDAArray(broadcast)):
+    device_broadcast = _device_broadcast_rows(np.zeros(3, np.float32))
+    for out in (broadcast, device_broadcast):
         with pytest.raises(ValueError, match="out overlaps itself"):
             centerkern.center_loss(features, labels, centers, 0.5, out=out, backend="cuda")
     np.testing.assert_array_equal(storage, 0)
+    np.testing.assert_array_equal(to_host(device_broadcast), 0)
 
 
 def test_cuda_failure_while_growing_the_bookkeeping_leaves_it_clean(monkeypatch):
@@ -277,15 +289,19 @@ def test_cuda_scratch_belongs_to_one_device_context(monkeypatch):
 def test_cuda_launch_shape_is_one_compile_time_fact():
     from centerkern.cuda import kernels
 
-    assert (kernels.TILE_ROWS, kernels.COLUMNS_PER_BLOCK) == (4, 4)  # CENTERKERN_CUDA_TILE, set by conftest
-    assert not kernels._CACHE  # kernels of a shrunk shape never reach the disk cache
+    if SIMULATED:
+        assert (kernels.TILE_ROWS, kernels.COLUMNS_PER_BLOCK) == (4, 4)  # CENTERKERN_CUDA_TILE, set by conftest
+        assert not kernels._CACHE  # kernels of a shrunk shape never reach the disk cache
+    else:
+        assert (kernels.TILE_ROWS, kernels.COLUMNS_PER_BLOCK) == (64, 128) and kernels._CACHE
 
 
 def test_cuda_launch_path_and_kernel_parameters():
     from centerkern.cuda import launcher
     from centerkern.cuda.arrays import DeviceView
 
-    assert launcher.launch_path().startswith("numba dispatcher")  # the simulator has no driver
+    # the simulator has no driver to launch with; a GPU takes the direct path
+    assert launcher.launch_path().startswith("numba dispatcher" if SIMULATED else "direct")
     view = DeviceView(None, 4096, (3, 5), (40, 8), np.dtype(np.float64), False, None)
     parameters = launcher.kernel_parameters((view, 7, 0.5, True))
     # Numba's calling convention for an array: meminfo, parent, nitems, itemsize, data, shape, strides

@@ -159,9 +159,9 @@ class _NumbaMemory:
     def zeros(self, shape, dtype):
         return None  # filled by a kernel on the call's stream (see DeviceArrays.zeros)
 
-    def flat(self, owner):
+    def flat(self, view):
         # rare (labels of three or more dimensions, strided): through the host
-        host = np.ascontiguousarray(owner.copy_to_host(stream=self.stream)).reshape(-1)
+        host = np.ascontiguousarray(view.numba().copy_to_host(stream=self.stream)).reshape(-1)
         return cuda.to_device(host, stream=self.stream)
 
 
@@ -186,8 +186,8 @@ class _TorchMemory:
     def zeros(self, shape, dtype):
         return self.torch.zeros(shape, dtype=_torch_dtype(dtype), device=self.device)
 
-    def flat(self, owner):
-        return owner.reshape(-1)  # a copy on torch's current stream, from its allocator
+    def flat(self, view):
+        return view.owner.reshape(-1)  # a copy on torch's current stream, from its allocator
 
 
 def _torch_dtype(dtype) -> Any:
@@ -219,15 +219,22 @@ class _CupyMemory:
         with self.cupy.cuda.Device(self.device_id):
             return self.cupy.zeros(shape, dtype=dtype)
 
-    def flat(self, owner):
+    def flat(self, view):
         with self.cupy.cuda.Device(self.device_id):
-            return owner.reshape(-1)  # a copy on CuPy's current stream, from its pool
+            return view.owner.reshape(-1)  # a copy on CuPy's current stream, from its pool
 
 
 def _simulated() -> bool:
+    return _SIMULATED
+
+
+def _read_simulator_switch() -> bool:
     from numba.cuda import config
 
-    return bool(config.ENABLE_CUDASIM)
+    return bool(config.ENABLE_CUDASIM)  # read by Numba once, when it is imported
+
+
+_SIMULATED = _read_simulator_switch()
 
 
 _streams: dict[int, Any] = {}
@@ -326,7 +333,7 @@ class DeviceArrays:
             return labels
         if labels.is_c_contiguous():
             return labels.reshape((labels.size,))
-        return DeviceView.of(self.memory.flat(labels.owner), self)  # rare: strided N-D labels
+        return DeviceView.of(self.memory.flat(labels), self)  # rare: strided N-D labels
 
     @staticmethod
     def first_out_of_range(labels: DeviceView, num_classes: int) -> None:
