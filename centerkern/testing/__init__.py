@@ -14,7 +14,10 @@
 ``check_center_loss`` draws cases with hypothesis (heavy duplicates, one class, batches of one,
 both dtypes, odd layouts), runs the step and centerkern's ``numpy`` reference, and on the first
 disagreement raises an ``AssertionError`` for the smallest failing case it can find, saying which
-quantity differs, by how much, and which known mistake the numbers match.
+quantity differs and by how much, then what each differing quantity matches among the known
+mistakes (``KNOWN_MISTAKES``) and which mistake, if any, reproduces them all, checked on larger
+cases chosen to tell the mistakes apart, so that the diagnosis never names a mistake the step
+did not make.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from .._api import center_loss
-from .._rules import RULES, rule_coefficients
+from .._rules import RULES
 from .._validation import check_choice
+from ._diagnosis import diagnose, third_name
+from ._mistakes import KNOWN_MISTAKES, Quantities, reference
 
-__all__ = ["check_center_loss", "close_within", "difference", "FRAMEWORKS", "BACKEND_TOLERANCE"]
+__all__ = ["check_center_loss", "close_within", "difference", "FRAMEWORKS", "BACKEND_TOLERANCE", "KNOWN_MISTAKES"]
 
 FRAMEWORKS = ("numpy", "torch", "jax", "tensorflow")
 # a third-party step against the reference: its own summation order, float32 intermediates
@@ -66,68 +70,6 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-# --------------------------------------------------------------------------- diagnosis
-
-
-def _step_per_sample(rule, labels, alpha, batch, width, classes):
-    coefficients = rule_coefficients(rule, alpha, batch, width)
-    counts = np.bincount(labels, minlength=classes)
-    return coefficients.step / (1.0 + coefficients.count_weight * counts[labels])
-
-
-def _variants(features, labels, centers, alpha, rule):
-    """What known mistakes would have returned: name -> (loss, centers, third output)."""
-    batch, width = features.shape
-    classes = centers.shape[0]
-    variants = {}
-    for other in RULES:
-        if other != rule:
-            result = center_loss(features, labels, centers, alpha, rule=other, backend="numpy")
-            third = result.grad_centers if other == "pytorch" else result.grad
-            variants[f"this matches rule {other!r}, not {rule!r}"] = (result.loss, result.centers, third)
-    reference = center_loss(features, labels, centers, alpha, rule=rule, backend="numpy")
-    coefficients = rule_coefficients(rule, alpha, batch, width)
-    if coefficients.moves_centers:
-        dropped = centers.astype(np.float64)
-        differences = features - centers[labels].astype(np.float64)
-        # fancy-index assignment: for a repeated label only one of the updates lands
-        dropped[labels] = dropped[labels] + _step_per_sample(rule, labels, alpha, batch, width, classes)[:, None] * differences
-        variants["duplicate labels are not accumulated (a fancy-index update such as centers[labels] += u "
-                 "keeps one update per label; use index_add_ / scatter_add / np.add.at)"] = (
-            reference.loss, dropped.astype(centers.dtype), reference.grad)
-    after = reference.centers if coefficients.moves_centers else centers
-    late = features.astype(np.float64) - after[labels].astype(np.float64)
-    squares = float(np.sum(late * late))
-    variants["centers were gathered after the update: the loss (and grad) use the new centers, not the "
-             "centers as they were before the call"] = (
-        coefficients.loss_scale * squares, reference.centers, coefficients.grad_scale * late)
-    if classes > 1:
-        for shift in (1, -1):
-            # modulo K: label - 1 indexing row -1 is the last row to NumPy and torch alike
-            shifted = (labels + shift) % classes
-            result = center_loss(features, shifted, centers, alpha, rule=rule, backend="numpy")
-            third = result.grad_centers if rule == "pytorch" else result.grad
-            variants[f"the labels look shifted by {shift:+d} (off-by-one indexing)"] = (
-                result.loss, result.centers, third)
-    if features.dtype == np.float64:
-        low = center_loss(features.astype(np.float32), labels, centers.astype(np.float32), alpha, rule=rule,
-                          backend="numpy")
-        third = low.grad_centers if rule == "pytorch" else low.grad
-        variants["float64 inputs were computed in float32: precision is lost (a downcast somewhere)"] = (
-            low.loss, low.centers.astype(np.float64), None if third is None else third.astype(np.float64))
-    return variants
-
-
-def _loss_scale_diagnosis(loss, squares, batch, width, rule):
-    expected = {"facenet": "1/(B·D)", "wen": "1/(2B)", "pytorch": "1/B"}[rule]
-    scales = {"1/(B·D)": 1.0 / (batch * width), "2/(B·D)": 2.0 / (batch * width), "1/(2B·D)": 0.5 / (batch * width),
-              "1/B": 1.0 / batch, "1/(2B)": 0.5 / batch, "2/B": 2.0 / batch, "1 (a sum)": 1.0}
-    # on a small case two scales can coincide (1/B is 2/(B·D) when D = 2): name every match
-    matches = [f"loss is scaled by {name} vs {expected}" for name, scale in scales.items()
-               if name != expected and squares and np.isclose(loss, scale * squares, rtol=1e-4)]
-    return " or ".join(matches) or None
-
-
 def close_within(got, expected, tolerance, *magnitudes) -> bool:
     """Equal to within ``tolerance``, relative to the larger of the value and the magnitudes
     (the inputs): sums of terms that cancel are exact only to the terms' own scale. NaN equals
@@ -156,64 +98,77 @@ def difference(got, expected) -> str:
 # --------------------------------------------------------------------------- the check
 
 
-def _check_case(step, rule, framework, features, labels, centers, alpha):
-    reference = center_loss(features, labels, centers, alpha, rule=rule, backend="numpy")
-    expected_third = reference.grad_centers if rule == "pytorch" else reference.grad
+class _Disagreement(AssertionError):
+    """A case where the step disagrees with the reference. Raised bare while hypothesis shrinks;
+    the report (with its diagnosis, which runs the step on further cases) is made once, for the
+    smallest case."""
+
+    def __init__(self, case, observed, problems):
+        super().__init__("; ".join(problems))
+        self.case, self.observed, self.problems = case, observed, problems
+
+
+def _run_step(step, rule, framework, case) -> Quantities:
+    features, labels, centers, alpha = case
     outputs = step(_to_framework(framework, features), _to_framework(framework, labels),
                    _to_framework(framework, centers, variable=True), alpha)
     if not isinstance(outputs, (tuple, list)) or len(outputs) not in (2, 3):
         raise AssertionError(f"the step must return (loss, new_centers) or (loss, new_centers, "
-                             f"{'grad_centers' if rule == 'pytorch' else 'grad'}), got {type(outputs).__name__}")
-    loss = float(_to_numpy(outputs[0]))
-    new_centers = _to_numpy(outputs[1])
+                             f"{third_name(rule)}), got {type(outputs).__name__}")
     third = _to_numpy(outputs[2]) if len(outputs) == 3 else None
+    return Quantities(_to_numpy(outputs[0]), _to_numpy(outputs[1]), third)
+
+
+def _problems(observed: Quantities, rule: str, case) -> list[str]:
+    """What differs from the reference, in words (empty when the step agrees)."""
+    features, labels, centers, alpha = case
+    expected = reference(features, labels, centers, alpha, rule)
     tolerance = TOLERANCE[np.dtype(features.dtype)]
-
     problems = []
-    if not np.isclose(loss, reference.loss, rtol=tolerance, atol=1e-300):
-        problems.append(f"loss is {loss:.9g}, expected {reference.loss:.9g} "
-                        f"(relative difference {abs(loss - reference.loss) / max(abs(reference.loss), 1e-300):.3g})")
-    if not close_within(new_centers, reference.centers, tolerance, features, centers):
-        problems.append(f"centers differ: {difference(new_centers, reference.centers)}")
-    third_name = "grad_centers" if rule == "pytorch" else "grad"
-    if third is not None and not close_within(third, expected_third, tolerance, features, centers):
-        problems.append(f"{third_name} differs: {difference(third, expected_third)}")
-    if new_centers.dtype != features.dtype and np.issubdtype(new_centers.dtype, np.floating):
-        problems.append(f"centers come back as {new_centers.dtype} for {features.dtype} inputs")
-    if not problems:
-        return
+    if np.size(observed.loss) != 1:
+        problems.append(f"the loss has shape {np.shape(observed.loss)}, not a scalar")
+    else:
+        loss = float(np.asarray(observed.loss).reshape(()))
+        if not np.isclose(loss, expected.loss, rtol=tolerance, atol=1e-300):
+            problems.append(f"loss is {loss:.9g}, expected {expected.loss:.9g} (relative difference "
+                            f"{abs(loss - expected.loss) / max(abs(expected.loss), 1e-300):.3g})")
+    if not close_within(observed.centers, expected.centers, tolerance, features, centers):
+        problems.append(f"centers differ: {difference(observed.centers, expected.centers)}")
+    if observed.third is not None and not close_within(observed.third, expected.third, tolerance, features, centers):
+        problems.append(f"{third_name(rule)} differs: {difference(observed.third, expected.third)}")
+    if observed.centers.dtype != features.dtype and np.issubdtype(observed.centers.dtype, np.floating):
+        problems.append(f"centers come back as {observed.centers.dtype} for {features.dtype} inputs")
+    return problems
 
-    diagnoses = []
-    for name, (variant_loss, variant_centers, variant_third) in _variants(features, labels, centers, alpha,
-                                                                         rule).items():
-        variant_tolerance = max(tolerance, TOLERANCE[np.dtype(np.float32)]) if "float32" in name else tolerance
-        if (np.isclose(loss, variant_loss, rtol=variant_tolerance, atol=1e-300)
-                and close_within(new_centers, variant_centers, variant_tolerance, features, centers)
-                and (third is None or variant_third is None
-                     or close_within(third, variant_third, variant_tolerance, features, centers))):
-            diagnoses.append(name)
-    if not diagnoses:
-        differences = features.astype(np.float64) - centers[labels].astype(np.float64)
-        scale = _loss_scale_diagnosis(loss, float(np.sum(differences * differences)), *features.shape, rule)
-        if scale:
-            diagnoses.append(scale)
+
+def _check_case(step, rule, framework, *case):
+    observed = _run_step(step, rule, framework, case)
+    problems = _problems(observed, rule, case)
+    if problems:
+        raise _Disagreement(case, observed, problems)
+
+
+def _report(disagreement: _Disagreement, step, rule, framework) -> str:
+    features, labels, centers, alpha = disagreement.case
     counts = np.bincount(labels, minlength=centers.shape[0])
     arrays = ""
     if features.size + centers.size <= 40:  # small enough to read: show the whole case
         arrays = (f"\nfeatures={np.array2string(features, separator=', ')}"
                   f"\ncenters={np.array2string(centers, separator=', ')}")
-    raise AssertionError(
+    diagnosis = diagnose(lambda case: _run_step(step, rule, framework, case), rule, disagreement.case,
+                         disagreement.observed)
+    return (
         f"center-loss step disagrees with centerkern's reference for rule {rule!r}:\n  - "
-        + "\n  - ".join(problems)
+        + "\n  - ".join(disagreement.problems)
         + f"\ncase: B={features.shape[0]}, D={features.shape[1]}, K={centers.shape[0]}, dtype {features.dtype}, "
         f"alpha={alpha}, labels={labels.tolist()} (most repeated class: {int(counts.max())} samples)"
-        + arrays
-        + ("\ndiagnosis: " + "; ".join(diagnoses) if diagnoses else "\ndiagnosis: no known mistake matches these numbers")
+        + arrays + "\n" + diagnosis
     )
 
 
 def check_center_loss(step: Callable, rule: str = "facenet", *, framework: str = "numpy", max_examples: int = 200,
-                      alpha: float | None = None) -> None:
+                      alpha: float | None = None, seed: int | None = None,
+                      dtypes: tuple = (np.float32, np.float64)) -> None:
     """Check ``step`` against centerkern's reference on cases drawn by hypothesis.
 
     Parameters
@@ -230,12 +185,19 @@ def check_center_loss(step: Callable, rule: str = "facenet", *, framework: str =
         How many cases hypothesis draws.
     alpha : float, optional
         A fixed alpha; by default hypothesis varies it.
+    seed : int, optional
+        Hypothesis's random seed, for a reproducible search; by default a fresh one.
+    dtypes : tuple of dtypes
+        The input dtypes to draw: both by default; ``(np.float32,)`` for code that computes in
+        float32 whatever it is given (its float64 results would be held to float64's tolerance).
 
     Raises
     ------
     AssertionError
-        For the smallest failing case found, naming what differs and, where the numbers match a
-        known mistake, the diagnosis.
+        For the smallest failing case found: what differs and by how much; then either the
+        outputs' form mistakes (a shape, dtype or kind the rule does not ask for), or what each
+        differing quantity matches among the known mistakes and the diagnosis, both checked on
+        further cases chosen to tell the mistakes apart (see ``centerkern.testing._diagnosis``).
     """
     check_choice(rule, "rule", RULES)
     check_choice(framework, "framework", FRAMEWORKS)
@@ -244,14 +206,20 @@ def check_center_loss(step: Callable, rule: str = "facenet", *, framework: str =
             importlib.import_module(framework)
         except ImportError as error:
             raise ImportError(f"framework {framework!r} is not installed: {error}") from error
+    import hypothesis
     from hypothesis import HealthCheck, given, settings
 
     from .strategies import center_loss_inputs
 
-    @settings(max_examples=max_examples, deadline=None, database=None, print_blob=False,
+    @settings(max_examples=max_examples, deadline=None, database=None, print_blob=False, report_multiple_bugs=False,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(center_loss_inputs(alpha=alpha))
+    @given(center_loss_inputs(alpha=alpha, dtypes=tuple(np.dtype(d).type for d in dtypes)))
     def agrees_with_reference(case):
         _check_case(step, rule, framework, *case)
 
-    agrees_with_reference()
+    if seed is not None:
+        agrees_with_reference = hypothesis.seed(seed)(agrees_with_reference)
+    try:
+        agrees_with_reference()
+    except _Disagreement as disagreement:
+        raise AssertionError(_report(disagreement, step, rule, framework)) from None

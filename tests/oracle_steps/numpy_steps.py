@@ -56,3 +56,96 @@ def off_by_one_labels(features, labels, centers, alpha):
 def float32_inside(features, labels, centers, alpha):
     loss, new, grad = facenet(features.astype(np.float32), labels, centers.astype(np.float32), alpha)
     return float(loss), new.astype(features.dtype)
+
+
+# the two cases that once drew a misleading diagnosis
+
+
+def wen_centers_with_facenets_loss_in_float32(features, labels, centers, alpha):
+    """Claims facenet: the loss is facenet's (right), the centers wen's update, in float32."""
+    loss, _, _ = facenet(features, labels, centers, alpha)
+    _, new, _ = wen(features, labels, centers, alpha)
+    return loss, new.astype(np.float32)
+
+
+def pytorch_third_output_is_the_features_gradient(features, labels, centers, alpha):
+    loss, new, _ = pytorch(features, labels, centers, alpha)
+    return loss, new, 2 * (features - centers[labels]) / len(features)  # d loss / d features, (B, D)
+
+
+# formula mistakes
+
+
+def facenet_alpha_as_step(features, labels, centers, alpha):
+    differences = features - centers[labels]
+    new = centers.copy()
+    np.add.at(new, labels, alpha * differences)  # facenet's alpha is the retention: the step is 1 - alpha
+    return np.mean(differences**2), new
+
+
+def facenet_sign_flipped(features, labels, centers, alpha):
+    differences = features - centers[labels]
+    new = centers.copy()
+    np.add.at(new, labels, -(1 - alpha) * differences)  # pushed away from the features
+    return np.mean(differences**2), new
+
+
+def wen_count_without_one(features, labels, centers, alpha):
+    differences = features - centers[labels]
+    counts = np.bincount(labels, minlength=len(centers))
+    new = centers.copy()
+    np.add.at(new, labels, alpha * differences / counts[labels][:, None])  # n_j, not 1 + n_j
+    return np.sum(differences**2) / (2 * len(features)), new
+
+
+def facenet_averaged_per_class(features, labels, centers, alpha):
+    differences = features - centers[labels]
+    counts = np.bincount(labels, minlength=len(centers))
+    new = centers.copy()
+    np.add.at(new, labels, (1 - alpha) * differences / counts[labels][:, None])  # facenet sums, not averages
+    return np.mean(differences**2), new
+
+
+# form mistakes
+
+
+def loss_not_a_scalar(features, labels, centers, alpha):
+    differences = features - centers[labels]
+    _, new, _ = facenet(features, labels, centers, alpha)
+    return np.mean(differences**2, axis=1), new  # one loss per sample
+
+
+def centers_transposed(features, labels, centers, alpha):
+    loss, new, _ = facenet(features, labels, centers, alpha)
+    return loss, new.T
+
+
+def centers_in_float32(features, labels, centers, alpha):
+    loss, new, _ = facenet(features, labels, centers, alpha)
+    return loss, new.astype(np.float32)
+
+
+def pytorch_moves_the_centers(features, labels, centers, alpha):
+    loss, _, grad_centers = pytorch(features, labels, centers, alpha)
+    return loss, centers - 0.5 * grad_centers, grad_centers  # an optimizer step taken inside the loss
+
+
+# correct, as the paper's own Caffe layer computes it: loops over samples and classes
+
+
+def caffe_face_loop(features, labels, centers, alpha):
+    batch, width = features.shape
+    loss = 0.0
+    distance = np.empty_like(features)
+    for i in range(batch):
+        distance[i] = features[i] - centers[labels[i]]
+        loss += float(np.dot(distance[i], distance[i]))
+    new = centers.copy()
+    for j in range(len(centers)):
+        count, variation = 0, np.zeros(width, dtype=features.dtype)
+        for i in range(batch):
+            if labels[i] == j:
+                count += 1
+                variation -= distance[i]  # center_diff accumulates c_j - x_i
+        new[j] -= alpha * variation / (count + 1.0)  # the solver's step with learning rate alpha
+    return loss / batch / 2.0, new, distance / batch
