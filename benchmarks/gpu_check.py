@@ -427,7 +427,7 @@ def capture_graph(step):
             step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with cuda.defer_cleanup(), torch.cuda.graph(graph):  # no Numba cuMemFree inside the capture
         step()
     torch.cuda.synchronize()
     return graph.replay
@@ -503,6 +503,8 @@ def time_size(rng, batch, width, classes, hot_share, bandwidth, calls, repeats, 
             # the bytes the operation must move over its time: the bandwidth it achieves
             "effective_TBps": None if ms is None else moved[operation] / (ms * 1e-3) / 1e12,
             "runs_ms_per_call": milliseconds, "runs_host_us_per_call": microseconds,
+            # launching took nearly as long as the GPU work: the loop measured the host, not the GPU
+            "host_bound": None if ms is None else statistics.median(microseconds) * 1e-3 >= 0.8 * ms,
         }
     del timed, inputs  # a captured graph holds its memory until it is dropped
     synchronize()

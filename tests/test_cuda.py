@@ -274,6 +274,42 @@ def test_cuda_no_kernel_runs_before_every_kernel_of_the_call_is_ready(monkeypatc
     assert_matches(out, reference.centers, features, centers)
 
 
+def test_cuda_under_capture_scratch_is_never_allocated_nor_freed(monkeypatch):
+    """A stream under CUDA graph capture cannot allocate: a call there that needs more scratch than
+    the warm-up gave says so; and scratch a graph has captured is kept when a later call grows it."""
+    from centerkern.cuda import driver
+
+    features, labels, centers, _ = _batch(14, 24, 3, 6, hot_share=0.5)
+    reference = centerkern.center_loss(features, labels, centers, 0.5, backend="numpy")
+    inputs = lambda: (cuda.to_device(features), cuda.to_device(labels), cuda.to_device(centers))
+    centerkern.center_loss(*inputs(), 0.5)  # the warm-up
+    monkeypatch.setattr(driver, "_is_capturing", lambda arrays: True)
+    with pytest.raises(ValueError, match="pass sync=False to capture"):
+        centerkern.center_loss(*inputs(), 0.5)
+    result = centerkern.center_loss(*inputs(), 0.5, sync=False)  # captured: the warm-up's scratch serves
+    assert_matches(result.centers, reference.centers, features, centers)
+    scratch = driver._scratch_for_current_context()
+    assert scratch.captured
+    monkeypatch.undo()
+
+    def wider(times):
+        wide_features, wide_centers = np.hstack([features] * times), np.hstack([centers] * times)
+        expected = centerkern.center_loss(wide_features, labels, wide_centers, 0.5, backend="numpy")
+        got = centerkern.center_loss(cuda.to_device(wide_features), cuda.to_device(labels),
+                                     cuda.to_device(wide_centers), 0.5, sync=False)
+        assert_matches(got.centers, expected.centers, wide_features, wide_centers)
+
+    wider(2)  # an eager call that needs more: new buffers, the captured ones kept
+    assert driver._scratch_for_current_context() is scratch and scratch.retired
+    monkeypatch.setattr(driver, "_is_capturing", lambda arrays: True)
+    with pytest.raises(RuntimeError, match="run the same step once before capturing it"):
+        wider(3)
+    monkeypatch.undo()
+    assert driver._scratch_for_current_context() is not scratch  # discarded after the failure ...
+    assert driver._kept_for_graphs[-1] is scratch  # ... but kept alive for the graph that uses it
+    wider(3)
+
+
 def test_cuda_scratch_belongs_to_one_device_context(monkeypatch):
     from centerkern.cuda import driver
 

@@ -12,11 +12,16 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs torch with CUDA and a GPU")
 
+from numba import cuda as numba_cuda  # noqa: E402
+
 import centerkern  # noqa: E402
 import centerkern.cuda  # noqa: E402
 from centerkern.torch import CenterLoss  # noqa: E402
 
-CLASSES, INPUTS, FEATURES, BATCH = 10, 16, 8, 64
+# 200 rows: four tiles of the CUDA kernels, the last one partial, so that the hot classes span
+# tiles and the spanning-class kernel (atomics, or the deterministic slots) runs under capture
+CLASSES, INPUTS, FEATURES, BATCH = 10, 16, 8, 200
+ALPHA = {"facenet": 0.95, "wen": 0.5}  # facenet trains with 0.95; 0.5 diverges with hot classes
 
 
 class _Net(torch.nn.Module):
@@ -24,7 +29,7 @@ class _Net(torch.nn.Module):
         super().__init__()
         self.embed = torch.nn.Linear(INPUTS, FEATURES)
         self.classify = torch.nn.Linear(FEATURES, CLASSES)
-        self.center_loss = CenterLoss(CLASSES, FEATURES, alpha=0.5, rule=rule, deterministic=deterministic)
+        self.center_loss = CenterLoss(CLASSES, FEATURES, alpha=ALPHA[rule], rule=rule, deterministic=deterministic)
 
     def forward(self, x, y):
         features = self.embed(x)
@@ -70,7 +75,7 @@ def test_gpu_training_step_captured_in_a_cuda_graph_equals_eager_steps(rule, det
         _train_step(eager, eager_optimizer, x.cuda(), y.cuda())
 
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with numba_cuda.defer_cleanup(), torch.cuda.graph(graph):  # no Numba cuMemFree inside the capture
         static_loss = _train_step(graphed, graphed_optimizer, static_x, static_y)
 
     centers_before = graphed.center_loss.centers.clone()
@@ -122,14 +127,24 @@ def test_gpu_module_bad_label_is_raised_by_check_errors_and_nothing_moves():
 
 
 def test_gpu_results_come_from_torchs_allocator_on_the_current_stream():
-    features = torch.randn(256, 32, device="cuda")
-    labels = torch.randint(0, 10, (256,), device="cuda")
+    rng = np.random.default_rng(4)
+    features, labels = rng.standard_normal((256, 32)).astype(np.float32), rng.integers(0, 10, 256)
+    reference = centerkern.center_loss(features, labels, np.zeros((10, 32), np.float32), 0.5, backend="numpy")
+    device_features, device_labels = torch.as_tensor(features, device="cuda"), torch.as_tensor(labels, device="cuda")
     centers = torch.zeros(10, 32, device="cuda")
     side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())  # the inputs were written on the default stream
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated()
     with torch.cuda.stream(side):
-        result = centerkern.center_loss(features, labels, centers, 0.5, out=centers, sync=False)
+        result = centerkern.center_loss(device_features, device_labels, centers, 0.5, out=centers, sync=False)
+        # torch's allocator holds the grad (B x D float32) and the 0-d float64 loss
+        assert torch.cuda.memory_allocated() - allocated >= 256 * 32 * 4 + 8
     side.synchronize()
     assert isinstance(result.loss, torch.Tensor) and result.loss.shape == () and result.loss.is_cuda
     assert result.loss.dtype == torch.float64 and isinstance(result.grad, torch.Tensor) and result.grad.is_cuda
+    assert float(result.loss) == pytest.approx(reference.loss, rel=1e-6)
+    np.testing.assert_allclose(result.grad.cpu().numpy(), reference.grad, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(centers.cpu().numpy(), reference.centers, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="make the stream current"):
-        centerkern.center_loss(features, labels, centers, 0.5, stream=side)  # not torch's current stream
+        centerkern.center_loss(device_features, device_labels, centers, 0.5, stream=side)  # not torch's current

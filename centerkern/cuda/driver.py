@@ -62,6 +62,7 @@ class _Scratch:
         self.last_stream: int | None = None
         self.done = None  # an event recorded after the last call, on its stream
         self.captured = False  # whether a CUDA graph has captured a call using this scratch
+        self.under_capture = False  # whether the call now running is being captured
         self.retired: list = []  # arrays replaced by larger ones, kept while a graph may use them
 
     def pending_view(self) -> DeviceView:
@@ -75,6 +76,7 @@ class _Scratch:
 
     def ensure_status(self, arrays: DeviceArrays) -> None:
         if self.pending is None:
+            self._grow("the label check's record")
             pending = cuda.mapped_array(kernels.PENDING_SIZE, dtype=np.int64)
             getattr(pending, "_ary", pending)[:] = kernels.NO_ROW
             self.pending = pending
@@ -85,8 +87,17 @@ class _Scratch:
         run whatever the labels, and before the call's own check."""
         return self.buffer("always clear", (kernels.STATUS_SIZE,), np.int64, arrays, fill_value=kernels.NO_ROW)
 
+    def _grow(self, what: str) -> None:
+        if self.under_capture:
+            raise RuntimeError(
+                f"this call needs more scratch ({what}) than earlier calls on this device, and a stream under CUDA "
+                "graph capture cannot allocate it: run the same step once before capturing it (torch asks for a "
+                "warm-up too)"
+            )
+
     def class_bookkeeping(self, num_classes: int, arrays: DeviceArrays):
         if num_classes > self.capacity:
+            self._grow(f"{num_classes} classes")
             # built in full before it is published: a failure here leaves the old arrays in use
             capacity = max(num_classes, 2 * self.capacity)
             built = []
@@ -110,6 +121,7 @@ class _Scratch:
         size = math.prod(shape)
         held = self.buffers.get((name, dtype))
         if held is None or held.size < size:
+            self._grow(name)
             held = cuda.device_array(max(size, 1, 2 * (0 if held is None else held.size)), dtype=dtype,
                                      stream=arrays.stream)
             if fill_value is not None:
@@ -207,12 +219,17 @@ def _call(arrays: DeviceArrays):
             raise error
         if not capturing and scratch.done is not None and scratch.last_stream != arrays.stream_handle:
             scratch.done.wait(arrays.stream)
+        scratch.under_capture = capturing
         try:
-            scratch.ensure_status(arrays)
-            yield scratch
+            # under capture, Numba must not free memory (cuMemFree would end the capture)
+            with cuda.defer_cleanup() if capturing else nullcontext():
+                scratch.ensure_status(arrays)
+                yield scratch
         except BaseException:
             _discard(scratch)
             raise
+        finally:
+            scratch.under_capture = False
         if capturing:
             # a graph now holds the scratch's addresses: none of it may be freed from now on. (An
             # event recorded under capture cannot be waited on outside it: the ordering of eager

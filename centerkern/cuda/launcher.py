@@ -11,14 +11,15 @@ strides in bytes). A launch is then one ``cuda.core.launch`` call on the caller'
 
 Where that path cannot be set up (Numba's CUDA simulator has no driver; a numba-cuda whose
 internals differ), launches go through Numba's own path, with the same kernels and arguments;
-``launch_path()`` says which is in use. ``@cuda.jit`` in ``kernels.py`` stays the only place
-kernels are written.
+``launch_path()`` says which is in use, and ``CENTERKERN_CUDA_LAUNCH=numba`` in the environment
+asks for Numba's path. ``@cuda.jit`` in ``kernels.py`` stays the only place kernels are written.
 """
 
 from __future__ import annotations
 
 import ctypes
 import numbers
+import os
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,9 @@ def launch_path() -> str:
 def _choose_path() -> None:
     if _simulated():
         _path.update(name="numba dispatcher", why="the CUDA simulator has no driver to launch with")
+        return
+    if os.environ.get("CENTERKERN_CUDA_LAUNCH") == "numba":
+        _path.update(name="numba dispatcher", why="asked for by CENTERKERN_CUDA_LAUNCH=numba")
         return
     global _launch
     try:
