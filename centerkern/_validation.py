@@ -145,6 +145,8 @@ def _float_matrix(x: Any, what: str, arrays) -> Any:
         x = np.asarray(x)
         if x.dtype.kind in "iu":
             x = x.astype(np.float64)  # a Python list of numbers carries no dtype of its own
+    if "bfloat16" in str(getattr(x, "dtype", "")):  # no NumPy dtype, so no array to read: say so first
+        raise TypeError(f"{what} must be float32 or float64, got dtype bfloat16")
     array = arrays.asarray(x, what)
     if array.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{what} must be float32 or float64, got dtype {array.dtype}")

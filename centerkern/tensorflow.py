@@ -23,10 +23,11 @@ from __future__ import annotations
 import functools
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from ._compact import check_shapes_and_dtypes, host_step
-from ._rules import RULES, moves_centers
+from ._rules import RULES, moves_centers, rule_coefficients
 from ._validation import HOST_BACKENDS, check_alpha, check_choice, check_labels
 
 _PROMOTED_DTYPES = (tf.float16, tf.bfloat16)  # mixed precision: computed in the centers' dtype
@@ -73,7 +74,10 @@ def center_loss(
         check_labels(labels.numpy(), int(features.shape[0]), num_classes, f"features of shape {tuple(features.shape)}")
 
     classes, index = tf.unique(labels, out_idx=tf.int64)
-    rows = tf.gather(variable, classes)  # differentiable into the variable, sparsely
+    # a bad label is reported by the kernel call, with its position and value (SPEC's message):
+    # the gather before it must not fail first, with an index into the batch's classes
+    in_range = tf.clip_by_value(tf.cast(classes, tf.int64), 0, max(num_classes - 1, 0))
+    rows = tf.gather(variable, in_range)  # differentiable into the variable, sparsely
     loss, new_rows = _step(features, labels, index, rows, tf.cast(alpha, variable.dtype), num_classes, rule, backend)
     if updates:
         variable.scatter_update(tf.IndexedSlices(new_rows, classes))
@@ -89,21 +93,34 @@ def _as_variable(centers):
 
 
 def _step(features, labels, index, rows, alpha, num_classes, rule, backend):
-    callback = functools.partial(host_step, num_classes=num_classes, rule=rule, backend=backend)
+    step_on_host = functools.partial(host_step, num_classes=num_classes, rule=rule, backend=backend)
+
+    def callback(features, labels, index, rows, alpha):
+        loss, grad, new_rows = step_on_host(features, labels, index, rows, alpha)
+        # the rule's d grad / d features, for the second-order term below (B is known here even
+        # where the graph knows it only at run time)
+        grad_scale = rule_coefficients(rule, 0.0, *np.shape(features)).grad_scale
+        return loss, grad, new_rows, np.asarray(grad_scale, dtype=grad.dtype)
 
     @tf.custom_gradient
     def step(features, rows):
         dtype = features.dtype
-        loss, grad, new_rows = tf.numpy_function(
-            callback, [features, labels, index, rows, alpha], [dtype, dtype, dtype], stateful=False
+        loss, grad, new_rows, grad_scale = tf.numpy_function(
+            callback, [features, labels, index, rows, alpha], [dtype, dtype, dtype, dtype], stateful=False
         )
         loss.set_shape(())
         grad.set_shape(features.shape)
         new_rows.set_shape(rows.shape)
+        grad_scale.set_shape(())
 
         def backward(grad_loss, grad_new_rows):  # new_rows is the rule's update: not differentiated
-            grad_rows = -grad_loss * tf.math.unsorted_segment_sum(grad, index, tf.shape(rows)[0])
-            return grad_loss * grad, grad_rows
+            # the kernel's gradient is the value; a term that is zero, with derivative grad_scale
+            # along features and -grad_scale along the sample's row, makes it differentiable
+            # again (a gradient penalty through a nested tape) without changing a number
+            moved = (features - tf.stop_gradient(features)) - tf.gather(rows - tf.stop_gradient(rows), index)
+            per_sample = grad + grad_scale * moved
+            grad_rows = -grad_loss * tf.math.unsorted_segment_sum(per_sample, index, tf.shape(rows)[0])
+            return grad_loss * per_sample, grad_rows
 
         return (loss, new_rows), backward
 
@@ -120,6 +137,10 @@ class CenterLoss(keras.layers.Layer):
     weight; for ``pytorch`` they are trainable and the optimizer moves them. Following Keras,
     ``training=None`` outside ``fit`` means inference: the centers stay where they are.
 
+    Under a mixed-precision policy (``mixed_float16``, ``mixed_bfloat16``) the layer computes in
+    float32 and its centers stay float32 state. Keras's other backends are refused at
+    construction (``centerkern.jax`` and ``centerkern.torch`` serve them).
+
     Parameters
     ----------
     num_classes : int
@@ -129,6 +150,17 @@ class CenterLoss(keras.layers.Layer):
     """
 
     def __init__(self, num_classes: int, alpha: float = 0.5, rule: str = "facenet", backend: str = "numba", **kwargs):
+        backend_name = keras.backend.backend()
+        if backend_name != "tensorflow":
+            raise RuntimeError(
+                f"centerkern.tensorflow.CenterLoss is a layer for Keras's TensorFlow backend, and Keras runs on "
+                f"{backend_name!r} here (KERAS_BACKEND): use centerkern.jax.center_loss with JAX, "
+                "centerkern.torch.CenterLoss with torch"
+            )
+        # the kernels compute in float32 or float64: under a mixed-precision policy the layer still
+        # computes in float32 (low-precision features are cast up, exactly), as Keras advises for
+        # a model's loss layers; dtype= chooses otherwise
+        kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.num_classes = int(num_classes)
         self.alpha = check_alpha(alpha)
@@ -144,6 +176,10 @@ class CenterLoss(keras.layers.Layer):
             shape=(self.num_classes, int(features_shape[-1])),
             initializer="random_normal" if trainable else "zeros",
             trainable=trainable,
+            # the centers are float32 state whatever the mixed-precision policy: read as they are
+            # (not cast to the compute dtype), they stay the variable the update writes
+            dtype=self.variable_dtype,
+            autocast=False,
         )
 
     def call(self, inputs, training=None):

@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from . import _api
 from ._rules import RULES, moves_centers, rule_coefficients
@@ -46,10 +45,23 @@ _PROMOTED_DTYPES = (torch.float16, torch.bfloat16)
 
 class _CenterLossStep(torch.autograd.Function):
     """One kernel call: forward returns the loss and moves (or not) the centers; backward
-    returns the saved ``grad`` for the features and ``grad_centers`` for a trainable center."""
+    returns the saved ``grad`` for the features and ``grad_centers`` for a trainable center.
+
+    The backward is differentiable too (a gradient penalty, ``create_graph=True``). The kernel's
+    gradients are the values; what they depend on is added as a term whose value is zero and
+    whose derivative is the rule's: with ``d_i = f_i - c_{y_i}`` and ``s`` the rule's grad scale,
+    d grad_i / d f_i = s and d grad_i / d c_{y_i} = -s, through ``f - f.detach()`` (and
+    ``c[y] - c[y].detach()`` for a trainable center), so that the numbers stay the kernel's."""
 
     @staticmethod
     def forward(ctx, features, centers, labels, alpha, rule, backend, deterministic, step):
+        if moves_centers(rule) and torch._C._current_graph_task_id() != -1:
+            raise RuntimeError(
+                f"CenterLoss (rule {rule!r}) moves its centers in the forward pass, and this forward runs inside "
+                "a backward pass: activation checkpointing (torch.utils.checkpoint with use_reentrant=True, or a "
+                "non-reentrant checkpoint that recomputes past the module) would move them a second time. Call "
+                "the module outside the checkpointed function, or use use_reentrant=False with the module last"
+            )
         # out=centers: facenet and wen write their update there in place; pytorch reads it only
         # (its update goes into grad_centers), so no rule copies the centers.
         result = step(
@@ -57,17 +69,29 @@ class _CenterLossStep(torch.autograd.Function):
             deterministic=deterministic,
         )
         ctx.grad, ctx.grad_centers = result.grad, result.grad_centers
+        # held as attributes, not saved tensors: unpacking a saved tensor makes a non-reentrant
+        # checkpoint recompute the forward, which would move the centers again
+        ctx.features, ctx.labels = features, labels.reshape(-1)
+        ctx.centers = None if moves_centers(rule) else centers  # moved in place otherwise: not differentiable
+        ctx.grad_scale = rule_coefficients(rule, 0.0, *features.shape).grad_scale
         if isinstance(result.loss, float):
             return torch.tensor(result.loss, dtype=features.dtype, device=features.device)
         return result.loss.to(features.dtype)  # a CUDA tensor already: no trip through the host
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss):
-        grad_features = ctx.grad * grad_loss if ctx.needs_input_grad[0] else None
-        grad_centers = None
-        if ctx.needs_input_grad[1] and ctx.grad_centers is not None:
-            grad_centers = ctx.grad_centers * grad_loss
+        grad, grad_centers = ctx.grad, ctx.grad_centers
+        if torch.is_grad_enabled():  # create_graph=True: the gradient will itself be differentiated
+            features, labels, centers = ctx.features, ctx.labels, ctx.centers
+            tracked = features - features.detach()  # zero, with d/d features = 1
+            if centers is not None:
+                rows = centers.index_select(0, labels)
+                tracked = tracked - (rows - rows.detach())
+            grad = grad + ctx.grad_scale * tracked
+            if grad_centers is not None:
+                grad_centers = grad_centers - ctx.grad_scale * torch.zeros_like(grad_centers).index_add(0, labels, tracked)
+        grad_features = grad * grad_loss if ctx.needs_input_grad[0] else None
+        grad_centers = None if not (ctx.needs_input_grad[1] and grad_centers is not None) else grad_centers * grad_loss
         return grad_features, grad_centers, None, None, None, None, None, None
 
 

@@ -160,3 +160,124 @@ def test_errors():
     with pytest.raises(ValueError, match="finite"):
         center_tf.center_loss(features, labels, variable, float("nan"))
     np.testing.assert_array_equal(variable.numpy(), start)
+
+
+@keras.saving.register_keras_serializable(package="centerkern_tests")
+class _AddCenterLoss(keras.layers.Layer):
+    """The add_loss wrapper of the README: the center loss added to the model's losses, the
+    embeddings passed through."""
+
+    def __init__(self, num_classes, rule="wen", **kwargs):
+        kwargs.setdefault("dtype", "float32")  # a loss layer computes in float32 under mixed precision
+        super().__init__(**kwargs)
+        self.num_classes, self.rule = num_classes, rule
+        self.center_loss = center_tf.CenterLoss(num_classes, alpha=0.5, rule=rule)
+
+    def call(self, embedded, labels, training=None):
+        self.add_loss(self.center_loss([embedded, labels], training=training))
+        return embedded
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes, "rule": self.rule}
+
+
+def _fit_under(policy, features, labels, path=None):
+    """Two epochs of fit with the center loss added, under a dtype policy; the dense layer is
+    fixed (learning rate 0) so that every policy sees the same embeddings up to its rounding."""
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        inputs, label_input = keras.Input((4,)), keras.Input((), dtype="int64")
+        embedded = keras.layers.Dense(4, kernel_initializer=keras.initializers.Constant(0.3), dtype="float32")(inputs)
+        adder = _AddCenterLoss(8)
+        model = keras.Model([inputs, label_input], adder(embedded, label_input))
+        model.compile(optimizer=keras.optimizers.SGD(0.0))  # the loss is add_loss's alone
+        history = model.fit([features, labels], epochs=2, batch_size=16, shuffle=False, verbose=0)
+        if path is not None:
+            model.save(path)
+            loaded = keras.models.load_model(path)
+            loaded_layer = next(layer for layer in loaded.layers if isinstance(layer, _AddCenterLoss)).center_loss
+            assert loaded_layer.centers.dtype == "float32"
+            np.testing.assert_array_equal(loaded_layer.centers.numpy(), adder.center_loss.centers.numpy())
+            loaded.fit([features, labels], epochs=1, batch_size=16, verbose=0)  # and trains on
+        return history.history["loss"], adder.center_loss.centers.numpy(), adder.center_loss.centers.dtype
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_keras_fit_under_mixed_precision_matches_float32_training(policy, tmp_path):
+    features, labels, _ = _batch(6, batch=64)
+    losses, centers, _ = _fit_under("float32", features, labels)
+    mixed_losses, mixed_centers, dtype = _fit_under(policy, features, labels, path=tmp_path / "model.keras")
+    assert dtype == "float32"  # the centers stay float32 state, and move
+    assert np.count_nonzero(mixed_centers[np.unique(labels)]) > 0
+    np.testing.assert_allclose(mixed_losses, losses, rtol=1e-6)
+    np.testing.assert_allclose(mixed_centers, centers, rtol=1e-6, atol=1e-7)
+
+
+def test_second_order_gradients_match_tensorflows_own():
+    """A gradient penalty through the center loss (a nested tape) gets its second-order part."""
+    features, labels, start = _batch(7, dtype=np.float64)
+    weight = tf.Variable(np.linspace(-1, 1, 16).reshape(4, 4))
+
+    def penalised(loss_of):
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                embedded = tf.constant(features) @ weight
+                inner.watch(embedded)
+                loss = loss_of(embedded)
+            gradient = inner.gradient(loss, embedded)
+            total = loss + tf.reduce_sum(gradient**2)
+        return outer.gradient(total, weight).numpy()
+
+    for rule in centerkern.RULES:
+        variable = tf.Variable(start)
+        scale = rule_coefficients(rule, 0.5, *features.shape).loss_scale
+        ours = penalised(lambda f: center_tf.center_loss(f, labels, variable, 0.5, rule, training=False))
+        theirs = penalised(lambda f: scale * tf.reduce_sum((f - tf.gather(tf.constant(start), labels)) ** 2))
+        np.testing.assert_allclose(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+def test_a_bad_label_inside_a_tf_function_names_its_position_and_value():
+    features, labels, start = _batch(8)
+    variable = tf.Variable(start)
+    bad = labels.copy()
+    bad[5] = 8
+
+    @tf.function
+    def step(features, labels):
+        return center_tf.center_loss(features, labels, variable, 0.5, training=True)
+
+    with pytest.raises(tf.errors.OpError, match=r"label 8 at position 5 is out of range: labels must "
+                                                             r"lie in \[0, 8\) for 8 classes"):
+        step(tf.constant(features), tf.constant(bad))
+    np.testing.assert_array_equal(variable.numpy(), start)
+
+
+def test_another_keras_backend_is_refused_at_construction():
+    import subprocess
+    import sys
+
+    code = "import centerkern.tensorflow as t; t.CenterLoss(4)"
+    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "KERAS_BACKEND": "jax"},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert ("RuntimeError: centerkern.tensorflow.CenterLoss is a layer for Keras's TensorFlow backend, and Keras "
+            "runs on 'jax' here (KERAS_BACKEND): use centerkern.jax.center_loss with JAX, "
+            "centerkern.torch.CenterLoss with torch") in run.stderr, run.stderr
+
+
+def test_the_loss_as_a_model_output_with_an_identity_loss():
+    """The README's second pattern: the center loss is an output, compiled with an identity loss."""
+    features, labels, _ = _batch(9, batch=64)
+    inputs, label_input = keras.Input((4,)), keras.Input((), dtype="int64")
+    embedded = keras.layers.Dense(4, kernel_initializer=keras.initializers.Constant(0.3))(inputs)
+    layer = center_tf.CenterLoss(8, alpha=0.5, rule="wen")
+    model = keras.Model([inputs, label_input], {"center": layer([embedded, label_input])})
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss={"center": lambda y_true, y_pred: y_pred})
+    history = model.fit([features, labels], {"center": np.zeros(64)}, epochs=1, batch_size=64, verbose=0)
+    embeddings = features @ np.full((4, 4), 0.3, np.float32)
+    expected = centerkern.center_loss(embeddings, labels, np.zeros((8, 4), np.float32), 0.5, rule="wen",
+                                      backend="numpy")
+    assert history.history["loss"][0] == pytest.approx(expected.loss, rel=1e-5)
+    assert_matches(layer.centers.numpy(), expected.centers, embeddings)

@@ -212,3 +212,78 @@ def test_a_compiled_training_step_around_the_module_matches_eager():
     assert compiled_loss == pytest.approx(eager_loss, rel=1e-6)
     torch.testing.assert_close(compiled_grad, eager_grad)
     torch.testing.assert_close(compiled_centers, eager_centers)
+
+
+@pytest.mark.parametrize("rule", centerkern.RULES)
+def test_second_order_gradients_match_torch_autograd_of_the_formulas(rule):
+    """A gradient penalty (create_graph=True, then backward through the gradient) gets the
+    center-loss term's second-order part, as autograd of the SPEC formula gives it."""
+    generator = torch.Generator().manual_seed(5)
+    inputs = torch.randn(12, 3, generator=generator, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 1, 2, 0, 0, 3, 3, 1, 2, 0, 1])
+    start = torch.randn(4, 4, generator=generator, dtype=torch.float64)
+
+    def penalised_step(loss_of):
+        weight = torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(3, 4).requires_grad_()
+        features = inputs @ weight
+        loss = loss_of(features)
+        (gradient,) = torch.autograd.grad(loss, features, create_graph=True)
+        (loss + gradient.pow(2).sum()).backward()
+        return weight.grad
+
+    module = CenterLoss(4, 4, alpha=0.5, rule=rule, dtype=torch.float64)
+    with torch.no_grad():
+        module.centers.copy_(start)
+    ours = penalised_step(lambda features: module(features, labels))
+    centers = start.clone().requires_grad_(rule == "pytorch")
+    theirs = penalised_step(lambda features: _formula_loss(rule, features, labels, centers))
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    if rule == "pytorch":
+        torch.testing.assert_close(module.centers.grad, centers.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("rule", ["facenet", "wen"])
+def test_checkpointing_that_recomputes_the_module_is_refused_and_the_rest_is_exact(rule):
+    from torch.utils.checkpoint import checkpoint
+
+    features, labels = _batch(21, dtype=torch.float64)
+    linear = torch.nn.Linear(5, 5, dtype=torch.float64)
+
+    def run(checkpointed):
+        module = CenterLoss(6, 5, alpha=0.5, rule=rule, dtype=torch.float64)
+        linear.zero_grad()
+        loss = checkpointed(lambda x: module(linear(x), labels), features)
+        loss.backward()
+        return loss.detach(), module.centers.clone(), linear.weight.grad.clone()
+
+    plain = run(lambda function, x: function(x))
+    # non-reentrant, the module last: the recomputation stops before it (the default early stop)
+    exact = run(lambda function, x: checkpoint(function, x, use_reentrant=False))
+    for a, b in zip(plain, exact):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(RuntimeError, match=r"moves its centers in the forward pass, and this forward runs inside "
+                                           r"a backward pass: activation checkpointing"):
+        run(lambda function, x: checkpoint(function, x.requires_grad_(), use_reentrant=True))
+
+
+def test_centers_in_a_dtype_the_kernels_do_not_compute_in_are_refused_clearly():
+    for cast in ("bfloat16", "half"):
+        module = getattr(CenterLoss(6, 5, rule="wen"), cast)()
+        features, labels = _batch(22)
+        with pytest.raises(TypeError, match=r"centers must be float32 or float64, got dtype (bfloat16|float16)"):
+            module(features, labels)
+
+
+def test_the_functions_on_torch_tensors_bypass_autograd_as_documented():
+    features, labels = _batch(23)
+    weight = torch.ones(5, 5, requires_grad=True)
+    embedded = features @ weight
+    centers = torch.nn.Parameter(torch.randn(6, 5, generator=torch.Generator().manual_seed(3)))
+    assert not centerkern.gather_centers(centers, labels).requires_grad  # not an autograd op
+    start = centers.detach().clone()
+    version = centers._version
+    result = centerkern.center_loss(embedded.detach(), labels, centers, 0.5, rule="wen", out=centers)
+    assert centers._version > version  # the leaf was written in place, as an optimizer writes it
+    expected = torch.autograd.grad(0.1 * _formula_loss("wen", embedded, labels, start), weight, retain_graph=True)[0]
+    embedded.backward(0.1 * result.grad)  # the README's pattern: the kernel's grad handed to autograd
+    torch.testing.assert_close(weight.grad, expected)
