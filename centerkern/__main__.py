@@ -41,6 +41,15 @@ def _threading_layer() -> str:
         return numba.threading_layer()
 
 
+def _jax_path() -> str:
+    """How centerkern.jax runs the kernels here, where JAX is installed."""
+    try:
+        from centerkern.jax import step_path
+    except ImportError:
+        return ""
+    return ": " + step_path()
+
+
 def _cuda_launch_path() -> str:
     """How the cuda backend launches its kernels here (Numba's own path under the simulator)."""
     if "cuda" not in centerkern.backends():
@@ -59,7 +68,7 @@ def info() -> int:
         ("Numba", numba.__version__),
         ("numba-cuda", _installed_version("numba-cuda")),
         ("torch", _installed_version("torch") + "  (centerkern.torch, centerkern.distributed)"),
-        ("JAX", _installed_version("jax") + "  (centerkern.jax)"),
+        ("JAX", _installed_version("jax") + "  (centerkern.jax" + _jax_path() + ")"),
         ("TensorFlow", _installed_version("tensorflow-cpu", "tensorflow") + "  (centerkern.tensorflow)"),
         ("Dask", _installed_version("dask") + "  (centerkern.dask)"),
         ("backends", ", ".join(centerkern.backends())),

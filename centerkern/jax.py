@@ -62,6 +62,10 @@ def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, back
     num_classes, batch_size = centers.shape[0], features.shape[0]
     if not isinstance(labels, jax.core.Tracer):  # concrete labels: SPEC's IndexError right here
         check_labels(np.asarray(labels), batch_size, num_classes, f"features of shape {features.shape}")
+    alpha = jnp.asarray(alpha, dtype=features.dtype)
+    if ffi_path_available():
+        loss, new_centers = _ffi_step(rule, backend)(features, labels, centers, alpha)
+        return loss, jax.lax.stop_gradient(new_centers)
     # size=B keeps the shapes static under jit; the padding class K is out of range, so reading
     # it fills zeros and writing it is dropped. The classes are found in the widest integer type
     # JAX has in this mode: in a narrow label dtype (uint8, K = 256) K would wrap onto a real class.
@@ -69,12 +73,90 @@ def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, back
     classes, index = jnp.unique(wide_labels, return_inverse=True, size=batch_size, fill_value=num_classes)
     rows = centers.at[classes].get(mode="fill", fill_value=0)
     step = _differentiable_step(rule, backend, num_classes)
-    loss, new_rows = step(features, labels, index.reshape(-1), rows, jnp.asarray(alpha, dtype=features.dtype))
+    loss, new_rows = step(features, labels, index.reshape(-1), rows, alpha)
     if moves_centers(rule):
         new_centers = centers.at[classes].set(new_rows, mode="drop")
     else:
         new_centers = centers
     return loss, jax.lax.stop_gradient(new_centers)
+
+
+# --------------------------------------------------------------------------- XLA FFI
+
+
+_ffi_state: dict = {}
+
+
+def ffi_path_available() -> bool:
+    """Whether steps run as an XLA FFI custom call (jax.ffi present), rather than a host callback."""
+    if "available" not in _ffi_state:
+        _ffi_state["available"] = hasattr(jax, "ffi") and hasattr(jax.ffi, "ffi_call")
+    return _ffi_state["available"]
+
+
+def step_path() -> str:
+    """How ``center_loss`` runs the kernels here, for ``python -m centerkern info``."""
+    if ffi_path_available():
+        return "XLA FFI custom call (in place, no host callback)"
+    return "jax.pure_callback (this jaxlib has no jax.ffi)"
+
+
+def _ffi_target(rule: str, backend: str) -> str:
+    """The FFI target of ``rule`` on the host ``backend``, registered with XLA on first use."""
+    name = f"centerkern_center_loss_{rule}_{backend}"
+    if name not in _ffi_state:
+        from . import _api
+        from ._xla_ffi import ERROR_OUT_OF_RANGE, CallError, handler
+
+        def step(frame, arguments, results):
+            features, labels, centers, alpha = (buffer.host_array() for buffer in arguments)
+            loss, grad, new_centers = (buffer.host_array() for buffer in results)
+            try:
+                # new_centers is centers' own buffer (input_output_aliases): the in-place path;
+                # every check runs before the first write, so a bad label leaves it as it was
+                result = _api.center_loss(features, labels, centers, float(alpha), rule=rule, out=new_centers,
+                                          grad_out=grad, backend=backend)
+            except IndexError as error:
+                raise CallError(str(error), ERROR_OUT_OF_RANGE) from error
+            loss[...] = result.loss
+
+        target = handler(step)
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(target), platform="cpu")
+        _ffi_state[name] = target  # XLA holds a pointer to it: it must live as long as the process
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def _ffi_step(rule: str, backend: str):
+    """``(features, labels, centers, alpha) -> (loss, new_centers)`` as one custom call, with its VJP."""
+    target = _ffi_target(rule, backend)
+
+    def run(features, labels, centers, alpha):
+        shapes = (jax.ShapeDtypeStruct((), features.dtype), jax.ShapeDtypeStruct(features.shape, features.dtype),
+                  jax.ShapeDtypeStruct(centers.shape, centers.dtype))
+        # the new centers are written over the centers' buffer: with the centers donated
+        # (jax.jit(..., donate_argnums)) no K x D copy is made
+        call = jax.ffi.ffi_call(target, shapes, vmap_method="sequential", input_output_aliases={2: 2})
+        return call(features, labels, centers, alpha)
+
+    @jax.custom_vjp
+    def step(features, labels, centers, alpha):
+        loss, _, new_centers = run(features, labels, centers, alpha)
+        return loss, new_centers
+
+    def forward(features, labels, centers, alpha):
+        loss, grad, new_centers = run(features, labels, centers, alpha)
+        return (loss, new_centers), (grad, labels, centers.shape[0])
+
+    def backward(residuals, cotangents):
+        grad, labels, num_classes = residuals
+        grad_loss, _ = cotangents  # new_centers is the rule's update: not differentiated
+        # d loss / d c_j = -sum of d loss / d f_i over the samples of class j
+        grad_centers = -grad_loss * jax.ops.segment_sum(grad, labels, num_segments=num_classes)
+        return grad_loss * grad, None, grad_centers, None
+
+    step.defvjp(forward, backward)
+    return step
 
 
 @functools.lru_cache(maxsize=None)

@@ -47,6 +47,7 @@ def test_info_lists_the_backends():
     # how the cuda backend launches: said plainly, whether or not this process has a GPU
     expected = "numba dispatcher" if SIMULATED else ("direct" if "cuda" in centerkern.backends() else "no cuda backend")
     assert re.search(rf"cuda launches\s+{expected}", result.stdout), result.stdout
+    assert "centerkern.jax: XLA FFI custom call" in result.stdout  # the jax installed here has jax.ffi
 
 
 def test_no_command_prints_help_and_exits_2():

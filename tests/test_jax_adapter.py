@@ -3,6 +3,8 @@ the SPEC formulas, under jax.jit, value_and_grad(has_aux=True) and vmap."""
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
@@ -10,6 +12,7 @@ import jax.numpy as jnp  # noqa: E402
 import centerkern  # noqa: E402
 import centerkern.jax as center_jax  # noqa: E402
 from centerkern._rules import rule_coefficients  # noqa: E402
+from centerkern.testing.strategies import center_loss_inputs  # noqa: E402
 from conftest import assert_matches  # noqa: E402
 
 
@@ -19,6 +22,16 @@ def _batch(seed, batch=30, classes=8, width=4):
     labels[: batch // 3] = 2  # a hot class
     return (rng.standard_normal((batch, width)).astype(np.float32), labels,
             rng.standard_normal((classes, width)).astype(np.float32))
+
+
+@pytest.fixture(autouse=True, params=["ffi", "callback"])
+def step_path(request, monkeypatch):
+    """Every test on both paths: the XLA FFI custom call, and the host-callback fallback that an
+    older jaxlib (no jax.ffi) gets."""
+    if request.param == "ffi":
+        assert center_jax.ffi_path_available()  # the jax installed here has jax.ffi
+    monkeypatch.setitem(center_jax._ffi_state, "available", request.param == "ffi")
+    return request.param
 
 
 def _formula_loss(rule, features, labels, centers):
@@ -117,3 +130,53 @@ def test_narrow_label_dtypes_with_as_many_classes_as_they_can_name(label_dtype, 
     expected = centerkern.center_loss(features, labels, centers, 0.5, rule="wen", backend="numpy")
     loss, new_centers = jax.jit(lambda f, l, c: center_jax.center_loss(f, l, c, 0.5, rule="wen"))(features, labels, centers)
     assert_matches(np.asarray(new_centers), expected.centers, features, centers)
+
+
+def test_ffi_step_writes_donated_centers_in_place(step_path):
+    if step_path != "ffi":
+        pytest.skip("the host callback copies the centers' rows: only the custom call writes in place")
+    assert center_jax.step_path().startswith("XLA FFI custom call")
+    features, labels, centers = _batch(12)
+    expected = centerkern.center_loss(features, labels, centers, 0.5, rule="wen", backend="numpy")
+    step = jax.jit(lambda f, l, c: center_jax.center_loss(f, l, c, 0.5, rule="wen"), donate_argnums=2)
+    current = jnp.asarray(centers)
+    address = current.unsafe_buffer_pointer()
+    loss, moved = step(features, labels, current)
+    assert moved.unsafe_buffer_pointer() == address  # the donated buffer, updated: no K x D copy
+    assert float(loss) == pytest.approx(expected.loss, rel=1e-6)
+    assert_matches(np.asarray(moved), expected.centers, features, centers)
+
+
+def test_a_bad_label_inside_jit_names_its_position_and_value(step_path):
+    features, labels, centers = _batch(13)
+    bad = labels.copy()
+    bad[4] = 9
+    held = jnp.asarray(centers)
+    step = jax.jit(lambda f, l, c: center_jax.center_loss(f, l, c, 0.5, rule="wen"))
+    with pytest.raises(Exception, match=r"label 9 at position 4 is out of range: labels must lie in \[0, 8\)"):
+        jax.block_until_ready(step(features, bad, held))
+    np.testing.assert_array_equal(np.asarray(held), centers)  # nothing written
+
+
+# the path fixture holds for every example of the test: it is the same on each
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=center_loss_inputs(max_batch=12, max_width=5, max_classes=6), rule=st.sampled_from(centerkern.RULES),
+       label_dtype=st.sampled_from([np.int32, np.int64]), empty=st.booleans())
+def test_property_values_and_gradients_under_jit(step_path, case, rule, label_dtype, empty):
+    """Both dtypes (float64 under x64), int32 and int64 labels, hot labels, B=1, and B=0."""
+    features, labels, centers, alpha = case
+    if empty:
+        features, labels = features[:0], labels[:0]
+    labels = labels.astype(label_dtype)
+    expected = centerkern.center_loss(features, labels, centers, alpha, rule=rule, backend="numpy")
+
+    def objective(features, centers):
+        return center_jax.center_loss(features, labels, centers, alpha, rule=rule)
+
+    with jax.enable_x64(features.dtype == np.float64):
+        (loss, moved), (grad_features, _) = jax.jit(jax.value_and_grad(objective, argnums=(0, 1), has_aux=True))(
+            features, centers)
+        assert loss.dtype == features.dtype
+    assert float(loss) == pytest.approx(expected.loss, rel=1e-5 if features.dtype == np.float32 else 1e-12, abs=1e-30)
+    assert_matches(np.asarray(moved), expected.centers, features, centers)
+    assert_matches(np.asarray(grad_features), expected.grad, features, centers)
