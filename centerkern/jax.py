@@ -88,9 +88,12 @@ _ffi_state: dict = {}
 
 
 def ffi_path_available() -> bool:
-    """Whether steps run as an XLA FFI custom call (jax.ffi present), rather than a host callback."""
+    """Whether steps run as an XLA FFI custom call rather than a host callback: where jax.ffi
+    exists and JAX computes on the CPU (the custom call is registered for the CPU platform; on a
+    GPU the host callback runs, as before)."""
     if "available" not in _ffi_state:
-        _ffi_state["available"] = hasattr(jax, "ffi") and hasattr(jax.ffi, "ffi_call")
+        _ffi_state["available"] = (hasattr(jax, "ffi") and hasattr(jax.ffi, "ffi_call")
+                                   and jax.default_backend() == "cpu")
     return _ffi_state["available"]
 
 
@@ -98,7 +101,9 @@ def step_path() -> str:
     """How ``center_loss`` runs the kernels here, for ``python -m centerkern info``."""
     if ffi_path_available():
         return "XLA FFI custom call (in place, no host callback)"
-    return "jax.pure_callback (this jaxlib has no jax.ffi)"
+    if not hasattr(jax, "ffi"):
+        return "jax.pure_callback (this jaxlib has no jax.ffi)"
+    return f"jax.pure_callback (the custom call is registered for the CPU; JAX computes on {jax.default_backend()})"
 
 
 def _ffi_target(rule: str, backend: str) -> str:
