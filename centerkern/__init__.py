@@ -4,7 +4,9 @@ Center loss (Wen et al., ECCV 2016) keeps one center per class, pulls each featu
 class center and moves the centers toward the features. Its hot loop is a gather
 (``centers[labels]``) and a scatter in which duplicate labels must add up. The contract is
 written once, in the docstrings of the three functions below; ``backends()`` lists where they
-can run (``numpy``: the reference, ``numba``: parallel CPU kernels, ``cuda``: GPU kernels).
+can run (``numpy``: the reference, ``numba``: parallel CPU kernels, ``cuda``: GPU kernels, which
+on device arrays run on the caller's stream without waiting for the GPU: ``sync=``, ``stream=``,
+``centerkern.cuda.check_errors``).
 
 Framework adapters live in their own modules, imported only when asked for:
 ``centerkern.torch`` (an ``nn.Module``), ``centerkern.jax``, ``centerkern.tensorflow`` (a function
@@ -16,7 +18,7 @@ from ._api import CenterLossResult, backends, center_loss, gather_centers, scatt
 from ._rules import RULES
 from ._validation import BackendUnavailableError
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "CenterLossResult",
