@@ -7,7 +7,8 @@
 #      torch CUDA or CuPy, would test less than it claims, so it is said first)
 #   1. the CUDA tests on the device: real torch and CuPy arrays
 #   2. tests/test_gpu_training.py: a training step captured in a CUDA graph, streams
-#   3. benchmarks/gpu_check.py: correctness on the device, then the timings and the goals
+#   3. tests/test_gpu_jax.py: centerkern.jax's custom call on XLA's device buffers and stream
+#   4. benchmarks/gpu_check.py: correctness on the device, then the timings and the goals
 #
 # Each step's output goes to a log under $OUT (and to the terminal); a step that fails or runs
 # out of time does not stop the next one. The whole run keeps within BUDGET_S seconds (default
@@ -114,6 +115,8 @@ fi
 run_step cuda-tests 180 python3 -m pytest -q --maxfail=5 -rs --durations=15 -p no:cacheprovider \
     -k "(cuda or gpu) and not without_a_gpu" --ignore=tests/test_gpu_training.py tests/
 run_step gpu-training-tests 80 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu_training.py
+# JAX's custom call on the GPU: opt-in until this run has shown it right (tests/test_gpu_jax.py)
+run_step gpu-jax-tests 60 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu_jax.py
 run_step gpu-check 180 python3 benchmarks/gpu_check.py "$OUT/gpu-$(date +%F).json"
 
 failed=0

@@ -25,6 +25,7 @@ published rules exactly, with the kernels' validation, inside JAX programs; the 
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -87,48 +88,99 @@ def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, back
 _ffi_state: dict = {}
 
 
+# The custom call on the GPU (the cuda kernels on XLA's stream, on XLA's device buffers) has not
+# yet run on a GPU: until it has, it is taken only when asked for, and JAX on a GPU otherwise
+# keeps the host callback.
+GPU_CUSTOM_CALL_SWITCH = "CENTERKERN_JAX_GPU_CUSTOM_CALL"
+
+
+def _gpu_custom_call_asked() -> bool:
+    return os.environ.get(GPU_CUSTOM_CALL_SWITCH) == "1"
+
+
 def ffi_path_available() -> bool:
     """Whether steps run as an XLA FFI custom call rather than a host callback: where jax.ffi
-    exists and JAX computes on the CPU (the custom call is registered for the CPU platform; on a
-    GPU the host callback runs, as before)."""
+    exists and JAX computes on the CPU (or on a GPU, with ``CENTERKERN_JAX_GPU_CUSTOM_CALL=1``)."""
     if "available" not in _ffi_state:
+        platform = jax.default_backend()
         _ffi_state["available"] = (hasattr(jax, "ffi") and hasattr(jax.ffi, "ffi_call")
-                                   and jax.default_backend() == "cpu")
+                                   and (platform == "cpu" or (platform == "gpu" and _gpu_custom_call_asked())))
     return _ffi_state["available"]
 
 
 def step_path() -> str:
     """How ``center_loss`` runs the kernels here, for ``python -m centerkern info``."""
     if ffi_path_available():
-        return "XLA FFI custom call (in place, no host callback)"
+        return f"XLA FFI custom call on the {jax.default_backend().upper()} (in place, no host callback)"
     if not hasattr(jax, "ffi"):
         return "jax.pure_callback (this jaxlib has no jax.ffi)"
-    return f"jax.pure_callback (the custom call is registered for the CPU; JAX computes on {jax.default_backend()})"
+    return (f"jax.pure_callback (JAX computes on {jax.default_backend()}; {GPU_CUSTOM_CALL_SWITCH}=1 takes "
+            "the custom call there, not yet run on a GPU)")
 
 
 def _ffi_target(rule: str, backend: str) -> str:
-    """The FFI target of ``rule`` on the host ``backend``, registered with XLA on first use."""
+    """The FFI target of ``rule``, registered with XLA on first use: on the CPU the host
+    ``backend``'s kernels on host buffers, on a GPU the cuda kernels on device buffers."""
     name = f"centerkern_center_loss_{rule}_{backend}"
     if name not in _ffi_state:
-        from . import _api
-        from ._xla_ffi import ERROR_OUT_OF_RANGE, CallError, handler
+        from ._xla_ffi import handler
 
-        def step(frame, arguments, results):
-            features, labels, centers, alpha = (buffer.host_array() for buffer in arguments)
-            loss, grad, new_centers = (buffer.host_array() for buffer in results)
-            try:
-                # new_centers is centers' own buffer (input_output_aliases): the in-place path;
-                # every check runs before the first write, so a bad label leaves it as it was
-                result = _api.center_loss(features, labels, centers, float(alpha), rule=rule, out=new_centers,
-                                          grad_out=grad, backend=backend)
-            except IndexError as error:
-                raise CallError(str(error), ERROR_OUT_OF_RANGE) from error
-            loss[...] = result.loss
-
-        target = handler(step)
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(target), platform="cpu")
-        _ffi_state[name] = target  # XLA holds a pointer to it: it must live as long as the process
+        host = handler(functools.partial(_host_custom_call, rule=rule, backend=backend))
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(host), platform="cpu")
+        kept = [host]  # XLA holds pointers to them: they must live as long as the process
+        if jax.default_backend() == "gpu" and _gpu_custom_call_asked():
+            device = handler(functools.partial(_device_custom_call, rule=rule))
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(device), platform="CUDA")
+            kept.append(device)
+        _ffi_state[name] = kept
     return name
+
+
+def _host_custom_call(frame, arguments, results, *, rule, backend):
+    from . import _api
+    from ._xla_ffi import ERROR_OUT_OF_RANGE, CallError
+
+    features, labels, centers, alpha = (buffer.host_array() for buffer in arguments)
+    loss, grad, new_centers = (buffer.host_array() for buffer in results)
+    try:
+        # new_centers is centers' own buffer (input_output_aliases): the in-place path; every
+        # check runs before the first write, so a bad label leaves it as it was
+        result = _api.center_loss(features, labels, centers, float(alpha), rule=rule, out=new_centers, grad_out=grad,
+                                  backend=backend)
+    except IndexError as error:
+        raise CallError(str(error), ERROR_OUT_OF_RANGE) from error
+    loss[...] = result.loss
+
+
+class _XlaDeviceBuffer:
+    """An XLA device buffer as a CUDA Array Interface object, for the cuda backend (no copy)."""
+
+    def __init__(self, buffer):
+        self.__cuda_array_interface__ = {"shape": buffer.shape, "typestr": buffer.dtype.str, "strides": None,
+                                         "data": (buffer.pointer, False), "version": 3}
+
+
+def _device_custom_call(frame, arguments, results, *, rule):
+    """The step on XLA's device buffers, queued on XLA's stream by the cuda backend. It waits for
+    the label check (sync=True) so that a bad label is returned as this call's error."""
+    from numba import cuda
+
+    from . import _api
+    from ._xla_ffi import ERROR_OUT_OF_RANGE, CallError, stream
+
+    handle = stream(frame)
+    on_stream = cuda.external_stream(handle) if handle else cuda.default_stream()
+    features, labels, centers, alpha = (_XlaDeviceBuffer(buffer) for buffer in arguments)
+    loss, grad, new_centers = (_XlaDeviceBuffer(buffer) for buffer in results)
+    alpha_value = float(cuda.as_cuda_array(alpha, sync=False).copy_to_host(stream=on_stream))
+    try:
+        result = _api.center_loss(features, labels, centers, alpha_value, rule=rule, out=new_centers, grad_out=grad,
+                                  backend="cuda", stream=handle, sync=True)
+    except IndexError as error:
+        raise CallError(str(error), ERROR_OUT_OF_RANGE) from error
+    value = np.asarray(result.loss.copy_to_host(stream=on_stream), dtype=arguments[0].dtype)
+    cuda.as_cuda_array(loss, sync=False).copy_to_device(value, stream=on_stream)
+    on_stream.synchronize()  # the host value above must not be freed before the copy has read it
 
 
 @functools.lru_cache(maxsize=None)
