@@ -118,6 +118,7 @@ def _step(features, labels, index, rows, alpha, num_classes, rule, backend):
             # along features and -grad_scale along the sample's row, makes it differentiable
             # again (a gradient penalty through a nested tape) without changing a number
             moved = (features - tf.stop_gradient(features)) - tf.gather(rows - tf.stop_gradient(rows), index)
+            moved = tf.where(tf.math.is_finite(moved), moved, tf.zeros_like(moved))  # inf - inf is not zero
             per_sample = grad + grad_scale * moved
             grad_rows = -grad_loss * tf.math.unsorted_segment_sum(per_sample, index, tf.shape(rows)[0])
             return grad_loss * per_sample, grad_rows

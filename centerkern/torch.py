@@ -87,6 +87,7 @@ class _CenterLossStep(torch.autograd.Function):
             if centers is not None:
                 rows = centers.index_select(0, labels)
                 tracked = tracked - (rows - rows.detach())
+            tracked = torch.where(torch.isfinite(tracked), tracked, 0.0)  # inf - inf is not zero
             grad = grad + ctx.grad_scale * tracked
             if grad_centers is not None:
                 grad_centers = grad_centers - ctx.grad_scale * torch.zeros_like(grad_centers).index_add(0, labels, tracked)

@@ -281,3 +281,17 @@ def test_the_loss_as_a_model_output_with_an_identity_loss():
                                       backend="numpy")
     assert history.history["loss"][0] == pytest.approx(expected.loss, rel=1e-5)
     assert_matches(layer.centers.numpy(), expected.centers, embeddings)
+
+
+def test_an_infinite_feature_keeps_its_first_order_gradient():
+    """The second-order term is zero in value; where a feature is infinite it stays zero (not
+    inf - inf), so the gradient is the kernel's, as before."""
+    features, labels, start = _batch(10, dtype=np.float64)
+    features[3, 1] = np.inf
+    variable = tf.Variable(start)
+    expected = centerkern.center_loss(features, labels, start, 0.5, rule="wen", backend="numpy")
+    tensor = tf.constant(features)
+    with tf.GradientTape() as tape:
+        tape.watch(tensor)
+        loss = center_tf.center_loss(tensor, labels, variable, 0.5, "wen", training=False)
+    np.testing.assert_array_equal(tape.gradient(loss, tensor).numpy(), expected.grad)
