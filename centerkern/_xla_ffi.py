@@ -76,15 +76,21 @@ class _StreamGetArgs(ctypes.Structure):
                 ("ctx", ctypes.c_void_p), ("stream", ctypes.c_void_p)]
 
 
+class _ErrorArgs(ctypes.Structure):  # XLA_FFI_Error_GetMessage_Args and XLA_FFI_Error_Destroy_Args
+    _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.POINTER(_ExtensionBase)),
+                ("error", ctypes.c_void_p), ("message", ctypes.c_char_p)]
+
+
 _ErrorCreate = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(_ErrorCreateArgs))
+_ErrorCall = ctypes.CFUNCTYPE(None, ctypes.POINTER(_ErrorArgs))
 _StreamGet = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(_StreamGetArgs))
 
 
 class _Api(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.POINTER(_ExtensionBase)),
                 ("api_version", _ApiVersion), ("internal_api", ctypes.c_void_p),
-                ("error_create", _ErrorCreate), ("error_get_message", ctypes.c_void_p),
-                ("error_destroy", ctypes.c_void_p), ("handler_register", ctypes.c_void_p),
+                ("error_create", _ErrorCreate), ("error_get_message", _ErrorCall),
+                ("error_destroy", _ErrorCall), ("handler_register", ctypes.c_void_p),
                 ("stream_get", _StreamGet)]
 
 
@@ -103,6 +109,8 @@ class Buffer:
     def __init__(self, address: int):
         buffer = _Buffer.from_address(address)
         self.pointer = buffer.data or 0
+        if buffer.dtype not in _DTYPES:
+            raise TypeError(f"a buffer of XLA dtype {buffer.dtype}, which no kernel here takes")
         self.dtype = np.dtype(_DTYPES[buffer.dtype])
         self.shape = tuple(buffer.dims[i] for i in range(buffer.rank))
 
@@ -132,8 +140,14 @@ def _error(frame: _CallFrame, message: str, code: int) -> int:
 def stream(frame: _CallFrame) -> int:
     """The platform stream XLA runs the call on (a ``CUstream`` on CUDA)."""
     args = _StreamGetArgs(ctypes.sizeof(_StreamGetArgs), None, frame.ctx, None)
-    if frame.api.contents.stream_get(ctypes.byref(args)):
-        raise RuntimeError("XLA did not give the call's stream")
+    error = frame.api.contents.stream_get(ctypes.byref(args))
+    if error:  # ours to read and destroy
+        api = frame.api.contents
+        message = _ErrorArgs(ctypes.sizeof(_ErrorArgs), None, error, None)
+        api.error_get_message(ctypes.byref(message))
+        text = (message.message or b"").decode("utf-8", "replace")
+        api.error_destroy(ctypes.byref(_ErrorArgs(ctypes.sizeof(_ErrorArgs), None, error, None)))
+        raise RuntimeError(f"XLA did not give the call's stream: {text}")
     return args.stream or 0
 
 
@@ -153,15 +167,20 @@ def handler(function: Callable[[_CallFrame, list, list], None]):
     exception an INTERNAL one naming it. Keep the returned object alive while XLA may call it."""
 
     def call(frame_pointer):
-        frame = frame_pointer.contents
         try:
+            frame = frame_pointer.contents
             if _answer_metadata(frame) or frame.stage != EXECUTE_STAGE:
                 return None
+        except BaseException:  # a metadata query carries no API to make an error with
+            return None
+        try:
             arguments = [Buffer(frame.args.args[i]) for i in range(frame.args.size)]
             results = [Buffer(frame.rets.args[i]) for i in range(frame.rets.size)]
             function(frame, arguments, results)
         except CallError as error:
             return _error(frame, str(error), error.code)
+        except (TypeError, ValueError) as error:
+            return _error(frame, f"{type(error).__name__}: {error}", ERROR_INVALID_ARGUMENT)
         except BaseException as error:  # nothing may unwind through XLA's C frames
             return _error(frame, f"{type(error).__name__}: {error}", ERROR_INTERNAL)
         return None

@@ -9,17 +9,17 @@
 
     (loss, centers), grads = jax.value_and_grad(objective, has_aux=True)(params, centers, images, labels)
 
-The kernels run on the host as a ``jax.pure_callback`` on the batch's classes only (see
-``centerkern._compact``): B rows cross to the host and back, never K. The gradient with respect
-to ``features`` is the kernel's; the one with respect to ``centers`` (what rule ``pytorch``
-trains) is ``-sum`` of the features' gradient per class. ``new_centers`` is the rule's update,
-like an optimizer step: no gradient flows through it.
+On the CPU the step is one XLA FFI custom call (``centerkern._xla_ffi``): XLA hands the kernels
+its buffers in place, and the new centers are written over the centers' own buffer, so that a
+jitted step with the centers donated (``donate_argnums``) copies nothing of size K x D and never
+leaves compiled code for a host callback. Without ``jax.ffi``, or with JAX on a GPU (unless
+``CENTERKERN_JAX_GPU_CUSTOM_CALL=1``), the kernels run as a ``jax.pure_callback`` on the batch's
+classes only (see ``centerkern._compact``): B rows cross to the host and back, never K.
 
-Cost: the callback is a synchronisation point and XLA's functional ``.at[].set`` copies the
-(K, D) centers, so on a CPU this step is slower than the same rule written in ``jax.numpy``
-(``benchmarks/adapters.py``: 5.6 against 1.4 ms at B=1024, D=512, K=10^4). Use it for the
-published rules exactly, with the kernels' validation, inside JAX programs; the oracle
-(``centerkern.testing``) checks a hand-written ``jax.numpy`` step just as well.
+The gradient with respect to ``features`` is the kernel's; the one with respect to ``centers``
+(what rule ``pytorch`` trains) is ``-sum`` of the features' gradient per class. ``new_centers`` is
+the rule's update, like an optimizer step: no gradient flows through it. Gradients of gradients
+are not available (JAX raises). Costs are in ``benchmarks/jax_ffi.py`` and the README.
 """
 
 from __future__ import annotations
@@ -64,8 +64,9 @@ def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, back
     if not isinstance(labels, jax.core.Tracer):  # concrete labels: SPEC's IndexError right here
         check_labels(np.asarray(labels), batch_size, num_classes, f"features of shape {features.shape}")
     alpha = jnp.asarray(alpha, dtype=features.dtype)
-    if ffi_path_available():
-        loss, new_centers = _ffi_step(rule, backend)(features, labels, centers, alpha)
+    step = _ffi_step_or_none(rule, backend)
+    if step is not None:
+        loss, new_centers = step(features, labels, centers, alpha)
         return loss, jax.lax.stop_gradient(new_centers)
     # size=B keeps the shapes static under jit; the padding class K is out of range, so reading
     # it fills zeros and writing it is dropped. The classes are found in the widest integer type
@@ -114,25 +115,44 @@ def step_path() -> str:
         return f"XLA FFI custom call on the {jax.default_backend().upper()} (in place, no host callback)"
     if not hasattr(jax, "ffi"):
         return "jax.pure_callback (this jaxlib has no jax.ffi)"
+    if "refused" in _ffi_state:
+        return f"jax.pure_callback (XLA refused the custom call: {_ffi_state['refused']})"
     return (f"jax.pure_callback (JAX computes on {jax.default_backend()}; {GPU_CUSTOM_CALL_SWITCH}=1 takes "
             "the custom call there, not yet run on a GPU)")
+
+
+# XLA holds pointers to the registered handlers: they must live as long as the process (kept
+# apart from _ffi_state, which tests reset, and kept across a reload of this module)
+_REGISTERED: dict = globals().get("_REGISTERED", {})
+
+
+def _ffi_step_or_none(rule: str, backend: str):
+    """The custom-call step, or None where the host callback must serve: jax.ffi missing, JAX on
+    a GPU without the switch, or XLA refusing the registration (its reason kept for ``info``)."""
+    if not ffi_path_available():
+        return None
+    try:
+        return _ffi_step(rule, backend)
+    except Exception as error:  # e.g. a jaxlib that no longer accepts this API version
+        _ffi_state.update(available=False, refused=f"{type(error).__name__}: {error}")
+        return None
 
 
 def _ffi_target(rule: str, backend: str) -> str:
     """The FFI target of ``rule``, registered with XLA on first use: on the CPU the host
     ``backend``'s kernels on host buffers, on a GPU the cuda kernels on device buffers."""
     name = f"centerkern_center_loss_{rule}_{backend}"
-    if name not in _ffi_state:
+    if name not in _REGISTERED:
         from ._xla_ffi import handler
 
         host = handler(functools.partial(_host_custom_call, rule=rule, backend=backend))
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(host), platform="cpu")
-        kept = [host]  # XLA holds pointers to them: they must live as long as the process
+        kept = [host]
         if jax.default_backend() == "gpu" and _gpu_custom_call_asked():
             device = handler(functools.partial(_device_custom_call, rule=rule))
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(device), platform="CUDA")
             kept.append(device)
-        _ffi_state[name] = kept
+        _REGISTERED[name] = kept
     return name
 
 
@@ -141,12 +161,13 @@ def _host_custom_call(frame, arguments, results, *, rule, backend):
     from ._xla_ffi import ERROR_OUT_OF_RANGE, CallError
 
     features, labels, centers, alpha = (buffer.host_array() for buffer in arguments)
-    loss, grad, new_centers = (buffer.host_array() for buffer in results)
+    loss, grad, *moved = (buffer.host_array() for buffer in results)
     try:
-        # new_centers is centers' own buffer (input_output_aliases): the in-place path; every
-        # check runs before the first write, so a bad label leaves it as it was
-        result = _api.center_loss(features, labels, centers, float(alpha), rule=rule, out=new_centers, grad_out=grad,
-                                  backend=backend)
+        # new centers go into centers' own buffer (input_output_aliases): the in-place path,
+        # every check before the first write, so a bad label leaves it as it was. Rule pytorch
+        # moves no center: out=centers is only read
+        result = _api.center_loss(features, labels, centers, float(alpha), rule=rule,
+                                  out=moved[0] if moved else centers, grad_out=grad, backend=backend)
     except IndexError as error:
         raise CallError(str(error), ERROR_OUT_OF_RANGE) from error
     loss[...] = result.loss
@@ -171,11 +192,13 @@ def _device_custom_call(frame, arguments, results, *, rule):
     handle = stream(frame)
     on_stream = cuda.external_stream(handle) if handle else cuda.default_stream()
     features, labels, centers, alpha = (_XlaDeviceBuffer(buffer) for buffer in arguments)
-    loss, grad, new_centers = (_XlaDeviceBuffer(buffer) for buffer in results)
-    alpha_value = float(cuda.as_cuda_array(alpha, sync=False).copy_to_host(stream=on_stream))
+    loss, grad, *moved = (_XlaDeviceBuffer(buffer) for buffer in results)
+    alpha_host = cuda.as_cuda_array(alpha, sync=False).copy_to_host(stream=on_stream)
+    on_stream.synchronize()  # the copy is queued on XLA's stream: read alpha once it has run
     try:
-        result = _api.center_loss(features, labels, centers, alpha_value, rule=rule, out=new_centers, grad_out=grad,
-                                  backend="cuda", stream=handle, sync=True)
+        result = _api.center_loss(features, labels, centers, float(alpha_host), rule=rule,
+                                  out=moved[0] if moved else centers, grad_out=grad, backend="cuda", stream=handle,
+                                  sync=True)
     except IndexError as error:
         raise CallError(str(error), ERROR_OUT_OF_RANGE) from error
     value = np.asarray(result.loss.copy_to_host(stream=on_stream), dtype=arguments[0].dtype)
@@ -189,11 +212,14 @@ def _ffi_step(rule: str, backend: str):
     target = _ffi_target(rule, backend)
 
     def run(features, labels, centers, alpha):
-        shapes = (jax.ShapeDtypeStruct((), features.dtype), jax.ShapeDtypeStruct(features.shape, features.dtype),
-                  jax.ShapeDtypeStruct(centers.shape, centers.dtype))
+        shapes = (jax.ShapeDtypeStruct((), features.dtype), jax.ShapeDtypeStruct(features.shape, features.dtype))
+        if not moves_centers(rule):  # pytorch: the centers stay as they are, and no buffer is written
+            loss, grad = jax.ffi.ffi_call(target, shapes, vmap_method="sequential")(features, labels, centers, alpha)
+            return loss, grad, centers
         # the new centers are written over the centers' buffer: with the centers donated
         # (jax.jit(..., donate_argnums)) no K x D copy is made
-        call = jax.ffi.ffi_call(target, shapes, vmap_method="sequential", input_output_aliases={2: 2})
+        call = jax.ffi.ffi_call(target, (*shapes, jax.ShapeDtypeStruct(centers.shape, centers.dtype)),
+                                vmap_method="sequential", input_output_aliases={2: 2})
         return call(features, labels, centers, alpha)
 
     @jax.custom_vjp

@@ -80,7 +80,7 @@ def center_loss(
     rows = tf.gather(variable, in_range)  # differentiable into the variable, sparsely
     loss, new_rows = _step(features, labels, index, rows, tf.cast(alpha, variable.dtype), num_classes, rule, backend)
     if updates:
-        variable.scatter_update(tf.IndexedSlices(new_rows, classes))
+        variable.scatter_update(tf.IndexedSlices(new_rows, tf.cast(classes, tf.int64)))  # any integer labels
     return loss
 
 
@@ -113,13 +113,18 @@ def _step(features, labels, index, rows, alpha, num_classes, rule, backend):
         new_rows.set_shape(rows.shape)
         grad_scale.set_shape(())
 
+        @tf.custom_gradient
+        def kernel_grad(features, rows):
+            """The kernel's gradient as a function of the inputs, so that a nested tape can
+            differentiate it (a gradient penalty): d grad_i / d f_i = grad_scale, and
+            -grad_scale along the sample's row."""
+            def second_order(upstream):
+                return (grad_scale * upstream,
+                        -grad_scale * tf.math.unsorted_segment_sum(upstream, index, tf.shape(rows)[0]))
+            return tf.identity(grad), second_order
+
         def backward(grad_loss, grad_new_rows):  # new_rows is the rule's update: not differentiated
-            # the kernel's gradient is the value; a term that is zero, with derivative grad_scale
-            # along features and -grad_scale along the sample's row, makes it differentiable
-            # again (a gradient penalty through a nested tape) without changing a number
-            moved = (features - tf.stop_gradient(features)) - tf.gather(rows - tf.stop_gradient(rows), index)
-            moved = tf.where(tf.math.is_finite(moved), moved, tf.zeros_like(moved))  # inf - inf is not zero
-            per_sample = grad + grad_scale * moved
+            per_sample = kernel_grad(features, rows)
             grad_rows = -grad_loss * tf.math.unsorted_segment_sum(per_sample, index, tf.shape(rows)[0])
             return grad_loss * per_sample, grad_rows
 
@@ -158,10 +163,10 @@ class CenterLoss(keras.layers.Layer):
                 f"{backend_name!r} here (KERAS_BACKEND): use centerkern.jax.center_loss with JAX, "
                 "centerkern.torch.CenterLoss with torch"
             )
-        # the kernels compute in float32 or float64: under a mixed-precision policy the layer still
-        # computes in float32 (low-precision features are cast up, exactly), as Keras advises for
-        # a model's loss layers; dtype= chooses otherwise
-        kwargs.setdefault("dtype", "float32")
+        # the kernels compute in float32 or float64: under a mixed-precision policy the layer
+        # computes in the policy's variable dtype (float32; low-precision features are cast up,
+        # exactly), as Keras advises for a model's loss layers; a float64 policy stays float64
+        kwargs.setdefault("dtype", keras.config.dtype_policy().variable_dtype)
         super().__init__(**kwargs)
         self.num_classes = int(num_classes)
         self.alpha = check_alpha(alpha)

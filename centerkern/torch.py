@@ -71,7 +71,8 @@ class _CenterLossStep(torch.autograd.Function):
         ctx.grad, ctx.grad_centers = result.grad, result.grad_centers
         # held as attributes, not saved tensors: unpacking a saved tensor makes a non-reentrant
         # checkpoint recompute the forward, which would move the centers again
-        ctx.features, ctx.labels = features, labels.reshape(-1)
+        # (labels as index_select wants them, on the features' device, for the second-order term)
+        ctx.features, ctx.labels = features, labels.reshape(-1).to(device=features.device, dtype=torch.long)
         ctx.centers = None if moves_centers(rule) else centers  # moved in place otherwise: not differentiable
         ctx.grad_scale = rule_coefficients(rule, 0.0, *features.shape).grad_scale
         if isinstance(result.loss, float):

@@ -181,3 +181,26 @@ def test_property_values_and_gradients_under_jit(step_path, case, rule, label_dt
     assert float(loss) == pytest.approx(expected.loss, rel=1e-5 if features.dtype == np.float32 else 1e-12, abs=1e-30)
     assert_matches(np.asarray(moved), expected.centers, features, centers)
     assert_matches(np.asarray(grad_features), expected.grad, features, centers)
+
+
+def test_a_refused_registration_falls_back_to_the_host_callback(step_path, monkeypatch):
+    """A jaxlib that refuses the custom call (say, no longer this API version) gets the host
+    callback, and info says why, instead of every call failing."""
+    features, labels, centers = _batch(14)
+    expected = centerkern.center_loss(features, labels, centers, 0.5, rule="facenet", backend="numba")
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Minimum supported API version is (0.9)")
+
+    monkeypatch.setattr(jax.ffi, "register_ffi_target", refuse)
+    monkeypatch.setattr(center_jax, "_REGISTERED", {})
+    center_jax._ffi_step.cache_clear()
+    try:
+        loss, moved = center_jax.center_loss(features, labels, centers, 0.5, rule="facenet", backend="numba")
+        assert float(loss) == pytest.approx(expected.loss, rel=1e-6)
+        assert_matches(np.asarray(moved), expected.centers, features, centers)
+        if step_path == "ffi":
+            assert center_jax.step_path().startswith("jax.pure_callback (XLA refused the custom call: RuntimeError")
+    finally:
+        center_jax._ffi_step.cache_clear()
+        center_jax._ffi_state.pop("refused", None)

@@ -295,3 +295,19 @@ def test_an_infinite_feature_keeps_its_first_order_gradient():
         tape.watch(tensor)
         loss = center_tf.center_loss(tensor, labels, variable, 0.5, "wen", training=False)
     np.testing.assert_array_equal(tape.gradient(loss, tensor).numpy(), expected.grad)
+
+
+def test_narrow_integer_labels_train_and_a_float64_policy_stays_float64():
+    features, labels, start = _batch(11)
+    variable = tf.Variable(start)
+    expected = centerkern.center_loss(features, labels, start, 0.5, rule="wen", backend="numpy")
+    loss = center_tf.center_loss(features, labels.astype(np.uint8), variable, 0.5, "wen", training=True)
+    assert float(loss) == pytest.approx(expected.loss, rel=1e-6)
+    assert_matches(variable.numpy(), expected.centers, features, start)
+    keras.mixed_precision.set_global_policy("float64")
+    try:
+        layer = center_tf.CenterLoss(8, alpha=0.5, rule="wen")
+        layer([features.astype(np.float64), labels], training=True)
+        assert layer.centers.dtype == "float64" and layer.compute_dtype == "float64"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

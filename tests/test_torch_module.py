@@ -220,7 +220,7 @@ def test_second_order_gradients_match_torch_autograd_of_the_formulas(rule):
     center-loss term's second-order part, as autograd of the SPEC formula gives it."""
     generator = torch.Generator().manual_seed(5)
     inputs = torch.randn(12, 3, generator=generator, dtype=torch.float64)
-    labels = torch.tensor([0, 1, 1, 2, 0, 0, 3, 3, 1, 2, 0, 1])
+    labels = torch.tensor([0, 1, 1, 2, 0, 0, 3, 3, 1, 2, 0, 1], dtype=torch.uint8)  # any integer dtype
     start = torch.randn(4, 4, generator=generator, dtype=torch.float64)
 
     def penalised_step(loss_of):
@@ -236,7 +236,7 @@ def test_second_order_gradients_match_torch_autograd_of_the_formulas(rule):
         module.centers.copy_(start)
     ours = penalised_step(lambda features: module(features, labels))
     centers = start.clone().requires_grad_(rule == "pytorch")
-    theirs = penalised_step(lambda features: _formula_loss(rule, features, labels, centers))
+    theirs = penalised_step(lambda features: _formula_loss(rule, features, labels.long(), centers))
     torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
     if rule == "pytorch":
         torch.testing.assert_close(module.centers.grad, centers.grad, rtol=1e-10, atol=1e-12)
