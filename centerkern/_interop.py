@@ -136,6 +136,7 @@ class Owned:
 
     __slots__ = ("owner",)
 
+
 _CONVERTERS = {"torch": _to_torch, "jax": _to_jax, "tensorflow": _to_tensorflow, "cupy": _to_cupy}
 
 

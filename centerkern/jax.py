@@ -156,20 +156,25 @@ def _ffi_target(rule: str, backend: str) -> str:
     return name
 
 
-def _host_custom_call(frame, arguments, results, *, rule, backend):
+def _step_in_custom_call(*args, **kwargs):
+    """``center_loss`` inside a custom call: a bad label becomes the call's OUT_OF_RANGE error."""
     from . import _api
     from ._xla_ffi import ERROR_OUT_OF_RANGE, CallError
 
-    features, labels, centers, alpha = (buffer.host_array() for buffer in arguments)
-    loss, grad, *moved = (buffer.host_array() for buffer in results)
     try:
-        # new centers go into centers' own buffer (input_output_aliases): the in-place path,
-        # every check before the first write, so a bad label leaves it as it was. Rule pytorch
-        # moves no center: out=centers is only read
-        result = _api.center_loss(features, labels, centers, float(alpha), rule=rule,
-                                  out=moved[0] if moved else centers, grad_out=grad, backend=backend)
+        return _api.center_loss(*args, **kwargs)
     except IndexError as error:
         raise CallError(str(error), ERROR_OUT_OF_RANGE) from error
+
+
+def _host_custom_call(frame, arguments, results, *, rule, backend):
+    features, labels, centers, alpha = (buffer.host_array() for buffer in arguments)
+    loss, grad, *moved = (buffer.host_array() for buffer in results)
+    # new centers go into centers' own buffer (input_output_aliases): the in-place path, every
+    # check before the first write, so a bad label leaves it as it was. Rule pytorch moves no
+    # center: out=centers is only read
+    result = _step_in_custom_call(features, labels, centers, float(alpha), rule=rule,
+                                  out=moved[0] if moved else centers, grad_out=grad, backend=backend)
     loss[...] = result.loss
 
 
@@ -186,8 +191,7 @@ def _device_custom_call(frame, arguments, results, *, rule):
     the label check (sync=True) so that a bad label is returned as this call's error."""
     from numba import cuda
 
-    from . import _api
-    from ._xla_ffi import ERROR_OUT_OF_RANGE, CallError, stream
+    from ._xla_ffi import stream
 
     handle = stream(frame)
     on_stream = cuda.external_stream(handle) if handle else cuda.default_stream()
@@ -195,12 +199,9 @@ def _device_custom_call(frame, arguments, results, *, rule):
     loss, grad, *moved = (_XlaDeviceBuffer(buffer) for buffer in results)
     alpha_host = cuda.as_cuda_array(alpha, sync=False).copy_to_host(stream=on_stream)
     on_stream.synchronize()  # the copy is queued on XLA's stream: read alpha once it has run
-    try:
-        result = _api.center_loss(features, labels, centers, float(alpha_host), rule=rule,
+    result = _step_in_custom_call(features, labels, centers, float(alpha_host), rule=rule,
                                   out=moved[0] if moved else centers, grad_out=grad, backend="cuda", stream=handle,
                                   sync=True)
-    except IndexError as error:
-        raise CallError(str(error), ERROR_OUT_OF_RANGE) from error
     value = np.asarray(result.loss.copy_to_host(stream=on_stream), dtype=arguments[0].dtype)
     cuda.as_cuda_array(loss, sync=False).copy_to_device(value, stream=on_stream)
     on_stream.synchronize()  # the host value above must not be freed before the copy has read it

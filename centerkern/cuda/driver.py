@@ -77,9 +77,8 @@ class _Scratch:
     def ensure_status(self, arrays: DeviceArrays) -> None:
         if self.pending is None:
             self._grow("the label check's record")
-            pending = cuda.mapped_array(kernels.PENDING_SIZE, dtype=np.int64)
-            getattr(pending, "_ary", pending)[:] = kernels.NO_ROW
-            self.pending = pending
+            self.pending = cuda.mapped_array(kernels.PENDING_SIZE, dtype=np.int64)
+            self.pending_host()[:] = kernels.NO_ROW
         self.status = self.buffer("status", (kernels.STATUS_SIZE,), np.int64, arrays, fill_value=kernels.NO_ROW)
 
     def always_clear(self, arrays: DeviceArrays) -> DeviceView:

@@ -61,7 +61,7 @@ TILE_ROWS, COLUMNS_PER_BLOCK, _SHRUNK = _launch_shape()
 _CACHE = not _SHRUNK
 
 NO_ROW = np.int64(2**62)  # "no sample of this class yet" and "no bad label"; any row index is smaller
-STATUS_SIZE = 2  # status[0]: first bad position (NO_ROW if none); status[1]: unused, kept for alignment
+STATUS_SIZE = 1  # status[0]: the call's first bad position (NO_ROW if none)
 PENDING_SIZE = 4  # pending: first bad position, its label (as int64 bits), K, whether the label is negative
 
 
