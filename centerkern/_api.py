@@ -11,6 +11,7 @@ only once the labels are known to be good.
 from __future__ import annotations
 
 import importlib
+import sys
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -40,6 +41,21 @@ class CenterLossResult(NamedTuple):
     grad: Any
     centers: Any
     grad_centers: Any
+
+
+# Plain NumPy inputs with one of these backend choices run the numba kernels after a few
+# attribute checks (``_validation.plain_center_loss``); everything else is validated in full.
+_PLAIN_BACKENDS = ("auto", "numba")
+
+
+def _as_is(x: Any) -> Any:
+    return x
+
+
+def _numba_kernels() -> ModuleType:
+    # imported on first use, like every backend (Numba's parallel target loads with it)
+    module = sys.modules.get("centerkern.kernels_numba")
+    return module if module is not None else importlib.import_module("centerkern.kernels_numba")
 
 
 def _cuda_module() -> ModuleType:
@@ -156,11 +172,15 @@ def scatter_sub_update(
     -------
     array, shape (K, D): the updated centers
     """
-    to_caller = _interop.converter_like(centers)
     caller_out = out
-    centers, labels, updates, out = _exportable(centers, labels, updates, out)
-    kernels, arrays = _select(backend, centers, updates, out, stream=stream, sync=sync)
-    checked = _validation.validate_scatter(centers, labels, updates, out, arrays)
+    checked = _validation.plain_scatter(centers, labels, updates, out) if backend in _PLAIN_BACKENDS else None
+    if checked is not None:  # the common case on the CPU, see _validation.plain_scatter
+        to_caller, kernels, arrays = _as_is, _numba_kernels(), HostArrays
+    else:
+        to_caller = _interop.converter_like(centers)
+        centers, labels, updates, out = _exportable(centers, labels, updates, out)
+        kernels, arrays = _select(backend, centers, updates, out, stream=stream, sync=sync)
+        checked = _validation.validate_scatter(centers, labels, updates, out, arrays)
     target, copy_from = _target(arrays, checked.centers, checked.out, checked.out_is_centers)
     kernels.scatter_sub_update(target, checked.labels, checked.updates, deterministic=deterministic,
                                copy_from=copy_from)
@@ -227,11 +247,17 @@ def center_loss(
     CenterLossResult
         ``(loss, grad, centers, grad_centers)``.
     """
-    to_caller = _interop.converter_like(features)
     caller_out, caller_grad_out = out, grad_out
-    features, labels, centers, out, grad_out = _exportable(features, labels, centers, out, grad_out)
-    kernels, arrays = _select(backend, features, centers, out, grad_out, stream=stream, sync=sync)
-    checked = _validation.validate_center_loss(features, labels, centers, alpha, rule, out, arrays, grad_out)
+    checked = None
+    if backend in _PLAIN_BACKENDS:
+        checked = _validation.plain_center_loss(features, labels, centers, alpha, rule, out, grad_out)
+    if checked is not None:  # the common case on the CPU, see _validation.plain_center_loss
+        to_caller, kernels, arrays = _as_is, _numba_kernels(), HostArrays
+    else:
+        to_caller = _interop.converter_like(features)
+        features, labels, centers, out, grad_out = _exportable(features, labels, centers, out, grad_out)
+        kernels, arrays = _select(backend, features, centers, out, grad_out, stream=stream, sync=sync)
+        checked = _validation.validate_center_loss(features, labels, centers, alpha, rule, out, arrays, grad_out)
     batch_size, feature_size = checked.features.shape
     coefficients = rule_coefficients(checked.rule, checked.alpha, batch_size, feature_size)
 

@@ -294,6 +294,73 @@ class CenterLossInputs:
     grad_out: Any = None  # None, or the caller's (B, D) array for the grad
 
 
+# --------------------------------------------------------------------------- plain NumPy inputs
+#
+# A training loop on the CPU calls with the same kind of arrays every step: C-contiguous NumPy
+# arrays of the expected dtypes, out=centers. For them the full validation above costs more than
+# the step at small sizes (tens of microseconds of Python against a kernel of tens), so they are
+# recognised by a few attribute reads instead, and the label range check is left to the numba
+# kernel, which makes it in its sort before anything is written and raises the same IndexError.
+# Anything else (a list, another framework's array, a view, an overlap, an empty batch, a bad
+# value) returns None here and takes the full validation, whose messages are SPEC's.
+
+_PLAIN_LABEL_DTYPE = np.dtype(np.int64)
+
+
+def _plain_matrix(x: Any) -> bool:
+    return type(x) is np.ndarray and x.ndim == 2 and x.dtype in FLOAT_DTYPES and x.flags.c_contiguous and x.size > 0
+
+
+def _plain_labels(labels: Any, batch_size: int) -> bool:
+    return (type(labels) is np.ndarray and labels.dtype == _PLAIN_LABEL_DTYPE and labels.size == batch_size
+            and labels.flags.c_contiguous)
+
+
+def _plain_out(out: Any, centers: np.ndarray, *inputs: np.ndarray) -> bool:
+    """out=None, or out=centers (the same object) that can be written and overlaps no input."""
+    if out is None:
+        return True
+    if out is not centers or not centers.flags.writeable:
+        return False
+    for x in inputs:
+        if np.may_share_memory(x, centers):
+            return False
+    return True
+
+
+def _plain_grad_out(grad_out: Any, features: np.ndarray, *inputs: np.ndarray) -> bool:
+    if grad_out is None:
+        return True
+    if not (type(grad_out) is np.ndarray and grad_out.dtype == features.dtype and grad_out.shape == features.shape
+            and grad_out.flags.c_contiguous and grad_out.flags.writeable):
+        return False
+    for x in (features, *inputs):
+        if np.may_share_memory(grad_out, x):
+            return False
+    return True
+
+
+def plain_center_loss(features, labels, centers, alpha, rule, out, grad_out) -> CenterLossInputs | None:
+    """``center_loss``'s inputs checked in a few attribute reads (labels excepted, see above),
+    or None where they need the full ``validate_center_loss``."""
+    if not (_plain_matrix(features) and _plain_matrix(centers) and features.dtype == centers.dtype
+            and features.shape[1] == centers.shape[1] and _plain_labels(labels, features.shape[0])
+            and rule in RULES and isinstance(alpha, float) and math.isfinite(alpha) and _plain_out(out, centers, features, labels)
+            and _plain_grad_out(grad_out, features, labels, centers)):
+        return None
+    return CenterLossInputs(features, labels.reshape(-1), centers, float(alpha), rule, out, out is not None, grad_out)
+
+
+def plain_scatter(centers, labels, updates, out) -> ScatterInputs | None:
+    """``scatter_sub_update``'s inputs checked in a few attribute reads (labels excepted, see
+    above), or None where they need the full ``validate_scatter``."""
+    if not (_plain_matrix(centers) and _plain_matrix(updates) and updates.dtype == centers.dtype
+            and updates.shape[1] == centers.shape[1] and _plain_labels(labels, updates.shape[0])
+            and _plain_out(out, centers, updates, labels)):
+        return None
+    return ScatterInputs(centers, labels.reshape(-1), updates, out, out is not None)
+
+
 def validate_gather(centers: Any, labels: Any, arrays) -> GatherInputs:
     centers = _float_matrix(centers, "centers", arrays)
     labels = _labels(labels, None, centers.shape[0], arrays, "")

@@ -1,19 +1,40 @@
 """The ``numba`` backend: parallel CPU kernels, race-free with any amount of duplicate labels.
 
-Parallel layout (why not the obvious ones): a ``prange`` over feature columns strides through
-memory and was measured 7.6x slower than a serial loop over rows, and a ``prange`` over rows
-races on duplicate labels. Instead the batch is bucketed by label with a stable sort, and the
-sorted batch is cut into chunks of ``ROWS_PER_CHUNK`` rows. Each thread takes whole chunks, so
-rows stay contiguous and every thread does the same amount of work even when one class holds
-most of the batch. A class whose rows all fall in one chunk is finished by that chunk's thread
-(its center row is read, then written, by that thread alone). A class that straddles a chunk
-boundary leaves one partial sum per chunk, and a second, short parallel loop gives each such
-class to one thread, which adds its partial sums in chunk order and writes the row.
+One call is one compiled function (``_update``); nothing of size B is allocated per call (the
+scratch is kept per Python thread), and the label range check is part of the sort, before
+anything is written. It runs in four steps:
 
-Consequences: every center row is touched once (no pass over all K rows, no K x D temporary),
-every sample sees the center as it was before the call, and because the chunking depends on
-the data only, results are bitwise identical for any thread count. Sums are taken in float64.
-(``deterministic`` is part of the signature every backend shares; here it changes nothing.)
+1. **Sort.** A stable LSD radix sort of the batch positions by label: at most 11 bits per
+   digit, one histogram pass for every digit (which is also the range check), no K-sized array.
+   A digit on which all labels agree is skipped.
+2. **Plan, O(B).** Each class is a *singleton* (one row in the batch), *local* (all its rows in
+   one block of ``ROWS_PER_BLOCK`` consecutive rows of the batch) or *spread*.
+3. **Two layouts, chosen per call from the plan's counts.**
+
+   *Batch order* (the usual case). Pass A runs over blocks of the batch in batch order, so the
+   features are read and the grad is written as sequential streams; only the center row of each
+   sample is a random address, and it is prefetched a few rows ahead. It computes ``d``, the
+   grad and the squares. A singleton's center row is written right there: no other row reads or
+   writes it. Rows of one class within a block are summed (float64) into a slot: a local class's
+   slot belongs to the thread and the class's row is written at its last row; a spread class's
+   slot is kept for pass B. Pass B runs over what is left, in label order, in chunks of
+   ``ITEMS_PER_CHUNK`` items: the spread classes' single rows (``d`` recomputed in float64 from
+   the features, so the grad's rounding never enters the sums) and their slots.
+
+   *Label order*, when pass B would re-read most rows (B near K and above: most classes spread).
+   One pass over the sorted batch in chunks, which computes everything; the features and grad
+   rows it visits are at random addresses, so the next rows are prefetched.
+
+   In either, a class whose items fall in one chunk is finished by that chunk's thread. A class
+   that straddles chunk boundaries leaves one partial sum per chunk, and a short parallel loop
+   gives it to one thread, which adds them in chunk order and writes its row.
+
+Consequences: every sample reads its center as it was before the call (a row is written only by
+the thread that alone reads it, or after every read); no two threads write one center row; no
+pass over all K rows, no K x D temporary; and because every chunking depends on the data only
+and sums are added in a fixed order, results are bitwise identical for any thread count. Sums
+are taken in float64. (``deterministic`` is part of the signature every backend shares; here it
+changes nothing.)
 """
 
 from __future__ import annotations
@@ -23,30 +44,233 @@ from contextlib import nullcontext
 
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from ._rules import RuleCoefficients
+from ._validation import label_out_of_range
 
-# Rows of the sorted batch per parallel work item: large enough that a chunk's bookkeeping is
+# Pass A's work item: consecutive rows of the batch. Also what makes a class "local".
+ROWS_PER_BLOCK = 64
+# Pass B's (and the label-order layout's) work item: large enough that a chunk's bookkeeping is
 # negligible, small enough that a batch of a few hundred rows still splits across threads.
-ROWS_PER_CHUNK = 64
+ITEMS_PER_CHUNK = 64
+# Radix digits of at most 11 bits: a 2048-bucket histogram stays in L1.
+MAX_DIGIT_BITS = 11
+# How far ahead center rows (batch order) and feature rows (label order) are prefetched.
+PREFETCH_AHEAD = 2
+PREFETCH_AHEAD_L2 = 4
+
+LAYOUTS = ("auto", "batch order", "label order")
+AUTO, BATCH_ORDER, LABEL_ORDER = range(3)
+
+# A row's role in pass A (``row_action``): a negative code, or ``slot << SLOT_SHIFT | kind``.
+SINGLETON = -1  # its class has this row only: the center row is written by pass A
+DEFERRED = -2  # the only row of a spread class in its block: pass B reads it again
+SLOT_SHIFT = 3
+LOCAL_FIRST, LOCAL_ADD, LOCAL_LAST, SPREAD_FIRST, SPREAD_ADD = range(5)
+
+# What ``_update`` reports in the first entries of the integer scratch.
+BAD_POSITION, FLOATS_NEEDED, LAYOUT_RUN = range(3)
+REPORT_SIZE = 4
+# Integer scratch: the report, then eight B-sized vectors (see ``_update``), then one per block.
+INT_VECTORS = 8
 
 
-def _sort_by_label(labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """The batch positions sorted by label, stably (within a class, in batch order), and the
-    sorted labels.
+def _prefetcher(locality: int, for_write: int):
+    """``prefetch(array, row)``: ask the CPU to load the start of ``array[row]`` into the cache
+    (``locality`` 3: L1, 2: L2). Numba has no prefetch of its own, so this emits LLVM's."""
 
-    Packing ``(label, position)`` into one int64 key makes every key unique, so NumPy's fast
-    unstable sort gives the stable order: measured 5x faster than a stable argsort at B=1024
-    and 12x at B=8192. The packing fits unless K * B nears 2**63; then the argsort it replaces.
-    """
-    position_bits = max(1, int(labels.size - 1).bit_length())
-    if int(num_classes).bit_length() + position_bits > 62:
-        order = np.argsort(labels, kind="stable")
-        return order, labels[order]
-    keys = (labels << position_bits) | np.arange(labels.size, dtype=np.int64)
-    keys.sort()
-    return keys & ((1 << position_bits) - 1), keys >> position_bits
+    @intrinsic
+    def prefetch(typingctx, array, row):
+        def codegen(context, builder, signature, args):
+            array_type = signature.args[0]
+            view = context.make_array(array_type)(context, builder, args[0])
+            zero = context.get_constant(types.intp, 0)
+            pointer = cgutils.get_item_pointer(context, builder, array_type, view, [args[1], zero], wraparound=False)
+            i32 = ir.IntType(32)
+            byte_pointer = ir.IntType(8).as_pointer()
+            function_type = ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32])
+            function = cgutils.get_or_insert_function(builder.module, function_type, "llvm.prefetch.p0")
+            arguments = [builder.bitcast(pointer, byte_pointer), ir.Constant(i32, for_write),
+                         ir.Constant(i32, locality), ir.Constant(i32, 1)]
+            builder.call(function, arguments)
+            return context.get_dummy_value()
+
+        return types.void(array, types.intp), codegen
+
+    return prefetch
+
+
+_prefetch_l1 = _prefetcher(locality=3, for_write=0)
+_prefetch_l2 = _prefetcher(locality=2, for_write=0)
+_prefetch_l1_for_write = _prefetcher(locality=3, for_write=1)
+
+
+# --------------------------------------------------------------------------- sort and plan
+
+
+@njit(cache=True)
+def _radix_pass(source_labels, source_positions, from_batch, labels, destination_labels, destination_positions,
+                counts, shift, mask):
+    """One stable counting pass on the digit ``(label >> shift) & mask``. ``from_batch``: the
+    source is the batch itself (``labels``, positions 0..B-1)."""
+    offsets = np.empty(counts.size, np.int64)
+    total = 0
+    for bucket in range(counts.size):
+        offsets[bucket] = total
+        total += counts[bucket]
+    for i in range(labels.size):
+        if from_batch:
+            label, position = labels[i], i
+        else:
+            label, position = source_labels[i], source_positions[i]
+        bucket = (label >> shift) & mask
+        destination_labels[offsets[bucket]] = label
+        destination_positions[offsets[bucket]] = position
+        offsets[bucket] += 1
+
+
+@njit(cache=True)
+def _sort_by_label(labels, num_classes, sorted_labels, positions, spare_labels, spare_positions):
+    """Sort the batch positions by label, stably (within a class, in batch order), into
+    ``positions`` and ``sorted_labels``. Returns the position of the first label outside
+    [0, num_classes) and sorts nothing, or -1."""
+    batch_size = labels.size
+    bits = 1
+    while (1 << bits) < num_classes:
+        bits += 1
+    passes = (bits + MAX_DIGIT_BITS - 1) // MAX_DIGIT_BITS
+    digit_bits = (bits + passes - 1) // passes
+    mask = (1 << digit_bits) - 1
+    counts = np.zeros((passes, 1 << digit_bits), np.int64)
+    for i in range(batch_size):  # every digit's histogram, and the range check, in one pass
+        label = labels[i]
+        if label < 0 or label >= num_classes:
+            return i
+        for digit in range(passes):
+            counts[digit, (label >> (digit * digit_bits)) & mask] += 1
+
+    # a digit on which every label agrees leaves the order as it is
+    needed = np.zeros(passes, np.bool_)
+    for digit in range(passes):
+        needed[digit] = counts[digit].max() < batch_size
+    remaining = needed.sum()
+    if remaining == 0:
+        for i in range(batch_size):
+            sorted_labels[i] = labels[i]
+            positions[i] = i
+        return -1
+    from_batch = True
+    for digit in range(passes):
+        if not needed[digit]:
+            continue
+        # ping-pong between the two pairs so that the last pass lands in the result's pair
+        if remaining % 2 == 1:
+            _radix_pass(spare_labels, spare_positions, from_batch, labels, sorted_labels, positions,
+                        counts[digit], digit * digit_bits, mask)
+        else:
+            _radix_pass(sorted_labels, positions, from_batch, labels, spare_labels, spare_positions,
+                        counts[digit], digit * digit_bits, mask)
+        from_batch = False
+        remaining -= 1
+    return -1
+
+
+@njit(cache=True)
+def _plan(sorted_labels, positions, row_action, class_size, item_codes, item_labels, local_slots_in_block):
+    """Each row's role in pass A (``row_action``, and its class's size), and pass B's items in
+    label order: a spread class's single row in a block (code: its position) or its slot (code:
+    ``-1 - slot``). Returns (pass B's item count, spread slots, rows among pass B's items, the
+    most local slots one block needs)."""
+    batch_size = sorted_labels.size
+    local_slots_in_block[:] = 0
+    items = 0
+    spread_slots = 0
+    rows_read_again = 0
+    start = 0
+    while start < batch_size:
+        label = sorted_labels[start]
+        end = start + 1
+        while end < batch_size and sorted_labels[end] == label:
+            end += 1
+        for t in range(start, end):
+            class_size[positions[t]] = end - start
+        if end - start == 1:
+            row_action[positions[start]] = SINGLETON
+        elif positions[start] // ROWS_PER_BLOCK == positions[end - 1] // ROWS_PER_BLOCK:
+            block = positions[start] // ROWS_PER_BLOCK
+            slot = local_slots_in_block[block] << SLOT_SHIFT
+            local_slots_in_block[block] += 1
+            for t in range(start, end):
+                row_action[positions[t]] = slot | LOCAL_ADD
+            row_action[positions[start]] = slot | LOCAL_FIRST
+            row_action[positions[end - 1]] = slot | LOCAL_LAST
+        else:
+            run_start = start
+            while run_start < end:  # the class's rows block by block
+                block = positions[run_start] // ROWS_PER_BLOCK
+                run_end = run_start + 1
+                while run_end < end and positions[run_end] // ROWS_PER_BLOCK == block:
+                    run_end += 1
+                if run_end == run_start + 1:
+                    row_action[positions[run_start]] = DEFERRED
+                    item_codes[items] = positions[run_start]
+                    rows_read_again += 1
+                else:
+                    slot = spread_slots << SLOT_SHIFT
+                    for t in range(run_start, run_end):
+                        row_action[positions[t]] = slot | SPREAD_ADD
+                    row_action[positions[run_start]] = slot | SPREAD_FIRST
+                    item_codes[items] = -1 - spread_slots
+                    spread_slots += 1
+                item_labels[items] = label
+                items += 1
+                run_start = run_end
+        start = end
+    most_local = local_slots_in_block.max() if local_slots_in_block.size else 0
+    return items, spread_slots, rows_read_again, most_local
+
+
+# --------------------------------------------------------------------------- row arithmetic
+
+
+@njit(cache=True, inline="always", fastmath={"reassoc"})
+def _add_row(row_sum, first, rows, i, centers, label, grad, rows_are_features, with_grad, grad_scale):
+    """Add row i's contribution to ``row_sum`` (or start it: one pass over D fewer than zeroing
+    first): ``d_i = rows[i] - centers[label]`` for the step, ``rows[i]`` for the scatter. With
+    ``with_grad``, also write the grad row and return the squared norm of ``d_i`` (else 0)."""
+    squares = 0.0
+    width = row_sum.size
+    if rows_are_features and with_grad:
+        for k in range(width):
+            difference = np.float64(rows[i, k]) - np.float64(centers[label, k])
+            grad[i, k] = grad_scale * difference
+            squares += difference * difference
+            row_sum[k] = difference if first else row_sum[k] + difference
+    elif rows_are_features:
+        for k in range(width):
+            difference = np.float64(rows[i, k]) - np.float64(centers[label, k])
+            row_sum[k] = difference if first else row_sum[k] + difference
+    elif first:
+        for k in range(width):
+            row_sum[k] = rows[i, k]
+    else:
+        for k in range(width):
+            row_sum[k] += rows[i, k]
+    return squares
+
+
+@njit(cache=True, inline="always", fastmath={"reassoc"})
+def _add_sums(row_sum, first, sums):
+    if first:
+        for k in range(row_sum.size):
+            row_sum[k] = sums[k]
+    else:
+        for k in range(row_sum.size):
+            row_sum[k] += sums[k]
 
 
 @njit(cache=True, inline="always")
@@ -64,92 +288,220 @@ def _write_center_row(written, label, row_sum, count, moves_centers, step, count
 
 
 @njit(cache=True, inline="always", fastmath={"reassoc"})
-def _add_row(row_sum, first, rows, i, centers, label, grad, rows_are_features, grad_scale):
-    """Add row i's contribution to ``row_sum`` (or start it, for a segment's first row: one pass
-    over D fewer than zeroing first). Returns the squared norm of ``d_i`` (fused step) or 0."""
+def _singleton_row(rows, i, centers, written, label, grad, rows_are_features, moves_centers, step, count_weight,
+                   grad_scale):
+    """A class with one row in the batch, in one pass over D: its grad row and its center row
+    (no other row reads or writes it). Returns the squared norm of ``d_i`` (0 for the scatter)."""
+    scale = step / (1.0 + count_weight)
     squares = 0.0
-    width = row_sum.size
-    if rows_are_features:
+    width = centers.shape[1]
+    if not rows_are_features:
+        for k in range(width):
+            centers[label, k] += scale * np.float64(rows[i, k])
+    elif moves_centers:
+        for k in range(width):
+            center = np.float64(centers[label, k])
+            difference = np.float64(rows[i, k]) - center
+            grad[i, k] = grad_scale * difference
+            squares += difference * difference
+            centers[label, k] = center + scale * difference  # see _write_center_row
+    else:
         for k in range(width):
             difference = np.float64(rows[i, k]) - np.float64(centers[label, k])
             grad[i, k] = grad_scale * difference
             squares += difference * difference
-            row_sum[k] = difference if first else row_sum[k] + difference
-    elif first:
-        for k in range(width):
-            row_sum[k] = rows[i, k]
-    else:
-        for k in range(width):
-            row_sum[k] += rows[i, k]
+            written[label, k] = scale * difference
     return squares
 
 
+# --------------------------------------------------------------------------- the passes
+
+
 @njit(parallel=True, cache=True, fastmath={"reassoc"})
-def _segmented_update(
-    order, sorted_labels, rows, centers, written, grad,
-    rows_are_features, moves_centers, step, count_weight, grad_scale,
-):
-    """Add, per class j, the rows of class j into ``written[j]`` (see ``RuleCoefficients``).
+def _batch_order_pass(labels, rows, centers, written, grad, row_action, class_size, thread_slots, spread_sums,
+                      block_squares, rows_are_features, moves_centers, step, count_weight, grad_scale):
+    """Pass A: blocks of the batch in batch order (see the module docstring)."""
+    batch_size = labels.size
+    blocks = block_squares.size
+    for block in prange(blocks):
+        local_sums = thread_slots[numba.get_thread_id()]
+        start = block * ROWS_PER_BLOCK
+        end = min(start + ROWS_PER_BLOCK, batch_size)
+        squares = 0.0
+        for i in range(start, end):
+            if i + PREFETCH_AHEAD < batch_size:
+                _prefetch_l1(centers, labels[i + PREFETCH_AHEAD])
+            label = labels[i]
+            action = row_action[i]
+            if action == SINGLETON:
+                squares += _singleton_row(rows, i, centers, written, label, grad, rows_are_features, moves_centers,
+                                          step, count_weight, grad_scale)
+            elif action == DEFERRED:
+                if rows_are_features:
+                    for k in range(centers.shape[1]):
+                        difference = np.float64(rows[i, k]) - np.float64(centers[label, k])
+                        grad[i, k] = grad_scale * difference
+                        squares += difference * difference
+            else:
+                kind = action & ((1 << SLOT_SHIFT) - 1)
+                slot = action >> SLOT_SHIFT
+                first = kind == LOCAL_FIRST or kind == SPREAD_FIRST
+                if kind >= SPREAD_FIRST:
+                    squares += _add_row(spread_sums[slot], first, rows, i, centers, label, grad, rows_are_features,
+                                        True, grad_scale)
+                else:
+                    squares += _add_row(local_sums[slot], first, rows, i, centers, label, grad, rows_are_features,
+                                        True, grad_scale)
+                    if kind == LOCAL_LAST:  # the class's last row: every row of it has read its center
+                        _write_center_row(written, label, local_sums[slot], class_size[i], moves_centers, step,
+                                          count_weight)
+        block_squares[block] = squares
 
-    ``rows_are_features``: each row contributes ``d_i = rows[i] - centers[j]``, and the grad and
-    the squared norm of ``d_i`` are produced on the way (the fused center-loss step). Otherwise
-    each row contributes itself (the scatter). Returns ``sum_i ||d_i||^2`` (0 for the scatter).
-    """
-    batch_size = order.size
+
+@njit(parallel=True, cache=True, fastmath={"reassoc"})
+def _label_order_pass(item_codes, item_labels, sorted_labels, rows, centers, written, grad, spread_sums,
+                      partial_sums, chunk_squares, rows_are_features, with_grad, moves_centers, step, count_weight,
+                      grad_scale):
+    """Items in label order, in chunks: a row (code >= 0, its batch position) or a spread slot
+    (code ``-1 - slot``). ``with_grad``: the label-order layout, which also writes the grad and
+    returns the squares; otherwise pass B. A class's size is read off ``sorted_labels``."""
+    items = item_codes.size
     width = centers.shape[1]
-    chunks = (batch_size + ROWS_PER_CHUNK - 1) // ROWS_PER_CHUNK
-    # slot 0: the class a chunk continues from the previous chunk; slot 1: the class it hands on
-    partial_sums = np.empty((chunks, 2, width))
-    chunk_squares = np.zeros(chunks)
-
+    chunks = chunk_squares.size
     for chunk in prange(chunks):
-        start = chunk * ROWS_PER_CHUNK
-        end = min(start + ROWS_PER_CHUNK, batch_size)
+        start = chunk * ITEMS_PER_CHUNK
+        end = min(start + ITEMS_PER_CHUNK, items)
         row_sum = np.empty(width)
         squares = 0.0
         segment_start = start
         while segment_start < end:
-            label = sorted_labels[segment_start]
+            label = item_labels[segment_start]
             segment_end = segment_start + 1
-            while segment_end < end and sorted_labels[segment_end] == label:
+            while segment_end < end and item_labels[segment_end] == label:
                 segment_end += 1
+            for t in range(segment_start, segment_end):
+                if with_grad and t + PREFETCH_AHEAD_L2 < items:
+                    _prefetch_l1(rows, item_codes[t + 1])
+                    _prefetch_l1_for_write(grad, item_codes[t + 1])
+                    _prefetch_l2(rows, item_codes[t + PREFETCH_AHEAD_L2])
+                code = item_codes[t]
+                if code >= 0:
+                    squares += _add_row(row_sum, t == segment_start, rows, code, centers, label, grad,
+                                        rows_are_features, with_grad, grad_scale)
+                else:
+                    _add_sums(row_sum, t == segment_start, spread_sums[-1 - code])
 
-            for position in range(segment_start, segment_end):
-                squares += _add_row(row_sum, position == segment_start, rows, order[position], centers, label,
-                                    grad, rows_are_features, grad_scale)
-
-            continues_before = segment_start == start and start > 0 and sorted_labels[start - 1] == label
-            continues_after = segment_end == end and end < batch_size and sorted_labels[end] == label
+            continues_before = segment_start == start and start > 0 and item_labels[start - 1] == label
+            continues_after = segment_end == end and end < items and item_labels[end] == label
             if continues_before:
                 partial_sums[chunk, 0, :] = row_sum
             elif continues_after:
                 partial_sums[chunk, 1, :] = row_sum
             else:
-                _write_center_row(
-                    written, label, row_sum, segment_end - segment_start, moves_centers, step, count_weight
-                )
+                count = np.searchsorted(sorted_labels, label, "right") - np.searchsorted(sorted_labels, label, "left")
+                _write_center_row(written, label, row_sum, count, moves_centers, step, count_weight)
             segment_start = segment_end
         chunk_squares[chunk] = squares
 
     # Classes that straddle a chunk boundary. Each is handled at the first boundary it crosses,
     # so exactly one iteration owns it; its center row was only read in the loop above.
     for boundary_chunk in prange(1, chunks):
-        boundary = boundary_chunk * ROWS_PER_CHUNK
-        label = sorted_labels[boundary]
-        first = np.searchsorted(sorted_labels, label, side="left")
-        if sorted_labels[boundary - 1] == label and first // ROWS_PER_CHUNK == boundary_chunk - 1:
-            stop = np.searchsorted(sorted_labels, label, side="right")
-            first_chunk = boundary_chunk - 1
-            last_chunk = (stop - 1) // ROWS_PER_CHUNK
-            row_sum = partial_sums[first_chunk, 1, :].copy()
-            for chunk in range(first_chunk + 1, last_chunk + 1):
+        boundary = boundary_chunk * ITEMS_PER_CHUNK
+        label = item_labels[boundary]
+        first = np.searchsorted(item_labels, label, "left")
+        if item_labels[boundary - 1] == label and first // ITEMS_PER_CHUNK == boundary_chunk - 1:
+            stop = np.searchsorted(item_labels, label, "right")
+            row_sum = partial_sums[boundary_chunk - 1, 1, :].copy()
+            for chunk in range(boundary_chunk, (stop - 1) // ITEMS_PER_CHUNK + 1):
                 row_sum += partial_sums[chunk, 0, :]
-            _write_center_row(written, label, row_sum, stop - first, moves_centers, step, count_weight)
+            count = np.searchsorted(sorted_labels, label, "right") - np.searchsorted(sorted_labels, label, "left")
+            _write_center_row(written, label, row_sum, count, moves_centers, step, count_weight)
 
+
+@njit(cache=True)
+def _in_order(values):
     total = 0.0
-    for chunk in range(chunks):  # in chunk order: the same total for any thread count
-        total += chunk_squares[chunk]
+    for value in values:  # in chunk order: the same total for any thread count
+        total += value
     return total
+
+
+def _chunks(count, size):
+    return (count + size - 1) // size
+
+
+@njit(cache=True)
+def _update(labels, rows, centers, written, grad, ints, floats, rows_are_features, moves_centers, step, count_weight,
+            grad_scale, layout, threads):
+    """Add, per class j, the rows of class j into ``written[j]`` (see ``RuleCoefficients``).
+
+    ``rows_are_features``: each row contributes ``d_i = rows[i] - centers[j]``, and the grad and
+    the squared norm of ``d_i`` are produced on the way (the fused center-loss step). Otherwise
+    each row contributes itself (the scatter). Returns ``sum_i ||d_i||^2`` (0 for the scatter).
+
+    ``ints`` and ``floats`` are the scratch. The first entries of ``ints`` report: the position
+    of a bad label (or -1: then nothing was written), the float scratch this call needs (when
+    ``floats`` is smaller, nothing was written), and the layout that ran (0: none). ``threads``:
+    the most threads a parallel loop may use (one local-slot set each; a constant argument,
+    since asking Numba here would keep the cache from saving this function).
+    """
+    batch_size = labels.size
+    width = centers.shape[1]
+    ints[BAD_POSITION] = -1
+    ints[FLOATS_NEEDED] = 0
+    ints[LAYOUT_RUN] = 0
+    vector = ints[REPORT_SIZE:REPORT_SIZE + INT_VECTORS * batch_size].reshape((INT_VECTORS, batch_size))
+    sorted_labels, positions = vector[0], vector[1]
+    bad = _sort_by_label(labels, centers.shape[0], sorted_labels, positions, vector[2], vector[3])
+    if bad >= 0:
+        ints[BAD_POSITION] = bad
+        return 0.0
+    blocks = (batch_size + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
+    row_action, class_size, item_codes, item_labels = vector[4], vector[5], vector[6], vector[7]
+    local_slots_in_block = ints[REPORT_SIZE + INT_VECTORS * batch_size:][:blocks]
+    items, spread_slots, rows_read_again, most_local = _plan(
+        sorted_labels, positions, row_action, class_size, item_codes, item_labels, local_slots_in_block
+    )
+
+    if layout == AUTO:
+        # Pass B reads its rows again at random addresses, and its slots were written once and
+        # are read once: when that comes near the rows the batch holds, one pass in label order
+        # (which reads each row once, at a random address) costs less.
+        slot_cost = spread_slots * 2 * 8 // rows.itemsize
+        layout = LABEL_ORDER if 2 * (rows_read_again + slot_cost) > batch_size else BATCH_ORDER
+    if layout == LABEL_ORDER:
+        chunks = (batch_size + ITEMS_PER_CHUNK - 1) // ITEMS_PER_CHUNK
+        needed = chunks * (2 * width + 1)
+    else:
+        chunks = (items + ITEMS_PER_CHUNK - 1) // ITEMS_PER_CHUNK
+        needed = (threads * most_local + spread_slots + 2 * chunks) * width + chunks + blocks
+    if needed > floats.size:
+        ints[FLOATS_NEEDED] = needed
+        return 0.0
+    ints[LAYOUT_RUN] = layout
+
+    partial_sums = floats[:chunks * 2 * width].reshape((chunks, 2, width))
+    chunk_squares = floats[chunks * 2 * width:chunks * (2 * width + 1)]
+    if layout == LABEL_ORDER:
+        no_slots = floats[:0].reshape((0, width))
+        _label_order_pass(positions, sorted_labels, sorted_labels, rows, centers, written, grad,
+                          no_slots, partial_sums, chunk_squares, rows_are_features, True,
+                          moves_centers, step, count_weight, grad_scale)
+        return _in_order(chunk_squares)
+
+    rest = floats[chunks * (2 * width + 1):]
+    block_squares = rest[:blocks]
+    rest = rest[blocks:]
+    thread_slots = rest[:threads * most_local * width].reshape((threads, most_local, width))
+    rest = rest[threads * most_local * width:]
+    spread_sums = rest[:spread_slots * width].reshape((spread_slots, width))
+    _batch_order_pass(labels, rows, centers, written, grad, row_action, class_size, thread_slots, spread_sums,
+                      block_squares, rows_are_features, moves_centers, step, count_weight, grad_scale)
+    if items:
+        _label_order_pass(item_codes[:items], item_labels[:items], sorted_labels, rows, centers, written, grad,
+                          spread_sums, partial_sums, chunk_squares, rows_are_features, False, moves_centers, step,
+                          count_weight, grad_scale)
+    return _in_order(block_squares)
 
 
 @njit(parallel=True, cache=True)
@@ -159,7 +511,13 @@ def _gather(centers, labels, out):
             out[i, k] = centers[labels[i], k]
 
 
+# --------------------------------------------------------------------------- calling it
+
+
 _workqueue_lock = threading.Lock()
+
+
+_concurrent_launches = None  # a no-op context once the threading layer is known to allow them
 
 
 def _one_launch_at_a_time():
@@ -167,11 +525,63 @@ def _one_launch_at_a_time():
     installed) aborts the whole process when two Python threads launch parallel kernels at once.
     Under it, and before the first launch has chosen a layer, launches take turns; under ``omp``
     and ``tbb`` concurrent calls run concurrently."""
+    global _concurrent_launches
+    if _concurrent_launches is not None:
+        return _concurrent_launches
     try:
         layer = numba.threading_layer()
     except ValueError:  # no parallel kernel has run yet, so no layer is chosen
-        layer = None
-    return nullcontext() if layer in ("omp", "tbb") else _workqueue_lock
+        return _workqueue_lock
+    if layer in ("omp", "tbb"):  # a process keeps the layer it chose first
+        _concurrent_launches = nullcontext()
+        return _concurrent_launches
+    return _workqueue_lock
+
+
+# numba.set_num_threads may lower the thread count at any time, never raise it past this
+_MOST_THREADS = numba.config.NUMBA_NUM_THREADS
+
+
+class _Scratch(threading.local):
+    """Each Python thread's scratch, kept from call to call: B-sized vectors allocated per call
+    would pay page faults again every time (measured at B=65k)."""
+
+    def __init__(self):
+        self.ints = np.empty(0, np.int64)
+        self.floats = np.empty(0, np.float64)
+        self.last_layout = None
+
+    def ints_for(self, batch_size: int) -> np.ndarray:
+        needed = REPORT_SIZE + INT_VECTORS * batch_size + _chunks(batch_size, ROWS_PER_BLOCK)
+        if self.ints.size < needed:
+            self.ints = np.empty(needed, np.int64)
+        return self.ints
+
+
+_scratch = _Scratch()
+
+
+def last_layout() -> str | None:
+    """The layout the last call of this thread ran ("batch order" or "label order")."""
+    return _scratch.last_layout
+
+
+def _run(labels, rows, centers, written, grad, rows_are_features, moves_centers, step, count_weight, grad_scale,
+         layout="auto"):
+    ints = _scratch.ints_for(labels.size)
+    while True:
+        with _one_launch_at_a_time():
+            squares = _update(labels, rows, centers, written, grad, ints, _scratch.floats, rows_are_features,
+                              moves_centers, step, count_weight, grad_scale, LAYOUTS.index(layout),
+                              _MOST_THREADS)
+        if ints[BAD_POSITION] >= 0:
+            position = int(ints[BAD_POSITION])
+            raise label_out_of_range(position, int(labels[position]), centers.shape[0])
+        if ints[LAYOUT_RUN]:
+            _scratch.last_layout = LAYOUTS[ints[LAYOUT_RUN]]
+            return squares
+        # the float scratch was too small, and nothing was written: grow it and run again
+        _scratch.floats = np.empty(int(ints[FLOATS_NEEDED]) * 5 // 4, np.float64)
 
 
 def gather_centers(centers: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -184,16 +594,15 @@ def gather_centers(centers: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def scatter_sub_update(
     centers: np.ndarray, labels: np.ndarray, updates: np.ndarray, *, deterministic: bool = False,
-    copy_from: np.ndarray | None = None,
+    copy_from: np.ndarray | None = None, layout: str = "auto",
 ) -> None:
     """Subtract ``updates[i]`` from ``centers[labels[i]]`` for every i, duplicates accumulating
-    (after copying ``copy_from`` into ``centers``, when given)."""
+    (after copying ``copy_from`` into ``centers``, when given). A label out of range raises
+    SPEC's ``IndexError`` before anything is written."""
     if copy_from is not None:
         np.copyto(centers, copy_from)
-    order, sorted_labels = _sort_by_label(labels, centers.shape[0])
     no_grad = np.empty((0, centers.shape[1]), dtype=centers.dtype)
-    with _one_launch_at_a_time():
-        _segmented_update(order, sorted_labels, updates, centers, centers, no_grad, False, True, -1.0, 0.0, 0.0)
+    _run(labels, updates, centers, centers, no_grad, False, True, -1.0, 0.0, 0.0, layout)
 
 
 def center_loss_step(
@@ -206,14 +615,13 @@ def center_loss_step(
     *,
     deterministic: bool = False,
     copy_from: np.ndarray | None = None,
+    layout: str = "auto",
 ) -> float:
-    """One step of ``rule``: write the grad and the center rows, return the loss."""
+    """One step of ``rule``: write the grad and the center rows, return the loss. A label out of
+    range raises SPEC's ``IndexError`` before anything is written. ``layout`` (this backend
+    only): ``"auto"``, or one of the two layouts forced (for tests and measurements)."""
     if copy_from is not None:
         np.copyto(centers, copy_from)
-    order, sorted_labels = _sort_by_label(labels, centers.shape[0])
-    with _one_launch_at_a_time():
-        squares = _segmented_update(
-            order, sorted_labels, features, centers, written, grad,
-            True, rule.moves_centers, rule.step, rule.count_weight, rule.grad_scale,
-        )
+    squares = _run(labels, features, centers, written, grad, True, rule.moves_centers, rule.step, rule.count_weight,
+                   rule.grad_scale, layout)
     return float(rule.loss_scale * squares)
