@@ -61,7 +61,7 @@ ITEMS_PER_CHUNK = 64
 MAX_DIGIT_BITS = 11
 # How far ahead center rows (batch order) and feature rows (label order) are prefetched.
 PREFETCH_AHEAD = 2
-PREFETCH_AHEAD_L2 = 4
+PREFETCH_AHEAD_L2 = 8
 
 LAYOUTS = ("auto", "batch order", "label order")
 AUTO, BATCH_ORDER, LABEL_ORDER = range(3)
@@ -80,16 +80,16 @@ INT_VECTORS = 8
 
 
 def _prefetcher(locality: int, for_write: int):
-    """``prefetch(array, row)``: ask the CPU to load the start of ``array[row]`` into the cache
-    (``locality`` 3: L1, 2: L2). Numba has no prefetch of its own, so this emits LLVM's."""
+    """``prefetch(array, row, column)``: ask the CPU to load the cache line of
+    ``array[row, column]`` (``locality`` 3: into L1, 2: into L2). Numba has no prefetch of its
+    own, so this emits LLVM's."""
 
     @intrinsic
-    def prefetch(typingctx, array, row):
+    def prefetch(typingctx, array, row, column):
         def codegen(context, builder, signature, args):
             array_type = signature.args[0]
             view = context.make_array(array_type)(context, builder, args[0])
-            zero = context.get_constant(types.intp, 0)
-            pointer = cgutils.get_item_pointer(context, builder, array_type, view, [args[1], zero], wraparound=False)
+            pointer = cgutils.get_item_pointer(context, builder, array_type, view, [args[1], args[2]], wraparound=False)
             i32 = ir.IntType(32)
             byte_pointer = ir.IntType(8).as_pointer()
             function_type = ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32])
@@ -99,7 +99,7 @@ def _prefetcher(locality: int, for_write: int):
             builder.call(function, arguments)
             return context.get_dummy_value()
 
-        return types.void(array, types.intp), codegen
+        return types.void(array, types.intp, types.intp), codegen
 
     return prefetch
 
@@ -107,6 +107,30 @@ def _prefetcher(locality: int, for_write: int):
 _prefetch_l1 = _prefetcher(locality=3, for_write=0)
 _prefetch_l2 = _prefetcher(locality=2, for_write=0)
 _prefetch_l1_for_write = _prefetcher(locality=3, for_write=1)
+CACHE_LINE = 64
+
+
+@njit(cache=True, inline="always")
+def _prefetch_row(array, row):
+    """Every cache line of ``array[row]`` into L1: the hardware prefetcher would only find a
+    random row after its first few lines had missed."""
+    step = max(1, CACHE_LINE // array.itemsize)
+    for column in range(0, array.shape[1], step):
+        _prefetch_l1(array, row, column)
+
+
+@njit(cache=True, inline="always")
+def _prefetch_row_l2(array, row):
+    step = max(1, CACHE_LINE // array.itemsize)
+    for column in range(0, array.shape[1], step):
+        _prefetch_l2(array, row, column)
+
+
+@njit(cache=True, inline="always")
+def _prefetch_row_for_write(array, row):
+    step = max(1, CACHE_LINE // array.itemsize)
+    for column in range(0, array.shape[1], step):
+        _prefetch_l1_for_write(array, row, column)
 
 
 # --------------------------------------------------------------------------- sort and plan
@@ -181,7 +205,8 @@ def _sort_by_label(labels, num_classes, sorted_labels, positions, spare_labels, 
 
 @njit(cache=True)
 def _plan(sorted_labels, positions, row_action, class_size, item_codes, item_labels, local_slots_in_block):
-    """Each row's role in pass A (``row_action``, and its class's size), and pass B's items in
+    """Each row's role in pass A (``row_action``; at a local class's last row, ``class_size``
+    too), and pass B's items in
     label order: a spread class's single row in a block (code: its position) or its slot (code:
     ``-1 - slot``). Returns (pass B's item count, spread slots, rows among pass B's items, the
     most local slots one block needs)."""
@@ -196,8 +221,6 @@ def _plan(sorted_labels, positions, row_action, class_size, item_codes, item_lab
         end = start + 1
         while end < batch_size and sorted_labels[end] == label:
             end += 1
-        for t in range(start, end):
-            class_size[positions[t]] = end - start
         if end - start == 1:
             row_action[positions[start]] = SINGLETON
         elif positions[start] // ROWS_PER_BLOCK == positions[end - 1] // ROWS_PER_BLOCK:
@@ -208,6 +231,7 @@ def _plan(sorted_labels, positions, row_action, class_size, item_codes, item_lab
                 row_action[positions[t]] = slot | LOCAL_ADD
             row_action[positions[start]] = slot | LOCAL_FIRST
             row_action[positions[end - 1]] = slot | LOCAL_LAST
+            class_size[positions[end - 1]] = end - start  # read at that row only
         else:
             run_start = start
             while run_start < end:  # the class's rows block by block
@@ -330,7 +354,7 @@ def _batch_order_pass(labels, rows, centers, written, grad, row_action, class_si
         squares = 0.0
         for i in range(start, end):
             if i + PREFETCH_AHEAD < batch_size:
-                _prefetch_l1(centers, labels[i + PREFETCH_AHEAD])
+                _prefetch_row(centers, labels[i + PREFETCH_AHEAD])
             label = labels[i]
             action = row_action[i]
             if action == SINGLETON:
@@ -380,10 +404,18 @@ def _label_order_pass(item_codes, item_labels, sorted_labels, rows, centers, wri
             while segment_end < end and item_labels[segment_end] == label:
                 segment_end += 1
             for t in range(segment_start, segment_end):
-                if with_grad and t + PREFETCH_AHEAD_L2 < items:
-                    _prefetch_l1(rows, item_codes[t + 1])
-                    _prefetch_l1_for_write(grad, item_codes[t + 1])
-                    _prefetch_l2(rows, item_codes[t + PREFETCH_AHEAD_L2])
+                # the rows are at random addresses: fetch them ahead (slots were just written)
+                if t + PREFETCH_AHEAD_L2 < items:
+                    ahead = item_codes[t + PREFETCH_AHEAD]
+                    if ahead >= 0:
+                        _prefetch_row(rows, ahead)
+                        if with_grad:
+                            _prefetch_row_for_write(grad, ahead)
+                    further = item_codes[t + PREFETCH_AHEAD_L2]
+                    if further >= 0:
+                        _prefetch_row_l2(rows, further)
+                        if with_grad:
+                            _prefetch_row_l2(grad, further)
                 code = item_codes[t]
                 if code >= 0:
                     squares += _add_row(row_sum, t == segment_start, rows, code, centers, label, grad,
