@@ -22,7 +22,8 @@ from ._api import backends, center_loss, scatter_sub_update
 from ._rules import rule_coefficients
 
 ALPHA = 0.95  # facenet's training value: the alpha of every rule, unless a size says otherwise
-FLOOR = "memcpy floor"
+FLOOR = "copy floor (same bytes)"
+WITH_GRAD_OUT = "centerkern numba, grad_out="
 TORCH = "torch eager"
 
 
@@ -55,6 +56,18 @@ def _centerkern(backend: str):
         return Prepared(lambda: center_loss(features, labels, own, alpha, rule=rule, out=own, backend=backend),
                         lambda: own)
     return make
+
+
+def _centerkern_grad_out(features, labels, centers, updates, operation, alpha):
+    """The step as a training loop calls it: ``grad_out=`` a buffer it keeps, so that no B x D
+    array is allocated (or page-faulted in) per call."""
+    if operation == "scatter":
+        raise Absent("the scatter writes no grad")
+    own = centers.copy()
+    grad = np.empty_like(features)
+    rule = operation.split()[1]
+    return Prepared(lambda: center_loss(features, labels, own, alpha, rule=rule, out=own, grad_out=grad,
+                                        backend="numba"), lambda: own)
 
 
 def _numpy_sorted(features, labels, centers, updates, operation, alpha):
@@ -253,20 +266,41 @@ def _numpy_subtract_at(features, labels, centers, updates, operation, alpha):
     return Prepared(lambda: np.subtract.at(own, labels, updates), lambda: own)
 
 
-def _floor(features, labels, centers, updates, operation, alpha):
-    """The bytes the step must move at least: read the features and the touched center rows,
-    write the grad and those rows. A copy of B·D + U·D floats (U touched classes) reads and
-    writes exactly that many."""
+def floor_bytes(features, labels) -> int:
+    """The bytes a step must move at least: read the features (the scatter: the updates), the
+    labels and the touched center rows; write the grad (the scatter: nothing) and those rows.
+    A copy of this many bytes reads and writes exactly this much, labels included twice."""
     touched = np.unique(labels).size
-    source = np.empty(features.size + touched * features.shape[1], dtype=np.float32)
-    destination = np.empty_like(source)
-    return Prepared(lambda: np.copyto(destination, source), None)
+    return (features.size + touched * features.shape[1]) * features.itemsize + labels.nbytes
+
+
+@numba.njit(parallel=True, cache=True)
+def _parallel_copy(destination, source):
+    chunk = 1 << 16
+    for start in numba.prange((source.size + chunk - 1) // chunk):
+        destination[start * chunk:(start + 1) * chunk] = source[start * chunk:(start + 1) * chunk]
+
+
+def _floor(features, labels, centers, updates, operation, alpha):
+    """The bandwidth floor: a parallel copy of ``floor_bytes``, on every core (torch's
+    ``dst.copy_(src)``; Numba's threads where torch is missing)."""
+    count = floor_bytes(features, labels)
+    try:
+        import torch
+    except ImportError:
+        source = np.ones(count, np.uint8)
+        destination = np.zeros_like(source)
+        return Prepared(lambda: _parallel_copy(destination, source), None)
+    source = torch.ones(count, dtype=torch.uint8)
+    destination = torch.zeros_like(source)
+    return Prepared(lambda: destination.copy_(source), None)
 
 
 def implementations(with_compile: bool) -> dict[str, Callable]:
     """Every maker by name: centerkern's backends, then the peers, then the floor."""
     makers = {f"centerkern {b}": _centerkern(b) for b in backends() if b != "numpy"}
     makers.update({
+        WITH_GRAD_OUT: _centerkern_grad_out,
         "centerkern numpy (reference)": _centerkern("numpy"),
         "np.subtract.at": _numpy_subtract_at,
         "numpy sort + reduceat": _numpy_sorted,

@@ -57,6 +57,9 @@ ROWS_PER_BLOCK = 64
 # Pass B's (and the label-order layout's) work item: large enough that a chunk's bookkeeping is
 # negligible, small enough that a batch of a few hundred rows still splits across threads.
 ITEMS_PER_CHUNK = 64
+# Below this many elements (B x D) a call runs on the calling thread: waking the others costs
+# more than they save (measured: at B=256, D=128 the parallel passes took longer than torch).
+PARALLEL_ELEMENTS = 1 << 16
 # Radix digits of at most 11 bits: a 2048-bucket histogram stays in L1.
 MAX_DIGIT_BITS = 11
 # How far ahead center rows (batch order) and feature rows (label order) are prefetched.
@@ -341,113 +344,168 @@ def _singleton_row(rows, i, centers, written, label, grad, rows_are_features, mo
 # --------------------------------------------------------------------------- the passes
 
 
-@njit(parallel=True, cache=True, fastmath={"reassoc"})
+# Each pass is a body per work item, run by a parallel loop, or by a serial one when the batch
+# is too small to pay for waking the threads (see ``PARALLEL_ELEMENTS``): the same items in the
+# same order, so the results are the same bits either way.
+
+
+@njit(cache=True, fastmath={"reassoc"})
+def _batch_block(block, labels, rows, centers, written, grad, row_action, class_size, local_sums, spread_sums,
+                 rows_are_features, moves_centers, step, count_weight, grad_scale):
+    """Pass A over one block of the batch (see the module docstring). Returns its squares."""
+    batch_size = labels.size
+    start = block * ROWS_PER_BLOCK
+    end = min(start + ROWS_PER_BLOCK, batch_size)
+    squares = 0.0
+    for i in range(start, end):
+        if i + PREFETCH_AHEAD < batch_size:
+            _prefetch_row(centers, labels[i + PREFETCH_AHEAD])
+        label = labels[i]
+        action = row_action[i]
+        if action == SINGLETON:
+            squares += _singleton_row(rows, i, centers, written, label, grad, rows_are_features, moves_centers,
+                                      step, count_weight, grad_scale)
+        elif action == DEFERRED:
+            if rows_are_features:
+                for k in range(centers.shape[1]):
+                    difference = np.float64(rows[i, k]) - np.float64(centers[label, k])
+                    grad[i, k] = grad_scale * difference
+                    squares += difference * difference
+        else:
+            kind = action & ((1 << SLOT_SHIFT) - 1)
+            slot = action >> SLOT_SHIFT
+            first = kind == LOCAL_FIRST or kind == SPREAD_FIRST
+            if kind >= SPREAD_FIRST:
+                squares += _add_row(spread_sums[slot], first, rows, i, centers, label, grad, rows_are_features,
+                                    True, grad_scale)
+            else:
+                squares += _add_row(local_sums[slot], first, rows, i, centers, label, grad, rows_are_features,
+                                    True, grad_scale)
+                if kind == LOCAL_LAST:  # the class's last row: every row of it has read its center
+                    _write_center_row(written, label, local_sums[slot], class_size[i], moves_centers, step,
+                                      count_weight)
+    return squares
+
+
+@njit(parallel=True, cache=True)
 def _batch_order_pass(labels, rows, centers, written, grad, row_action, class_size, thread_slots, spread_sums,
                       block_squares, rows_are_features, moves_centers, step, count_weight, grad_scale):
-    """Pass A: blocks of the batch in batch order (see the module docstring)."""
-    batch_size = labels.size
-    blocks = block_squares.size
-    for block in prange(blocks):
-        local_sums = thread_slots[numba.get_thread_id()]
-        start = block * ROWS_PER_BLOCK
-        end = min(start + ROWS_PER_BLOCK, batch_size)
-        squares = 0.0
-        for i in range(start, end):
-            if i + PREFETCH_AHEAD < batch_size:
-                _prefetch_row(centers, labels[i + PREFETCH_AHEAD])
-            label = labels[i]
-            action = row_action[i]
-            if action == SINGLETON:
-                squares += _singleton_row(rows, i, centers, written, label, grad, rows_are_features, moves_centers,
-                                          step, count_weight, grad_scale)
-            elif action == DEFERRED:
-                if rows_are_features:
-                    for k in range(centers.shape[1]):
-                        difference = np.float64(rows[i, k]) - np.float64(centers[label, k])
-                        grad[i, k] = grad_scale * difference
-                        squares += difference * difference
+    for block in prange(block_squares.size):
+        block_squares[block] = _batch_block(
+            np.int64(block), labels, rows, centers, written, grad, row_action, class_size, thread_slots[numba.get_thread_id()],
+            spread_sums, rows_are_features, moves_centers, step, count_weight, grad_scale,
+        )
+
+
+@njit(cache=True)
+def _batch_order_pass_serial(labels, rows, centers, written, grad, row_action, class_size, thread_slots, spread_sums,
+                             block_squares, rows_are_features, moves_centers, step, count_weight, grad_scale):
+    for block in range(block_squares.size):
+        block_squares[block] = _batch_block(
+            np.int64(block), labels, rows, centers, written, grad, row_action, class_size, thread_slots[0], spread_sums,
+            rows_are_features, moves_centers, step, count_weight, grad_scale,
+        )
+
+
+@njit(cache=True, inline="always")
+def _class_size(sorted_labels, label):
+    return np.searchsorted(sorted_labels, label, "right") - np.searchsorted(sorted_labels, label, "left")
+
+
+@njit(cache=True, fastmath={"reassoc"})
+def _label_chunk(chunk, item_codes, item_labels, sorted_labels, rows, centers, written, grad, spread_sums,
+                 partial_sums, rows_are_features, with_grad, moves_centers, step, count_weight, grad_scale):
+    """One chunk of items in label order: a row (code >= 0, its batch position) or a spread
+    slot (code ``-1 - slot``). ``with_grad``: the label-order layout, which also writes the grad
+    and returns the squares; otherwise pass B. A class's size is read off ``sorted_labels``."""
+    items = item_codes.size
+    start = chunk * ITEMS_PER_CHUNK
+    end = min(start + ITEMS_PER_CHUNK, items)
+    row_sum = np.empty(centers.shape[1])
+    squares = 0.0
+    segment_start = start
+    while segment_start < end:
+        label = item_labels[segment_start]
+        segment_end = segment_start + 1
+        while segment_end < end and item_labels[segment_end] == label:
+            segment_end += 1
+        for t in range(segment_start, segment_end):
+            # the rows are at random addresses: fetch them ahead (slots were just written)
+            if t + PREFETCH_AHEAD_L2 < items:
+                ahead = item_codes[t + PREFETCH_AHEAD]
+                if ahead >= 0:
+                    _prefetch_row(rows, ahead)
+                    if with_grad:
+                        _prefetch_row_for_write(grad, ahead)
+                further = item_codes[t + PREFETCH_AHEAD_L2]
+                if further >= 0:
+                    _prefetch_row_l2(rows, further)
+                    if with_grad:
+                        _prefetch_row_l2(grad, further)
+            code = item_codes[t]
+            if code >= 0:
+                squares += _add_row(row_sum, t == segment_start, rows, code, centers, label, grad,
+                                    rows_are_features, with_grad, grad_scale)
             else:
-                kind = action & ((1 << SLOT_SHIFT) - 1)
-                slot = action >> SLOT_SHIFT
-                first = kind == LOCAL_FIRST or kind == SPREAD_FIRST
-                if kind >= SPREAD_FIRST:
-                    squares += _add_row(spread_sums[slot], first, rows, i, centers, label, grad, rows_are_features,
-                                        True, grad_scale)
-                else:
-                    squares += _add_row(local_sums[slot], first, rows, i, centers, label, grad, rows_are_features,
-                                        True, grad_scale)
-                    if kind == LOCAL_LAST:  # the class's last row: every row of it has read its center
-                        _write_center_row(written, label, local_sums[slot], class_size[i], moves_centers, step,
-                                          count_weight)
-        block_squares[block] = squares
+                _add_sums(row_sum, t == segment_start, spread_sums[-1 - code])
+
+        continues_before = segment_start == start and start > 0 and item_labels[start - 1] == label
+        continues_after = segment_end == end and end < items and item_labels[end] == label
+        if continues_before:
+            partial_sums[chunk, 0, :] = row_sum
+        elif continues_after:
+            partial_sums[chunk, 1, :] = row_sum
+        else:
+            _write_center_row(written, label, row_sum, _class_size(sorted_labels, label), moves_centers, step,
+                              count_weight)
+        segment_start = segment_end
+    return squares
 
 
-@njit(parallel=True, cache=True, fastmath={"reassoc"})
+@njit(cache=True)
+def _straddling_class(boundary_chunk, item_labels, sorted_labels, written, partial_sums, moves_centers, step,
+                      count_weight):
+    """The class at a chunk boundary, if it starts in the chunk before: each straddling class
+    is handled at the first boundary it crosses, so exactly one iteration owns it; its center row
+    was only read by the chunks."""
+    boundary = boundary_chunk * ITEMS_PER_CHUNK
+    label = item_labels[boundary]
+    first = np.searchsorted(item_labels, label, "left")
+    if item_labels[boundary - 1] == label and first // ITEMS_PER_CHUNK == boundary_chunk - 1:
+        stop = np.searchsorted(item_labels, label, "right")
+        row_sum = partial_sums[boundary_chunk - 1, 1, :].copy()
+        for chunk in range(boundary_chunk, (stop - 1) // ITEMS_PER_CHUNK + 1):  # in chunk order
+            row_sum += partial_sums[chunk, 0, :]
+        _write_center_row(written, label, row_sum, _class_size(sorted_labels, label), moves_centers, step,
+                          count_weight)
+
+
+@njit(parallel=True, cache=True)
 def _label_order_pass(item_codes, item_labels, sorted_labels, rows, centers, written, grad, spread_sums,
                       partial_sums, chunk_squares, rows_are_features, with_grad, moves_centers, step, count_weight,
                       grad_scale):
-    """Items in label order, in chunks: a row (code >= 0, its batch position) or a spread slot
-    (code ``-1 - slot``). ``with_grad``: the label-order layout, which also writes the grad and
-    returns the squares; otherwise pass B. A class's size is read off ``sorted_labels``."""
-    items = item_codes.size
-    width = centers.shape[1]
-    chunks = chunk_squares.size
-    for chunk in prange(chunks):
-        start = chunk * ITEMS_PER_CHUNK
-        end = min(start + ITEMS_PER_CHUNK, items)
-        row_sum = np.empty(width)
-        squares = 0.0
-        segment_start = start
-        while segment_start < end:
-            label = item_labels[segment_start]
-            segment_end = segment_start + 1
-            while segment_end < end and item_labels[segment_end] == label:
-                segment_end += 1
-            for t in range(segment_start, segment_end):
-                # the rows are at random addresses: fetch them ahead (slots were just written)
-                if t + PREFETCH_AHEAD_L2 < items:
-                    ahead = item_codes[t + PREFETCH_AHEAD]
-                    if ahead >= 0:
-                        _prefetch_row(rows, ahead)
-                        if with_grad:
-                            _prefetch_row_for_write(grad, ahead)
-                    further = item_codes[t + PREFETCH_AHEAD_L2]
-                    if further >= 0:
-                        _prefetch_row_l2(rows, further)
-                        if with_grad:
-                            _prefetch_row_l2(grad, further)
-                code = item_codes[t]
-                if code >= 0:
-                    squares += _add_row(row_sum, t == segment_start, rows, code, centers, label, grad,
-                                        rows_are_features, with_grad, grad_scale)
-                else:
-                    _add_sums(row_sum, t == segment_start, spread_sums[-1 - code])
+    for chunk in prange(chunk_squares.size):
+        chunk_squares[chunk] = _label_chunk(
+            np.int64(chunk), item_codes, item_labels, sorted_labels, rows, centers, written, grad, spread_sums, partial_sums,
+            rows_are_features, with_grad, moves_centers, step, count_weight, grad_scale,
+        )
+    for boundary_chunk in prange(1, chunk_squares.size):
+        _straddling_class(np.int64(boundary_chunk), item_labels, sorted_labels, written, partial_sums, moves_centers, step,
+                          count_weight)
 
-            continues_before = segment_start == start and start > 0 and item_labels[start - 1] == label
-            continues_after = segment_end == end and end < items and item_labels[end] == label
-            if continues_before:
-                partial_sums[chunk, 0, :] = row_sum
-            elif continues_after:
-                partial_sums[chunk, 1, :] = row_sum
-            else:
-                count = np.searchsorted(sorted_labels, label, "right") - np.searchsorted(sorted_labels, label, "left")
-                _write_center_row(written, label, row_sum, count, moves_centers, step, count_weight)
-            segment_start = segment_end
-        chunk_squares[chunk] = squares
 
-    # Classes that straddle a chunk boundary. Each is handled at the first boundary it crosses,
-    # so exactly one iteration owns it; its center row was only read in the loop above.
-    for boundary_chunk in prange(1, chunks):
-        boundary = boundary_chunk * ITEMS_PER_CHUNK
-        label = item_labels[boundary]
-        first = np.searchsorted(item_labels, label, "left")
-        if item_labels[boundary - 1] == label and first // ITEMS_PER_CHUNK == boundary_chunk - 1:
-            stop = np.searchsorted(item_labels, label, "right")
-            row_sum = partial_sums[boundary_chunk - 1, 1, :].copy()
-            for chunk in range(boundary_chunk, (stop - 1) // ITEMS_PER_CHUNK + 1):
-                row_sum += partial_sums[chunk, 0, :]
-            count = np.searchsorted(sorted_labels, label, "right") - np.searchsorted(sorted_labels, label, "left")
-            _write_center_row(written, label, row_sum, count, moves_centers, step, count_weight)
+@njit(cache=True)
+def _label_order_pass_serial(item_codes, item_labels, sorted_labels, rows, centers, written, grad, spread_sums,
+                             partial_sums, chunk_squares, rows_are_features, with_grad, moves_centers, step,
+                             count_weight, grad_scale):
+    for chunk in range(chunk_squares.size):
+        chunk_squares[chunk] = _label_chunk(
+            np.int64(chunk), item_codes, item_labels, sorted_labels, rows, centers, written, grad, spread_sums, partial_sums,
+            rows_are_features, with_grad, moves_centers, step, count_weight, grad_scale,
+        )
+    for boundary_chunk in range(1, chunk_squares.size):
+        _straddling_class(np.int64(boundary_chunk), item_labels, sorted_labels, written, partial_sums, moves_centers, step,
+                          count_weight)
 
 
 @njit(cache=True)
@@ -514,11 +572,19 @@ def _update(labels, rows, centers, written, grad, ints, floats, rows_are_feature
 
     partial_sums = floats[:chunks * 2 * width].reshape((chunks, 2, width))
     chunk_squares = floats[chunks * 2 * width:chunks * (2 * width + 1)]
-    if layout == LABEL_ORDER:
+    parallel = batch_size * width >= PARALLEL_ELEMENTS
+    # one variable, not the literals True and False, so that Numba compiles each pass once
+    label_order = layout == LABEL_ORDER
+    if label_order:
         no_slots = floats[:0].reshape((0, width))
-        _label_order_pass(positions, sorted_labels, sorted_labels, rows, centers, written, grad,
-                          no_slots, partial_sums, chunk_squares, rows_are_features, True,
-                          moves_centers, step, count_weight, grad_scale)
+        if parallel:
+            _label_order_pass(positions, sorted_labels, sorted_labels, rows, centers, written, grad, no_slots,
+                              partial_sums, chunk_squares, rows_are_features, label_order, moves_centers, step,
+                              count_weight, grad_scale)
+        else:
+            _label_order_pass_serial(positions, sorted_labels, sorted_labels, rows, centers, written, grad, no_slots,
+                                     partial_sums, chunk_squares, rows_are_features, label_order, moves_centers, step,
+                                     count_weight, grad_scale)
         return _in_order(chunk_squares)
 
     rest = floats[chunks * (2 * width + 1):]
@@ -527,12 +593,21 @@ def _update(labels, rows, centers, written, grad, ints, floats, rows_are_feature
     thread_slots = rest[:threads * most_local * width].reshape((threads, most_local, width))
     rest = rest[threads * most_local * width:]
     spread_sums = rest[:spread_slots * width].reshape((spread_slots, width))
-    _batch_order_pass(labels, rows, centers, written, grad, row_action, class_size, thread_slots, spread_sums,
-                      block_squares, rows_are_features, moves_centers, step, count_weight, grad_scale)
-    if items:
+    if parallel:
+        _batch_order_pass(labels, rows, centers, written, grad, row_action, class_size, thread_slots, spread_sums,
+                          block_squares, rows_are_features, moves_centers, step, count_weight, grad_scale)
+    else:
+        _batch_order_pass_serial(labels, rows, centers, written, grad, row_action, class_size, thread_slots,
+                                 spread_sums, block_squares, rows_are_features, moves_centers, step, count_weight,
+                                 grad_scale)
+    if items and parallel:
         _label_order_pass(item_codes[:items], item_labels[:items], sorted_labels, rows, centers, written, grad,
-                          spread_sums, partial_sums, chunk_squares, rows_are_features, False, moves_centers, step,
+                          spread_sums, partial_sums, chunk_squares, rows_are_features, label_order, moves_centers, step,
                           count_weight, grad_scale)
+    elif items:
+        _label_order_pass_serial(item_codes[:items], item_labels[:items], sorted_labels, rows, centers, written,
+                                 grad, spread_sums, partial_sums, chunk_squares, rows_are_features, label_order,
+                                 moves_centers, step, count_weight, grad_scale)
     return _in_order(block_squares)
 
 
