@@ -26,8 +26,8 @@ anything is written. It runs in four steps:
    rows it visits are at random addresses, so the next rows are prefetched.
 
    In either, a class whose items fall in one chunk is finished by that chunk's thread. A class
-   that straddles chunk boundaries leaves one partial sum per chunk, and a short parallel loop
-   gives it to one thread, which adds them in chunk order and writes its row.
+   that straddles chunk boundaries leaves one partial sum per chunk; once the chunks are done,
+   the calling thread adds them in chunk order and writes its row.
 
 Consequences: every sample reads its center as it was before the call (a row is written only by
 the thread that alone reads it, or after every read); no two threads write one center row; no
@@ -57,14 +57,21 @@ ROWS_PER_BLOCK = 64
 # Pass B's (and the label-order layout's) work item: large enough that a chunk's bookkeeping is
 # negligible, small enough that a batch of a few hundred rows still splits across threads.
 ITEMS_PER_CHUNK = 64
-# Below this many elements (B x D) a call runs on the calling thread: waking the others costs
-# more than they save (measured: at B=256, D=128 the parallel passes took longer than torch).
-PARALLEL_ELEMENTS = 1 << 16
+# Below this many elements (B x D; for pass B, its items x D) a pass runs on the calling thread:
+# waking the others costs more than they save (measured: parallel is faster from B=256, D=128
+# on, and at B=64, D=32 slower).
+PARALLEL_ELEMENTS = 1 << 14
 # Radix digits of at most 11 bits: a 2048-bucket histogram stays in L1.
 MAX_DIGIT_BITS = 11
 # How far ahead center rows (batch order) and feature rows (label order) are prefetched.
 PREFETCH_AHEAD = 2
 PREFETCH_AHEAD_L2 = 8
+
+# Sums may be reordered (so that LLVM vectorizes them: the order is still fixed at compile time,
+# the same for any thread count) and a multiply-add fused: the arithmetic on float32 data is
+# bound by the conversions to and from float64, and fusing measured 12% faster. No flag that
+# assumes finite values: NaN and inf propagate as in the reference.
+FAST_MATH = {"reassoc", "contract"}
 
 LAYOUTS = ("auto", "batch order", "label order")
 AUTO, BATCH_ORDER, LABEL_ORDER = range(3)
@@ -113,7 +120,7 @@ _prefetch_l1_for_write = _prefetcher(locality=3, for_write=1)
 CACHE_LINE = 64
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _prefetch_row(array, row):
     """Every cache line of ``array[row]`` into L1: the hardware prefetcher would only find a
     random row after its first few lines had missed."""
@@ -122,14 +129,14 @@ def _prefetch_row(array, row):
         _prefetch_l1(array, row, column)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _prefetch_row_l2(array, row):
     step = max(1, CACHE_LINE // array.itemsize)
     for column in range(0, array.shape[1], step):
         _prefetch_l2(array, row, column)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _prefetch_row_for_write(array, row):
     step = max(1, CACHE_LINE // array.itemsize)
     for column in range(0, array.shape[1], step):
@@ -264,7 +271,7 @@ def _plan(sorted_labels, positions, row_action, class_size, item_codes, item_lab
 # --------------------------------------------------------------------------- row arithmetic
 
 
-@njit(cache=True, inline="always", fastmath={"reassoc"})
+@njit(cache=True, inline="always", fastmath=FAST_MATH)
 def _add_row(row_sum, first, rows, i, centers, label, grad, rows_are_features, with_grad, grad_scale):
     """Add row i's contribution to ``row_sum`` (or start it: one pass over D fewer than zeroing
     first): ``d_i = rows[i] - centers[label]`` for the step, ``rows[i]`` for the scatter. With
@@ -290,7 +297,7 @@ def _add_row(row_sum, first, rows, i, centers, label, grad, rows_are_features, w
     return squares
 
 
-@njit(cache=True, inline="always", fastmath={"reassoc"})
+@njit(cache=True, inline="always", fastmath=FAST_MATH)
 def _add_sums(row_sum, first, sums):
     if first:
         for k in range(row_sum.size):
@@ -314,7 +321,7 @@ def _write_center_row(written, label, row_sum, count, moves_centers, step, count
             written[label, k] = scale * row_sum[k]
 
 
-@njit(cache=True, inline="always", fastmath={"reassoc"})
+@njit(cache=True, inline="always", fastmath=FAST_MATH)
 def _singleton_row(rows, i, centers, written, label, grad, rows_are_features, moves_centers, step, count_weight,
                    grad_scale):
     """A class with one row in the batch, in one pass over D: its grad row and its center row
@@ -349,7 +356,7 @@ def _singleton_row(rows, i, centers, written, label, grad, rows_are_features, mo
 # same order, so the results are the same bits either way.
 
 
-@njit(cache=True, fastmath={"reassoc"})
+@njit(cache=True, fastmath=FAST_MATH)
 def _batch_block(block, labels, rows, centers, written, grad, row_action, class_size, local_sums, spread_sums,
                  rows_are_features, moves_centers, step, count_weight, grad_scale):
     """Pass A over one block of the batch (see the module docstring). Returns its squares."""
@@ -387,32 +394,26 @@ def _batch_block(block, labels, rows, centers, written, grad, row_action, class_
     return squares
 
 
-@njit(parallel=True, cache=True)
-def _batch_order_pass(labels, rows, centers, written, grad, row_action, class_size, thread_slots, spread_sums,
-                      block_squares, rows_are_features, moves_centers, step, count_weight, grad_scale):
-    for block in prange(block_squares.size):
-        block_squares[block] = _batch_block(
-            np.int64(block), labels, rows, centers, written, grad, row_action, class_size, thread_slots[numba.get_thread_id()],
-            spread_sums, rows_are_features, moves_centers, step, count_weight, grad_scale,
-        )
-
-
 @njit(cache=True)
-def _batch_order_pass_serial(labels, rows, centers, written, grad, row_action, class_size, thread_slots, spread_sums,
-                             block_squares, rows_are_features, moves_centers, step, count_weight, grad_scale):
-    for block in range(block_squares.size):
-        block_squares[block] = _batch_block(
-            np.int64(block), labels, rows, centers, written, grad, row_action, class_size, thread_slots[0], spread_sums,
-            rows_are_features, moves_centers, step, count_weight, grad_scale,
-        )
+def _first_not_below(sorted_values, value, above):
+    """The first index whose value is >= ``value`` (> with ``above``): ``np.searchsorted``,
+    written out because Numba's generic one takes seconds to compile."""
+    low, high = 0, sorted_values.size
+    while low < high:
+        middle = (low + high) // 2
+        if sorted_values[middle] < value or (above and sorted_values[middle] == value):
+            low = middle + 1
+        else:
+            high = middle
+    return low
 
 
 @njit(cache=True, inline="always")
 def _class_size(sorted_labels, label):
-    return np.searchsorted(sorted_labels, label, "right") - np.searchsorted(sorted_labels, label, "left")
+    return _first_not_below(sorted_labels, label, True) - _first_not_below(sorted_labels, label, False)
 
 
-@njit(cache=True, fastmath={"reassoc"})
+@njit(cache=True, fastmath=FAST_MATH)
 def _label_chunk(chunk, item_codes, item_labels, sorted_labels, rows, centers, written, grad, spread_sums,
                  partial_sums, rows_are_features, with_grad, moves_centers, step, count_weight, grad_scale):
     """One chunk of items in label order: a row (code >= 0, its batch position) or a spread
@@ -470,42 +471,63 @@ def _straddling_class(boundary_chunk, item_labels, sorted_labels, written, parti
     was only read by the chunks."""
     boundary = boundary_chunk * ITEMS_PER_CHUNK
     label = item_labels[boundary]
-    first = np.searchsorted(item_labels, label, "left")
+    first = _first_not_below(item_labels, label, False)
     if item_labels[boundary - 1] == label and first // ITEMS_PER_CHUNK == boundary_chunk - 1:
-        stop = np.searchsorted(item_labels, label, "right")
-        row_sum = partial_sums[boundary_chunk - 1, 1, :].copy()
+        stop = _first_not_below(item_labels, label, True)
+        row_sum = np.empty(partial_sums.shape[2])
+        _add_sums(row_sum, True, partial_sums[boundary_chunk - 1, 1])
         for chunk in range(boundary_chunk, (stop - 1) // ITEMS_PER_CHUNK + 1):  # in chunk order
-            row_sum += partial_sums[chunk, 0, :]
+            _add_sums(row_sum, False, partial_sums[chunk, 0])
         _write_center_row(written, label, row_sum, _class_size(sorted_labels, label), moves_centers, step,
                           count_weight)
 
 
 @njit(parallel=True, cache=True)
-def _label_order_pass(item_codes, item_labels, sorted_labels, rows, centers, written, grad, spread_sums,
-                      partial_sums, chunk_squares, rows_are_features, with_grad, moves_centers, step, count_weight,
-                      grad_scale):
-    for chunk in prange(chunk_squares.size):
-        chunk_squares[chunk] = _label_chunk(
-            np.int64(chunk), item_codes, item_labels, sorted_labels, rows, centers, written, grad, spread_sums, partial_sums,
-            rows_are_features, with_grad, moves_centers, step, count_weight, grad_scale,
-        )
-    for boundary_chunk in prange(1, chunk_squares.size):
-        _straddling_class(np.int64(boundary_chunk), item_labels, sorted_labels, written, partial_sums, moves_centers, step,
-                          count_weight)
+def _run_items(label_order, with_grad, sums, labels, rows, centers, written, grad, row_action, class_size,
+               thread_slots, spread_sums, item_codes, item_labels, sorted_labels, partial_sums, rows_are_features,
+               moves_centers, step, count_weight, grad_scale):
+    """The work items of one pass, in parallel: the chunks of ``_label_chunk`` (``label_order``)
+    or the blocks of ``_batch_block``; each item's squares go to ``sums``. One parallel loop
+    serves every pass because each one costs seconds of compilation."""
+    for item in prange(sums.size):
+        if label_order:
+            sums[item] = _label_chunk(
+                np.int64(item), item_codes, item_labels, sorted_labels, rows, centers, written, grad, spread_sums,
+                partial_sums, rows_are_features, with_grad, moves_centers, step, count_weight, grad_scale,
+            )
+        else:
+            sums[item] = _batch_block(
+                np.int64(item), labels, rows, centers, written, grad, row_action, class_size,
+                thread_slots[numba.get_thread_id()], spread_sums, rows_are_features, moves_centers, step,
+                count_weight, grad_scale,
+            )
 
 
 @njit(cache=True)
-def _label_order_pass_serial(item_codes, item_labels, sorted_labels, rows, centers, written, grad, spread_sums,
-                             partial_sums, chunk_squares, rows_are_features, with_grad, moves_centers, step,
-                             count_weight, grad_scale):
-    for chunk in range(chunk_squares.size):
-        chunk_squares[chunk] = _label_chunk(
-            np.int64(chunk), item_codes, item_labels, sorted_labels, rows, centers, written, grad, spread_sums, partial_sums,
-            rows_are_features, with_grad, moves_centers, step, count_weight, grad_scale,
-        )
-    for boundary_chunk in range(1, chunk_squares.size):
-        _straddling_class(np.int64(boundary_chunk), item_labels, sorted_labels, written, partial_sums, moves_centers, step,
-                          count_weight)
+def _run_items_serial(label_order, with_grad, sums, labels, rows, centers, written, grad, row_action, class_size,
+                      thread_slots, spread_sums, item_codes, item_labels, sorted_labels, partial_sums,
+                      rows_are_features, moves_centers, step, count_weight, grad_scale):
+    for item in range(sums.size):
+        if label_order:
+            sums[item] = _label_chunk(
+                np.int64(item), item_codes, item_labels, sorted_labels, rows, centers, written, grad, spread_sums,
+                partial_sums, rows_are_features, with_grad, moves_centers, step, count_weight, grad_scale,
+            )
+        else:
+            sums[item] = _batch_block(
+                np.int64(item), labels, rows, centers, written, grad, row_action, class_size, thread_slots[0],
+                spread_sums, rows_are_features, moves_centers, step, count_weight, grad_scale,
+            )
+
+
+@njit(cache=True)
+def _finish_straddling_classes(chunks, item_labels, sorted_labels, written, partial_sums, moves_centers, step,
+                               count_weight):
+    """After the chunks: the classes whose items straddle chunk boundaries, on the calling
+    thread (a few partial rows each; a parallel loop here cost more to start than it saved)."""
+    for boundary_chunk in range(1, chunks):
+        _straddling_class(np.int64(boundary_chunk), item_labels, sorted_labels, written, partial_sums, moves_centers,
+                          step, count_weight)
 
 
 @njit(cache=True)
@@ -572,42 +594,51 @@ def _update(labels, rows, centers, written, grad, ints, floats, rows_are_feature
 
     partial_sums = floats[:chunks * 2 * width].reshape((chunks, 2, width))
     chunk_squares = floats[chunks * 2 * width:chunks * (2 * width + 1)]
-    parallel = batch_size * width >= PARALLEL_ELEMENTS
-    # one variable, not the literals True and False, so that Numba compiles each pass once
+    rest = floats[chunks * (2 * width + 1):]
+    # one variable each, not the literals True and False, so that Numba compiles each pass once
     label_order = layout == LABEL_ORDER
+    with_grad = label_order
     if label_order:
         no_slots = floats[:0].reshape((0, width))
-        if parallel:
-            _label_order_pass(positions, sorted_labels, sorted_labels, rows, centers, written, grad, no_slots,
-                              partial_sums, chunk_squares, rows_are_features, label_order, moves_centers, step,
-                              count_weight, grad_scale)
+        no_local_slots = floats[:0].reshape((0, 0, width))
+        if batch_size * width >= PARALLEL_ELEMENTS:
+            _run_items(label_order, with_grad, chunk_squares, labels, rows, centers, written, grad, row_action,
+                       class_size, no_local_slots, no_slots, positions, sorted_labels, sorted_labels, partial_sums,
+                       rows_are_features, moves_centers, step, count_weight, grad_scale)
         else:
-            _label_order_pass_serial(positions, sorted_labels, sorted_labels, rows, centers, written, grad, no_slots,
-                                     partial_sums, chunk_squares, rows_are_features, label_order, moves_centers, step,
-                                     count_weight, grad_scale)
+            _run_items_serial(label_order, with_grad, chunk_squares, labels, rows, centers, written, grad, row_action,
+                              class_size, no_local_slots, no_slots, positions, sorted_labels, sorted_labels,
+                              partial_sums, rows_are_features, moves_centers, step, count_weight, grad_scale)
+        _finish_straddling_classes(chunks, sorted_labels, sorted_labels, written, partial_sums, moves_centers, step,
+                                   count_weight)
         return _in_order(chunk_squares)
 
-    rest = floats[chunks * (2 * width + 1):]
     block_squares = rest[:blocks]
     rest = rest[blocks:]
     thread_slots = rest[:threads * most_local * width].reshape((threads, most_local, width))
     rest = rest[threads * most_local * width:]
     spread_sums = rest[:spread_slots * width].reshape((spread_slots, width))
-    if parallel:
-        _batch_order_pass(labels, rows, centers, written, grad, row_action, class_size, thread_slots, spread_sums,
-                          block_squares, rows_are_features, moves_centers, step, count_weight, grad_scale)
+    pass_b_codes, pass_b_labels = item_codes[:items], item_labels[:items]
+    if batch_size * width >= PARALLEL_ELEMENTS:
+        _run_items(label_order, with_grad, block_squares, labels, rows, centers, written, grad, row_action, class_size,
+                   thread_slots, spread_sums, pass_b_codes, pass_b_labels, sorted_labels, partial_sums,
+                   rows_are_features, moves_centers, step, count_weight, grad_scale)
     else:
-        _batch_order_pass_serial(labels, rows, centers, written, grad, row_action, class_size, thread_slots,
-                                 spread_sums, block_squares, rows_are_features, moves_centers, step, count_weight,
-                                 grad_scale)
-    if items and parallel:
-        _label_order_pass(item_codes[:items], item_labels[:items], sorted_labels, rows, centers, written, grad,
-                          spread_sums, partial_sums, chunk_squares, rows_are_features, label_order, moves_centers, step,
-                          count_weight, grad_scale)
-    elif items:
-        _label_order_pass_serial(item_codes[:items], item_labels[:items], sorted_labels, rows, centers, written,
-                                 grad, spread_sums, partial_sums, chunk_squares, rows_are_features, label_order,
-                                 moves_centers, step, count_weight, grad_scale)
+        _run_items_serial(label_order, with_grad, block_squares, labels, rows, centers, written, grad, row_action,
+                          class_size, thread_slots, spread_sums, pass_b_codes, pass_b_labels, sorted_labels,
+                          partial_sums, rows_are_features, moves_centers, step, count_weight, grad_scale)
+    if items:  # pass B: its items in label order (a computed bool, for the reason above)
+        pass_b = not label_order
+        if items * width >= PARALLEL_ELEMENTS:
+            _run_items(pass_b, with_grad, chunk_squares, labels, rows, centers, written, grad, row_action,
+                       class_size, thread_slots, spread_sums, pass_b_codes, pass_b_labels, sorted_labels,
+                       partial_sums, rows_are_features, moves_centers, step, count_weight, grad_scale)
+        else:
+            _run_items_serial(pass_b, with_grad, chunk_squares, labels, rows, centers, written, grad, row_action,
+                              class_size, thread_slots, spread_sums, pass_b_codes, pass_b_labels, sorted_labels,
+                              partial_sums, rows_are_features, moves_centers, step, count_weight, grad_scale)
+        _finish_straddling_classes(chunks, pass_b_labels, sorted_labels, written, partial_sums, moves_centers, step,
+                                   count_weight)
     return _in_order(block_squares)
 
 
@@ -708,8 +739,8 @@ def scatter_sub_update(
     SPEC's ``IndexError`` before anything is written."""
     if copy_from is not None:
         np.copyto(centers, copy_from)
-    no_grad = np.empty((0, centers.shape[1]), dtype=centers.dtype)
-    _run(labels, updates, centers, centers, no_grad, False, True, -1.0, 0.0, 0.0, layout)
+    # the scatter writes no grad: ``updates`` stands in for it, never written (one allocation less)
+    _run(labels, updates, centers, centers, updates, False, True, -1.0, 0.0, 0.0, layout)
 
 
 def center_loss_step(
