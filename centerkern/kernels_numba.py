@@ -436,12 +436,12 @@ def _label_chunk(chunk, item_codes, item_labels, sorted_labels, rows, centers, w
                 ahead = item_codes[t + PREFETCH_AHEAD]
                 if ahead >= 0:
                     _prefetch_row(rows, ahead)
-                    if with_grad:
+                    if with_grad and rows_are_features:  # the scatter's grad is an empty stand-in
                         _prefetch_row_for_write(grad, ahead)
                 further = item_codes[t + PREFETCH_AHEAD_L2]
                 if further >= 0:
                     _prefetch_row_l2(rows, further)
-                    if with_grad:
+                    if with_grad and rows_are_features:
                         _prefetch_row_l2(grad, further)
             code = item_codes[t]
             if code >= 0:
@@ -739,8 +739,9 @@ def scatter_sub_update(
     SPEC's ``IndexError`` before anything is written."""
     if copy_from is not None:
         np.copyto(centers, copy_from)
-    # the scatter writes no grad: ``updates`` stands in for it, never written (one allocation less)
-    _run(labels, updates, centers, centers, updates, False, True, -1.0, 0.0, 0.0, layout)
+    # the scatter writes no grad: an empty stand-in (not ``updates``, which may be read-only)
+    no_grad = np.empty((0, centers.shape[1]), dtype=centers.dtype)
+    _run(labels, updates, centers, centers, no_grad, False, True, -1.0, 0.0, 0.0, layout)
 
 
 def center_loss_step(

@@ -151,3 +151,21 @@ def test_the_scratch_grows_and_is_kept_per_thread():
     assert kept.size > 0
     centerkern.center_loss(features, labels, centers, 0.5, backend="numba")
     assert kernels_numba._scratch.floats is kept
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_read_only_inputs_are_only_read(layout):
+    """Features, labels and updates the caller made read-only: the kernels write none of them."""
+    features, labels, centers = _batch(2048, 40, 3000)
+    for array in (features, labels):
+        array.flags.writeable = False
+    target = centers.copy()
+    kernels_numba.scatter_sub_update(target, labels, features, layout=layout)
+    expected = centers.copy()
+    np.subtract.at(expected, labels, features)
+    assert_matches(target, expected, features, centers)
+    result = centerkern.scatter_sub_update(centers, labels, features, backend="numba")
+    assert_matches(result, expected, features, centers)
+    reference = centerkern.center_loss(features, labels, centers, 0.5, backend="numpy")
+    step = centerkern.center_loss(features, labels, centers, 0.5, backend="numba")
+    assert_matches(step.centers, reference.centers, features, centers)
