@@ -330,8 +330,12 @@ def _singleton_row(rows, i, centers, written, label, grad, rows_are_features, mo
     squares = 0.0
     width = centers.shape[1]
     if not rows_are_features:
+        # The scatter (scale -1): c - u in the data's own dtype. For float32 that is the float64
+        # path's result bit for bit (float64 has more than 2 x 24 + 2 bits, so rounding the
+        # exact float64 difference to float32 equals rounding the difference once), and it
+        # needs no conversions, which bound this loop otherwise.
         for k in range(width):
-            centers[label, k] += scale * np.float64(rows[i, k])
+            centers[label, k] -= rows[i, k]
     elif moves_centers:
         for k in range(width):
             center = np.float64(centers[label, k])
