@@ -15,6 +15,8 @@ import sys
 from types import ModuleType
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from . import _interop, _validation
 from ._rules import rule_coefficients
 from ._validation import BACKENDS, BackendUnavailableError, HostArrays, check_choice, is_device_array
@@ -173,9 +175,14 @@ def scatter_sub_update(
     array, shape (K, D): the updated centers
     """
     caller_out = out
-    checked = _validation.plain_scatter(centers, labels, updates, out) if backend in _PLAIN_BACKENDS else None
+    checked = None
+    if backend in _PLAIN_BACKENDS:
+        plain = _interop.plain_host_arrays(centers, labels, updates, out)
+        if plain is not None:
+            checked = _validation.plain_scatter(*plain)
     if checked is not None:  # the common case on the CPU, see _validation.plain_scatter
-        to_caller, kernels, arrays = _as_is, _numba_kernels(), HostArrays
+        to_caller = _as_is if type(centers) is np.ndarray else _interop.converter_like(centers)
+        kernels, arrays = _numba_kernels(), HostArrays
     else:
         to_caller = _interop.converter_like(centers)
         centers, labels, updates, out = _exportable(centers, labels, updates, out)
@@ -250,9 +257,12 @@ def center_loss(
     caller_out, caller_grad_out = out, grad_out
     checked = None
     if backend in _PLAIN_BACKENDS:
-        checked = _validation.plain_center_loss(features, labels, centers, alpha, rule, out, grad_out)
+        plain = _interop.plain_host_arrays(features, labels, centers, out, grad_out)
+        if plain is not None:
+            checked = _validation.plain_center_loss(plain[0], plain[1], plain[2], alpha, rule, plain[3], plain[4])
     if checked is not None:  # the common case on the CPU, see _validation.plain_center_loss
-        to_caller, kernels, arrays = _as_is, _numba_kernels(), HostArrays
+        to_caller = _as_is if type(features) is np.ndarray else _interop.converter_like(features)
+        kernels, arrays = _numba_kernels(), HostArrays
     else:
         to_caller = _interop.converter_like(features)
         features, labels, centers, out, grad_out = _exportable(features, labels, centers, out, grad_out)

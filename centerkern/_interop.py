@@ -150,3 +150,28 @@ def converter_like(like: Any) -> Callable[[Any], Any]:
 
 def _identity(x: Any) -> Any:
     return x
+
+
+def plain_host_arrays(*arrays: Any) -> list | None:
+    """NumPy views, sharing memory, of NumPy arrays and torch CPU tensors (None stays None): what
+    the plain-input path of ``_api`` can take without its full validation. None when any array
+    is something else (a list, a device array, another framework's array, a bfloat16 tensor).
+    One tensor passed twice (``out=centers``) gives one view, so that identity is kept."""
+    views: list = []
+    seen: dict[int, np.ndarray] = {}
+    for array in arrays:
+        if array is None or type(array) is np.ndarray:
+            views.append(array)
+            continue
+        if framework_of(array) != "torch":
+            return None
+        view = seen.get(id(array))
+        if view is None:
+            try:
+                # refuses CUDA, meta and sparse tensors, conjugate or negative views, bfloat16
+                view = array.detach().numpy()
+            except (TypeError, RuntimeError, ValueError):
+                return None
+            seen[id(array)] = view
+        views.append(view)
+    return views

@@ -169,3 +169,30 @@ def test_read_only_inputs_are_only_read(layout):
     reference = centerkern.center_loss(features, labels, centers, 0.5, backend="numpy")
     step = centerkern.center_loss(features, labels, centers, 0.5, backend="numba")
     assert_matches(step.centers, reference.centers, features, centers)
+
+
+def test_torch_cpu_tensors_take_the_plain_path(monkeypatch):
+    """torch CPU tensors are read through NumPy views, without the full validation, and come
+    back as torch tensors; the in-place update bumps the centers' version counter for autograd."""
+    torch = pytest.importorskip("torch")
+    features, labels, centers = _batch(300, 8, 40)
+    expected = centerkern.center_loss(features, labels, centers, 0.5, backend="numpy")
+    expected_scatter = centerkern.scatter_sub_update(centers, labels, features, backend="numpy")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the full validation ran for torch CPU tensors")
+
+    monkeypatch.setattr(_validation, "validate_center_loss", never)
+    monkeypatch.setattr(_validation, "validate_scatter", never)
+    tensor = torch.tensor(centers)
+    version = tensor._version
+    x = torch.tensor(features, requires_grad=True)
+    result = centerkern.center_loss(x, torch.tensor(labels), tensor, 0.5, out=tensor)
+    assert result.centers is tensor and tensor._version > version
+    assert isinstance(result.grad, torch.Tensor) and isinstance(result.loss, float)
+    assert result.loss == pytest.approx(expected.loss, rel=1e-9)
+    assert_matches(result.grad.numpy(), expected.grad, features, centers)
+    assert_matches(tensor.numpy(), expected.centers, features, centers)
+    scattered = centerkern.scatter_sub_update(torch.tensor(centers), torch.tensor(labels), torch.tensor(features))
+    assert isinstance(scattered, torch.Tensor)
+    assert_matches(scattered.numpy(), expected_scatter, features, centers)
