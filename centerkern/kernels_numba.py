@@ -486,42 +486,53 @@ def _straddling_class(boundary_chunk, item_labels, sorted_labels, written, parti
                           count_weight)
 
 
+# A pass's arguments travel as one flat tuple, ``work`` (a parallel loop takes a tuple of arrays,
+# not a nested one): what differs from pass to pass (label_order, sums, thread_slots,
+# spread_sums, item_codes, item_labels), then what every pass of a call shares (with_grad,
+# labels, rows, centers, written, grad, row_action, class_size, sorted_labels, partial_sums,
+# rows_are_features, moves_centers, step, count_weight, grad_scale). The parallel and the
+# serial loop below then differ in the loop alone.
+
+
+@njit(cache=True, inline="always")
+def _run_item(item, thread, work):
+    """One work item of a pass: a chunk of ``_label_chunk`` (``label_order``) or a block of
+    ``_batch_block``. Returns its squares. ``thread`` picks the local slots."""
+    (label_order, sums, thread_slots, spread_sums, item_codes, item_labels, with_grad, labels, rows, centers,
+     written, grad, row_action, class_size, sorted_labels, partial_sums, rows_are_features, moves_centers, step,
+     count_weight, grad_scale) = work
+    if label_order:
+        return _label_chunk(item, item_codes, item_labels, sorted_labels, rows, centers, written, grad, spread_sums,
+                            partial_sums, rows_are_features, with_grad, moves_centers, step, count_weight, grad_scale)
+    return _batch_block(item, labels, rows, centers, written, grad, row_action, class_size, thread_slots[thread],
+                        spread_sums, rows_are_features, moves_centers, step, count_weight, grad_scale)
+
+
 @njit(parallel=True, cache=True)
-def _run_items(label_order, with_grad, sums, labels, rows, centers, written, grad, row_action, class_size,
-               thread_slots, spread_sums, item_codes, item_labels, sorted_labels, partial_sums, rows_are_features,
-               moves_centers, step, count_weight, grad_scale):
-    """The work items of one pass, in parallel: the chunks of ``_label_chunk`` (``label_order``)
-    or the blocks of ``_batch_block``; each item's squares go to ``sums``. One parallel loop
-    serves every pass because each one costs seconds of compilation."""
+def _run_items(work):
+    """Every work item of a pass, in parallel. One parallel loop serves every pass because each
+    one costs seconds of compilation."""
+    # the squares are stored through their own name: stored through the tuple inside the
+    # parallel loop, they were lost (the tests caught it); the called functions' writes are not
+    sums = work[1]
     for item in prange(sums.size):
-        if label_order:
-            sums[item] = _label_chunk(
-                np.int64(item), item_codes, item_labels, sorted_labels, rows, centers, written, grad, spread_sums,
-                partial_sums, rows_are_features, with_grad, moves_centers, step, count_weight, grad_scale,
-            )
-        else:
-            sums[item] = _batch_block(
-                np.int64(item), labels, rows, centers, written, grad, row_action, class_size,
-                thread_slots[numba.get_thread_id()], spread_sums, rows_are_features, moves_centers, step,
-                count_weight, grad_scale,
-            )
+        sums[item] = _run_item(np.int64(item), numba.get_thread_id(), work)
 
 
 @njit(cache=True)
-def _run_items_serial(label_order, with_grad, sums, labels, rows, centers, written, grad, row_action, class_size,
-                      thread_slots, spread_sums, item_codes, item_labels, sorted_labels, partial_sums,
-                      rows_are_features, moves_centers, step, count_weight, grad_scale):
+def _run_items_serial(work):
+    """The same items in the same order, on the calling thread (see ``PARALLEL_ELEMENTS``)."""
+    sums = work[1]
     for item in range(sums.size):
-        if label_order:
-            sums[item] = _label_chunk(
-                np.int64(item), item_codes, item_labels, sorted_labels, rows, centers, written, grad, spread_sums,
-                partial_sums, rows_are_features, with_grad, moves_centers, step, count_weight, grad_scale,
-            )
-        else:
-            sums[item] = _batch_block(
-                np.int64(item), labels, rows, centers, written, grad, row_action, class_size, thread_slots[0],
-                spread_sums, rows_are_features, moves_centers, step, count_weight, grad_scale,
-            )
+        sums[item] = _run_item(np.int64(item), 0, work)
+
+
+@njit(cache=True)
+def _run_pass(elements, work):
+    if elements >= PARALLEL_ELEMENTS:
+        _run_items(work)
+    else:
+        _run_items_serial(work)
 
 
 @njit(cache=True)
@@ -602,17 +613,12 @@ def _update(labels, rows, centers, written, grad, ints, floats, rows_are_feature
     # one variable each, not the literals True and False, so that Numba compiles each pass once
     label_order = layout == LABEL_ORDER
     with_grad = label_order
+    shared = (with_grad, labels, rows, centers, written, grad, row_action, class_size, sorted_labels, partial_sums,
+              rows_are_features, moves_centers, step, count_weight, grad_scale)
     if label_order:
-        no_slots = floats[:0].reshape((0, width))
-        no_local_slots = floats[:0].reshape((0, 0, width))
-        if batch_size * width >= PARALLEL_ELEMENTS:
-            _run_items(label_order, with_grad, chunk_squares, labels, rows, centers, written, grad, row_action,
-                       class_size, no_local_slots, no_slots, positions, sorted_labels, sorted_labels, partial_sums,
-                       rows_are_features, moves_centers, step, count_weight, grad_scale)
-        else:
-            _run_items_serial(label_order, with_grad, chunk_squares, labels, rows, centers, written, grad, row_action,
-                              class_size, no_local_slots, no_slots, positions, sorted_labels, sorted_labels,
-                              partial_sums, rows_are_features, moves_centers, step, count_weight, grad_scale)
+        no_local_slots, no_slots = floats[:0].reshape((0, 0, width)), floats[:0].reshape((0, width))
+        _run_pass(batch_size * width,
+                  (label_order, chunk_squares, no_local_slots, no_slots, positions, sorted_labels) + shared)
         _finish_straddling_classes(chunks, sorted_labels, sorted_labels, written, partial_sums, moves_centers, step,
                                    count_weight)
         return _in_order(chunk_squares)
@@ -623,24 +629,12 @@ def _update(labels, rows, centers, written, grad, ints, floats, rows_are_feature
     rest = rest[threads * most_local * width:]
     spread_sums = rest[:spread_slots * width].reshape((spread_slots, width))
     pass_b_codes, pass_b_labels = item_codes[:items], item_labels[:items]
-    if batch_size * width >= PARALLEL_ELEMENTS:
-        _run_items(label_order, with_grad, block_squares, labels, rows, centers, written, grad, row_action, class_size,
-                   thread_slots, spread_sums, pass_b_codes, pass_b_labels, sorted_labels, partial_sums,
-                   rows_are_features, moves_centers, step, count_weight, grad_scale)
-    else:
-        _run_items_serial(label_order, with_grad, block_squares, labels, rows, centers, written, grad, row_action,
-                          class_size, thread_slots, spread_sums, pass_b_codes, pass_b_labels, sorted_labels,
-                          partial_sums, rows_are_features, moves_centers, step, count_weight, grad_scale)
+    _run_pass(batch_size * width,
+              (label_order, block_squares, thread_slots, spread_sums, pass_b_codes, pass_b_labels) + shared)
     if items:  # pass B: its items in label order (a computed bool, for the reason above)
         pass_b = not label_order
-        if items * width >= PARALLEL_ELEMENTS:
-            _run_items(pass_b, with_grad, chunk_squares, labels, rows, centers, written, grad, row_action,
-                       class_size, thread_slots, spread_sums, pass_b_codes, pass_b_labels, sorted_labels,
-                       partial_sums, rows_are_features, moves_centers, step, count_weight, grad_scale)
-        else:
-            _run_items_serial(pass_b, with_grad, chunk_squares, labels, rows, centers, written, grad, row_action,
-                              class_size, thread_slots, spread_sums, pass_b_codes, pass_b_labels, sorted_labels,
-                              partial_sums, rows_are_features, moves_centers, step, count_weight, grad_scale)
+        _run_pass(items * width,
+                  (pass_b, chunk_squares, thread_slots, spread_sums, pass_b_codes, pass_b_labels) + shared)
         _finish_straddling_classes(chunks, pass_b_labels, sorted_labels, written, partial_sums, moves_centers, step,
                                    count_weight)
     return _in_order(block_squares)
