@@ -25,6 +25,7 @@ from ._rules import RULES
 BACKENDS = ("numpy", "numba", "cuda")
 HOST_BACKENDS = ("numpy", "numba")  # those that compute on host arrays, as framework callbacks need
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_PARALLEL_ZEROS_BYTES = 1 << 22  # from 4 MB on, HostArrays.zeros fills in parallel
 
 
 def is_device_array(x: Any) -> bool:
@@ -137,7 +138,11 @@ class HostArrays:
 
     @staticmethod
     def zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
-        return np.zeros(shape, dtype=dtype)
+        if math.prod(shape) * np.dtype(dtype).itemsize < _PARALLEL_ZEROS_BYTES:
+            return np.zeros(shape, dtype=dtype)
+        from .kernels_numba import zeros  # large: zeroed by every core (see there)
+
+        return zeros(shape, dtype)
 
 
 def _float_matrix(x: Any, what: str, arrays) -> Any:

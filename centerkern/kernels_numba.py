@@ -641,6 +641,23 @@ def _update(labels, rows, centers, written, grad, ints, floats, rows_are_feature
 
 
 @njit(parallel=True, cache=True)
+def _fill_zeros(flat):
+    chunk = 1 << 16
+    for start in prange((flat.size + chunk - 1) // chunk):
+        flat[start * chunk:(start + 1) * chunk] = 0
+
+
+def zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """``np.zeros``, filled by every thread. A large ``np.zeros`` gets fresh pages from the
+    kernel, which zeroes them one fault at a time on one core (measured: a 20 MB K x D array,
+    rule pytorch's grad_centers at M, 440 us; this, 190 us)."""
+    array = np.empty(shape, dtype)
+    with _one_launch_at_a_time():
+        _fill_zeros(array.reshape(-1))
+    return array
+
+
+@njit(parallel=True, cache=True)
 def _gather(centers, labels, out):
     for i in prange(labels.size):
         for k in range(centers.shape[1]):

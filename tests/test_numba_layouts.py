@@ -196,3 +196,21 @@ def test_torch_cpu_tensors_take_the_plain_path(monkeypatch):
     scattered = centerkern.scatter_sub_update(torch.tensor(centers), torch.tensor(labels), torch.tensor(features))
     assert isinstance(scattered, torch.Tensor)
     assert_matches(scattered.numpy(), expected_scatter, features, centers)
+
+
+def test_a_large_grad_centers_is_zero_where_no_sample_fell():
+    """rule pytorch's K x D grad_centers is zeroed by every thread from 4 MB on; fresh pages or
+    reused ones, the classes absent from the batch must read zero."""
+    rng = np.random.default_rng(5)
+    centers = rng.standard_normal((20_000, 64)).astype(np.float32)  # 5 MB
+    features = rng.standard_normal((500, 64)).astype(np.float32)
+    labels = rng.integers(0, 20_000, 500)
+    expected = centerkern.center_loss(features, labels, centers, 0.5, rule="pytorch", backend="numpy")
+    for _ in range(3):  # the allocator may hand back the previous call's memory, unzeroed
+        kept = centerkern.center_loss(features, labels, centers, 0.5, rule="pytorch", backend="numba")
+        kept.grad_centers[...] = 7.0
+        del kept
+        result = centerkern.center_loss(features, labels, centers, 0.5, rule="pytorch", backend="numba")
+        untouched = np.setdiff1d(np.arange(20_000), labels)
+        np.testing.assert_array_equal(result.grad_centers[untouched], 0.0)
+        assert_matches(result.grad_centers, expected.grad_centers, features, centers)
