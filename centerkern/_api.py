@@ -10,12 +10,10 @@ only once the labels are known to be good.
 
 from __future__ import annotations
 
+import functools
 import importlib
-import sys
 from types import ModuleType
 from typing import Any, NamedTuple
-
-import numpy as np
 
 from . import _interop, _validation
 from ._rules import rule_coefficients
@@ -45,19 +43,25 @@ class CenterLossResult(NamedTuple):
     grad_centers: Any
 
 
-# Plain NumPy inputs with one of these backend choices run the numba kernels after a few
+# Plain host inputs with one of these backend choices run the numba kernels after a few
 # attribute checks (``_validation.plain_center_loss``); everything else is validated in full.
 _PLAIN_BACKENDS = ("auto", "numba")
 
 
-def _as_is(x: Any) -> Any:
-    return x
-
-
+@functools.cache
 def _numba_kernels() -> ModuleType:
     # imported on first use, like every backend (Numba's parallel target loads with it)
-    module = sys.modules.get("centerkern.kernels_numba")
-    return module if module is not None else importlib.import_module("centerkern.kernels_numba")
+    return importlib.import_module("centerkern.kernels_numba")
+
+
+def _plain(backend: Any, check, arrays: tuple, *settings: Any):
+    """``check(*views, *settings)`` on NumPy views of ``arrays`` (``_interop.plain_host_arrays``)
+    when the backend choice allows the plain path: the checked inputs, or None where the full
+    validation must run."""
+    if backend not in _PLAIN_BACKENDS:
+        return None
+    views = _interop.plain_host_arrays(*arrays)
+    return None if views is None else check(*views, *settings)
 
 
 def _cuda_module() -> ModuleType:
@@ -175,13 +179,9 @@ def scatter_sub_update(
     array, shape (K, D): the updated centers
     """
     caller_out = out
-    checked = None
-    if backend in _PLAIN_BACKENDS:
-        plain = _interop.plain_host_arrays(centers, labels, updates, out)
-        if plain is not None:
-            checked = _validation.plain_scatter(*plain)
+    checked = _plain(backend, _validation.plain_scatter, (centers, labels, updates, out))
     if checked is not None:  # the common case on the CPU, see _validation.plain_scatter
-        to_caller = _as_is if type(centers) is np.ndarray else _interop.converter_like(centers)
+        to_caller = _interop.converter_like(centers, host=True)
         kernels, arrays = _numba_kernels(), HostArrays
     else:
         to_caller = _interop.converter_like(centers)
@@ -255,13 +255,9 @@ def center_loss(
         ``(loss, grad, centers, grad_centers)``.
     """
     caller_out, caller_grad_out = out, grad_out
-    checked = None
-    if backend in _PLAIN_BACKENDS:
-        plain = _interop.plain_host_arrays(features, labels, centers, out, grad_out)
-        if plain is not None:
-            checked = _validation.plain_center_loss(plain[0], plain[1], plain[2], alpha, rule, plain[3], plain[4])
+    checked = _plain(backend, _validation.plain_center_loss, (features, labels, centers, out, grad_out), alpha, rule)
     if checked is not None:  # the common case on the CPU, see _validation.plain_center_loss
-        to_caller = _as_is if type(features) is np.ndarray else _interop.converter_like(features)
+        to_caller = _interop.converter_like(features, host=True)
         kernels, arrays = _numba_kernels(), HostArrays
     else:
         to_caller = _interop.converter_like(features)

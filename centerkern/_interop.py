@@ -140,9 +140,12 @@ class Owned:
 _CONVERTERS = {"torch": _to_torch, "jax": _to_jax, "tensorflow": _to_tensorflow, "cupy": _to_cupy}
 
 
-def converter_like(like: Any) -> Callable[[Any], Any]:
+def converter_like(like: Any, host: bool = False) -> Callable[[Any], Any]:
     """A function taking a result array to the framework of ``like`` (the identity for NumPy,
-    lists and Numba arrays)."""
+    lists and Numba arrays). ``host``: the results are NumPy arrays (none is a device result
+    to unwrap), so NumPy's identity needs no wrapper."""
+    if host and type(like) is np.ndarray:
+        return _identity
     make = _CONVERTERS.get(framework_of(like))
     convert = _identity if make is None else make(like)
     return lambda x: convert(x.owner if isinstance(x, Owned) else x)

@@ -321,37 +321,33 @@ def _plain_labels(labels: Any, batch_size: int) -> bool:
             and labels.flags.c_contiguous)
 
 
-def _plain_out(out: Any, centers: np.ndarray, *inputs: np.ndarray) -> bool:
-    """out=None, or out=centers (the same object) that can be written and overlaps no input."""
-    if out is None:
-        return True
-    if out is not centers or not centers.flags.writeable:
-        return False
-    for x in inputs:
-        if np.may_share_memory(x, centers):
+def _shares_no_memory(target: np.ndarray, inputs: tuple) -> bool:
+    for x in inputs:  # a loop, not any(...): a generator costs this hot path half a microsecond
+        if np.may_share_memory(target, x):
             return False
     return True
+
+
+def _plain_out(out: Any, centers: np.ndarray, *inputs: np.ndarray) -> bool:
+    """out=None, or out=centers (the same object) that can be written and overlaps no input."""
+    return out is None or (out is centers and centers.flags.writeable and _shares_no_memory(centers, inputs))
 
 
 def _plain_grad_out(grad_out: Any, features: np.ndarray, *inputs: np.ndarray) -> bool:
-    if grad_out is None:
-        return True
-    if not (type(grad_out) is np.ndarray and grad_out.dtype == features.dtype and grad_out.shape == features.shape
-            and grad_out.flags.c_contiguous and grad_out.flags.writeable):
-        return False
-    for x in (features, *inputs):
-        if np.may_share_memory(grad_out, x):
-            return False
-    return True
+    return grad_out is None or (
+        type(grad_out) is np.ndarray and grad_out.dtype == features.dtype and grad_out.shape == features.shape
+        and grad_out.flags.c_contiguous and grad_out.flags.writeable
+        and _shares_no_memory(grad_out, (features, *inputs))
+    )
 
 
-def plain_center_loss(features, labels, centers, alpha, rule, out, grad_out) -> CenterLossInputs | None:
+def plain_center_loss(features, labels, centers, out, grad_out, alpha, rule) -> CenterLossInputs | None:
     """``center_loss``'s inputs checked in a few attribute reads (labels excepted, see above),
     or None where they need the full ``validate_center_loss``."""
     if not (_plain_matrix(features) and _plain_matrix(centers) and features.dtype == centers.dtype
             and features.shape[1] == centers.shape[1] and _plain_labels(labels, features.shape[0])
-            and rule in RULES and isinstance(alpha, float) and math.isfinite(alpha) and _plain_out(out, centers, features, labels)
-            and _plain_grad_out(grad_out, features, labels, centers)):
+            and rule in RULES and isinstance(alpha, float) and math.isfinite(alpha)
+            and _plain_out(out, centers, features, labels) and _plain_grad_out(grad_out, features, labels, centers)):
         return None
     return CenterLossInputs(features, labels.reshape(-1), centers, float(alpha), rule, out, out is not None, grad_out)
 
