@@ -1,26 +1,33 @@
 # Every target sets up what it needs from a fresh clone: a virtual environment in .venv with
 # the package (editable), its test tools, the CUDA simulator's toolkit, and the frameworks the
-# tests and the benchmark run for real (the CPU build of torch, JAX, TensorFlow, numpy-groupies).
+# tests and the benchmark run for real (the CPU build of torch, JAX, TensorFlow, numpy-groupies),
+# then the numba kernels compiled into their cache, so that the tests and the demo start warm.
 PYTHON_BOOTSTRAP ?= python3
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install test test-cpu test-cudasim demo info bench bench-distributed fuzz clean
+.PHONY: install compile test test-cpu test-cudasim demo info bench bench-first-call bench-distributed fuzz clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet -e ".[test]"
+	$(PYTHON) -m centerkern compile
 	touch $@
 
 install: $(INSTALLED)
+
+# the kernel cache again (after a change to the kernels: a stale entry is never loaded, but the
+# first call after the change would compile it)
+compile: $(INSTALLED)
+	$(PYTHON) -m centerkern compile
 
 test: test-cpu test-cudasim
 
 # CENTERKERN_REQUIRE_FRAMEWORKS=1: every framework the tests use is installed here, so one that
 # does not import fails the run instead of skipping its tests (see tests/conftest.py)
-test-cpu: $(INSTALLED)
+test-cpu: compile
 	CENTERKERN_REQUIRE_FRAMEWORKS=1 $(PYTHON) -m pytest -q
 
 # The CUDA backend without a GPU: Numba's simulator must be switched on before Numba is
@@ -36,6 +43,10 @@ info: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(PYTHON) -m centerkern bench
+
+# what a first call costs, each case in a fresh process with an empty kernel cache
+bench-first-call: $(INSTALLED)
+	$(PYTHON) -m centerkern bench --first-call
 
 # the exchange of centerkern.distributed: ranks x touched classes, local gloo processes
 bench-distributed: $(INSTALLED)

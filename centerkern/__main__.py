@@ -1,8 +1,9 @@
-"""The command line: ``python -m centerkern demo``, ``info``, ``bench`` and ``check``.
+"""The command line: ``python -m centerkern demo``, ``info``, ``compile``, ``bench`` and ``check``.
 
 ``demo`` reproduces the seed example (SPEC.md) on every backend beside TensorFlow's numbers, shows
 why facenet's rule diverges on a repeated class, and times the kernels; ``info`` reports the
-versions and threading setup that a bug report needs.
+versions, threading setup and kernel cache that a bug report needs; ``compile`` fills the kernel
+cache ahead of time.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 
 import centerkern
 
-from . import _demo
+from . import _compile, _demo
 
 
 def _installed_version(*distributions: str) -> str:
@@ -59,8 +60,21 @@ def _cuda_launch_path() -> str:
     return launch_path()
 
 
+def _kernel_cache() -> tuple[str, str]:
+    """Where the numba kernels are cached, and which dtypes the cache holds them for."""
+    from ._cpu.jit import cache_location
+    from .kernels_numba import ENTRIES
+
+    where, how = cache_location(ENTRIES[0].dispatcher.py_func)
+    if where is None:
+        return how, "none"
+    held = [dtype for dtype in ("float32", "float64") if all(entry.is_cached(dtype) for entry in ENTRIES)]
+    return f"{where} ({how})", (", ".join(held) or "nothing yet") + "  (python -m centerkern compile fills it)"
+
+
 def info() -> int:
     """Print the versions, backends and threading setup of this installation."""
+    cache_directory, cached_dtypes = _kernel_cache()
     rows = [
         ("centerkern", centerkern.__version__),
         ("Python", f"{platform.python_version()} ({sys.executable})"),
@@ -76,6 +90,8 @@ def info() -> int:
         ("numba threads", str(numba.get_num_threads())),
         ("threading layer", _threading_layer()),
         ("NUMBA_CACHE_DIR", os.environ.get("NUMBA_CACHE_DIR", "not set")),
+        ("kernel cache", cache_directory),
+        ("compiled for", cached_dtypes),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
@@ -99,6 +115,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-timing", action="store_true", help="skip the timing table")
     commands.add_parser("info", help="versions, backends and threading setup",
                         description="Print the versions, backends and threading setup of this installation.")
+    compile_ = commands.add_parser(
+        "compile", help="fill the kernel cache ahead of time (what a Dockerfile or CI job runs once)",
+        description="Compile every kernel for the dtypes and backends asked for, into the kernel cache "
+                    "(python -m centerkern info says where it is), so that no process compiles at its first call.")
+    _compile.add_arguments(compile_)
     commands.add_parser("bench", help="time every backend against the peers (python -m centerkern bench --help)",
                         add_help=False)
     check = commands.add_parser(
@@ -150,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         if arguments.command == "demo":
             backends = (arguments.backend,) if arguments.backend else centerkern.backends()
             return _demo.demo(backends, with_timing=not arguments.no_timing)
+        if arguments.command == "compile":
+            return _compile.compile_kernels(tuple(arguments.dtypes), tuple(arguments.backends), arguments.jobs)
         if arguments.command == "check":
             return check(arguments.step, arguments.rule, arguments.framework, arguments.max_examples, arguments.alpha)
         return info()

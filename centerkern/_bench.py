@@ -19,7 +19,6 @@ import importlib
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -148,16 +147,13 @@ def print_goals(results: list[dict]) -> None:
 
 
 def compile_cost() -> dict:
-    """First call of ``center_loss`` in a fresh process: with an empty Numba cache, then warm."""
-    code = ("import time; start = time.perf_counter(); import numpy as np, centerkern; "
-            "c = np.zeros((4, 3), np.float32); "
-            "centerkern.center_loss(np.ones((8, 3), np.float32), np.arange(8) % 4, c, 0.5, out=c); "
-            "print(time.perf_counter() - start)")
+    """First call of ``center_loss`` in a fresh process (serial regime): with an empty kernel
+    cache, then warm (``python -m centerkern bench --first-call`` measures every case)."""
+    from ._first_call import _run_child
+
     with tempfile.TemporaryDirectory() as cache:
-        environment = {**os.environ, "NUMBA_CACHE_DIR": cache}
-        runs = [float(subprocess.run([sys.executable, "-c", code], env=environment, check=True,
-                                     capture_output=True, text=True).stdout) for _ in range(2)]
-    return {"cold cache seconds": runs[0], "warm cache seconds": runs[1]}
+        cold, warm = _run_child("serial", cache), _run_child("warm", cache)
+    return {"cold cache seconds": cold["seconds"], "warm cache seconds": warm["seconds"]}
 
 
 def _versions() -> dict:
@@ -276,6 +272,11 @@ def parse_size(text: str) -> Size:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--first-call" in argv:  # the fresh-process first-call cases, with options of their own
+        from . import _first_call
+
+        return _first_call.main([argument for argument in argv if argument != "--first-call"])
     parser = argparse.ArgumentParser(prog="python -m centerkern bench", description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--size", action="append", type=parse_size, default=[], metavar="B,D,K",
@@ -284,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=30, help="timed calls per implementation")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out (it compiles for minutes)")
     parser.add_argument("--no-compile-cost", action="store_true", help="skip the fresh-process first-call timing")
+    parser.add_argument("--first-call", action="store_true",
+                        help="instead: every first-call case, each in a fresh process with an empty kernel cache "
+                             "(its own options: --repeats, --output)")
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/bench-<date>.json)")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)

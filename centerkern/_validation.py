@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ._errors import label_out_of_range
 from ._interop import check_writable
 from ._rules import RULES
 
@@ -197,14 +198,6 @@ def _labels(
         position, value = bad
         raise label_out_of_range(first_position + position, value, num_classes)
     return arrays.as_label_vector(flat)
-
-
-def label_out_of_range(position: int, value: int, num_classes: int) -> IndexError:
-    """SPEC's error for a bad label, wherever it is found (here, or by the CUDA backend's kernels)."""
-    return IndexError(
-        f"label {value} at position {position} is out of range: labels must lie in "
-        f"[0, {num_classes}) for {num_classes} classes"
-    )
 
 
 def overlaps_itself(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> bool:

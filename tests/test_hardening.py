@@ -32,9 +32,9 @@ def _concurrent_calls(backend, threads=4, calls=15):
     def worker(seed):
         rng = np.random.default_rng(seed)
         for _ in range(calls):
-            features = rng.standard_normal((300, 24)).astype(np.float32)
+            features = rng.standard_normal((300, 64)).astype(np.float32)  # parallel regime: B x D >= 2**14
             labels = rng.integers(0, 7, 300)
-            centers = rng.standard_normal((7, 24)).astype(np.float32)
+            centers = rng.standard_normal((7, 64)).astype(np.float32)
             expected = centerkern.center_loss(features, labels, centers, 0.5, rule="wen", backend="numpy")
             got = centerkern.center_loss(features, labels, centers, 0.5, rule="wen", backend=backend)
             if not np.allclose(got.centers, expected.centers, rtol=1e-5, atol=1e-5):

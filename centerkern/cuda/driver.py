@@ -22,7 +22,7 @@ import numpy as np
 from numba import cuda
 
 from .._rules import RuleCoefficients
-from .._validation import label_out_of_range
+from .._errors import label_out_of_range
 from . import kernels
 from .arrays import DeviceArrays, DeviceView, _simulated
 from .launcher import prepare

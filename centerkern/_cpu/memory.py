@@ -1,0 +1,32 @@
+"""Kernels that only move memory: the gather, and zeros written by every thread."""
+
+from __future__ import annotations
+
+import numba
+from numba import prange, types
+
+from .jit import Entry
+
+ZEROS_PER_ITEM = 1 << 16
+
+
+def _gather(centers, labels, out):
+    for i in prange(labels.size):
+        for k in range(centers.shape[1]):
+            out[i, k] = centers[labels[i], k]
+
+
+def _fill_zeros(flat):
+    for item in prange((flat.size + ZEROS_PER_ITEM - 1) // ZEROS_PER_ITEM):
+        for i in range(item * ZEROS_PER_ITEM, min((item + 1) * ZEROS_PER_ITEM, flat.size)):
+            flat[i] = 0
+
+
+def _gather_signature(dtype):
+    data = numba.from_dtype(dtype)
+    return types.void(types.Array(data, 2, "C", readonly=True), types.Array(types.int64, 1, "C", readonly=True),
+                      types.Array(data, 2, "C"))
+
+
+gather_rows = Entry(_gather, _gather_signature, parallel=True)
+fill_zeros = Entry(_fill_zeros, lambda dtype: types.void(types.Array(numba.from_dtype(dtype), 1, "C")), parallel=True)

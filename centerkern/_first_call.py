@@ -1,0 +1,136 @@
+"""What a first call costs: each case in a fresh process with an empty kernel cache.
+
+``python -m centerkern bench --first-call`` (or ``benchmarks/first_call.py``) runs every case
+``--repeats`` times, each in a new interpreter whose ``CENTERKERN_CACHE_DIR`` is a new, empty
+directory, and writes the medians with the goals they are held to into
+``benchmarks/results/first-call-<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# Each case is run by this child program; it prints one JSON object of seconds.
+_CHILD = r"""
+import json, sys, time
+start = time.perf_counter()
+import numpy as np
+import centerkern
+imported = time.perf_counter()
+case = sys.argv[1]
+rng = np.random.default_rng(0)
+
+def batch(batch_size, width, classes, dtype="float32"):
+    return (rng.standard_normal((batch_size, width)).astype(dtype), rng.integers(0, classes, batch_size),
+            rng.standard_normal((classes, width)).astype(dtype))
+
+def timed(call):
+    begin = time.perf_counter()
+    call()
+    return time.perf_counter() - begin
+
+result = {"import": imported - start}
+if case == "numba import":
+    result["seconds"] = timed(lambda: __import__("numba"))
+elif case in ("serial", "parallel", "warm"):
+    x, y, c = batch(*((64, 8, 100) if case != "parallel" else (1024, 512, 10000)))
+    result["seconds"] = timed(lambda: centerkern.center_loss(x, y, c, 0.5, out=c))
+elif case == "second dtype":
+    x, y, c = batch(64, 8, 100)
+    centerkern.center_loss(x, y, c, 0.5, out=c)
+    x, y, c = batch(64, 8, 100, "float64")
+    result["seconds"] = timed(lambda: centerkern.center_loss(x, y, c, 0.5, out=c))
+elif case == "new layouts":
+    x, y, c = batch(64, 8, 100)
+    centerkern.center_loss(x, y, c, 0.5, out=c)
+    fortran = np.asfortranarray(x)
+    int32 = y.astype(np.int32)
+    read_only = x.copy()
+    read_only.flags.writeable = False
+    fortran_out = np.asfortranarray(c)
+    result["Fortran-ordered features"] = timed(lambda: centerkern.center_loss(fortran, y, c, 0.5, out=c))
+    result["int32 labels"] = timed(lambda: centerkern.center_loss(x, int32, c, 0.5, out=c))
+    result["read-only features"] = timed(lambda: centerkern.center_loss(read_only, y, c, 0.5, out=c))
+    result["Fortran-ordered out"] = timed(lambda: centerkern.center_loss(x, y, fortran_out, 0.5, out=fortran_out))
+    result["seconds"] = max(value for key, value in result.items() if key != "import")
+print(json.dumps(result))
+"""
+
+# (case, what it measures, the goal in seconds); "warm" runs in the cache "serial" filled.
+CASES = (
+    ("import", "import centerkern", 0.3),
+    ("serial", "first center_loss, cold cache, B=64 D=8 (serial regime)", 5.0),
+    ("parallel", "first center_loss, cold cache, B=1024 D=512 K=10000 (parallel regime)", 5.0),
+    ("second dtype", "first center_loss at float64 after float32, same process, cold cache", 5.0),
+    ("new layouts", "first call with Fortran-ordered or read-only features, int32 labels or a Fortran-ordered "
+                    "out, after a C-ordered int64 one (the slowest of the four)", 0.5),
+    ("warm", "first center_loss, warm cache, new process (Numba's own import included)", 0.3),
+    ("numba import", "import numba alone, for scale (no goal of centerkern's)", None),
+)
+
+
+def _run_child(case: str, cache: str) -> dict:
+    environment = {**os.environ, "CENTERKERN_CACHE_DIR": cache}
+    environment.pop("NUMBA_CACHE_DIR", None)  # it would be chosen first by Numba's own locator
+    completed = subprocess.run([sys.executable, "-c", _CHILD, "serial" if case == "import" else case],
+                               env=environment, capture_output=True, text=True, check=True)
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def measure(repeats: int, progress=None) -> dict:
+    runs: dict[str, list[float]] = {case: [] for case, _, _ in CASES}
+    details: dict[str, list[dict]] = {case: [] for case, _, _ in CASES}
+    for _ in range(repeats):
+        for case, _, _ in CASES:
+            if case in ("import", "warm"):
+                continue  # measured inside the serial case's runs below
+            with tempfile.TemporaryDirectory() as cache:
+                child = _run_child(case, cache)
+                runs[case].append(child["seconds"])
+                details[case].append(child)
+                if case == "serial":
+                    runs["import"].append(child["import"])
+                    warm = _run_child("warm", cache)
+                    runs["warm"].append(warm["seconds"])
+                    details["warm"].append(warm)
+            if progress:
+                progress(case)
+    report = {"repeats": repeats, "cases": {}, "goals": {}}
+    for case, described, target in CASES:
+        median = statistics.median(runs[case])
+        report["cases"][case] = {"what": described, "median_seconds": median, "runs_seconds": runs[case]}
+        if case == "new layouts":
+            report["cases"][case]["each"] = {key: statistics.median(run[key] for run in details[case])
+                                             for key in details[case][0] if key not in ("import", "seconds")}
+        if target is not None:
+            report["goals"][described] = {"value": median, "target": target, "met": median <= target}
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m centerkern bench --first-call", description=__doc__)
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per case (default 3)")
+    parser.add_argument("--output", help="JSON path (default benchmarks/results/first-call-<date>.json)")
+    args = parser.parse_args(argv)
+    from ._bench import provenance, write_report
+
+    report = {**provenance(), **measure(args.repeats, progress=lambda case: print(f"  {case} done", file=sys.stderr))}
+    output = Path(args.output or Path("benchmarks") / "results" / f"first-call-{report['date'][:10]}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    print(f"first calls, each in a fresh process with an empty kernel cache (median of {args.repeats})")
+    for case, measured in report["cases"].items():
+        print(f"  {measured['median_seconds']:7.2f} s  {measured['what']}")
+        for name, seconds in measured.get("each", {}).items():
+            print(f"  {seconds:7.3f} s      {name}")
+    print("goals")
+    for described, goal in report["goals"].items():
+        print(f"  {goal['value']:6.2f} s <= {goal['target']} s  {'met' if goal['met'] else 'MISSED'}  {described}")
+    write_report(report, output)
+    return 0
