@@ -39,6 +39,18 @@ def timed(call):
 result = {"import": imported - start}
 if case == "numba import":
     result["seconds"] = timed(lambda: __import__("numba"))
+elif case == "numba floor":
+    # A one-line cached Numba function, called in a second process once the first cached it:
+    # what any Numba package's first call costs here at best (Numba's own import and setup).
+    import os, subprocess
+    directory = os.environ["CENTERKERN_CACHE_DIR"]
+    with open(os.path.join(directory, "one_line.py"), "w") as source:
+        source.write("import numba\n@numba.njit(cache=True)\ndef double(x):\n    return 2 * x\n")
+    program = ("import sys, time; sys.path.insert(0, %r); start = time.perf_counter(); import one_line; "
+               "one_line.double(1.0); print(time.perf_counter() - start)" % directory)
+    subprocess.run([sys.executable, "-c", program], check=True, capture_output=True)
+    result["seconds"] = float(subprocess.run([sys.executable, "-c", program], check=True, capture_output=True,
+                                             text=True).stdout)
 elif case in ("serial", "parallel", "warm"):
     x, y, c = batch(*((64, 8, 100) if case != "parallel" else (1024, 512, 10000)))
     result["seconds"] = timed(lambda: centerkern.center_loss(x, y, c, 0.5, out=c))
@@ -73,6 +85,8 @@ CASES = (
                     "out, after a C-ordered int64 one (the slowest of the four)", 0.5),
     ("warm", "first center_loss, warm cache, new process (Numba's own import included)", 0.3),
     ("numba import", "import numba alone, for scale (no goal of centerkern's)", None),
+    ("numba floor", "a one-line cached @njit function's first call, warm cache, new process: Numba's own "
+                    "import and setup, the floor of the warm case (no goal of centerkern's)", None),
 )
 
 
