@@ -29,6 +29,7 @@ from ._rules import RuleCoefficients
 ENTRIES = (step.step_serial, step.step_parallel, memory.gather_rows, memory.fill_zeros)
 
 _workqueue_lock = threading.Lock()
+_NO_LOCK = nullcontext()
 _concurrent_launches = None  # a no-op context once the threading layer is known to allow them
 
 
@@ -85,31 +86,40 @@ def _readable(array: np.ndarray) -> np.ndarray:
 
 def _run(labels, rows, centers, written, grad, rows_are_features, moves_centers, step_size, count_weight,
          grad_scale, layout="auto"):
-    # The entry points are compiled for C-contiguous arrays only (one signature per dtype). A
-    # target of another layout (a Fortran-ordered ``out``, a strided ``grad_out``) is computed
-    # in a C-contiguous copy and copied back: a rare case, which costs its copies rather than
-    # a compile.
-    targets = (centers, written, grad)
-    computed = [_readable(target) for target in targets]
-    if written is centers:
-        computed[1] = computed[0]
-    labels, rows = _readable(labels), _readable(rows)
+    # inputs may be read-only; targets are writable (checked by the validation)
+    if not (labels.flags.c_contiguous and labels.flags.aligned and rows.flags.c_contiguous and rows.flags.aligned
+            and centers.flags.carray and written.flags.carray and grad.flags.carray):
+        return _run_on_copies(labels, rows, centers, written, grad, rows_are_features, moves_centers, step_size,
+                              count_weight, grad_scale, layout)
     parallel = labels.size * rows.shape[1] >= PARALLEL_ELEMENTS
     kernel = (step.step_parallel if parallel else step.step_serial).compiled(rows.dtype)
     ints = _scratch.ints_for(labels.size)
+    layout_code = LAYOUTS.index(layout)
+    threads = _MOST_THREADS if parallel else 1
     while True:
-        with _one_launch_at_a_time() if parallel else nullcontext():
-            squares = kernel(labels, rows, *computed, ints, _scratch.floats, rows_are_features, moves_centers,
-                             step_size, count_weight, grad_scale, LAYOUTS.index(layout),
-                             _MOST_THREADS if parallel else 1)
+        with _one_launch_at_a_time() if parallel else _NO_LOCK:
+            squares = kernel(labels, rows, centers, written, grad, ints, _scratch.floats, rows_are_features,
+                             moves_centers, step_size, count_weight, grad_scale, layout_code, threads)
         if ints[step.BAD_POSITION] >= 0:
             position = int(ints[step.BAD_POSITION])
             raise label_out_of_range(position, int(labels[position]), centers.shape[0])
         if ints[step.LAYOUT_RUN]:
             _scratch.last_layout = LAYOUTS[ints[step.LAYOUT_RUN]]
-            break
+            return squares
         # the float scratch was too small, and nothing was written: grow it and run again
         _scratch.floats = np.empty(int(ints[step.FLOATS_NEEDED]) * 5 // 4, np.float64)
+
+
+def _run_on_copies(labels, rows, centers, written, grad, *settings):
+    """``_run`` where an array is not as the entry points take it (compiled for C-contiguous,
+    aligned arrays only, one signature per dtype): such an input is read from a C-contiguous
+    copy, such a target (a Fortran-ordered ``out``, a strided ``grad_out``) computed in one and
+    copied back once the call has succeeded. A rare case, which costs its copies, not a compile."""
+    targets = (centers, written, grad)
+    computed = [_readable(target) for target in targets]
+    if written is centers:
+        computed[1] = computed[0]
+    squares = _run(_readable(labels), _readable(rows), *computed, *settings)
     for target, result in zip(targets, computed):
         if result is not target:
             np.copyto(target, result)

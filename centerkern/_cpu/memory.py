@@ -18,8 +18,7 @@ def _gather(centers, labels, out):
 
 def _fill_zeros(flat):
     for item in prange((flat.size + ZEROS_PER_ITEM - 1) // ZEROS_PER_ITEM):
-        for i in range(item * ZEROS_PER_ITEM, min((item + 1) * ZEROS_PER_ITEM, flat.size)):
-            flat[i] = 0
+        flat[item * ZEROS_PER_ITEM:(item + 1) * ZEROS_PER_ITEM] = 0
 
 
 def _gather_signature(dtype):
