@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import statistics
-import subprocess
 import sys
-import tarfile
 import tempfile
 import time
-from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +33,8 @@ ZEROS_IN_PARALLEL_BYTES = 1 << 22  # as HostArrays.zeros: from 4 MB on, zeroed b
 
 def import_revision(revision: str, directory: Path):
     """The ``kernels_numba`` module of ``revision``, imported as ``centerkern_<revision>``."""
-    archive = subprocess.run(["git", "archive", "--format=tar", revision, "centerkern"], check=True,
-                             capture_output=True, cwd=Path(__file__).resolve().parent.parent).stdout
     name = "centerkern_" + "".join(ch for ch in revision if ch.isalnum())
-    with tarfile.open(fileobj=BytesIO(archive)) as tar:
-        tar.extractall(directory, filter="data")
-    (directory / "centerkern").rename(directory / name)
-    sys.path.insert(0, str(directory))
+    sys.path.insert(0, str(_bench.export_revision(revision, directory, name)))
     return importlib.import_module(f"{name}.kernels_numba")
 
 

@@ -19,6 +19,7 @@ import importlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -178,6 +179,22 @@ def provenance() -> dict:
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "platform": platform.platform(), "cpus": os.cpu_count(), "versions": _versions()}
+
+
+def export_revision(revision: str, directory: Path, name: str = "centerkern") -> Path:
+    """The ``centerkern`` package of git ``revision`` of this checkout, written into ``directory``
+    as package ``name``: an earlier version to measure beside this one. Returns its parent."""
+    import io
+    import tarfile
+
+    root = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(["git", "archive", "--format=tar", revision, "centerkern"], check=True,
+                             capture_output=True, cwd=root).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(directory, filter="data")
+    if name != "centerkern":
+        (directory / "centerkern").rename(directory / name)
+    return directory
 
 
 def write_report(report: dict, output: Path) -> None:

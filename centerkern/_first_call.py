@@ -1,9 +1,11 @@
 """What a first call costs: each case in a fresh process with an empty kernel cache.
 
 ``python -m centerkern bench --first-call`` (or ``benchmarks/first_call.py``) runs every case
-``--repeats`` times, each in a new interpreter whose ``CENTERKERN_CACHE_DIR`` is a new, empty
-directory, and writes the medians with the goals they are held to into
-``benchmarks/results/first-call-<date>.json``.
+``--repeats`` times, each in a new interpreter whose kernel cache is a new, empty directory, and
+writes the medians with the goals they are held to into ``benchmarks/results/first-call-<date>.json``.
+``--against REVISION`` runs an earlier version of the package (a git revision of this checkout)
+by turns with this one, case by case, so that both are measured on the same machine at the same
+time.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ elif case == "new layouts":
     result["read-only features"] = timed(lambda: centerkern.center_loss(read_only, y, c, 0.5, out=c))
     result["Fortran-ordered out"] = timed(lambda: centerkern.center_loss(x, y, fortran_out, 0.5, out=fortran_out))
     result["seconds"] = max(value for key, value in result.items() if key != "import")
+result["version"] = centerkern.__version__ + " " + centerkern.__file__
 print(json.dumps(result))
 """
 
@@ -90,39 +93,60 @@ CASES = (
 )
 
 
-def _run_child(case: str, cache: str) -> dict:
-    environment = {**os.environ, "CENTERKERN_CACHE_DIR": cache}
-    environment.pop("NUMBA_CACHE_DIR", None)  # it would be chosen first by Numba's own locator
+def _run_child(case: str, cache: str, package: str | None = None) -> dict:
+    """One case in a fresh interpreter whose kernel cache is ``cache``; ``package``: the
+    directory holding another version's ``centerkern`` to run instead of this one."""
+    # NUMBA_CACHE_DIR too: an earlier version caches where Numba does
+    environment = {**os.environ, "CENTERKERN_CACHE_DIR": cache, "NUMBA_CACHE_DIR": cache}
+    if package:
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, (package, os.environ.get("PYTHONPATH"))))
+    # run from the cache directory: from a checkout's root, its own package would come first
     completed = subprocess.run([sys.executable, "-c", _CHILD, "serial" if case == "import" else case],
-                               env=environment, capture_output=True, text=True, check=True)
+                               env=environment, capture_output=True, text=True, check=True, cwd=cache)
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def measure(repeats: int, progress=None) -> dict:
-    runs: dict[str, list[float]] = {case: [] for case, _, _ in CASES}
-    details: dict[str, list[dict]] = {case: [] for case, _, _ in CASES}
-    for _ in range(repeats):
+def _measure_case(case: str, package: str | None, runs: dict, details: dict) -> None:
+    with tempfile.TemporaryDirectory() as cache:
+        child = _run_child(case, cache, package)
+        runs[case].append(child["seconds"])
+        details[case].append(child)
+        if case == "serial":  # the import, and the warm case in the cache this run filled
+            runs["import"].append(child["import"])
+            warm = _run_child("warm", cache, package)
+            runs["warm"].append(warm["seconds"])
+            details["warm"].append(warm)
+
+
+def measure(repeats: int, progress=None, against: str | None = None) -> dict:
+    """Every case ``repeats`` times; with ``against`` (a directory holding another version's
+    ``centerkern``), that version too, run by turns with this one so that both see the same
+    machine."""
+    versions = {"this": None} if against is None else {"this": None, "other": against}
+    runs = {version: {case: [] for case, _, _ in CASES} for version in versions}
+    details = {version: {case: [] for case, _, _ in CASES} for version in versions}
+    for repeat in range(repeats):
         for case, _, _ in CASES:
             if case in ("import", "warm"):
-                continue  # measured inside the serial case's runs below
-            with tempfile.TemporaryDirectory() as cache:
-                child = _run_child(case, cache)
-                runs[case].append(child["seconds"])
-                details[case].append(child)
-                if case == "serial":
-                    runs["import"].append(child["import"])
-                    warm = _run_child("warm", cache)
-                    runs["warm"].append(warm["seconds"])
-                    details["warm"].append(warm)
+                continue  # measured inside the serial case's runs
+            order = list(versions.items())
+            for version, package in order if repeat % 2 == 0 else order[::-1]:
+                _measure_case(case, package, runs[version], details[version])
             if progress:
                 progress(case)
     report = {"repeats": repeats, "cases": {}, "goals": {}}
     for case, described, target in CASES:
-        median = statistics.median(runs[case])
-        report["cases"][case] = {"what": described, "median_seconds": median, "runs_seconds": runs[case]}
+        median = statistics.median(runs["this"][case])
+        measured = report["cases"][case] = {"what": described, "median_seconds": median,
+                                            "runs_seconds": runs["this"][case]}
         if case == "new layouts":
-            report["cases"][case]["each"] = {key: statistics.median(run[key] for run in details[case])
-                                             for key in details[case][0] if key not in ("import", "seconds")}
+            measured["each"] = {key: statistics.median(run[key] for run in details["this"][case])
+                                for key in details["this"][case][0] if key not in ("import", "seconds", "version")}
+        measured["version"] = details["this"][case][0]["version"] if details["this"][case] else None
+        if against is not None:
+            measured["other_median_seconds"] = statistics.median(runs["other"][case])
+            measured["other_runs_seconds"] = runs["other"][case]
+            measured["other_version"] = details["other"][case][0]["version"] if details["other"][case] else None
         if target is not None:
             report["goals"][described] = {"value": median, "target": target, "met": median <= target}
     return report
@@ -132,17 +156,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m centerkern bench --first-call", description=__doc__)
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per case (default 3)")
     parser.add_argument("--output", help="JSON path (default benchmarks/results/first-call-<date>.json)")
+    parser.add_argument("--against", metavar="REVISION",
+                        help="also run a git revision of this checkout (an earlier version), by turns with this one")
     args = parser.parse_args(argv)
-    from ._bench import provenance, write_report
+    from ._bench import export_revision, provenance, write_report
 
-    report = {**provenance(), **measure(args.repeats, progress=lambda case: print(f"  {case} done", file=sys.stderr))}
+    def progress(case):
+        print(f"  {case} done", file=sys.stderr)
+
+    with tempfile.TemporaryDirectory() as other:
+        package = str(export_revision(args.against, Path(other))) if args.against else None
+        report = {**provenance(), "against": args.against, **measure(args.repeats, progress, package)}
     output = Path(args.output or Path("benchmarks") / "results" / f"first-call-{report['date'][:10]}.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    print(f"first calls, each in a fresh process with an empty kernel cache (median of {args.repeats})")
+    print(f"first calls, each in a fresh process with an empty kernel cache (median of {args.repeats})"
+          + (f"; {args.against} beside it" if args.against else ""))
     for case, measured in report["cases"].items():
-        print(f"  {measured['median_seconds']:7.2f} s  {measured['what']}")
+        other_seconds = f"{measured['other_median_seconds']:7.2f} s  " if args.against else ""
+        print(f"  {other_seconds}{measured['median_seconds']:7.3f} s  {measured['what']}")
         for name, seconds in measured.get("each", {}).items():
-            print(f"  {seconds:7.3f} s      {name}")
+            print(f"  {' ' * len(other_seconds)}{seconds:7.3f} s      {name}")
     print("goals")
     for described, goal in report["goals"].items():
         print(f"  {goal['value']:6.2f} s <= {goal['target']} s  {'met' if goal['met'] else 'MISSED'}  {described}")
