@@ -112,7 +112,7 @@ def _double(values, out):
 
 
 def _fresh_entry():
-    return jit.Entry(_double, lambda dtype: types.void(types.Array(types.float64, 1, "C", readonly=True),
+    return jit.Entry("double", _double, lambda dtype: types.void(types.Array(types.float64, 1, "C", readonly=True),
                                                        types.Array(types.float64, 1, "C")))
 
 

@@ -171,8 +171,8 @@ class Entry:
 
     ``compiled(dtype)`` returns the Numba dispatcher, ready for arrays of that dtype."""
 
-    def __init__(self, function, signature: Callable[[np.dtype], object], **options):
-        self.name = function.__name__
+    def __init__(self, name: str, function, signature: Callable[[np.dtype], object], **options):
+        self.name = name
         self.dispatcher = numba.njit(function, **options)
         self._signature = signature
         self._ready: set[np.dtype] = set()

@@ -27,5 +27,9 @@ def _gather_signature(dtype):
                       types.Array(data, 2, "C"))
 
 
-gather_rows = Entry(_gather, _gather_signature, parallel=True)
-fill_zeros = Entry(_fill_zeros, lambda dtype: types.void(types.Array(numba.from_dtype(dtype), 1, "C")), parallel=True)
+def _zeros_signature(dtype):
+    return types.void(types.Array(numba.from_dtype(dtype), 1, "C"))
+
+
+gather_rows = Entry("gather_rows", _gather, _gather_signature, parallel=True)
+fill_zeros = Entry("fill_zeros", _fill_zeros, _zeros_signature, parallel=True)

@@ -206,5 +206,5 @@ def _signature(dtype):
     )
 
 
-step_serial = Entry(_in_serial, _signature)
-step_parallel = Entry(_in_parallel, _signature, parallel=True)
+step_serial = Entry("step_serial", _in_serial, _signature)
+step_parallel = Entry("step_parallel", _in_parallel, _signature, parallel=True)
