@@ -113,6 +113,7 @@ def _measure_case(case: str, package: str | None, runs: dict, details: dict) -> 
         details[case].append(child)
         if case == "serial":  # the import, and the warm case in the cache this run filled
             runs["import"].append(child["import"])
+            details["import"].append(child)
             warm = _run_child("warm", cache, package)
             runs["warm"].append(warm["seconds"])
             details["warm"].append(warm)

@@ -176,3 +176,38 @@ def test_a_cached_kernel_is_valid_for_the_sources_of_the_whole_package(tmp_path)
     (tmp_path / "passes.py").write_text("# passes.py, changed\n")
     assert jit.sources_stamp.__wrapped__(tmp_path) != before
     assert jit._InTreeLocator.get_source_stamp(None) == jit.sources_stamp()
+
+
+def test_the_first_call_bench_measures_each_case_in_a_fresh_process(monkeypatch):
+    """``bench --first-call`` at its cheapest: the serial case (with the import and the warm case
+    it carries) and the new layouts, one run each; the report holds every figure and goal."""
+    from centerkern import _first_call
+
+    kept = ("import", "serial", "new layouts", "warm")
+    monkeypatch.setattr(_first_call, "CASES", tuple(case for case in _first_call.CASES if case[0] in kept))
+    report = _first_call.measure(repeats=1)
+    assert set(report["cases"]) == set(kept)
+    for case in kept:
+        measured = report["cases"][case]
+        assert len(measured["runs_seconds"]) == 1 and measured["median_seconds"] > 0
+        assert measured["version"].endswith(os.path.join("centerkern", "__init__.py"))
+    assert set(report["cases"]["new layouts"]["each"]) == {"Fortran-ordered features", "int32 labels",
+                                                           "read-only features", "Fortran-ordered out"}
+    assert len(report["goals"]) == len(kept)
+    assert all(set(goal) == {"value", "target", "met"} for goal in report["goals"].values())
+
+
+def test_an_earlier_revision_is_exported_beside_this_one(tmp_path):
+    """What ``--against`` and benchmarks/compare_revisions.py run: the package of a git revision,
+    importable under another name next to this one."""
+    from centerkern import _bench
+
+    revision = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=os.path.dirname(os.path.dirname(__file__))).stdout.strip()
+    parent = _bench.export_revision(revision, tmp_path, "centerkern_exported")
+    program = ("import sys; sys.path.insert(0, sys.argv[1]); import centerkern_exported.kernels_numba as k; "
+               "print(k.__file__)")
+    exported = subprocess.run([sys.executable, "-c", program, str(parent)], capture_output=True, text=True,
+                              timeout=TIMEOUT_SECONDS, cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    assert exported.stdout.strip().startswith(str(tmp_path / "centerkern_exported"))
