@@ -116,7 +116,7 @@ def _run_on_copies(labels, rows, centers, written, grad, *settings):
     copy, such a target (a Fortran-ordered ``out``, a strided ``grad_out``) computed in one and
     copied back once the call has succeeded. A rare case, which costs its copies, not a compile."""
     targets = (centers, written, grad)
-    computed = [_readable(target) for target in targets]
+    computed = [target if target.flags.carray else np.array(target, order="C") for target in targets]
     if written is centers:
         computed[1] = computed[0]
     squares = _run(_readable(labels), _readable(rows), *computed, *settings)
