@@ -29,7 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-from centerkern._bench import provenance, write_report  # noqa: E402
+from centerkern._reports import provenance, write_report  # noqa: E402
 from centerkern._peers import interleaved_medians  # noqa: E402
 
 ALPHA = 0.5

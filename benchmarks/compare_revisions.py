@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from centerkern import _bench
+from centerkern import _bench, _reports
 from centerkern import kernels_numba as this_revision
 from centerkern._rules import rule_coefficients
 
@@ -34,7 +34,7 @@ ZEROS_IN_PARALLEL_BYTES = 1 << 22  # as HostArrays.zeros: from 4 MB on, zeroed b
 def import_revision(revision: str, directory: Path):
     """The ``kernels_numba`` module of ``revision``, imported as ``centerkern_<revision>``."""
     name = "centerkern_" + "".join(ch for ch in revision if ch.isalnum())
-    sys.path.insert(0, str(_bench.export_revision(revision, directory, name)))
+    sys.path.insert(0, str(_reports.export_revision(revision, directory, name)))
     return importlib.import_module(f"{name}.kernels_numba")
 
 
@@ -95,14 +95,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as directory:
         other = import_revision(args.revision, Path(directory))
-        report = {**_bench.provenance(), "other revision": args.revision, "repeats": args.repeats,
+        report = {**_reports.provenance(), "other revision": args.revision, "repeats": args.repeats,
                   "sizes": compare(other, [_bench.SIZES[name] for name in args.sizes], args.repeats)}
     ratios = [entry["this / other"] for size in report["sizes"].values() for entry in size.values()]
     report["worst this / other"] = max(ratios)
     report["median this / other"] = statistics.median(ratios)
     print(f"this / other: median {report['median this / other']:.2f}, worst {report['worst this / other']:.2f}")
     output = Path(args.output or Path("benchmarks") / "results" / f"revisions-{report['date'][:10]}.json")
-    _bench.write_report(report, output)
+    _reports.write_report(report, output)
     return 0
 
 

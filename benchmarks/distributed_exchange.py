@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from centerkern._bench import provenance, write_report
+from centerkern._reports import provenance, write_report
 
 
 def _rank_main(rank, world_size, store, args, results):

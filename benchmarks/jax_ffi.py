@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import centerkern
 import centerkern.jax as center_jax
 from centerkern import _xla_ffi
-from centerkern._bench import provenance, write_report
+from centerkern._reports import provenance, write_report
 from centerkern._peers import interleaved_medians
 
 ALPHA = 0.5

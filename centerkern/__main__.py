@@ -62,10 +62,9 @@ def _cuda_launch_path() -> str:
 
 def _kernel_cache() -> tuple[str, str]:
     """Where the numba kernels are cached, and which dtypes the cache holds them for."""
-    from ._cpu.jit import cache_location
-    from .kernels_numba import ENTRIES
+    from .kernels_numba import ENTRIES, kernel_cache
 
-    where, how = cache_location(ENTRIES[0].dispatcher.py_func)
+    where, how = kernel_cache()
     if where is None:
         return how, "none"
     held = [dtype for dtype in ("float32", "float64") if all(entry.is_cached(dtype) for entry in ENTRIES)]

@@ -15,21 +15,17 @@ Results (machine, versions, thread counts, date, every median) go to a JSON file
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
+
 import numba
 import numpy as np
 
-from . import __version__
 from ._peers import ALPHA, FLOOR, TORCH, WITH_GRAD_OUT, Absent, implementations, interleaved_medians
+from ._reports import provenance, write_report
 from ._rules import RULES
 
 
@@ -155,52 +151,6 @@ def compile_cost() -> dict:
     with tempfile.TemporaryDirectory() as cache:
         cold, warm = _run_child("serial", cache), _run_child("warm", cache)
     return {"cold cache seconds": cold["seconds"], "warm cache seconds": warm["seconds"]}
-
-
-def _versions() -> dict:
-    versions = {"python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__,
-                "centerkern": __version__}
-    distributions = {"torch": ["torch"], "jax": ["jax"], "tensorflow": ["tensorflow", "tensorflow-cpu"],
-                     "numpy_groupies": ["numpy-groupies"]}
-    for name, candidates in distributions.items():
-        versions[name] = None
-        for distribution in candidates:
-            try:
-                versions[name] = importlib.metadata.version(distribution)
-                break
-            except importlib.metadata.PackageNotFoundError:
-                continue
-    return versions
-
-
-def provenance() -> dict:
-    """Where, when and with what a result was measured: every report of the benchmarks starts
-    with it, so that numbers from different machines or versions are not compared unknowingly."""
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "platform": platform.platform(), "cpus": os.cpu_count(), "versions": _versions()}
-
-
-def export_revision(revision: str, directory: Path, name: str = "centerkern") -> Path:
-    """The ``centerkern`` package of git ``revision`` of this checkout, written into ``directory``
-    as package ``name``: an earlier version to measure beside this one. Returns its parent."""
-    import io
-    import tarfile
-
-    root = Path(__file__).resolve().parent.parent
-    archive = subprocess.run(["git", "archive", "--format=tar", revision, "centerkern"], check=True,
-                             capture_output=True, cwd=root).stdout
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(directory, filter="data")
-    if name != "centerkern":
-        (directory / "centerkern").rename(directory / name)
-    return directory
-
-
-def write_report(report: dict, output: Path) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2))
-    print(f"results: {output}")
 
 
 def _threads() -> dict:

@@ -80,12 +80,11 @@ class _Progress:
 
 
 def compile_kernels(dtypes: tuple[str, ...], backends: tuple[str, ...], jobs: int) -> int:
-    from ._cpu.jit import cache_location
-    from .kernels_numba import ENTRIES
+    from .kernels_numba import ENTRIES, kernel_cache
 
     start = time.perf_counter()
     if "numba" in backends:
-        where, how = cache_location(ENTRIES[0].dispatcher.py_func)
+        where, how = kernel_cache()
         print(f"numba kernels for {', '.join(dtypes)} -> {where or 'no cache'} ({how})")
         names = [entry.name for entry in ENTRIES]
         progress = _Progress(len(names))

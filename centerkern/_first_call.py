@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ._reports import export_revision, provenance, write_report
+
 # Each case is run by this child program; it prints one JSON object of seconds.
 _CHILD = r"""
 import json, sys, time
@@ -106,17 +108,19 @@ def _run_child(case: str, cache: str, package: str | None = None) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def _measure_case(case: str, package: str | None, runs: dict, details: dict) -> None:
+def _measure_case(case: str, package: str | None, runs: dict) -> None:
+    """One run of ``case`` (the serial case carries the import and the warm case) into ``runs``:
+    each child's report, by case."""
     with tempfile.TemporaryDirectory() as cache:
         child = _run_child(case, cache, package)
-        runs[case].append(child["seconds"])
-        details[case].append(child)
+        runs[case].append(child)
         if case == "serial":  # the import, and the warm case in the cache this run filled
-            runs["import"].append(child["import"])
-            details["import"].append(child)
-            warm = _run_child("warm", cache, package)
-            runs["warm"].append(warm["seconds"])
-            details["warm"].append(warm)
+            runs["import"].append(child)
+            runs["warm"].append(_run_child("warm", cache, package))
+
+
+def _seconds(case: str, runs: list[dict]) -> list[float]:
+    return [run["import" if case == "import" else "seconds"] for run in runs]
 
 
 def measure(repeats: int, progress=None, against: str | None = None) -> dict:
@@ -125,29 +129,28 @@ def measure(repeats: int, progress=None, against: str | None = None) -> dict:
     machine."""
     versions = {"this": None} if against is None else {"this": None, "other": against}
     runs = {version: {case: [] for case, _, _ in CASES} for version in versions}
-    details = {version: {case: [] for case, _, _ in CASES} for version in versions}
     for repeat in range(repeats):
         for case, _, _ in CASES:
             if case in ("import", "warm"):
                 continue  # measured inside the serial case's runs
             order = list(versions.items())
             for version, package in order if repeat % 2 == 0 else order[::-1]:
-                _measure_case(case, package, runs[version], details[version])
+                _measure_case(case, package, runs[version])
             if progress:
                 progress(case)
     report = {"repeats": repeats, "cases": {}, "goals": {}}
     for case, described, target in CASES:
-        median = statistics.median(runs["this"][case])
-        measured = report["cases"][case] = {"what": described, "median_seconds": median,
-                                            "runs_seconds": runs["this"][case]}
+        seconds = _seconds(case, runs["this"][case])
+        median = statistics.median(seconds)
+        measured = report["cases"][case] = {"what": described, "median_seconds": median, "runs_seconds": seconds,
+                                            "version": runs["this"][case][0]["version"]}
         if case == "new layouts":
-            measured["each"] = {key: statistics.median(run[key] for run in details["this"][case])
-                                for key in details["this"][case][0] if key not in ("import", "seconds", "version")}
-        measured["version"] = details["this"][case][0]["version"] if details["this"][case] else None
+            measured["each"] = {key: statistics.median(run[key] for run in runs["this"][case])
+                                for key in runs["this"][case][0] if key not in ("import", "seconds", "version")}
         if against is not None:
-            measured["other_median_seconds"] = statistics.median(runs["other"][case])
-            measured["other_runs_seconds"] = runs["other"][case]
-            measured["other_version"] = details["other"][case][0]["version"] if details["other"][case] else None
+            other = _seconds(case, runs["other"][case])
+            measured.update(other_median_seconds=statistics.median(other), other_runs_seconds=other,
+                            other_version=runs["other"][case][0]["version"])
         if target is not None:
             report["goals"][described] = {"value": median, "target": target, "met": median <= target}
     return report
@@ -160,7 +163,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--against", metavar="REVISION",
                         help="also run a git revision of this checkout (an earlier version), by turns with this one")
     args = parser.parse_args(argv)
-    from ._bench import export_revision, provenance, write_report
 
     def progress(case):
         print(f"  {case} done", file=sys.stderr)

@@ -21,12 +21,18 @@ import numba
 import numpy as np
 
 from ._cpu import memory, step
+from ._cpu.jit import cache_location
 from ._cpu.step import LAYOUTS, PARALLEL_ELEMENTS
 from ._errors import label_out_of_range
 from ._rules import RuleCoefficients
 
 # Every entry point a call can reach: what ``python -m centerkern compile`` compiles.
 ENTRIES = (step.step_serial, step.step_parallel, memory.gather_rows, memory.fill_zeros)
+
+
+def kernel_cache() -> tuple[str | None, str]:
+    """(directory, how it was chosen) of this backend's kernel cache, or (None, why there is none)."""
+    return cache_location(ENTRIES[0].dispatcher.py_func)
 
 _workqueue_lock = threading.Lock()
 _NO_LOCK = nullcontext()

@@ -200,11 +200,11 @@ def test_the_first_call_bench_measures_each_case_in_a_fresh_process(monkeypatch)
 def test_an_earlier_revision_is_exported_beside_this_one(tmp_path):
     """What ``--against`` and benchmarks/compare_revisions.py run: the package of a git revision,
     importable under another name next to this one."""
-    from centerkern import _bench
+    from centerkern import _reports
 
     revision = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=os.path.dirname(os.path.dirname(__file__))).stdout.strip()
-    parent = _bench.export_revision(revision, tmp_path, "centerkern_exported")
+    parent = _reports.export_revision(revision, tmp_path, "centerkern_exported")
     program = ("import sys; sys.path.insert(0, sys.argv[1]); import centerkern_exported.kernels_numba as k; "
                "print(k.__file__)")
     exported = subprocess.run([sys.executable, "-c", program, str(parent)], capture_output=True, text=True,

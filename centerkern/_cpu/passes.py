@@ -143,8 +143,10 @@ def finish_straddling_classes(item_labels, sorted_labels, partial_sums, written,
     for boundary_chunk in range(1, partial_sums.shape[0]):
         boundary = boundary_chunk * ITEMS_PER_CHUNK
         label = item_labels[boundary]
+        if item_labels[boundary - 1] != label:
+            continue  # no class crosses this boundary
         first, stop = class_range(item_labels, label)
-        if item_labels[boundary - 1] == label and first // ITEMS_PER_CHUNK == boundary_chunk - 1:
+        if first // ITEMS_PER_CHUNK == boundary_chunk - 1:
             row_sum = partial_sums[boundary_chunk - 1, 1]  # added to in place: read by nothing else
             for chunk in range(boundary_chunk, (stop - 1) // ITEMS_PER_CHUNK + 1):
                 add_sums(row_sum, False, partial_sums[chunk, 0])

@@ -111,7 +111,7 @@ def _step(batch, update, ints, floats, layout, threads):
     if bad >= 0:
         ints[BAD_POSITION] = bad
         return 0.0
-    blocks = (batch_size + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
+    blocks = (batch_size + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK  # as blocks_of, which Python calls
     row_action, class_size = _int_vector(ints, 4, batch_size), _int_vector(ints, 5, batch_size)
     item_codes, item_labels = _int_vector(ints, 6, batch_size), _int_vector(ints, 7, batch_size)
     local_slots_in_block = _int_vector(ints, INT_VECTORS, batch_size)[:blocks]
@@ -126,11 +126,11 @@ def _step(batch, update, ints, floats, layout, threads):
         layout = LABEL_ORDER if 2 * (rows_read_again + slot_cost) > batch_size else BATCH_ORDER
     label_order = layout == LABEL_ORDER
     if label_order:
-        items = batch_size
-        chunks = (items + ITEMS_PER_CHUNK - 1) // ITEMS_PER_CHUNK
+        items = batch_size  # every row is an item of the one pass
+    chunks = (items + ITEMS_PER_CHUNK - 1) // ITEMS_PER_CHUNK
+    if label_order:
         needed = chunks * (2 * width + 1)
     else:
-        chunks = (items + ITEMS_PER_CHUNK - 1) // ITEMS_PER_CHUNK
         needed = (threads * most_local + spread_slots + 2 * chunks) * width + chunks + blocks
     if needed > floats.size:
         ints[FLOATS_NEEDED] = needed

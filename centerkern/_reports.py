@@ -1,0 +1,66 @@
+"""What every benchmark report starts with and how it is written: where, when and with what it
+was measured, and an earlier version of the package to measure beside this one.
+
+Below the benchmarks (``_bench``, ``_first_call`` and the scripts under ``benchmarks/``), which
+all import it; it imports none of them.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import io
+import json
+import os
+import platform
+import subprocess
+import tarfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numba
+import numpy as np
+
+from . import __version__
+
+
+def _versions() -> dict:
+    versions = {"python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__,
+                "centerkern": __version__}
+    distributions = {"torch": ["torch"], "jax": ["jax"], "tensorflow": ["tensorflow", "tensorflow-cpu"],
+                     "numpy_groupies": ["numpy-groupies"]}
+    for name, candidates in distributions.items():
+        versions[name] = None
+        for distribution in candidates:
+            try:
+                versions[name] = importlib.metadata.version(distribution)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+    return versions
+
+
+def provenance() -> dict:
+    """Where, when and with what a result was measured: every report of the benchmarks starts
+    with it, so that numbers from different machines or versions are not compared unknowingly."""
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "platform": platform.platform(), "cpus": os.cpu_count(), "versions": _versions()}
+
+
+def export_revision(revision: str, directory: Path, name: str = "centerkern") -> Path:
+    """The ``centerkern`` package of git ``revision`` of this checkout, written into ``directory``
+    as package ``name``: an earlier version to measure beside this one. Returns its parent."""
+    root = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(["git", "archive", "--format=tar", revision, "centerkern"], check=True,
+                             capture_output=True, cwd=root).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(directory, filter="data")
+    if name != "centerkern":
+        (directory / "centerkern").rename(directory / name)
+    return directory
+
+
+def write_report(report: dict, output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2))
+    print(f"results: {output}")
