@@ -35,7 +35,10 @@ the batch in 3 classes), on torch CUDA tensors, rule facenet, alpha 0.95:
   (``torch.cuda.graph``) and replayed 100 times. Each loop is measured ``--repeats`` times,
   the contenders interleaved; the JSON keeps every run and their median;
 * host overhead per call: the wall time (``time.perf_counter``) of those 100 calls' launches,
-  before the final synchronise, over 100.
+  before the final synchronise, over 100;
+* memory: in a fresh process, the device memory in use outside torch's allocator
+  (``cuMemGetInfo`` against ``torch.cuda.memory_reserved``) before and after 100 steps at
+  B=65536, D=2048, K=1e5: its growth is what centerkern keeps outside the caller's allocator.
 
 The JSON ends with ``goals``: for each performance goal (``GOALS``), its value, its target and
 whether it is met. The JSON is written after every stage, so that a run cut short keeps what it
@@ -55,6 +58,7 @@ import itertools
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -365,6 +369,47 @@ def measure_bandwidth():
                       "a copy moves twice its size (read and written)"}
 
 
+def memory_outside_torch(batch, width, classes, steps):
+    """Device memory in use beyond torch's own accounting (``cuMemGetInfo``'s used bytes less
+    ``torch.cuda.memory_reserved``), in a fresh process: once torch holds the inputs, and again
+    after ``steps`` centerkern steps. The growth is what centerkern keeps outside the caller's
+    allocator: its compiled modules and the error record (SPEC: Memory)."""
+    code = f"""
+import json, sys
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+import gpu_check
+print("MEMORY", json.dumps(gpu_check._memory_in_this_process({batch}, {width}, {classes}, {steps})))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("MEMORY ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"the memory child failed ({done.returncode}): {done.stderr[-2000:]}")
+    return json.loads(lines[-1][len("MEMORY "):])
+
+
+def _memory_in_this_process(batch, width, classes, steps):
+    from cuda.bindings import driver as cuda_driver
+
+    def outside_torch():
+        torch.cuda.synchronize()
+        error, free, total = cuda_driver.cuMemGetInfo()
+        return (total - free) - torch.cuda.memory_reserved()
+
+    rng = np.random.default_rng(11)
+    features = torch.as_tensor(rng.standard_normal((batch, width), dtype=np.float32), device="cuda")
+    labels = torch.as_tensor(rng.integers(0, classes, batch), device="cuda")
+    centers = torch.zeros((classes, width), dtype=torch.float32, device="cuda")
+    before = outside_torch()
+    for _ in range(steps):
+        centerkern.center_loss(features, labels, centers, ALPHA, out=centers, sync=False)
+    after = outside_torch()
+    centerkern.cuda.check_errors()
+    mb = 2**20
+    return {"B": batch, "D": width, "K": classes, "steps": steps, "outside_torch_before_MB": before / mb,
+            "outside_torch_after_MB": after / mb, "outside_torch_growth_MB": (after - before) / mb,
+            "torch_reserved_MB": torch.cuda.memory_reserved() / mb}
+
+
 def time_loop(call, calls):
     """One loop of ``calls`` back-to-back calls: (device ms per call, host launch us per call)."""
     start, end = new_event(), new_event()
@@ -580,7 +625,11 @@ def _figures(timings, missing):
     return figure
 
 
-def goals(timings):
+MEMORY_GOAL = ("device memory outside the caller's allocator after 100 steps at B=65536, D=2048: <= 64 MB "
+               "(value: its growth over the steps, MB)", "<=", 64.0)
+
+
+def goals(timings, memory=None):
     """Each goal: {"goal", "value", "target", "met"}, with "at" where the value is the worst of
     several figures, and "why" where there is no value."""
     result = {}
@@ -593,6 +642,12 @@ def goals(timings):
             result[key]["at"] = where
         if value is None:
             result[key]["why"] = "; ".join(dict.fromkeys(missing))  # each reason once, in order
+    goal, comparison, target = MEMORY_GOAL
+    value = (memory or {}).get("outside_torch_growth_MB")
+    result["memory_outside_allocator_MB"] = {"goal": goal, "value": value, "target": target,
+                                             "met": value is not None and value <= target}
+    if value is None:
+        result["memory_outside_allocator_MB"]["why"] = (memory or {}).get("why", "not measured")
     return result
 
 
@@ -650,9 +705,9 @@ def stage(report, path, name, work):
 def shrink_simulated_launches():
     """The simulator runs every GPU thread as a Python thread: few, small blocks (as in the test
     suite) keep --small quick, while batches still take the grid-stride loops."""
-    from centerkern.cuda import driver
+    from centerkern.cuda import arrays
 
-    driver.THREADS_1D, driver.GRID_STRIDE_BLOCKS, driver.ROW_BLOCKS = 8, 2, 3
+    arrays.THREADS_1D, arrays.GRID_STRIDE_BLOCKS, arrays.ROW_BLOCKS = 8, 2, 3
 
 
 def main(argv=None):
@@ -706,8 +761,15 @@ def main(argv=None):
         print_size(role, report["timings"][role])
         save(report, path)
 
+    def memory():
+        if not TORCH_CUDA:
+            return {"why": NO_TORCH_CUDA}
+        return memory_outside_torch(*((1024, 64, 1000, 10) if args.small else (65536, 2048, 100_000, 100)))
+    report["memory"] = stage(report, path, "memory", memory) or {"why": "failed (see errors)"}
+    print("memory outside torch's allocator:", report["memory"], flush=True)
+
     report["launch_path"] = centerkern.cuda.launch_path()
-    report["goals"] = goals(report["timings"])
+    report["goals"] = goals(report["timings"], report["memory"])
     save(report, path)
     print(f"\nwritten: {path}")
     print_goals(report["goals"])

@@ -22,14 +22,14 @@ FAST_BACKENDS = tuple(b for b in BACKENDS if b != "numpy")
 MAX_BATCH = 40 if SIMULATED else 500
 MAX_WIDTH = 9 if SIMULATED else 70
 
-collect_ignore = [] if "cuda" in BACKENDS else ["test_cuda.py"]
+collect_ignore = [] if "cuda" in BACKENDS else ["test_cuda.py", "test_cuda_calls.py"]
 
 if SIMULATED:
-    from centerkern.cuda import driver
+    from centerkern.cuda import arrays as cuda_arrays
 
-    driver.THREADS_1D = 8  # with 2 blocks at most, batches above 16 take the grid-stride loops
-    driver.GRID_STRIDE_BLOCKS = 2
-    driver.ROW_BLOCKS = 3
+    cuda_arrays.THREADS_1D = 8  # with 2 blocks at most, batches above 16 take the grid-stride loops
+    cuda_arrays.GRID_STRIDE_BLOCKS = 2
+    cuda_arrays.ROW_BLOCKS = 3
 
 
 # `make test` installs every framework the tests use, and sets this: there a framework that does

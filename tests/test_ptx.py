@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from numba import cuda, types  # noqa: E402
 
 from centerkern.cuda import kernels, launcher  # noqa: E402
-from centerkern.cuda.arrays import DeviceView  # noqa: E402
+from centerkern.cuda.views import DeviceView  # noqa: E402
 
 LABEL_DTYPES = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64]
 FLOAT_DTYPES = [np.float32, np.float64]
@@ -30,6 +30,7 @@ def _array(dtype, ndim):
 
 INT, FLOAT, BOOL = launcher._numba_type(1), launcher._numba_type(1.0), launcher._numba_type(True)
 VECTOR = _array(np.int64, 1)
+COUNTERS = _array(np.int32, 1)  # a call's status and per-class bookkeeping
 
 
 class _Hopper:
@@ -59,14 +60,13 @@ def test_launcher_types_match_numba_types():
 @pytest.mark.parametrize("label_dtype", LABEL_DTYPES, ids=lambda d: np.dtype(d).name)
 def test_ptx_kernels_reading_labels(label_dtype):
     labels = _array(label_dtype, 1)
-    _compile(kernels.classify, labels, INT, VECTOR, VECTOR, VECTOR, VECTOR)
-    _compile(kernels.check_labels, labels, INT, VECTOR)
-    _compile(kernels.settle, labels, INT, VECTOR, VECTOR, VECTOR, VECTOR, VECTOR, VECTOR)
-    _compile(kernels.settle_gather, labels, INT, VECTOR, VECTOR)
-    _compile(kernels.copy_vector, labels, labels, VECTOR)  # a copy of overlapping labels
+    _compile(kernels.classify, labels, INT, COUNTERS)
+    _compile(kernels.number_spanning, labels, INT, COUNTERS, VECTOR, VECTOR, BOOL)
+    _compile(kernels.check_labels, labels, INT, COUNTERS)
+    _compile(kernels.copy_vector, labels, labels)  # a copy of overlapping labels
     for float_dtype in FLOAT_DTYPES:
         matrix = _array(float_dtype, 2)
-        _compile(kernels.gather, matrix, labels, matrix, VECTOR)
+        _compile(kernels.gather, matrix, labels, matrix, COUNTERS, VECTOR, VECTOR, BOOL)
 
 
 @pytest.mark.parametrize("label_dtype", [np.int32, np.int64, np.uint8], ids=lambda d: np.dtype(d).name)
@@ -74,22 +74,33 @@ def test_ptx_kernels_reading_labels(label_dtype):
 def test_ptx_step_kernels(float_dtype, label_dtype):
     labels, matrix = _array(label_dtype, 1), _array(float_dtype, 2)
     sums, squares = _array(np.float64, 2), _array(np.float64, 1)
-    ptx = _compile(kernels.tile_step, matrix, labels, matrix, matrix, matrix, VECTOR, VECTOR, VECTOR, sums,
-                   VECTOR, VECTOR, VECTOR, VECTOR, squares, VECTOR, BOOL, BOOL, BOOL, FLOAT, FLOAT, FLOAT, BOOL, BOOL)
+    ptx = _compile(kernels.tile_step, matrix, labels, matrix, matrix, matrix, COUNTERS, sums, VECTOR, VECTOR,
+                   VECTOR, squares, BOOL, BOOL, BOOL, FLOAT, FLOAT, FLOAT, BOOL, BOOL)
     float_atomics = set(re.findall(r"\b(?:atom|red)(?:\.global)?\.add\.(f\d+)", ptx))
     assert float_atomics == {"f64"}  # the default mode's one atomic per (run, column), never rounded to float32
-    _compile(kernels.finish_spanning_classes, labels, matrix, matrix, VECTOR, VECTOR, sums, VECTOR, VECTOR,
-             VECTOR, VECTOR, squares, squares, VECTOR, BOOL, BOOL, BOOL, FLOAT, FLOAT, FLOAT)
+    _compile(kernels.finish_spanning_classes, labels, matrix, matrix, COUNTERS, sums, VECTOR, VECTOR, VECTOR,
+             VECTOR, squares, squares, VECTOR, VECTOR, BOOL, BOOL, BOOL, FLOAT, FLOAT, FLOAT, BOOL)
+    _compile(kernels.clear_spanning_sums, sums, COUNTERS)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64, np.int32], ids=lambda d: np.dtype(d).name)
 def test_ptx_copy_and_fill_kernels(dtype):
     matrix, vector = _array(dtype, 2), _array(dtype, 1)
-    _compile(kernels.copy_rows, matrix, matrix, VECTOR, BOOL)
-    _compile(kernels.copy_vector, vector, vector, VECTOR)
+    _compile(kernels.copy_rows, matrix, matrix, COUNTERS, BOOL)
+    _compile(kernels.copy_matrix, matrix, matrix)
+    _compile(kernels.copy_vector, vector, vector)
     for value in (INT, FLOAT):
         _compile(kernels.fill_rows, matrix, value)
         _compile(kernels.fill_vector, vector, value)
+
+
+def test_ptx_record_post_uses_a_64_bit_compare_and_swap():
+    """The error record's slots are claimed by a 64-bit atomic compare-and-swap and marked behind a
+    system-wide fence (see kernels._post): both must reach the machine code."""
+    ptx = _compile(kernels.gather, _array(np.float32, 2), _array(np.int64, 1), _array(np.float32, 2), COUNTERS,
+                   VECTOR, VECTOR, BOOL)
+    assert re.search(r"atom(\.global)?\.cas\.b64", ptx)
+    assert "membar.sys" in ptx or "fence.sc.sys" in ptx or "fence.acq_rel.sys" in ptx
 
 
 class _DeviceMemoryAt:

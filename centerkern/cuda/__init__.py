@@ -5,9 +5,13 @@ The same three functions as every backend (``gather_centers``, ``scatter_sub_upd
 a module of its own:
 
 * ``kernels``: the ``@cuda.jit`` kernels, and why they are laid out as they are;
-* ``arrays``: device arrays as the kernels see them, and each framework's stream and allocator;
+* ``views``: device arrays as the kernels see them;
 * ``launcher``: compiling a kernel once per signature and launching it with little host work;
-* ``driver``: what one call launches, in which order, on which scratch.
+* ``arrays``: each framework's stream and allocator, for one call's results and temporaries;
+* ``record``: the error record of each device, the one thing calls share;
+* ``driver``: what one call launches, in which order, on which temporaries.
+
+Each imports only those above it.
 """
 
 from __future__ import annotations

@@ -4,247 +4,74 @@ A call on device arrays is one more piece of work queued on the caller's GPU str
 from the caller's allocator, like any op of the caller's framework:
 
 ========== =========================================== ==========================================
-framework  stream                                      memory for results and temporaries
+framework  stream                                      results, and the call's temporaries
 ========== =========================================== ==========================================
 torch      ``torch.cuda.current_stream(device)``       torch's caching allocator (current stream)
-CuPy       ``cupy.cuda.get_current_stream()``          CuPy's memory pool
-other      ``stream=`` (a Numba stream or a            Numba (``cuda.device_array``)
-           ``CUstream`` handle); Numba's default
+CuPy       the current stream of the array's device    CuPy's memory pool (that stream)
+other      ``stream=`` (a Numba stream or a            results: Numba (``cuda.device_array``);
+           ``CUstream`` handle); Numba's default       temporaries: the device's stream-ordered
+                                                       pool (``cuMemAllocAsync``/``FreeAsync``)
 ========== =========================================== ==========================================
 
-The kernels see a ``DeviceView``: pointer, shape, strides and dtype read once from the CUDA Array
-Interface, and the object that owns the memory, which is what a result gives back to the caller.
+Temporaries are made per call and given back when the call has queued its kernels: torch's and
+CuPy's allocators hand a block given back on a stream only to later work on that same stream,
+and a stream-ordered free waits for the work queued before it. So calls share no memory, on one
+stream or several, from one host thread or several.
+
 ``DeviceArrays`` is the twin of ``_validation.HostArrays``: the same methods, for one call's
-device arrays.
+device arrays, plus the call's stream, device and ``sync`` choice.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 from numba import cuda
 
-from .._interop import Owned, framework_of
+from .._interop import framework_of
 from .._validation import HostArrays, is_device_array
+from . import kernels
+from .launcher import prepare
+from .views import DeviceView, numpy_dtypes_of_torch, simulated
+
+GRID_STRIDE_BLOCKS = 1024  # blocks for the 1-D grid-stride kernels
+THREADS_1D = 256
+ROW_BLOCKS = 8192  # most blocks along the rows (or tiles) of the 2-D grid-stride kernels
 
 
-def _interface(array: Any) -> dict:
-    """The array's CUDA Array Interface. The simulator's device arrays are NumPy arrays in
-    disguise and offer NumPy's array interface instead, which has the same keys."""
-    if hasattr(array, "__cuda_array_interface__"):
-        return array.__cuda_array_interface__
-    return array.__array_interface__
+def grid_1d(size: int) -> int:
+    return max(1, min(GRID_STRIDE_BLOCKS, math.ceil(size / THREADS_1D)))
 
 
-def contiguous_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
-    strides, step = [], itemsize
-    for n in reversed(shape):
-        strides.append(step)
-        step *= n
-    return tuple(reversed(strides))
+def launch_1d(size: int) -> tuple[int, int]:
+    """(grid, block) of a 1-D grid-stride kernel over ``size`` items."""
+    return grid_1d(size), THREADS_1D
 
 
-class DeviceView(Owned):
-    """A device array as the kernels see it. ``owner`` is the framework's array holding the
-    memory (kept alive by the view); ``numba()`` is the same memory as a Numba device array, for
-    launches through Numba's own launch path (the simulator's)."""
-
-    __slots__ = ("pointer", "shape", "strides", "dtype", "readonly", "arrays", "fresh", "parameters", "_numba",
-                 "_derive")
-
-    def __init__(self, owner, pointer, shape, strides, dtype, readonly, arrays, numba_array=None, derive=None):
-        self.owner = owner
-        self.pointer, self.shape, self.strides = pointer, tuple(shape), tuple(strides)
-        self.dtype, self.readonly, self.arrays = dtype, readonly, arrays
-        self.fresh = False  # allocated by the backend for this call's results, not the caller's memory
-        self.parameters = None  # the kernel parameters of this array, flattened once (see launcher)
-        self._numba, self._derive = numba_array, derive
-
-    @classmethod
-    def of(cls, owner: Any, arrays: "DeviceArrays") -> "DeviceView":
-        described = _describe_torch_tensor(owner)
-        if described is not None:
-            return cls(owner, *described, arrays)
-        interface = _interface(owner)
-        dtype = np.dtype(interface["typestr"])
-        shape = tuple(interface["shape"])
-        strides = interface.get("strides") or contiguous_strides(shape, dtype.itemsize)
-        pointer, readonly = interface["data"]
-        numba_array = owner if getattr(owner, "__cuda_ndarray__", False) else None
-        return cls(owner, pointer, shape, strides, dtype, bool(readonly), arrays, numba_array)
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    def is_c_contiguous(self) -> bool:
-        return self.size == 0 or self.strides == contiguous_strides(self.shape, self.dtype.itemsize)
-
-    def reshape(self, shape: tuple[int, ...]) -> "DeviceView":
-        """The same contiguous memory in another shape."""
-        assert self.is_c_contiguous() and math.prod(shape) == self.size
-        return DeviceView(self.owner, self.pointer, shape, contiguous_strides(shape, self.dtype.itemsize),
-                          self.dtype, self.readonly, self.arrays, derive=(self, shape))
-
-    def numba(self) -> Any:
-        if self._numba is None:
-            if self._derive is not None:
-                parent, shape = self._derive
-                self._numba = parent.numba().reshape(shape)
-            else:
-                # a zero-copy view (torch, CuPy); no wait for the stream the owner names, since
-                # the call's kernels are queued on that same stream
-                self._numba = cuda.as_cuda_array(self.owner, sync=False)
-        return self._numba
-
-    def extent(self) -> tuple[int, int]:
-        """[start, end) of the bytes the view may touch."""
-        if self.size == 0:
-            return self.pointer, self.pointer
-        low = sum(s * (n - 1) for s, n in zip(self.strides, self.shape) if s < 0)
-        high = sum(s * (n - 1) for s, n in zip(self.strides, self.shape) if s > 0)
-        return self.pointer + low, self.pointer + high + self.dtype.itemsize
+def row_threads(width: int) -> int:
+    return max(1, min(kernels.COLUMNS_PER_BLOCK, width))
 
 
-_NUMPY_DTYPE_OF_TORCH: dict = {}
+def row_blocks(rows: int) -> int:
+    return max(1, min(ROW_BLOCKS, rows))
 
 
-def _numpy_dtypes_of_torch() -> dict:
-    if not _NUMPY_DTYPE_OF_TORCH:
-        import torch
-
-        for name in ("float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
-                     "uint64", "bool", "float16"):
-            if hasattr(torch, name):
-                _NUMPY_DTYPE_OF_TORCH[getattr(torch, name)] = np.dtype(name)
-    return _NUMPY_DTYPE_OF_TORCH
-
-
-def _describe_torch_tensor(owner: Any):
-    """(pointer, shape, strides, dtype, readonly) of a torch tensor from its own attributes:
-    torch's ``__cuda_array_interface__`` is Python code that costs several microseconds per
-    tensor, on every call. None for anything else (and for dtypes NumPy does not have)."""
-    if not type(owner).__module__.startswith("torch"):
-        return None
-    dtype = _numpy_dtypes_of_torch().get(owner.dtype)
-    if dtype is None:
-        return None
-    strides = tuple(step * dtype.itemsize for step in owner.stride())
-    return owner.data_ptr(), tuple(owner.shape), strides, dtype, False
-
-
-# --------------------------------------------------------------------------- frameworks
-
-
-class _NumbaMemory:
-    """Arrays that are not torch's or CuPy's: Numba allocations, the ``stream=`` keyword."""
-
-    name = "numba"
-
-    def __init__(self, stream: Any):
-        self.stream_handle, self.stream = _numba_stream(stream)
-
-    def device_ordinal(self, like: Any) -> int:
-        return 0 if _simulated() else cuda.get_current_device().id
-
-    def empty(self, shape, dtype):
-        return cuda.device_array(shape, dtype=dtype, stream=self.stream)
-
-    def zeros(self, shape, dtype):
-        return None  # filled by a kernel on the call's stream (see DeviceArrays.zeros)
-
-    def flat(self, view):
-        # rare (labels of three or more dimensions, strided): through the host
-        host = np.ascontiguousarray(view.numba().copy_to_host(stream=self.stream)).reshape(-1)
-        return cuda.to_device(host, stream=self.stream)
-
-
-
-class _TorchMemory:
-    name = "torch"
-
-    def __init__(self, like: Any, stream: Any):
-        import torch
-
-        self.torch, self.device = torch, like.device
-        current = torch.cuda.current_stream(self.device)
-        self.stream_handle = _framework_stream(stream, int(current.cuda_stream), "torch.cuda.stream(...)")
-        self.stream = _external_stream(self.stream_handle)
-
-    def device_ordinal(self, like: Any) -> int:
-        return self.device.index if self.device.index is not None else self.torch.cuda.current_device()
-
-    def empty(self, shape, dtype):
-        return self.torch.empty(shape, dtype=_torch_dtype(dtype), device=self.device)
-
-    def zeros(self, shape, dtype):
-        return self.torch.zeros(shape, dtype=_torch_dtype(dtype), device=self.device)
-
-    def flat(self, view):
-        return view.owner.reshape(-1)  # a copy on torch's current stream, from its allocator
-
-
-def _torch_dtype(dtype) -> Any:
-    for torch_dtype, numpy_dtype in _numpy_dtypes_of_torch().items():
-        if numpy_dtype == dtype:
-            return torch_dtype
-    raise TypeError(f"torch has no dtype {np.dtype(dtype)}")
-
-
-class _CupyMemory:
-    name = "cupy"
-
-    def __init__(self, like: Any, stream: Any):
-        import cupy
-
-        self.cupy, self.device_id = cupy, like.device.id
-        current = cupy.cuda.get_current_stream()
-        self.stream_handle = _framework_stream(stream, int(current.ptr), "with cupy.cuda.Stream(...)")
-        self.stream = _external_stream(self.stream_handle)
-
-    def device_ordinal(self, like: Any) -> int:
-        return self.device_id
-
-    def empty(self, shape, dtype):
-        with self.cupy.cuda.Device(self.device_id):
-            return self.cupy.empty(shape, dtype=dtype)
-
-    def zeros(self, shape, dtype):
-        with self.cupy.cuda.Device(self.device_id):
-            return self.cupy.zeros(shape, dtype=dtype)
-
-    def flat(self, view):
-        with self.cupy.cuda.Device(self.device_id):
-            return view.owner.reshape(-1)  # a copy on CuPy's current stream, from its pool
-
-
-def _simulated() -> bool:
-    return _SIMULATED
-
-
-def _read_simulator_switch() -> bool:
-    from numba.cuda import config
-
-    return bool(config.ENABLE_CUDASIM)  # read by Numba once, when it is imported
-
-
-_SIMULATED = _read_simulator_switch()
+# --------------------------------------------------------------------------- streams
 
 
 _streams: dict[int, Any] = {}
 
 
 def _external_stream(handle: int) -> Any:
-    """A Numba stream object for a ``CUstream`` handle (created once per handle)."""
+    """A Numba stream object for a ``CUstream`` handle (a wrapper that owns nothing)."""
     stream = _streams.get(handle)
     if stream is None:
-        stream = cuda.default_stream() if handle == 0 or _simulated() else cuda.external_stream(handle)
+        if len(_streams) >= 256:  # a program that makes streams without end
+            _streams.clear()
+        stream = cuda.default_stream() if handle == 0 or simulated() else cuda.external_stream(handle)
         _streams[handle] = stream
     return stream
 
@@ -266,10 +93,10 @@ def _numba_stream(stream: Any) -> tuple[int, Any]:
     """(handle, Numba stream object) for the ``stream=`` keyword."""
     if stream is None:
         return 0, cuda.default_stream()
-    if _simulated() and hasattr(stream, "synchronize"):
+    if simulated() and hasattr(stream, "synchronize"):
         return id(stream), stream  # the simulator's streams have no handle; it runs everything in order
     handle = stream_handle(stream)
-    if _simulated() or not _is_numba_stream(stream):
+    if simulated() or not _is_numba_stream(stream):
         return handle, _external_stream(handle)
     return handle, stream
 
@@ -291,13 +118,161 @@ def _framework_stream(stream: Any, current: int, how: str) -> int:
     return current
 
 
+def is_capturing(handle: int) -> bool:
+    """Whether the stream is under CUDA graph capture (where nothing may wait for the GPU)."""
+    if simulated():
+        return False
+    from cuda.bindings import driver as cuda_driver
+
+    error, status = cuda_driver.cuStreamIsCapturing(cuda_driver.CUstream(handle))
+    if error != cuda_driver.CUresult.CUDA_SUCCESS:  # e.g. the legacy stream while another captures
+        raise RuntimeError(f"cannot queue work on stream {handle:#x}: {error.name}")
+    return status != cuda_driver.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_NONE
+
+
+# --------------------------------------------------------------------------- frameworks
+
+
+class _StreamOrderedBuffer:
+    """Device memory of the current device's stream-ordered pool (``cuMemAllocAsync``), made and
+    given back on one stream: no host wait either way, and legal under graph capture."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, handle: int):
+        from cuda.bindings import driver as cuda_driver
+
+        self._driver, self._stream = cuda_driver, cuda_driver.CUstream(handle)
+        size = max(1, math.prod(shape) * dtype.itemsize)
+        error, pointer = cuda_driver.cuMemAllocAsync(size, self._stream)
+        if error != cuda_driver.CUresult.CUDA_SUCCESS:
+            raise MemoryError(f"cuMemAllocAsync of {size} bytes on stream {handle:#x} failed: {error.name}")
+        self._pointer = pointer
+        self.__cuda_array_interface__ = {"shape": tuple(shape), "typestr": dtype.str, "strides": None,
+                                         "data": (int(pointer), False), "version": 3, "stream": None}
+
+    def release(self) -> None:
+        if self._pointer is not None:
+            self._driver.cuMemFreeAsync(self._pointer, self._stream)  # after the work queued on the stream
+            self._pointer = None
+
+
+class _NumbaMemory:
+    """Arrays that are not torch's or CuPy's: Numba allocations, the ``stream=`` keyword."""
+
+    name = "numba"
+
+    def __init__(self, like: Any, stream: Any):
+        self.stream_handle, self.stream = _numba_stream(stream)
+        self.device_ordinal = 0 if simulated() else cuda.get_current_device().id
+        self.pooled: list[_StreamOrderedBuffer] = []
+
+    def empty(self, shape, dtype):
+        return cuda.device_array(shape, dtype=dtype, stream=self.stream)
+
+    def temporary(self, shape, dtype):
+        if simulated():  # the simulator's memory is NumPy's
+            return cuda.device_array(shape, dtype=dtype, stream=self.stream)
+        buffer = _StreamOrderedBuffer(shape, dtype, self.stream_handle)
+        self.pooled.append(buffer)
+        return buffer
+
+    def zeros(self, shape, dtype):
+        return None  # filled by a kernel on the call's stream (see DeviceArrays.zeros)
+
+    def release(self) -> None:
+        for buffer in self.pooled:
+            buffer.release()
+        self.pooled.clear()
+
+    def from_host(self, host):
+        return cuda.to_device(host, stream=self.stream)
+
+    def flat(self, view):
+        # rare (labels of three or more dimensions, strided): through the host, on the call's stream
+        host = np.ascontiguousarray(view.numba().copy_to_host(stream=self.stream)).reshape(-1)
+        return cuda.to_device(host, stream=self.stream)
+
+
+class _TorchMemory:
+    name = "torch"
+
+    def __init__(self, like: Any, stream: Any):
+        import torch
+
+        self.torch, self.device = torch, like.device
+        current = torch.cuda.current_stream(self.device)
+        self.stream_handle = _framework_stream(stream, int(current.cuda_stream), "torch.cuda.stream(...)")
+        self.stream = _external_stream(self.stream_handle)
+        self.device_ordinal = self.device.index if self.device.index is not None else torch.cuda.current_device()
+
+    def empty(self, shape, dtype):
+        return self.torch.empty(shape, dtype=_torch_dtype(dtype), device=self.device)
+
+    temporary = empty  # given back to the caching allocator when the call drops it
+
+    def zeros(self, shape, dtype):
+        return self.torch.zeros(shape, dtype=_torch_dtype(dtype), device=self.device)
+
+    def release(self) -> None:
+        pass
+
+    def from_host(self, host):
+        return self.torch.as_tensor(host, device=self.device)  # copied on torch's current stream
+
+    def flat(self, view):
+        return view.owner.reshape(-1)  # a copy on torch's current stream, from its allocator
+
+
+def _torch_dtype(dtype) -> Any:
+    for torch_dtype, numpy_dtype in numpy_dtypes_of_torch().items():
+        if numpy_dtype == dtype:
+            return torch_dtype
+    raise TypeError(f"torch has no dtype {np.dtype(dtype)}")
+
+
+class _CupyMemory:
+    name = "cupy"
+
+    def __init__(self, like: Any, stream: Any):
+        import cupy
+
+        self.cupy, self.device_ordinal = cupy, like.device.id
+        with cupy.cuda.Device(self.device_ordinal):  # the current stream is per device
+            current = cupy.cuda.get_current_stream()
+        self.stream_handle = _framework_stream(stream, int(current.ptr), "with cupy.cuda.Stream(...)")
+        self.stream = _external_stream(self.stream_handle)
+
+    def _on_device(self):
+        return self.cupy.cuda.Device(self.device_ordinal)  # and with it, that device's current stream
+
+    def empty(self, shape, dtype):
+        with self._on_device():
+            return self.cupy.empty(shape, dtype=dtype)
+
+    temporary = empty  # given back to CuPy's pool when the call drops it
+
+    def zeros(self, shape, dtype):
+        with self._on_device():
+            return self.cupy.zeros(shape, dtype=dtype)
+
+    def release(self) -> None:
+        pass
+
+    def from_host(self, host):
+        with self._on_device():
+            return self.cupy.asarray(host)
+
+    def flat(self, view):
+        with self._on_device():
+            return view.owner.reshape(-1)  # a copy on CuPy's current stream, from its pool
+
+
 def _memory_for(like: Any, stream: Any):
     framework = framework_of(like)
     if framework == "torch":
         return _TorchMemory(like, stream)
     if framework == "cupy":
         return _CupyMemory(like, stream)
-    return _NumbaMemory(stream)
+    return _NumbaMemory(like, stream)
 
 
 # --------------------------------------------------------------------------- one call's arrays
@@ -313,8 +288,19 @@ class DeviceArrays:
         self.memory = _memory_for(like, stream)
         self.stream = self.memory.stream
         self.stream_handle = self.memory.stream_handle
-        self.device_ordinal = self.memory.device_ordinal(like)
+        self.device_ordinal = self.memory.device_ordinal
         self.sync = bool(sync)
+        self.capturing = is_capturing(self.stream_handle)
+        if self.capturing and self.sync:
+            raise ValueError("sync=True waits for the GPU, which a stream under CUDA graph capture cannot; "
+                             "pass sync=False to capture this call")
+
+    def device_context(self):
+        """Numba's context for the device of the call's arrays (torch's current device may differ
+        from Numba's): kernels are bound, and Numba allocates, in the current context."""
+        if simulated() or cuda.get_current_device().id == self.device_ordinal:
+            return nullcontext()
+        return cuda.gpus[self.device_ordinal]
 
     def asarray(self, x: Any, what: str) -> DeviceView:
         if isinstance(x, DeviceView):
@@ -322,7 +308,13 @@ class DeviceArrays:
         if is_device_array(x):
             return DeviceView.of(x, self)  # the caller's own memory, no copy
         host = np.ascontiguousarray(HostArrays.asarray(x, what))
-        return DeviceView.of(cuda.to_device(host, stream=self.stream), self)
+        if self.capturing:
+            raise ValueError(
+                f"{what} is a host array, and a copy to the device cannot be captured in a CUDA graph (it waits "
+                f"for the host's memory): move {what} to the device before capturing"
+            )
+        with self.device_context():
+            return DeviceView.of(self.memory.from_host(host), self)
 
     @staticmethod
     def holds(x: Any) -> bool:
@@ -333,7 +325,11 @@ class DeviceArrays:
             return labels
         if labels.is_c_contiguous():
             return labels.reshape((labels.size,))
-        return DeviceView.of(self.memory.flat(labels), self)  # rare: strided N-D labels
+        if self.capturing and self.memory.name == "numba":
+            raise ValueError("strided labels of two or more dimensions are flattened through the host, which a "
+                             "stream under CUDA graph capture cannot do: pass contiguous labels")
+        with self.device_context():
+            return DeviceView.of(self.memory.flat(labels), self)  # rare: strided N-D labels
 
     @staticmethod
     def first_out_of_range(labels: DeviceView, num_classes: int) -> None:
@@ -367,31 +363,65 @@ class DeviceArrays:
         start_b, end_b = b.extent()
         return start_a < end_b and start_b < end_a
 
+    # ----------------------------------------------------------------------- memory of the call
+
     def empty(self, shape: tuple[int, ...], dtype) -> DeviceView:
-        view = DeviceView.of(self.memory.empty(tuple(shape), np.dtype(dtype)), self)
+        """A result: the caller's framework's array, which the caller gets back."""
+        with self.device_context():
+            view = DeviceView.of(self.memory.empty(tuple(shape), np.dtype(dtype)), self)
         view.fresh = True
         return view
 
-    def zeros(self, shape: tuple[int, int], dtype) -> DeviceView:
-        owner = self.memory.zeros(tuple(shape), np.dtype(dtype))
+    def zeros(self, shape: tuple[int, ...], dtype) -> DeviceView:
+        with self.device_context():
+            owner = self.memory.zeros(tuple(shape), np.dtype(dtype))
         if owner is None:
-            from . import driver
-
             view = self.empty(shape, dtype)
-            driver.fill(view, 0, self)
+            self.fill(view, 0)
             return view
         view = DeviceView.of(owner, self)
         view.fresh = True
         return view
 
-    def copy(self, x: DeviceView) -> DeviceView:
-        from . import driver
+    def temporary(self, shape: tuple[int, ...], dtype, zeroed: bool = False) -> DeviceView:
+        """Memory for this call alone (see the module docstring); call ``release`` once the call's
+        kernels are queued. The caller's device context must be current."""
+        dtype = np.dtype(dtype)
+        if zeroed:
+            owner = self.memory.zeros(tuple(shape), dtype)
+            if owner is not None:
+                return DeviceView.of(owner, self)
+        view = DeviceView.of(self.memory.temporary(tuple(shape), dtype), self)
+        if zeroed:
+            self.fill(view, 0)
+        return view
 
+    def release(self) -> None:
+        """Give the call's temporaries back, in stream order (torch's and CuPy's go when dropped)."""
+        self.memory.release()
+
+    def copy(self, x: DeviceView) -> DeviceView:
+        """A fresh copy of ``x``, made before the call's label check (validation's copies of an
+        input that overlaps the output)."""
         out = self.empty(x.shape, x.dtype)
-        driver.copy(x, out)
+        with self.device_context():
+            if x.ndim == 1:
+                prepare(kernels.copy_vector, *launch_1d(x.size), self, x, out)()
+            else:
+                prepare(kernels.copy_matrix, row_blocks(x.shape[0]), row_threads(x.shape[1]), self, x, out)()
         return out
+
+    def fill(self, view: DeviceView, value) -> None:
+        """Fill an array of the backend's own, on the call's stream."""
+        with self.device_context():
+            if view.ndim == 1:
+                prepare(kernels.fill_vector, *launch_1d(view.size), self, view, value)()
+            else:
+                prepare(kernels.fill_rows, row_blocks(view.shape[0]), row_threads(view.shape[1]), self, view,
+                        value)()
 
     def new_loss(self) -> DeviceView:
         """A float64 0-d array of the caller's framework (the view's owner, given back to the
         caller), seen by the kernels as a vector of one."""
-        return DeviceView.of(self.memory.empty((), np.dtype(np.float64)), self).reshape((1,))
+        with self.device_context():
+            return DeviceView.of(self.memory.empty((), np.dtype(np.float64)), self).reshape((1,))

@@ -15,24 +15,38 @@ What a run's sum does next depends on the class:
   With many classes (the usual case) this is nearly every class, and the step moves no more
   bytes than it must.
 * a class that spans tiles is finished by ``finish_spanning_classes``, once every tile has read
-  the center as it was; the tile holding its first sample puts it on a list, so that this kernel
-  visits only such classes. In the default mode each tile adds its run sum into a float64
-  per-class row with one atomic per column. With ``deterministic=True`` each tile stores its run
-  sum in a float64 slot of its own, and the second kernel adds the slots in tile order (it finds
-  them by binary search in each tile's sorted labels): no float atomics, the same bits on every
-  run. Either way the second kernel zeroes what it read, so the buffer needs no clearing pass.
+  the center as it was. ``number_spanning`` first gives each such class a slot (and, with
+  ``deterministic=True``, each of its runs one), so that the float64 sums take rows for what
+  spans only. In the default mode each tile adds its run sum into its class's row with one
+  atomic per column (the rows in use are zeroed by ``clear_spanning_sums``). With
+  ``deterministic=True`` each run stores its sum in a row of its own, and the finishing kernel
+  adds them in tile order (it finds them by binary search in each tile's sorted labels): no
+  float atomics, the same bits on every run.
 
-One step is four kernels, in stream order: ``classify`` (the label range check fused with the
-per-class bookkeeping, reading the caller's labels in their own integer dtype), ``copy_rows``
-(only when the update goes into a copy, which makes five), ``tile_step``,
-``finish_spanning_classes`` (which also reduces the loss on the device, in a fixed order), and
-``settle`` (which puts the bookkeeping back).
+Every call works in temporaries of its own (see ``driver``): a ``counters`` vector of int32 that
+starts at zero (so one memset prepares it), whose first ``COUNTER_FIELDS`` entries are the call's
+status and whose rest is the per-class bookkeeping, four rows of K (``BOOK_ROWS``):
 
-The label check never needs the host. ``classify`` records the first bad position in
-``status``; every later kernel that writes reads ``status`` first and writes nothing of the
-caller's when it is set (the backend's own fresh results become NaN); ``settle`` moves the bad position and value into ``pending``, host-mapped memory the host
-reads whenever it chooses to (at once with ``sync=True``, or at the next call), and clears
-``status`` for the next call.
+* ``FIRST``: B - the class's first row (0: no sample), by ``atomic.max``;
+* ``LAST``: the class's last row + 1 (0: no sample), by ``atomic.max``;
+* ``COUNT``: its number of samples;
+* ``SLOT``: its row of spanning sums (set by ``number_spanning`` for spanning classes only).
+
+The status holds ``BAD`` (B - the first bad position, 0: none), the number of spanning classes
+and the number of spanning runs. Zero meaning "nothing" is what lets a memset prepare it all.
+
+One step is, in stream order: ``classify`` (the label range check fused with the bookkeeping,
+reading the caller's labels in their own integer dtype), ``number_spanning``,
+``clear_spanning_sums`` (default mode only), ``copy_rows`` (only when the update goes into a
+copy), ``tile_step`` and ``finish_spanning_classes`` (which also reduces the loss on the device,
+in a fixed order, and reports the label check).
+
+The label check never needs the host. ``classify`` records the first bad position; every later
+kernel that writes reads it first and writes nothing of the caller's when it is set (the
+backend's own fresh results become NaN). The last kernel writes the call's ``verdict`` (its own
+temporary, read by the host after a ``sync=True`` call) and, for a ``sync=False`` call, posts a
+bad label to the device's error record (see ``record``), host-mapped memory the host reads
+whenever it chooses to.
 
 The launch shape is a compile-time fact: the shared arrays are sized by ``TILE_ROWS`` and
 ``COLUMNS_PER_BLOCK``, and the driver launches with the same two numbers. The CUDA simulator's
@@ -46,7 +60,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from numba import cuda, float64, int64
+from numba import cuda, float64, int32, int64
 
 
 def _launch_shape() -> tuple[int, int, bool]:
@@ -60,20 +74,81 @@ def _launch_shape() -> tuple[int, int, bool]:
 TILE_ROWS, COLUMNS_PER_BLOCK, _SHRUNK = _launch_shape()
 _CACHE = not _SHRUNK
 
-NO_ROW = np.int64(2**62)  # "no sample of this class yet" and "no bad label"; any row index is smaller
-STATUS_SIZE = 1  # status[0]: the call's first bad position (NO_ROW if none)
-PENDING_SIZE = 4  # pending: first bad position, its label (as int64 bits), K, whether the label is negative
+NO_ROW = np.int64(2**62)  # "no bad label" in a verdict; any row index is smaller
+
+# the call's status, at the start of its counters
+BAD, SPANNING_CLASSES, SPANNING_RUNS = 0, 1, 2
+COUNTER_FIELDS = 3
+# the rows of per-class bookkeeping after it, K entries each
+FIRST, LAST, COUNT, SLOT = 0, 1, 2, 3
+BOOK_ROWS = 4
+
+VERDICT_SIZE = 4  # a call's verdict: first bad position (NO_ROW if none), its label (int64 bits), K, negative
+
+# The device's error record (host-mapped, see ``record``): a header, then a ring of slots
+WRITTEN, TAKEN, DROPPED = 0, 1, 2  # verdicts posted (device), taken (host), dropped for want of room (device)
+RECORD_HEADER = 3
+RECORD_SLOTS = 16
+SLOT_FIELDS = 5  # posted ticket + 1 (written last), position, label, K, negative
+RECORD_SIZE = RECORD_HEADER + RECORD_SLOTS * SLOT_FIELDS
+
+
+@cuda.jit(device=True, inline=True)
+def _book(num_classes, row, label):
+    return COUNTER_FIELDS + row * num_classes + label
+
+
+@cuda.jit(device=True, inline=True)
+def _bad(counters) -> bool:
+    return counters[BAD] != 0
 
 
 @cuda.jit(device=True)
-def _bad(status) -> bool:
-    return status[0] != NO_ROW
+def _post(record, position, value, num_classes, negative):
+    """Post one bad call's verdict to the record. Only the device writes the slots and WRITTEN;
+    only the host writes TAKEN. A slot is claimed by a compare-and-swap of WRITTEN while the ring
+    has room (so two calls never share one), filled, and marked complete last, behind a system
+    fence: the host takes a ticket only when its slot says it is complete, so it can neither read
+    a half-written verdict nor lose one posted while it reads. With the ring full (the host has
+    not looked for RECORD_SLOTS bad calls) the verdict is counted in DROPPED instead."""
+    ticket = cuda.atomic.add(record, WRITTEN, 0)  # an atomic read
+    while True:
+        if ticket - record[TAKEN] >= RECORD_SLOTS:
+            cuda.atomic.add(record, DROPPED, 1)
+            return
+        seen = cuda.atomic.cas(record, WRITTEN, ticket, ticket + 1)
+        if seen == ticket:
+            break
+        ticket = seen
+    base = RECORD_HEADER + (ticket % RECORD_SLOTS) * SLOT_FIELDS
+    record[base + 1] = position
+    record[base + 2] = value
+    record[base + 3] = num_classes
+    record[base + 4] = negative
+    cuda.threadfence_system()  # the slot's fields reach the host before its mark
+    record[base] = ticket + 1
+
+
+@cuda.jit(device=True)
+def _report(labels, num_classes, counters, verdict, record, post):
+    """One thread, in the call's last kernel: write the call's verdict, and post a bad one to the
+    device's record when the host will not read the verdict itself (``sync=False``)."""
+    bad = counters[BAD]
+    if bad == 0:
+        verdict[0] = NO_ROW
+        return
+    position = labels.size - int64(bad)
+    value = int64(labels[position])  # an unsigned label past 2**63 reads negative: told apart below
+    negative = 1 if labels[position] < 0 else 0
+    verdict[0], verdict[1], verdict[2], verdict[3] = position, value, num_classes, negative
+    if post:
+        _post(record, position, value, num_classes, negative)
 
 
 @cuda.jit(cache=_CACHE)
-def classify(labels, num_classes, first_row, last_row, counts, status):
+def classify(labels, num_classes, counters):
     """First kernel of a step: check every label (recording the first bad position) and note,
-    per class, its first and last row and its count. Writes only the backend's own bookkeeping.
+    per class, its first and last row and its count. Writes only the call's own counters.
 
     A block takes a tile of ``TILE_ROWS`` rows (one thread per row, as the tile kernel cuts them)
     and compares each row with the tile's others in shared memory, so that only the first row of
@@ -81,18 +156,20 @@ def classify(labels, num_classes, first_row, last_row, counts, status):
     one class holding most of the batch, three atomics per tile instead of three per sample."""
     tile_labels = cuda.shared.array(TILE_ROWS, int64)
     p = cuda.threadIdx.x
-    tiles = (labels.size + TILE_ROWS - 1) // TILE_ROWS
+    batch_size = labels.size
+    tiles = (batch_size + TILE_ROWS - 1) // TILE_ROWS
     for tile in range(cuda.blockIdx.x, tiles, cuda.gridDim.x):
         tile_start = tile * TILE_ROWS
-        tile_size = min(TILE_ROWS, labels.size - tile_start)
+        tile_size = min(TILE_ROWS, batch_size - tile_start)
         cuda.syncthreads()  # the previous tile's labels are no longer read
         if p < tile_size:
             tile_labels[p] = int64(labels[tile_start + p])  # an unsigned label past 2**63 turns negative: bad
         cuda.syncthreads()
         if p < tile_size:
             label = tile_labels[p]
+            row = tile_start + p
             if label < 0 or label >= num_classes:
-                cuda.atomic.min(status, 0, tile_start + p)
+                cuda.atomic.max(counters, BAD, int32(batch_size - row))  # the first bad row wins
             else:
                 first_of_class, last_of_class, count = True, True, 0
                 for q in range(tile_size):
@@ -101,29 +178,88 @@ def classify(labels, num_classes, first_row, last_row, counts, status):
                         first_of_class = first_of_class and q >= p
                         last_of_class = last_of_class and q <= p
                 if first_of_class:
-                    cuda.atomic.min(first_row, label, tile_start + p)
-                    cuda.atomic.add(counts, label, count)
+                    cuda.atomic.max(counters, _book(num_classes, FIRST, label), int32(batch_size - row))
+                    cuda.atomic.add(counters, _book(num_classes, COUNT, label), int32(count))
                 if last_of_class:
-                    cuda.atomic.max(last_row, label, tile_start + p)
+                    cuda.atomic.max(counters, _book(num_classes, LAST, label), int32(row + 1))
+
+
+@cuda.jit(device=True, inline=True)
+def _first_row(counters, num_classes, batch_size, label):
+    return batch_size - int64(counters[_book(num_classes, FIRST, label)])
+
+
+@cuda.jit(device=True, inline=True)
+def _last_row(counters, num_classes, label):
+    return int64(counters[_book(num_classes, LAST, label)]) - 1
 
 
 @cuda.jit(cache=_CACHE)
-def check_labels(labels, num_classes, status):
+def number_spanning(labels, num_classes, counters, spanning_leaders, run_slots, deterministic):
+    """Second kernel of a step: give each class that spans tiles a row of spanning sums (and its
+    first row a place on the list the finishing kernel walks); with ``deterministic``, give each
+    of its runs (a tile's rows of the class) a row of its own. The rows are numbered in whatever
+    order the atomics come; the sums are added in tile order all the same."""
+    if _bad(counters):
+        return
+    tile_labels = cuda.shared.array(TILE_ROWS, int64)
+    p = cuda.threadIdx.x
+    batch_size = labels.size
+    tiles = (batch_size + TILE_ROWS - 1) // TILE_ROWS
+    for tile in range(cuda.blockIdx.x, tiles, cuda.gridDim.x):
+        tile_start = tile * TILE_ROWS
+        tile_size = min(TILE_ROWS, batch_size - tile_start)
+        cuda.syncthreads()
+        if p < tile_size:
+            tile_labels[p] = int64(labels[tile_start + p])
+        cuda.syncthreads()
+        if p < tile_size:
+            label = tile_labels[p]
+            row = tile_start + p
+            first = _first_row(counters, num_classes, batch_size, label)
+            if first // TILE_ROWS != _last_row(counters, num_classes, label) // TILE_ROWS:  # it spans
+                first_in_tile = True
+                for q in range(p):
+                    if tile_labels[q] == label:
+                        first_in_tile = False
+                if first_in_tile:
+                    if deterministic:
+                        run_slots[row] = cuda.atomic.add(counters, SPANNING_RUNS, 1)
+                    if row == first:
+                        slot = cuda.atomic.add(counters, SPANNING_CLASSES, 1)
+                        counters[_book(num_classes, SLOT, label)] = slot
+                        spanning_leaders[slot] = row
+
+
+@cuda.jit(cache=_CACHE)
+def clear_spanning_sums(spanning_sums, counters):
+    """Zero the rows of spanning sums that this call's classes use (default mode: they are added
+    into with atomics). The rest of the temporary is never read."""
+    if _bad(counters):
+        return
+    k = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
+    if k >= spanning_sums.shape[1]:
+        return
+    for slot in range(cuda.blockIdx.x, counters[SPANNING_CLASSES], cuda.gridDim.x):
+        spanning_sums[slot, k] = 0.0
+
+
+@cuda.jit(cache=_CACHE)
+def check_labels(labels, num_classes, counters):
     """The range check alone, for the gather (which keeps no bookkeeping)."""
     start, stride = cuda.grid(1), cuda.gridsize(1)
     for i in range(start, labels.size, stride):
         label = int64(labels[i])
         if label < 0 or label >= num_classes:
-            cuda.atomic.min(status, 0, i)
+            cuda.atomic.max(counters, BAD, int32(labels.size - i))
 
 
 @cuda.jit(cache=_CACHE)
-def copy_rows(source, destination, status, destination_is_fresh):
+def copy_rows(source, destination, counters, destination_is_fresh):
     """``destination[...] = source``, unless a label of the call was bad: then a destination of the
     caller's is left alone, and a fresh one of the backend's is filled with NaN, so that no
-    result of a failed call can be mistaken for a value. (Copies made before the call's check
-    are given a status that is never set.)"""
-    bad = _bad(status)
+    result of a failed call can be mistaken for a value."""
+    bad = _bad(counters)
     if bad and not destination_is_fresh:
         return
     for row in range(cuda.blockIdx.x, source.shape[0], cuda.gridDim.x):
@@ -132,10 +268,16 @@ def copy_rows(source, destination, status, destination_is_fresh):
 
 
 @cuda.jit(cache=_CACHE)
-def copy_vector(source, destination, status):
-    """A copy into a fresh vector of the backend's own, before the call's check."""
-    if _bad(status):
-        return
+def copy_matrix(source, destination):
+    """A copy into a fresh matrix of the backend's own, made before the call's label check."""
+    for row in range(cuda.blockIdx.x, source.shape[0], cuda.gridDim.x):
+        for k in range(cuda.threadIdx.x, source.shape[1], cuda.blockDim.x):
+            destination[row, k] = source[row, k]
+
+
+@cuda.jit(cache=_CACHE)
+def copy_vector(source, destination):
+    """A copy into a fresh vector of the backend's own, made before the call's label check."""
     start, stride = cuda.grid(1), cuda.gridsize(1)
     for i in range(start, source.size, stride):
         destination[i] = source[i]
@@ -157,9 +299,12 @@ def fill_vector(destination, value):
 
 
 @cuda.jit(cache=_CACHE)
-def gather(centers, labels, out, status):
-    """``out[i] = centers[labels[i]]``; ``out`` is the backend's own, filled with NaN on a bad label."""
-    bad = _bad(status)
+def gather(centers, labels, out, counters, verdict, record, post):
+    """``out[i] = centers[labels[i]]``; ``out`` is the backend's own, filled with NaN on a bad label.
+    Thread 0 of block 0 reports the label check."""
+    bad = _bad(counters)
+    if cuda.blockIdx.x == 0 and cuda.threadIdx.x == 0:
+        _report(labels, centers.shape[0], counters, verdict, record, post)
     for row in range(cuda.blockIdx.x, labels.size, cuda.gridDim.x):
         label = int64(labels[row])
         for k in range(cuda.threadIdx.x, centers.shape[1], cuda.blockDim.x):
@@ -168,13 +313,12 @@ def gather(centers, labels, out, status):
 
 @cuda.jit(cache=_CACHE)
 def tile_step(
-    rows, labels, centers, written, grad, first_row, last_row, counts, spanning_sums,
-    spanning_leaders, spanning_count, tile_sorted_labels, tile_sorted_rows, block_squares, status,
-    rows_are_features, deterministic, moves_centers, step, count_weight, grad_scale, grad_is_fresh,
-    written_is_fresh,
+    rows, labels, centers, written, grad, counters, spanning_sums, run_slots, tile_sorted_labels,
+    tile_sorted_rows, block_squares, rows_are_features, deterministic, moves_centers, step, count_weight,
+    grad_scale, grad_is_fresh, written_is_fresh,
 ):
     """Each block: tiles of the batch (grid-stride), one slice of columns (see the module docstring)."""
-    if _bad(status):
+    if _bad(counters):
         # nothing of the caller's is written on a bad batch; the backend's own fresh outputs
         # (the grad, grad_centers) become NaN, so that a caller that does not wait for the
         # verdict (sync=False) cannot train on uninitialised memory
@@ -185,13 +329,15 @@ def tile_step(
     order = cuda.shared.array(TILE_ROWS, int64)
     squares_by_thread = cuda.shared.array(COLUMNS_PER_BLOCK, float64)
 
+    num_classes = centers.shape[0]
+    batch_size = labels.size
     thread, threads = cuda.threadIdx.x, cuda.blockDim.x
     k = cuda.blockIdx.y * threads + thread
     squares = 0.0
-    tiles = (labels.size + TILE_ROWS - 1) // TILE_ROWS
+    tiles = (batch_size + TILE_ROWS - 1) // TILE_ROWS
     for tile in range(cuda.blockIdx.x, tiles, cuda.gridDim.x):
         tile_start = tile * TILE_ROWS
-        tile_size = min(TILE_ROWS, labels.size - tile_start)
+        tile_size = min(TILE_ROWS, batch_size - tile_start)
         cuda.syncthreads()  # the previous tile's shared arrays are no longer read
         for p in range(thread, tile_size, threads):
             tile_labels[p] = int64(labels[tile_start + p])
@@ -204,7 +350,7 @@ def tile_step(
                     rank += 1
             order[rank] = p
         cuda.syncthreads()
-        if cuda.blockIdx.y == 0:  # the deterministic finish searches these
+        if deterministic and cuda.blockIdx.y == 0:  # the deterministic finish searches these
             for position in range(thread, tile_size, threads):
                 tile_sorted_labels[tile_start + position] = tile_labels[order[position]]
                 tile_sorted_rows[tile_start + position] = tile_start + order[position]
@@ -229,20 +375,17 @@ def tile_step(
                 difference = float64(rows[i, k])
             total += difference
             if position == tile_size - 1 or tile_labels[order[position + 1]] != label:  # the run ends
-                first = first_row[label]
-                if first // TILE_ROWS == last_row[label] // TILE_ROWS:  # the class lies in this tile
+                first = _first_row(counters, num_classes, batch_size, label)
+                if first // TILE_ROWS == _last_row(counters, num_classes, label) // TILE_ROWS:  # in this tile
                     # (the center term is chosen, not multiplied by 0: an infinite center must not
                     # turn grad_centers to NaN)
                     base = center if moves_centers else 0.0
-                    written[label, k] = base + step / (1.0 + count_weight * counts[label]) * total
+                    count = counters[_book(num_classes, COUNT, label)]
+                    written[label, k] = base + step / (1.0 + count_weight * count) * total
+                elif deterministic:
+                    spanning_sums[run_slots[run_first], k] = total  # this run's own row
                 else:
-                    if deterministic:
-                        spanning_sums[run_first, k] = total  # this tile's own slot
-                    else:
-                        cuda.atomic.add(spanning_sums, (first, k), total)
-                    if first // TILE_ROWS == tile and cuda.blockIdx.y == 0 and thread == 0:
-                        # list the class once, for the kernel that finishes it
-                        spanning_leaders[cuda.atomic.add(spanning_count, 0, 1)] = first
+                    cuda.atomic.add(spanning_sums, (counters[_book(num_classes, SLOT, label)], k), total)
 
     squares_by_thread[thread] = squares
     cuda.syncthreads()
@@ -275,37 +418,40 @@ def _block_sum(values, thread, threads):
 
 @cuda.jit(cache=_CACHE)
 def finish_spanning_classes(
-    labels, centers, written, last_row, counts, spanning_sums, spanning_leaders, spanning_count,
-    tile_sorted_labels, tile_sorted_rows, block_squares, loss, status,
-    rows_are_features, deterministic, moves_centers, step, count_weight, loss_scale,
+    labels, centers, written, counters, spanning_sums, spanning_leaders, run_slots, tile_sorted_labels,
+    tile_sorted_rows, block_squares, loss, verdict, record, rows_are_features, deterministic, moves_centers,
+    step, count_weight, loss_scale, post,
 ):
-    """Each block: classes that span tiles (grid-stride over the list the tile kernel made), one
-    slice of columns. The sums it reads are zeroed again behind it, so that the buffer is all
-    zeros at the start of every call without a pass to clear it. Block (0, 0) first reduces the
-    tile kernel's block sums into the loss, in a fixed order."""
+    """Each block: classes that span tiles (grid-stride over the list ``number_spanning`` made),
+    one slice of columns. Block (0, 0) first reduces the tile kernel's block sums into the loss,
+    in a fixed order, and reports the label check."""
     partials = cuda.shared.array(COLUMNS_PER_BLOCK, float64)
     slots = cuda.shared.array(COLUMNS_PER_BLOCK, int64)
     thread, threads = cuda.threadIdx.x, cuda.blockDim.x
-    bad = _bad(status)
-    if rows_are_features and cuda.blockIdx.x == 0 and cuda.blockIdx.y == 0:
-        partial = 0.0
-        if not bad:
-            for b in range(thread, block_squares.size, threads):  # each thread its own fixed stride
-                partial += block_squares[b]
-        partials[thread] = partial
-        cuda.syncthreads()
-        total = _block_sum(partials, thread, threads)
+    num_classes = centers.shape[0]
+    bad = _bad(counters)
+    if cuda.blockIdx.x == 0 and cuda.blockIdx.y == 0:
         if thread == 0:
-            loss[0] = np.nan if bad else loss_scale * total
+            _report(labels, num_classes, counters, verdict, record, post)
+        if rows_are_features:
+            partial = 0.0
+            if not bad:
+                for b in range(thread, block_squares.size, threads):  # each thread its own fixed stride
+                    partial += block_squares[b]
+            partials[thread] = partial
+            cuda.syncthreads()
+            total = _block_sum(partials, thread, threads)
+            if thread == 0:
+                loss[0] = np.nan if bad else loss_scale * total
     if bad:
         return
 
     k = cuda.blockIdx.y * threads + thread
-    for item in range(cuda.blockIdx.x, spanning_count[0], cuda.gridDim.x):
+    for item in range(cuda.blockIdx.x, counters[SPANNING_CLASSES], cuda.gridDim.x):
         row = spanning_leaders[item]
         label = int64(labels[row])
         first_tile = row // TILE_ROWS
-        last_tile = last_row[label] // TILE_ROWS
+        last_tile = _last_row(counters, num_classes, label) // TILE_ROWS
         total = 0.0
         if deterministic:
             tile = first_tile
@@ -325,56 +471,18 @@ def finish_spanning_classes(
                         else:
                             high = middle
                     if low < tile_end and tile_sorted_labels[low] == label:
-                        slot = tile_sorted_rows[low]
+                        slot = run_slots[tile_sorted_rows[low]]
                 slots[thread] = slot
                 cuda.syncthreads()
                 if k < centers.shape[1]:
                     for s in range(min(threads, last_tile - tile + 1)):
                         if slots[s] >= 0:
                             total += spanning_sums[slots[s], k]
-                            spanning_sums[slots[s], k] = 0.0
                 cuda.syncthreads()
                 tile += threads
         elif k < centers.shape[1]:
-            total = spanning_sums[row, k]
-            spanning_sums[row, k] = 0.0
+            total = spanning_sums[item, k]  # number_spanning gave the class the row of its list place
         if k < centers.shape[1]:
             base = float64(centers[label, k]) if moves_centers else 0.0
-            written[label, k] = base + step / (1.0 + count_weight * counts[label]) * total
-
-
-@cuda.jit(device=True)
-def _settle_status(labels, num_classes, status, pending):
-    """One thread: a bad label of this call goes to ``pending`` for the host (unless an earlier
-    one the host has not collected yet is there), and ``status`` is cleared for the next call."""
-    position = status[0]
-    if position != NO_ROW:
-        if pending[0] == NO_ROW:
-            pending[1] = int64(labels[position])
-            pending[2] = num_classes
-            pending[3] = 1 if labels[position] < 0 else 0  # uint64 labels past 2**63 read negative as int64
-            cuda.threadfence_system()  # the host, which reads pending[0] first, sees the rest with it
-            pending[0] = position
-        status[0] = NO_ROW
-
-
-@cuda.jit(cache=_CACHE)
-def settle(labels, num_classes, first_row, last_row, counts, spanning_count, status, pending):
-    """Last kernel of a step: put back the bookkeeping of the batch's own (good) classes, so that
-    no call passes over all K rows, and settle the label check."""
-    start, stride = cuda.grid(1), cuda.gridsize(1)
-    if start == 0:
-        spanning_count[0] = 0
-        _settle_status(labels, num_classes, status, pending)
-    for i in range(start, labels.size, stride):
-        label = int64(labels[i])
-        if 0 <= label < num_classes:
-            first_row[label] = NO_ROW
-            last_row[label] = -1
-            counts[label] = 0
-
-
-@cuda.jit(cache=_CACHE)
-def settle_gather(labels, num_classes, status, pending):
-    if cuda.grid(1) == 0:
-        _settle_status(labels, num_classes, status, pending)
+            count = counters[_book(num_classes, COUNT, label)]
+            written[label, k] = base + step / (1.0 + count_weight * count) * total

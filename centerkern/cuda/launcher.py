@@ -20,13 +20,15 @@ from __future__ import annotations
 import ctypes
 import numbers
 import os
+import threading
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
 from numba import types
 from numba.cuda.np import numpy_support
 
-from .arrays import DeviceView, _simulated
+from .views import DeviceView, simulated
 
 _DIRECT = "direct (compiled kernel handle, cuda.core.launch)"
 _path = {"name": None, "why": ""}
@@ -40,7 +42,7 @@ def launch_path() -> str:
 
 
 def _choose_path() -> None:
-    if _simulated():
+    if simulated():
         _path.update(name="numba dispatcher", why="the CUDA simulator has no driver to launch with")
         return
     if os.environ.get("CENTERKERN_CUDA_LAUNCH") == "numba":
@@ -58,6 +60,20 @@ def _choose_path() -> None:
 
 def _fall_back(reason: str) -> None:
     _path.update(name="numba dispatcher", why=reason)
+
+
+@contextmanager
+def numba_launch_path(why: str = "asked for by numba_launch_path()"):
+    """Launch through Numba's own path while the block runs, then as before: the first run on a
+    GPU compares the direct launch with it, bit for bit."""
+    if _path["name"] is None:
+        _choose_path()
+    saved = dict(_path)
+    _path.update(name="numba dispatcher", why=why)
+    try:
+        yield
+    finally:
+        _path.update(saved)
 
 
 def _scalar_kind(value: Any) -> str:
@@ -91,7 +107,7 @@ def kernel_parameters(args: tuple) -> list:
     parameters = []
     for value in args:
         if isinstance(value, DeviceView):
-            if value.parameters is None:  # once per view: the backend's scratch views live across calls
+            if value.parameters is None:  # once per view, which several launches of a call share
                 value.parameters = (0, 0, value.size, value.dtype.itemsize, value.pointer, *value.shape,
                                     *value.strides)
             parameters += value.parameters
@@ -120,12 +136,20 @@ class PreparedLaunch:
             _launch(self.stream, self.config, self.kernel, *kernel_parameters(self.args))
         else:
             arguments = [a.numba() if isinstance(a, DeviceView) else a for a in self.args]
-            self.dispatcher[self.grid, self.block, self.stream](*arguments)
+            with _one_simulated_kernel_at_a_time if simulated() else nullcontext():
+                self.dispatcher[self.grid, self.block, self.stream](*arguments)
 
 
+# What launches keep from one call to the next: compiled kernels, and objects that stand for a
+# launch shape or a stream handle (wrappers that own nothing; a handle reused by a new stream
+# names that stream). No memory, no events.
+# Numba's simulator runs a kernel's threads against module-level state of its own: kernels
+# launched from two host threads at once would see each other's. (A GPU needs no such lock.)
+_one_simulated_kernel_at_a_time = threading.Lock()
 _compiled: dict[tuple, Any] = {}
 _configs: dict[tuple, Any] = {}
 _core_streams: dict[int, Any] = {}
+_MOST_STREAMS = 256  # a program that makes streams without end does not grow this map without end
 _launch = None  # cuda.core.launch, once the direct path is chosen
 
 
@@ -149,12 +173,14 @@ def prepare(dispatcher, grid, block, arrays, *args) -> PreparedLaunch:
     if _path["name"] is None:
         _choose_path()
     if _path["name"] != _DIRECT:
-        if not _simulated():  # compile now rather than inside the launch sequence
+        if not simulated():  # compile now rather than inside the launch sequence
             dispatcher.compile(tuple(dispatcher.typeof_pyval(a.numba()) if isinstance(a, DeviceView)
                                      else _numba_type(a) for a in args))
         return PreparedLaunch(dispatcher, grid, block, arrays.stream, args, None, None)
     stream = _core_streams.get(arrays.stream_handle)
     if stream is None:
+        if len(_core_streams) >= _MOST_STREAMS:
+            _core_streams.clear()
         stream = _core_streams[arrays.stream_handle] = _core_stream(arrays)
     key = (dispatcher, arrays.device_ordinal, *map(_argument_key, args))
     kernel = _compiled.get(key)
