@@ -467,7 +467,7 @@ def capture_graph(step):
     """``step`` captured in a CUDA graph; returns its replay."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up outside the capture: compilation, scratch, allocator
+    with torch.cuda.stream(side):  # warm up outside the capture: compilation, torch's allocator
         for _ in range(3):
             step()
     torch.cuda.current_stream().wait_stream(side)

@@ -290,17 +290,17 @@ class DeviceArrays:
         self.stream_handle = self.memory.stream_handle
         self.device_ordinal = self.memory.device_ordinal
         self.sync = bool(sync)
+        # Numba's current device may differ from the arrays' (torch's current device is its own)
+        self._elsewhere = not simulated() and cuda.get_current_device().id != self.device_ordinal
         self.capturing = is_capturing(self.stream_handle)
         if self.capturing and self.sync:
             raise ValueError("sync=True waits for the GPU, which a stream under CUDA graph capture cannot; "
                              "pass sync=False to capture this call")
 
     def device_context(self):
-        """Numba's context for the device of the call's arrays (torch's current device may differ
-        from Numba's): kernels are bound, and Numba allocates, in the current context."""
-        if simulated() or cuda.get_current_device().id == self.device_ordinal:
-            return nullcontext()
-        return cuda.gpus[self.device_ordinal]
+        """Numba's context for the device of the call's arrays: kernels are bound, and Numba and
+        the stream-ordered pool allocate, in the current context."""
+        return cuda.gpus[self.device_ordinal] if self._elsewhere else nullcontext()
 
     def asarray(self, x: Any, what: str) -> DeviceView:
         if isinstance(x, DeviceView):
