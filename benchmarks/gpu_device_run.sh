@@ -8,14 +8,16 @@
 #      bad labels, graph capture, memory outside torch's allocator), each verdict written to
 #      $OUT/first-run.json as soon as its stage ends. If the preflight fails (no GPU, a driver
 #      that refuses the kernels' PTX) nothing after it runs.
-#   2. the CUDA tests on the device: real torch and CuPy arrays
-#   3. tests/test_gpu_training.py: a training step captured in a CUDA graph, streams
-#   4. benchmarks/gpu_check.py: correctness on the device, then the timings and the goals
-#   5. tests/test_gpu_jax.py: centerkern.jax's custom call on XLA's device buffers and stream
+#   2. one small case under compute-sanitizer's memcheck (where it is installed)
+#   3. the CUDA tests on the device: real torch and CuPy arrays
+#   4. tests/test_gpu_training.py: a training step captured in a CUDA graph, streams
+#   5. benchmarks/gpu_check.py: correctness on the device, then the timings and the goals
+#   6. tests/test_gpu_jax.py: centerkern.jax's custom call on XLA's device buffers and stream
+#   7. the small case under compute-sanitizer's racecheck (where installed; slow, so last)
 #
 # Each step's output goes to a log under $OUT (and to the terminal); a failed step other than
 # the preflight does not stop the next one. The whole run keeps within BUDGET_S seconds (default
-# 420, 7 minutes): each step gets its own limit, cut to what is left. The last lines list every
+# 480, 8 minutes): each step gets its own limit, cut to what is left. The last lines list every
 # step's exit code (124: out of time); the script exits 1 if any step failed.
 #
 # --small runs the first step alone, at tiny sizes, as the simulator can (NUMBA_ENABLE_CUDASIM=1
@@ -25,7 +27,7 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 : "${OUT:?set OUT to the folder that receives the logs and results}"
 mkdir -p "$OUT"
-BUDGET_S=${BUDGET_S:-420}
+BUDGET_S=${BUDGET_S:-480}
 SMALL=0
 if [ "${1:-}" = "--small" ]; then
     SMALL=1
@@ -80,22 +82,33 @@ run_step() {
 if [ "$SMALL" = 1 ]; then
     run_step first-run 300 "$PYTHON" benchmarks/gpu_first_run.py "$OUT" --small
 else
-    run_step first-run 150 "$PYTHON" benchmarks/gpu_first_run.py "$OUT"
+    run_step first-run 240 "$PYTHON" benchmarks/gpu_first_run.py "$OUT"
 fi
 if ! "$PYTHON" -c 'import json, sys; sys.exit(json.load(open(sys.argv[1]))["stages"]["preflight"]["verdict"] == "failed")' \
         "$OUT/first-run.json" 2>/dev/null; then
     echo "== the preflight failed (or never wrote its verdict): nothing after it can run here"
     SMALL=stop
 fi
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 if [ "$SMALL" = 0 ]; then
+    if [ -n "$SANITIZER" ]; then
+        run_step memcheck 60 "$SANITIZER" --tool memcheck --error-exitcode 9 \
+            "$PYTHON" benchmarks/gpu_first_run.py --sanitized-case
+    else
+        echo "== memcheck, racecheck: compute-sanitizer is not installed here" | tee "$OUT/sanitizer.log"
+    fi
     # -rs lists every skip with its reason: on this machine none may be for want of a GPU
     # (the test of what a machine without a GPU says is skipped here, by design: deselected)
-    run_step cuda-tests 150 "$PYTHON" -m pytest -q --maxfail=5 -rs --durations=15 -p no:cacheprovider \
+    run_step cuda-tests 120 "$PYTHON" -m pytest -q --maxfail=5 -rs --durations=15 -p no:cacheprovider \
         -k "(cuda or gpu) and not without_a_gpu" --ignore=tests/test_gpu_training.py tests/
     run_step gpu-training-tests 60 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_gpu_training.py
     run_step gpu-check 150 "$PYTHON" benchmarks/gpu_check.py "$OUT/gpu-$(date +%F).json"
     # JAX's custom call on the GPU: opt-in until this run has shown it right (tests/test_gpu_jax.py)
     run_step gpu-jax-tests 45 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_gpu_jax.py
+    if [ -n "$SANITIZER" ]; then
+        run_step racecheck 90 "$SANITIZER" --tool racecheck --error-exitcode 9 \
+            "$PYTHON" benchmarks/gpu_first_run.py --sanitized-case
+    fi
 fi
 
 failed=0

@@ -3,17 +3,18 @@
     python benchmarks/gpu_first_run.py OUT_DIR [--small]
 
 Stages, each a verdict ("passed", "failed", or "not possible here" with the reason) written to
-``OUT_DIR/first-run.json`` the moment it ends, so that a run cut short still says what it
-reached. After a failed preflight nothing else runs ("not run"):
+``OUT_DIR/first-run.json`` the moment it ends (a long stage writes what it has so far, as
+"running"), so that a run cut short still says what it reached. After a failed preflight nothing else runs ("not run"):
 
 1. ``preflight``: the versions of numba, numba-cuda, cuda-core, cuda-bindings, torch and CuPy;
    the driver's CUDA version; the PTX ISA version the kernels are compiled to for this GPU and
-   whether the driver loads that PTX; the launch path.
+   whether the driver JITs that PTX (for information: Numba may link it itself); a kernel
+   launched and its result read back (this decides); the launch path.
 2. ``direct_launch``: the direct launch against Numba's own launch path, bit for bit, with
    ``deterministic=True``: classes spanning tiles (B >= 200), D = 5 and D = 300, strided and
    negative-stride views, uint64 and int8 labels, B = 0, float64; and each equal to the numpy
-   backend within SPEC's tolerance. Then one small case under ``compute-sanitizer`` (memcheck
-   and racecheck), where it is installed.
+   backend within SPEC's tolerance. (``--sanitized-case`` runs one small case alone, for
+   ``compute-sanitizer``: gpu_device_run.sh runs it under memcheck and racecheck.)
 3. ``no_host_wait``: about a second of ``torch.cuda._sleep`` queued first, then a
    ``sync=False`` call: it returns long before the sleep ends, and the stream is still busy.
 4. ``streams_and_threads``: calls on two streams (one behind a sleep, the other with a larger
@@ -22,7 +23,8 @@ reached. After a failed preflight nothing else runs ("not run"):
    ``check_errors`` raises exactly once; a uint64 label is reported as written.
 6. ``graph_capture``: a step captured in a CUDA graph at a batch size no eager call has used,
    without a warm-up of its own, replayed on another stream than the eager calls: the same bits
-   as the eager steps.
+   as the eager steps; and a capture that is a fresh process's very first centerkern call (its
+   kernels loaded and its device's error record made under capture).
 7. ``memory``: at B=65536, D=2048, the device memory in use beyond torch's own accounting after
    100 steps, against before the first call: what is outside torch is the compiled modules and
    the error record only (goal: <= 64 MB).
@@ -37,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -69,7 +70,7 @@ class NotPossible(Exception):
 # --------------------------------------------------------------------------- 1. preflight
 
 
-def preflight(small):
+def preflight(small, progress):
     import importlib.metadata
 
     found = {"versions": {}}
@@ -104,13 +105,19 @@ def preflight(small):
     found["ptx_isa_version"] = next((line.split()[1] for line in ptx.splitlines() if line.startswith(".version")),
                                     None)
     with cuda.gpus[device.id]:
-        cuda.current_context()  # the primary context, current
+        # for information: Numba may link the kernels to machine code itself (nvJitLink), so a
+        # driver that cannot JIT this PTX can still run them; the launch below decides
         error, module = cuda_driver.cuModuleLoadData(ptx.encode() + b"\0")
-    found["driver_loads_the_ptx"] = error == cuda_driver.CUresult.CUDA_SUCCESS
-    if not found["driver_loads_the_ptx"]:
-        problems.append(f"the driver refuses the kernels' PTX (ISA {found['ptx_isa_version']}): {error.name}")
-    else:
-        cuda_driver.cuModuleUnload(module)
+        found["driver_jits_the_ptx"] = error == cuda_driver.CUresult.CUDA_SUCCESS
+        if found["driver_jits_the_ptx"]:
+            cuda_driver.cuModuleUnload(module)
+        else:
+            found["driver_jit_error"] = error.name
+        one = cuda.device_array(3, dtype=np.int32)
+        centerkern.cuda.kernels.fill_vector[1, 32](one, 7)
+        found["a_kernel_runs"] = bool((one.copy_to_host() == 7).all())
+    if not found["a_kernel_runs"]:
+        problems.append("a kernel launched on the GPU did not write what it should")
     return found, problems
 
 
@@ -159,7 +166,7 @@ def _run_case(features, labels, centers, updates, how, rule):
     return [to_host(output) for output in outputs]
 
 
-def direct_launch(small):
+def direct_launch(small, progress):
     found, problems = {"cases": []}, []
     direct_path = launcher.launch_path()
     for number, (name, features, labels, centers, updates, how) in enumerate(_direct_cases(small)):
@@ -179,52 +186,31 @@ def direct_launch(small):
                       and np.array_equal(direct[4], centers[labels.astype(np.int64)]))
             found["cases"].append({"case": name, "rule": rule, "same_bits_as_numbas_launch": same_bits,
                                    "equals_reference": bool(agrees)})
+            progress(found)  # a run cut short keeps the cases it reached
             if not (same_bits and agrees):
                 problems.append(f"{name}, rule {rule}: " + ", ".join(
                     what for what, ok in (("bits differ from Numba's launch", same_bits),
                                           ("differs from the reference", agrees)) if not ok))
     found["launch_path"] = direct_path
-    found["sanitizer"] = _sanitize(small)
-    for tool, outcome in found["sanitizer"].items():
-        if isinstance(outcome, dict) and outcome.get("exit_code") not in (0, None):
-            problems.append(f"compute-sanitizer {tool}: exit code {outcome['exit_code']}")
     if problems and not SIMULATED:
         # the rest of the run is still worth having: through Numba's own launch path
         launcher._fall_back("the direct launch disagreed with Numba's in this run's direct_launch stage")
     return found, problems
 
 
-_SANITIZED_CASE = """
-import numpy as np
-from numba import cuda
-import centerkern
-rng = np.random.default_rng(3)
-features = rng.standard_normal((200, 5)).astype(np.float32)
-labels = np.where(rng.random(200) < 0.9, 1, rng.integers(0, 7, 200))
-centers = rng.standard_normal((7, 5)).astype(np.float32)
-for deterministic in (False, True):
-    device_centers = cuda.to_device(centers)
-    centerkern.center_loss(cuda.to_device(features), cuda.to_device(labels), device_centers, 0.5, out=device_centers,
-                           deterministic=deterministic)
-    centerkern.gather_centers(device_centers, cuda.to_device(labels))
-print("sanitized case done")
-"""
-
-
-def _sanitize(small):
-    sanitizer = shutil.which("compute-sanitizer")
-    if SIMULATED or sanitizer is None:
-        return {"why": "the simulator has no GPU to sanitize" if SIMULATED else "compute-sanitizer is not installed"}
-    outcomes = {}
-    for tool, limit in (("memcheck", 120), ("racecheck", 180)):
-        try:
-            done = subprocess.run([sanitizer, "--tool", tool, "--error-exitcode", "9", sys.executable, "-c",
-                                   _SANITIZED_CASE], capture_output=True, text=True, timeout=limit)
-            lines = (done.stdout + done.stderr).strip().splitlines()
-            outcomes[tool] = {"exit_code": done.returncode, "last_lines": lines[-6:]}
-        except subprocess.TimeoutExpired:
-            outcomes[tool] = {"exit_code": None, "why": f"did not finish within {limit} s"}
-    return outcomes
+def sanitized_case():
+    """One small case for compute-sanitizer (memcheck, racecheck), run by gpu_device_run.sh as a
+    process of its own: classes spanning tiles, both modes, and the gather."""
+    rng = np.random.default_rng(3)
+    features = rng.standard_normal((200, 5)).astype(np.float32)
+    labels = np.where(rng.random(200) < 0.9, 1, rng.integers(0, 7, 200))
+    centers = rng.standard_normal((7, 5)).astype(np.float32)
+    for deterministic in (False, True):
+        device_centers = cuda.to_device(centers)
+        centerkern.center_loss(cuda.to_device(features), cuda.to_device(labels), device_centers, 0.5,
+                               out=device_centers, deterministic=deterministic)
+        centerkern.gather_centers(device_centers, cuda.to_device(labels))
+    print("the sanitized case ran")
 
 
 # --------------------------------------------------------------------------- 3. no host wait
@@ -241,7 +227,7 @@ def _torch_case(seed, batch, width, classes, hot_share=0.5):
     return host, [torch.as_tensor(a, device="cuda") for a in host]
 
 
-def no_host_wait(small):
+def no_host_wait(small, progress):
     if not TORCH_CUDA:
         raise NotPossible(NO_TORCH_CUDA)
     (features, labels, centers, _), (d_features, d_labels, d_centers, _) = _torch_case(1, 4096, 256, 1000)
@@ -278,7 +264,7 @@ def _compare(result, reference, features, centers, what, problems):
         problems.append(f"{what}: grad")
 
 
-def streams_and_threads(small):
+def streams_and_threads(small, progress):
     problems, found = [], {"arrays": KIND}
     rng = np.random.default_rng(2)
     sizes = ((30, 4, 5), (70, 6, 9)) if small else ((2048, 128, 500), (16384, 256, 5000))
@@ -296,6 +282,8 @@ def streams_and_threads(small):
                 results.append(centerkern.center_loss(*inputs[index], 0.5, sync=False))
         streams[1].synchronize()
         found["first_stream_still_asleep_when_the_second_was_done"] = not streams[0].query()
+        if not found["first_stream_still_asleep_when_the_second_was_done"]:
+            problems.append("the second stream's call waited for the first stream's")
         torch.cuda.synchronize()
     else:
         streams = [cuda.stream(), cuda.stream()]
@@ -335,7 +323,7 @@ def streams_and_threads(small):
 # --------------------------------------------------------------------------- 5. bad labels
 
 
-def bad_labels(small):
+def bad_labels(small, progress):
     rng = np.random.default_rng(5)
     found = {kind: check_bad_labels(rng, kind) for kind in device_kinds()}
     problems = [f"{kind}: {problem}" for kind, listed in found.items() for problem in listed]
@@ -354,7 +342,7 @@ def bad_labels(small):
 # --------------------------------------------------------------------------- 6. graph capture
 
 
-def graph_capture(small):
+def graph_capture(small, progress):
     if not TORCH_CUDA:
         raise NotPossible(NO_TORCH_CUDA)
     problems = []
@@ -388,13 +376,42 @@ def graph_capture(small):
         if not found[key]:
             problems.append(f"graph replay: {key} is False")
     centerkern.cuda.check_errors()
+    found["first_call_captured_in_a_fresh_process"] = _capture_first_call_in_a_fresh_process()
+    if not found["first_call_captured_in_a_fresh_process"].get("equal"):
+        problems.append("a capture as a fresh process's first call: " + str(found["first_call_captured_in_a_fresh_process"]))
     return found, problems
+
+
+_CAPTURED_FIRST = """
+import json, numpy as np, torch, centerkern, centerkern.cuda
+rng = np.random.default_rng(9)
+features = torch.as_tensor(rng.standard_normal((257, 12), dtype=np.float32), device="cuda")
+labels = torch.as_tensor(rng.integers(0, 9, 257), device="cuda")
+centers = torch.as_tensor(rng.standard_normal((9, 12), dtype=np.float32), device="cuda")
+graphed = centers.clone()
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):  # the process's first centerkern call: its record and kernels made here
+    centerkern.center_loss(features, labels, graphed, 0.5, out=graphed, sync=False, deterministic=True)
+graph.replay()
+torch.cuda.synchronize()
+eager = centers.clone()
+centerkern.center_loss(features, labels, eager, 0.5, out=eager, deterministic=True)
+print("CAPTURED", json.dumps({"equal": bool(torch.equal(graphed, eager))}))
+"""
+
+
+def _capture_first_call_in_a_fresh_process():
+    done = subprocess.run([sys.executable, "-c", _CAPTURED_FIRST], capture_output=True, text=True, timeout=120)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("CAPTURED ")]
+    if done.returncode != 0 or not lines:
+        return {"equal": False, "exit_code": done.returncode, "error": done.stderr.strip()[-1500:]}
+    return json.loads(lines[-1][len("CAPTURED "):])
 
 
 # --------------------------------------------------------------------------- 7. memory
 
 
-def memory(small):
+def memory(small, progress):
     if not TORCH_CUDA:
         raise NotPossible(NO_TORCH_CUDA)
     found = gpu_check.memory_outside_torch(*((1024, 64, 1000, 10) if small else (65536, 2048, 100_000, 100)))
@@ -413,10 +430,10 @@ def memory(small):
 STAGES = [preflight, direct_launch, no_host_wait, streams_and_threads, bad_labels, graph_capture, memory]
 
 
-def run_stage(function, small):
+def run_stage(function, small, progress):
     start = time.perf_counter()
     try:
-        found, problems = function(small)
+        found, problems = function(small, progress)
         verdict = "failed" if problems else "passed"
         entry = {"verdict": verdict, "problems": problems, **found}
     except NotPossible as reason:
@@ -430,9 +447,16 @@ def run_stage(function, small):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", help="folder that receives first-run.json")
+    parser.add_argument("out", nargs="?", help="folder that receives first-run.json")
     parser.add_argument("--small", action="store_true", help="tiny sizes, for the simulator")
+    parser.add_argument("--sanitized-case", action="store_true",
+                        help="run only the small case for compute-sanitizer, and no stage")
     args = parser.parse_args(argv)
+    if args.sanitized_case:
+        sanitized_case()
+        return 0
+    if args.out is None:
+        parser.error("the output folder is required")
     if SIMULATED and args.small:
         gpu_check.shrink_simulated_launches()
     os.makedirs(args.out, exist_ok=True)
@@ -443,7 +467,10 @@ def main(argv=None):
         if name != "preflight" and report["stages"]["preflight"]["verdict"] == "failed":
             entry = {"verdict": "not run", "why": "preflight failed"}
         else:
-            entry = run_stage(function, args.small)
+            def progress(found, name=name):
+                report["stages"][name] = {"verdict": "running", **found}
+                gpu_check.save(report, path)
+            entry = run_stage(function, args.small, progress)
         report["stages"][name] = entry
         report["launch_path"] = centerkern.cuda.launch_path()
         gpu_check.save(report, path)

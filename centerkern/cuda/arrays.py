@@ -92,7 +92,8 @@ def stream_handle(stream: Any) -> int:
 def _numba_stream(stream: Any) -> tuple[int, Any]:
     """(handle, Numba stream object) for the ``stream=`` keyword."""
     if stream is None:
-        return 0, cuda.default_stream()
+        default = cuda.default_stream()  # the legacy stream, or the per-thread one if Numba is set so
+        return (0 if simulated() else stream_handle(default)), default
     if simulated() and hasattr(stream, "synchronize"):
         return id(stream), stream  # the simulator's streams have no handle; it runs everything in order
     handle = stream_handle(stream)
@@ -296,6 +297,12 @@ class DeviceArrays:
         if self.capturing and self.sync:
             raise ValueError("sync=True waits for the GPU, which a stream under CUDA graph capture cannot; "
                              "pass sync=False to capture this call")
+        if self.capturing and self.memory.name == "numba":
+            raise ValueError(
+                "a call on Numba device arrays cannot be captured in a CUDA graph: its results are Numba "
+                "allocations (cuMemAlloc), which a capture cannot make; capture calls on torch tensors or CuPy "
+                "arrays, whose allocators serve graphs"
+            )
 
     def device_context(self):
         """Numba's context for the device of the call's arrays: kernels are bound, and Numba and

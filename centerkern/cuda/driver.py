@@ -20,7 +20,7 @@ from .._errors import label_out_of_range
 from .._rules import RuleCoefficients
 from . import kernels, record
 from .arrays import DeviceArrays, grid_1d, launch_1d, row_blocks, row_threads
-from .launcher import prepare
+from .launcher import prepare, setup_under_capture
 from .views import DeviceView
 
 # the bookkeeping counts rows in int32 (see kernels): B - row and row + 1 must fit
@@ -54,7 +54,8 @@ class _Call:
         self._context.__enter__()
         try:
             record.raise_pending(self.arrays.device_ordinal)  # before this call writes anything
-            self.record = record.for_current_context(self.arrays.device_ordinal)
+            with setup_under_capture(self.arrays.capturing):  # made once per device context
+                self.record = record.for_current_context(self.arrays.device_ordinal)
         except BaseException:
             self._context.__exit__(None, None, None)
             raise
@@ -96,7 +97,9 @@ class _Call:
     def _own_verdict(self) -> IndexError | None:
         if self.verdict is None:
             return None
-        position, value, num_classes, negative = (int(v) for v in self.verdict.numba().copy_to_host())
+        verdict = self.verdict.numba().copy_to_host(stream=self.arrays.stream)
+        self.arrays.stream.synchronize()
+        position, value, num_classes, negative = (int(v) for v in verdict)
         if position == kernels.NO_ROW:
             return None
         if value < 0 and not negative:
@@ -206,9 +209,9 @@ def _segmented_update(call, rows, labels, centers, written, grad, loss, copy_fro
         prepare(kernels.number_spanning, tile_blocks, kernels.TILE_ROWS, arrays, labels, num_classes, counters,
                 spanning_leaders, run_slots, deterministic),
     ]
-    if not deterministic:
-        launches.append(prepare(kernels.clear_spanning_sums, (row_blocks(sums), column_blocks), threads, arrays,
-                                spanning_sums, counters))
+    if not deterministic:  # grid-stride over the rows in use, which are far fewer than the bound
+        launches.append(prepare(kernels.clear_spanning_sums, (grid_1d(sums * threads), column_blocks), threads,
+                                arrays, spanning_sums, counters))
     if copy_from is not None:
         launches.append(prepare(kernels.copy_rows, row_blocks(num_classes), threads, arrays,
                                 copy_from, centers, counters, centers.fresh))

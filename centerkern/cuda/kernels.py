@@ -113,7 +113,10 @@ def _post(record, position, value, num_classes, negative):
     not looked for RECORD_SLOTS bad calls) the verdict is counted in DROPPED instead."""
     ticket = cuda.atomic.add(record, WRITTEN, 0)  # an atomic read
     while True:
-        if ticket - record[TAKEN] >= RECORD_SLOTS:
+        # a fresh read of the host's TAKEN: a compare-and-swap that never matches (TAKEN is never
+        # -1) reads it from memory and writes nothing, so it cannot undo a store of the host's
+        taken = cuda.atomic.cas(record, TAKEN, -1, -1)
+        if ticket - taken >= RECORD_SLOTS:
             cuda.atomic.add(record, DROPPED, 1)
             return
         seen = cuda.atomic.cas(record, WRITTEN, ticket, ticket + 1)

@@ -63,6 +63,26 @@ def _fall_back(reason: str) -> None:
 
 
 @contextmanager
+def setup_under_capture(capturing: bool):
+    """One-time setup of a call under CUDA graph capture (loading a kernel's module, making the
+    device's error record): this thread's capture mode is relaxed while it runs, since such setup
+    touches no stream but is among the calls that global capture mode forbids. Nothing queued
+    on the capturing stream is affected."""
+    if not capturing or simulated():
+        yield
+        return
+    from cuda.bindings import driver as cuda_driver
+
+    relaxed = cuda_driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED
+    error, previous = cuda_driver.cuThreadExchangeStreamCaptureMode(relaxed)
+    try:
+        yield
+    finally:
+        if error == cuda_driver.CUresult.CUDA_SUCCESS:
+            cuda_driver.cuThreadExchangeStreamCaptureMode(previous)
+
+
+@contextmanager
 def numba_launch_path(why: str = "asked for by numba_launch_path()"):
     """Launch through Numba's own path while the block runs, then as before: the first run on a
     GPU compares the direct launch with it, bit for bit."""
@@ -174,8 +194,9 @@ def prepare(dispatcher, grid, block, arrays, *args) -> PreparedLaunch:
         _choose_path()
     if _path["name"] != _DIRECT:
         if not simulated():  # compile now rather than inside the launch sequence
-            dispatcher.compile(tuple(dispatcher.typeof_pyval(a.numba()) if isinstance(a, DeviceView)
-                                     else _numba_type(a) for a in args))
+            with setup_under_capture(arrays.capturing):
+                dispatcher.compile(tuple(dispatcher.typeof_pyval(a.numba()) if isinstance(a, DeviceView)
+                                         else _numba_type(a) for a in args))
         return PreparedLaunch(dispatcher, grid, block, arrays.stream, args, None, None)
     stream = _core_streams.get(arrays.stream_handle)
     if stream is None:
@@ -186,9 +207,10 @@ def prepare(dispatcher, grid, block, arrays, *args) -> PreparedLaunch:
     kernel = _compiled.get(key)
     if kernel is None:
         try:
-            compiled = dispatcher.compile(tuple(map(_numba_type, args)))
-            compiled.bind()
-            kernel = compiled._codelibrary.get_cufunc().kernel
+            with setup_under_capture(arrays.capturing):  # the module is loaded here, once
+                compiled = dispatcher.compile(tuple(map(_numba_type, args)))
+                compiled.bind()
+                kernel = compiled._codelibrary.get_cufunc().kernel
         except AttributeError as error:  # numba-cuda internals moved: use its own launch path
             _fall_back(f"compiled kernel handle unavailable: {error}")
             return prepare(dispatcher, grid, block, arrays, *args)
