@@ -53,9 +53,11 @@ class _Call:
         self._context = self.arrays.device_context()
         self._context.__enter__()
         try:
-            record.raise_pending(self.arrays.device_ordinal)  # before this call writes anything
             with setup_under_capture(self.arrays.capturing):  # made once per device context
                 self.record = record.for_current_context(self.arrays.device_ordinal)
+            earlier = self.record.take()  # an earlier sync=False call's bad label, raised before this call writes
+            if earlier is not None:
+                raise earlier
         except BaseException:
             self._context.__exit__(None, None, None)
             raise

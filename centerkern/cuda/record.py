@@ -87,15 +87,6 @@ def for_current_context(device_ordinal: int) -> ErrorRecord:
     return record
 
 
-def raise_pending(device_ordinal: int) -> None:
-    """Raise the bad label of an earlier ``sync=False`` call on this device that has finished,
-    if there is one (the current context must be this device's)."""
-    record = _records.get(_context_key(cuda.current_context()))
-    error = None if record is None else record.take()
-    if error is not None:
-        raise error
-
-
 def check_errors(device: Any = None) -> None:
     """Wait for the GPU, then raise the ``IndexError`` of a bad label left by a call made with
     ``sync=False`` (SPEC: "Device arrays"), if there is one.
