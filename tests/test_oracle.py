@@ -70,8 +70,9 @@ PLANTED_BUGS = [
 FORM_MISTAKES = {"the loss is not a scalar", "the centers come back transposed", "the centers come back as float32",
                  "this looks like the gradient with respect to the features",
                  "new centers were returned for rule 'pytorch'"}
-# shapes that cannot be compared with the reference's: no value is matched against a known mistake
-UNCOMPARABLE = FORM_MISTAKES - {"the centers come back as float32"}
+# forms that hide the values: that quantity is not compared where its form is wrong (the others
+# are); transposed centers are compared transposed back, and float32 values as they are
+UNCOMPARABLE = {"the loss is not a scalar", "new centers were returned for rule 'pytorch'"}
 
 
 @pytest.mark.parametrize("step, rule, right", PLANTED_BUGS, ids=[bug[0].__name__ for bug in PLANTED_BUGS])
@@ -90,7 +91,7 @@ def test_planted_bugs_get_their_diagnosis_and_never_a_wrong_one(step, rule, righ
         if any(name in message for name in FORM_MISTAKES):  # form first: no formula diagnosis on it
             assert FORM in message and "diagnosis (confirmed" not in message, message
         if any(name in message for name in UNCOMPARABLE):
-            assert "what each quantity matches" not in message, message
+            assert "not compared" in message or "no formula is matched" in message, message
 
 
 def test_a_mistake_is_named_only_after_the_larger_cases_confirm_it():

@@ -13,11 +13,12 @@
 
 ``check_center_loss`` draws cases with hypothesis (heavy duplicates, one class, batches of one,
 both dtypes, odd layouts), runs the step and centerkern's ``numpy`` reference, and on the first
-disagreement raises an ``AssertionError`` for the smallest failing case it can find, saying which
-quantity differs and by how much, then what each differing quantity matches among the known
-mistakes (``KNOWN_MISTAKES``) and which mistake, if any, reproduces them all, checked on larger
-cases chosen to tell the mistakes apart, so that the diagnosis never names a mistake the step
-did not make.
+disagreement raises a ``CenterLossMismatch`` (an ``AssertionError``) for the smallest failing case
+it can find: which quantity differs and by how much, the outputs' form problems, what each
+quantity does on that case and on larger cases chosen to tell the mistakes apart (it "agrees"
+only if it agrees on all of them), the known mistakes (``KNOWN_MISTAKES``) that reproduce it on
+every case, and the diagnosis: one mistake, several at once, or none known. It never names a
+mistake the step did not make, and never calls a quantity right that differs somewhere.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ import numpy as np
 
 from .._rules import RULES
 from .._validation import check_choice
-from ._diagnosis import diagnose, third_name
+from ._diagnosis import Diagnosis, comparable, diagnose, form_mistakes, third_name
 from ._mistakes import KNOWN_MISTAKES, Quantities, reference
 
-__all__ = ["check_center_loss", "close_within", "difference", "FRAMEWORKS", "BACKEND_TOLERANCE", "KNOWN_MISTAKES"]
+__all__ = ["check_center_loss", "CenterLossMismatch", "Diagnosis", "close_within", "difference", "FRAMEWORKS",
+           "BACKEND_TOLERANCE", "KNOWN_MISTAKES"]
 
 FRAMEWORKS = ("numpy", "torch", "jax", "tensorflow")
 # a third-party step against the reference: its own summation order, float32 intermediates
@@ -98,6 +100,16 @@ def difference(got, expected) -> str:
 # --------------------------------------------------------------------------- the check
 
 
+class CenterLossMismatch(AssertionError):
+    """What ``check_center_loss`` raises: an ``AssertionError`` whose message is the report, and
+    whose ``diagnosis`` (a ``Diagnosis``) holds the same findings as data: the cases run, the form
+    problems, each quantity's differences per case, and the mistakes that explain them."""
+
+    def __init__(self, report: str, diagnosis: Diagnosis):
+        super().__init__(report)
+        self.diagnosis = diagnosis
+
+
 class _Disagreement(AssertionError):
     """A case where the step disagrees with the reference. Raised bare while hypothesis shrinks;
     the report (with its diagnosis, which runs the step on further cases) is made once, for the
@@ -119,39 +131,49 @@ def _run_step(step, rule, framework, case) -> Quantities:
     return Quantities(_to_numpy(outputs[0]), _to_numpy(outputs[1]), third)
 
 
-def _problems(observed: Quantities, rule: str, case) -> list[str]:
-    """What differs from the reference, in words (empty when the step agrees)."""
+def _value_problems(observed: Quantities, rule: str, case) -> list[str]:
+    """Which values differ from the reference, in words (empty when they agree). ``observed`` is
+    as it can be compared (see ``_diagnosis.comparable``): a None is not compared. Values handed
+    back in float32 are held to float32's tolerance; their dtype is a form problem, told apart."""
     features, labels, centers, alpha = case
     expected = reference(features, labels, centers, alpha, rule)
-    tolerance = TOLERANCE[np.dtype(features.dtype)]
+
+    def tolerance(value):
+        return max(TOLERANCE[np.dtype(features.dtype)], TOLERANCE.get(np.asarray(value).dtype, 0.0))
+
     problems = []
-    if np.size(observed.loss) != 1:
-        problems.append(f"the loss has shape {np.shape(observed.loss)}, not a scalar")
-    else:
+    if observed.loss is not None:
         loss = float(np.asarray(observed.loss).reshape(()))
         # A loss computed as |x|^2 + |c|^2 - 2 x.c (a distance matrix, as published code does) is
         # exact only to the scale of those terms: the rule's loss with every d_i at |x_i| + |c_i|.
         terms = reference(np.abs(features), labels, -np.abs(centers), alpha, rule).loss
-        if not close_within(loss, expected.loss, tolerance, terms):
+        if not close_within(loss, expected.loss, tolerance(observed.loss), terms):
             problems.append(f"loss is {loss:.9g}, expected {expected.loss:.9g} (relative difference "
                             f"{abs(loss - expected.loss) / max(abs(expected.loss), 1e-300):.3g})")
-    if not close_within(observed.centers, expected.centers, tolerance, features, centers):
+    if observed.centers is not None and not close_within(observed.centers, expected.centers,
+                                                         tolerance(observed.centers), features, centers):
         problems.append(f"centers differ: {difference(observed.centers, expected.centers)}")
-    if observed.third is not None and not close_within(observed.third, expected.third, tolerance, features, centers):
+    if observed.third is not None and not close_within(observed.third, expected.third, tolerance(observed.third),
+                                                       features, centers):
         problems.append(f"{third_name(rule)} differs: {difference(observed.third, expected.third)}")
-    if observed.centers.dtype != features.dtype and np.issubdtype(observed.centers.dtype, np.floating):
-        problems.append(f"centers come back as {observed.centers.dtype} for {features.dtype} inputs")
     return problems
 
 
-def _check_case(step, rule, framework, *case):
+def _check_case(step, rule, framework, case, on_form) -> None:
+    """Raise ``_Disagreement`` where the step's values differ from the reference. A form problem
+    whose values still agree goes to ``on_form`` instead, so that the search keeps looking (and
+    shrinking) for a formula's mistake, which a form problem present at every size would hide."""
+    features, _, centers, _ = case
     observed = _run_step(step, rule, framework, case)
-    problems = _problems(observed, rule, case)
+    form = form_mistakes(observed, rule, features, centers)
+    problems = _value_problems(comparable(observed, form), rule, case)
+    if form:  # kept for the report, whichever case it ends up shrunk to
+        on_form(_Disagreement(case, observed, [problem.text for problem in form]))
     if problems:
-        raise _Disagreement(case, observed, problems)
+        raise _Disagreement(case, observed, problems + [problem.text for problem in form])
 
 
-def _report(disagreement: _Disagreement, step, rule, framework) -> str:
+def _report(disagreement: _Disagreement, step, rule, framework, met=()) -> CenterLossMismatch:
     features, labels, centers, alpha = disagreement.case
     counts = np.bincount(labels, minlength=centers.shape[0])
     arrays = ""
@@ -160,13 +182,22 @@ def _report(disagreement: _Disagreement, step, rule, framework) -> str:
                   f"\ncenters={np.array2string(centers, separator=', ')}")
     diagnosis = diagnose(lambda case: _run_step(step, rule, framework, case), rule, disagreement.case,
                          disagreement.observed)
-    return (
+    told = {problem.text for _, problem in diagnosis.form}
+    for other in met:  # form problems of cases the search met but did not shrink to (another dtype, say)
+        (other_features, _, other_centers, _) = other.case
+        where = f"B={other_features.shape[0]}, D={other_features.shape[1]}, dtype {other_features.dtype}"
+        for text in other.problems:
+            if text not in told:
+                told.add(text)
+                diagnosis.form_elsewhere.append((where, text))
+    report = (
         f"center-loss step disagrees with centerkern's reference for rule {rule!r}:\n  - "
         + "\n  - ".join(disagreement.problems)
         + f"\ncase: B={features.shape[0]}, D={features.shape[1]}, K={centers.shape[0]}, dtype {features.dtype}, "
-        f"alpha={alpha}, labels={labels.tolist()} (most repeated class: {int(counts.max())} samples)"
-        + arrays + "\n" + diagnosis
+        f"alpha={alpha}, labels={labels.tolist()} (most repeated class: {int(counts.max(initial=0))} samples)"
+        + arrays + "\n" + diagnosis.render()
     )
+    return CenterLossMismatch(report, diagnosis)
 
 
 def check_center_loss(step: Callable, rule: str = "facenet", *, framework: str = "numpy", max_examples: int = 200,
@@ -196,11 +227,15 @@ def check_center_loss(step: Callable, rule: str = "facenet", *, framework: str =
 
     Raises
     ------
-    AssertionError
-        For the smallest failing case found: what differs and by how much; then either the
-        outputs' form mistakes (a shape, dtype or kind the rule does not ask for), or what each
-        differing quantity matches among the known mistakes and the diagnosis, both checked on
-        further cases chosen to tell the mistakes apart (see ``centerkern.testing._diagnosis``).
+    CenterLossMismatch
+        An ``AssertionError``, for the smallest failing case found (one where a value differs, if
+        any case shows one; else one with a form problem): what differs and by how much; the
+        outputs' form problems (a shape, dtype or kind the rule does not ask for); what each
+        quantity does on that case and on larger ones chosen to tell the mistakes apart (it
+        "agrees" only if it agrees on every one), with the known mistakes that reproduce it on
+        every case; and the diagnosis: one mistake, several at once (each with the quantity it
+        explains), or none known. Its ``diagnosis`` attribute holds the same findings as data
+        (see ``centerkern.testing._diagnosis``).
     """
     check_choice(rule, "rule", RULES)
     check_choice(framework, "framework", FRAMEWORKS)
@@ -214,15 +249,23 @@ def check_center_loss(step: Callable, rule: str = "facenet", *, framework: str =
 
     from .strategies import center_loss_inputs
 
-    @settings(max_examples=max_examples, deadline=None, database=None, print_blob=False, report_multiple_bugs=False,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(center_loss_inputs(alpha=alpha, dtypes=tuple(np.dtype(d).type for d in dtypes)))
-    def agrees_with_reference(case):
-        _check_case(step, rule, framework, *case)
+    def search(on_form):
+        @settings(max_examples=max_examples, deadline=None, database=None, print_blob=False,
+                  report_multiple_bugs=False, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        @given(center_loss_inputs(alpha=alpha, dtypes=tuple(np.dtype(d).type for d in dtypes)))
+        def agrees_with_reference(case):
+            _check_case(step, rule, framework, case, on_form)
 
-    if seed is not None:
-        agrees_with_reference = hypothesis.seed(seed)(agrees_with_reference)
-    try:
+        if seed is not None:
+            agrees_with_reference = hypothesis.seed(seed)(agrees_with_reference)
         agrees_with_reference()
+
+    form_found = []
+    try:
+        search(form_found.append)  # values first: a formula's mistake, shrunk
+        if form_found:
+            def fail(disagreement):
+                raise disagreement
+            search(fail)  # the values agree everywhere: the form problem alone, shrunk
     except _Disagreement as disagreement:
-        raise AssertionError(_report(disagreement, step, rule, framework)) from None
+        raise _report(disagreement, step, rule, framework, form_found) from None

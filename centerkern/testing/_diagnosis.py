@@ -1,22 +1,31 @@
 """What the oracle tells a user whose step disagrees with the reference, so that it never misleads.
 
-1. **Form first.** Outputs of the wrong shape, dtype or kind (a loss that is not a scalar,
-   transposed centers, the features' gradient where ``grad_centers`` belongs, new centers from a
-   ``pytorch`` step) are named as such, and no formula is matched against them.
-2. **Evidence per quantity.** Each quantity that differs (loss, centers, the third output) is
-   matched on its own against every known mistake (``_mistakes``): the user learns, say, that the
-   centers follow rule ``wen`` while the loss is facenet's.
-3. **Discriminate before naming.** A shrunk case can be too small to tell mistakes apart (at
-   B = D = 1 the loss scales 1/B, 1/(B·D) and a plain sum coincide; with one sample per class
-   facenet's and wen's counts do). The step is run again on larger fixed cases (repeated labels,
-   several columns, classes absent from the batch, alpha other than 0.5), and a mistake counts
-   for a quantity only if it reproduces that quantity on every case. A mistake is *the*
-   diagnosis only if it reproduces every quantity the step returned: the ones that differ, and
-   the ones that are right.
+1. **Form, per quantity.** Outputs of the wrong shape, dtype or kind (a loss that is not a
+   scalar, transposed centers, the features' gradient where ``grad_centers`` belongs, new centers
+   from a ``pytorch`` step, float32 results for float64 inputs) are named as such. A quantity
+   whose form hides its values is not compared; one whose values can still be read is compared
+   as the step returned it (float32 values at float32's tolerance, transposed centers transposed
+   back); the other quantities are compared as usual.
+2. **Every claim on every case.** A shrunk case can be too small to show a mistake (no repeated
+   label, one column) or to tell mistakes apart (at B = D = 1 the loss scales 1/B, 1/(B·D) and a
+   plain sum coincide; with one sample per class facenet's and wen's counts do). The step is run
+   again on larger fixed cases (repeated labels, several columns, classes absent from the batch,
+   alpha other than 0.5). A quantity "agrees with the reference" only if it agrees on every case;
+   otherwise its line says on which cases it differs and by how much.
+3. **Evidence per quantity.** Each quantity that differs is matched on its own against every
+   known mistake (``_mistakes``), and a mistake counts for it only if it reproduces that quantity
+   on every case: the user learns, say, that the centers follow rule ``wen`` while the loss is
+   facenet's.
+4. **One mistake, several, or none.** A mistake is *the* diagnosis if it reproduces every
+   quantity the step returned on every case. Otherwise, if each quantity that differs is
+   reproduced by some mistake on every case, the step makes several mistakes at once and each is
+   named with the quantity it explains. Otherwise the report says that no known mistake, nor a
+   combination of them, explains the step.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -24,6 +33,7 @@ import numpy as np
 from ._mistakes import KNOWN_MISTAKES, Mistake, Quantities, reference
 
 QUANTITIES = ("loss", "centers", "third")
+FORM_DIAGNOSIS = "diagnosis: the outputs do not have the form the rule asks for (above)"
 
 
 def third_name(rule: str) -> str:
@@ -43,46 +53,87 @@ def discriminating_cases(dtype) -> list[tuple]:
     return cases
 
 
-def form_mistakes(observed: Quantities, rule: str, features: np.ndarray, centers: np.ndarray) -> list[tuple[str, bool]]:
-    """Outputs that do not have the form the rule asks for, each named as such, and whether the
-    values can still be compared with the reference (a wrong dtype: yes; a wrong shape: no)."""
+# --------------------------------------------------------------------------- form
+
+
+@dataclass(frozen=True)
+class FormProblem:
+    text: str  # what the user is told
+    quantity: str  # "loss", "centers" or "third"
+    # how to read the values as the rule's form despite the problem (identity for a dtype,
+    # a transpose for transposed centers), or None where the values cannot be compared
+    restore: Callable[[np.ndarray], np.ndarray] | None
+
+
+def _as_returned(value):
+    return value
+
+
+def _lower_precision(value, features) -> bool:
+    dtype = np.asarray(value).dtype
+    return np.issubdtype(dtype, np.floating) and dtype.itemsize < features.dtype.itemsize
+
+
+def form_mistakes(observed: Quantities, rule: str, features: np.ndarray, centers: np.ndarray) -> list[FormProblem]:
+    """Outputs that do not have the form the rule asks for, each named as such, with how (or
+    whether) their values can still be compared with the reference."""
     (batch, width), classes = features.shape, centers.shape[0]
     found = []
     if np.size(observed.loss) != 1:
-        found.append((f"the loss is not a scalar: shape {np.shape(observed.loss)} (return one number: the mean "
-                      "or sum the rule asks for)", False))
+        found.append(FormProblem(f"the loss is not a scalar: shape {np.shape(observed.loss)} (return one number: the "
+                                 "mean or sum the rule asks for)", "loss", None))
+    elif _lower_precision(observed.loss, features):
+        found.append(FormProblem(f"the loss comes back as {np.asarray(observed.loss).dtype} for {features.dtype} "
+                                 "inputs", "loss", _as_returned))
     got = observed.centers
     if got.shape != centers.shape:
-        if got.shape == centers.shape[::-1]:
-            found.append((f"the centers come back transposed: shape {got.shape}, expected {centers.shape} (K, D)",
-                          False))
+        if got.shape == centers.shape[::-1] and got.shape != centers.shape:
+            found.append(FormProblem(f"the centers come back transposed: shape {got.shape}, expected {centers.shape} "
+                                     "(K, D); their values are compared transposed back", "centers", np.transpose))
         else:
-            found.append((f"the centers have shape {got.shape}, expected {centers.shape} (K, D)", False))
+            found.append(FormProblem(f"the centers have shape {got.shape}, expected {centers.shape} (K, D)", "centers",
+                                     None))
     elif rule == "pytorch" and not np.array_equal(got, centers, equal_nan=True):
-        found.append(("new centers were returned for rule 'pytorch', which leaves the centers to the caller's "
-                      "optimizer: return them unchanged, and grad_centers as the third output", False))
-    elif np.issubdtype(got.dtype, np.floating) and got.dtype != features.dtype:
-        found.append((f"the centers come back as {got.dtype} for {features.dtype} inputs", True))
+        found.append(FormProblem("new centers were returned for rule 'pytorch', which leaves the centers to the "
+                                 "caller's optimizer: return them unchanged, and grad_centers as the third output",
+                                 "centers", None))
+    elif _lower_precision(got, features):
+        found.append(FormProblem(f"the centers come back as {got.dtype} for {features.dtype} inputs", "centers",
+                                 _as_returned))
     third = observed.third
     if third is not None:
         expected = (classes, width) if rule == "pytorch" else (batch, width)
         if third.shape != expected:
             if rule == "pytorch" and third.shape == (batch, width):
-                found.append(("the third output has shape (B, D): this looks like the gradient with respect to "
-                              "the features; for rule 'pytorch' the third output is grad_centers, shape (K, D)",
-                              False))
+                text = ("the third output has shape (B, D): this looks like the gradient with respect to the "
+                        "features; for rule 'pytorch' the third output is grad_centers, shape (K, D)")
             elif rule != "pytorch" and third.shape == (classes, width):
-                found.append((f"the third output has shape (K, D): this looks like grad_centers; for rule "
-                              f"{rule!r} the third output is the gradient with respect to the features, shape "
-                              "(B, D)", False))
+                text = (f"the third output has shape (K, D): this looks like grad_centers; for rule {rule!r} the "
+                        "third output is the gradient with respect to the features, shape (B, D)")
             else:
-                found.append((f"the third output ({third_name(rule)}) has shape {third.shape}, expected {expected}",
-                              False))
+                text = f"the third output ({third_name(rule)}) has shape {third.shape}, expected {expected}"
+            found.append(FormProblem(text, "third", None))
+        elif _lower_precision(third, features):
+            found.append(FormProblem(f"the third output ({third_name(rule)}) comes back as {third.dtype} for "
+                                     f"{features.dtype} inputs", "third", _as_returned))
     return found
 
 
+def comparable(observed: Quantities, form: list[FormProblem]) -> Quantities:
+    """The quantities as they can be compared with the reference: restored where their form
+    allows it, None where it does not (a None says nothing either way)."""
+    values = observed._asdict()
+    for problem in form:
+        value = values[problem.quantity]
+        values[problem.quantity] = None if value is None or problem.restore is None else problem.restore(value)
+    return Quantities(**values)
+
+
+# --------------------------------------------------------------------------- evidence
+
+
 class Evidence:
-    """The user's outputs and every mistake's predictions on one case."""
+    """The user's outputs (as they can be compared) and every mistake's predictions on one case."""
 
     def __init__(self, case: tuple, observed: Quantities, rule: str):
         features, labels, centers, alpha = case
@@ -118,9 +169,18 @@ class Evidence:
         got = getattr(self.observed, quantity)
         return got is not None and not self.matches(got, getattr(self.reference, quantity), self.tolerance(got))
 
+    def how_much(self, quantity: str) -> str:
+        """By how much the quantity differs from the reference here, in words."""
+        got, expected = getattr(self.observed, quantity), getattr(self.reference, quantity)
+        if np.ndim(expected) == 0:
+            value = float(np.asarray(got).reshape(()))
+            return f"relative difference {abs(value - expected) / max(abs(expected), 1e-300):.3g}"
+        error = np.abs(np.asarray(got, dtype=np.float64) - np.asarray(expected, dtype=np.float64))
+        return f"max abs difference {float(np.max(error, initial=0.0)):.3g}"
+
     def reproduces(self, mistake: Mistake, quantity: str) -> bool:
         """Whether ``mistake`` predicts the step's ``quantity`` here (a quantity the step did not
-        return says nothing either way)."""
+        return, or whose form hides it, says nothing either way)."""
         got = getattr(self.observed, quantity)
         if got is None:
             return True
@@ -130,55 +190,171 @@ class Evidence:
                 and (mistake.observed_must is None or mistake.observed_must(got)))
 
 
-def diagnose(step_outputs: Callable[[tuple], Quantities], rule: str, case: tuple, observed: Quantities) -> str:
-    """The report's lines after the list of differences: form mistakes, the evidence per quantity
-    (checked on the larger cases too) where the values can be compared, and the diagnosis."""
+# --------------------------------------------------------------------------- the diagnosis
+
+
+@dataclass
+class Finding:
+    """What the report says of one quantity, over every case."""
+
+    quantity: str
+    name: str  # as the user knows it: loss, centers, grad or grad_centers
+    compared: bool  # False: its form hides its values (see the form problems)
+    differs_on: list[int] = field(default_factory=list)  # case numbers, from 1
+    how_much: dict[int, str] = field(default_factory=dict)
+    not_compared_on: list[int] = field(default_factory=list)  # larger cases whose form hides it
+    explained_by: list[Mistake] = field(default_factory=list)  # reproduce it on every case compared
+    where_it_differs: list[Mistake] = field(default_factory=list)  # only where none does on every case
+
+    @property
+    def agrees(self) -> bool:
+        return self.compared and not self.differs_on and not self.not_compared_on
+
+
+@dataclass
+class Diagnosis:
+    """The oracle's findings on a step that disagrees with the reference: the cases it ran, the
+    form problems, what each quantity does on every case, and the mistakes that explain it.
+    ``check_center_loss`` raises ``CenterLossMismatch`` carrying one (``.diagnosis``)."""
+
+    rule: str
+    cases: list[tuple]  # (features, labels, centers, alpha): the shrunk case first
+    observed: list[Quantities]  # the step's outputs on each case, as returned
+    form: list[tuple[int, FormProblem]]  # (case number, problem): the shrunk case's, then new ones
+    findings: list[Finding]
+    named: list[Mistake]  # mistakes that reproduce every quantity on every case
+    skipped: list[str]
+    # (where, text): form problems of cases the search met besides these (another dtype, say)
+    form_elsewhere: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def several(self) -> dict[str, list[Mistake]]:
+        """quantity name -> the mistakes explaining it, when no single mistake explains the step
+        but every quantity that differs is explained: several mistakes at once. Empty otherwise."""
+        differing = [f for f in self.findings if f.compared and f.differs_on]
+        if self.named or not differing or not all(f.explained_by for f in differing):
+            return {}
+        return {f.name: f.explained_by for f in differing}
+
+    def render(self) -> str:
+        report = ""
+        if self.form or self.form_elsewhere:
+            report = "what is wrong with the outputs' form:\n  - " + "\n  - ".join(
+                [problem.text if number == 1 else f"on case {number}: {problem.text}" for number, problem in self.form]
+                + [f"on a case the search met ({where}): {text}" for where, text in self.form_elsewhere]) + "\n"
+        compared = [f for f in self.findings if f.compared]
+        if not compared:
+            return report + FORM_DIAGNOSIS + ", so no formula is matched against them"
+        shapes = "; ".join(f"case {number}: B={case[0].shape[0]}, D={case[0].shape[1]}, K={case[2].shape[0]}, "
+                           f"alpha={case[3]:g}" for number, case in enumerate(self.cases, 1))
+        report += (f"what each quantity matches (on this case and {len(self.cases) - 1} larger one(s): repeated "
+                   f"labels, D > 1, classes absent from the batch, alpha 0.3 and 0.8; {shapes}):\n  - "
+                   + "\n  - ".join(self._line(f) for f in self.findings))
+        if self.skipped:
+            report += "\n  (" + "; ".join(self.skipped) + ")"
+        return report + "\n" + self._verdict()
+
+    def _line(self, finding: Finding) -> str:
+        if not finding.compared:
+            return f"{finding.name}: not compared (its form, above, hides its values)"
+        if finding.agrees:
+            return f"{finding.name}: agrees with the reference on every case"
+        every = len(self.cases)
+        agreeing = [n for n in range(1, every + 1) if n not in finding.differs_on + finding.not_compared_on]
+        parts = []
+        if finding.differs_on:
+            where = ", ".join(f"case {n} ({finding.how_much[n]})" for n in finding.differs_on)
+            parts.append(f"differs on every case: {where}" if len(finding.differs_on) == every
+                         else f"differs on {where}")
+        if agreeing and finding.differs_on:
+            parts.append("agrees on " + ", ".join(f"case {n}" for n in agreeing))
+        elif agreeing:
+            parts.append("agrees with the reference on " + ", ".join(f"case {n}" for n in agreeing))
+        if finding.not_compared_on:
+            parts.append("not compared on " + ", ".join(f"case {n}" for n in finding.not_compared_on)
+                         + " (its form there, above, hides its values)")
+        differs = "; ".join(parts)
+        if not finding.differs_on:
+            return f"{finding.name}: {differs}"
+        if finding.explained_by:
+            return f"{finding.name}: {'; or '.join(m.explanation for m in finding.explained_by)} ({differs})"
+        line = f"{finding.name}: no known mistake reproduces it on every case ({differs})"
+        if finding.where_it_differs:
+            line += ("; on the cases where it differs (only) it matches: "
+                     + "; or ".join(m.explanation for m in finding.where_it_differs))
+        return line
+
+    def _verdict(self) -> str:
+        several = self.several
+        if self.named:
+            what = "; or ".join(m.explanation for m in self.named)
+        elif several:
+            what = "several mistakes at once, each reproducing its quantity on every case: " + "; ".join(
+                f"the {name}: {' or '.join(m.explanation for m in mistakes)}" for name, mistakes in several.items())
+        elif any(f.differs_on for f in self.findings):
+            unexplained = [f.name for f in self.findings if f.differs_on and not f.explained_by]
+            what = None
+            tail = ("no known mistake matches every quantity the step returned, nor does a combination of them: "
+                    f"nothing known reproduces the {' and the '.join(unexplained)} on every case")
+        else:
+            what = None
+            tail = "every quantity compared agrees with the reference on these cases"
+        if self.form or self.form_elsewhere:
+            return FORM_DIAGNOSIS + "; the values compared as they are: " + (what if what is not None else tail)
+        if what is None:
+            return "diagnosis: " + tail
+        if self.named:
+            return f"diagnosis (confirmed on the larger cases): {what}"
+        return f"diagnosis: {what}"
+
+
+def diagnose(step_outputs: Callable[[tuple], Quantities], rule: str, case: tuple, observed: Quantities) -> Diagnosis:
+    """Run the step on the larger cases too, and gather what every quantity does on each."""
     features, _, centers, _ = case
     form = form_mistakes(observed, rule, features, centers)
-    report = ""
-    if form:
-        report = "what is wrong with the outputs' form:\n  - " + "\n  - ".join(text for text, _ in form) + "\n"
-        if not all(comparable for _, comparable in form):
-            return report + ("diagnosis: the outputs do not have the form the rule asks for (above), so no formula "
-                             "is matched against them")
-    evidences, skipped = [Evidence(case, observed, rule)], []
+    cases, outputs, evidences, skipped = [case], [observed], [Evidence(case, comparable(observed, form), rule)], []
+    problems = [(1, problem) for problem in form]
     for larger in discriminating_cases(features.dtype):
         try:
             larger_observed = step_outputs(larger)
         except Exception as error:  # a step that fails elsewhere: say so, judge on what ran
             skipped.append(f"the step raised {type(error).__name__} on a larger case: {error}")
             continue
-        if not all(comparable for _, comparable in form_mistakes(larger_observed, rule, larger[0], larger[2])):
-            skipped.append(f"the step's outputs on a larger case (B={larger[0].shape[0]}) have another form")
-            continue
-        evidences.append(Evidence(larger, larger_observed, rule))
+        larger_form = form_mistakes(larger_observed, rule, larger[0], larger[2])
+        told = {problem.text for _, problem in problems}
+        problems += [(len(cases) + 1, problem) for problem in larger_form if problem.text not in told]
+        cases.append(larger)
+        outputs.append(larger_observed)
+        evidences.append(Evidence(larger, comparable(larger_observed, larger_form), rule))
 
-    def reproduced(mistake, quantity):
-        return all(evidence.reproduces(mistake, quantity) for evidence in evidences)
+    def reproduced(mistake, quantity, among=None):
+        return all(evidences[n].reproduces(mistake, quantity) for n in (range(len(evidences)) if among is None
+                                                                          else among))
 
-    named = [m for m in KNOWN_MISTAKES if all(reproduced(m, q) for q in QUANTITIES)]
+    names = {"loss": "loss", "centers": "centers", "third": third_name(rule)}
+    findings = []
+    for quantity in QUANTITIES:
+        if getattr(observed, quantity) is None and quantity == "third":
+            continue  # the step returned no third output
+        finding = Finding(quantity, names[quantity], compared=getattr(evidences[0].observed, quantity) is not None)
+        if finding.compared:
+            for number, evidence in enumerate(evidences, 1):
+                if getattr(evidence.observed, quantity) is None:
+                    finding.not_compared_on.append(number)
+                elif evidence.differs(quantity):
+                    finding.differs_on.append(number)
+                    finding.how_much[number] = evidence.how_much(quantity)
+        findings.append(finding)
+
+    differing = [f for f in findings if f.differs_on]
+    named = [m for m in KNOWN_MISTAKES if differing and all(reproduced(m, q) for q in QUANTITIES)]
     # where mistakes explain the whole step, each quantity is shown as they explain it (another
     # mistake that happens to give one quantity the same numbers, as wen's loss is facenet's
     # scaled by 1/(2B), would only be a second name for the same thing)
     candidates = named or KNOWN_MISTAKES
-    names = {"loss": "loss", "centers": "centers", "third": third_name(rule)}
-    lines = []
-    for quantity in QUANTITIES:
-        if getattr(observed, quantity) is None:
-            continue
-        if not evidences[0].differs(quantity):
-            lines.append(f"{names[quantity]}: agrees with the reference")
-            continue
-        matched = [m.explanation for m in candidates if reproduced(m, quantity)]
-        lines.append(f"{names[quantity]}: " + ("; or ".join(matched) if matched else "no known mistake reproduces it"))
-    checked_on = (f"this case and {len(evidences) - 1} larger one(s): repeated labels, D > 1, classes absent "
-                  "from the batch, alpha 0.3 and 0.8")
-    report += f"what each quantity matches (on {checked_on}):\n  - " + "\n  - ".join(lines)
-    if skipped:
-        report += "\n  (" + "; ".join(skipped) + ")"
-    if form:
-        return report + ("\ndiagnosis: the outputs do not have the form the rule asks for (above); the values "
-                         "are compared as they are")
-    if named:
-        return report + f"\ndiagnosis (confirmed on the larger cases): {'; or '.join(m.explanation for m in named)}"
-    return report + "\ndiagnosis: no known mistake matches every quantity the step returned"
+    for finding in differing:
+        finding.explained_by = [m for m in candidates if reproduced(m, finding.quantity)]
+        if not finding.explained_by:
+            among = [n - 1 for n in finding.differs_on]
+            finding.where_it_differs = [m for m in KNOWN_MISTAKES if reproduced(m, finding.quantity, among)]
+    return Diagnosis(rule, cases, outputs, problems, findings, named, skipped)

@@ -150,6 +150,27 @@ def _divided_by_count(step_of):
     return predict
 
 
+def _features_gradient_as_third(features, labels, centers, alpha, rule):
+    """Rule pytorch's third output as the gradient with respect to the features (which has the
+    shape of grad_centers exactly when B = K, where its form cannot show it)."""
+    if rule != "pytorch":
+        return None
+    right = reference(features, labels, centers, alpha, rule)
+    coefficients = rule_coefficients(rule, alpha, *features.shape)
+    differences, _, _ = _rows(features, labels, centers)
+    return right._replace(third=(coefficients.grad_scale * differences).astype(right.third.dtype))
+
+
+def _transposed_centers(features, labels, centers, alpha, rule):
+    """The centers handed back transposed. Where K = D their shape cannot show it, and the values
+    are transposed; elsewhere the diagnosis reads them transposed back (a form problem), so the
+    prediction there is the reference's own."""
+    right = reference(features, labels, centers, alpha, rule)
+    if centers.shape[0] != centers.shape[1]:
+        return right
+    return right._replace(centers=np.ascontiguousarray(right.centers.T))
+
+
 def _only_for(rule_name, predict):
     return lambda features, labels, centers, alpha, rule: (
         predict(features, labels, centers, alpha, rule) if rule == rule_name else None)
@@ -170,6 +191,9 @@ KNOWN_MISTAKES: tuple[Mistake, ...] = (
     Mistake("alpha is used as facenet's step (+ alpha·d instead of + (1 - alpha)·d: facenet's alpha is the "
             "retention)", _alpha_as_facenet_step),
     Mistake("the update has the wrong sign: the centers are pushed away from the features", _sign_flipped),
+    Mistake("the centers come back transposed (where K = D their shape cannot show it)", _transposed_centers),
+    Mistake("this looks like the gradient with respect to the features, not grad_centers (rule 'pytorch''s third "
+            "output)", _features_gradient_as_third),
     Mistake("wen's count is n_j instead of 1 + n_j", _only_for("wen", _divided_by_count(lambda alpha: alpha))),
     Mistake("each class's update is averaged over its n_j samples, where facenet sums them",
             _only_for("facenet", _divided_by_count(lambda alpha: 1.0 - alpha))),

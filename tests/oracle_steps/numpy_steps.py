@@ -149,3 +149,13 @@ def caffe_face_loop(features, labels, centers, alpha):
                 variation -= distance[i]  # center_diff accumulates c_j - x_i
         new[j] -= alpha * variation / (count + 1.0)  # the solver's step with learning rate alpha
     return loss / batch / 2.0, new, distance / batch
+
+
+# two mistakes at once: each quantity has its own
+
+
+def loss_over_batch_and_duplicates_dropped(features, labels, centers, alpha):
+    """The loss scaled by 1/B (a sum over D), and a fancy-index update that drops duplicates."""
+    loss, _ = loss_over_batch_only(features, labels, centers, alpha)
+    _, new = fancy_index_scatter(features, labels, centers, alpha)
+    return loss, new
