@@ -21,9 +21,10 @@ def _mistake(starts):
     return mistake
 
 
-def _close(got, expected, case):
+def _close(got, expected, case, floor=0.0):
+    """Within the inputs' tolerance (float32's for float32 values, or a mistake's own floor)."""
     features, _, centers, _ = case
-    tolerance = max(TOLERANCE[np.dtype(features.dtype)], TOLERANCE.get(np.asarray(got).dtype, 0.0))
+    tolerance = max(TOLERANCE[np.dtype(features.dtype)], TOLERANCE.get(np.asarray(got).dtype, 0.0), floor)
     if np.ndim(expected) == 0:
         return bool(np.isclose(float(np.asarray(got).reshape(())), expected, rtol=tolerance, atol=1e-300))
     return close_within(got, expected, tolerance, features, centers)
@@ -54,7 +55,7 @@ def assert_every_line_is_true(diagnosis):
             for mistake in finding.explained_by:
                 predicted = mistake.predict(features, labels, centers, alpha, diagnosis.rule)
                 assert predicted is not None, (finding.name, mistake.explanation, number)
-                assert _close(got, getattr(predicted, finding.quantity), case) or mistake.tolerance_floor, \
+                assert _close(got, getattr(predicted, finding.quantity), case, mistake.tolerance_floor), \
                     (finding.name, mistake.explanation, number)
         if finding.agrees:
             assert not finding.differs_on and not finding.not_compared_on
