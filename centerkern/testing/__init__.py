@@ -115,9 +115,9 @@ class _Disagreement(AssertionError):
     the report (with its diagnosis, which runs the step on further cases) is made once, for the
     smallest case."""
 
-    def __init__(self, case, observed, problems):
+    def __init__(self, case, observed, problems, form=()):
         super().__init__("; ".join(problems))
-        self.case, self.observed, self.problems = case, observed, problems
+        self.case, self.observed, self.problems, self.form = case, observed, problems, list(form)
 
 
 def _run_step(step, rule, framework, case) -> Quantities:
@@ -166,11 +166,11 @@ def _check_case(step, rule, framework, case, on_form) -> None:
     features, _, centers, _ = case
     observed = _run_step(step, rule, framework, case)
     form = form_mistakes(observed, rule, features, centers)
-    problems = _value_problems(comparable(observed, form), rule, case)
-    if form:  # kept for the report, whichever case it ends up shrunk to
-        on_form(_Disagreement(case, observed, [problem.text for problem in form]))
-    if problems:
-        raise _Disagreement(case, observed, problems + [problem.text for problem in form])
+    problems = _value_problems(comparable(observed, form), rule, case) + [problem.text for problem in form]
+    if form:  # kept for the report, whichever case it ends up shrunk to (or raised, in the second search)
+        on_form(_Disagreement(case, observed, problems, form))
+    if len(problems) > len(form):
+        raise _Disagreement(case, observed, problems, form)
 
 
 def _report(disagreement: _Disagreement, step, rule, framework, met=()) -> CenterLossMismatch:
@@ -182,19 +182,20 @@ def _report(disagreement: _Disagreement, step, rule, framework, met=()) -> Cente
                   f"\ncenters={np.array2string(centers, separator=', ')}")
     diagnosis = diagnose(lambda case: _run_step(step, rule, framework, case), rule, disagreement.case,
                          disagreement.observed)
-    told = {problem.text for _, problem in diagnosis.form}
+    told = {problem.kind for _, problem in diagnosis.form}
     for other in met:  # form problems of cases the search met but did not shrink to (another dtype, say)
         (other_features, _, other_centers, _) = other.case
         where = f"B={other_features.shape[0]}, D={other_features.shape[1]}, dtype {other_features.dtype}"
-        for text in other.problems:
-            if text not in told:
-                told.add(text)
-                diagnosis.form_elsewhere.append((where, text))
+        for problem in other.form:
+            if problem.kind not in told:  # each kind once, with its first example
+                told.add(problem.kind)
+                diagnosis.form_elsewhere.append((where, problem.text))
     report = (
         f"center-loss step disagrees with centerkern's reference for rule {rule!r}:\n  - "
         + "\n  - ".join(disagreement.problems)
         + f"\ncase: B={features.shape[0]}, D={features.shape[1]}, K={centers.shape[0]}, dtype {features.dtype}, "
-        f"alpha={alpha}, labels={labels.tolist()} (most repeated class: {int(counts.max(initial=0))} samples)"
+        f"alpha={alpha}, labels={labels.tolist()} (most repeated class: {int(counts.max(initial=0))} "
+        f"sample{'' if int(counts.max(initial=0)) == 1 else 's'})"
         + arrays + "\n" + diagnosis.render()
     )
     return CenterLossMismatch(report, diagnosis)
@@ -267,5 +268,7 @@ def check_center_loss(step: Callable, rule: str = "facenet", *, framework: str =
             def fail(disagreement):
                 raise disagreement
             search(fail)  # the values agree everywhere: the form problem alone, shrunk
+            # that search drew other cases, none with the problem: report the smallest one met
+            raise min(form_found, key=lambda found: found.case[0].size + found.case[2].size)
     except _Disagreement as disagreement:
         raise _report(disagreement, step, rule, framework, form_found) from None

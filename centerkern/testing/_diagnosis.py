@@ -60,6 +60,7 @@ def discriminating_cases(dtype) -> list[tuple]:
 class FormProblem:
     text: str  # what the user is told
     quantity: str  # "loss", "centers" or "third"
+    kind: str  # the problem without its shapes, so that one problem met at many sizes is told once
     # how to read the values as the rule's form despite the problem (identity for a dtype,
     # a transpose for transposed centers), or None where the values cannot be compared
     restore: Callable[[np.ndarray], np.ndarray] | None
@@ -81,25 +82,26 @@ def form_mistakes(observed: Quantities, rule: str, features: np.ndarray, centers
     found = []
     if np.size(observed.loss) != 1:
         found.append(FormProblem(f"the loss is not a scalar: shape {np.shape(observed.loss)} (return one number: the "
-                                 "mean or sum the rule asks for)", "loss", None))
+                                 "mean or sum the rule asks for)", "loss", "loss not a scalar", None))
     elif _lower_precision(observed.loss, features):
         found.append(FormProblem(f"the loss comes back as {np.asarray(observed.loss).dtype} for {features.dtype} "
-                                 "inputs", "loss", _as_returned))
+                                 "inputs", "loss", "loss dtype", _as_returned))
     got = observed.centers
     if got.shape != centers.shape:
         if got.shape == centers.shape[::-1] and got.shape != centers.shape:
             found.append(FormProblem(f"the centers come back transposed: shape {got.shape}, expected {centers.shape} "
-                                     "(K, D); their values are compared transposed back", "centers", np.transpose))
+                                     "(K, D); their values are compared transposed back", "centers", "centers transposed",
+                                     np.transpose))
         else:
             found.append(FormProblem(f"the centers have shape {got.shape}, expected {centers.shape} (K, D)", "centers",
-                                     None))
+                                     "centers shape", None))
     elif rule == "pytorch" and not np.array_equal(got, centers, equal_nan=True):
         found.append(FormProblem("new centers were returned for rule 'pytorch', which leaves the centers to the "
                                  "caller's optimizer: return them unchanged, and grad_centers as the third output",
-                                 "centers", None))
+                                 "centers", "pytorch moves centers", None))
     elif _lower_precision(got, features):
         found.append(FormProblem(f"the centers come back as {got.dtype} for {features.dtype} inputs", "centers",
-                                 _as_returned))
+                                 "centers dtype", _as_returned))
     third = observed.third
     if third is not None:
         expected = (classes, width) if rule == "pytorch" else (batch, width)
@@ -112,10 +114,10 @@ def form_mistakes(observed: Quantities, rule: str, features: np.ndarray, centers
                         "third output is the gradient with respect to the features, shape (B, D)")
             else:
                 text = f"the third output ({third_name(rule)}) has shape {third.shape}, expected {expected}"
-            found.append(FormProblem(text, "third", None))
+            found.append(FormProblem(text, "third", "third shape", None))
         elif _lower_precision(third, features):
             found.append(FormProblem(f"the third output ({third_name(rule)}) comes back as {third.dtype} for "
-                                     f"{features.dtype} inputs", "third", _as_returned))
+                                     f"{features.dtype} inputs", "third", "third dtype", _as_returned))
     return found
 
 
@@ -123,6 +125,8 @@ def comparable(observed: Quantities, form: list[FormProblem]) -> Quantities:
     """The quantities as they can be compared with the reference: restored where their form
     allows it, None where it does not (a None says nothing either way)."""
     values = observed._asdict()
+    if values["loss"] is not None and np.size(values["loss"]) == 1:
+        values["loss"] = np.asarray(values["loss"]).reshape(())  # a loss of shape (1,) is read as its number
     for problem in form:
         value = values[problem.quantity]
         values[problem.quantity] = None if value is None or problem.restore is None else problem.restore(value)
@@ -232,7 +236,7 @@ class Diagnosis:
         """quantity name -> the mistakes explaining it, when no single mistake explains the step
         but every quantity that differs is explained: several mistakes at once. Empty otherwise."""
         differing = [f for f in self.findings if f.compared and f.differs_on]
-        if self.named or not differing or not all(f.explained_by for f in differing):
+        if self.named or len(differing) < 2 or not all(f.explained_by for f in differing):
             return {}
         return {f.name: f.explained_by for f in differing}
 
@@ -294,8 +298,15 @@ class Diagnosis:
         elif any(f.differs_on for f in self.findings):
             unexplained = [f.name for f in self.findings if f.differs_on and not f.explained_by]
             what = None
-            tail = ("no known mistake matches every quantity the step returned, nor does a combination of them: "
-                    f"nothing known reproduces the {' and the '.join(unexplained)} on every case")
+            if unexplained:
+                tail = ("no known mistake matches every quantity the step returned, nor does a combination of "
+                        f"them: nothing known reproduces the {' and the '.join(unexplained)} on every case")
+            else:  # one quantity differs and is explained, by mistakes that would change another too
+                (finding,) = [f for f in self.findings if f.differs_on]
+                others = [f.name for f in self.findings if f is not finding and f.compared]
+                tail = (f"no known mistake matches every quantity the step returned: the {finding.name} is "
+                        f"reproduced by {' or '.join(m.explanation for m in finding.explained_by)}, which does not "
+                        f"reproduce the {' and the '.join(others)} as the step returned {'it' if len(others) == 1 else 'them'}")
         else:
             what = None
             tail = "every quantity compared agrees with the reference on these cases"
@@ -303,7 +314,7 @@ class Diagnosis:
             return FORM_DIAGNOSIS + "; the values compared as they are: " + (what if what is not None else tail)
         if what is None:
             return "diagnosis: " + tail
-        if self.named:
+        if self.named and len(self.cases) > 1:
             return f"diagnosis (confirmed on the larger cases): {what}"
         return f"diagnosis: {what}"
 
@@ -321,8 +332,8 @@ def diagnose(step_outputs: Callable[[tuple], Quantities], rule: str, case: tuple
             skipped.append(f"the step raised {type(error).__name__} on a larger case: {error}")
             continue
         larger_form = form_mistakes(larger_observed, rule, larger[0], larger[2])
-        told = {problem.text for _, problem in problems}
-        problems += [(len(cases) + 1, problem) for problem in larger_form if problem.text not in told]
+        told = {problem.kind for _, problem in problems}
+        problems += [(len(cases) + 1, problem) for problem in larger_form if problem.kind not in told]
         cases.append(larger)
         outputs.append(larger_observed)
         evidences.append(Evidence(larger, comparable(larger_observed, larger_form), rule))
@@ -336,7 +347,9 @@ def diagnose(step_outputs: Callable[[tuple], Quantities], rule: str, case: tuple
     for quantity in QUANTITIES:
         if getattr(observed, quantity) is None and quantity == "third":
             continue  # the step returned no third output
-        finding = Finding(quantity, names[quantity], compared=getattr(evidences[0].observed, quantity) is not None)
+        # compared wherever its form shows its values, on any case (the shrunk case may hide it)
+        finding = Finding(quantity, names[quantity],
+                          compared=any(getattr(e.observed, quantity) is not None for e in evidences))
         if finding.compared:
             for number, evidence in enumerate(evidences, 1):
                 if getattr(evidence.observed, quantity) is None:

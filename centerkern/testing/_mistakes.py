@@ -192,8 +192,8 @@ KNOWN_MISTAKES: tuple[Mistake, ...] = (
             "retention)", _alpha_as_facenet_step),
     Mistake("the update has the wrong sign: the centers are pushed away from the features", _sign_flipped),
     Mistake("the centers come back transposed (where K = D their shape cannot show it)", _transposed_centers),
-    Mistake("this looks like the gradient with respect to the features, not grad_centers (rule 'pytorch''s third "
-            "output)", _features_gradient_as_third),
+    Mistake("this looks like the gradient with respect to the features, not grad_centers (the third output of "
+            "rule 'pytorch')", _features_gradient_as_third),
     Mistake("wen's count is n_j instead of 1 + n_j", _only_for("wen", _divided_by_count(lambda alpha: alpha))),
     Mistake("each class's update is averaged over its n_j samples, where facenet sums them",
             _only_for("facenet", _divided_by_count(lambda alpha: 1.0 - alpha))),
