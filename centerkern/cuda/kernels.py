@@ -148,6 +148,17 @@ def _report(labels, num_classes, counters, verdict, record, post):
         _post(record, position, value, num_classes, negative)
 
 
+@cuda.jit(device=True)
+def _load_tile(labels, tile_start, tile_size, tile_labels):
+    """Every thread of the block: the tile's labels into shared memory, as int64 (an unsigned
+    label past 2**63 turns negative, which the range check calls bad), between two barriers:
+    the previous tile's labels are no longer read, and this tile's are all there."""
+    cuda.syncthreads()
+    for p in range(cuda.threadIdx.x, tile_size, cuda.blockDim.x):
+        tile_labels[p] = int64(labels[tile_start + p])
+    cuda.syncthreads()
+
+
 @cuda.jit(cache=_CACHE)
 def classify(labels, num_classes, counters):
     """First kernel of a step: check every label (recording the first bad position) and note,
@@ -164,10 +175,7 @@ def classify(labels, num_classes, counters):
     for tile in range(cuda.blockIdx.x, tiles, cuda.gridDim.x):
         tile_start = tile * TILE_ROWS
         tile_size = min(TILE_ROWS, batch_size - tile_start)
-        cuda.syncthreads()  # the previous tile's labels are no longer read
-        if p < tile_size:
-            tile_labels[p] = int64(labels[tile_start + p])  # an unsigned label past 2**63 turns negative: bad
-        cuda.syncthreads()
+        _load_tile(labels, tile_start, tile_size, tile_labels)
         if p < tile_size:
             label = tile_labels[p]
             row = tile_start + p
@@ -212,10 +220,7 @@ def number_spanning(labels, num_classes, counters, spanning_leaders, run_slots, 
     for tile in range(cuda.blockIdx.x, tiles, cuda.gridDim.x):
         tile_start = tile * TILE_ROWS
         tile_size = min(TILE_ROWS, batch_size - tile_start)
-        cuda.syncthreads()
-        if p < tile_size:
-            tile_labels[p] = int64(labels[tile_start + p])
-        cuda.syncthreads()
+        _load_tile(labels, tile_start, tile_size, tile_labels)
         if p < tile_size:
             label = tile_labels[p]
             row = tile_start + p
@@ -341,10 +346,7 @@ def tile_step(
     for tile in range(cuda.blockIdx.x, tiles, cuda.gridDim.x):
         tile_start = tile * TILE_ROWS
         tile_size = min(TILE_ROWS, batch_size - tile_start)
-        cuda.syncthreads()  # the previous tile's shared arrays are no longer read
-        for p in range(thread, tile_size, threads):
-            tile_labels[p] = int64(labels[tile_start + p])
-        cuda.syncthreads()
+        _load_tile(labels, tile_start, tile_size, tile_labels)  # (order, too, is no longer read by then)
         # rank sort by (label, row): stable, so a run adds its rows in batch order
         for p in range(thread, tile_size, threads):
             rank = 0
