@@ -15,6 +15,7 @@ on a ``tf.Variable`` and a Keras 3 layer), ``centerkern.distributed`` (``torch.d
 """
 
 from ._api import CenterLossResult, backends, center_loss, gather_centers, scatter_sub_update
+from ._errors import PeerInputError
 from ._rules import RULES
 from ._validation import BackendUnavailableError
 
@@ -23,6 +24,7 @@ __version__ = "0.3.0"
 __all__ = [
     "CenterLossResult",
     "BackendUnavailableError",
+    "PeerInputError",
     "RULES",
     "backends",
     "center_loss",

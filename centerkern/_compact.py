@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import _api, _validation
+from ._errors import PeerInputError
+from ._rules import rule_coefficients
 
 
 def check_shapes_and_dtypes(features, centers, label_count: int | None, label_dtype) -> None:
@@ -40,3 +42,85 @@ def host_step(features, labels, index, rows, alpha, *, num_classes: int, rule: s
     _validation.check_labels(labels, features.shape[0], num_classes, f"features of shape {features.shape}")
     result = _api.center_loss(features, index, rows, alpha, rule=rule, backend=backend)
     return np.asarray(result.loss, dtype=features.dtype), result.grad, result.centers
+
+
+# --------------------------------------------------------------------------- data parallelism
+#
+# The data-parallel step of a framework that replicates the centers and splits the batch (JAX's
+# shard_map and pmap, TensorFlow's tf.distribute), as ``centerkern.distributed`` does for
+# torch: the loss and grad are the shard's own; the update of class j needs the global
+# S_j = sum of d_i and n_j, which are sums of per-shard partials, since every shard reads the
+# same centers. Each shard reduces its batch to one row per class it saw, (class, count,
+# float64 sums), the shards exchange those rows, and every shard adds them up in shard order and
+# applies the rule to identical numbers: every replica computes the same bits.
+#
+# The rows travel as one uint32 table, the float64 sums as their bits: a framework without
+# float64 (JAX outside x64 mode) carries them exactly, and an exchange made as a sum of tables
+# that are zero outside each shard's own block (an all-reduce, whose result every framework
+# types as replicated) adds only zeros to them, which is exact for integers.
+#
+# Each shard's table has as many rows as its batch (a shard sees at most that many classes;
+# the rest are padding, class K and count 0), in columns: 0 the class, 1 its count, then 2·D
+# words: the float64 sums S_j.
+#
+# Labels are checked before any of this, by ``check_labels_of_every_shard``: a shard that raised
+# alone would leave the others waiting for it in the exchange (XLA's CPU collectives abort the
+# process after 40 s).
+
+TABLE_HEADER = 2
+
+
+def table_width(feature_size: int) -> int:
+    """Columns of one shard's table of per-class partials, for features of ``feature_size``."""
+    return TABLE_HEADER + 2 * feature_size
+
+
+def host_partials(features, classes, index, rows, alpha, *, rule: str, backend: str):
+    """``(loss, grad, table)`` of one shard, whose labels are checked: its own loss and gradient,
+    and its partial sums and counts per class, as ``table_width(D)`` uint32 columns (see above)."""
+    features, classes, index, rows = (np.asarray(x) for x in (features, classes, index, rows))
+    batch_size, feature_size = features.shape
+    result = _api.center_loss(features, index, rows, float(alpha), rule=rule, backend=backend)
+    # float64 sums, as the kernels keep them: -(rows[index] - features) summed per class
+    sums = np.zeros((batch_size, feature_size), np.float64)
+    _api.scatter_sub_update(sums, index, rows[index].astype(np.float64) - features, out=sums, backend=backend)
+    table = np.zeros((batch_size, table_width(feature_size)), np.uint32)
+    table[:, 0] = classes
+    table[:, 1] = np.bincount(index, minlength=batch_size)[:batch_size]
+    table[:, TABLE_HEADER:] = sums.view(np.uint32)
+    return np.asarray(result.loss, dtype=features.dtype), result.grad, table
+
+
+def host_combine(tables, position, rows, alpha, *, rule: str, backend: str):
+    """The new rows of the classes every shard touched: ``rows`` (those classes' centers as
+    they were, one per entry of ``position``'s range) moved by the rule with the sums and counts
+    of the shards' tables, stacked in ``tables``, added up in shard order."""
+    tables, position, rows = np.asarray(tables), np.asarray(position), np.asarray(rows)
+    feature_size = rows.shape[1]
+    partials = np.empty((tables.shape[0], 1 + feature_size), np.float64)
+    partials[:, 0] = tables[:, 1]
+    partials[:, 1:] = np.ascontiguousarray(tables[:, TABLE_HEADER:]).view(np.float64)
+    totals = np.zeros((rows.shape[0], 1 + feature_size), np.float64)
+    # the scatter kernel adds duplicates in table order, that is shard order: the same bits everywhere
+    _api.scatter_sub_update(totals, position, -partials, out=totals, backend=backend, deterministic=True)
+    coefficients = rule_coefficients(rule, float(alpha), 1, feature_size)  # step and count weight need no B
+    scale = coefficients.step / (1.0 + coefficients.count_weight * totals[:, 0])
+    return (rows.astype(np.float64) + scale[:, None] * totals[:, 1:]).astype(rows.dtype)
+
+
+def check_labels_of_every_shard(labels, bad_labels_everywhere, *, num_classes: int, shard: str):
+    """``labels``, once every shard knows how many bad labels all of them hold
+    (``bad_labels_everywhere``, summed over the shards): if any, every shard raises here, the
+    shard holding one with SPEC's ``IndexError`` (its position and value), the others with
+    ``PeerInputError``, and nothing moves anywhere."""
+    labels = np.asarray(labels)
+    if int(bad_labels_everywhere):
+        try:
+            _validation.check_labels(labels, labels.size, num_classes, f"the batch of {shard}")
+        except IndexError as error:
+            raise IndexError(f"{error} (in the batch of {shard}; no shard moved its centers)") from None
+        raise PeerInputError(
+            f"{int(bad_labels_everywhere)} label(s) out of range for {num_classes} classes in the batch of another "
+            f"shard than {shard}; no shard moved its centers"
+        )
+    return labels

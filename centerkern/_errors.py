@@ -14,3 +14,8 @@ def label_out_of_range(position: int, value: int, num_classes: int) -> IndexErro
         f"label {value} at position {position} is out of range: labels must lie in "
         f"[0, {num_classes}) for {num_classes} classes"
     )
+
+
+class PeerInputError(RuntimeError):
+    """Data parallelism: another rank's (or shard's, or replica's) input failed validation, or
+    the ranks disagree on the step, so it was abandoned on every one of them: nothing moved."""

@@ -50,16 +50,12 @@ import torch.distributed as dist
 
 from . import _api, _validation
 from ._api import CenterLossResult
+from ._errors import PeerInputError
 from ._rules import RULES, moves_centers, rule_coefficients
 
 # sparse while R * U < SPARSE_BELOW_FRACTION * K (see the module docstring)
 SPARSE_BELOW_FRACTION = 1.0
 EXCHANGES = ("auto", "sparse", "dense")
-
-
-class PeerInputError(RuntimeError):
-    """Another rank's input failed validation, or the ranks disagree on the step, so it was
-    abandoned on every rank."""
 
 
 def center_loss(

@@ -31,12 +31,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._compact import check_shapes_and_dtypes, host_step
+from ._compact import (check_labels_of_every_shard, check_shapes_and_dtypes, host_combine, host_partials, host_step,
+                       table_width)
 from ._rules import RULES, moves_centers
 from ._validation import HOST_BACKENDS, check_choice, check_labels
 
 
-def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, backend: str = "numba"):
+def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, backend: str = "numba", axis_name=None):
     """One center-loss step on JAX arrays: ``(loss, new_centers)``.
 
     Parameters
@@ -48,11 +49,25 @@ def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, back
     rule : {"facenet", "wen", "pytorch"}
     backend : {"numba", "numpy"}
         The host kernels the callback runs.
+    axis_name : hashable or tuple, optional
+        Data parallelism, inside ``jax.shard_map`` or ``jax.pmap`` with the centers replicated
+        and the batch split over this mesh axis (or axes): the centers move as if one device had
+        seen the whole batch, identical on every shard (each shard's per-class float64 sums and
+        counts are exchanged by one ``psum``, and every shard adds them in shard order).
+        ``loss`` and its gradient stay the shard's own, as in ``jax.numpy`` code. Rule
+        ``pytorch`` moves no center, so it exchanges nothing: its ``grad_centers`` is what
+        JAX's autodiff makes of any replicated parameter (summed over the shards under
+        ``shard_map``, the device's own under ``pmap``, where the caller averages it).
 
     Returns
     -------
     loss : 0-d array of the features' dtype, differentiable with respect to features and centers
     new_centers : (K, D) array, the centers after the rule's update (unchanged for ``pytorch``)
+
+    Inside ``shard_map`` the results carry JAX's varying-manual-axes types: ``loss`` varies
+    over the axes its inputs vary over, and so does ``new_centers`` unless ``axis_name`` made the
+    update global, so that returning a per-shard value as replicated (``out_specs=P()``) is
+    refused as it is for ``jax.numpy`` code.
     """
     rule = check_choice(rule, "rule", RULES)
     backend = check_choice(backend, "backend", HOST_BACKENDS)
@@ -64,23 +79,160 @@ def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, back
     if not isinstance(labels, jax.core.Tracer):  # concrete labels: SPEC's IndexError right here
         check_labels(np.asarray(labels), batch_size, num_classes, f"features of shape {features.shape}")
     alpha = jnp.asarray(alpha, dtype=features.dtype)
+    shard_axes = frozenset().union(*(_varying_axes(a) for a in (features, labels, centers, alpha)))
+    if axis_name is not None:
+        shard_axes |= frozenset(axis_name if isinstance(axis_name, tuple) else (axis_name,))
+    if shard_axes:  # a shard must not raise alone while the others wait for it in a collective
+        labels = _labels_checked_on_every_shard(labels, num_classes, shard_axes)
+    if axis_name is not None and moves_centers(rule):
+        return _global_step(features, labels, centers, alpha, rule, backend, axis_name)
+    # inside shard_map: every operand varies as the most varying one does, so that the results,
+    # typed alike, vary too, and the gradient of replicated centers is summed over the shards
+    replicated_centers = centers
+    features, labels, centers, alpha = _vary_alike(features, labels, centers, alpha)
     step = _ffi_step_or_none(rule, backend)
     if step is not None:
         loss, new_centers = step(features, labels, centers, alpha)
         return loss, jax.lax.stop_gradient(new_centers)
-    # size=B keeps the shapes static under jit; the padding class K is out of range, so reading
-    # it fills zeros and writing it is dropped. The classes are found in the widest integer type
-    # JAX has in this mode: in a narrow label dtype (uint8, K = 256) K would wrap onto a real class.
-    wide_labels = labels.astype(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
-    classes, index = jnp.unique(wide_labels, return_inverse=True, size=batch_size, fill_value=num_classes)
+    classes, index = _batch_classes(labels, batch_size, num_classes)  # size=B: static shapes under jit
     rows = centers.at[classes].get(mode="fill", fill_value=0)
     step = _differentiable_step(rule, backend, num_classes)
-    loss, new_rows = step(features, labels, index.reshape(-1), rows, alpha)
+    loss, new_rows = step(features, labels, index, rows, alpha)
     if moves_centers(rule):
         new_centers = centers.at[classes].set(new_rows, mode="drop")
     else:
-        new_centers = centers
+        new_centers = replicated_centers  # as they came: no shard changed them
     return loss, jax.lax.stop_gradient(new_centers)
+
+
+# --------------------------------------------------------------------------- manual axes
+
+
+def _varying_axes(array) -> frozenset:
+    """The mesh axes ``array`` varies over inside ``shard_map`` (empty elsewhere): JAX's type
+    of it, spelled ``mat.varying`` in recent JAX and ``vma`` before."""
+    aval = jax.typeof(array)
+    manual = getattr(aval, "mat", None)
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
+
+
+def _as_varying(array, axes: frozenset):
+    """``array`` typed as varying over ``axes`` too (a cast, no data moves)."""
+    missing = tuple(sorted(axes - _varying_axes(array), key=str))
+    if not missing:
+        return array
+    return jax.lax.pcast(array, missing, to="varying") if hasattr(jax.lax, "pcast") else jax.lax.pvary(array, missing)
+
+
+def _vary_alike(*arrays):
+    """``arrays`` all typed as varying over every axis any of them varies over."""
+    axes = frozenset().union(*(_varying_axes(a) for a in arrays))
+    return tuple(_as_varying(a, axes) for a in arrays) if axes else arrays
+
+
+def _typed_like(results, operand):
+    """A host call's results typed as varying as its operands (a custom call's and a callback's
+    results are typed as replicated whatever they are computed from)."""
+    axes = _varying_axes(operand)
+    return tuple(_as_varying(r, axes) for r in results) if axes else tuple(results)
+
+
+# --------------------------------------------------------------------------- data parallelism
+
+
+def _axis_size(axis_name) -> int:
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    if hasattr(jax.lax, "axis_size"):
+        return int(np.prod([jax.lax.axis_size(name) for name in names]))
+    return int(jax.lax.psum(1, axis_name))
+
+
+def _global_step(features, labels, centers, alpha, rule, backend, axis_name):
+    """The data-parallel step (``axis_name``): see ``centerkern._compact``. Each shard's table
+    of per-class partials is placed in its own block of a zero table and the tables are summed
+    over the axis: one psum, whose result JAX types as replicated, so the new centers are."""
+    num_classes, batch_size = centers.shape[0], features.shape[0]
+    width = table_width(features.shape[1])
+    classes, index = _batch_classes(labels, batch_size, num_classes)
+    local = _vary_alike(features, classes, index, centers.at[classes].get(mode="fill", fill_value=0), alpha)
+    loss, table = _partials_step(rule, backend)(*local)
+
+    shards = _axis_size(axis_name)
+    blocks = jnp.zeros((shards, batch_size, width), jnp.uint32)
+    tables = jax.lax.psum(blocks.at[jax.lax.axis_index(axis_name)].set(table), axis_name)
+    tables = tables.reshape(shards * batch_size, width)
+    touched, position = jnp.unique(tables[:, 0].astype(_wide_int()), return_inverse=True, size=shards * batch_size,
+                                   fill_value=num_classes)
+    # the new centers are the rule's update, not differentiated: the callback sees plain values
+    centers, alpha = jax.lax.stop_gradient(centers), jax.lax.stop_gradient(alpha)
+    rows = centers.at[touched].get(mode="fill", fill_value=0)
+    combine = functools.partial(host_combine, rule=rule, backend=backend)
+    new_rows = jax.pure_callback(combine, jax.ShapeDtypeStruct(rows.shape, rows.dtype), tables,
+                                 position.reshape(-1), rows, alpha, vmap_method="sequential")
+    return loss, centers.at[touched].set(new_rows, mode="drop")
+
+
+def _wide_int():
+    """The widest integer type JAX has in this mode, for class numbers."""
+    return jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
+
+
+def _batch_classes(labels, batch_size: int, num_classes: int):
+    """``(classes, index)`` with ``labels == classes[index]``, ``classes`` padded to ``batch_size``
+    with class K (out of range: reading it fills zeros, writing it is dropped). Found in the
+    widest integer type: in a narrow label dtype (uint8, K = 256) K would wrap onto a real class."""
+    classes, index = jnp.unique(labels.astype(_wide_int()), return_inverse=True, size=batch_size,
+                                fill_value=num_classes)
+    return classes, index.reshape(-1)
+
+
+def _labels_checked_on_every_shard(labels, num_classes: int, axes: frozenset):
+    """``labels``, passed on once the shards over ``axes`` have counted their bad labels
+    together (one psum): if any shard holds one, every shard raises at this same point."""
+    axes = tuple(sorted(axes, key=str))
+    wide = labels.astype(_wide_int())  # uint64 labels past the int range turn negative: still caught
+    bad = jnp.sum((wide < 0) | (wide >= num_classes), dtype=jnp.int32)
+    bad_everywhere = jax.lax.psum(_as_varying(bad, frozenset(axes)), axes)
+    shard = jax.lax.axis_index(axes)
+
+    def check(labels, bad_everywhere, shard):
+        return check_labels_of_every_shard(labels, bad_everywhere, num_classes=num_classes,
+                                           shard=f"shard {int(shard)} over mesh axes {axes}")
+
+    checked = jax.pure_callback(check, jax.ShapeDtypeStruct(labels.shape, labels.dtype), labels, bad_everywhere,
+                                shard, vmap_method="sequential")
+    return _typed_like((checked,), labels)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _partials_step(rule: str, backend: str):
+    """``(features, classes, index, rows, alpha) -> (loss, table)`` of one shard, with the VJP
+    of its loss (``table`` is the exchange's: not differentiated)."""
+    callback = functools.partial(host_partials, rule=rule, backend=backend)
+
+    def run(features, classes, index, rows, alpha):
+        shapes = (jax.ShapeDtypeStruct((), features.dtype), jax.ShapeDtypeStruct(features.shape, features.dtype),
+                  jax.ShapeDtypeStruct((features.shape[0], table_width(features.shape[1])), jnp.uint32))
+        results = jax.pure_callback(callback, shapes, features, classes, index, rows, alpha, vmap_method="sequential")
+        return _typed_like(results, features)
+
+    @jax.custom_vjp
+    def step(features, classes, index, rows, alpha):
+        loss, _, table = run(features, classes, index, rows, alpha)
+        return loss, table
+
+    def forward(features, classes, index, rows, alpha):
+        loss, grad, table = run(features, classes, index, rows, alpha)
+        return (loss, table), (grad, index)
+
+    def backward(residuals, cotangents):
+        grad, index = residuals
+        grad_loss, _ = cotangents  # the table is the exchange's: not differentiated
+        grad_rows = -grad_loss * jax.ops.segment_sum(grad, index, num_segments=grad.shape[0])
+        return grad_loss * grad, None, None, grad_rows, None
+
+    step.defvjp(forward, backward)
+    return step
 
 
 # --------------------------------------------------------------------------- XLA FFI
@@ -216,12 +368,12 @@ def _ffi_step(rule: str, backend: str):
         shapes = (jax.ShapeDtypeStruct((), features.dtype), jax.ShapeDtypeStruct(features.shape, features.dtype))
         if not moves_centers(rule):  # pytorch: the centers stay as they are, and no buffer is written
             loss, grad = jax.ffi.ffi_call(target, shapes, vmap_method="sequential")(features, labels, centers, alpha)
-            return loss, grad, centers
+            return (*_typed_like((loss, grad), features), centers)
         # the new centers are written over the centers' buffer: with the centers donated
         # (jax.jit(..., donate_argnums)) no K x D copy is made
         call = jax.ffi.ffi_call(target, (*shapes, jax.ShapeDtypeStruct(centers.shape, centers.dtype)),
                                 vmap_method="sequential", input_output_aliases={2: 2})
-        return call(features, labels, centers, alpha)
+        return _typed_like(call(features, labels, centers, alpha), features)
 
     @jax.custom_vjp
     def step(features, labels, centers, alpha):
@@ -254,7 +406,8 @@ def _differentiable_step(rule: str, backend: str, num_classes: int):
             jax.ShapeDtypeStruct(features.shape, features.dtype),
             jax.ShapeDtypeStruct(rows.shape, rows.dtype),
         )
-        return jax.pure_callback(callback, shapes, features, labels, index, rows, alpha, vmap_method="sequential")
+        results = jax.pure_callback(callback, shapes, features, labels, index, rows, alpha, vmap_method="sequential")
+        return _typed_like(results, features)
 
     @jax.custom_vjp
     def step(features, labels, index, rows, alpha):

@@ -86,8 +86,16 @@ def last_layout() -> str | None:
 
 
 def _readable(array: np.ndarray) -> np.ndarray:
-    """``array`` as the entry points take it: C-contiguous and aligned (a copy if it is not)."""
-    return array if array.flags.c_contiguous and array.flags.aligned else np.array(array, order="C")
+    """``array`` as the entry points take an input: C-contiguous, aligned (a copy if it is not)
+    and read-only, the signature's exact type. A writable array would have to be converted to
+    it, and Numba converts only while compiling is off, which it is not while another thread
+    compiles the same entry for another dtype: the call would then try to compile instead."""
+    if not (array.flags.c_contiguous and array.flags.aligned):
+        array = np.array(array, order="C")
+    if array.flags.writeable:
+        array = array.view()
+        array.flags.writeable = False
+    return array
 
 
 def _run(labels, rows, centers, written, grad, rows_are_features, moves_centers, step_size, count_weight,
@@ -99,6 +107,7 @@ def _run(labels, rows, centers, written, grad, rows_are_features, moves_centers,
                               count_weight, grad_scale, layout)
     parallel = labels.size * rows.shape[1] >= PARALLEL_ELEMENTS
     kernel = (step.step_parallel if parallel else step.step_serial).compiled(rows.dtype)
+    labels, rows = _readable(labels), _readable(rows)
     ints = _scratch.ints_for(labels.size)
     layout_code = LAYOUTS.index(layout)
     threads = _MOST_THREADS if parallel else 1
@@ -148,7 +157,7 @@ def gather_centers(centers: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return centers[labels]  # NumPy's own gather: no K x D copy to make the kernel's layout
     out = np.empty((labels.size, centers.shape[1]), dtype=centers.dtype)
     with _one_launch_at_a_time():
-        memory.gather_rows.compiled(centers.dtype)(centers, _readable(labels), out)
+        memory.gather_rows.compiled(centers.dtype)(_readable(centers), _readable(labels), out)
     return out
 
 

@@ -121,3 +121,33 @@ def test_more_than_2_31_center_elements_in_place(backend):
     result = centerkern.center_loss(rows, labels, centers, 0.5, out=centers, backend=backend)
     assert result.centers is centers
     np.testing.assert_allclose(centers[last], (np.arange(width) - 2) + 0.5 * 2 * (1 - (np.arange(width) - 2)))
+
+
+def test_calls_with_writable_inputs_never_compile_while_another_thread_compiles():
+    """A thread compiling an entry for another dtype switches compiling on for the whole
+    dispatcher. A call in another thread at that moment must still run the compiled entry: its
+    inputs are passed as the signature's read-only arrays, not converted (which Numba does only
+    while compiling is off; here it compiled a new specialisation, or raised 'compilation
+    disabled' once the other thread had finished, on two JAX devices)."""
+    from centerkern._cpu import memory, step
+
+    rng = np.random.default_rng(0)
+    features, centers = rng.standard_normal((6, 3)).astype(np.float32), rng.standard_normal((4, 3)).astype(np.float32)
+    labels = np.array([0, 1, 1, 3, 0, 2])
+    expected = centerkern.center_loss(features, labels, centers, 0.5, rule="wen", backend="numpy")
+    centerkern.gather_centers(centers, labels, backend="numba")
+    centerkern.center_loss(features, labels, centers, 0.5, rule="wen", backend="numba")
+    entries = (step.step_serial.dispatcher, memory.gather_rows.dispatcher)
+    compiled = [len(d.signatures) for d in entries]
+    for dispatcher in entries:
+        dispatcher.disable_compile(False)  # as Entry._compile does while it compiles
+    try:
+        assert features.flags.writeable and labels.flags.writeable
+        result = centerkern.center_loss(features, labels, centers, 0.5, rule="wen", backend="numba")
+        gathered = centerkern.gather_centers(centers, labels, backend="numba")
+    finally:
+        for dispatcher in entries:
+            dispatcher.disable_compile(True)
+    assert [len(d.signatures) for d in entries] == compiled
+    np.testing.assert_allclose(result.centers, expected.centers, rtol=1e-6)
+    np.testing.assert_array_equal(gathered, centers[labels])
