@@ -77,16 +77,16 @@ def table_width(feature_size: int) -> int:
 
 def host_partials(features, classes, index, rows, alpha, *, rule: str, backend: str):
     """``(loss, grad, table)`` of one shard, whose labels are checked: its own loss and gradient,
-    and its partial sums and counts per class, as ``table_width(D)`` uint32 columns (see above)."""
+    and its partial sums and counts per class, one row per entry of ``classes`` (the batch's
+    classes, ``labels == classes[index]``, padded or not), as ``table_width(D)`` uint32 columns."""
     features, classes, index, rows = (np.asarray(x) for x in (features, classes, index, rows))
-    batch_size, feature_size = features.shape
     result = _api.center_loss(features, index, rows, float(alpha), rule=rule, backend=backend)
     # float64 sums, as the kernels keep them: -(rows[index] - features) summed per class
-    sums = np.zeros((batch_size, feature_size), np.float64)
+    sums = np.zeros((classes.size, features.shape[1]), np.float64)
     _api.scatter_sub_update(sums, index, rows[index].astype(np.float64) - features, out=sums, backend=backend)
-    table = np.zeros((batch_size, table_width(feature_size)), np.uint32)
+    table = np.zeros((classes.size, table_width(features.shape[1])), np.uint32)
     table[:, 0] = classes
-    table[:, 1] = np.bincount(index, minlength=batch_size)[:batch_size]
+    table[:, 1] = np.bincount(index, minlength=classes.size)[:classes.size]
     table[:, TABLE_HEADER:] = sums.view(np.uint32)
     return np.asarray(result.loss, dtype=features.dtype), result.grad, table
 
@@ -94,8 +94,10 @@ def host_partials(features, classes, index, rows, alpha, *, rule: str, backend: 
 def host_combine(tables, position, rows, alpha, *, rule: str, backend: str):
     """The new rows of the classes every shard touched: ``rows`` (those classes' centers as
     they were, one per entry of ``position``'s range) moved by the rule with the sums and counts
-    of the shards' tables, stacked in ``tables``, added up in shard order."""
-    tables, position, rows = np.asarray(tables), np.asarray(position), np.asarray(rows)
+    of the shards' tables, stacked in ``tables``, added up in shard order. ``tables`` may come as
+    int32, the same bits (a framework whose collectives take no uint32)."""
+    tables = np.ascontiguousarray(tables).view(np.uint32)
+    position, rows = np.asarray(position), np.asarray(rows)
     feature_size = rows.shape[1]
     partials = np.empty((tables.shape[0], 1 + feature_size), np.float64)
     partials[:, 0] = tables[:, 1]
@@ -118,9 +120,9 @@ def check_labels_of_every_shard(labels, bad_labels_everywhere, *, num_classes: i
         try:
             _validation.check_labels(labels, labels.size, num_classes, f"the batch of {shard}")
         except IndexError as error:
-            raise IndexError(f"{error} (in the batch of {shard}; no shard moved its centers)") from None
+            raise IndexError(f"{error} (in the batch of {shard}; no centers moved anywhere)") from None
         raise PeerInputError(
-            f"{int(bad_labels_everywhere)} label(s) out of range for {num_classes} classes in the batch of another "
-            f"shard than {shard}; no shard moved its centers"
+            f"{int(bad_labels_everywhere)} label(s) out of range for {num_classes} classes in a peer's batch (this is "
+            f"{shard}); no centers moved anywhere"
         )
     return labels

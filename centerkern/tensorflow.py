@@ -26,7 +26,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ._compact import check_shapes_and_dtypes, host_step
+from ._compact import (check_labels_of_every_shard, check_shapes_and_dtypes, host_combine, host_partials, host_step,
+                       table_width)
 from ._rules import RULES, moves_centers, rule_coefficients
 from ._validation import HOST_BACKENDS, check_alpha, check_choice, check_labels
 
@@ -70,7 +71,10 @@ def center_loss(
     labels = tf.reshape(tf.convert_to_tensor(labels), [-1])
     check_shapes_and_dtypes(features, variable, labels.shape[0], labels.dtype.as_numpy_dtype)
     num_classes = int(variable.shape[0])
-    if tf.executing_eagerly():  # SPEC's IndexError before the gather; in a graph, tf.gather's own error
+    replica = _replica_of_a_data_parallel_step()
+    if replica is not None:  # a replica must not raise alone while the others wait for it in the exchange
+        labels = _labels_checked_on_every_replica(labels, num_classes, replica)
+    elif tf.executing_eagerly():  # SPEC's IndexError before the gather; in a graph, tf.gather's own error
         check_labels(labels.numpy(), int(features.shape[0]), num_classes, f"features of shape {tuple(features.shape)}")
 
     classes, index = tf.unique(labels, out_idx=tf.int64)
@@ -78,10 +82,81 @@ def center_loss(
     # the gather before it must not fail first, with an index into the batch's classes
     in_range = tf.clip_by_value(tf.cast(classes, tf.int64), 0, max(num_classes - 1, 0))
     rows = tf.gather(variable, in_range)  # differentiable into the variable, sparsely
-    loss, new_rows = _step(features, labels, index, rows, tf.cast(alpha, variable.dtype), num_classes, rule, backend)
+    alpha = tf.cast(alpha, variable.dtype)
+    if updates and replica is not None:
+        loss, table = _step(features, labels, index, rows, alpha, num_classes, rule, backend, exchange_classes=classes)
+        _move_by_every_replica(variable, table, alpha, rule, backend, replica)
+        return loss
+    loss, new_rows = _step(features, labels, index, rows, alpha, num_classes, rule, backend)
     if updates:
         variable.scatter_update(tf.IndexedSlices(new_rows, tf.cast(classes, tf.int64)))  # any integer labels
     return loss
+
+
+# --------------------------------------------------------------------------- tf.distribute
+
+# Strategies whose replicas run this step in a replica context with collectives, and whose
+# variables take a per-replica update through merge_call: the ones served. Others (TPUStrategy:
+# no host callback on a TPU; ParameterServerStrategy: variables on other hosts, workers stepping
+# asynchronously; CentralStorageStrategy) are refused by name.
+_SERVED_STRATEGIES = (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy,
+                      tf.distribute.OneDeviceStrategy)
+
+
+def _replica_of_a_data_parallel_step():
+    """The replica context when this step runs in one replica of several (``strategy.run``,
+    which ``fit`` uses), where the centers must move by every replica's batch; else None."""
+    if not tf.distribute.has_strategy():
+        return None
+    strategy = tf.distribute.get_strategy()
+    if not isinstance(strategy, _SERVED_STRATEGIES):
+        raise RuntimeError(
+            f"centerkern.tensorflow cannot serve {type(strategy).__name__}: the center update needs every replica's "
+            "per-class sums in one replica context, which centerkern runs under MirroredStrategy, "
+            "MultiWorkerMirroredStrategy and OneDeviceStrategy (or no strategy)"
+        )
+    replica = tf.distribute.get_replica_context()
+    if replica is None or strategy.num_replicas_in_sync == 1:  # cross-replica context: one batch, one update
+        return None
+    return replica
+
+
+def _labels_checked_on_every_replica(labels, num_classes: int, replica):
+    """``labels``, passed on once the replicas have counted their bad labels together (one
+    all-reduce): if any replica holds one, every replica raises at this same point."""
+    wide = tf.cast(labels, tf.int64)  # uint64 labels past the int64 range turn negative: still caught
+    bad = tf.reduce_sum(tf.cast((wide < 0) | (wide >= num_classes), tf.int64))
+    bad_everywhere = replica.all_reduce(tf.distribute.ReduceOp.SUM, bad)
+    replicas = replica.num_replicas_in_sync
+
+    def check(labels, bad_everywhere, replica_id):
+        return check_labels_of_every_shard(labels, bad_everywhere, num_classes=num_classes,
+                                           shard=f"replica {int(replica_id)} of {replicas}")
+
+    checked = tf.numpy_function(check, [labels, bad_everywhere, replica.replica_id_in_sync_group], labels.dtype,
+                                stateful=False)
+    checked.set_shape(labels.shape)
+    return checked
+
+
+def _move_by_every_replica(variable, table, alpha, rule: str, backend: str, replica) -> None:
+    """The data-parallel update (see ``centerkern._compact``): every replica's table of per-class
+    partials gathered in replica order, the same new rows computed on every replica, and each
+    written into that replica's copy of the centers."""
+    tables = replica.all_gather(tf.bitcast(table, tf.int32), axis=0)  # the collectives take no uint32
+    classes = tf.cast(tf.bitcast(tables[:, 0], tf.uint32), tf.int64)
+    touched, position = tf.unique(classes, out_idx=tf.int64)
+    rows = tf.gather(variable, touched)
+    new_rows = tf.numpy_function(functools.partial(host_combine, rule=rule, backend=backend),
+                                 [tables, position, rows, alpha], variable.dtype, stateful=False)
+    new_rows.set_shape(rows.shape)
+
+    def write_every_copy(strategy, new_rows, touched):
+        return strategy.extended.update(
+            variable, lambda copy, rows, classes: copy.scatter_update(tf.IndexedSlices(rows, classes)),
+            args=(new_rows, touched), group=True)
+
+    replica.merge_call(write_every_copy, args=(new_rows, touched))
 
 
 def _as_variable(centers):
@@ -92,25 +167,34 @@ def _as_variable(centers):
     return value if isinstance(value, tf.Variable) else tf.convert_to_tensor(centers)
 
 
-def _step(features, labels, index, rows, alpha, num_classes, rule, backend):
-    step_on_host = functools.partial(host_step, num_classes=num_classes, rule=rule, backend=backend)
+def _step(features, labels, index, rows, alpha, num_classes, rule, backend, exchange_classes=None):
+    """``(loss, new_rows)``, differentiable in ``features`` and ``rows``. Given the batch's
+    classes (``exchange_classes``, whose labels every replica has checked), ``(loss, table)``:
+    the replica's per-class partials for the exchange instead of new rows."""
+    exchange = exchange_classes is not None
+    if exchange:
+        step_on_host = functools.partial(host_partials, rule=rule, backend=backend)
+    else:
+        step_on_host = functools.partial(host_step, num_classes=num_classes, rule=rule, backend=backend)
 
-    def callback(features, labels, index, rows, alpha):
-        loss, grad, new_rows = step_on_host(features, labels, index, rows, alpha)
+    def callback(features, labels_or_classes, index, rows, alpha):
+        loss, grad, second = step_on_host(features, labels_or_classes, index, rows, alpha)
         # the rule's d grad / d features, for the second-order term below (B is known here even
         # where the graph knows it only at run time)
         grad_scale = rule_coefficients(rule, 0.0, *np.shape(features)).grad_scale
-        return loss, grad, new_rows, np.asarray(grad_scale, dtype=grad.dtype)
+        return loss, grad, second, np.asarray(grad_scale, dtype=grad.dtype)
 
     @tf.custom_gradient
     def step(features, rows):
         dtype = features.dtype
-        loss, grad, new_rows, grad_scale = tf.numpy_function(
-            callback, [features, labels, index, rows, alpha], [dtype, dtype, dtype, dtype], stateful=False
+        loss, grad, second, grad_scale = tf.numpy_function(
+            callback, [features, exchange_classes if exchange else labels, index, rows, alpha],
+            [dtype, dtype, tf.uint32 if exchange else dtype, dtype],
+            stateful=False,
         )
         loss.set_shape(())
         grad.set_shape(features.shape)
-        new_rows.set_shape(rows.shape)
+        second.set_shape([rows.shape[0], table_width(features.shape[1])] if exchange else rows.shape)
         grad_scale.set_shape(())
 
         @tf.custom_gradient
@@ -123,15 +207,15 @@ def _step(features, labels, index, rows, alpha, num_classes, rule, backend):
                         -grad_scale * tf.math.unsorted_segment_sum(upstream, index, tf.shape(rows)[0]))
             return tf.identity(grad), second_order
 
-        def backward(grad_loss, grad_new_rows):  # new_rows is the rule's update: not differentiated
+        def backward(grad_loss, grad_second):  # the rule's update (or the partials): not differentiated
             per_sample = kernel_grad(features, rows)
             grad_rows = -grad_loss * tf.math.unsorted_segment_sum(per_sample, index, tf.shape(rows)[0])
             return grad_loss * per_sample, grad_rows
 
-        return (loss, new_rows), backward
+        return (loss, second), backward
 
-    loss, new_rows = step(features, rows)
-    return loss, tf.stop_gradient(new_rows)
+    loss, second = step(features, rows)
+    return loss, tf.stop_gradient(second)
 
 
 @keras.saving.register_keras_serializable(package="centerkern")

@@ -311,3 +311,42 @@ def test_narrow_integer_labels_train_and_a_float64_policy_stays_float64():
         assert layer.centers.dtype == "float64" and layer.compute_dtype == "float64"
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def _readme_block(marker: str) -> str:
+    """The README's Python block holding ``marker``, with its indentation removed."""
+    import re
+    import textwrap
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    return textwrap.dedent(next(block for block in blocks if marker in block))
+
+
+def test_the_readme_keras_wrapper_saves_and_loads_with_its_centers(tmp_path):
+    """The README's AddCenterLoss, run as it is written there: fit, model.save, load_model, the
+    same centers, and the loaded model trains on (a wrapper that passed dtype= itself failed to
+    load: 'got multiple values for keyword argument dtype')."""
+    code = _readme_block("class AddCenterLoss")
+    inputs, label_input = keras.Input((4,)), keras.Input((), dtype="int64")
+    namespace = {"keras": keras, "centerkern": centerkern,
+                 "embeddings": keras.layers.Dense(4, kernel_initializer="identity")(inputs), "label_input": label_input}
+    exec(compile(code.replace("AddCenterLoss(10)", "AddCenterLoss(8)"), "README.md", "exec"), namespace)
+    model = keras.Model([inputs, label_input], namespace["embeddings"])
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    features, labels, _ = _batch(9, batch=32)
+    model.fit([features, labels], epochs=1, batch_size=16, verbose=0)
+    wrapper = next(layer for layer in model.layers if type(layer).__name__ == "AddCenterLoss")
+    assert np.any(wrapper.center_loss.centers.numpy() != 0)
+
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    loaded_wrapper = next(layer for layer in loaded.layers if type(layer).__name__ == "AddCenterLoss")
+    assert loaded_wrapper.weight == 0.01 and loaded_wrapper.num_classes == 8
+    np.testing.assert_array_equal(loaded_wrapper.center_loss.centers.numpy(), wrapper.center_loss.centers.numpy())
+    np.testing.assert_array_equal(loaded.predict([features, labels], verbose=0), model.predict([features, labels], verbose=0))
+    before = loaded_wrapper.center_loss.centers.numpy().copy()
+    loaded.fit([features, labels], epochs=1, batch_size=16, verbose=0)
+    assert np.any(loaded_wrapper.center_loss.centers.numpy() != before)
