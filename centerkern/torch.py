@@ -97,6 +97,26 @@ class _CenterLossStep(torch.autograd.Function):
         return grad_features, grad_centers, None, None, None, None, None, None
 
 
+def _refuse_graph_transforms() -> None:
+    """Refuse, before anything moves, the transforms that cannot run the kernels: they would
+    see wrapped tensors, or record this batch's values as constants."""
+    functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+    if functorch_active():
+        raise RuntimeError(
+            "centerkern.torch.CenterLoss cannot run under torch.func transforms (grad, vmap, jacrev, jvp, ...): its "
+            "kernels read the tensors' memory, which these transforms wrap, and rules facenet and wen move the centers "
+            "in the forward. Take gradients with loss.backward() or torch.autograd.grad (create_graph=True for "
+            "second order), and call the module once per problem for per-sample work"
+        )
+    if torch.jit.is_tracing():
+        raise RuntimeError(
+            "centerkern.torch.CenterLoss cannot be traced with torch.jit.trace: its kernels run outside the graph a "
+            "trace records, which would replay this batch's values (and the trace's own check runs the forward again, "
+            "moving facenet's and wen's centers each time). Trace the model without the module and add the center "
+            "loss in Python, or use torch.compile (without fullgraph=True)"
+        )
+
+
 class CenterLoss(nn.Module):
     """Center loss (Wen et al., ECCV 2016) with one of the published rules.
 
@@ -150,12 +170,16 @@ class CenterLoss(nn.Module):
             self.centers = nn.Parameter(torch.randn(self.num_classes, self.feat_dim, **factory))
 
     # torch.compile cannot trace into the kernels (they read the tensors' memory); compiled code
-    # around the module runs compiled, and this call runs as it is, behind a graph break
-    @torch.compiler.disable
+    # around the module runs compiled, and this call runs as it is, behind a graph break. The
+    # reason is what torch.compile(fullgraph=True) shows when it refuses the graph break.
+    @torch.compiler.disable(reason=(
+        "centerkern.torch.CenterLoss runs its kernels on the tensors' memory, outside any graph: compile without "
+        "fullgraph=True, and torch.compile runs the module eagerly behind a graph break, the rest compiled"))
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The loss of the batch (a 0-d tensor of the centers' dtype) that backpropagates into
         ``features`` (and into the centers for rule ``pytorch``). In training mode, rules
         ``facenet`` and ``wen`` also move the centers."""
+        _refuse_graph_transforms()
         if features.dtype in _PROMOTED_DTYPES:
             features = features.to(self.centers.dtype)
         if moves_centers(self.rule):
@@ -167,6 +191,15 @@ class CenterLoss(nn.Module):
         return _CenterLossStep.apply(
             features, self.centers, labels, self.alpha, self.rule, self.backend, self.deterministic,
             self._step_function(features.is_cuda),
+        )
+
+    def __prepare_scriptable__(self):
+        """Called by ``torch.jit.script`` on every module of what it scripts: refused here, in
+        centerkern's words rather than TorchScript's about this module's Python."""
+        raise RuntimeError(
+            "centerkern.torch.CenterLoss cannot be scripted with torch.jit.script: its kernels are Python calls on the "
+            "tensors' memory. Script the rest of the model and call the module from Python, or use torch.compile "
+            "(without fullgraph=True)"
         )
 
     def _step_function(self, on_gpu: bool):

@@ -287,3 +287,40 @@ def test_the_functions_on_torch_tensors_bypass_autograd_as_documented():
     expected = torch.autograd.grad(0.1 * _formula_loss("wen", embedded, labels, start), weight, retain_graph=True)[0]
     embedded.backward(0.1 * result.grad)  # the README's pattern: the kernel's grad handed to autograd
     torch.testing.assert_close(weight.grad, expected)
+
+
+def _transforms(module, features, labels):
+    """Each transform the module cannot run under, as a user would write it (the module inside
+    a model for the TorchScript ones)."""
+    model = torch.nn.Sequential(torch.nn.Identity())
+    model.center_loss = module
+    detached = features.detach()
+    return {
+        "torch.func.grad": lambda: torch.func.grad(lambda f: module(f, labels))(detached),
+        "torch.vmap": lambda: torch.vmap(lambda f: module(f, labels))(detached[None]),
+        "torch.func.jacrev": lambda: torch.func.jacrev(lambda f: module(f, labels))(detached),
+        "torch.jit.script": lambda: torch.jit.script(model),
+        "torch.jit.trace": lambda: torch.jit.trace(module, (detached, labels)),
+        "torch.compile(fullgraph=True)": lambda: torch.compile(lambda f: module(f, labels), fullgraph=True)(features),
+    }
+
+
+@pytest.mark.parametrize("rule", centerkern.RULES)
+@pytest.mark.parametrize("transform", ["torch.func.grad", "torch.vmap", "torch.func.jacrev", "torch.jit.script",
+                                       "torch.jit.trace", "torch.compile(fullgraph=True)"])
+def test_transforms_that_cannot_run_the_kernels_are_refused_in_centerkerns_words_before_anything_moves(rule, transform):
+    module = CenterLoss(6, 3, alpha=0.5, rule=rule)
+    features = torch.randn(5, 3, requires_grad=True)
+    labels = torch.tensor([0, 1, 1, 4, 0])
+    before = module.centers.detach().clone()
+    with pytest.raises(RuntimeError, match="centerkern.torch.CenterLoss") as refused:
+        _transforms(module, features, labels)[transform]()
+    message = str(refused.value)
+    assert "fullgraph=True" in message or "loss.backward()" in message  # and what works instead
+    assert torch.equal(module.centers.detach(), before)
+    # and the module still trains as usual afterwards: one step, one move
+    expected = centerkern.center_loss(features.detach().numpy(), labels.numpy(), before.numpy(), 0.5, rule=rule,
+                                      backend="numpy")
+    module(features, labels).backward()
+    if rule != "pytorch":
+        assert_matches(module.centers.detach().numpy(), expected.centers, features.detach().numpy(), before.numpy())
