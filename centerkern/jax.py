@@ -18,8 +18,11 @@ classes only (see ``centerkern._compact``): B rows cross to the host and back, n
 
 The gradient with respect to ``features`` is the kernel's; the one with respect to ``centers``
 (what rule ``pytorch`` trains) is ``-sum`` of the features' gradient per class. ``new_centers`` is
-the rule's update, like an optimizer step: no gradient flows through it. Gradients of gradients
-are not available (JAX raises). Costs are in ``benchmarks/jax_ffi.py`` and the README.
+the rule's update, like an optimizer step: no gradient flows through it. The derivatives are
+given as a JVP (``jax.custom_jvp``), so forward mode (``jvp``, ``jacfwd``) works as well as
+reverse mode, and to any order (``hessian``, grad of grad), as in the torch and TensorFlow
+adapters. Inside ``shard_map`` and ``pmap``, ``axis_name=`` makes the update the whole batch's
+(see ``center_loss``). Costs are in ``benchmarks/jax_ffi.py`` and the README.
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero, zero_from_primal
 
 from ._compact import (check_labels_of_every_shard, check_shapes_and_dtypes, host_combine, host_partials, host_step,
                        table_width)
-from ._rules import RULES, moves_centers
+from ._rules import RULES, moves_centers, rule_coefficients
 from ._validation import HOST_BACKENDS, check_choice, check_labels
 
 
@@ -91,13 +95,13 @@ def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, back
     replicated_centers = centers
     features, labels, centers, alpha = _vary_alike(features, labels, centers, alpha)
     step = _ffi_step_or_none(rule, backend)
-    if step is not None:
-        loss, new_centers = step(features, labels, centers, alpha)
+    if step is not None:  # the kernels read centers[labels] and write the new centers
+        loss, new_centers = step(features, centers, labels, alpha)
         return loss, jax.lax.stop_gradient(new_centers)
     classes, index = _batch_classes(labels, batch_size, num_classes)  # size=B: static shapes under jit
     rows = centers.at[classes].get(mode="fill", fill_value=0)
-    step = _differentiable_step(rule, backend, num_classes)
-    loss, new_rows = step(features, labels, index, rows, alpha)
+    step = _callback_step(rule, backend, num_classes)  # the kernels read rows[index] and write new rows
+    loss, new_rows = step(features, rows, index, labels, alpha)
     if moves_centers(rule):
         new_centers = centers.at[classes].set(new_rows, mode="drop")
     else:
@@ -154,8 +158,9 @@ def _global_step(features, labels, centers, alpha, rule, backend, axis_name):
     num_classes, batch_size = centers.shape[0], features.shape[0]
     width = table_width(features.shape[1])
     classes, index = _batch_classes(labels, batch_size, num_classes)
-    local = _vary_alike(features, classes, index, centers.at[classes].get(mode="fill", fill_value=0), alpha)
-    loss, table = _partials_step(rule, backend)(*local)
+    rows = centers.at[classes].get(mode="fill", fill_value=0)
+    features, rows, index, classes, alpha = _vary_alike(features, rows, index, classes, alpha)
+    loss, table = _partials_step(rule, backend)(features, rows, index, classes, alpha)
 
     shards = _axis_size(axis_name)
     blocks = jnp.zeros((shards, batch_size, width), jnp.uint32)
@@ -206,33 +211,74 @@ def _labels_checked_on_every_shard(labels, num_classes: int, axes: frozenset):
 
 @functools.lru_cache(maxsize=None)
 def _partials_step(rule: str, backend: str):
-    """``(features, classes, index, rows, alpha) -> (loss, table)`` of one shard, with the VJP
-    of its loss (``table`` is the exchange's: not differentiated)."""
+    """``(features, rows, index, classes, alpha) -> (loss, table)`` of one shard: its loss, and
+    its per-class partials for the exchange."""
     callback = functools.partial(host_partials, rule=rule, backend=backend)
 
-    def run(features, classes, index, rows, alpha):
+    def run(features, rows, index, classes, alpha):
         shapes = (jax.ShapeDtypeStruct((), features.dtype), jax.ShapeDtypeStruct(features.shape, features.dtype),
                   jax.ShapeDtypeStruct((features.shape[0], table_width(features.shape[1])), jnp.uint32))
         results = jax.pure_callback(callback, shapes, features, classes, index, rows, alpha, vmap_method="sequential")
         return _typed_like(results, features)
 
-    @jax.custom_vjp
-    def step(features, classes, index, rows, alpha):
-        loss, _, table = run(features, classes, index, rows, alpha)
-        return loss, table
+    return _with_the_kernels_derivatives(run, rule)
 
-    def forward(features, classes, index, rows, alpha):
-        loss, grad, table = run(features, classes, index, rows, alpha)
-        return (loss, table), (grad, index)
 
-    def backward(residuals, cotangents):
-        grad, index = residuals
-        grad_loss, _ = cotangents  # the table is the exchange's: not differentiated
-        grad_rows = -grad_loss * jax.ops.segment_sum(grad, index, num_segments=grad.shape[0])
-        return grad_loss * grad, None, None, grad_rows, None
+# --------------------------------------------------------------------------- derivatives
 
-    step.defvjp(forward, backward)
+
+def _with_the_kernels_derivatives(run, rule: str):
+    """``step(features, rows, index, *rest) -> (loss, result)`` from ``run(...) -> (loss, grad,
+    result)``, a kernel call in which sample i reads ``rows[index[i]]``: differentiable to any
+    order, in reverse and forward mode, with the kernel's gradient as its value.
+
+    The derivative is a JVP: d loss = <g, d features> - <g, d rows[index]>, where ``g`` is the
+    kernel's ``grad`` (no gradient of its own) plus a term whose value is zero and whose
+    derivative is the rule's, d g_i = s (d f_i - d rows[index_i]) with s the rule's grad scale,
+    so that gradients of gradients are exact (as the torch and TensorFlow adapters make them).
+    The kernel call inside sees its inputs with their gradients stopped, so no transform has to
+    differentiate it. ``result`` (new centers, new rows, the exchange's table) has no derivative:
+    it is the rule's update, like an optimizer step."""
+
+    @jax.custom_jvp
+    def step(features, rows, index, *rest):
+        loss, _, result = run(features, rows, index, *rest)
+        return loss, result
+
+    def derivative(primals, tangents):
+        features, rows, index = primals[:3]
+        loss, grad, result = run(*(jax.lax.stop_gradient(p) for p in primals))
+        scale = rule_coefficients(rule, 0.0, *features.shape).grad_scale
+        grad = jax.lax.stop_gradient(grad) + scale * (_zero_moving_with(features) - _zero_moving_with(rows, index))
+        d_features, d_rows = tangents[:2]
+        d_loss = jnp.zeros((), loss.dtype)
+        if not isinstance(d_features, SymbolicZero):
+            d_loss = d_loss + jnp.sum(grad * d_features)
+        if not isinstance(d_rows, SymbolicZero):
+            d_loss = d_loss - jnp.sum(grad * d_rows.at[index].get(mode="fill", fill_value=0))
+        # result has no derivative: a symbolic zero, typed as JAX wants (float0 for integers)
+        return (loss, result), (d_loss.astype(loss.dtype), zero_from_primal(result, symbolic_zeros=True))
+
+    step.defjvp(derivative, symbolic_zeros=True)
     return step
+
+
+@jax.custom_jvp
+def _zero_moving_with(array, index=None):
+    """Zeros shaped like ``array[index]`` (``array`` without ``index``) whose derivative is that
+    of ``array[index]``. It reads nothing of ``array``: the custom call may be writing the
+    centers in place (a read would make XLA copy them first), and an infinite value must not
+    turn the zero into NaN."""
+    shape = array.shape if index is None else (index.shape[0], *array.shape[1:])
+    zeros = jnp.zeros(shape, array.dtype)
+    return _as_varying(zeros, _varying_axes(array) | (frozenset() if index is None else _varying_axes(index)))
+
+
+@_zero_moving_with.defjvp
+def _zero_moving_with_derivative(primals, tangents):
+    array, index = primals
+    d_array = tangents[0]
+    return _zero_moving_with(array, index), d_array if index is None else d_array.at[index].get(mode="fill", fill_value=0)
 
 
 # --------------------------------------------------------------------------- XLA FFI
@@ -361,10 +407,11 @@ def _device_custom_call(frame, arguments, results, *, rule):
 
 @functools.lru_cache(maxsize=None)
 def _ffi_step(rule: str, backend: str):
-    """``(features, labels, centers, alpha) -> (loss, new_centers)`` as one custom call, with its VJP."""
+    """``(features, centers, labels, alpha) -> (loss, new_centers)`` as one custom call, with its
+    derivatives."""
     target = _ffi_target(rule, backend)
 
-    def run(features, labels, centers, alpha):
+    def run(features, centers, labels, alpha):
         shapes = (jax.ShapeDtypeStruct((), features.dtype), jax.ShapeDtypeStruct(features.shape, features.dtype))
         if not moves_centers(rule):  # pytorch: the centers stay as they are, and no buffer is written
             loss, grad = jax.ffi.ffi_call(target, shapes, vmap_method="sequential")(features, labels, centers, alpha)
@@ -375,32 +422,16 @@ def _ffi_step(rule: str, backend: str):
                                 vmap_method="sequential", input_output_aliases={2: 2})
         return _typed_like(call(features, labels, centers, alpha), features)
 
-    @jax.custom_vjp
-    def step(features, labels, centers, alpha):
-        loss, _, new_centers = run(features, labels, centers, alpha)
-        return loss, new_centers
-
-    def forward(features, labels, centers, alpha):
-        loss, grad, new_centers = run(features, labels, centers, alpha)
-        return (loss, new_centers), (grad, labels, centers.shape[0])
-
-    def backward(residuals, cotangents):
-        grad, labels, num_classes = residuals
-        grad_loss, _ = cotangents  # new_centers is the rule's update: not differentiated
-        # d loss / d c_j = -sum of d loss / d f_i over the samples of class j
-        grad_centers = -grad_loss * jax.ops.segment_sum(grad, labels, num_segments=num_classes)
-        return grad_loss * grad, None, grad_centers, None
-
-    step.defvjp(forward, backward)
-    return step
+    return _with_the_kernels_derivatives(run, rule)
 
 
 @functools.lru_cache(maxsize=None)
-def _differentiable_step(rule: str, backend: str, num_classes: int):
-    """``(features, labels, index, rows, alpha) -> (loss, new_rows)`` with its VJP."""
+def _callback_step(rule: str, backend: str, num_classes: int):
+    """``(features, rows, index, labels, alpha) -> (loss, new_rows)`` as a host callback on the
+    batch's rows, with its derivatives."""
     callback = functools.partial(host_step, num_classes=num_classes, rule=rule, backend=backend)
 
-    def run(features, labels, index, rows, alpha):
+    def run(features, rows, index, labels, alpha):
         shapes = (
             jax.ShapeDtypeStruct((), features.dtype),
             jax.ShapeDtypeStruct(features.shape, features.dtype),
@@ -409,22 +440,4 @@ def _differentiable_step(rule: str, backend: str, num_classes: int):
         results = jax.pure_callback(callback, shapes, features, labels, index, rows, alpha, vmap_method="sequential")
         return _typed_like(results, features)
 
-    @jax.custom_vjp
-    def step(features, labels, index, rows, alpha):
-        loss, _, new_rows = run(features, labels, index, rows, alpha)
-        return loss, new_rows
-
-    def forward(features, labels, index, rows, alpha):
-        loss, grad, new_rows = run(features, labels, index, rows, alpha)
-        return (loss, new_rows), (grad, index)
-
-    def backward(residuals, cotangents):
-        grad, index = residuals
-        grad_loss, _ = cotangents  # new_rows is the rule's update: not differentiated
-        grad_features = grad_loss * grad
-        # d loss / d c_j = -sum of d loss / d f_i over the samples of class j (one row per class)
-        grad_rows = -grad_loss * jax.ops.segment_sum(grad, index, num_segments=grad.shape[0])
-        return grad_features, None, None, grad_rows, None
-
-    step.defvjp(forward, backward)
-    return step
+    return _with_the_kernels_derivatives(run, rule)

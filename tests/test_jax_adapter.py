@@ -204,3 +204,34 @@ def test_a_refused_registration_falls_back_to_the_host_callback(step_path, monke
     finally:
         center_jax._ffi_step.cache_clear()
         center_jax._ffi_state.pop("refused", None)
+
+
+@pytest.mark.parametrize("rule", centerkern.RULES)
+def test_forward_mode_and_higher_order_derivatives_match_jax_on_the_formulas(rule):
+    """jvp, jacfwd, hessian and grad of grad, in features and centers: the kernel's gradient
+    carries the rule's derivative (a zero-valued term), and no transform differentiates the
+    kernel call itself."""
+    features, labels, centers = _batch(31, batch=9, classes=5, width=3)
+
+    def loss(features, centers):
+        return center_jax.center_loss(features, labels, centers, 0.5, rule=rule)[0]
+
+    def formula(features, centers):
+        return _formula_loss(rule, features, labels, centers)
+
+    def grad_of_grad(objective):
+        inner = jax.grad(objective, argnums=(0, 1))
+        return jax.grad(lambda f, c: sum(jnp.sum(g ** 3) for g in inner(f, c)), argnums=(0, 1))(features, centers)
+
+    checks = {
+        "jvp": lambda objective: jax.jvp(objective, (features, centers), (0.3 * features, 0.7 * centers))[1],
+        "jacfwd": lambda objective: jax.jacfwd(objective, argnums=(0, 1))(features, centers),
+        "hessian": lambda objective: jax.hessian(objective, argnums=(0, 1))(features, centers),
+        "grad of grad": grad_of_grad,
+        "grad of grad under jit": lambda objective: jax.jit(lambda: grad_of_grad(objective))(),
+    }
+    for name, check in checks.items():
+        got, expected = jax.tree.leaves(check(loss)), jax.tree.leaves(check(formula))
+        assert len(got) == len(expected), name
+        for g, e in zip(got, expected):
+            assert_matches(np.asarray(g), np.asarray(e), features, centers)
