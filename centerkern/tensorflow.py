@@ -16,6 +16,12 @@ training mode moves the rows of ``centers`` that the batch touches with one
 and writes B rows of the variable, never all K. For the same reason a ``tf.function`` holding it
 cannot be compiled with XLA (``jit_compile=True``); the layer says so (``supports_jit = False``),
 so that Keras's default ``jit_compile="auto"`` leaves XLA off for a model holding it.
+
+Under ``tf.distribute.MirroredStrategy`` (``fit``, or ``strategy.run``) each replica's loss and
+gradient are its own, and the centers move by the whole batch: every replica's per-class float64
+sums and counts are gathered (the replica context's ``all_gather``), every replica computes the
+same new rows from them, and ``merge_call`` writes them into every replica's copy (see
+``centerkern._compact``). Strategies this cannot serve are refused by name.
 """
 
 from __future__ import annotations
