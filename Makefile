@@ -7,7 +7,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install compile test test-cpu test-cudasim demo info bench bench-first-call bench-distributed fuzz clean
+.PHONY: install compile test test-cpu test-cudasim demo info bench bench-first-call bench-distributed bench-data-parallel fuzz clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
@@ -51,6 +51,10 @@ bench-first-call: $(INSTALLED)
 # the exchange of centerkern.distributed: ranks x touched classes, local gloo processes
 bench-distributed: $(INSTALLED)
 	$(PYTHON) benchmarks/distributed_exchange.py
+
+# the whole-batch center update under JAX's shard_map and TensorFlow's MirroredStrategy, 2 CPU replicas
+bench-data-parallel: $(INSTALLED)
+	$(PYTHON) benchmarks/data_parallel.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

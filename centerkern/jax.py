@@ -171,9 +171,11 @@ def _global_step(features, labels, centers, alpha, rule, backend, axis_name):
     # the new centers are the rule's update, not differentiated: the callback sees plain values
     centers, alpha = jax.lax.stop_gradient(centers), jax.lax.stop_gradient(alpha)
     rows = centers.at[touched].get(mode="fill", fill_value=0)
-    combine = functools.partial(host_combine, rule=rule, backend=backend)
-    new_rows = jax.pure_callback(combine, jax.ShapeDtypeStruct(rows.shape, rows.dtype), tables,
-                                 position.reshape(-1), rows, alpha, vmap_method="sequential")
+    def combine(tables, position, rows, alpha):
+        return (host_combine(tables, position, rows, alpha, rule=rule, backend=backend),)
+
+    new_rows, = _host_call(f"combine_{rule}_{backend}", combine, (jax.ShapeDtypeStruct(rows.shape, rows.dtype),),
+                           tables, position.reshape(-1), rows, alpha)
     return loss, centers.at[touched].set(new_rows, mode="drop")
 
 
@@ -201,12 +203,38 @@ def _labels_checked_on_every_shard(labels, num_classes: int, axes: frozenset):
     shard = jax.lax.axis_index(axes)
 
     def check(labels, bad_everywhere, shard):
-        return check_labels_of_every_shard(labels, bad_everywhere, num_classes=num_classes,
-                                           shard=f"shard {int(shard)} over mesh axes {axes}")
+        return (check_labels_of_every_shard(labels, bad_everywhere, num_classes=num_classes,
+                                            shard=f"shard {int(shard)} over mesh axes {axes}"),)
 
-    checked = jax.pure_callback(check, jax.ShapeDtypeStruct(labels.shape, labels.dtype), labels, bad_everywhere,
-                                shard, vmap_method="sequential")
+    checked, = _host_call(f"check_labels_{num_classes}_{axes}", check,
+                          (jax.ShapeDtypeStruct(labels.shape, labels.dtype),), labels, bad_everywhere, shard)
     return _typed_like((checked,), labels)[0]
+
+
+def _host_call(key: str, function, shapes: tuple, *operands) -> tuple:
+    """``function(*operands)`` (NumPy arrays in, a tuple of arrays out, one per shape) run on the host, typed as
+    ``shapes``. Where the custom call serves, the function is an XLA FFI target of its own (named
+    by ``key``, which determines what it does), called on XLA's buffers on the device's own
+    thread. Not ``jax.pure_callback`` there: with several host devices it puts its operands on
+    CPU device 0 and waits for them, and device 0 may be waiting in a collective for the device
+    whose callback waits (seen: two devices, a step that never finished)."""
+    if ffi_path_available():
+        name = f"centerkern_host_{key}"
+        if name not in _REGISTERED:
+            from ._xla_ffi import handler
+
+            def call(frame, arguments, results):
+                values = function(*(buffer.host_array() for buffer in arguments))
+                if len(values) != len(results):
+                    raise RuntimeError(f"{key}: {len(values)} results for {len(results)} buffers")
+                for buffer, value in zip(results, values):
+                    buffer.host_array()[...] = value
+
+            kept = handler(call)
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(kept), platform="cpu")
+            _REGISTERED[name] = [kept]
+        return tuple(jax.ffi.ffi_call(name, shapes, vmap_method="sequential")(*operands))
+    return tuple(jax.pure_callback(function, shapes, *operands, vmap_method="sequential"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -218,7 +246,7 @@ def _partials_step(rule: str, backend: str):
     def run(features, rows, index, classes, alpha):
         shapes = (jax.ShapeDtypeStruct((), features.dtype), jax.ShapeDtypeStruct(features.shape, features.dtype),
                   jax.ShapeDtypeStruct((features.shape[0], table_width(features.shape[1])), jnp.uint32))
-        results = jax.pure_callback(callback, shapes, features, classes, index, rows, alpha, vmap_method="sequential")
+        results = _host_call(f"partials_{rule}_{backend}", callback, shapes, features, classes, index, rows, alpha)
         return _typed_like(results, features)
 
     return _with_the_kernels_derivatives(run, rule)

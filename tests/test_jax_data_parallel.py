@@ -101,3 +101,29 @@ def test_a_bad_label_on_one_shard_fails_every_shard_without_hanging(run, update)
     position = 24 // devices - 2
     assert (f"label 11 at position {position} is out of range" in error and f"shard {last} over mesh axes" in error) \
         or ("PeerInputError" in error and "a peer's batch (this is shard" in error), error
+
+
+def test_on_the_cpu_no_step_goes_through_pure_callback():
+    """``jax.pure_callback`` puts its operands on CPU device 0 and waits for them; with several
+    host devices, device 0 may be waiting in a collective for the device whose callback waits (a
+    step that never finished, seen in this package's benchmark). Where the custom call serves,
+    every host call of a step, data-parallel or not, is an FFI call on the device's own buffers."""
+    import jax
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    import centerkern.jax as center_jax
+
+    assert center_jax.ffi_path_available()
+    features, labels, centers = batches(2)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("batch",))
+    for rule in ("facenet", "wen", "pytorch"):
+        for axis_name in ("batch", None):
+            def step(f, y, c, rule=rule, axis_name=axis_name):
+                (loss, new), grad = jax.value_and_grad(lambda f: center_jax.center_loss(
+                    f, y, c, ALPHA, rule=rule, axis_name=axis_name), has_aux=True)(f)
+                return jax.lax.pmean(loss, "batch"), grad, new[None]
+            sharded = jax.shard_map(step, mesh=mesh, in_specs=(P("batch"), P("batch"), P()),
+                                    out_specs=(P(), P("batch"), P("batch")))
+            program = str(jax.make_jaxpr(sharded)(features[0], labels[0], centers))
+            assert "ffi_call" in program and "pure_callback" not in program, (rule, axis_name)

@@ -1,0 +1,167 @@
+"""What the whole-batch center update costs under each framework's own data parallelism.
+
+    python benchmarks/data_parallel.py [--size B,D,K] [--repeats 40] [--out PATH]
+
+Two replicas on this machine's CPU (two JAX host devices; two TensorFlow logical CPUs under
+``MirroredStrategy``), one jitted (``tf.function``) training step each, rule ``wen``, float32,
+B samples split evenly. Per framework, in one process, interleaved, medians:
+
+* ``centerkern, whole batch``: ``axis_name=`` (JAX) or the layer under the strategy (TF), the
+  centers moved by every replica's batch, the same on every replica;
+* ``framework, whole batch``: the framework's own ops doing it right: per-class sums over all K
+  classes (``segment_sum``), summed over the replicas (``psum`` / ``all_reduce``), the rule.
+
+Every pair is first checked to give the same centers. Results go to
+``benchmarks/results/data-parallel-<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+REPLICAS = 2
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={REPLICAS}"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from centerkern._peers import interleaved_medians  # noqa: E402
+from centerkern._reports import provenance, write_report  # noqa: E402
+
+ALPHA = 0.5
+
+
+def _inputs(batch, width, classes):
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal((batch, width)).astype(np.float32), rng.integers(0, classes, batch).astype(np.int32),
+            rng.standard_normal((classes, width)).astype(np.float32))
+
+
+def _jax_steps(features, labels, start):
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    import centerkern.jax as center_jax
+
+    mesh = Mesh(np.array(jax.devices()[:REPLICAS]), ("batch",))
+    num_classes = start.shape[0]
+
+    def ours(f, y, c):
+        (loss, new), grad = jax.value_and_grad(
+            lambda f: center_jax.center_loss(f, y, c, ALPHA, rule="wen", axis_name="batch"), has_aux=True)(f)
+        return jax.lax.pmean(loss, "batch"), grad, new
+
+    def native(f, y, c):  # wen's rule in jax.numpy, the sums over every replica by one psum
+        batch = f.shape[0] * REPLICAS
+        loss, grad = jax.value_and_grad(lambda f: jnp.sum((f - c[y]) ** 2) / (2 * batch) * REPLICAS)(f)
+        sums = jax.lax.psum(jax.ops.segment_sum(f - c[y], y, num_segments=num_classes), "batch")
+        counts = jax.lax.psum(jnp.bincount(y, length=num_classes), "batch")
+        return jax.lax.pmean(loss, "batch"), grad, c + ALPHA * sums / (1 + counts)[:, None]
+
+    def runner(step):
+        # the centers donated and fed back, as a training loop does: no K x D copy is forced
+        sharded = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P("batch"), P("batch"), P()),
+                                        out_specs=(P(), P("batch"), P())), donate_argnums=(2,))
+        arguments = (jnp.asarray(features), jnp.asarray(labels))
+        state = {"centers": jnp.asarray(start)}
+
+        def run():
+            loss, grad, state["centers"] = jax.block_until_ready(sharded(*arguments, state["centers"]))
+            return loss, grad, (state["centers"],)
+        return run
+
+    return {"centerkern, whole batch": runner(ours), "jax.numpy, whole batch": runner(native)}
+
+
+def _tensorflow_steps(features, labels, start):
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * REPLICAS)
+    import centerkern.tensorflow as center_tf
+
+    strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(REPLICAS)])
+    num_classes = start.shape[0]
+    dataset = tf.data.Dataset.from_tensors((features, labels)).repeat()
+    batches = iter(strategy.experimental_distribute_dataset(dataset))
+    batch = next(batches)
+
+    def runner(replica_step):
+        with strategy.scope():
+            centers = tf.Variable(start)
+
+        @tf.function
+        def step(batch):
+            return strategy.run(replica_step, args=(centers, *batch))
+
+        def run():
+            step(batch)
+            return [copy.numpy() for copy in centers.values]
+        return run
+
+    def ours(centers, f, y):
+        with tf.GradientTape() as tape:
+            tape.watch(f)
+            loss = center_tf.center_loss(f, y, centers, ALPHA, rule="wen")
+        return loss, tape.gradient(loss, f)
+
+    def native(centers, f, y):  # wen's rule in TensorFlow ops, the sums over every replica by one all-reduce
+        replica = tf.distribute.get_replica_context()
+        with tf.GradientTape() as tape:
+            tape.watch(f)
+            difference = f - tf.gather(centers, y)
+            loss = tf.reduce_sum(difference ** 2) / (2.0 * tf.cast(tf.shape(f)[0], tf.float32))
+        grad = tape.gradient(loss, f)
+        table = tf.concat([tf.math.unsorted_segment_sum(difference, y, num_classes),
+                           tf.math.unsorted_segment_sum(tf.ones_like(difference[:, :1]), y, num_classes)], axis=1)
+        table = replica.all_reduce("sum", table)
+        new = centers + ALPHA * table[:, :-1] / (1.0 + table[:, -1:])
+        replica.merge_call(lambda strategy, new: strategy.extended.update(
+            centers, lambda copy, value: copy.assign(value), args=(new,), group=True), args=(new,))
+        return loss, grad
+
+    return {"centerkern, whole batch": runner(ours), "TensorFlow ops, whole batch": runner(native)}
+
+
+def _check_same(group, runs, start, features, labels):
+    import centerkern
+
+    expected = centerkern.center_loss(features, labels, start, ALPHA, rule="wen", backend="numpy").centers
+    for name, run in runs.items():
+        output = run()
+        copies = output[2] if isinstance(output, tuple) else output
+        for copy in copies:
+            np.testing.assert_allclose(np.asarray(copy), expected, rtol=1e-4, atol=1e-5, err_msg=f"{group}: {name}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="1024,128,10000", help="B,D,K (B over both replicas)")
+    parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    batch, width, classes = (int(x) for x in args.size.split(","))
+    features, labels, start = _inputs(batch, width, classes)
+
+    report = {"what": f"one data-parallel training step on {REPLICAS} CPU replicas, rule wen, float32, median ms",
+              **provenance(), "size": {"B": batch, "D": width, "K": classes, "replicas": REPLICAS}, "groups": {}}
+    for group, make in (("JAX shard_map", _jax_steps), ("TensorFlow MirroredStrategy", _tensorflow_steps)):
+        runs = make(features, labels, start)
+        _check_same(group, runs, start, features, labels)
+        medians = interleaved_medians(runs, args.repeats)
+        report["groups"][group] = {name: 1e3 * seconds for name, seconds in medians.items()}
+        print(group)
+        ours = medians["centerkern, whole batch"]
+        for name, seconds in medians.items():
+            print(f"  {name:32s} {1e3 * seconds:9.3f} ms   {seconds / ours:6.2f}x centerkern's whole-batch step")
+    write_report(report, args.out or Path(__file__).parent / "results" / f"data-parallel-{report['date'][:10]}.json")
+
+
+if __name__ == "__main__":
+    main()
