@@ -171,6 +171,7 @@ def _global_step(features, labels, centers, alpha, rule, backend, axis_name):
     # the new centers are the rule's update, not differentiated: the callback sees plain values
     centers, alpha = jax.lax.stop_gradient(centers), jax.lax.stop_gradient(alpha)
     rows = centers.at[touched].get(mode="fill", fill_value=0)
+
     def combine(tables, position, rows, alpha):
         return (host_combine(tables, position, rows, alpha, rule=rule, backend=backend),)
 
