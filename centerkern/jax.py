@@ -213,29 +213,35 @@ def _labels_checked_on_every_shard(labels, num_classes: int, axes: frozenset):
 
 
 def _host_call(key: str, function, shapes: tuple, *operands) -> tuple:
-    """``function(*operands)`` (NumPy arrays in, a tuple of arrays out, one per shape) run on the host, typed as
-    ``shapes``. Where the custom call serves, the function is an XLA FFI target of its own (named
-    by ``key``, which determines what it does), called on XLA's buffers on the device's own
-    thread. Not ``jax.pure_callback`` there: with several host devices it puts its operands on
-    CPU device 0 and waits for them, and device 0 may be waiting in a collective for the device
-    whose callback waits (seen: two devices, a step that never finished)."""
-    if ffi_path_available():
-        name = f"centerkern_host_{key}"
-        if name not in _REGISTERED:
-            from ._xla_ffi import handler
+    """``function(*operands)`` (NumPy arrays in, a tuple of arrays out, one per shape) run on
+    the host, typed as ``shapes``. Where the custom call serves, the function is an XLA FFI
+    target of its own (named by ``key``, which determines what it does), called on XLA's buffers
+    on the device's own thread. Not ``jax.pure_callback`` there: with several host devices it
+    puts its operands on CPU device 0 and waits for them, and device 0 may be waiting in a
+    collective for the device whose callback waits (seen: two devices, a step that never
+    finished). Elsewhere, or where XLA refuses the registration, ``jax.pure_callback``."""
+    name = f"centerkern_host_{key}"
+    if _host_targets_serve() and name not in _REGISTERED:
+        def call(frame, arguments, results):
+            values = function(*(buffer.host_array() for buffer in arguments))
+            if len(values) != len(results):
+                raise RuntimeError(f"{key}: {len(values)} results for {len(results)} buffers")
+            for buffer, value in zip(results, values):
+                buffer.host_array()[...] = value
 
-            def call(frame, arguments, results):
-                values = function(*(buffer.host_array() for buffer in arguments))
-                if len(values) != len(results):
-                    raise RuntimeError(f"{key}: {len(values)} results for {len(results)} buffers")
-                for buffer, value in zip(results, values):
-                    buffer.host_array()[...] = value
-
-            kept = handler(call)
-            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(kept), platform="cpu")
-            _REGISTERED[name] = [kept]
+        try:
+            _register(name, {"cpu": call})
+        except Exception as error:  # as _ffi_step_or_none: the callback serves, info says why
+            _ffi_state.update(available=False, refused=f"{type(error).__name__}: {error}")
+    if _host_targets_serve():
         return tuple(jax.ffi.ffi_call(name, shapes, vmap_method="sequential")(*operands))
     return tuple(jax.pure_callback(function, shapes, *operands, vmap_method="sequential"))
+
+
+def _host_targets_serve() -> bool:
+    """Whether ``_host_call`` runs functions as FFI targets: they take host buffers, so JAX on a
+    GPU (even with the custom-call switch on) keeps the callback."""
+    return ffi_path_available() and jax.default_backend() == "cpu"
 
 
 @functools.lru_cache(maxsize=None)
@@ -370,17 +376,23 @@ def _ffi_target(rule: str, backend: str) -> str:
     ``backend``'s kernels on host buffers, on a GPU the cuda kernels on device buffers."""
     name = f"centerkern_center_loss_{rule}_{backend}"
     if name not in _REGISTERED:
-        from ._xla_ffi import handler
-
-        host = handler(functools.partial(_host_custom_call, rule=rule, backend=backend))
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(host), platform="cpu")
-        kept = [host]
+        calls = {"cpu": functools.partial(_host_custom_call, rule=rule, backend=backend)}
         if jax.default_backend() == "gpu" and _gpu_custom_call_asked():
-            device = handler(functools.partial(_device_custom_call, rule=rule))
-            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(device), platform="CUDA")
-            kept.append(device)
-        _REGISTERED[name] = kept
+            calls["CUDA"] = functools.partial(_device_custom_call, rule=rule)
+        _register(name, calls)
     return name
+
+
+def _register(name: str, calls: dict) -> None:
+    """Register ``calls`` (platform -> ``function(frame, arguments, results)``) as XLA FFI
+    target ``name``, their handlers kept for as long as the process."""
+    from ._xla_ffi import handler
+
+    kept = []
+    for platform, function in calls.items():
+        kept.append(handler(function))
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(kept[-1]), platform=platform)
+    _REGISTERED[name] = kept
 
 
 def _step_in_custom_call(*args, **kwargs):
@@ -456,8 +468,9 @@ def _ffi_step(rule: str, backend: str):
 
 @functools.lru_cache(maxsize=None)
 def _callback_step(rule: str, backend: str, num_classes: int):
-    """``(features, rows, index, labels, alpha) -> (loss, new_rows)`` as a host callback on the
-    batch's rows, with its derivatives."""
+    """``(features, rows, index, labels, alpha) -> (loss, new_rows)`` as a host call on the
+    batch's rows, with its derivatives: where the single custom call on the centers does not
+    serve (see ``_host_call``)."""
     callback = functools.partial(host_step, num_classes=num_classes, rule=rule, backend=backend)
 
     def run(features, rows, index, labels, alpha):
@@ -466,7 +479,8 @@ def _callback_step(rule: str, backend: str, num_classes: int):
             jax.ShapeDtypeStruct(features.shape, features.dtype),
             jax.ShapeDtypeStruct(rows.shape, rows.dtype),
         )
-        results = jax.pure_callback(callback, shapes, features, labels, index, rows, alpha, vmap_method="sequential")
+        results = _host_call(f"step_{rule}_{backend}_{num_classes}", callback, shapes, features, labels, index, rows,
+                             alpha)
         return _typed_like(results, features)
 
     return _with_the_kernels_derivatives(run, rule)
