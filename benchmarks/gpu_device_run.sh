@@ -39,14 +39,17 @@ if [ "$SMALL" = 0 ]; then
 fi
 PYTHON=${PYTHON:-python3}
 
-# The machine's NumPy may be newer than Numba supports; a wheel of one it does support can be
-# carried along in .whl/.
+# The machine comes with its own numba and numba-cuda; newer ones carried in .whl/ are installed
+# beside them (first on PYTHONPATH) where their requirements are met there (gpu_packages.py).
 if [ -d .whl ]; then
-    timeout 60 python3 -m pip install --quiet --no-index --find-links .whl numpy==2.4.6 >"$OUT/pip.log" 2>&1 \
-        || timeout 60 python3 -m pip install --quiet --break-system-packages --no-index --find-links .whl \
-            numpy==2.4.6 >>"$OUT/pip.log" 2>&1 \
-        || echo "numpy 2.4.6 from .whl/ was not installed (see $OUT/pip.log); going on with the machine's"
+    if timeout 120 "$PYTHON" benchmarks/gpu_packages.py .whl /tmp/centerkern-site 2>&1 | tee "$OUT/packages.log"; then
+        export PYTHONPATH="/tmp/centerkern-site:$PYTHONPATH"
+    else
+        echo "the carried wheels were not installed (see $OUT/packages.log); going on with the machine's"
+    fi
 fi
+"$PYTHON" -c 'import numpy, numba, numba_cuda; print("numpy", numpy.__version__, "numba", numba.__version__,
+    "numba-cuda", numba_cuda.__version__)' 2>&1 | tee -a "$OUT/packages.log"
 
 STEPS=()
 CODES=()
