@@ -15,8 +15,8 @@
 #   6. tests/test_gpu_jax.py: centerkern.jax's custom call on XLA's device buffers and stream
 #   7. the small case under compute-sanitizer's racecheck (where installed; slow, so last)
 #
-# Each step's output goes to a log under $OUT (and to the terminal); a failed step other than
-# the preflight does not stop the next one. The whole run keeps within BUDGET_S seconds (default
+# Each step's output goes to a log under $OUT (and to the terminal), the logs packed into
+# $OUT/logs.tgz at the end; a failed step other than the preflight does not stop the next one. The whole run keeps within BUDGET_S seconds (default
 # 480, 8 minutes): each step gets its own limit, cut to what is left. The last lines list every
 # step's exit code (124: out of time); the script exits 1 if any step failed.
 #
@@ -130,4 +130,7 @@ done
         echo "(the skips above may be for want of a GPU: check them)"
     fi
 } | tee "$OUT/summary.txt"
+# The device machine returns at most 8 files: the step logs travel as one archive, beside the
+# summary, the machine's description and the JSON results
+(cd "$OUT" && tar czf logs.tgz -- *.log && rm -f -- *.log)
 exit "$failed"
