@@ -45,12 +45,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from . import _api, _validation
+from . import _api, _compact, _validation
 from ._api import CenterLossResult
 from ._errors import PeerInputError
+from ._interop import check_writable
 from ._rules import RULES, moves_centers, rule_coefficients
 
 # sparse while R * U < SPARSE_BELOW_FRACTION * K (see the module docstring)
@@ -59,8 +63,8 @@ EXCHANGES = ("auto", "sparse", "dense")
 
 
 def center_loss(
-    features: torch.Tensor, labels: Any, centers: torch.Tensor, alpha: Any, *, rule: str = "facenet",
-    out: torch.Tensor | None = None, group: Any = None, backend: str = "auto", deterministic: bool = False,
+    features: torch.Tensor, labels: Any, centers: Any, alpha: Any, *, rule: str = "facenet",
+    out: Any = None, group: Any = None, backend: str = "auto", deterministic: bool = False,
     exchange: str = "auto",
 ) -> CenterLossResult:
     """``centerkern.center_loss`` over a ``torch.distributed`` process group.
@@ -68,19 +72,28 @@ def center_loss(
     Same arguments and result as ``centerkern.center_loss`` (torch tensors: CPU with gloo, CUDA
     with NCCL), plus ``group`` (None: the default group) and ``exchange`` ("auto", "sparse",
     "dense"; see the module docstring). ``loss`` and ``grad`` are this rank's; ``centers``
-    are the centers after one step of the rule on the concatenation of every rank's batch,
-    identical on every rank. Every rank of the group must call it, with the same centers.
+    are the centers after one step of the rule on the concatenation of every rank's batch.
+    Every rank of the group must call it.
+
+    ``centers`` decides the step:
+
+    * a plain tensor, or a ``DTensor`` placed ``Replicate()``: the data-parallel step, every
+      rank holding the same (K, D) centers and ending with the same bits;
+    * a ``DTensor`` placed ``Shard(0)`` over a 1-D ``DeviceMesh`` (``shard_centers``): the
+      sharded step, each rank holding its block of rows only; ``group`` is the mesh's and
+      ``exchange`` does not apply. ``out`` is None or such a DTensor (``out=centers``: in
+      place), and ``centers`` (and ``grad_centers`` for rule ``pytorch``) come back sharded.
     """
+    if isinstance(centers, DTensor):
+        if _is_sharded(centers):
+            return _sharded_step(features, labels, centers, alpha, rule, out, backend, deterministic)
+        return _replicated_step(features, labels, centers, alpha, rule, out, group, backend, deterministic, exchange)
     if rule in RULES and not moves_centers(rule):
         # pytorch: nothing moves here, so there is nothing to exchange
         return _api.center_loss(
             features, labels, centers, alpha, rule=rule, out=out, backend=backend, deterministic=deterministic
         )
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(
-            "centerkern.distributed.center_loss needs a torch.distributed process group: call "
-            "torch.distributed.init_process_group first (or use centerkern.center_loss)"
-        )
+    _require_process_group()
     world_size = dist.get_world_size(group)
     error = None
     try:  # anything that can fail on one rank alone fails here, before the first collective
@@ -96,43 +109,21 @@ def center_loss(
         classes, index = torch.unique(labels, return_inverse=True)
         header = [classes.numel(), *centers.shape, _DTYPES.index(centers.dtype), EXCHANGES.index(exchange),
                   RULES.index(checked.rule), checked.alpha]
-    except Exception as caught:  # noqa: BLE001 - re-raised below, after the other ranks are told
-        error, header = caught, [-1.0] * _HEADER_SIZE
-    headers = _all_gather_headers(header, world_size, group)
-    if error is not None:
-        raise error
-    failed = [rank for rank, row in enumerate(headers) if row[0] < 0]
-    if failed:
-        raise PeerInputError(f"the input of rank(s) {failed} failed validation; no rank moved its centers")
-    disagreeing = [rank for rank, row in enumerate(headers) if row[1:] != headers[0][1:]]
-    if disagreeing:
-        raise PeerInputError(
-            f"rank(s) {disagreeing} disagree with rank 0 on the centers' shape or dtype, the exchange, the rule "
-            "or alpha; no rank moved its centers"
-        )
-    sizes = [int(row[0]) for row in headers]
+    except Exception as caught:  # noqa: BLE001 - re-raised by _agree, after the other ranks are told
+        error, header = caught, None
+    sizes = _agree(header, error, world_size, group)
 
     coefficients = rule_coefficients(checked.rule, checked.alpha, *features.shape)
-    gathered = _api.gather_centers(centers, labels, backend=backend)
-    # float64 for the sums, as the kernels: e = c - f = -d, so that scatter_sub adds up +d
-    minus_difference = gathered.double() - features.double()
-    squares = float(minus_difference.pow(2).sum())
-    grad = (-coefficients.grad_scale * minus_difference).to(features.dtype)
-    partial_sums = torch.zeros(classes.numel(), features.shape[1], dtype=torch.float64, device=features.device)
-    _api.scatter_sub_update(
-        partial_sums, index, minus_difference, out=partial_sums, backend=backend, deterministic=deterministic
-    )
-    counts = torch.bincount(index, minlength=classes.numel()).double()
+    squares, grad, partials = _local_partials(features, index, centers, labels, coefficients, backend, deterministic)
 
     num_classes = centers.shape[0]
     touched = torch.empty(0, dtype=torch.int64, device=features.device)
     if max(sizes) > 0:  # an empty global batch moves nothing
         chosen = choose_exchange(exchange, world_size, max(sizes), num_classes)
         combine = _exchange_sparse if chosen == "sparse" else _exchange_dense
-        touched, total_counts, total_sums = combine(classes, counts, partial_sums, sizes, num_classes, group, backend)
-        scale = coefficients.step / (1.0 + coefficients.count_weight * total_counts)
+        touched, totals = combine(classes, partials, sizes, num_classes, group, backend)
         # read before anything is written: out may overlap the centers
-        new_rows = (centers.index_select(0, touched).double() + scale[:, None] * total_sums).to(centers.dtype)
+        new_rows = _moved_rows(centers.index_select(0, touched), totals, coefficients)
 
     # out is written only now, after every collective, so that a failed exchange leaves it as it was
     target = centers.clone() if out is None else out.detach()
@@ -145,6 +136,66 @@ def center_loss(
     )
 
 
+def shard_centers(centers: Any, mesh: Any = None, *, dtype: torch.dtype | None = None, device: Any = None) -> DTensor:
+    """Centers as a ``DTensor`` placed ``Shard(0)`` over a 1-D ``DeviceMesh``: rank r holds rows
+    ``[r·c, (r + 1)·c)`` of the K, ``c = ceil(K / R)`` (``torch.chunk``'s split, that of
+    ``distribute_tensor``; the last ranks may hold fewer rows, or none).
+
+    Parameters
+    ----------
+    centers : (K, D) tuple, or torch.Tensor of shape (K, D)
+        A shape: zero centers, each rank allocating its own rows only (nothing K x D is made on
+        any rank). A tensor: the same centers on every rank (a checkpoint, a seeded init), of
+        which each rank keeps a copy of its rows; nothing is sent.
+    mesh : DeviceMesh, process group, or None
+        A 1-D mesh, or the process group to make one of (None: the default group).
+    dtype, device :
+        For a shape: the centers' dtype (float32 by default) and device (the CPU, or the
+        current CUDA device with NCCL).
+
+    Returns
+    -------
+    DTensor of shape (K, D), placed ``Shard(0)``: what ``center_loss`` takes as ``centers``
+    and ``out`` for the sharded step.
+    """
+    _require_process_group()
+    if isinstance(centers, torch.Tensor):
+        if centers.dim() != 2:
+            raise ValueError(f"centers must be 2-D, got shape {tuple(centers.shape)}")
+        shape, dtype, device = tuple(centers.shape), centers.dtype, centers.device
+    else:
+        shape, dtype = tuple(int(n) for n in centers), dtype or torch.float32
+        if len(shape) != 2 or min(shape) < 0:
+            raise ValueError(f"the centers' shape must be (K, D) with K, D >= 0, got {tuple(centers)}")
+    mesh = _one_dimensional_mesh(mesh, device)
+    first, stop = _owned_rows(shape[0], mesh.size(), mesh.get_local_rank())
+    if isinstance(centers, torch.Tensor):
+        local = centers.detach()[first:stop].clone()
+    else:
+        local = torch.zeros(stop - first, shape[1], dtype=dtype, device=device or mesh.device_type)
+    return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=torch.Size(shape), stride=(shape[1], 1))
+
+
+def gather_centers(centers: DTensor, labels: Any, *, backend: str = "auto") -> torch.Tensor:
+    """``centers[labels]`` of sharded centers: this rank's (B, D) rows, each fetched from the rank
+    that owns it (the first exchange of the sharded step). Every rank of the mesh must call it;
+    a bad label raises ``IndexError`` on its rank and ``PeerInputError`` on the others."""
+    _require_process_group()
+    mesh = centers.device_mesh
+    error = header = None
+    try:
+        local = _sharded_local(centers)
+        _validation.check_choice(backend, "backend", ("auto", *_api.BACKENDS))
+        labels = _validation.check_labels(_host_labels(labels), None, centers.shape[0], "the gather")
+        classes, index = torch.unique(torch.from_numpy(labels).to(local.device), return_inverse=True)
+        header = [classes.numel(), *centers.shape, _DTYPES.index(centers.dtype), SHARDED, -1, 0.0]
+    except Exception as caught:  # noqa: BLE001 - re-raised by _agree, after the other ranks are told
+        error = caught
+    _agree(header, error, mesh.size(), mesh.get_group())
+    rows, _ = _rows_from_owners(classes, local, centers.shape[0], mesh, backend)
+    return _api.gather_centers(rows, index, backend=backend)
+
+
 def choose_exchange(exchange: str, world_size: int, most_touched: int, num_classes: int) -> str:
     """``sparse`` or ``dense``: what ``exchange`` asks for, or for ``auto`` the cheaper one by the
     measured crossover. Every rank passes the same numbers (from the header), so every rank
@@ -155,6 +206,7 @@ def choose_exchange(exchange: str, world_size: int, most_touched: int, num_class
 
 
 _DTYPES = (torch.float32, torch.float64)
+SHARDED = len(EXCHANGES)  # the header's exchange entry for the sharded step
 _HEADER_SIZE = 7  # classes touched, K, D, dtype, exchange, rule, alpha
 
 
@@ -173,29 +225,252 @@ def _all_gather_headers(header: list[float], world_size: int, group: Any) -> lis
     return [row.tolist() for row in everyone]
 
 
-def _exchange_sparse(classes, counts, partial_sums, sizes, num_classes, group, backend):
+def _require_process_group() -> None:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "centerkern.distributed.center_loss needs a torch.distributed process group: call "
+            "torch.distributed.init_process_group first (or use centerkern.center_loss)"
+        )
+
+
+def _agree(header: list[float] | None, error: Exception | None, world_size: int, group: Any) -> list[int]:
+    """Share every rank's header (None: this rank's input failed with ``error``) and raise on
+    every rank if any input failed or the ranks disagree; else every rank's count of touched
+    classes. The one collective before anything is exchanged or written."""
+    headers = _all_gather_headers([-1.0] * _HEADER_SIZE if header is None else header, world_size, group)
+    if error is not None:
+        raise error
+    failed = [rank for rank, row in enumerate(headers) if row[0] < 0]
+    if failed:
+        raise PeerInputError(f"the input of rank(s) {failed} failed validation; no rank moved its centers")
+    disagreeing = [rank for rank, row in enumerate(headers) if row[1:] != headers[0][1:]]
+    if disagreeing:
+        raise PeerInputError(
+            f"rank(s) {disagreeing} disagree with rank 0 on the centers' shape or dtype, the exchange, the rule "
+            "or alpha; no rank moved its centers"
+        )
+    return [int(row[0]) for row in headers]
+
+
+def _local_partials(features, index, rows, labels_of_rows, coefficients, backend, deterministic):
+    """This rank's part of a step: the sum of squares, ``grad``, and per touched class its count
+    and float64 sum of ``d_i`` (a (U, 1 + D) table). ``rows[labels_of_rows]`` are the batch's
+    centers: the whole centers and the labels, or the batch's own rows and ``index``."""
+    gathered = _api.gather_centers(rows, labels_of_rows, backend=backend)
+    # float64 for the sums, as the kernels: e = c - f = -d, so that scatter_sub adds up +d
+    minus_difference = gathered.double() - features.double()
+    squares = float(minus_difference.pow(2).sum())
+    grad = (-coefficients.grad_scale * minus_difference).to(features.dtype)
+    touched = int(index.max()) + 1 if index.numel() else 0
+    partials = torch.zeros(touched, 1 + features.shape[1], dtype=torch.float64, device=features.device)
+    partials[:, 0] = torch.bincount(index, minlength=touched).double()
+    sums = partials[:, 1:]
+    _api.scatter_sub_update(sums, index, minus_difference, out=sums, backend=backend, deterministic=deterministic)
+    return squares, grad, partials
+
+
+def _added_in_rank_order(position, received, touched, backend):
+    """Rows of (count, sums) added up per entry of ``position`` in the order they came, which is
+    rank order: the scatter kernel adds duplicates in batch order, so every rank (and the sharded
+    step's owners) compute the same bits from the same rows."""
+    totals = torch.zeros(touched, received.shape[1], dtype=torch.float64, device=received.device)
+    _api.scatter_sub_update(totals, position, -received, out=totals, backend=backend, deterministic=True)
+    return totals
+
+
+def _moved_rows(rows, totals, coefficients):
+    """The rule applied to ``rows`` (their centers as they were) with the (count, sums) totals."""
+    scale = coefficients.step / (1.0 + coefficients.count_weight * totals[:, 0])
+    return (rows.double() + scale[:, None] * totals[:, 1:]).to(rows.dtype)
+
+
+def _exchange_sparse(classes, partials, sizes, num_classes, group, backend):
     """All-gather the rows (class, count, sums) of every rank, then add them up in rank order."""
-    width = partial_sums.shape[1]
-    rows = torch.zeros(max(sizes), width + 2, dtype=torch.float64, device=_collective_device(group))
+    rows = torch.zeros(max(sizes), 1 + partials.shape[1], dtype=torch.float64, device=_collective_device(group))
     rows[: classes.numel(), 0] = classes.double()  # class ids are exact in float64 below 2**53
-    rows[: classes.numel(), 1] = counts
-    rows[: classes.numel(), 2:] = partial_sums
+    rows[: classes.numel(), 1:] = partials
     received = [torch.empty_like(rows) for _ in sizes]
     dist.all_gather(received, rows, group=group)
-    every_row = torch.cat([block[:size] for block, size in zip(received, sizes)]).to(partial_sums.device)
+    every_row = torch.cat([block[:size] for block, size in zip(received, sizes)]).to(partials.device)
     touched, position = torch.unique(every_row[:, 0].to(torch.int64), return_inverse=True)
-    # the scatter kernel adds duplicates in batch order, here rank order: the same bits on every rank
-    totals = torch.zeros(touched.numel(), width + 1, dtype=torch.float64, device=partial_sums.device)
-    _api.scatter_sub_update(totals, position, -every_row[:, 1:], out=totals, backend=backend, deterministic=True)
-    return touched, totals[:, 0], totals[:, 1:]
+    return touched, _added_in_rank_order(position, every_row[:, 1:], touched.numel(), backend)
 
 
-def _exchange_dense(classes, counts, partial_sums, sizes, num_classes, group, backend):
-    """All-reduce a (K, D + 1) table of counts and sums."""
-    table = torch.zeros(num_classes, partial_sums.shape[1] + 1, dtype=torch.float64, device=_collective_device(group))
-    classes = classes.to(table.device)
-    table[classes, 0] = counts.to(table.device)
-    table[classes, 1:] = partial_sums.to(table.device)
+def _exchange_dense(classes, partials, sizes, num_classes, group, backend):
+    """All-reduce a (K, 1 + D) table of counts and sums."""
+    table = torch.zeros(num_classes, partials.shape[1], dtype=torch.float64, device=_collective_device(group))
+    table[classes.to(table.device)] = partials.to(table.device)
     dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
     touched = torch.nonzero(table[:, 0]).reshape(-1)
-    return tuple(x.to(partial_sums.device) for x in (touched, table[touched, 0], table[touched, 1:]))
+    return touched.to(partials.device), table[touched].to(partials.device)
+
+
+# --------------------------------------------------------------------------- sharded centers
+#
+# Rank r owns rows [r·c, (r + 1)·c) of the centers, c = ceil(K / R). A step is two all-to-all
+# rounds over the rank's own batch (counts first in each, as the splits of the next):
+#
+# 1. the batch's classes go to their owners, who gather those rows (the gather kernel) and send
+#    them back: every sample reads its center as it was before the step;
+# 2. the rank's (count, float64 sums) per class, exactly the data-parallel step's partials, go
+#    to the owners, who add them up in rank order and move their own rows.
+#
+# Rank order is the order of the sparse exchange too, and the partials, the sums and the rule
+# are the same operations on the same numbers: the sharded step's centers equal the
+# data-parallel step's (exchange="sparse") bit for bit. Each rank sends and receives about
+# 2·B·D values a step, whatever K; no rank holds more than its c rows.
+
+
+def _is_sharded(centers: DTensor) -> bool:
+    placements = tuple(centers.placements)
+    if placements == (Shard(0),):
+        return True
+    if placements == (Replicate(),):
+        return False
+    raise ValueError(
+        f"centers placed {placements} on a mesh of shape {tuple(centers.device_mesh.shape)}: centerkern takes "
+        "Shard(0) (the sharded step) or Replicate() (the data-parallel step) over a 1-D mesh"
+    )
+
+
+def _one_dimensional_mesh(mesh: Any, device: Any) -> DeviceMesh:
+    if isinstance(mesh, DeviceMesh):
+        if mesh.ndim != 1:
+            raise ValueError(f"the centers are sharded over a 1-D DeviceMesh, got one of shape {tuple(mesh.shape)}")
+        return mesh
+    group = mesh if mesh is not None else dist.group.WORLD
+    device_type = torch.device(device).type if device is not None else (
+        "cuda" if dist.get_backend(group) == "nccl" else "cpu")
+    return DeviceMesh.from_group(group, device_type)
+
+
+def _owned_rows(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
+    """The rows ``[first, stop)`` that ``rank`` owns: torch.chunk's split, as Shard(0)'s."""
+    rows_per_rank = -(-num_classes // world_size) if world_size else 0
+    first = min(rank * rows_per_rank, num_classes)
+    return first, min(first + rows_per_rank, num_classes)
+
+
+def _sharded_local(centers: Any) -> torch.Tensor:
+    """The local rows of Shard(0) centers, checked to be the rows ``_owned_rows`` says."""
+    if not isinstance(centers, DTensor) or not _is_sharded(centers):
+        raise TypeError(f"sharded centers must be a DTensor placed Shard(0) (shard_centers), got {type(centers).__name__}")
+    local = centers.to_local()
+    mesh = centers.device_mesh
+    first, stop = _owned_rows(centers.shape[0], mesh.size(), mesh.get_local_rank())
+    if local.shape[0] != stop - first:
+        raise ValueError(
+            f"this rank holds {local.shape[0]} rows of the {centers.shape[0]} centers where Shard(0) over {mesh.size()} "
+            f"ranks gives it {stop - first}: make the centers with shard_centers or distribute_tensor"
+        )
+    return local.detach()
+
+
+def _host_labels(labels: Any) -> np.ndarray:
+    if isinstance(labels, torch.Tensor):
+        return labels.detach().cpu().numpy()
+    return np.asarray(labels)
+
+
+def _split_all_to_all(rows: torch.Tensor, send_counts: list[int], receive_counts: list[int], group: Any):
+    """All-to-all of ``rows`` cut into blocks of ``send_counts`` rows, one per rank; what comes
+    back is every rank's block for this one, in rank order."""
+    device = _collective_device(group)
+    received = torch.empty(sum(receive_counts), *rows.shape[1:], dtype=rows.dtype, device=device)
+    dist.all_to_all_single(received, rows.to(device), receive_counts, send_counts, group=group)
+    return received
+
+
+def _rows_from_owners(classes, local, num_classes, mesh, backend):
+    """Round one: the rows of ``classes`` (sorted), fetched from their owners; and what the
+    owners need for round two (the counts sent each way, the classes this rank was asked for)."""
+    group, world_size = mesh.get_group(), mesh.size()
+    first, _ = _owned_rows(num_classes, world_size, mesh.get_local_rank())
+    rows_per_rank = max(-(-num_classes // world_size), 1)
+    send = torch.bincount(classes // rows_per_rank, minlength=world_size).to(torch.int64)
+    receive = torch.empty_like(send, device=_collective_device(group))
+    dist.all_to_all_single(receive, send.to(receive.device), group=group)
+    send_counts, receive_counts = send.tolist(), receive.tolist()
+    asked = _split_all_to_all(classes, send_counts, receive_counts, group).to(local.device)
+    served = _api.gather_centers(local, asked - first, backend=backend)
+    rows = _split_all_to_all(served, receive_counts, send_counts, group).to(local.device)
+    return rows, (send_counts, receive_counts, asked)
+
+
+def _sharded_step(features, labels, centers, alpha, rule, out, backend, deterministic):
+    _require_process_group()
+    mesh = centers.device_mesh
+    group, world_size = mesh.get_group(), mesh.size()
+    num_classes = centers.shape[0]
+    error = header = None
+    try:  # anything that can fail on one rank alone fails here, before the first collective
+        local = _sharded_local(centers)
+        rule = _validation.check_choice(rule, "rule", RULES)
+        alpha = _validation.check_alpha(alpha)
+        _validation.check_choice(backend, "backend", ("auto", *_api.BACKENDS))
+        if not isinstance(features, torch.Tensor) or isinstance(features, DTensor):
+            raise TypeError(f"features must be this rank's batch as a plain torch tensor, got {type(features).__name__}")
+        host_labels = _host_labels(labels)
+        _compact.check_shapes_and_dtypes(features, local, host_labels.size, host_labels.dtype)
+        if features.device != local.device:
+            raise ValueError(f"features on {features.device} and the centers' shard on {local.device}")
+        host_labels = _validation.check_labels(host_labels, features.shape[0], num_classes, f"features of shape {tuple(features.shape)}")
+        if out is not None:
+            out_local = _sharded_local(out)
+            if out.device_mesh != mesh or out.shape != centers.shape or out.dtype != centers.dtype:
+                raise ValueError("out must be sharded like the centers: the same mesh, shape and dtype")
+            check_writable(out_local)
+        features = features.detach()
+        classes, index = torch.unique(torch.from_numpy(host_labels).to(features.device), return_inverse=True)
+        header = [classes.numel(), *centers.shape, _DTYPES.index(centers.dtype), SHARDED, RULES.index(rule), alpha]
+    except Exception as caught:  # noqa: BLE001 - re-raised by _agree, after the other ranks are told
+        error = caught
+    _agree(header, error, world_size, group)
+
+    rows, (send_counts, receive_counts, asked) = _rows_from_owners(classes, local, num_classes, mesh, backend)
+    coefficients = rule_coefficients(rule, alpha, *features.shape)
+    squares, grad, partials = _local_partials(features, index, rows, index, coefficients, backend, deterministic)
+    if not coefficients.moves_centers:
+        # pytorch: what DDP makes of the data-parallel step's grad_centers, their average over
+        # the ranks; each rank's rows are its own grad_centers (B is the rank's batch)
+        partials[:, 1:] = (coefficients.step * partials[:, 1:]).to(features.dtype).double()
+    received = _split_all_to_all(partials, send_counts, receive_counts, group).to(local.device)
+    first, _ = _owned_rows(num_classes, world_size, mesh.get_local_rank())
+    touched, position = torch.unique(asked, return_inverse=True)
+    totals = _added_in_rank_order(position, received, touched.numel(), backend)
+    owned = touched - first
+
+    loss = coefficients.loss_scale * squares
+    if not coefficients.moves_centers:
+        grad_local = torch.zeros_like(local)
+        grad_local[owned] = (totals[:, 1:] / world_size).to(local.dtype)
+        return CenterLossResult(loss=loss, grad=grad, centers=centers if out is None else out,
+                                grad_centers=_like(centers, grad_local))
+    new_rows = _moved_rows(local.index_select(0, owned), totals, coefficients)
+    # out is written only now, after every collective, so that a failed exchange leaves it as it was
+    target = local.clone() if out is None else out_local
+    if out is not None and target.data_ptr() != local.data_ptr():
+        target.copy_(local)
+    target.index_copy_(0, owned, new_rows)
+    return CenterLossResult(loss=loss, grad=grad, centers=_like(centers, target) if out is None else out,
+                            grad_centers=None)
+
+
+def _like(centers: DTensor, local: torch.Tensor) -> DTensor:
+    """``local`` as this rank's rows of a DTensor sharded as ``centers``."""
+    return DTensor.from_local(local, centers.device_mesh, centers.placements, run_check=False,
+                              shape=centers.shape, stride=centers.stride())
+
+
+def _replicated_step(features, labels, centers, alpha, rule, out, group, backend, deterministic, exchange):
+    """Replicate() centers: the data-parallel step on the local replicas, over the mesh's group."""
+    if out is not None and not (isinstance(out, DTensor) and tuple(out.placements) == (Replicate(),)):
+        raise TypeError("out must be placed like the centers, Replicate(), or None")
+    mesh_group = centers.device_mesh.get_group()
+    result = center_loss(
+        features, labels, centers.to_local(), alpha, rule=rule, out=None if out is None else out.to_local(),
+        group=mesh_group if group is None else group, backend=backend, deterministic=deterministic, exchange=exchange,
+    )
+    moved = out if out is not None else _like(centers, result.centers)
+    grad_centers = None if result.grad_centers is None else _like(centers, result.grad_centers)
+    return result._replace(centers=moved, grad_centers=grad_centers)
