@@ -187,7 +187,7 @@ def gather_centers(centers: DTensor, labels: Any, *, backend: str = "auto") -> t
         local = _sharded_local(centers)
         _validation.check_choice(backend, "backend", ("auto", *_api.BACKENDS))
         labels = _validation.check_labels(_host_labels(labels), None, centers.shape[0], "the gather")
-        classes, index = torch.unique(torch.from_numpy(labels).to(local.device), return_inverse=True)
+        classes, index = torch.unique(torch.from_numpy(np.ascontiguousarray(labels)).to(local.device), return_inverse=True)
         header = [classes.numel(), *centers.shape, _DTYPES.index(centers.dtype), SHARDED, -1, 0.0]
     except Exception as caught:  # noqa: BLE001 - re-raised by _agree, after the other ranks are told
         error = caught
@@ -421,7 +421,7 @@ def _sharded_step(features, labels, centers, alpha, rule, out, backend, determin
                 raise ValueError("out must be sharded like the centers: the same mesh, shape and dtype")
             check_writable(out_local)
         features = features.detach()
-        classes, index = torch.unique(torch.from_numpy(host_labels).to(features.device), return_inverse=True)
+        classes, index = torch.unique(torch.from_numpy(np.ascontiguousarray(host_labels)).to(features.device), return_inverse=True)
         header = [classes.numel(), *centers.shape, _DTYPES.index(centers.dtype), SHARDED, RULES.index(rule), alpha]
     except Exception as caught:  # noqa: BLE001 - re-raised by _agree, after the other ranks are told
         error = caught

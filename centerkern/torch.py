@@ -86,6 +86,11 @@ class _CenterLossStep(torch.autograd.Function):
             features, labels, centers = ctx.features, ctx.labels, ctx.centers
             tracked = features - features.detach()  # zero, with d/d features = 1
             if centers is not None:
+                if _is_distributed_tensor(centers):
+                    raise RuntimeError(
+                        "the second-order term of sharded centers is not supported: it needs each sample's center "
+                        "as a differentiable gather across ranks; use replicated centers for create_graph=True"
+                    )
                 rows = centers.index_select(0, labels)
                 tracked = tracked - (rows - rows.detach())
             tracked = torch.where(torch.isfinite(tracked), tracked, 0.0)  # inf - inf is not zero
@@ -95,6 +100,14 @@ class _CenterLossStep(torch.autograd.Function):
         grad_features = grad * grad_loss if ctx.needs_input_grad[0] else None
         grad_centers = None if not (ctx.needs_input_grad[1] and grad_centers is not None) else grad_centers * grad_loss
         return grad_features, grad_centers, None, None, None, None, None, None
+
+
+def _is_distributed_tensor(tensor: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 def _refuse_graph_transforms() -> None:
@@ -132,19 +145,28 @@ class CenterLoss(nn.Module):
         ``auto`` picks ``cuda`` for CUDA tensors and ``numba`` otherwise.
     deterministic : bool
         Bitwise-identical center updates from run to run on the GPU too (see ``center_loss``).
-    process_group : torch.distributed process group, optional
-        Data-parallel training: the centers move as if one process had seen every rank's batch,
-        and stay identical on every rank (``centerkern.distributed.center_loss``). ``None`` with
-        ``distributed=True`` is the default group.
+    process_group : torch.distributed process group or 1-D DeviceMesh, optional
+        Distributed training: the centers move as if one process had seen every rank's batch
+        (``centerkern.distributed.center_loss``). ``None`` with ``distributed=True`` is the
+        default group.
     distributed : bool
         Synchronise the center updates over ``process_group`` (the default group when None).
+    placement : {"replicated", "sharded"}
+        With ``distributed=True``: ``replicated`` keeps the whole (K, D) centers on every rank,
+        identical everywhere (a plain tensor); ``sharded`` gives each rank its block of about
+        K / R rows, the centers a ``DTensor`` placed ``Shard(0)`` (``shard_centers``), for K x D
+        too large for one rank. Sharded centers are saved and loaded by
+        ``torch.distributed.checkpoint`` into any number of ranks; every rank must call the
+        module in evaluation too (each sample's center is fetched from its owner).
     device, dtype :
         Where the centers live and their dtype (float32 by default).
 
     With ``torch.nn.parallel.DistributedDataParallel`` around a model holding this module, pass
     ``broadcast_buffers=False``: by default DDP copies rank 0's buffers over the others' at every
     forward, which costs a K x D broadcast per step and, without ``distributed=True``, would
-    discard the other ranks' center updates.
+    discard the other ranks' center updates. With sharded centers and rule ``pytorch``, leave the
+    centers out of DDP's gradient all-reduce (``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``):
+    the module gives each rank the averaged ``grad_centers`` of its own rows already.
 
     The centers start at zero for ``facenet`` (as facenet's ``constant_initializer(0)``) and
     ``wen``, and from a standard normal for ``pytorch`` (as pytorch-center-loss's ``randn``).
@@ -153,7 +175,8 @@ class CenterLoss(nn.Module):
     def __init__(
         self, num_classes: int, feat_dim: int, alpha: float = 0.5, rule: str = "facenet",
         backend: str = "auto", *, deterministic: bool = False, process_group: Any = None,
-        distributed: bool = False, device: Any = None, dtype: torch.dtype | None = None,
+        distributed: bool = False, placement: str = "replicated", device: Any = None,
+        dtype: torch.dtype | None = None,
     ):
         super().__init__()
         self.rule = check_choice(rule, "rule", RULES)
@@ -163,11 +186,24 @@ class CenterLoss(nn.Module):
         self.num_classes, self.feat_dim = int(num_classes), int(feat_dim)
         self.process_group = process_group
         self.distributed = bool(distributed) or process_group is not None
+        self.placement = check_choice(placement, "placement", ("replicated", "sharded"))
+        if self.placement == "sharded" and not self.distributed:
+            raise ValueError("placement='sharded' spreads the centers over ranks: it needs distributed=True")
         factory = {"device": device, "dtype": dtype or torch.float32}
-        if moves_centers(self.rule):
-            self.register_buffer("centers", torch.zeros(self.num_classes, self.feat_dim, **factory))
+        if self.placement == "sharded":
+            from .distributed import shard_centers
+
+            centers = shard_centers((self.num_classes, self.feat_dim), process_group, **factory)
+            if not moves_centers(self.rule):
+                centers.to_local().normal_()  # each rank draws its own rows
+        elif moves_centers(self.rule):
+            centers = torch.zeros(self.num_classes, self.feat_dim, **factory)
         else:
-            self.centers = nn.Parameter(torch.randn(self.num_classes, self.feat_dim, **factory))
+            centers = torch.randn(self.num_classes, self.feat_dim, **factory)
+        if moves_centers(self.rule):
+            self.register_buffer("centers", centers)
+        else:
+            self.centers = nn.Parameter(centers)
 
     # torch.compile cannot trace into the kernels (they read the tensors' memory); compiled code
     # around the module runs compiled, and this call runs as it is, behind a graph break. The
@@ -219,8 +255,13 @@ class CenterLoss(nn.Module):
         """Evaluation: the same loss, the centers neither moved nor copied (the kernel gather
         reads only the batch's B rows), differentiable by autograd."""
         check_same_dtype(features=features, centers=self.centers)
-        # sync=False: on the GPU the gather is queued, not waited for (host tensors ignore it)
-        gathered = _api.gather_centers(self.centers, labels, backend=self.backend, sync=False)
+        if self.placement == "sharded":  # each row from the rank that owns it
+            from .distributed import gather_centers
+
+            gathered = gather_centers(self.centers, labels, backend=self.backend)
+        else:
+            # sync=False: on the GPU the gather is queued, not waited for (host tensors ignore it)
+            gathered = _api.gather_centers(self.centers, labels, backend=self.backend, sync=False)
         if features.shape != gathered.shape:
             raise ValueError(
                 f"features of shape {tuple(features.shape)} do not match {labels.numel()} labels "
@@ -235,4 +276,5 @@ class CenterLoss(nn.Module):
             f"num_classes={self.num_classes}, feat_dim={self.feat_dim}, alpha={self.alpha}, "
             f"rule={self.rule!r}, backend={self.backend!r}"
             + (", distributed=True" if self.distributed else "")
+            + (", placement='sharded'" if self.placement == "sharded" else "")
         )

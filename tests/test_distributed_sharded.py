@@ -1,0 +1,180 @@
+"""Centers sharded over ranks (a Shard(0) DTensor) on real torch.distributed processes (gloo on
+127.0.0.1): the sharded step gives the data-parallel step's centers bit for bit, and one
+process's on the whole batch within tolerance; rule pytorch's grad_centers are DDP's average;
+errors fail every rank with nothing moved; a checkpoint saved by 4 ranks loads into 2 and into 3
+and training goes on to the unbroken run's centers."""
+
+import multiprocessing
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import centerkern  # noqa: E402
+from conftest import assert_matches  # noqa: E402
+from sharded_workers import (  # noqa: E402
+    ALPHA, NUM_CLASSES, STEPS_AFTER_SAVE, STEPS_BEFORE_SAVE, WIDTH, global_batch, run_rank, split, starting_centers,
+    step_batches,
+)
+
+TIME_LIMIT = 240  # seconds for a whole group: process start-up, imports and compiles included
+
+
+def _run_group(world_size, store, checkpoint):
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    ranks = [
+        context.Process(target=run_rank, args=(rank, world_size, str(store), str(checkpoint), results))
+        for rank in range(world_size)
+    ]
+    for process in ranks:
+        process.start()
+    collected = {}
+    try:
+        for _ in range(world_size):
+            rank, payload = results.get(timeout=TIME_LIMIT)
+            assert "crashed" not in payload, f"rank {rank} crashed:\n{payload['crashed']}"
+            collected[rank] = payload
+    finally:
+        for process in ranks:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+    return collected
+
+
+@pytest.fixture(scope="module")
+def groups(tmp_path_factory):
+    """4 ranks (which save the checkpoint), then 2 and 3 (which load it)."""
+    checkpoint = tmp_path_factory.mktemp("checkpoint")
+    return {
+        world_size: _run_group(world_size, tmp_path_factory.mktemp("rendezvous") / "store", checkpoint)
+        for world_size in (4, 2, 3)
+    }
+
+
+WORLD_SIZES = pytest.mark.parametrize("world_size", [4, 2, 3])
+
+
+def _reference(rule, world_size):
+    """One process on each step's whole batch (rule pytorch: the centers do not move)."""
+    centers, expected = starting_centers(), []
+    for seed, _, classes in step_batches(world_size):
+        features, labels = global_batch(seed, classes=classes)
+        centers = centerkern.center_loss(features, labels, centers, ALPHA, rule=rule, backend="numpy").centers
+        expected.append(centers)
+    return expected
+
+
+@WORLD_SIZES
+@pytest.mark.parametrize("rule", ["facenet", "wen"])
+def test_sharded_centers_equal_the_data_parallel_steps_bit_for_bit(groups, world_size, rule):
+    results = groups[world_size]
+    expected = _reference(rule, world_size)
+    for rank in range(world_size):
+        for step, entry in enumerate(results[rank][rule]):
+            np.testing.assert_array_equal(entry["centers"], entry["data_parallel_centers"], err_msg=f"rank {rank}, step {step}")
+            assert_matches(entry["centers"], expected[step])
+            # loss and grad are the rank's own, the same bits as the data-parallel step's
+            assert entry["loss"] == entry["data_parallel_loss"]
+            np.testing.assert_array_equal(entry["grad"], entry["data_parallel_grad"])
+            assert entry["placements"] == ["Shard(dim=0)"]
+
+
+@WORLD_SIZES
+def test_each_rank_holds_its_block_of_rows_only(groups, world_size):
+    rows_per_rank = -(-NUM_CLASSES // world_size)
+    for rank in range(world_size):
+        expected_rows = max(0, min(rows_per_rank, NUM_CLASSES - rank * rows_per_rank))
+        assert all(entry["local_rows"] == expected_rows for entry in groups[world_size][rank]["wen"])
+        shape, is_float64, total = groups[world_size][rank]["zeros"]
+        assert tuple(shape) == (expected_rows, WIDTH) and is_float64 and total == 0.0
+
+
+@WORLD_SIZES
+def test_rule_pytorch_gives_each_owner_ddps_average_of_grad_centers(groups, world_size):
+    results = groups[world_size]
+    for rank in range(world_size):
+        for step, entry in enumerate(results[rank]["pytorch"]):
+            assert entry["grad_centers_placements"] == ["Shard(dim=0)"]
+            np.testing.assert_allclose(entry["grad_centers"], entry["ddp_average"], rtol=1e-6, atol=1e-7)
+            np.testing.assert_array_equal(entry["centers"], starting_centers())  # the optimizer moves them
+    # and the average is the reference's, from each rank's batch on its own
+    seed, empty_rank, classes = step_batches(world_size)[0]
+    local = [
+        centerkern.center_loss(*split(global_batch(seed, classes=classes), world_size, rank, empty_rank),
+                               starting_centers(), ALPHA, rule="pytorch", backend="numpy").grad_centers
+        for rank in range(world_size)
+    ]
+    np.testing.assert_allclose(results[0]["pytorch"][0]["grad_centers"], np.mean(local, axis=0), rtol=1e-5, atol=1e-6)
+
+
+@WORLD_SIZES
+def test_out_none_and_the_sharded_gather(groups, world_size):
+    features, labels = global_batch(7)
+    expected = centerkern.center_loss(features, labels, starting_centers(), ALPHA, rule="wen", backend="numpy").centers
+    for rank in range(world_size):
+        kept, fresh = groups[world_size][rank]["out=None"]
+        np.testing.assert_array_equal(kept, starting_centers())
+        assert_matches(fresh, expected)
+        asked, rows = groups[world_size][rank]["gather"]
+        np.testing.assert_array_equal(rows, starting_centers()[asked])
+
+
+@WORLD_SIZES
+def test_a_bad_label_on_one_rank_fails_every_rank_and_moves_nothing(groups, world_size):
+    for rank in range(world_size):
+        message, unchanged = groups[world_size][rank]["bad label"]
+        gather_message = groups[world_size][rank]["bad label in a gather"]
+        if rank == 1:
+            assert message.startswith("IndexError") and f"label {NUM_CLASSES} at position 1" in message
+            assert gather_message.startswith("IndexError")
+        else:
+            assert message.startswith("PeerInputError") and "[1]" in message
+            assert gather_message.startswith("PeerInputError")
+        assert unchanged
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_checkpoint_of_4_ranks_loads_into_another_world_and_training_goes_on(groups, world_size):
+    unbroken = groups[4][0]["module"]
+    centers = np.zeros((NUM_CLASSES, WIDTH), np.float32)
+    for step in range(STEPS_BEFORE_SAVE + STEPS_AFTER_SAVE):
+        if step == STEPS_BEFORE_SAVE:
+            saved = centers
+        features, labels = global_batch(100 + step)
+        centers = centerkern.center_loss(features, labels, centers, ALPHA, rule="wen", backend="numpy").centers
+    assert_matches(unbroken, centers)
+    for rank in range(world_size):
+        results = groups[world_size][rank]
+        np.testing.assert_array_equal(results["loaded"], groups[2][0]["loaded"])
+        assert_matches(results["loaded"], saved)
+        assert_matches(results["module"], unbroken)
+        assert_matches(results["module"], centers)
+
+
+@WORLD_SIZES
+def test_the_sharded_module_in_evaluation_and_with_rule_pytorch(groups, world_size):
+    for rank in range(world_size):
+        results = groups[world_size][rank]
+        features, labels = split(global_batch(150), world_size, rank)
+        expected = centerkern.center_loss(features, labels, results["module"], ALPHA, rule="wen", backend="numpy").loss
+        assert results["eval loss"] == pytest.approx(expected, rel=1e-5)
+        centers, grad, placements = results["pytorch module"]
+        assert placements == ["Shard(dim=0)"]
+        local = [
+            centerkern.center_loss(*split(global_batch(160), world_size, r), centers, 0.5, rule="pytorch",
+                                   backend="numpy").grad_centers
+            for r in range(world_size)
+        ]
+        np.testing.assert_allclose(grad, np.mean(local, axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_a_module_with_sharded_centers_needs_distributed():
+    from centerkern.torch import CenterLoss
+
+    with pytest.raises(ValueError, match="distributed=True"):
+        CenterLoss(10, 4, placement="sharded")
+    with pytest.raises(ValueError, match="placement"):
+        CenterLoss(10, 4, distributed=True, placement="rows")
