@@ -111,7 +111,7 @@ def center_loss(
                   RULES.index(checked.rule), checked.alpha]
     except Exception as caught:  # noqa: BLE001 - re-raised by _agree, after the other ranks are told
         error, header = caught, None
-    sizes = _agree(header, error, world_size, group)
+    sizes = [int(row[0]) for row in _agree(header, error, world_size, group)]
 
     coefficients = rule_coefficients(checked.rule, checked.alpha, *features.shape)
     squares, grad, partials = _local_partials(features, index, centers, labels, coefficients, backend, deterministic)
@@ -188,11 +188,12 @@ def gather_centers(centers: DTensor, labels: Any, *, backend: str = "auto") -> t
         _validation.check_choice(backend, "backend", ("auto", *_api.BACKENDS))
         labels = _validation.check_labels(_host_labels(labels), None, centers.shape[0], "the gather")
         classes, index = torch.unique(torch.from_numpy(np.ascontiguousarray(labels)).to(local.device), return_inverse=True)
-        header = [classes.numel(), *centers.shape, _DTYPES.index(centers.dtype), SHARDED, -1, 0.0]
+        header = [classes.numel(), *centers.shape, _DTYPES.index(centers.dtype), SHARDED, -1, 0.0,
+                  *_rows_asked_of_each_owner(classes, centers.shape[0], mesh.size())]
     except Exception as caught:  # noqa: BLE001 - re-raised by _agree, after the other ranks are told
         error = caught
-    _agree(header, error, mesh.size(), mesh.get_group())
-    rows, _ = _rows_from_owners(classes, local, centers.shape[0], mesh, backend)
+    headers = _agree(header, error, mesh.size(), mesh.get_group(), extra=mesh.size())
+    rows, _ = _rows_from_owners(classes, local, centers.shape[0], mesh, headers, backend)
     return _api.gather_centers(rows, index, backend=backend)
 
 
@@ -233,23 +234,28 @@ def _require_process_group() -> None:
         )
 
 
-def _agree(header: list[float] | None, error: Exception | None, world_size: int, group: Any) -> list[int]:
+def _agree(header: list[float] | None, error: Exception | None, world_size: int, group: Any,
+           extra: int = 0) -> list[list[float]]:
     """Share every rank's header (None: this rank's input failed with ``error``) and raise on
-    every rank if any input failed or the ranks disagree; else every rank's count of touched
-    classes. The one collective before anything is exchanged or written."""
-    headers = _all_gather_headers([-1.0] * _HEADER_SIZE if header is None else header, world_size, group)
+    every rank if any input failed or the ranks disagree; else every rank's header. The one
+    collective before anything is exchanged or written. A header is ``_HEADER_SIZE`` entries
+    every rank must agree on but the first (its count of touched classes), then ``extra``
+    entries of its own (the sharded step's rows for each owner)."""
+    failed_header = [-1.0] * (_HEADER_SIZE + extra)
+    headers = _all_gather_headers(failed_header if header is None else header, world_size, group)
     if error is not None:
         raise error
     failed = [rank for rank, row in enumerate(headers) if row[0] < 0]
     if failed:
         raise PeerInputError(f"the input of rank(s) {failed} failed validation; no rank moved its centers")
-    disagreeing = [rank for rank, row in enumerate(headers) if row[1:] != headers[0][1:]]
+    agreed = slice(1, _HEADER_SIZE)
+    disagreeing = [rank for rank, row in enumerate(headers) if row[agreed] != headers[0][agreed]]
     if disagreeing:
         raise PeerInputError(
             f"rank(s) {disagreeing} disagree with rank 0 on the centers' shape or dtype, the exchange, the rule "
             "or alpha; no rank moved its centers"
         )
-    return [int(row[0]) for row in headers]
+    return headers
 
 
 def _local_partials(features, index, rows, labels_of_rows, coefficients, backend, deterministic):
@@ -381,16 +387,21 @@ def _split_all_to_all(rows: torch.Tensor, send_counts: list[int], receive_counts
     return received
 
 
-def _rows_from_owners(classes, local, num_classes, mesh, backend):
-    """Round one: the rows of ``classes`` (sorted), fetched from their owners; and what the
-    owners need for round two (the counts sent each way, the classes this rank was asked for)."""
-    group, world_size = mesh.get_group(), mesh.size()
-    first, _ = _owned_rows(num_classes, world_size, mesh.get_local_rank())
+def _rows_asked_of_each_owner(classes: torch.Tensor, num_classes: int, world_size: int) -> list[int]:
+    """How many of ``classes`` each rank owns: the counts this rank sends in both rounds, which
+    travel in its header (so that no round needs an exchange of counts of its own)."""
     rows_per_rank = max(-(-num_classes // world_size), 1)
-    send = torch.bincount(classes // rows_per_rank, minlength=world_size).to(torch.int64)
-    receive = torch.empty_like(send, device=_collective_device(group))
-    dist.all_to_all_single(receive, send.to(receive.device), group=group)
-    send_counts, receive_counts = send.tolist(), receive.tolist()
+    return torch.bincount(classes // rows_per_rank, minlength=world_size).tolist()
+
+
+def _rows_from_owners(classes, local, num_classes, mesh, headers, backend):
+    """Round one: the rows of ``classes`` (sorted), fetched from their owners; and what the
+    owners need for round two (the counts sent each way, the classes this rank was asked for).
+    ``headers`` are every rank's, as ``_agree`` returns them, with each rank's counts per owner."""
+    group, rank = mesh.get_group(), mesh.get_local_rank()
+    first, _ = _owned_rows(num_classes, mesh.size(), rank)
+    send_counts = [int(n) for n in headers[rank][_HEADER_SIZE:]]
+    receive_counts = [int(row[_HEADER_SIZE + rank]) for row in headers]
     asked = _split_all_to_all(classes, send_counts, receive_counts, group).to(local.device)
     served = _api.gather_centers(local, asked - first, backend=backend)
     rows = _split_all_to_all(served, receive_counts, send_counts, group).to(local.device)
@@ -422,12 +433,13 @@ def _sharded_step(features, labels, centers, alpha, rule, out, backend, determin
             check_writable(out_local)
         features = features.detach()
         classes, index = torch.unique(torch.from_numpy(np.ascontiguousarray(host_labels)).to(features.device), return_inverse=True)
-        header = [classes.numel(), *centers.shape, _DTYPES.index(centers.dtype), SHARDED, RULES.index(rule), alpha]
+        header = [classes.numel(), *centers.shape, _DTYPES.index(centers.dtype), SHARDED, RULES.index(rule), alpha,
+                  *_rows_asked_of_each_owner(classes, num_classes, world_size)]
     except Exception as caught:  # noqa: BLE001 - re-raised by _agree, after the other ranks are told
         error = caught
-    _agree(header, error, world_size, group)
+    headers = _agree(header, error, world_size, group, extra=world_size)
 
-    rows, (send_counts, receive_counts, asked) = _rows_from_owners(classes, local, num_classes, mesh, backend)
+    rows, (send_counts, receive_counts, asked) = _rows_from_owners(classes, local, num_classes, mesh, headers, backend)
     coefficients = rule_coefficients(rule, alpha, *features.shape)
     squares, grad, partials = _local_partials(features, index, rows, index, coefficients, backend, deterministic)
     if not coefficients.moves_centers:
