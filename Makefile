@@ -48,9 +48,11 @@ bench: $(INSTALLED)
 bench-first-call: $(INSTALLED)
 	$(PYTHON) -m centerkern bench --first-call
 
-# the exchange of centerkern.distributed: ranks x touched classes, local gloo processes
+# centerkern.distributed on local gloo processes: the data-parallel exchanges by ranks x touched
+# classes, then sharded against replicated centers at K = 10^6 and the sharded step at K = 10^7
 bench-distributed: $(INSTALLED)
 	$(PYTHON) benchmarks/distributed_exchange.py
+	$(PYTHON) benchmarks/distributed_sharded.py
 
 # the whole-batch center update under JAX's shard_map and TensorFlow's MirroredStrategy, 2 CPU replicas
 bench-data-parallel: $(INSTALLED)

@@ -93,13 +93,15 @@ def _rank_main(rank, world_size, store, config, results):
     report = {"ranks": world_size, "classes": classes, "width": width, "batch_per_rank": batch}
 
     if config["timed"]:
-        # the same start for both: sharded rows are the replica's own rows
-        start = make("sparse")
-        centers = {"sharded": center_distributed.shard_centers(start)}
-        for placement in placements:
-            if placement != "sharded":
-                centers[placement] = start.clone()
-        del start
+        if placements == ("sharded",):  # no replica: nothing K x D on any rank
+            centers = {"sharded": make("sharded")}
+        else:  # the same start for all: the sharded rows are the replica's own rows
+            start = make("sparse")
+            centers = {"sharded": center_distributed.shard_centers(start)}
+            for placement in placements:
+                if placement != "sharded":
+                    centers[placement] = start.clone()
+            del start
         timed = batches(config["repeats"] + 1)
         times = {placement: [] for placement in placements}
         for repeat, (features, labels) in enumerate(timed):  # the first round warms up
@@ -180,6 +182,7 @@ def main(argv=None):
         config = {"classes": args.classes, "width": args.width, "batch": args.batch, "repeats": args.repeats,
                   "placements": PLACEMENTS, "timed": True}
         rows.append(_run(world_size, config))
+        print(f"{world_size} ranks done", flush=True)
     if args.huge_classes:
         config = {"classes": args.huge_classes, "width": args.width, "batch": args.batch, "repeats": args.repeats,
                   "placements": ("sharded",), "timed": True}

@@ -1,5 +1,8 @@
-"""Data-parallel center loss over ``torch.distributed``: the centers move as if one process had
-seen every rank's batch, and every rank ends with the same bits.
+"""Center loss over ``torch.distributed``: the centers move as if one process had seen every
+rank's batch. They are either replicated, every rank holding the whole (K, D) centers and ending
+with the same bits (the data-parallel step, below), or sharded, a ``DTensor`` placed ``Shard(0)``
+with about K / R rows on each rank (the sharded step, at the end of this module: two all-to-all
+rounds over each rank's batch, the same bits as the data-parallel step's sparse exchange).
 
 Each rank holds the same centers and a slice of the global batch. The loss and its gradient are
 the rank's own (DDP averages gradients as usual). The update of class j needs the global
@@ -261,17 +264,18 @@ def _agree(header: list[float] | None, error: Exception | None, world_size: int,
 def _local_partials(features, index, rows, labels_of_rows, coefficients, backend, deterministic):
     """This rank's part of a step: the sum of squares, ``grad``, and per touched class its count
     and float64 sum of ``d_i`` (a (U, 1 + D) table). ``rows[labels_of_rows]`` are the batch's
-    centers: the whole centers and the labels, or the batch's own rows and ``index``."""
-    gathered = _api.gather_centers(rows, labels_of_rows, backend=backend)
+    centers: the whole centers and the labels, or the batch's own rows and ``index``. It holds
+    one float64 (B, D) array at a time (the step's largest temporary)."""
     # float64 for the sums, as the kernels: e = c - f = -d, so that scatter_sub adds up +d
-    minus_difference = gathered.double() - features.double()
-    squares = float(minus_difference.pow(2).sum())
-    grad = (-coefficients.grad_scale * minus_difference).to(features.dtype)
+    minus_difference = _api.gather_centers(rows, labels_of_rows, backend=backend).double().sub_(features)
+    flat = minus_difference.reshape(-1)
+    squares = float(torch.dot(flat, flat))
     touched = int(index.max()) + 1 if index.numel() else 0
     partials = torch.zeros(touched, 1 + features.shape[1], dtype=torch.float64, device=features.device)
     partials[:, 0] = torch.bincount(index, minlength=touched).double()
     sums = partials[:, 1:]
     _api.scatter_sub_update(sums, index, minus_difference, out=sums, backend=backend, deterministic=deterministic)
+    grad = minus_difference.mul_(-coefficients.grad_scale).to(features.dtype)  # in place: its last use
     return squares, grad, partials
 
 
@@ -313,8 +317,9 @@ def _exchange_dense(classes, partials, sizes, num_classes, group, backend):
 
 # --------------------------------------------------------------------------- sharded centers
 #
-# Rank r owns rows [r·c, (r + 1)·c) of the centers, c = ceil(K / R). A step is two all-to-all
-# rounds over the rank's own batch (counts first in each, as the splits of the next):
+# Rank r owns rows [r·c, (r + 1)·c) of the centers, c = ceil(K / R). A step is the header
+# every step shares first, which carries how many classes each rank asks of each owner (the
+# splits of both rounds), then two all-to-all rounds over the rank's own batch:
 #
 # 1. the batch's classes go to their owners, who gather those rows (the gather kernel) and send
 #    them back: every sample reads its center as it was before the step;
@@ -442,6 +447,7 @@ def _sharded_step(features, labels, centers, alpha, rule, out, backend, determin
     rows, (send_counts, receive_counts, asked) = _rows_from_owners(classes, local, num_classes, mesh, headers, backend)
     coefficients = rule_coefficients(rule, alpha, *features.shape)
     squares, grad, partials = _local_partials(features, index, rows, index, coefficients, backend, deterministic)
+    del rows  # read: the next round holds the partials instead
     if not coefficients.moves_centers:
         # pytorch: what DDP makes of the data-parallel step's grad_centers, their average over
         # the ranks; each rank's rows are its own grad_centers (B is the rank's batch)
@@ -452,20 +458,21 @@ def _sharded_step(features, labels, centers, alpha, rule, out, backend, determin
     totals = _added_in_rank_order(position, received, touched.numel(), backend)
     owned = touched - first
 
-    loss = coefficients.loss_scale * squares
-    if not coefficients.moves_centers:
+    grad_centers = None
+    if coefficients.moves_centers:
+        new_rows = _moved_rows(local.index_select(0, owned), totals, coefficients)
+    else:  # pytorch: the centers stay; each owner's rows of grad_centers, the ranks' average
         grad_local = torch.zeros_like(local)
         grad_local[owned] = (totals[:, 1:] / world_size).to(local.dtype)
-        return CenterLossResult(loss=loss, grad=grad, centers=centers if out is None else out,
-                                grad_centers=_like(centers, grad_local))
-    new_rows = _moved_rows(local.index_select(0, owned), totals, coefficients)
+        grad_centers = _like(centers, grad_local)
     # out is written only now, after every collective, so that a failed exchange leaves it as it was
     target = local.clone() if out is None else out_local
     if out is not None and target.data_ptr() != local.data_ptr():
         target.copy_(local)
-    target.index_copy_(0, owned, new_rows)
-    return CenterLossResult(loss=loss, grad=grad, centers=_like(centers, target) if out is None else out,
-                            grad_centers=None)
+    if coefficients.moves_centers:
+        target.index_copy_(0, owned, new_rows)
+    return CenterLossResult(loss=coefficients.loss_scale * squares, grad=grad,
+                            centers=_like(centers, target) if out is None else out, grad_centers=grad_centers)
 
 
 def _like(centers: DTensor, local: torch.Tensor) -> DTensor:
