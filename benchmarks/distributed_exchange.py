@@ -14,30 +14,23 @@ the same centers. The crossover, in R·U/K, is where dense becomes the faster; i
 from __future__ import annotations
 
 import argparse
-import datetime
-import multiprocessing
-import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from centerkern._local_ranks import run_on_local_ranks
 from centerkern._reports import provenance, write_report
 
 
-def _rank_main(rank, world_size, store, args, results):
-    os.environ["NUMBA_NUM_THREADS"] = "1"  # R processes share the machine's cores
+def _measure(rank, world_size, args):
+    """One rank's timings (run_on_local_ranks: one thread a rank, gloo over 127.0.0.1)."""
     import torch
     import torch.distributed as dist
 
     import centerkern.distributed as center_distributed
 
-    torch.set_num_threads(1)
-    # rendezvous through a file; the collectives themselves still go over gloo's TCP on loopback
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=300))
     rng = np.random.default_rng(1000 + rank)
     start = np.random.default_rng(0).standard_normal((args.classes, args.width)).astype(np.float32)
     rows = []
@@ -65,30 +58,11 @@ def _rank_main(rank, world_size, store, args, results):
             "sparse_ms": 1e3 * statistics.median(times["sparse"]), "dense_ms": 1e3 * statistics.median(times["dense"]),
             "load": world_size * touched / args.classes, "agree": agree,
         })
-    dist.barrier()
-    dist.destroy_process_group()
-    if rank == 0:
-        results.put(rows)
-        results.close()
-        results.join_thread()
-    # without the interpreter's teardown, where torch's gloo process group can hang joining a
-    # worker thread that waits for the GIL
-    os._exit(0)
+    return rows
 
 
 def _run(world_size, args):
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    with tempfile.TemporaryDirectory() as rendezvous:
-        store = os.path.join(rendezvous, "store")
-        processes = [context.Process(target=_rank_main, args=(r, world_size, store, args, results))
-                     for r in range(world_size)]
-        for process in processes:
-            process.start()
-        rows = results.get(timeout=1800)
-        for process in processes:
-            process.join(timeout=60)
-    return rows
+    return run_on_local_ranks(_measure, world_size, args, time_limit=1800, collective_timeout=300)[0]
 
 
 def crossover(rows):

@@ -26,15 +26,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import multiprocessing
-import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from centerkern._local_ranks import run_on_local_ranks
 from centerkern._reports import provenance, write_report
 
 PLACEMENTS = ("sharded", "sparse", "dense")
@@ -55,16 +53,13 @@ def _reset_peak() -> None:
         refs.write("5")  # VmHWM := VmRSS
 
 
-def _rank_main(rank, world_size, store, config, results):
-    os.environ["NUMBA_NUM_THREADS"] = "1"  # R processes share the machine's cores
+def _measure(rank, world_size, config):
+    """One rank's timings and peak memory (run_on_local_ranks: one thread a rank, gloo over 127.0.0.1)."""
     import torch
     import torch.distributed as dist
 
     import centerkern.distributed as center_distributed
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=1800))
     classes, width, batch, placements = config["classes"], config["width"], config["batch"], config["placements"]
     rng = np.random.default_rng(1000 + rank)
 
@@ -135,28 +130,11 @@ def _rank_main(rank, world_size, store, config, results):
         dist.all_gather_object(peaks, peak)
         report[f"{placement}_peak_mb_per_rank"] = max(peaks)
         report["baseline_mb"] = before
-    dist.barrier()
-    dist.destroy_process_group()
-    if rank == 0:
-        results.put(report)
-        results.close()
-        results.join_thread()
-    os._exit(0)  # past gloo's teardown, which can hang joining a worker thread
+    return report
 
 
 def _run(world_size, config):
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    with tempfile.TemporaryDirectory() as rendezvous:
-        store = os.path.join(rendezvous, "store")
-        processes = [context.Process(target=_rank_main, args=(r, world_size, store, config, results))
-                     for r in range(world_size)]
-        for process in processes:
-            process.start()
-        report = results.get(timeout=3600)
-        for process in processes:
-            process.join(timeout=60)
-    return report
+    return run_on_local_ranks(_measure, world_size, config, time_limit=3600, collective_timeout=1800)[0]
 
 
 def memory_goal_mb(row) -> float:

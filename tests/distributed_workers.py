@@ -3,10 +3,6 @@ import it by name), and the data every rank and the single-process reference sha
 
 from __future__ import annotations
 
-import os
-import traceback
-from datetime import timedelta
-
 import numpy as np
 
 NUM_CLASSES, WIDTH = 40, 6
@@ -35,33 +31,11 @@ SCENARIOS = [
 ]
 
 
-def run_rank(rank: int, world_size: int, store: str, results) -> None:
-    try:
-        import numba
-        import torch
-        import torch.distributed as dist
+def run_rank(rank: int, world_size: int) -> dict:
+    """What one rank returns (run by ``centerkern._local_ranks.run_on_local_ranks``)."""
+    import torch
 
-        # two or three ranks on a machine of two cores: a thread each, or parallel regions stall
-        numba.set_num_threads(1)
-        torch.set_num_threads(1)
-
-        dist.init_process_group(
-            # a file rendezvous: no port to pick and lose to another process before rank 0 binds it
-            "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
-            timeout=timedelta(seconds=60),
-        )
-        payload = _scenarios(rank, world_size, torch)
-        dist.barrier()
-        dist.destroy_process_group()
-        exit_code = 0
-    except BaseException:  # noqa: BLE001 - the parent reports it
-        payload, exit_code = {"crashed": traceback.format_exc()}, 1
-    # leave without the interpreter's teardown, where torch's gloo process group can hang joining
-    # a worker thread that waits for the GIL; the queue is flushed first
-    results.put((rank, payload))
-    results.close()
-    results.join_thread()
-    os._exit(exit_code)
+    return _scenarios(rank, world_size, torch)
 
 
 def _scenarios(rank, world_size, torch):

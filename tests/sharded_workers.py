@@ -7,10 +7,6 @@ another."""
 
 from __future__ import annotations
 
-import os
-import traceback
-from datetime import timedelta
-
 import numpy as np
 
 NUM_CLASSES, WIDTH = 11, 5  # 11 rows over 2, 3 or 4 ranks: never an even split
@@ -48,29 +44,14 @@ def step_batches(world_size: int):
     return [(1, None, NUM_CLASSES), (2, world_size - 1, NUM_CLASSES), (3, None, rows_of_rank_0)]
 
 
-def run_rank(rank: int, world_size: int, store: str, checkpoint: str, results) -> None:
-    try:
-        import numba
-        import torch
-        import torch.distributed as dist
+def run_rank(rank: int, world_size: int, checkpoint: str) -> dict:
+    """What one rank returns (run by ``centerkern._local_ranks.run_on_local_ranks``)."""
+    import torch
 
-        numba.set_num_threads(1)  # several ranks on two cores
-        torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
-        )
-        payload = _steps(rank, world_size, torch)
-        payload.update(_errors(rank, world_size, torch))
-        payload.update(_module_and_checkpoint(rank, world_size, torch, checkpoint))
-        dist.barrier()
-        dist.destroy_process_group()
-        exit_code = 0
-    except BaseException:  # noqa: BLE001 - the parent reports it
-        payload, exit_code = {"crashed": traceback.format_exc()}, 1
-    results.put((rank, payload))
-    results.close()
-    results.join_thread()
-    os._exit(exit_code)  # past gloo's teardown, which can hang (see distributed_workers.py)
+    payload = _steps(rank, world_size, torch)
+    payload.update(_errors(rank, world_size, torch))
+    payload.update(_module_and_checkpoint(rank, world_size, torch, checkpoint))
+    return payload
 
 
 def _steps(rank, world_size, torch):
@@ -108,6 +89,19 @@ def _steps(rank, world_size, torch):
             record.append(entry)
         out[rule] = record
 
+    # Replicate() centers take the data-parallel step, over the mesh's group
+    from torch.distributed.tensor import Replicate, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    replicated = distribute_tensor(torch.from_numpy(starting_centers()), mesh, [Replicate()])
+    plain = torch.from_numpy(starting_centers())
+    features, labels = split(global_batch(8), world_size, rank)
+    features, labels = torch.from_numpy(features), torch.from_numpy(labels)
+    as_dtensor = center_distributed.center_loss(features, labels, replicated, ALPHA, rule="wen", out=replicated)
+    center_distributed.center_loss(features, labels, plain, ALPHA, rule="wen", out=plain)
+    out["replicated"] = (as_dtensor.centers is replicated, [repr(p) for p in replicated.placements],
+                         bool(torch.equal(replicated.to_local(), plain)))
+
     # out=None: the caller's shards stay, new sharded centers come back
     kept = center_distributed.shard_centers(torch.from_numpy(starting_centers()))
     features, labels = split(global_batch(7), world_size, rank)
@@ -136,6 +130,15 @@ def _errors(rank, world_size, torch):
     except Exception as error:  # noqa: BLE001 - the parent checks which
         out["bad label"] = (type(error).__name__ + ": " + str(error),
                             bool(np.array_equal(centers.full_tensor().numpy(), starting_centers())))
+    # rank 1 asks for another alpha: every rank refuses, nothing moves
+    features_ok, labels_ok = split(global_batch(9), world_size, rank)
+    try:
+        center_distributed.center_loss(torch.from_numpy(features_ok), torch.from_numpy(labels_ok), centers,
+                                       0.7 if rank == 1 else ALPHA, out=centers)
+        out["other alpha"] = ("no error", None)
+    except Exception as error:  # noqa: BLE001 - the parent checks which
+        out["other alpha"] = (type(error).__name__ + ": " + str(error),
+                              bool(np.array_equal(centers.full_tensor().numpy(), starting_centers())))
     try:
         center_distributed.gather_centers(centers, torch.from_numpy(labels))
         out["bad label in a gather"] = "no error"
@@ -161,6 +164,13 @@ def _module_and_checkpoint(rank, world_size, torch, checkpoint):
                 dcp.save(module.state_dict(), checkpoint_id=checkpoint)
             features, labels = split(global_batch(100 + step), world_size, rank)
             module(torch.from_numpy(features).requires_grad_(), torch.from_numpy(labels)).backward()
+        # the same world loads it back and goes on: the unbroken run's bits
+        again = CenterLoss(NUM_CLASSES, WIDTH, alpha=ALPHA, rule="wen", distributed=True, placement="sharded")
+        dcp.load(again.state_dict(), checkpoint_id=checkpoint)
+        for step in steps[STEPS_BEFORE_SAVE:]:
+            features, labels = split(global_batch(100 + step), world_size, rank)
+            again(torch.from_numpy(features), torch.from_numpy(labels))
+        out["reloaded"] = again.centers.full_tensor().numpy()
     else:
         state = module.state_dict()
         dcp.load(state, checkpoint_id=checkpoint)  # in place, into this world's shards

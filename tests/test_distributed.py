@@ -2,43 +2,22 @@
 ends with the centers one process computes on the whole batch, bit for bit the same on every
 rank. Bounded: a rank that does not finish in time is killed and the test fails."""
 
-import multiprocessing
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
 import centerkern  # noqa: E402
+from centerkern._local_ranks import run_on_local_ranks  # noqa: E402
 from conftest import assert_matches  # noqa: E402
 from distributed_workers import NUM_CLASSES, SCENARIOS, WIDTH, global_batches, run_rank  # noqa: E402
 
 TIME_LIMIT = 240  # seconds for a whole group: process start-up, imports and compiles included
 
 
-def _run_group(world_size, store):
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    ranks = [context.Process(target=run_rank, args=(rank, world_size, str(store), results)) for rank in range(world_size)]
-    for process in ranks:
-        process.start()
-    collected = {}
-    try:
-        for _ in range(world_size):
-            rank, payload = results.get(timeout=TIME_LIMIT)
-            assert "crashed" not in payload, f"rank {rank} crashed:\n{payload['crashed']}"
-            collected[rank] = payload
-    finally:
-        for process in ranks:
-            process.join(timeout=10)
-            if process.is_alive():
-                process.kill()
-    return collected
-
-
 @pytest.fixture(scope="module", params=[2, 3], ids=["2 ranks", "3 ranks"])
-def group(request, tmp_path_factory):
-    return request.param, _run_group(request.param, tmp_path_factory.mktemp("rendezvous") / "store")
+def group(request):
+    return request.param, run_on_local_ranks(run_rank, request.param, time_limit=TIME_LIMIT)
 
 
 def _one_process(rule, scenario, steps, world_size, hot):

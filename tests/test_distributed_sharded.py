@@ -4,14 +4,13 @@ process's on the whole batch within tolerance; rule pytorch's grad_centers are D
 errors fail every rank with nothing moved; a checkpoint saved by 4 ranks loads into 2 and into 3
 and training goes on to the unbroken run's centers."""
 
-import multiprocessing
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
 import centerkern  # noqa: E402
+from centerkern._local_ranks import run_on_local_ranks  # noqa: E402
 from conftest import assert_matches  # noqa: E402
 from sharded_workers import (  # noqa: E402
     ALPHA, NUM_CLASSES, STEPS_AFTER_SAVE, STEPS_BEFORE_SAVE, WIDTH, global_batch, run_rank, split, starting_centers,
@@ -21,35 +20,12 @@ from sharded_workers import (  # noqa: E402
 TIME_LIMIT = 240  # seconds for a whole group: process start-up, imports and compiles included
 
 
-def _run_group(world_size, store, checkpoint):
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    ranks = [
-        context.Process(target=run_rank, args=(rank, world_size, str(store), str(checkpoint), results))
-        for rank in range(world_size)
-    ]
-    for process in ranks:
-        process.start()
-    collected = {}
-    try:
-        for _ in range(world_size):
-            rank, payload = results.get(timeout=TIME_LIMIT)
-            assert "crashed" not in payload, f"rank {rank} crashed:\n{payload['crashed']}"
-            collected[rank] = payload
-    finally:
-        for process in ranks:
-            process.join(timeout=10)
-            if process.is_alive():
-                process.kill()
-    return collected
-
-
 @pytest.fixture(scope="module")
 def groups(tmp_path_factory):
     """4 ranks (which save the checkpoint), then 2 and 3 (which load it)."""
     checkpoint = tmp_path_factory.mktemp("checkpoint")
     return {
-        world_size: _run_group(world_size, tmp_path_factory.mktemp("rendezvous") / "store", checkpoint)
+        world_size: run_on_local_ranks(run_rank, world_size, str(checkpoint), time_limit=TIME_LIMIT)
         for world_size in (4, 2, 3)
     }
 
@@ -134,6 +110,26 @@ def test_a_bad_label_on_one_rank_fails_every_rank_and_moves_nothing(groups, worl
             assert message.startswith("PeerInputError") and "[1]" in message
             assert gather_message.startswith("PeerInputError")
         assert unchanged
+
+
+@WORLD_SIZES
+def test_replicated_dtensor_centers_take_the_data_parallel_step(groups, world_size):
+    for rank in range(world_size):
+        same_object, placements, equal = groups[world_size][rank]["replicated"]
+        assert same_object and placements == ["Replicate()"] and equal
+
+
+@WORLD_SIZES
+def test_ranks_that_disagree_on_alpha_all_refuse(groups, world_size):
+    for rank in range(world_size):
+        message, unchanged = groups[world_size][rank]["other alpha"]
+        assert message.startswith("PeerInputError") and "[1] disagree" in message
+        assert unchanged
+
+
+def test_a_checkpoint_loaded_by_as_many_ranks_goes_on_bit_for_bit(groups):
+    for rank in range(4):
+        np.testing.assert_array_equal(groups[4][rank]["reloaded"], groups[4][rank]["module"])
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
