@@ -246,8 +246,12 @@ class CenterLoss(nn.Module):
             return functools.partial(_api.center_loss, sync=False) if on_gpu else _api.center_loss
         from . import distributed
 
+        group = self.process_group
+        if hasattr(group, "get_group"):  # a DeviceMesh: its (1-D) process group
+            group = group.get_group()
+
         def step(*args, **kwargs):
-            return distributed.center_loss(*args, group=self.process_group, **kwargs)
+            return distributed.center_loss(*args, group=group, **kwargs)
 
         return step
 

@@ -101,6 +101,14 @@ def _steps(rank, world_size, torch):
     center_distributed.center_loss(features, labels, plain, ALPHA, rule="wen", out=plain)
     out["replicated"] = (as_dtensor.centers is replicated, [repr(p) for p in replicated.placements],
                          bool(torch.equal(replicated.to_local(), plain)))
+    # the module takes a mesh where it takes a process group
+    from centerkern.torch import CenterLoss
+
+    by_mesh = CenterLoss(NUM_CLASSES, WIDTH, alpha=ALPHA, rule="wen", process_group=mesh)
+    by_mesh(features, labels)
+    zeros = torch.zeros(NUM_CLASSES, WIDTH)
+    center_distributed.center_loss(features, labels, zeros, ALPHA, rule="wen", out=zeros)
+    out["module over a mesh"] = bool(torch.equal(by_mesh.centers, zeros))
 
     # out=None: the caller's shards stay, new sharded centers come back
     kept = center_distributed.shard_centers(torch.from_numpy(starting_centers()))

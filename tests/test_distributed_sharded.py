@@ -117,6 +117,7 @@ def test_replicated_dtensor_centers_take_the_data_parallel_step(groups, world_si
     for rank in range(world_size):
         same_object, placements, equal = groups[world_size][rank]["replicated"]
         assert same_object and placements == ["Replicate()"] and equal
+        assert groups[world_size][rank]["module over a mesh"]
 
 
 @WORLD_SIZES
