@@ -23,7 +23,11 @@ install: $(INSTALLED)
 compile: $(INSTALLED)
 	$(PYTHON) -m centerkern compile
 
-test: test-cpu test-cudasim
+# The two pytest processes side by side: each is mostly one busy thread (the spawned ranks and
+# the simulator wait on each other more than they compute), so on two cores the run takes about
+# the time of the longer one. Each one's output is printed whole when it ends.
+test:
+	$(MAKE) --jobs=2 --output-sync=target test-cpu test-cudasim
 
 # CENTERKERN_REQUIRE_FRAMEWORKS=1: every framework the tests use is installed here, so one that
 # does not import fails the run instead of skipping its tests (see tests/conftest.py)

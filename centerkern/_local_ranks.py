@@ -52,10 +52,14 @@ def _rank_main(function, rank, world_size, store, collective_timeout, args, resu
     # several ranks share this machine's cores: one thread each, or parallel regions stall
     os.environ["NUMBA_NUM_THREADS"] = "1"
     try:
+        import sys
+
         import torch
         import torch.distributed as dist
 
         torch.set_num_threads(1)
+        if "numba" in sys.modules:  # imported with the function's module: the variable came too late
+            sys.modules["numba"].set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=collective_timeout))
         payload, crashed = function(rank, world_size, *args), False

@@ -4,7 +4,7 @@ with the same bits (the data-parallel step, below), or sharded, a ``DTensor`` pl
 with about K / R rows on each rank (the sharded step, at the end of this module: two all-to-all
 rounds over each rank's batch, the same bits as the data-parallel step's sparse exchange).
 
-Each rank holds the same centers and a slice of the global batch. The loss and its gradient are
+In the data-parallel step each rank holds the same centers and a slice of the global batch. The loss and its gradient are
 the rank's own (DDP averages gradients as usual). The update of class j needs the global
 ``S_j = sum of d_i`` and ``n_j`` over every rank's samples; since every rank reads the same
 centers, those are sums of per-rank partials, so a step is
@@ -52,13 +52,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from . import _api, _compact, _validation
 from ._api import CenterLossResult
 from ._errors import PeerInputError
 from ._interop import check_writable
 from ._rules import RULES, moves_centers, rule_coefficients
+
+__all__ = ["EXCHANGES", "SPARSE_BELOW_FRACTION", "PeerInputError", "center_loss", "choose_exchange", "gather_centers",
+           "shard_centers"]
 
 # sparse while R * U < SPARSE_BELOW_FRACTION * K (see the module docstring)
 SPARSE_BELOW_FRACTION = 1.0
@@ -139,7 +142,8 @@ def center_loss(
     )
 
 
-def shard_centers(centers: Any, mesh: Any = None, *, dtype: torch.dtype | None = None, device: Any = None) -> DTensor:
+def shard_centers(centers: Any, mesh: Any = None, *, dtype: torch.dtype | None = None, device: Any = None,
+                  init: str = "zeros") -> DTensor:
     """Centers as a ``DTensor`` placed ``Shard(0)`` over a 1-D ``DeviceMesh``: rank r holds rows
     ``[r·c, (r + 1)·c)`` of the K, ``c = ceil(K / R)`` (``torch.chunk``'s split, that of
     ``distribute_tensor``; the last ranks may hold fewer rows, or none).
@@ -155,6 +159,11 @@ def shard_centers(centers: Any, mesh: Any = None, *, dtype: torch.dtype | None =
     dtype, device :
         For a shape: the centers' dtype (float32 by default) and device (the CPU, or the
         current CUDA device with NCCL).
+    init : {"zeros", "normal"}
+        For a shape: zeros, or standard normal values (trainable centers, as
+        pytorch-center-loss's ``randn``). Each row's values depend on torch's seed on the first
+        rank of the mesh and on the row alone, so a run draws the same centers on any number
+        of ranks, and no two rows are alike.
 
     Returns
     -------
@@ -170,13 +179,40 @@ def shard_centers(centers: Any, mesh: Any = None, *, dtype: torch.dtype | None =
         shape, dtype = tuple(int(n) for n in centers), dtype or torch.float32
         if len(shape) != 2 or min(shape) < 0:
             raise ValueError(f"the centers' shape must be (K, D) with K, D >= 0, got {tuple(centers)}")
+        _validation.check_choice(init, "init", ("zeros", "normal"))
     mesh = _one_dimensional_mesh(mesh, device)
     first, stop = _owned_rows(shape[0], mesh.size(), mesh.get_local_rank())
     if isinstance(centers, torch.Tensor):
         local = centers.detach()[first:stop].clone()
     else:
         local = torch.zeros(stop - first, shape[1], dtype=dtype, device=device or mesh.device_type)
+        if init == "normal":
+            _fill_normal_rows(local, first, _seed_of_first_rank(mesh))
     return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=torch.Size(shape), stride=(shape[1], 1))
+
+
+_ROWS_PER_DRAW = 1024  # rows drawn from one generator: what makes a row's values independent of R
+
+
+def _seed_of_first_rank(mesh: DeviceMesh) -> int:
+    """A seed drawn from torch's generator on the mesh's first rank, the same on every rank."""
+    seed = [int(torch.randint(2**62, ()))]
+    dist.broadcast_object_list(seed, group_src=0, group=mesh.get_group())
+    return seed[0]
+
+
+def _fill_normal_rows(local: torch.Tensor, first: int, seed: int) -> None:
+    """Standard normal rows ``first, first + 1, ...`` into ``local``: rows come in blocks of
+    ``_ROWS_PER_DRAW``, each block drawn whole from a generator seeded by ``seed`` and the
+    block's number, so row j's values depend on ``seed`` and j only (and one block is the most
+    drawn beyond this rank's rows)."""
+    stop = first + local.shape[0]
+    for block in range(first // _ROWS_PER_DRAW, -(-stop // _ROWS_PER_DRAW)):
+        block_first = block * _ROWS_PER_DRAW
+        generator = torch.Generator().manual_seed((seed + block * 0x9E3779B97F4A7C15) % 2**63)
+        rows = torch.randn(_ROWS_PER_DRAW, local.shape[1], generator=generator, dtype=local.dtype)
+        low, high = max(first, block_first), min(stop, block_first + _ROWS_PER_DRAW)
+        local[low - first:high - first] = rows[low - block_first:high - block_first].to(local.device)
 
 
 def gather_centers(centers: DTensor, labels: Any, *, backend: str = "auto") -> torch.Tensor:
@@ -184,6 +220,8 @@ def gather_centers(centers: DTensor, labels: Any, *, backend: str = "auto") -> t
     that owns it (the first exchange of the sharded step). Every rank of the mesh must call it;
     a bad label raises ``IndexError`` on its rank and ``PeerInputError`` on the others."""
     _require_process_group()
+    if not isinstance(centers, DTensor):  # no mesh: no peer to tell, every rank raises alike
+        raise TypeError(f"gather_centers takes sharded centers, a DTensor (shard_centers), got {type(centers).__name__}")
     mesh = centers.device_mesh
     error = header = None
     try:
@@ -328,8 +366,9 @@ def _exchange_dense(classes, partials, sizes, num_classes, group, backend):
 #
 # Rank order is the order of the sparse exchange too, and the partials, the sums and the rule
 # are the same operations on the same numbers: the sharded step's centers equal the
-# data-parallel step's (exchange="sparse") bit for bit. Each rank sends and receives about
-# 2·B·D values a step, whatever K; no rank holds more than its c rows.
+# data-parallel step's (exchange="sparse") bit for bit, on the CPU, and on the GPU with
+# deterministic=True (else each rank's own partial sums use float atomics). Each rank sends and
+# receives about 2·B·D values a step, whatever K; no rank holds more than its c rows.
 
 
 def _is_sharded(centers: DTensor) -> bool:
@@ -348,6 +387,7 @@ def _one_dimensional_mesh(mesh: Any, device: Any) -> DeviceMesh:
     if isinstance(mesh, DeviceMesh):
         if mesh.ndim != 1:
             raise ValueError(f"the centers are sharded over a 1-D DeviceMesh, got one of shape {tuple(mesh.shape)}")
+        _check_mesh_in_group_order(mesh)
         return mesh
     group = mesh if mesh is not None else dist.group.WORLD
     device_type = torch.device(device).type if device is not None else (
@@ -362,12 +402,25 @@ def _owned_rows(num_classes: int, world_size: int, rank: int) -> tuple[int, int]
     return first, min(first + rows_per_rank, num_classes)
 
 
+def _check_mesh_in_group_order(mesh: DeviceMesh) -> None:
+    """Owners are mesh positions, and collectives address group ranks: the two must agree (a
+    mesh over the world in another order, ``DeviceMesh("cpu", [1, 0])``, would send each class
+    to the wrong owner). Every rank sees the same mesh, so every rank raises alike."""
+    in_mesh_order = [int(rank) for rank in mesh.mesh.reshape(-1).tolist()]
+    if in_mesh_order != dist.get_process_group_ranks(mesh.get_group()):
+        raise ValueError(
+            f"the mesh lists ranks {in_mesh_order}, its process group {dist.get_process_group_ranks(mesh.get_group())}: "
+            "shard the centers over a mesh in its group's rank order (init_device_mesh or DeviceMesh.from_group)"
+        )
+
+
 def _sharded_local(centers: Any) -> torch.Tensor:
     """The local rows of Shard(0) centers, checked to be the rows ``_owned_rows`` says."""
     if not isinstance(centers, DTensor) or not _is_sharded(centers):
         raise TypeError(f"sharded centers must be a DTensor placed Shard(0) (shard_centers), got {type(centers).__name__}")
     local = centers.to_local()
     mesh = centers.device_mesh
+    _check_mesh_in_group_order(mesh)
     first, stop = _owned_rows(centers.shape[0], mesh.size(), mesh.get_local_rank())
     if local.shape[0] != stop - first:
         raise ValueError(
@@ -482,14 +535,22 @@ def _like(centers: DTensor, local: torch.Tensor) -> DTensor:
 
 
 def _replicated_step(features, labels, centers, alpha, rule, out, group, backend, deterministic, exchange):
-    """Replicate() centers: the data-parallel step on the local replicas, over the mesh's group."""
+    """Replicate() centers: the data-parallel step on the local replicas, over the mesh's group.
+    Rule pytorch's ``grad_centers`` differ by rank (each from its own batch): they come back
+    placed ``Partial("avg")``, whose full tensor is their average, what DDP makes of them."""
+    group = centers.device_mesh.get_group() if group is None else group
     if out is not None and not (isinstance(out, DTensor) and tuple(out.placements) == (Replicate(),)):
-        raise TypeError("out must be placed like the centers, Replicate(), or None")
-    mesh_group = centers.device_mesh.get_group()
+        error = TypeError(f"out must be placed like the centers, Replicate(), or None; got {type(out).__name__}")
+        if rule in RULES and not moves_centers(rule):
+            raise error  # rule pytorch exchanges nothing: no peer waits
+        _agree(None, error, dist.get_world_size(group), group)  # the others wait in the step's header
     result = center_loss(
         features, labels, centers.to_local(), alpha, rule=rule, out=None if out is None else out.to_local(),
-        group=mesh_group if group is None else group, backend=backend, deterministic=deterministic, exchange=exchange,
+        group=group, backend=backend, deterministic=deterministic, exchange=exchange,
     )
     moved = out if out is not None else _like(centers, result.centers)
-    grad_centers = None if result.grad_centers is None else _like(centers, result.grad_centers)
+    grad_centers = None
+    if result.grad_centers is not None:
+        grad_centers = DTensor.from_local(result.grad_centers, centers.device_mesh, [Partial("avg")], run_check=False,
+                                          shape=centers.shape, stride=centers.stride())
     return result._replace(centers=moved, grad_centers=grad_centers)

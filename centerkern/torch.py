@@ -193,9 +193,9 @@ class CenterLoss(nn.Module):
         if self.placement == "sharded":
             from .distributed import shard_centers
 
-            centers = shard_centers((self.num_classes, self.feat_dim), process_group, **factory)
-            if not moves_centers(self.rule):
-                centers.to_local().normal_()  # each rank draws its own rows
+            # trainable centers: normal values, the same on any number of ranks for one seed
+            centers = shard_centers((self.num_classes, self.feat_dim), process_group,
+                                    init="zeros" if moves_centers(self.rule) else "normal", **factory)
         elif moves_centers(self.rule):
             centers = torch.zeros(self.num_classes, self.feat_dim, **factory)
         else:
@@ -258,12 +258,14 @@ class CenterLoss(nn.Module):
     def _loss_without_update(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Evaluation: the same loss, the centers neither moved nor copied (the kernel gather
         reads only the batch's B rows), differentiable by autograd."""
-        check_same_dtype(features=features, centers=self.centers)
         if self.placement == "sharded":  # each row from the rank that owns it
             from .distributed import gather_centers
 
+            # every rank joins the gather before anything of its own can raise (a peer would wait)
             gathered = gather_centers(self.centers, labels, backend=self.backend)
+            check_same_dtype(features=features, centers=self.centers)
         else:
+            check_same_dtype(features=features, centers=self.centers)
             # sync=False: on the GPU the gather is queued, not waited for (host tensors ignore it)
             gathered = _api.gather_centers(self.centers, labels, backend=self.backend, sync=False)
         if features.shape != gathered.shape:

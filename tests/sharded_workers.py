@@ -110,6 +110,44 @@ def _steps(rank, world_size, torch):
     center_distributed.center_loss(features, labels, zeros, ALPHA, rule="wen", out=zeros)
     out["module over a mesh"] = bool(torch.equal(by_mesh.centers, zeros))
 
+    # rule pytorch on Replicate() centers: each rank's grad_centers, placed Partial("avg")
+    trainable = distribute_tensor(torch.from_numpy(starting_centers()), mesh, [Replicate()])
+    result = center_distributed.center_loss(features, labels, trainable, ALPHA, rule="pytorch")
+    local = center_distributed.center_loss(features, labels, torch.from_numpy(starting_centers()), ALPHA, rule="pytorch")
+    averaged = local.grad_centers.clone()
+    torch.distributed.all_reduce(averaged)
+    out["replicated pytorch"] = ([repr(p) for p in result.grad_centers.placements],
+                                 bool(torch.allclose(result.grad_centers.full_tensor(), averaged / world_size)))
+
+    # 5 classes: with 4 ranks the last holds no row at all
+    few = np.random.default_rng(5).standard_normal((5, WIDTH)).astype(np.float32)
+    sharded_few = center_distributed.shard_centers(torch.from_numpy(few))
+    plain_few = torch.from_numpy(few.copy())
+    features_few = torch.from_numpy(np.random.default_rng(rank).standard_normal((6, WIDTH)).astype(np.float32))
+    labels_few = torch.from_numpy(np.array([0, 4, 4, 2, 1, 4]))
+    center_distributed.center_loss(features_few, labels_few, sharded_few, ALPHA, rule="wen", out=sharded_few)
+    center_distributed.center_loss(features_few, labels_few, plain_few, ALPHA, rule="wen", out=plain_few, exchange="sparse")
+    from torch.distributed.tensor import Shard
+
+    out["few classes"] = (
+        tuple(sharded_few.to_local().shape), tuple(distribute_tensor(torch.from_numpy(few), mesh, [Shard(0)]).to_local().shape),
+        bool(torch.equal(sharded_few.full_tensor(), plain_few)),
+    )
+
+    # normal centers: the same values whatever the number of ranks, given rank 0's seed
+    torch.manual_seed(5 + rank)  # only rank 0's generator counts
+    normal = center_distributed.shard_centers((2500, 2), init="normal")  # rows of 3 draws, split across ranks
+    out["normal"] = normal.full_tensor().numpy()
+
+    # a mesh whose order is not its group's: refused on every rank
+    from torch.distributed.device_mesh import DeviceMesh
+
+    try:
+        center_distributed.shard_centers((NUM_CLASSES, WIDTH), DeviceMesh("cpu", list(range(world_size))[::-1]))
+        out["reordered mesh"] = "no error"
+    except Exception as error:  # noqa: BLE001 - the parent checks which
+        out["reordered mesh"] = type(error).__name__ + ": " + str(error)
+
     # out=None: the caller's shards stay, new sharded centers come back
     kept = center_distributed.shard_centers(torch.from_numpy(starting_centers()))
     features, labels = split(global_batch(7), world_size, rank)

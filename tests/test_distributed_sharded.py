@@ -121,6 +121,39 @@ def test_replicated_dtensor_centers_take_the_data_parallel_step(groups, world_si
 
 
 @WORLD_SIZES
+def test_rule_pytorch_on_replicated_dtensors_gives_the_average_as_a_partial(groups, world_size):
+    for rank in range(world_size):
+        placements, averaged = groups[world_size][rank]["replicated pytorch"]
+        assert placements == ["Partial(avg)"] and averaged
+
+
+@WORLD_SIZES
+def test_fewer_classes_than_ranks_can_hold_rows(groups, world_size):
+    """K = 5: with 4 ranks the last owns no row; the shards are distribute_tensor's."""
+    for rank in range(world_size):
+        local_shape, distribute_tensors_shape, equal = groups[world_size][rank]["few classes"]
+        assert local_shape == distribute_tensors_shape and equal
+    if world_size == 4:
+        assert groups[4][3]["few classes"][0] == (0, WIDTH)
+
+
+def test_normal_centers_are_the_same_on_any_number_of_ranks(groups):
+    normal = groups[4][0]["normal"]
+    for world_size in (2, 3):
+        for rank in range(world_size):
+            np.testing.assert_array_equal(groups[world_size][rank]["normal"], normal)
+    assert normal.shape == (2500, 2) and len({row.tobytes() for row in normal}) == 2500  # no two rows alike
+    assert abs(normal.mean()) < 0.5 and 0.5 < normal.std() < 1.5
+
+
+@WORLD_SIZES
+def test_a_mesh_in_another_order_than_its_group_is_refused(groups, world_size):
+    for rank in range(world_size):
+        assert groups[world_size][rank]["reordered mesh"].startswith("ValueError")
+        assert "rank order" in groups[world_size][rank]["reordered mesh"]
+
+
+@WORLD_SIZES
 def test_ranks_that_disagree_on_alpha_all_refuse(groups, world_size):
     for rank in range(world_size):
         message, unchanged = groups[world_size][rank]["other alpha"]
