@@ -5,7 +5,12 @@ rank trains on its shard of every batch, DDP averages the network's gradients, a
 ``CenterLoss(..., distributed=True)`` moves the centers as if one process had seen the whole
 batch. At the end every rank's centers are compared with rank 0's, bit for bit.
 
+With ``--placement sharded`` each rank holds only its block of the centers' rows (a ``Shard(0)``
+DTensor, for more classes than one rank can hold): the same training, the centers saved with
+``torch.distributed.checkpoint`` at the end and loaded back into fresh sharded centers.
+
     python examples/train_ddp_center_loss.py --ranks 2
+    python examples/train_ddp_center_loss.py --ranks 2 --placement sharded
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import shutil
 import sys
 import tempfile
 
@@ -57,7 +63,9 @@ def _rank(rank: int, world_size: int, store: str, args) -> None:
     num_classes = 10
 
     model = DistributedDataParallel(EmbedAndClassify(num_classes))
-    center_loss = CenterLoss(num_classes, feat_dim=2, alpha=args.alpha, rule="wen", distributed=True)
+    # kept out of the DDP-wrapped model: its centers are synchronised by the module itself
+    center_loss = CenterLoss(num_classes, feat_dim=2, alpha=args.alpha, rule="wen", distributed=True,
+                             placement=args.placement)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     cross_entropy = nn.CrossEntropyLoss()
 
@@ -77,12 +85,35 @@ def _rank(rank: int, world_size: int, store: str, args) -> None:
             print(f"epoch {epoch + 1:3d}  accuracy {accuracy:6.1%}  spread {spread(embeddings, labels, num_classes):.4f}",
                   flush=True)
 
-    gathered = [torch.empty_like(center_loss.centers) for _ in range(world_size)]
-    dist.all_gather(gathered, center_loss.centers)
-    if rank == 0:
-        identical = all(torch.equal(gathered[0], other) for other in gathered[1:])
-        print(f"centers identical on {world_size} ranks: {identical}", flush=True)
+    if args.placement == "sharded":
+        _save_and_load_back(center_loss, rank, world_size, num_classes, args)
+    else:
+        gathered = [torch.empty_like(center_loss.centers) for _ in range(world_size)]
+        dist.all_gather(gathered, center_loss.centers)
+        if rank == 0:
+            identical = all(torch.equal(gathered[0], other) for other in gathered[1:])
+            print(f"centers identical on {world_size} ranks: {identical}", flush=True)
     _leave(dist)
+
+
+def _save_and_load_back(center_loss, rank: int, world_size: int, num_classes: int, args) -> None:
+    """The sharded centers through torch.distributed.checkpoint: each rank writes its rows, and
+    fresh sharded centers (of any number of ranks) read them back."""
+    import torch.distributed.checkpoint as dcp
+
+    rows = [None] * world_size
+    dist.all_gather_object(rows, center_loss.centers.to_local().shape[0])
+    folder = [tempfile.mkdtemp() if rank == 0 else None]
+    dist.broadcast_object_list(folder)  # rank 0's folder, for every rank
+    dcp.save(center_loss.state_dict(), checkpoint_id=folder[0])
+    fresh = CenterLoss(num_classes, feat_dim=2, alpha=args.alpha, rule="wen", distributed=True, placement="sharded")
+    dcp.load(fresh.state_dict(), checkpoint_id=folder[0])
+    dist.barrier()  # every rank has read it before it goes
+    if rank == 0:
+        shutil.rmtree(folder[0])
+    same = bool(torch.equal(fresh.centers.full_tensor(), center_loss.centers.full_tensor()))
+    if rank == 0:
+        print(f"centers sharded over {world_size} ranks, rows per rank {rows}; saved and loaded back: {same}", flush=True)
 
 
 def _leave(dist) -> None:
@@ -103,6 +134,7 @@ def main(argv=None) -> None:
     parser.add_argument("--weight", type=float, default=0.1)
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--placement", choices=["replicated", "sharded"], default="replicated")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory() as rendezvous:

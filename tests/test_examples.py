@@ -42,3 +42,17 @@ def test_data_parallel_example_keeps_the_ranks_centers_identical():
     spreads = [float(s) for s in re.findall(r"spread ([\d.]+)", completed.stdout)]
     assert len(spreads) == 12 and spreads[-1] < spreads[0] / 3
     assert "centers identical on 2 ranks: True" in completed.stdout
+
+
+def test_data_parallel_example_with_sharded_centers():
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    completed = subprocess.run(
+        [sys.executable, str(EXAMPLES / "train_ddp_center_loss.py"), "--ranks", "2", "--epochs", "12",
+         "--placement", "sharded"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    spreads = [float(s) for s in re.findall(r"spread ([\d.]+)", completed.stdout)]
+    assert len(spreads) == 12 and spreads[-1] < spreads[0] / 3
+    assert "centers sharded over 2 ranks, rows per rank [5, 5]; saved and loaded back: True" in completed.stdout
