@@ -235,4 +235,7 @@ def _module_and_checkpoint(rank, world_size, torch, checkpoint):
     out["pytorch module"] = (trainable.centers.full_tensor().detach().numpy(),
                              trainable.centers.grad.full_tensor().numpy(),
                              [repr(p) for p in trainable.centers.grad.placements])
+    # a torch optimizer steps the shards: no K x D all-reduce, no replica
+    torch.optim.SGD(trainable.parameters(), lr=0.5).step()
+    out["pytorch module after SGD"] = trainable.centers.full_tensor().detach().numpy()
     return out

@@ -199,6 +199,7 @@ def test_the_sharded_module_in_evaluation_and_with_rule_pytorch(groups, world_si
             for r in range(world_size)
         ]
         np.testing.assert_allclose(grad, np.mean(local, axis=0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(results["pytorch module after SGD"], centers - 0.5 * grad, rtol=1e-6, atol=1e-7)
 
 
 def test_a_module_with_sharded_centers_needs_distributed():
