@@ -73,22 +73,57 @@ def center_loss(
     out: Any = None, group: Any = None, backend: str = "auto", deterministic: bool = False,
     exchange: str = "auto",
 ) -> CenterLossResult:
-    """``centerkern.center_loss`` over a ``torch.distributed`` process group.
+    """``centerkern.center_loss`` over a ``torch.distributed`` process group: the centers move as
+    if one process had run the rule on the concatenation of every rank's batch. Every rank of the
+    group must call it.
 
-    Same arguments and result as ``centerkern.center_loss`` (torch tensors: CPU with gloo, CUDA
-    with NCCL), plus ``group`` (None: the default group) and ``exchange`` ("auto", "sparse",
-    "dense"; see the module docstring). ``loss`` and ``grad`` are this rank's; ``centers``
-    are the centers after one step of the rule on the concatenation of every rank's batch.
-    Every rank of the group must call it.
+    Parameters
+    ----------
+    features : torch.Tensor, shape (B, D)
+        This rank's batch (CPU tensors with gloo, CUDA tensors with NCCL).
+    labels : integer tensor or array of B values in [0, K)
+    centers : torch.Tensor or DTensor, shape (K, D)
+        Decides the step. A plain tensor, or a ``DTensor`` placed ``Replicate()``: the
+        data-parallel step, every rank holding the same centers and ending with the same bits.
+        A ``DTensor`` placed ``Shard(0)`` over a 1-D ``DeviceMesh`` (``shard_centers``): the
+        sharded step, each rank holding its block of rows only.
+    alpha : float
+        The rule's alpha, the same on every rank.
+    rule : {"facenet", "wen", "pytorch"}
+    out : None, or a tensor placed like ``centers``
+        ``out=centers`` updates in place; None returns new centers and leaves ``centers``.
+    group : process group, optional
+        The data-parallel step's group (None: the default group). Sharded and ``Replicate()``
+        centers use their mesh's group.
+    backend : {"auto", "numpy", "numba", "cuda"}
+    deterministic : bool
+        See ``centerkern.center_loss``; the sums across ranks are always added in rank order.
+    exchange : {"auto", "sparse", "dense"}
+        How the data-parallel step exchanges its per-class sums (module docstring); the sharded
+        step has one way, two all-to-all rounds.
 
-    ``centers`` decides the step:
+    Returns
+    -------
+    CenterLossResult
+        ``loss`` and ``grad``: this rank's own. ``centers``: after the step, placed as given.
+        ``grad_centers`` (rule ``pytorch``): a plain tensor for plain centers (this rank's; DDP
+        averages it), ``Partial("avg")`` for ``Replicate()`` centers, ``Shard(0)`` for sharded
+        centers (each owner's rows already averaged over the ranks).
 
-    * a plain tensor, or a ``DTensor`` placed ``Replicate()``: the data-parallel step, every
-      rank holding the same (K, D) centers and ending with the same bits;
-    * a ``DTensor`` placed ``Shard(0)`` over a 1-D ``DeviceMesh`` (``shard_centers``): the
-      sharded step, each rank holding its block of rows only; ``group`` is the mesh's and
-      ``exchange`` does not apply. ``out`` is None or such a DTensor (``out=centers``: in
-      place), and ``centers`` (and ``grad_centers`` for rule ``pytorch``) come back sharded.
+    Raises
+    ------
+    IndexError
+        On the rank holding a label outside [0, K), before anything moves.
+    PeerInputError
+        On every other rank when one rank's input fails validation, and on every rank when the
+        ranks disagree on K, D, the dtype, the exchange, the rule or alpha. No rank moves its
+        centers, and none waits for ever.
+    RuntimeError
+        Outside a process group.
+    TypeError, ValueError
+        As ``centerkern.center_loss`` for malformed input; ``ValueError`` for centers placed
+        otherwise than ``Shard(0)`` or ``Replicate()`` on a 1-D mesh, or sharded over a mesh
+        whose ranks are not in its group's order.
     """
     if isinstance(centers, DTensor):
         if _is_sharded(centers):
@@ -167,8 +202,16 @@ def shard_centers(centers: Any, mesh: Any = None, *, dtype: torch.dtype | None =
 
     Returns
     -------
-    DTensor of shape (K, D), placed ``Shard(0)``: what ``center_loss`` takes as ``centers``
-    and ``out`` for the sharded step.
+    DTensor, shape (K, D), placed ``Shard(0)``
+        What ``center_loss`` takes as ``centers`` and ``out`` for the sharded step.
+
+    Raises
+    ------
+    RuntimeError
+        Outside a process group.
+    ValueError
+        For a shape that is not (K, D), an unknown ``init``, a mesh that is not 1-D or lists
+        its ranks in another order than its process group.
     """
     _require_process_group()
     if isinstance(centers, torch.Tensor):
@@ -217,8 +260,28 @@ def _fill_normal_rows(local: torch.Tensor, first: int, seed: int) -> None:
 
 def gather_centers(centers: DTensor, labels: Any, *, backend: str = "auto") -> torch.Tensor:
     """``centers[labels]`` of sharded centers: this rank's (B, D) rows, each fetched from the rank
-    that owns it (the first exchange of the sharded step). Every rank of the mesh must call it;
-    a bad label raises ``IndexError`` on its rank and ``PeerInputError`` on the others."""
+    that owns it (the first exchange of the sharded step). Every rank of the mesh must call it.
+
+    Parameters
+    ----------
+    centers : DTensor, shape (K, D), placed ``Shard(0)`` (``shard_centers``)
+    labels : integer tensor or array of B values in [0, K)
+    backend : {"auto", "numpy", "numba", "cuda"}
+
+    Returns
+    -------
+    torch.Tensor, shape (B, D)
+        On the device of this rank's shard, in the centers' dtype.
+
+    Raises
+    ------
+    IndexError
+        On the rank holding a label outside [0, K).
+    PeerInputError
+        On the other ranks then; nothing waits for ever.
+    TypeError
+        When ``centers`` is not a sharded DTensor.
+    """
     _require_process_group()
     if not isinstance(centers, DTensor):  # no mesh: no peer to tell, every rank raises alike
         raise TypeError(f"gather_centers takes sharded centers, a DTensor (shard_centers), got {type(centers).__name__}")
@@ -320,16 +383,19 @@ def _local_partials(features, index, rows, labels_of_rows, coefficients, backend
 def _added_in_rank_order(position, received, touched, backend):
     """Rows of (count, sums) added up per entry of ``position`` in the order they came, which is
     rank order: the scatter kernel adds duplicates in batch order, so every rank (and the sharded
-    step's owners) compute the same bits from the same rows."""
+    step's owners) compute the same bits from the same rows. ``received`` is the caller's own
+    copy, negated in place (scatter_sub of -x adds x; negation is exact)."""
     totals = torch.zeros(touched, received.shape[1], dtype=torch.float64, device=received.device)
-    _api.scatter_sub_update(totals, position, -received, out=totals, backend=backend, deterministic=True)
+    _api.scatter_sub_update(totals, position, received.neg_(), out=totals, backend=backend, deterministic=True)
     return totals
 
 
 def _moved_rows(rows, totals, coefficients):
-    """The rule applied to ``rows`` (their centers as they were) with the (count, sums) totals."""
+    """The rule applied to ``rows`` (their centers as they were) with the (count, sums) totals,
+    which are used up: the update is computed in their memory (scale·S + c is c + scale·S, to the
+    bit), so the step holds no further float64 array of that size."""
     scale = coefficients.step / (1.0 + coefficients.count_weight * totals[:, 0])
-    return (rows.double() + scale[:, None] * totals[:, 1:]).to(rows.dtype)
+    return totals[:, 1:].mul_(scale[:, None]).add_(rows).to(rows.dtype)
 
 
 def _exchange_sparse(classes, partials, sizes, num_classes, group, backend):
@@ -506,6 +572,7 @@ def _sharded_step(features, labels, centers, alpha, rule, out, backend, determin
         # the ranks; each rank's rows are its own grad_centers (B is the rank's batch)
         partials[:, 1:] = (coefficients.step * partials[:, 1:]).to(features.dtype).double()
     received = _split_all_to_all(partials, send_counts, receive_counts, group).to(local.device)
+    del partials  # sent
     first, _ = _owned_rows(num_classes, world_size, mesh.get_local_rank())
     touched, position = torch.unique(asked, return_inverse=True)
     totals = _added_in_rank_order(position, received, touched.numel(), backend)
