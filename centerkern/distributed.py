@@ -129,8 +129,7 @@ def center_loss(
         if _is_sharded(centers):
             return _sharded_step(features, labels, centers, alpha, rule, out, backend, deterministic)
         return _replicated_step(features, labels, centers, alpha, rule, out, group, backend, deterministic, exchange)
-    if rule in RULES and not moves_centers(rule):
-        # pytorch: nothing moves here, so there is nothing to exchange
+    if _exchanges_nothing(rule):
         return _api.center_loss(
             features, labels, centers, alpha, rule=rule, out=out, backend=backend, deterministic=deterministic
         )
@@ -291,9 +290,7 @@ def gather_centers(centers: DTensor, labels: Any, *, backend: str = "auto") -> t
         local = _sharded_local(centers)
         _validation.check_choice(backend, "backend", ("auto", *_api.BACKENDS))
         labels = _validation.check_labels(_host_labels(labels), None, centers.shape[0], "the gather")
-        classes, index = torch.unique(torch.from_numpy(np.ascontiguousarray(labels)).to(local.device), return_inverse=True)
-        header = [classes.numel(), *centers.shape, _DTYPES.index(centers.dtype), SHARDED, -1, 0.0,
-                  *_rows_asked_of_each_owner(classes, centers.shape[0], mesh.size())]
+        classes, index, header = _sharded_header(centers, labels, local.device, rule_index=-1, alpha=0.0)
     except Exception as caught:  # noqa: BLE001 - re-raised by _agree, after the other ranks are told
         error = caught
     headers = _agree(header, error, mesh.size(), mesh.get_group(), extra=mesh.size())
@@ -328,6 +325,12 @@ def _all_gather_headers(header: list[float], world_size: int, group: Any) -> lis
     everyone = [torch.empty_like(mine) for _ in range(world_size)]
     dist.all_gather(everyone, mine, group=group)
     return [row.tolist() for row in everyone]
+
+
+def _exchanges_nothing(rule: str) -> bool:
+    """Rule pytorch with replicated centers: nothing moves, so the data-parallel step exchanges
+    nothing (an unknown rule goes on, to fail validation alike on every rank)."""
+    return rule in RULES and not moves_centers(rule)
 
 
 def _require_process_group() -> None:
@@ -461,9 +464,14 @@ def _one_dimensional_mesh(mesh: Any, device: Any) -> DeviceMesh:
     return DeviceMesh.from_group(group, device_type)
 
 
+def _rows_per_rank(num_classes: int, world_size: int) -> int:
+    """c = ceil(K / R), torch.chunk's split (as Shard(0)'s); at least 1, so that it divides."""
+    return max(-(-num_classes // world_size), 1)
+
+
 def _owned_rows(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
-    """The rows ``[first, stop)`` that ``rank`` owns: torch.chunk's split, as Shard(0)'s."""
-    rows_per_rank = -(-num_classes // world_size) if world_size else 0
+    """The rows ``[first, stop)`` that ``rank`` owns."""
+    rows_per_rank = _rows_per_rank(num_classes, world_size)
     first = min(rank * rows_per_rank, num_classes)
     return first, min(first + rows_per_rank, num_classes)
 
@@ -511,11 +519,17 @@ def _split_all_to_all(rows: torch.Tensor, send_counts: list[int], receive_counts
     return received
 
 
-def _rows_asked_of_each_owner(classes: torch.Tensor, num_classes: int, world_size: int) -> list[int]:
-    """How many of ``classes`` each rank owns: the counts this rank sends in both rounds, which
-    travel in its header (so that no round needs an exchange of counts of its own)."""
-    rows_per_rank = max(-(-num_classes // world_size), 1)
-    return torch.bincount(classes // rows_per_rank, minlength=world_size).tolist()
+def _sharded_header(centers: DTensor, labels: np.ndarray, device: Any, rule_index: int, alpha: float):
+    """``classes, index, header`` of a sharded call on checked host ``labels``: the batch's
+    classes (sorted, ``labels == classes[index]``) on ``device``, and the header, whose last
+    entries count the classes this rank asks of each owner, the splits of both rounds (so that
+    no round needs an exchange of counts of its own)."""
+    classes, index = torch.unique(torch.from_numpy(np.ascontiguousarray(labels)).to(device), return_inverse=True)
+    num_classes, world_size = centers.shape[0], centers.device_mesh.size()
+    asked_of_each_owner = torch.bincount(classes // _rows_per_rank(num_classes, world_size), minlength=world_size)
+    header = [classes.numel(), *centers.shape, _DTYPES.index(centers.dtype), SHARDED, rule_index, alpha,
+              *asked_of_each_owner.tolist()]
+    return classes, index, header
 
 
 def _rows_from_owners(classes, local, num_classes, mesh, headers, backend):
@@ -556,9 +570,7 @@ def _sharded_step(features, labels, centers, alpha, rule, out, backend, determin
                 raise ValueError("out must be sharded like the centers: the same mesh, shape and dtype")
             check_writable(out_local)
         features = features.detach()
-        classes, index = torch.unique(torch.from_numpy(np.ascontiguousarray(host_labels)).to(features.device), return_inverse=True)
-        header = [classes.numel(), *centers.shape, _DTYPES.index(centers.dtype), SHARDED, RULES.index(rule), alpha,
-                  *_rows_asked_of_each_owner(classes, num_classes, world_size)]
+        classes, index, header = _sharded_header(centers, host_labels, features.device, RULES.index(rule), alpha)
     except Exception as caught:  # noqa: BLE001 - re-raised by _agree, after the other ranks are told
         error = caught
     headers = _agree(header, error, world_size, group, extra=world_size)
@@ -608,8 +620,8 @@ def _replicated_step(features, labels, centers, alpha, rule, out, group, backend
     group = centers.device_mesh.get_group() if group is None else group
     if out is not None and not (isinstance(out, DTensor) and tuple(out.placements) == (Replicate(),)):
         error = TypeError(f"out must be placed like the centers, Replicate(), or None; got {type(out).__name__}")
-        if rule in RULES and not moves_centers(rule):
-            raise error  # rule pytorch exchanges nothing: no peer waits
+        if _exchanges_nothing(rule):
+            raise error  # no peer waits
         _agree(None, error, dist.get_world_size(group), group)  # the others wait in the step's header
     result = center_loss(
         features, labels, centers.to_local(), alpha, rule=rule, out=None if out is None else out.to_local(),
