@@ -7,7 +7,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install compile test test-cpu test-cudasim demo info bench bench-first-call bench-distributed bench-data-parallel fuzz clean
+.PHONY: install compile test test-cpu test-cudasim docs demo info bench bench-first-call bench-distributed bench-data-parallel fuzz clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
@@ -25,9 +25,10 @@ compile: $(INSTALLED)
 
 # The two pytest processes side by side: each is mostly one busy thread (the spawned ranks and
 # the simulator wait on each other more than they compute), so on two cores the run takes about
-# the time of the longer one. Each one's output is printed whole when it ends.
+# the time of the longer one; the site is built once one of them is done. Each one's output is
+# printed whole when it ends.
 test:
-	$(MAKE) --jobs=2 --output-sync=target test-cpu test-cudasim
+	$(MAKE) --jobs=2 --output-sync=target test-cpu test-cudasim docs
 
 # CENTERKERN_REQUIRE_FRAMEWORKS=1: every framework the tests use is installed here, so one that
 # does not import fails the run instead of skipping its tests (see tests/conftest.py)
@@ -38,6 +39,14 @@ test-cpu: compile
 # imported, so it runs in a pytest process of its own, on the CUDA tests only.
 test-cudasim: $(INSTALLED)
 	CENTERKERN_REQUIRE_FRAMEWORKS=1 NUMBA_ENABLE_CUDASIM=1 $(PYTHON) -m pytest -q -k "cuda" -p no:cacheprovider
+
+# The documentation site, in docs/_build/html. Warnings are errors: a broken cross-reference, a
+# public name without its docstring sections, an example that no longer runs (every example on
+# the site runs while it is built: docs/_ext/executed_examples.py). -E: read every page again,
+# so that every example runs each time.
+docs: $(INSTALLED)
+	$(PYTHON) -m sphinx -b html -E -W --keep-going -q docs docs/_build/html
+	@echo "the site: docs/_build/html/index.html"
 
 demo: $(INSTALLED)
 	$(PYTHON) -m centerkern demo
@@ -63,7 +72,7 @@ bench-data-parallel: $(INSTALLED)
 	$(PYTHON) benchmarks/data_parallel.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis docs/_build docs/_generated
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # A longer fuzzing run than the smoke run inside `make test`.

@@ -164,7 +164,7 @@ def test_errors():
 
 @keras.saving.register_keras_serializable(package="centerkern_tests")
 class _AddCenterLoss(keras.layers.Layer):
-    """The add_loss wrapper of the README: the center loss added to the model's losses, the
+    """The add_loss wrapper of the frameworks guide: the center loss added to the model's losses, the
     embeddings passed through."""
 
     def __init__(self, num_classes, rule="wen", **kwargs):
@@ -268,7 +268,7 @@ def test_another_keras_backend_is_refused_at_construction():
 
 
 def test_the_loss_as_a_model_output_with_an_identity_loss():
-    """The README's second pattern: the center loss is an output, compiled with an identity loss."""
+    """The guide's second pattern: the center loss is an output, compiled with an identity loss."""
     features, labels, _ = _batch(9, batch=64)
     inputs, label_input = keras.Input((4,)), keras.Input((), dtype="int64")
     embedded = keras.layers.Dense(4, kernel_initializer=keras.initializers.Constant(0.3))(inputs)
@@ -313,26 +313,28 @@ def test_narrow_integer_labels_train_and_a_float64_policy_stays_float64():
         keras.mixed_precision.set_global_policy("float32")
 
 
-def _readme_block(marker: str) -> str:
-    """The README's Python block holding ``marker``, with its indentation removed."""
+def _guide_block(marker: str) -> str:
+    """The Python block of the frameworks guide (docs/frameworks.md) holding ``marker``, with
+    its indentation removed."""
     import re
     import textwrap
     from pathlib import Path
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    guide = (Path(__file__).parent.parent / "docs" / "frameworks.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", guide, re.S)
     return textwrap.dedent(next(block for block in blocks if marker in block))
 
 
-def test_the_readme_keras_wrapper_saves_and_loads_with_its_centers(tmp_path):
-    """The README's AddCenterLoss, run as it is written there: fit, model.save, load_model, the
+def test_the_guide_keras_wrapper_saves_and_loads_with_its_centers(tmp_path):
+    """The guide's AddCenterLoss, run as it is written there: fit, model.save, load_model, the
     same centers, and the loaded model trains on (a wrapper that passed dtype= itself failed to
     load: 'got multiple values for keyword argument dtype')."""
-    code = _readme_block("class AddCenterLoss")
+    code = _guide_block("class AddCenterLoss")
     inputs, label_input = keras.Input((4,)), keras.Input((), dtype="int64")
     namespace = {"keras": keras, "centerkern": centerkern,
                  "embeddings": keras.layers.Dense(4, kernel_initializer="identity")(inputs), "label_input": label_input}
-    exec(compile(code.replace("AddCenterLoss(10)", "AddCenterLoss(8)"), "README.md", "exec"), namespace)
+    exec(compile(code, "docs/frameworks.md", "exec"), namespace)
+    namespace["embeddings"] = namespace["AddCenterLoss"](8)(namespace["embeddings"], label_input)
     model = keras.Model([inputs, label_input], namespace["embeddings"])
     model.compile(optimizer=keras.optimizers.SGD(0.1))
     features, labels, _ = _batch(9, batch=32)

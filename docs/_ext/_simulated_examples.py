@@ -1,0 +1,40 @@
+"""The examples that need a GPU, run under Numba's CUDA simulator (a child of the docs build).
+
+Reads ``{"pages": {docname: [block, ...]}, "docstrings": {name: text}, "flags": int}`` as JSON
+on stdin; prints, as the last line, JSON mapping each failed example to its report. The parent
+switched the simulator on (``NUMBA_ENABLE_CUDASIM=1``) before this process imported Numba.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from executed_examples import run_doctest, run_script  # noqa: E402
+
+
+def main() -> None:
+    work = json.load(sys.stdin)
+    failures: dict[str, str] = {}
+    for docname, blocks in work["pages"].items():
+        globs: dict = {"__name__": f"docs.{docname.replace('/', '.')}"}
+        for number, source in enumerate(blocks, start=1):
+            where = f"{docname} (simulated block {number})"
+            if source.lstrip().startswith(">>>"):
+                failure = run_doctest(source, where, globs, docname)
+            else:
+                failure = run_script(source, globs, where)
+            if failure is not None:
+                failures[where] = failure
+    for name, text in work["docstrings"].items():
+        failure = run_doctest(text, name, {"__name__": name.rpartition(".")[0]}, name)
+        if failure is not None:
+            failures[f"the Examples of {name}"] = failure
+    print(json.dumps(failures))
+
+
+if __name__ == "__main__":
+    main()

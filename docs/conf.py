@@ -1,0 +1,91 @@
+"""Sphinx configuration of centerkern's documentation site.
+
+Built by ``make docs`` with warnings as errors: a broken cross-reference, a public name without
+its docstring sections, or an example that no longer runs fails the build (``_ext/``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent
+sys.path.insert(0, str(DOCS / "_ext"))
+sys.path.insert(0, str(DOCS.parent))
+
+import centerkern  # noqa: E402  (the version shown is the one documented)
+
+project = "centerkern"
+author = "the centerkern developers"
+copyright = "2026, the centerkern developers"
+release = centerkern.__version__
+version = ".".join(release.split(".")[:2])
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.intersphinx",
+    "sphinx.ext.mathjax",
+    "numpydoc",
+    "myst_parser",
+    "executed_examples",
+    "known_mistakes",
+    "benchmark_pages",
+]
+
+source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
+root_doc = "index"
+exclude_patterns = ["_build", "_generated/**/*.md.part", "Thumbs.db", ".DS_Store"]
+nitpicky = True
+# names the docstrings use as plain types (numpydoc turns "array" or "int" in a type line into a
+# cross-reference): what they mean is said in the prose around them
+nitpick_ignore_regex = [
+    ("py:class", r"(array|array-like|optional|scalar|str|int|float|bool|callable|tuple|list|dict|"
+                 r"None|object|sequence|mapping|iterable|default|or|of|shape|\(.*\)|[A-Z]|[0-9].*|"
+                 r"np\..*|numpy\..*|torch\..*|jax\..*|tf\..*|keras\..*|dask\..*|numba\..*|cupy\..*)"),
+]
+
+myst_enable_extensions = ["colon_fence", "dollarmath", "deflist"]
+myst_heading_anchors = 3
+
+numpydoc_show_class_members = False
+numpydoc_class_members_toctree = False
+numpydoc_xref_param_type = False
+# every public name: a docstring with its sections (the executed_examples extension adds the
+# checks numpydoc has no code for: Raises, and that every name of __all__ is documented)
+numpydoc_validation_checks = {"GL08", "PR01", "PR02", "RT01", "EX01"}
+# module constants (RULES, KNOWN_MISTAKES, ...) are described by a comment, not a docstring
+numpydoc_validation_exclude = {r"\.[A-Z][A-Z0-9_]+$",
+                               # hypothesis's composite strategies hide their source from numpydoc:
+                               # their sections are checked by executed_examples instead
+                               r"^centerkern\.testing\.strategies\."}
+
+autodoc_typehints = "none"
+autodoc_member_order = "bysource"
+autodoc_default_options = {"members": False}
+
+intersphinx_mapping = {
+    "python": ("https://docs.python.org/3", None),
+}
+# no network where the site is built: intersphinx reads no inventory, links stay plain text
+intersphinx_disabled_reftypes = ["*"]
+intersphinx_mapping = {}
+
+html_theme = "pydata_sphinx_theme"
+html_title = f"centerkern {release}"
+html_static_path = ["_static"]
+html_css_files = ["centerkern.css"]
+html_theme_options = {
+    "navigation_with_keys": False,
+    "show_toc_level": 2,
+    "secondary_sidebar_items": ["page-toc"],
+    "footer_start": ["copyright"],
+    "footer_end": [],
+}
+html_sidebars = {"**": ["sidebar-nav-bs"]}
+html_show_sourcelink = False
+trim_doctest_flags = True
+pygments_style = "sphinx"
+
+# where the executed examples may write (the build's own scratch, never the source tree)
+os.environ.setdefault("CENTERKERN_DOCS_BUILD", "1")
