@@ -23,6 +23,20 @@ from ._validation import BACKENDS, BackendUnavailableError, HostArrays, check_ch
 class CenterLossResult(NamedTuple):
     """What ``center_loss`` returns.
 
+    A named tuple: its fields are read by name (``result.loss``) or unpacked in order
+    (``loss, grad, centers, grad_centers = result``).
+
+    Parameters
+    ----------
+    loss : float, or a 0-d float64 device array
+        The rule's loss (see Attributes).
+    grad : array, shape (B, D)
+        The gradient d loss / d features.
+    centers : array, shape (K, D)
+        The centers after the step.
+    grad_centers : array, shape (K, D), or None
+        The gradient d loss / d centers for rule ``pytorch``; None otherwise.
+
     Attributes
     ----------
     loss : float, or a 0-d float64 device array
@@ -35,6 +49,32 @@ class CenterLossResult(NamedTuple):
         The centers after the step (``out`` itself when given).
     grad_centers : array, shape (K, D), or None
         d loss / d centers for rule ``pytorch`` (for the caller's optimizer); None otherwise.
+
+    See Also
+    --------
+    center_loss : The function that returns it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import centerkern
+    >>> features = np.array([[1.0, 1.0], [1.0, 3.0], [4.0, 2.0]])
+    >>> labels = np.array([0, 0, 1])
+    >>> centers = np.zeros((2, 2))
+    >>> result = centerkern.center_loss(features, labels, centers, 0.5)
+    >>> round(result.loss, 6)
+    5.333333
+    >>> result.grad.shape, result.centers.shape, result.grad_centers is None
+    ((3, 2), (2, 2), True)
+    >>> loss, grad, new_centers, grad_centers = result
+    >>> new_centers.tolist()
+    [[1.0, 2.0], [2.0, 1.0]]
+
+    Rule ``pytorch`` leaves the centers to the caller's optimizer and returns their gradient:
+
+    >>> result = centerkern.center_loss(features, labels, centers, 0.5, rule="pytorch")
+    >>> np.round(result.grad_centers, 6).tolist()
+    [[-1.333333, -2.666667], [-2.666667, -1.333333]]
     """
 
     loss: float
@@ -70,7 +110,29 @@ def _cuda_module() -> ModuleType:
 
 def backends() -> tuple[str, ...]:
     """The backend names usable on this machine, fastest last: ``numpy``, ``numba``, and ``cuda``
-    where Numba finds a GPU (or runs its CUDA simulator, ``NUMBA_ENABLE_CUDASIM=1``)."""
+    where Numba finds a GPU (or runs its CUDA simulator, ``NUMBA_ENABLE_CUDASIM=1``).
+
+    Any of them can be passed as ``backend=`` to ``center_loss``, ``gather_centers`` and
+    ``scatter_sub_update``; the default, ``"auto"``, takes ``cuda`` for device arrays and
+    ``numba`` for everything else. ``cuda`` is left out, without an error, where the optional
+    ``numba-cuda`` extra is not installed or no GPU is found.
+
+    Returns
+    -------
+    tuple of str
+        ``("numpy", "numba")`` or ``("numpy", "numba", "cuda")``.
+
+    See Also
+    --------
+    BackendUnavailableError : What asking for a backend that cannot run raises.
+
+    Examples
+    --------
+    >>> import centerkern
+    >>> centerkern.backends()[:2]
+    ('numpy', 'numba')
+    >>> backend = "cuda" if "cuda" in centerkern.backends() else "numba"
+    """
     available = ["numpy", "numba"]
     try:
         if _cuda_module().is_available():
@@ -130,17 +192,70 @@ def validate_center_loss(features, labels, centers, alpha, rule, out, backend, g
 def gather_centers(centers: Any, labels: Any, *, backend: str = "auto", sync: bool = True, stream: Any = None) -> Any:
     """Return ``centers[labels]``: the (B, D) rows of the centers of the batch's classes.
 
+    The gather of every center-loss step, on its own. The labels are checked before anything
+    is read: a negative label is an error, not a row counted from the end.
+
     Parameters
     ----------
-    centers : array, shape (K, D), float32 or float64
-    labels : integer array of any shape holding B values in [0, K); flattened
-    backend : {"auto", "numpy", "numba", "cuda"}
-    sync, stream :
+    centers : array_like, shape (K, D)
+        A float32 or float64 array: a NumPy array, a list, or any array of another framework
+        (see ``center_loss``).
+    labels : array_like of int
+        An integer array of any shape holding B values in [0, K); flattened. Any integer dtype,
+        not bool.
+    backend : {"auto", "numpy", "numba", "cuda"}, optional
+        Where to compute; ``"auto"`` (the default) takes ``cuda`` for device arrays and
+        ``numba`` otherwise (see ``backends``).
+    sync : bool, optional
+        Device arrays only; see ``center_loss``.
+    stream : None, Numba stream or int, optional
         Device arrays only; see ``center_loss``.
 
     Returns
     -------
     array, shape (B, D), the dtype of ``centers``
+        A new array, in the framework of ``centers`` (a NumPy array for NumPy arrays and
+        lists, on the device for device arrays).
+
+    Raises
+    ------
+    IndexError
+        If a label lies outside [0, K): the message names the first bad value, its position
+        and K. (For device arrays with ``sync=False``, raised later; see ``center_loss``.)
+    TypeError
+        If ``centers`` is not float32 or float64, or the labels do not have an integer dtype
+        (bool included).
+    ValueError
+        If ``centers`` is not 2-D, ``backend`` is not one of the names above, or a device array
+        is given to a host backend (``numpy``, ``numba``).
+    BackendUnavailableError
+        If ``backend="cuda"`` (or ``"auto"`` with device arrays) and Numba's CUDA target cannot
+        be loaded or finds no GPU.
+
+    See Also
+    --------
+    scatter_sub_update : The scatter that moves these rows.
+    center_loss : A whole step, which gathers the centers itself.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import centerkern
+    >>> centers = np.array([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]])
+    >>> centerkern.gather_centers(centers, [2, 0, 2]).tolist()
+    [[4.0, 5.0], [0.0, 1.0], [4.0, 5.0]]
+
+    Labels of any shape are flattened:
+
+    >>> centerkern.gather_centers(centers, np.array([[1, 1], [0, 2]])).shape
+    (4, 2)
+
+    A label outside [0, K) is an error, not a wrap-around as ``centers[-1]`` would be:
+
+    >>> centerkern.gather_centers(centers, [0, -1])
+    Traceback (most recent call last):
+        ...
+    IndexError: label -1 at position 1 is out of range: labels must lie in [0, 3) for 3 classes
     """
     to_caller = _interop.converter_like(centers)
     centers, labels = _exportable(centers, labels)
@@ -159,24 +274,96 @@ def scatter_sub_update(
     ``scatter_sub_update([[1], [2], [3]], [0, 0, 1, 1], [[9], [10], [11], [12]])`` is
     ``[[-18], [-21], [3]]``. (``centers[labels] -= updates`` keeps one duplicate only.)
 
+    Every check runs before anything is written: on any error, ``centers`` and ``out`` are left
+    as they were.
+
     Parameters
     ----------
-    centers : array, shape (K, D), float32 or float64
-    labels : integer array holding B values in [0, K)
-    updates : array, shape (B, D), the dtype of ``centers``
-    out : None or array, shape (K, D)
+    centers : array_like, shape (K, D)
+        A float32 or float64 array.
+    labels : array_like of int
+        An integer array holding B values in [0, K), any shape (flattened).
+    updates : array_like, shape (B, D)
+        The dtype of ``centers``.
+    out : None or array, shape (K, D), optional
         None: ``centers`` is left as it was and a new array is returned. ``out=centers`` updates
-        in place without copying the K x D centers, and returns ``out``.
-    backend : {"auto", "numpy", "numba", "cuda"}
-    deterministic : bool
+        in place without copying the K x D centers, and returns ``out``. Any other writable
+        array of the shape and dtype of ``centers`` receives the result.
+    backend : {"auto", "numpy", "numba", "cuda"}, optional
+        Where to compute; ``"auto"`` (the default) takes ``cuda`` for device arrays and
+        ``numba`` otherwise (see ``backends``).
+    deterministic : bool, optional
         Bitwise-identical results from run to run. The CPU backends always are; the ``cuda``
         backend is when asked (no float atomics).
-    sync, stream :
+    sync : bool, optional
+        Device arrays only; see ``center_loss``.
+    stream : None, Numba stream or int, optional
         Device arrays only; see ``center_loss``.
 
     Returns
     -------
-    array, shape (K, D): the updated centers
+    array, shape (K, D)
+        The updated centers: ``out`` itself when given, else a new array in the framework of
+        ``centers``.
+
+    Raises
+    ------
+    IndexError
+        If a label lies outside [0, K): the message names the first bad value, its position
+        and K. (For device arrays with ``sync=False``, raised later; see ``center_loss``.)
+    TypeError
+        If ``centers`` or ``updates`` is not float32 or float64, their dtypes differ (no silent
+        cast), the labels do not have an integer dtype (bool included), or ``out`` has another
+        dtype than ``centers``, is a list, or is an array that cannot be written in place (a JAX
+        or TensorFlow tensor).
+    ValueError
+        If ``centers`` or ``updates`` is not 2-D, their numbers of columns differ, the labels do
+        not hold one value per row of ``updates``, ``out`` has another shape than ``centers``,
+        is read-only, overlaps itself or lives in other memory than the backend's, ``backend``
+        is not one of the names above, or a device array is given to a host backend.
+    BackendUnavailableError
+        If ``backend="cuda"`` (or ``"auto"`` with device arrays) and Numba's CUDA target cannot
+        be loaded or finds no GPU.
+
+    See Also
+    --------
+    gather_centers : The gather, ``centers[labels]``.
+    center_loss : A whole step, which moves the centers with this scatter.
+
+    Examples
+    --------
+    The primitive of ``tf.scatter_sub``, with labels 0 and 1 both repeated: both updates of
+    each class are subtracted.
+
+    >>> import numpy as np
+    >>> import centerkern
+    >>> centers = np.array([[1.0], [2.0], [3.0]])
+    >>> updates = np.array([[9.0], [10.0], [11.0], [12.0]])
+    >>> centerkern.scatter_sub_update(centers, [0, 0, 1, 1], updates).tolist()
+    [[-18.0], [-21.0], [3.0]]
+
+    Fancy indexing keeps only one update per repeated label, which is the classic mistake:
+
+    >>> wrong = centers.copy()
+    >>> wrong[[0, 0, 1, 1]] -= updates
+    >>> wrong.tolist()
+    [[-9.0], [-10.0], [3.0]]
+
+    ``out=centers`` updates in place, and returns that same array:
+
+    >>> labels = np.array([0, 0, 1])
+    >>> moved = centerkern.scatter_sub_update(centers, labels, np.ones((3, 1)), out=centers)
+    >>> moved is centers, centers.tolist()
+    (True, [[-1.0], [1.0], [3.0]])
+
+    A bad label raises before anything is written:
+
+    >>> centerkern.scatter_sub_update(centers, [0, 3, 1], np.ones((3, 1)), out=centers)
+    Traceback (most recent call last):
+        ...
+    IndexError: label 3 at position 1 is out of range: labels must lie in [0, 3) for 3 classes
+    >>> centers.tolist()
+    [[-1.0], [1.0], [3.0]]
     """
     caller_out = out
     checked = _plain(backend, _validation.plain_scatter, (centers, labels, updates, out))
@@ -220,31 +407,47 @@ def center_loss(
     as in caffe-face and PaddlePaddle, ``pytorch`` is KaiyangZhou/pytorch-center-loss. Classes
     absent from the batch are untouched.
 
+    Every check runs before anything is written: on any error, no caller array is modified.
+
     Parameters
     ----------
-    features : array, shape (B, D), float32 or float64
-    labels : integer array holding B values in [0, K), any shape (flattened)
-    centers : array, shape (K, D), the dtype of ``features``
-    alpha : finite real number
-    rule : {"facenet", "wen", "pytorch"}
-    out : None or array, shape (K, D)
+    features : array_like, shape (B, D)
+        A float32 or float64 array: a NumPy array, a list, or any object with ``__array__``,
+        ``__dlpack__`` or ``__cuda_array_interface__`` (torch, JAX, TensorFlow, CuPy, Numba).
+        Any memory layout gives the same numbers.
+    labels : array_like of int
+        An integer array holding B values in [0, K), any shape (flattened). Any integer dtype,
+        not bool.
+    centers : array_like, shape (K, D)
+        The dtype of ``features``.
+    alpha : float
+        A finite real number, with its source's meaning: the retention for ``facenet`` (the
+        centers move by 1 - alpha), the step for ``wen``; ``pytorch`` does not use it (it is
+        checked all the same).
+    rule : {"facenet", "wen", "pytorch"}, optional
+        The published formula (table above); ``"facenet"`` by default.
+    out : None or array, shape (K, D), optional
         None: ``centers`` is left as it was and a new array is returned. ``out=centers`` updates
         in place without copying the K x D centers, and is returned as ``result.centers``.
-    grad_out : None or array, shape (B, D), the dtype of ``features``
+    grad_out : None or array, shape (B, D), optional
+        The dtype of ``features``.
         Where to write the grad (returned as ``result.grad``), so that a training loop need not
         allocate B x D every step. It may overlap no input. None: a new array.
-    backend : {"auto", "numpy", "numba", "cuda"}
-    deterministic : bool
+    backend : {"auto", "numpy", "numba", "cuda"}, optional
+        Where to compute; ``"auto"`` (the default) takes ``cuda`` for device arrays and
+        ``numba`` otherwise (see ``backends``).
+    deterministic : bool, optional
         Bitwise-identical results from run to run. The CPU backends always are; the ``cuda``
         backend is when asked (no float atomics).
-    sync : bool
+    sync : bool, optional
         Device arrays only. The labels are checked on the device; a bad one makes the call write
         nothing and its loss NaN. ``True`` (the default): the call waits for that check and
         raises its ``IndexError``. ``False``: the call returns at once (the GPU step as a
         training loop wants it, and what CUDA graph capture needs); the error is raised by the
         next call on the device once this one has finished, or by
         ``centerkern.cuda.check_errors()``.
-    stream : None, a Numba stream or an integer ``CUstream`` handle
+    stream : None, Numba stream or int, optional
+        A Numba stream or an integer ``CUstream`` handle.
         Device arrays only: the stream the call's kernels are queued on. torch tensors and CuPy
         arrays use their framework's current stream (``stream=`` may only name that one);
         other device arrays use this stream, by default Numba's default stream.
@@ -252,7 +455,103 @@ def center_loss(
     Returns
     -------
     CenterLossResult
-        ``(loss, grad, centers, grad_centers)``.
+        ``(loss, grad, centers, grad_centers)``. ``loss`` is a Python float for host inputs and
+        a 0-d float64 device array for device inputs; the arrays are in the framework of
+        ``features`` (NumPy arrays for NumPy arrays and lists).
+
+    Raises
+    ------
+    IndexError
+        If a label lies outside [0, K): the message names the first bad value, its position and
+        K. For device arrays with ``sync=False``, raised by the next call on the device or by
+        ``centerkern.cuda.check_errors()`` instead.
+    TypeError
+        If ``features`` or ``centers`` is not float32 or float64, their dtypes differ (no silent
+        cast), the labels do not have an integer dtype (bool included), ``alpha`` is not a real
+        number (bool included), or ``out`` or ``grad_out`` has the wrong dtype, is a list, or
+        cannot be written in place (a JAX or TensorFlow tensor).
+    ValueError
+        If ``rule`` or ``backend`` is not one of the names above, ``alpha`` is not finite,
+        ``features`` or ``centers`` is not 2-D, their numbers of columns differ, the labels do
+        not hold one value per row of ``features``, ``out`` or ``grad_out`` has the wrong shape,
+        is read-only, overlaps itself or lives in other memory than the backend's, ``grad_out``
+        overlaps an input or ``out``, or a device array is given to a host backend.
+    BackendUnavailableError
+        If ``backend="cuda"`` (or ``"auto"`` with device arrays) and Numba's CUDA target cannot
+        be loaded or finds no GPU.
+
+    See Also
+    --------
+    CenterLossResult : What it returns.
+    gather_centers : The step's gather on its own.
+    scatter_sub_update : The step's scatter on its own.
+
+    Examples
+    --------
+    The worked example: nine features of three classes, centers at zero, ``alpha = 0.5``. The
+    four samples of class 0 all move its center (duplicate labels add up):
+
+    >>> import numpy as np
+    >>> import centerkern
+    >>> features = np.array([[1, 1, 1, 1, 1], [1, 1, 2, 1, 1], [1, 1, 3, 1, 1],
+    ...                      [1, 1, 4, 1, 1], [2, 2, 2, 1, 2], [2, 2, 2, 2, 2],
+    ...                      [2, 2, 2, 3, 2], [3, 3, 3, 3, 1], [3, 3, 3, 3, 2]], dtype=np.float32)
+    >>> labels = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2])
+    >>> centers = np.zeros((3, 5), dtype=np.float32)
+    >>> result = centerkern.center_loss(features, labels, centers, 0.5)
+    >>> round(result.loss, 6)
+    4.111111
+    >>> print(result.centers)
+    [[2.  2.  5.  2.  2. ]
+     [3.  3.  3.  3.  3. ]
+     [3.  3.  3.  3.  1.5]]
+    >>> result.grad.shape, result.grad.dtype
+    ((9, 5), dtype('float32'))
+    >>> bool(centers.any())  # out=None: the caller's centers are left as they were
+    False
+
+    A training loop updates the centers in place, with ``out=centers``:
+
+    >>> for step in range(3):
+    ...     result = centerkern.center_loss(features, labels, centers, 0.5, out=centers)
+    ...     print(round(result.loss, 6))
+    4.111111
+    1.411111
+    1.161111
+    >>> result.centers is centers
+    True
+
+    The other rules, from the same data:
+
+    >>> start = np.zeros((3, 5), dtype=np.float32)
+    >>> wen = centerkern.center_loss(features, labels, start, 0.5, rule="wen")
+    >>> round(wen.loss, 6)
+    10.277778
+    >>> print(np.round(wen.centers, 3))
+    [[0.4  0.4  1.   0.4  0.4 ]
+     [0.75 0.75 0.75 0.75 0.75]
+     [1.   1.   1.   1.   0.5 ]]
+    >>> pytorch = centerkern.center_loss(features, labels, start, 0.5, rule="pytorch")
+    >>> round(pytorch.loss, 6), pytorch.grad_centers.shape
+    (20.555556, (3, 5))
+
+    Bad input raises before anything is written:
+
+    >>> before = centers.copy()
+    >>> centerkern.center_loss(features, [0, 0, 0, 0, 1, 1, 1, 2, 3], centers, 0.5, out=centers)
+    Traceback (most recent call last):
+        ...
+    IndexError: label 3 at position 8 is out of range: labels must lie in [0, 3) for 3 classes
+    >>> np.array_equal(centers, before)
+    True
+    >>> centerkern.center_loss(features, labels, np.zeros((3, 5)), 0.5)
+    Traceback (most recent call last):
+        ...
+    TypeError: dtypes must match (no silent cast): features float32, centers float64
+    >>> centerkern.center_loss(features, labels, centers, 0.5, rule="tensorflow")
+    Traceback (most recent call last):
+        ...
+    ValueError: unknown rule 'tensorflow'; valid choices are ...
     """
     caller_out, caller_grad_out = out, grad_out
     checked = _plain(backend, _validation.plain_center_loss, (features, labels, centers, out, grad_out), alpha, rule)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# public as centerkern.RULES (documented there)
 RULES = ("facenet", "wen", "pytorch")
 
 

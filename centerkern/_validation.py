@@ -36,7 +36,33 @@ def is_device_array(x: Any) -> bool:
 
 
 class BackendUnavailableError(RuntimeError):
-    """The requested backend cannot run on this machine (for example ``cuda`` without a GPU)."""
+    """The requested backend cannot run on this machine (for example ``cuda`` without a GPU).
+
+    Raised by ``center_loss``, ``gather_centers`` and ``scatter_sub_update`` (and the framework
+    adapters) when ``backend="cuda"`` is asked for, or ``backend="auto"`` meets device arrays,
+    and Numba's CUDA target cannot be loaded (the optional ``numba-cuda`` extra is missing) or
+    finds no GPU; also by ``centerkern.cuda.require_available()``. The message says which, and
+    how to install the extra or run Numba's CUDA simulator. ``backends()`` lists the backends
+    that can run, without raising.
+
+    See Also
+    --------
+    backends : The backends usable on this machine.
+
+    Examples
+    --------
+    Fall back to the CPU where no GPU is found (the result is the same either way):
+
+    >>> import numpy as np
+    >>> import centerkern
+    >>> def gather(centers, labels):
+    ...     try:
+    ...         return centerkern.gather_centers(centers, labels, backend="cuda")
+    ...     except centerkern.BackendUnavailableError:
+    ...         return centerkern.gather_centers(centers, labels, backend="numba")
+    >>> gather(np.array([[0.0, 1.0], [2.0, 3.0]]), [1, 1, 0]).tolist()
+    [[2.0, 3.0], [2.0, 3.0], [0.0, 1.0]]
+    """
 
 
 def check_choice(value: Any, what: str, choices: tuple[str, ...]) -> str:

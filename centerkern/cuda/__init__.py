@@ -30,6 +30,33 @@ __all__ = ["DeviceArrays", "center_loss_step", "check_errors", "gather_centers",
 
 
 def is_available() -> bool:
+    """Whether the ``cuda`` backend can run here.
+
+    True where Numba finds a CUDA GPU and its driver, or runs its CUDA simulator
+    (``NUMBA_ENABLE_CUDASIM=1``). It never raises: a broken driver installation reads as "not
+    available", and ``require_available`` says why.
+
+    Returns
+    -------
+    bool
+        True where ``backend="cuda"`` can run.
+
+    See Also
+    --------
+    require_available : The same test, raising where it fails.
+    centerkern.backends : The backend names usable on this machine.
+
+    Examples
+    --------
+    >>> import centerkern
+    >>> import centerkern.cuda
+    >>> if centerkern.cuda.is_available():
+    ...     backend = "cuda"
+    ... else:
+    ...     backend = "numba"
+    >>> backend in centerkern.backends()
+    True
+    """
     try:
         return bool(cuda.is_available())
     except Exception:  # a broken driver installation reads as "not available", said by require_available
@@ -37,6 +64,33 @@ def is_available() -> bool:
 
 
 def require_available() -> None:
+    """Raise ``BackendUnavailableError`` unless the ``cuda`` backend can run here.
+
+    What the public functions call before they run ``backend="cuda"`` (or ``"auto"`` on device
+    arrays). The message says that Numba found no CUDA GPU and driver, and, unless the simulator
+    is already on, that ``NUMBA_ENABLE_CUDASIM=1`` runs Numba's CUDA simulator without one.
+
+    Raises
+    ------
+    BackendUnavailableError
+        If Numba finds no CUDA GPU and its driver (``is_available()`` is False).
+
+    See Also
+    --------
+    is_available : The same test, as a bool.
+
+    Examples
+    --------
+    >>> import centerkern
+    >>> import centerkern.cuda
+    >>> try:
+    ...     centerkern.cuda.require_available()
+    ...     backend = "cuda"
+    ... except centerkern.BackendUnavailableError:
+    ...     backend = "numba"
+    >>> backend in centerkern.backends()
+    True
+    """
     if not is_available():
         simulator = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
         raise BackendUnavailableError(

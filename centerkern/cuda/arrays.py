@@ -281,7 +281,86 @@ def _memory_for(like: Any, stream: Any):
 
 class DeviceArrays:
     """Conversion and inspection of one call's device arrays, the twin of ``HostArrays``;
-    also where the call's stream, device, allocator and ``sync`` choice live."""
+    also where the call's stream, device, allocator and ``sync`` choice live.
+
+    ``centerkern.center_loss`` and its siblings make one for each call on device arrays, from
+    the first device array among the inputs, and check and convert every input with it
+    (``asarray``): the arrays the backend functions of ``centerkern.cuda`` then receive are its
+    ``DeviceView`` objects, which keep a call's results on the device and, with ``sync=False``,
+    let the call return without waiting for the GPU.
+
+    Parameters
+    ----------
+    like : array or None
+        A device array of the call. Its framework decides the stream and the allocator: for a
+        torch tensor, torch's current stream and caching allocator; for a CuPy array, CuPy's
+        current stream and memory pool; for other arrays (Numba's) and for None, ``stream``,
+        Numba's allocations for results and the device's stream-ordered pool for temporaries.
+    stream : None, Numba stream or int, optional
+        For arrays that are not torch's or CuPy's: the stream to queue the call's kernels on, a
+        Numba stream or an integer ``CUstream`` handle; None (the default) is Numba's default
+        stream. For torch tensors and CuPy arrays it may only name their framework's current
+        stream.
+    sync : bool, optional
+        Whether the call waits for the GPU and raises a bad label's ``IndexError`` itself (True,
+        the default), or returns at once (see ``centerkern.center_loss``).
+
+    Attributes
+    ----------
+    name : str
+        ``"device"``: where the arrays live, as the validation's messages name it.
+    stream : Numba stream
+        The call's stream.
+    stream_handle : int
+        Its ``CUstream`` handle.
+    device_ordinal : int
+        The device of the arrays.
+    sync : bool
+        The ``sync`` choice.
+    capturing : bool
+        Whether the stream is under CUDA graph capture.
+
+    Raises
+    ------
+    ValueError
+        If ``stream`` names another stream than the current one of the torch tensors or CuPy
+        arrays, or the stream is under CUDA graph capture and ``sync`` is True or the arrays are
+        Numba's (whose allocations a capture cannot make).
+    TypeError
+        If ``stream`` is neither a stream nor an integer handle.
+    RuntimeError
+        If the stream cannot take work (the driver cannot tell whether it is capturing: the
+        legacy default stream while another stream captures, say).
+
+    See Also
+    --------
+    centerkern.center_loss : Where its ``stream`` and ``sync`` choices come from.
+
+    Examples
+    --------
+    This needs a CUDA GPU, or Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``).
+
+    >>> import numpy as np
+    >>> from numba import cuda
+    >>> import centerkern.cuda
+    >>> centers = cuda.to_device(np.array([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]))
+    >>> arrays = centerkern.cuda.DeviceArrays(centers)
+    >>> arrays.name, arrays.sync
+    ('device', True)
+    >>> arrays.holds(centers), arrays.holds(np.zeros(3))
+    (True, False)
+
+    ``asarray`` takes a device array as it is (the caller's memory, no copy) and copies a host
+    array to the device; the backend functions keep results of such views on the device:
+
+    >>> centers_view = arrays.asarray(centers, "centers")
+    >>> centers_view.shape, centers_view.dtype
+    ((3, 2), dtype('float64'))
+    >>> labels_view = arrays.asarray(np.array([2, 0]), "labels")
+    >>> rows = centerkern.cuda.gather_centers(centers_view, labels_view)
+    >>> rows.numba().copy_to_host().tolist()
+    [[4.0, 5.0], [0.0, 1.0]]
+    """
 
     name = "device"
 
@@ -310,6 +389,8 @@ class DeviceArrays:
         return cuda.gpus[self.device_ordinal] if self._elsewhere else nullcontext()
 
     def asarray(self, x: Any, what: str) -> DeviceView:
+        """``x`` as a ``DeviceView``: a device array as it is (no copy), a host array copied to
+        the device on the call's stream; ``what`` names it in error messages."""
         if isinstance(x, DeviceView):
             return x
         if is_device_array(x):
@@ -325,9 +406,11 @@ class DeviceArrays:
 
     @staticmethod
     def holds(x: Any) -> bool:
+        """Whether ``x`` lives in device memory, where this backend computes."""
         return is_device_array(x)
 
     def flat_labels(self, labels: DeviceView) -> DeviceView:
+        """The labels as a vector (a contiguous array reshaped; rare strided N-D labels copied)."""
         if labels.ndim == 1:
             return labels
         if labels.is_c_contiguous():
@@ -346,26 +429,32 @@ class DeviceArrays:
 
     @staticmethod
     def as_label_vector(labels: DeviceView) -> DeviceView:
+        """The labels as they are: no cast, no copy."""
         return labels  # the kernels read any integer dtype, at any stride
 
     @staticmethod
     def contiguous(x: DeviceView) -> DeviceView:
+        """``x`` as it is, whatever its strides."""
         return x  # the kernels index with strides; copying would cost more than it saves
 
     @staticmethod
     def is_writable(x: DeviceView) -> bool:
+        """Whether ``x`` may be written (its array interface does not say read-only)."""
         return not x.readonly
 
     @staticmethod
     def strides(x: DeviceView) -> tuple[int, ...]:
+        """The strides of ``x``, in bytes."""
         return x.strides
 
     @staticmethod
     def same_memory(a: DeviceView, b: DeviceView) -> bool:
+        """Whether ``a`` and ``b`` are the same array: same pointer, shape and strides."""
         return a.pointer == b.pointer and a.shape == b.shape and a.strides == b.strides
 
     @staticmethod
     def may_share_memory(a: DeviceView, b: DeviceView) -> bool:
+        """Whether the byte ranges ``a`` and ``b`` may touch overlap."""
         start_a, end_a = a.extent()
         start_b, end_b = b.extent()
         return start_a < end_b and start_b < end_a
@@ -380,6 +469,8 @@ class DeviceArrays:
         return view
 
     def zeros(self, shape: tuple[int, ...], dtype) -> DeviceView:
+        """A zeroed result, like ``empty`` (zeroed by a kernel on the call's stream where the
+        framework has no zeros of its own)."""
         with self.device_context():
             owner = self.memory.zeros(tuple(shape), np.dtype(dtype))
         if owner is None:

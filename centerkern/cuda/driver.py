@@ -116,7 +116,63 @@ class _Call:
 
 
 def gather_centers(centers: Any, labels: Any) -> Any:
-    """Return ``centers[labels]``, a new (B, D) array (on the device for device inputs)."""
+    """Return ``centers[labels]``, a new (B, D) array (on the device for the device views of a
+    checked call, see Returns).
+
+    Called directly, on arrays that are not views of a checked call (NumPy arrays, or device
+    arrays such as Numba's as they are), the call runs on Numba's default stream, copies host
+    inputs to the device, waits for the GPU and raises a bad label's ``IndexError`` itself.
+    ``centerkern.gather_centers`` checks its inputs first (shapes, dtypes, overlaps) and passes
+    them as ``DeviceArrays`` views, with the caller's stream and ``sync`` choice.
+
+    Parameters
+    ----------
+    centers : array, shape (K, D)
+        A float32 or float64 array: a ``DeviceView``, a device array or a NumPy array.
+    labels : array of int
+        An integer vector of B values in [0, K), checked on the device.
+
+    Returns
+    -------
+    DeviceView or numpy.ndarray, shape (B, D)
+        The rows, in the dtype of ``centers``: a ``DeviceView`` on the device when the inputs
+        are ``DeviceArrays`` views, else a NumPy array (copied back once the GPU is done).
+
+    Raises
+    ------
+    IndexError
+        If a label lies outside [0, K), once the call waits for the GPU (called directly, or
+        with ``sync=True``; with ``sync=False`` the next call or ``check_errors`` raises it), or
+        if an earlier call made with ``sync=False`` left a bad label on the device: raised
+        before this call writes anything.
+
+    See Also
+    --------
+    centerkern.gather_centers : The public function, which checks its inputs first.
+
+    Examples
+    --------
+    These need a CUDA GPU, or Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``).
+
+    >>> import numpy as np
+    >>> from numba import cuda
+    >>> import centerkern
+    >>> import centerkern.cuda
+    >>> centers = cuda.to_device(np.array([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]))
+    >>> labels = cuda.to_device(np.array([2, 0, 2]))
+    >>> centerkern.cuda.gather_centers(centers, labels).tolist()
+    [[4.0, 5.0], [0.0, 1.0], [4.0, 5.0]]
+    >>> centerkern.cuda.gather_centers(centers, cuda.to_device(np.array([0, 3])))
+    Traceback (most recent call last):
+        ...
+    IndexError: label 3 at position 1 is out of range: labels must lie in [0, 3) for 3 classes
+
+    The public function keeps the result of device inputs on the device:
+
+    >>> rows = centerkern.gather_centers(centers, labels)
+    >>> rows.copy_to_host().tolist()
+    [[4.0, 5.0], [0.0, 1.0], [4.0, 5.0]]
+    """
     call = _Call(centers, labels)
     arrays = call.arrays
     centers, labels = call(centers), call(labels)
@@ -133,7 +189,70 @@ def gather_centers(centers: Any, labels: Any) -> Any:
 
 def scatter_sub_update(centers: Any, labels: Any, updates: Any, *, deterministic: bool = False,
                        copy_from: Any = None) -> None:
-    """Subtract ``updates[i]`` from ``centers[labels[i]]`` for every i, duplicates accumulating."""
+    """Subtract ``updates[i]`` from ``centers[labels[i]]`` for every i, duplicates accumulating.
+
+    ``centers`` is written in place. A bad label makes the call write nothing to the caller's
+    arrays.
+
+    Called directly, on arrays that are not views of a checked call (NumPy arrays, or device
+    arrays such as Numba's as they are), the call runs on Numba's default stream, copies host
+    inputs to the device, waits for the GPU and raises a bad label's ``IndexError`` itself.
+    ``centerkern.scatter_sub_update`` checks its inputs first (shapes, dtypes, overlaps) and passes
+    them as ``DeviceArrays`` views, with the caller's stream and ``sync`` choice.
+
+    Parameters
+    ----------
+    centers : array, shape (K, D)
+        The array written: a float32 or float64 ``DeviceView``, device array or NumPy array
+        (written back once the GPU is done).
+    labels : array of int
+        An integer vector of B values in [0, K), checked on the device.
+    updates : array, shape (B, D)
+        The rows to subtract, in the dtype of ``centers``.
+    deterministic : bool, optional
+        Bitwise-identical results from run to run: no float atomics, the partial sums of a
+        class added in tile order.
+    copy_from : None or array, shape (K, D), optional
+        The centers to start from, copied into ``centers`` by the call's kernels once the labels
+        are known to be good (``centers`` is then a fresh array; ``scatter_sub_update`` with
+        ``out=None``). None (the default): ``centers`` holds them already, the in-place path.
+
+    Raises
+    ------
+    IndexError
+        If a label lies outside [0, K), once the call waits for the GPU (called directly, or
+        with ``sync=True``; with ``sync=False`` the next call or ``check_errors`` raises it), or
+        if an earlier call made with ``sync=False`` left a bad label on the device: raised
+        before this call writes anything.
+    ValueError
+        If the batch has more than 2**31 - 2 rows.
+
+    See Also
+    --------
+    centerkern.scatter_sub_update : The public function, which checks its inputs first.
+
+    Examples
+    --------
+    These need a CUDA GPU, or Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``).
+
+    >>> import numpy as np
+    >>> from numba import cuda
+    >>> import centerkern.cuda
+    >>> centers = cuda.to_device(np.array([[1.0], [2.0], [3.0]]))
+    >>> labels = cuda.to_device(np.array([0, 0, 1, 1]))
+    >>> updates = cuda.to_device(np.array([[9.0], [10.0], [11.0], [12.0]]))
+    >>> centerkern.cuda.scatter_sub_update(centers, labels, updates)
+    >>> centers.copy_to_host().tolist()
+    [[-18.0], [-21.0], [3.0]]
+
+    Into another array, starting from ``copy_from``, which is left as it was:
+
+    >>> start = cuda.to_device(np.array([[1.0], [2.0], [3.0]]))
+    >>> moved = cuda.device_array((3, 1))
+    >>> centerkern.cuda.scatter_sub_update(moved, labels, updates, deterministic=True, copy_from=start)
+    >>> moved.copy_to_host().tolist(), start.copy_to_host().tolist()
+    ([[-18.0], [-21.0], [3.0]], [[1.0], [2.0], [3.0]])
+    """
     call = _Call(centers, labels, updates)
     target = call(centers, written=True)
     updates, labels = call(updates), call(labels)
@@ -156,7 +275,92 @@ def center_loss_step(
 ) -> Any:
     """One step of ``rule``: write the grad and the center rows; return the loss, a Python float
     for host inputs, or a float64 device array of one value whose owner is the caller
-    framework's 0-d array."""
+    framework's 0-d array.
+
+    Every sample reads the centers as they were before the call. A bad label makes the call
+    write nothing to the caller's arrays, and its loss NaN.
+
+    Called directly, on arrays that are not views of a checked call (NumPy arrays, or device
+    arrays such as Numba's as they are), the call runs on Numba's default stream, copies host
+    inputs to the device, waits for the GPU and raises a bad label's ``IndexError`` itself.
+    ``centerkern.center_loss`` checks its inputs first (shapes, dtypes, overlaps) and passes
+    them as ``DeviceArrays`` views, with the caller's stream and ``sync`` choice. Called directly,
+    the inputs count as host inputs here: the loss comes back as a Python float.
+
+    Parameters
+    ----------
+    features : array, shape (B, D)
+        A float32 or float64 ``DeviceView``, device array or NumPy array.
+    labels : array of int
+        An integer vector of B values in [0, K), checked on the device.
+    centers : array, shape (K, D)
+        The centers, in the dtype of ``features``; for rules that move the centers, written in
+        place (the caller's ``out``, or a fresh array filled from ``copy_from``).
+    grad : array, shape (B, D)
+        Where the gradient d loss / d features is written.
+    written : array, shape (K, D)
+        Where the rows of the batch's classes are written: ``centers`` itself for rules that
+        move the centers (``facenet``, ``wen``), a zeroed ``grad_centers`` for ``pytorch``.
+    rule : RuleCoefficients
+        The rule's coefficients for this batch: ``centerkern._rules.rule_coefficients(rule,
+        alpha, B, D)``, as ``centerkern.center_loss`` makes them.
+    deterministic : bool, optional
+        Bitwise-identical results from run to run: no float atomics, the partial sums of a
+        class added in tile order.
+    copy_from : None or array, shape (K, D), optional
+        The centers to start from, copied into ``centers`` by the call's kernels once the labels
+        are known to be good (``centerkern.center_loss`` with ``out=None``). None (the default):
+        ``centers`` holds them already, the in-place path.
+
+    Returns
+    -------
+    float or DeviceView
+        The loss, accumulated in float64: a Python float for host inputs (and direct calls), a
+        ``DeviceView`` of one float64 value for ``DeviceArrays`` views.
+
+    Raises
+    ------
+    IndexError
+        If a label lies outside [0, K), once the call waits for the GPU (called directly, or
+        with ``sync=True``; with ``sync=False`` the next call or ``check_errors`` raises it), or
+        if an earlier call made with ``sync=False`` left a bad label on the device: raised
+        before this call writes anything.
+    ValueError
+        If the batch has more than 2**31 - 2 rows.
+
+    See Also
+    --------
+    centerkern.center_loss : The public function, which checks its inputs first.
+
+    Examples
+    --------
+    These need a CUDA GPU, or Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``).
+
+    >>> import numpy as np
+    >>> from numba import cuda
+    >>> import centerkern.cuda
+    >>> from centerkern._rules import rule_coefficients
+    >>> features = cuda.to_device(np.array([[1.0, 1.0], [1.0, 3.0], [4.0, 2.0]]))
+    >>> labels = cuda.to_device(np.array([0, 0, 1]))
+    >>> centers = cuda.to_device(np.zeros((2, 2)))
+    >>> grad = cuda.device_array((3, 2))
+    >>> rule = rule_coefficients("facenet", 0.5, 3, 2)
+    >>> loss = centerkern.cuda.center_loss_step(features, labels, centers, grad, centers, rule)
+    >>> round(loss, 6)
+    5.333333
+    >>> centers.copy_to_host().tolist()
+    [[1.0, 2.0], [2.0, 1.0]]
+    >>> np.round(grad.copy_to_host(), 6).tolist()
+    [[0.333333, 0.333333], [0.333333, 1.0], [1.333333, 0.666667]]
+
+    Through ``centerkern.center_loss``, device inputs give device results, the loss a 0-d
+    float64 array:
+
+    >>> result = centerkern.center_loss(features, labels, cuda.to_device(np.zeros((2, 2))), 0.5)
+    >>> loss = result.loss.copy_to_host()
+    >>> loss.shape, loss.dtype, round(float(loss), 6)
+    ((), dtype('float64'), 5.333333)
+    """
     call = _Call(features, labels, centers)
     target = call(centers, written=True)
     written_view = target if written is centers else call(written, written=True)
@@ -232,5 +436,49 @@ def _segmented_update(call, rows, labels, centers, written, grad, loss, copy_fro
 
 def check_errors(device: Any = None) -> None:
     """Wait for the GPU, then raise the ``IndexError`` of a bad label left by a call made with
-    ``sync=False`` (SPEC: "Device arrays"), if there is one: see ``record.check_errors``."""
+    ``sync=False`` (SPEC: "Device arrays"), if there is one: see ``record.check_errors``.
+
+    A call made with ``sync=False`` returns before its labels are checked; a bad one makes it
+    write nothing and its loss NaN, and leaves its error on the device. The next call on that
+    device raises it before it writes anything, or this function does: a training loop can
+    call it where it waits for the GPU anyway (when it reads the loss, say). Each bad label is
+    raised once, oldest first.
+
+    Parameters
+    ----------
+    device : int, optional
+        A device ordinal: check that device only. By default every device that has run a call
+        of this backend is checked.
+
+    Raises
+    ------
+    IndexError
+        If a call made with ``sync=False`` had a label outside [0, K): the message names the
+        value, its position and K, as the call would have. If more bad calls were left than the
+        device's record holds, a note on the error says how many went unrecorded.
+
+    See Also
+    --------
+    centerkern.center_loss : Its ``sync`` parameter.
+
+    Examples
+    --------
+    These need a CUDA GPU, or Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``).
+
+    >>> import numpy as np
+    >>> from numba import cuda
+    >>> import centerkern
+    >>> import centerkern.cuda
+    >>> features = cuda.to_device(np.ones((3, 2)))
+    >>> centers = cuda.to_device(np.zeros((2, 2)))
+    >>> bad_labels = cuda.to_device(np.array([0, 1, 2]))
+    >>> result = centerkern.center_loss(features, bad_labels, centers, 0.5, out=centers, sync=False)
+    >>> centerkern.cuda.check_errors()
+    Traceback (most recent call last):
+        ...
+    IndexError: label 2 at position 2 is out of range: labels must lie in [0, 2) for 2 classes
+    >>> bool(np.isnan(result.loss.copy_to_host())), centers.copy_to_host().tolist()
+    (True, [[0.0, 0.0], [0.0, 0.0]])
+    >>> centerkern.cuda.check_errors()  # raised once: nothing is left
+    """
     record.check_errors(device)

@@ -35,7 +35,31 @@ _path = {"name": None, "why": ""}
 
 
 def launch_path() -> str:
-    """Which launch path this process uses, and why, for ``python -m centerkern info``."""
+    """Which launch path this process uses, and why, for ``python -m centerkern info``.
+
+    Two paths: ``direct (compiled kernel handle, cuda.core.launch)`` on a GPU with numba-cuda's
+    ``cuda.core``; else ``numba dispatcher`` (Numba's own ``kernel[grid, block, stream](...)``),
+    followed by the reason in parentheses: the CUDA simulator, ``CENTERKERN_CUDA_LAUNCH=numba``
+    in the environment, or a numba-cuda without what the direct path needs. The path is chosen
+    at the first launch of the process (or the first call of this function); the direct one
+    gives way to Numba's where it cannot be set up for a kernel. Both launch the same kernels
+    with the same arguments, and give the same results.
+
+    Returns
+    -------
+    str
+        The path's name, and why it was chosen where it is not the direct one.
+
+    Examples
+    --------
+    This needs Numba's CUDA target (with a CUDA GPU, or Numba's CUDA simulator,
+    ``NUMBA_ENABLE_CUDASIM=1``).
+
+    >>> import centerkern.cuda
+    >>> path = centerkern.cuda.launch_path()
+    >>> path.startswith(("direct", "numba dispatcher"))
+    True
+    """
     if _path["name"] is None:
         _choose_path()
     return _path["name"] + (f" ({_path['why']})" if _path["why"] else "")

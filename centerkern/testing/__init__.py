@@ -31,16 +31,29 @@ import numpy as np
 
 from .._rules import RULES
 from .._validation import check_choice
+from . import _mistakes
 from ._diagnosis import Diagnosis, comparable, diagnose, form_mistakes, third_name
-from ._mistakes import KNOWN_MISTAKES, Quantities, reference
+from ._mistakes import Quantities, reference
 
 __all__ = ["check_center_loss", "CenterLossMismatch", "Diagnosis", "close_within", "difference", "FRAMEWORKS",
            "BACKEND_TOLERANCE", "KNOWN_MISTAKES"]
 
+#: The known mistakes of center-loss code that ``check_center_loss`` can name, as records whose
+#: ``explanation`` is what the report says (unique, so that a test can look for it) and whose
+#: ``predict`` gives what a step making the mistake returns. For example, a step that moves the
+#: centers with ``centers[labels] += (1 - alpha) * diff`` is diagnosed as ``duplicate labels are
+#: not accumulated (a fancy-index update such as centers[labels] += u keeps one update per
+#: label; use index_add_ / scatter_add / np.add.at)``.
+KNOWN_MISTAKES = _mistakes.KNOWN_MISTAKES
+
+#: The array frameworks ``check_center_loss`` can hand a step its inputs in (its ``framework=``):
+#: ``numpy``, ``torch``, ``jax`` and ``tensorflow``.
 FRAMEWORKS = ("numpy", "torch", "jax", "tensorflow")
 # a third-party step against the reference: its own summation order, float32 intermediates
 TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-9}
-# SPEC: every centerkern backend equals numpy to within these, whatever the summation order
+#: The relative tolerance, per input dtype (``np.dtype(np.float32)``: 1e-5,
+#: ``np.dtype(np.float64)``: 1e-12), to within which every centerkern backend equals the
+#: ``numpy`` reference, whatever its summation order; for use with ``close_within``.
 BACKEND_TOLERANCE = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
 
 
@@ -75,7 +88,49 @@ def _to_numpy(value: Any) -> np.ndarray:
 def close_within(got, expected, tolerance, *magnitudes) -> bool:
     """Equal to within ``tolerance``, relative to the larger of the value and the magnitudes
     (the inputs): sums of terms that cancel are exact only to the terms' own scale. NaN equals
-    NaN; None equals None only."""
+    NaN; None equals None only.
+
+    Element-wise, ``|got - expected| <= tolerance * (|expected| + scale)``, where ``scale`` is
+    the largest absolute value in ``expected`` and the magnitudes.
+
+    Parameters
+    ----------
+    got : array_like or None
+        The values to check.
+    expected : array_like or None
+        The reference values, of the same shape as ``got``.
+    tolerance : float
+        The relative tolerance, for example ``BACKEND_TOLERANCE[dtype]``.
+    *magnitudes : array_like
+        The inputs the values were computed from: a difference within ``tolerance`` of their
+        largest absolute value passes.
+
+    Returns
+    -------
+    bool
+        Whether ``got`` and ``expected`` agree (False for different shapes).
+
+    See Also
+    --------
+    difference : Where and by how much two arrays differ, in words.
+
+    Examples
+    --------
+    >>> from centerkern.testing import close_within
+    >>> close_within([1.0, 2.0], [1.0, 2.0 + 1e-7], 1e-6)
+    True
+    >>> close_within([1.0, 2.0], [1.0, 2.1], 1e-6)
+    False
+
+    A result near zero, from inputs near 1, is exact only to their scale:
+
+    >>> close_within(1e-9, 0.0, 1e-6)
+    False
+    >>> close_within(1e-9, 0.0, 1e-6, [1.0, -1.0])
+    True
+    >>> close_within(float("nan"), float("nan"), 1e-6), close_within(None, 0.0, 1e-6)
+    (True, False)
+    """
     if got is None or expected is None:
         return got is None and expected is None
     got, expected = np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64)
@@ -86,7 +141,35 @@ def close_within(got, expected, tolerance, *magnitudes) -> bool:
 
 
 def difference(got, expected) -> str:
-    """Where and by how much ``got`` differs from ``expected``, in words."""
+    """Where and by how much ``got`` differs from ``expected``, in words.
+
+    The sentence the reports of ``check_center_loss`` use for a quantity that differs.
+
+    Parameters
+    ----------
+    got : array_like
+        The values to check.
+    expected : array_like
+        The reference values.
+
+    Returns
+    -------
+    str
+        The largest absolute difference, where it is and the two values there; or the two
+        shapes, where they differ.
+
+    See Also
+    --------
+    close_within : Whether two arrays agree.
+
+    Examples
+    --------
+    >>> from centerkern.testing import difference
+    >>> difference([[1.0, 2.0], [3.0, 4.0]], [[1.0, 2.0], [3.0, 4.5]])
+    'max abs difference 0.5 at (1, 1) (got 4, expected 4.5)'
+    >>> difference([1.0, 2.0], [1.0, 2.0, 3.0])
+    'shape (2,) instead of (3,)'
+    """
     got, expected = np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64)
     if got.shape != expected.shape:
         return f"shape {got.shape} instead of {expected.shape}"
@@ -103,7 +186,47 @@ def difference(got, expected) -> str:
 class CenterLossMismatch(AssertionError):
     """What ``check_center_loss`` raises: an ``AssertionError`` whose message is the report, and
     whose ``diagnosis`` (a ``Diagnosis``) holds the same findings as data: the cases run, the form
-    problems, each quantity's differences per case, and the mistakes that explain them."""
+    problems, each quantity's differences per case, and the mistakes that explain them.
+
+    Parameters
+    ----------
+    report : str
+        The message: what differs on the smallest failing case, and the diagnosis.
+    diagnosis : Diagnosis
+        The same findings as data.
+
+    Attributes
+    ----------
+    diagnosis : Diagnosis
+        The findings, as data.
+
+    See Also
+    --------
+    check_center_loss : What raises it.
+
+    Examples
+    --------
+    A step whose fancy-index update drops duplicate labels:
+
+    >>> import numpy as np
+    >>> from centerkern.testing import CenterLossMismatch, check_center_loss
+    >>> def step(features, labels, centers, alpha):
+    ...     diff = features - centers[labels]
+    ...     centers[labels] += (1 - alpha) * diff
+    ...     return np.mean(diff ** 2), centers
+    >>> try:
+    ...     check_center_loss(step, max_examples=20, seed=0)
+    ... except CenterLossMismatch as error:
+    ...     mismatch = error
+    >>> isinstance(mismatch, AssertionError)
+    True
+    >>> print(str(mismatch).splitlines()[0])
+    center-loss step disagrees with centerkern's reference for rule 'facenet':
+    >>> print(str(mismatch).splitlines()[-1])
+    diagnosis (confirmed on the larger cases): duplicate labels are not accumulated ...
+    >>> mismatch.diagnosis.rule
+    'facenet'
+    """
 
     def __init__(self, report: str, diagnosis: Diagnosis):
         super().__init__(report)
@@ -206,6 +329,12 @@ def check_center_loss(step: Callable, rule: str = "facenet", *, framework: str =
                       dtypes: tuple = (np.float32, np.float64)) -> None:
     """Check ``step`` against centerkern's reference on cases drawn by hypothesis.
 
+    The cases (``centerkern.testing.strategies.center_loss_inputs``) have heavy duplicates, one
+    class, batches of one, both dtypes and odd memory layouts. A step that agrees with the
+    reference on every case passes: the function returns None. On the first disagreement it
+    looks for the smallest failing case, runs the step on larger cases too, and raises a
+    ``CenterLossMismatch`` that says what differs and which known mistake explains it.
+
     Parameters
     ----------
     step : callable ``(features, labels, centers, alpha) -> (loss, new_centers[, third])``
@@ -237,6 +366,43 @@ def check_center_loss(step: Callable, rule: str = "facenet", *, framework: str =
         every case; and the diagnosis: one mistake, several at once (each with the quantity it
         explains), or none known. Its ``diagnosis`` attribute holds the same findings as data
         (see ``centerkern.testing._diagnosis``).
+    ValueError
+        If ``rule`` or ``framework`` is not one of the names above.
+    ImportError
+        If ``framework`` is not installed.
+
+    See Also
+    --------
+    KNOWN_MISTAKES : The mistakes the diagnosis can name.
+    centerkern.testing.strategies.center_loss_inputs : The cases it draws.
+
+    Examples
+    --------
+    A correct NumPy step of rule ``facenet`` (``np.add.at`` adds up the updates of duplicate
+    labels) passes silently:
+
+    >>> import numpy as np
+    >>> from centerkern.testing import CenterLossMismatch, check_center_loss
+    >>> def right_step(features, labels, centers, alpha):
+    ...     diff = features - centers[labels]
+    ...     np.add.at(centers, labels, (1 - alpha) * diff)
+    ...     return np.mean(diff ** 2), centers
+    >>> check_center_loss(right_step, rule="facenet", max_examples=20, seed=0)
+
+    The classic mistake, a fancy-index update that keeps one update per repeated label, is
+    found and named:
+
+    >>> def wrong_step(features, labels, centers, alpha):
+    ...     diff = features - centers[labels]
+    ...     centers[labels] += (1 - alpha) * diff
+    ...     return np.mean(diff ** 2), centers
+    >>> try:
+    ...     check_center_loss(wrong_step, rule="facenet", max_examples=20, seed=0)
+    ... except CenterLossMismatch as error:
+    ...     print("duplicate labels are not accumulated" in str(error))
+    ...     print([finding.name for finding in error.diagnosis.findings if not finding.agrees])
+    True
+    ['centers']
     """
     check_choice(rule, "rule", RULES)
     check_choice(framework, "framework", FRAMEWORKS)

@@ -219,7 +219,67 @@ class Finding:
 class Diagnosis:
     """The oracle's findings on a step that disagrees with the reference: the cases it ran, the
     form problems, what each quantity does on every case, and the mistakes that explain it.
-    ``check_center_loss`` raises ``CenterLossMismatch`` carrying one (``.diagnosis``)."""
+    ``check_center_loss`` raises ``CenterLossMismatch`` carrying one (``.diagnosis``).
+
+    The quantities are the step's outputs: ``loss``, ``centers`` and the optional third
+    (``grad`` for rules ``facenet`` and ``wen``, ``grad_centers`` for ``pytorch``). Cases are
+    numbered from 1, the shrunk failing case first.
+
+    Parameters
+    ----------
+    rule : str
+        The rule the step was checked against.
+    cases : list of tuple
+        The cases run, each ``(features, labels, centers, alpha)`` in NumPy: the shrunk failing
+        case first, then the larger cases chosen to tell the known mistakes apart.
+    observed : list of tuple
+        The step's outputs on each case, as returned: named tuples ``(loss, centers, third)``.
+    form : list of tuple
+        ``(case number, problem)`` for each form problem (a shape, dtype or kind the rule does
+        not ask for): the shrunk case's, then new ones of the larger cases. A problem's ``text``
+        is what the report says.
+    findings : list
+        What each quantity does over every case: its ``name``, whether it was ``compared``, the
+        case numbers it ``differs_on`` and by ``how_much``, the mistakes ``explained_by`` (those
+        reproducing it on every case), and whether it ``agrees`` with the reference.
+    named : list
+        The known mistakes (entries of ``KNOWN_MISTAKES``) that reproduce every quantity on
+        every case: the diagnosis, where there is one. Each has the ``explanation`` the report
+        gives.
+    skipped : list of str
+        The larger cases on which the step raised, with what it raised.
+    form_elsewhere : list of tuple, optional
+        ``(where, text)``: form problems of cases the search met besides these (another dtype,
+        say).
+
+    See Also
+    --------
+    CenterLossMismatch : The error that carries it.
+    check_center_loss : What makes it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from centerkern.testing import CenterLossMismatch, check_center_loss
+    >>> def step(features, labels, centers, alpha):
+    ...     diff = features - centers[labels]
+    ...     centers[labels] += (1 - alpha) * diff  # one update per repeated label lands
+    ...     return np.mean(diff ** 2), centers
+    >>> try:
+    ...     check_center_loss(step, max_examples=20, seed=0)
+    ... except CenterLossMismatch as error:
+    ...     diagnosis = error.diagnosis
+    >>> diagnosis.rule, len(diagnosis.cases)
+    ('facenet', 3)
+    >>> [(finding.name, finding.agrees) for finding in diagnosis.findings]
+    [('loss', True), ('centers', False)]
+    >>> [mistake.explanation for mistake in diagnosis.named]
+    ['duplicate labels are not accumulated (a fancy-index update such as centers[labels] += u ...)']
+    >>> diagnosis.several
+    {}
+    >>> print(diagnosis.render().splitlines()[-1])
+    diagnosis (confirmed on the larger cases): duplicate labels are not accumulated ...
+    """
 
     rule: str
     cases: list[tuple]  # (features, labels, centers, alpha): the shrunk case first
@@ -241,6 +301,8 @@ class Diagnosis:
         return {f.name: f.explained_by for f in differing}
 
     def render(self) -> str:
+        """The findings in words, as the report of ``CenterLossMismatch`` ends: the form
+        problems, what each quantity matches on every case, and the verdict (last line)."""
         report = ""
         if self.form or self.form_elsewhere:
             report = "what is wrong with the outputs' form:\n  - " + "\n  - ".join(

@@ -176,6 +176,7 @@ def _only_for(rule_name, predict):
         predict(features, labels, centers, alpha, rule) if rule == rule_name else None)
 
 
+# public as centerkern.testing.KNOWN_MISTAKES (documented there)
 KNOWN_MISTAKES: tuple[Mistake, ...] = (
     *(Mistake(f"this matches rule {other!r}", _other_rule(other)) for other in RULES),
     Mistake("duplicate labels are not accumulated (a fancy-index update such as centers[labels] += u keeps one "

@@ -21,7 +21,38 @@ __all__ = ["center_loss_inputs", "labels_with_hot_classes"]
 @st.composite
 def labels_with_hot_classes(draw, batch_size: int, num_classes: int, max_hot: int = 3):
     """int64 labels in [0, num_classes): sometimes uniform, sometimes most of the batch in a few
-    hot classes, sometimes a single class. Duplicates are what breaks scatter code."""
+    hot classes, sometimes a single class. Duplicates are what breaks scatter code.
+
+    Parameters
+    ----------
+    batch_size : int
+        How many labels (B).
+    num_classes : int
+        K, at least 1: the labels lie in [0, K).
+    max_hot : int, optional
+        How many hot classes at most, which then hold about 80% of the batch.
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy
+        Of int64 NumPy arrays of shape (batch_size,).
+
+    See Also
+    --------
+    center_loss_inputs : Whole center-loss cases, with labels from this strategy.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from hypothesis import given, settings
+    >>> from centerkern.testing.strategies import labels_with_hot_classes
+    >>> @settings(max_examples=5, deadline=None, database=None)
+    ... @given(labels_with_hot_classes(batch_size=8, num_classes=3))
+    ... def test_labels(labels):
+    ...     assert labels.shape == (8,) and labels.dtype == np.int64
+    ...     assert 0 <= labels.min() and labels.max() < 3
+    >>> test_labels()
+    """
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     mode = draw(st.sampled_from(["uniform", "hot", "one class"]))
@@ -51,7 +82,54 @@ def _layout(array: np.ndarray, layout: str) -> np.ndarray:
 def center_loss_inputs(draw, max_batch: int = 32, max_width: int = 12, max_classes: int = 10,
                        dtypes=(np.float32, np.float64), alpha=None):
     """``(features, labels, centers, alpha)`` as NumPy arrays: B from 1 (batches of one are a
-    classic edge), heavy duplicates, one class, both dtypes, odd memory layouts."""
+    classic edge), heavy duplicates, one class, both dtypes, odd memory layouts.
+
+    Features and centers are drawn at three scales (1, 10 and 0.01) and in C, Fortran or
+    strided layout each; the labels come from ``labels_with_hot_classes``.
+
+    Parameters
+    ----------
+    max_batch : int, optional
+        The largest batch size B.
+    max_width : int, optional
+        The largest feature size D.
+    max_classes : int, optional
+        The largest number of classes K.
+    dtypes : tuple of type, optional
+        The float dtypes to draw from (features and centers share one).
+    alpha : float or None, optional
+        A fixed alpha; None (the default) draws 0.5, 0.9 or 0.95.
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy
+        Of tuples ``(features, labels, centers, alpha)``: ``features`` (B, D) and ``centers``
+        (K, D) of one dtype, ``labels`` int64 (B,) in [0, K), ``alpha`` a float.
+
+    See Also
+    --------
+    centerkern.testing.check_center_loss : Runs a step on these cases.
+
+    Examples
+    --------
+    A property test of one's own: every backend equals the ``numpy`` reference to within
+    ``BACKEND_TOLERANCE``.
+
+    >>> import centerkern
+    >>> from hypothesis import given, settings
+    >>> from centerkern.testing import BACKEND_TOLERANCE, close_within
+    >>> from centerkern.testing.strategies import center_loss_inputs
+    >>> @settings(max_examples=5, deadline=None, database=None)
+    ... @given(center_loss_inputs(max_batch=8, alpha=0.5))
+    ... def test_backends_agree(case):
+    ...     features, labels, centers, alpha = case
+    ...     assert features.shape[0] == labels.shape[0] and alpha == 0.5
+    ...     reference = centerkern.center_loss(features, labels, centers, alpha, backend="numpy")
+    ...     fast = centerkern.center_loss(features, labels, centers, alpha, backend="numba")
+    ...     tolerance = BACKEND_TOLERANCE[features.dtype]
+    ...     assert close_within(fast.centers, reference.centers, tolerance, features, centers)
+    >>> test_backends_agree()
+    """
     batch = draw(st.integers(1, max_batch))
     width = draw(st.integers(1, max_width))
     classes = draw(st.integers(1, max_classes))

@@ -1,7 +1,8 @@
 """The examples that need a GPU, run under Numba's CUDA simulator (a child of the docs build).
 
 Reads ``{"pages": {docname: [block, ...]}, "docstrings": {name: text}, "flags": int}`` as JSON
-on stdin; prints, as the last line, JSON mapping each failed example to its report. The parent
+on stdin; prints, as the last line, a JSON list of ``[page or docstring's name, which example,
+report]``, one for each example that failed. The parent
 switched the simulator on (``NUMBA_ENABLE_CUDASIM=1``) before this process imported Numba.
 """
 
@@ -18,7 +19,7 @@ from executed_examples import run_doctest, run_script  # noqa: E402
 
 def main() -> None:
     work = json.load(sys.stdin)
-    failures: dict[str, str] = {}
+    failures: list[tuple[str, str, str]] = []
     for docname, blocks in work["pages"].items():
         globs: dict = {"__name__": f"docs.{docname.replace('/', '.')}"}
         for number, source in enumerate(blocks, start=1):
@@ -28,11 +29,11 @@ def main() -> None:
             else:
                 failure = run_script(source, globs, where)
             if failure is not None:
-                failures[where] = failure
+                failures.append((docname, where, failure))
     for name, text in work["docstrings"].items():
         failure = run_doctest(text, name, {"__name__": name.rpartition(".")[0]}, name)
         if failure is not None:
-            failures[f"the Examples of {name}"] = failure
+            failures.append((name, f"the Examples of {name}", failure))
     print(json.dumps(failures))
 
 

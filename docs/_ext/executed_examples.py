@@ -174,6 +174,9 @@ def run_docstring_examples(app, what, name, obj, options, lines) -> None:
     documented[name] = app.env.docname
     if what in ("function", "class", "exception", "method"):
         _check_sections(name, obj, lines)
+    if what == "data" and _says_nothing_of_its_own(obj, lines):
+        logger.warning("%s has no doc comment (a '#:' comment above its assignment in %s)", name,
+                       name.rpartition(".")[0])
     text = "\n".join(lines)
     if ">>>" not in text:
         return
@@ -187,24 +190,32 @@ def run_docstring_examples(app, what, name, obj, options, lines) -> None:
 
 def _check_sections(name: str, obj, lines: list[str]) -> None:
     """The sections a public callable must have: Raises (numpydoc has no check for it), and
-    Parameters, Returns and Examples again for what numpydoc cannot inspect (a hypothesis
-    strategy hides its source)."""
+    Parameters, Returns (unless annotated ``-> None``) and Examples again for what numpydoc
+    cannot inspect (a hypothesis strategy hides its source)."""
     if inspect.isclass(obj) and issubclass(obj, (BaseException, tuple)):
         return  # an exception is what is raised; a named tuple of results checks nothing
     try:
-        parameters = inspect.signature(obj).parameters
+        signature = inspect.signature(obj)
     except (TypeError, ValueError):
         return
+    parameters = signature.parameters
     headers = {line.strip() for line in lines}
     takes_arguments = any(p for p in parameters if p not in ("self", "cls"))
     required = ["Examples"]
     if takes_arguments:
         required += ["Parameters", "Raises"]
-    if not inspect.isclass(obj):
+    returns_nothing = signature.return_annotation in (None, "None")
+    if not inspect.isclass(obj) and not returns_nothing:
         required.append("Returns")
     for section in required:
         if section not in headers:
             logger.warning("the docstring of %s has no %s section", name, section)
+
+
+def _says_nothing_of_its_own(value, lines: list[str]) -> bool:
+    # autodoc falls back to the docstring of the value's type ("Built-in immutable sequence.")
+    text = "\n".join(lines).strip()
+    return not text or text == (inspect.getdoc(type(value)) or "").strip()
 
 
 def run_simulated_examples(app, env) -> None:
@@ -220,8 +231,9 @@ def run_simulated_examples(app, env) -> None:
     if completed.returncode != 0:
         logger.warning("the examples under the CUDA simulator did not run:\n%s", completed.stderr[-4000:])
         return
-    for where, failure in json.loads(completed.stdout.splitlines()[-1]).items():
-        logger.warning("example failed under the CUDA simulator: %s\n%s", where, failure)
+    for source, where, failure in json.loads(completed.stdout.splitlines()[-1]):
+        page = source if source in pages else env.centerkern_documented.get(source)
+        logger.warning("example failed under the CUDA simulator: %s\n%s", where, failure, location=page)
     logger.info("examples under the CUDA simulator: %d pages, %d docstrings, %.1f s", len(pages), len(docstrings),
                 time.perf_counter() - started)
 
