@@ -110,6 +110,13 @@ def close_within(got, expected, tolerance, *magnitudes) -> bool:
     bool
         Whether ``got`` and ``expected`` agree (False for different shapes).
 
+    Raises
+    ------
+    ValueError, TypeError
+        NumPy's own, where ``got``, ``expected`` or a magnitude cannot be read as an array of
+        floats (a ragged list, strings, objects). Different shapes are not an error: they
+        disagree.
+
     See Also
     --------
     difference : Where and by how much two arrays differ, in words.
@@ -157,6 +164,11 @@ def difference(got, expected) -> str:
     str
         The largest absolute difference, where it is and the two values there; or the two
         shapes, where they differ.
+
+    Raises
+    ------
+    ValueError, TypeError
+        NumPy's own, where ``got`` or ``expected`` cannot be read as an array of floats.
 
     See Also
     --------

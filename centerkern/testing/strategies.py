@@ -37,6 +37,13 @@ def labels_with_hot_classes(draw, batch_size: int, num_classes: int, max_hot: in
     hypothesis.strategies.SearchStrategy
         Of int64 NumPy arrays of shape (batch_size,).
 
+    Raises
+    ------
+    hypothesis.errors.InvalidArgument
+        When an example is drawn, if ``num_classes`` is below 1.
+    ValueError
+        When an example is drawn, if ``batch_size`` is negative (NumPy's own).
+
     See Also
     --------
     center_loss_inputs : Whole center-loss cases, with labels from this strategy.
@@ -105,6 +112,12 @@ def center_loss_inputs(draw, max_batch: int = 32, max_width: int = 12, max_class
     hypothesis.strategies.SearchStrategy
         Of tuples ``(features, labels, centers, alpha)``: ``features`` (B, D) and ``centers``
         (K, D) of one dtype, ``labels`` int64 (B,) in [0, K), ``alpha`` a float.
+
+    Raises
+    ------
+    hypothesis.errors.InvalidArgument
+        When an example is drawn, if ``max_batch``, ``max_width`` or ``max_classes`` is below 1
+        or ``dtypes`` is empty.
 
     See Also
     --------

@@ -29,6 +29,7 @@ Blocks in other languages (``bash``, ``text``, ``dockerfile``) are shown as they
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import doctest
 import importlib
 import inspect
@@ -192,8 +193,8 @@ def _check_sections(name: str, obj, lines: list[str]) -> None:
     """The sections a public callable must have: Raises (numpydoc has no check for it), and
     Parameters, Returns (unless annotated ``-> None``) and Examples again for what numpydoc
     cannot inspect (a hypothesis strategy hides its source)."""
-    if inspect.isclass(obj) and issubclass(obj, (BaseException, tuple)):
-        return  # an exception is what is raised; a named tuple of results checks nothing
+    if inspect.isclass(obj) and (issubclass(obj, (BaseException, tuple)) or dataclasses.is_dataclass(obj)):
+        return  # an exception is what is raised; a record of results (named tuple, dataclass) checks nothing
     try:
         signature = inspect.signature(obj)
     except (TypeError, ValueError):
