@@ -26,17 +26,25 @@ import numpy as np
 from . import _api
 from ._validation import FLOAT_DTYPES, HOST_BACKENDS, check_choice, check_labels
 
+__all__ = ["class_centers"]
+
 
 def class_centers(
     features: Any, labels: Any, num_classes: int, *, split_every: int = 8, backend: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """The mean feature of every class, and how many rows each class has.
 
+    The whole graph is computed by this call, on the active scheduler; what it returns are
+    NumPy arrays.
+
     Parameters
     ----------
-    features : dask or NumPy array, shape (N, D), float32 or float64
-    labels : dask or NumPy integer array, shape (N,), values in [0, num_classes)
+    features : array_like
+        A dask or NumPy array, shape (N, D), float32 or float64.
+    labels : array_like
+        A dask or NumPy integer array, shape (N,), values in [0, num_classes).
     num_classes : int
+        K, the number of classes (rows of ``centers``).
     split_every : int
         How many partial results one task of the reduction tree adds (at least 2).
     backend : {"auto", "numpy", "numba"}
@@ -44,9 +52,41 @@ def class_centers(
 
     Returns
     -------
-    centers : ndarray, shape (num_classes, D), the dtype of ``features``; zero for classes with
-        no rows
-    counts : ndarray of int64, shape (num_classes,)
+    centers : numpy.ndarray
+        Shape (num_classes, D), the dtype of ``features``; zero for classes with no rows.
+    counts : numpy.ndarray
+        Of int64, shape (num_classes,).
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``backend``, features that are not 2-D or labels that are not 1-D,
+        unknown chunk sizes, a number of labels other than N, a ``num_classes`` that is not a
+        positive integer, or a ``split_every`` below 2.
+    TypeError
+        For features neither float32 nor float64, or labels that are not integers.
+    IndexError
+        For a label outside [0, num_classes), with its position in the whole array.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> import numpy as np
+    >>> from centerkern.dask import class_centers
+    >>> features = da.from_array(np.array([[1.0, 2.0], [3.0, 4.0], [0.0, 2.0], [5.0, 0.0]]), chunks=(2, 2))
+    >>> labels = da.from_array(np.array([0, 0, 2, 0]), chunks=2)
+
+    Class 0 has rows in both chunks; class 1 has none.
+
+    >>> centers, counts = class_centers(features, labels, num_classes=3)
+    >>> centers
+    array([[3., 2.],
+           [0., 0.],
+           [0., 2.]])
+    >>> counts
+    array([3, 0, 1])
+    >>> centers.dtype, counts.dtype
+    (dtype('float64'), dtype('int64'))
     """
     check_choice(backend, "backend", ("auto", *HOST_BACKENDS))
     features, labels = da.asarray(features), da.asarray(labels)

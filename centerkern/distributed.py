@@ -63,8 +63,11 @@ from ._rules import RULES, moves_centers, rule_coefficients
 __all__ = ["EXCHANGES", "SPARSE_BELOW_FRACTION", "PeerInputError", "center_loss", "choose_exchange", "gather_centers",
            "shard_centers"]
 
-# sparse while R * U < SPARSE_BELOW_FRACTION * K (see the module docstring)
+#: ``exchange="auto"`` takes the sparse exchange while R·U < SPARSE_BELOW_FRACTION · K (R ranks,
+#: U the most classes one rank touched, K classes), the dense one otherwise (see the module docstring).
 SPARSE_BELOW_FRACTION = 1.0
+#: The values ``center_loss``'s ``exchange`` takes: ``sparse`` and ``dense`` name the collective
+#: that adds up the ranks' per-class sums, ``auto`` lets ``choose_exchange`` pick the cheaper one.
 EXCHANGES = ("auto", "sparse", "dense")
 
 
@@ -81,7 +84,8 @@ def center_loss(
     ----------
     features : torch.Tensor, shape (B, D)
         This rank's batch (CPU tensors with gloo, CUDA tensors with NCCL).
-    labels : integer tensor or array of B values in [0, K)
+    labels : array_like
+        An integer tensor or array of B values in [0, K).
     centers : torch.Tensor or DTensor, shape (K, D)
         Decides the step. A plain tensor, or a ``DTensor`` placed ``Replicate()``: the
         data-parallel step, every rank holding the same centers and ending with the same bits.
@@ -90,12 +94,14 @@ def center_loss(
     alpha : float
         The rule's alpha, the same on every rank.
     rule : {"facenet", "wen", "pytorch"}
+        The update rule (see ``centerkern.center_loss``), the same on every rank.
     out : None, or a tensor placed like ``centers``
         ``out=centers`` updates in place; None returns new centers and leaves ``centers``.
     group : process group, optional
         The data-parallel step's group (None: the default group). Sharded and ``Replicate()``
         centers use their mesh's group.
     backend : {"auto", "numpy", "numba", "cuda"}
+        The kernels of this rank's part of the step (see ``centerkern.center_loss``).
     deterministic : bool
         See ``centerkern.center_loss``; the sums across ranks are always added in rank order.
     exchange : {"auto", "sparse", "dense"}
@@ -124,6 +130,49 @@ def center_loss(
         As ``centerkern.center_loss`` for malformed input; ``ValueError`` for centers placed
         otherwise than ``Shard(0)`` or ``Replicate()`` on a 1-D mesh, or sharded over a mesh
         whose ranks are not in its group's order.
+
+    Examples
+    --------
+    A process group of one rank (a real run starts one process per rank, each with its own
+    batch, with ``torchrun`` for example):
+
+    >>> import os
+    >>> import tempfile
+    >>> import torch
+    >>> import torch.distributed as dist
+    >>> from torch.distributed.device_mesh import init_device_mesh
+    >>> from centerkern.distributed import center_loss, shard_centers
+    >>> store = os.path.join(tempfile.mkdtemp(), "store")
+    >>> dist.init_process_group("gloo", init_method="file://" + store, rank=0, world_size=1)
+    >>> features = torch.tensor([[1.0, 2.0], [3.0, 4.0], [0.0, 2.0]])
+    >>> labels = torch.tensor([0, 0, 2])
+
+    The data-parallel step on replicated centers, updated in place. Class 0's two samples add
+    up; class 1, absent from every rank's batch, stays where it was.
+
+    >>> centers = torch.zeros(3, 2)
+    >>> result = center_loss(features, labels, centers, 0.5, rule="wen", out=centers)
+    >>> round(float(result.loss), 4)
+    5.6667
+    >>> result.grad[:2]
+    tensor([[0.3333, 0.6667],
+            [1.0000, 1.3333]])
+    >>> result.centers is centers
+    True
+    >>> centers
+    tensor([[0.6667, 1.0000],
+            [0.0000, 0.0000],
+            [0.0000, 0.5000]])
+
+    The sharded step, on centers placed ``Shard(0)`` over a 1-D mesh: the same numbers.
+
+    >>> sharded = shard_centers((3, 2), init_device_mesh("cpu", (1,)))
+    >>> result = center_loss(features, labels, sharded, 0.5, rule="wen", out=sharded)
+    >>> round(float(result.loss), 4)
+    5.6667
+    >>> torch.equal(sharded.full_tensor(), centers)
+    True
+    >>> dist.destroy_process_group()
     """
     if isinstance(centers, DTensor):
         if _is_sharded(centers):
@@ -190,7 +239,7 @@ def shard_centers(centers: Any, mesh: Any = None, *, dtype: torch.dtype | None =
         which each rank keeps a copy of its rows; nothing is sent.
     mesh : DeviceMesh, process group, or None
         A 1-D mesh, or the process group to make one of (None: the default group).
-    dtype, device :
+    dtype, device : optional
         For a shape: the centers' dtype (float32 by default) and device (the CPU, or the
         current CUDA device with NCCL).
     init : {"zeros", "normal"}
@@ -211,6 +260,39 @@ def shard_centers(centers: Any, mesh: Any = None, *, dtype: torch.dtype | None =
     ValueError
         For a shape that is not (K, D), an unknown ``init``, a mesh that is not 1-D or lists
         its ranks in another order than its process group.
+
+    Examples
+    --------
+    >>> import os
+    >>> import tempfile
+    >>> import torch
+    >>> import torch.distributed as dist
+    >>> from torch.distributed.device_mesh import init_device_mesh
+    >>> from centerkern.distributed import shard_centers
+    >>> store = os.path.join(tempfile.mkdtemp(), "store")
+    >>> dist.init_process_group("gloo", init_method="file://" + store, rank=0, world_size=1)
+
+    Zero centers from a shape, over the default group (one rank here, so it holds every row):
+
+    >>> centers = shard_centers((5, 2))
+    >>> centers.shape, centers.placements, centers.dtype
+    (torch.Size([5, 2]), (Shard(dim=0),), torch.float32)
+    >>> centers.to_local().shape
+    torch.Size([5, 2])
+
+    Standard normal centers for rule ``pytorch``, over a mesh:
+
+    >>> trainable = shard_centers((5, 2), init_device_mesh("cpu", (1,)), init="normal")
+    >>> bool(trainable.full_tensor().abs().sum() > 0)
+    True
+
+    The same centers on every rank, each keeping its rows:
+
+    >>> shard_centers(torch.arange(6.0).reshape(3, 2)).full_tensor()
+    tensor([[0., 1.],
+            [2., 3.],
+            [4., 5.]])
+    >>> dist.destroy_process_group()
     """
     _require_process_group()
     if isinstance(centers, torch.Tensor):
@@ -263,9 +345,12 @@ def gather_centers(centers: DTensor, labels: Any, *, backend: str = "auto") -> t
 
     Parameters
     ----------
-    centers : DTensor, shape (K, D), placed ``Shard(0)`` (``shard_centers``)
-    labels : integer tensor or array of B values in [0, K)
+    centers : DTensor
+        Shape (K, D), placed ``Shard(0)`` (``shard_centers``).
+    labels : array_like
+        An integer tensor or array of B values in [0, K).
     backend : {"auto", "numpy", "numba", "cuda"}
+        The kernels that gather the rows (see ``centerkern.gather_centers``).
 
     Returns
     -------
@@ -279,7 +364,28 @@ def gather_centers(centers: DTensor, labels: Any, *, backend: str = "auto") -> t
     PeerInputError
         On the other ranks then; nothing waits for ever.
     TypeError
-        When ``centers`` is not a sharded DTensor.
+        When ``centers`` is not a sharded DTensor, or the labels are not integers.
+    ValueError
+        For an unknown ``backend``, or centers placed otherwise than ``Shard(0)`` on a 1-D
+        mesh in its group's rank order.
+    RuntimeError
+        Outside a process group.
+
+    Examples
+    --------
+    >>> import os
+    >>> import tempfile
+    >>> import torch
+    >>> import torch.distributed as dist
+    >>> from centerkern.distributed import gather_centers, shard_centers
+    >>> store = os.path.join(tempfile.mkdtemp(), "store")
+    >>> dist.init_process_group("gloo", init_method="file://" + store, rank=0, world_size=1)
+    >>> centers = shard_centers(torch.arange(6.0).reshape(3, 2))
+    >>> gather_centers(centers, torch.tensor([2, 0, 2]))
+    tensor([[4., 5.],
+            [0., 1.],
+            [4., 5.]])
+    >>> dist.destroy_process_group()
     """
     _require_process_group()
     if not isinstance(centers, DTensor):  # no mesh: no peer to tell, every rank raises alike
@@ -301,7 +407,43 @@ def gather_centers(centers: DTensor, labels: Any, *, backend: str = "auto") -> t
 def choose_exchange(exchange: str, world_size: int, most_touched: int, num_classes: int) -> str:
     """``sparse`` or ``dense``: what ``exchange`` asks for, or for ``auto`` the cheaper one by the
     measured crossover. Every rank passes the same numbers (from the header), so every rank
-    makes the same choice."""
+    makes the same choice.
+
+    ``auto`` takes ``sparse`` while ``world_size * most_touched < SPARSE_BELOW_FRACTION *
+    num_classes``.
+
+    Parameters
+    ----------
+    exchange : {"auto", "sparse", "dense"}
+        What the caller asked for (``center_loss``'s ``exchange``).
+    world_size : int
+        R, the number of ranks.
+    most_touched : int
+        U, the most classes one rank's batch touched.
+    num_classes : int
+        K, the number of classes.
+
+    Returns
+    -------
+    str
+        ``"sparse"`` or ``"dense"``.
+
+    Raises
+    ------
+    ValueError
+        If ``exchange`` is not one of ``EXCHANGES``.
+
+    Examples
+    --------
+    >>> from centerkern.distributed import choose_exchange
+    >>> choose_exchange("auto", world_size=4, most_touched=100, num_classes=20000)
+    'sparse'
+    >>> choose_exchange("auto", world_size=4, most_touched=8000, num_classes=20000)
+    'dense'
+    >>> choose_exchange("sparse", world_size=4, most_touched=8000, num_classes=20000)
+    'sparse'
+    """
+    _validation.check_choice(exchange, "exchange", EXCHANGES)
     if exchange != "auto":
         return exchange
     return "sparse" if world_size * most_touched < SPARSE_BELOW_FRACTION * num_classes else "dense"

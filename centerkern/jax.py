@@ -40,17 +40,28 @@ from ._compact import (check_labels_of_every_shard, check_shapes_and_dtypes, hos
 from ._rules import RULES, moves_centers, rule_coefficients
 from ._validation import HOST_BACKENDS, check_choice, check_labels
 
+__all__ = ["GPU_CUSTOM_CALL_SWITCH", "center_loss", "ffi_path_available", "step_path"]
+
 
 def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, backend: str = "numba", axis_name=None):
     """One center-loss step on JAX arrays: ``(loss, new_centers)``.
 
+    The rules are those of ``centerkern.center_loss``. The function is pure: ``centers`` is
+    not written, ``new_centers`` is a new array (or, in a jitted step with the centers donated,
+    the centers' own buffer).
+
     Parameters
     ----------
-    features : jax array, shape (B, D), float32 (or float64 with ``jax_enable_x64``)
-    labels : integer jax array holding B values in [0, K), any shape (flattened)
-    centers : jax array, shape (K, D), the dtype of ``features``
-    alpha : float or 0-d array; see ``centerkern.center_loss``
+    features : array_like
+        A jax array, shape (B, D), float32 (or float64 with ``jax_enable_x64``).
+    labels : array_like
+        An integer jax array holding B values in [0, K), any shape (flattened).
+    centers : array_like
+        A jax array, shape (K, D), the dtype of ``features``.
+    alpha : float or array_like
+        A float or 0-d array; see ``centerkern.center_loss``.
     rule : {"facenet", "wen", "pytorch"}
+        The update rule (see ``centerkern.center_loss``).
     backend : {"numba", "numpy"}
         The host kernels the callback runs.
     axis_name : hashable or tuple, optional
@@ -65,13 +76,86 @@ def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, back
 
     Returns
     -------
-    loss : 0-d array of the features' dtype, differentiable with respect to features and centers
-    new_centers : (K, D) array, the centers after the rule's update (unchanged for ``pytorch``)
+    loss : jax.Array
+        0-d array of the features' dtype, differentiable with respect to features and centers.
+    new_centers : jax.Array
+        (K, D) array, the centers after the rule's update (unchanged for ``pytorch``).
 
+    Raises
+    ------
+    ValueError
+        For an unknown ``rule`` or ``backend``, features or centers that are not 2-D, features
+        and centers of different D, or a number of labels other than B.
+    TypeError
+        For features and centers of different dtypes, or labels that are not integers.
+    IndexError
+        For a label outside [0, K) when the labels are concrete (outside ``jax.jit``), before
+        anything runs.
+    jax.errors.JaxRuntimeError
+        When the computation runs, for what only the kernels can see: a traced label outside
+        [0, K) (under ``jax.jit``, with the ``IndexError``'s message), an alpha that is not
+        finite, or features neither float32 nor float64. Inside ``shard_map`` and ``pmap`` a
+        bad label fails every shard alike, nothing moved anywhere: the shard holding it with
+        the ``IndexError``'s message, the others with ``PeerInputError``'s.
+
+    Notes
+    -----
     Inside ``shard_map`` the results carry JAX's varying-manual-axes types: ``loss`` varies
     over the axes its inputs vary over, and so does ``new_centers`` unless ``axis_name`` made the
     update global, so that returning a per-shard value as replicated (``out_specs=P()``) is
     refused as it is for ``jax.numpy`` code.
+
+    Examples
+    --------
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> from centerkern.jax import center_loss
+    >>> features = jnp.array([[1.0, 2.0], [3.0, 4.0], [0.0, 2.0]])
+    >>> labels = jnp.array([0, 0, 2])
+    >>> centers = jnp.zeros((3, 2))
+
+    One step of rule ``wen``. Class 0's two samples add up; class 1, absent from the batch,
+    stays where it was.
+
+    >>> loss, new_centers = center_loss(features, labels, centers, 0.5, rule="wen")
+    >>> loss.shape, loss.dtype
+    ((), dtype('float32'))
+    >>> round(float(loss), 4)
+    5.6667
+    >>> print(np.round(np.asarray(new_centers), 4))
+    [[0.6667 1.    ]
+     [0.     0.    ]
+     [0.     0.5   ]]
+
+    A jitted training step: the gradient with respect to the features, the new centers as
+    auxiliary output.
+
+    >>> @jax.jit
+    ... def step(features, labels, centers):
+    ...     def objective(features):
+    ...         return center_loss(features, labels, centers, 0.5, rule="wen")
+    ...     (loss, new_centers), grad = jax.value_and_grad(objective, has_aux=True)(features)
+    ...     return loss, grad, new_centers
+    >>> loss, grad, centers = step(features, labels, centers)
+    >>> print(np.round(np.asarray(grad), 4))
+    [[0.3333 0.6667]
+     [1.     1.3333]
+     [0.     0.6667]]
+    >>> print(np.round(np.asarray(centers), 4))
+    [[0.6667 1.    ]
+     [0.     0.    ]
+     [0.     0.5   ]]
+
+    Rule ``pytorch`` leaves the centers to an optimizer: ``jax.grad`` with respect to them is
+    ``grad_centers``.
+
+    >>> def pytorch_loss(centers):
+    ...     return center_loss(features, labels, centers, 0.0, rule="pytorch")[0]
+    >>> print(np.round(np.asarray(jax.jit(jax.grad(pytorch_loss))(jnp.zeros((3, 2)))), 4))
+    [[-2.6667 -4.    ]
+     [ 0.      0.    ]
+     [ 0.     -1.3333]]
     """
     rule = check_choice(rule, "rule", RULES)
     backend = check_choice(backend, "backend", HOST_BACKENDS)
@@ -322,9 +406,10 @@ def _zero_moving_with_derivative(primals, tangents):
 _ffi_state: dict = {}
 
 
-# The custom call on the GPU (the cuda kernels on XLA's stream, on XLA's device buffers) has not
-# yet run on a GPU: until it has, it is taken only when asked for, and JAX on a GPU otherwise
-# keeps the host callback.
+#: The environment variable that, set to ``1``, runs the step on a GPU as the XLA FFI custom call
+#: (the cuda kernels on XLA's stream, on XLA's device buffers). That custom call has not yet run
+#: on a GPU: until it has, it is taken only when asked for, and JAX on a GPU otherwise keeps the
+#: host callback.
 GPU_CUSTOM_CALL_SWITCH = "CENTERKERN_JAX_GPU_CUSTOM_CALL"
 
 
@@ -334,7 +419,26 @@ def _gpu_custom_call_asked() -> bool:
 
 def ffi_path_available() -> bool:
     """Whether steps run as an XLA FFI custom call rather than a host callback: where jax.ffi
-    exists and JAX computes on the CPU (or on a GPU, with ``CENTERKERN_JAX_GPU_CUSTOM_CALL=1``)."""
+    exists and JAX computes on the CPU (or on a GPU, with ``CENTERKERN_JAX_GPU_CUSTOM_CALL=1``).
+
+    The answer is found on the first call and kept for the process (it becomes False if XLA
+    refuses to register the custom call).
+
+    Returns
+    -------
+    bool
+        True where ``center_loss`` runs the kernels as an XLA FFI custom call.
+
+    Examples
+    --------
+    >>> import jax
+    >>> from centerkern.jax import ffi_path_available
+    >>> available = ffi_path_available()
+    >>> isinstance(available, bool)
+    True
+    >>> available or jax.default_backend() != "cpu" or not hasattr(jax, "ffi")
+    True
+    """
     if "available" not in _ffi_state:
         platform = jax.default_backend()
         _ffi_state["available"] = (hasattr(jax, "ffi") and hasattr(jax.ffi, "ffi_call")
@@ -343,7 +447,21 @@ def ffi_path_available() -> bool:
 
 
 def step_path() -> str:
-    """How ``center_loss`` runs the kernels here, for ``python -m centerkern info``."""
+    """How ``center_loss`` runs the kernels here, for ``python -m centerkern info``.
+
+    Returns
+    -------
+    str
+        A sentence starting with ``XLA FFI custom call`` where ``ffi_path_available()`` is
+        True, else with ``jax.pure_callback`` and the reason the custom call does not serve.
+
+    Examples
+    --------
+    >>> from centerkern.jax import ffi_path_available, step_path
+    >>> path = step_path()
+    >>> path.startswith("XLA FFI custom call" if ffi_path_available() else "jax.pure_callback")
+    True
+    """
     if ffi_path_available():
         return f"XLA FFI custom call on the {jax.default_backend().upper()} (in place, no host callback)"
     if not hasattr(jax, "ffi"):

@@ -37,6 +37,8 @@ from ._compact import (check_labels_of_every_shard, check_shapes_and_dtypes, hos
 from ._rules import RULES, moves_centers, rule_coefficients
 from ._validation import HOST_BACKENDS, check_alpha, check_choice, check_labels
 
+__all__ = ["CenterLoss", "center_loss"]
+
 _PROMOTED_DTYPES = (tf.float16, tf.bfloat16)  # mixed precision: computed in the centers' dtype
 
 
@@ -45,21 +47,92 @@ def center_loss(
 ):
     """One center-loss step in TensorFlow: the loss, and the centers moved in training mode.
 
+    The rules are those of ``centerkern.center_loss``. Eager or inside ``tf.function`` (not
+    compiled with XLA).
+
     Parameters
     ----------
-    features : tensor, shape (B, D), float32 or float64 (float16/bfloat16 are promoted)
-    labels : integer tensor holding B values in [0, K), any shape (flattened)
-    centers : ``tf.Variable`` (or Keras variable), shape (K, D): updated in place when
-        ``training`` and the rule moves centers (``facenet``, ``wen``); any tensor otherwise
-    alpha : float or 0-d tensor; see ``centerkern.center_loss``
+    features : tf.Tensor
+        Shape (B, D), float32 or float64 (float16/bfloat16 are promoted).
+    labels : tf.Tensor
+        An integer tensor holding B values in [0, K), any shape (flattened).
+    centers : tf.Variable
+        A ``tf.Variable`` (or Keras variable), shape (K, D): updated in place when
+        ``training`` and the rule moves centers (``facenet``, ``wen``); any tensor otherwise.
+    alpha : float or tf.Tensor
+        A float or 0-d tensor; see ``centerkern.center_loss``.
     rule : {"facenet", "wen", "pytorch"}
+        The update rule (see ``centerkern.center_loss``).
     training : bool
         False evaluates the loss and leaves the centers as they are.
     backend : {"numba", "numpy"}
+        The host kernels the ``tf.numpy_function`` runs.
 
     Returns
     -------
-    0-d tensor of the centers' dtype
+    tf.Tensor
+        0-d tensor of the centers' dtype: the loss, differentiable with respect to ``features``
+        (and to ``centers``).
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``rule`` or ``backend``, an ``alpha`` that is not finite, features or
+        centers that are not 2-D, features and centers of different D, or a number of labels
+        other than B.
+    TypeError
+        For an ``alpha`` that is not a real number, features of another dtype than the
+        centers', labels that are not integers, or centers that are not a variable when
+        ``training`` and the rule moves them.
+    IndexError
+        For a label outside [0, K), before anything moves. Inside a ``tf.function`` the kernel
+        call finds it, and TensorFlow raises it as ``tf.errors.UnknownError`` carrying this
+        message.
+    PeerInputError
+        Under ``tf.distribute.MirroredStrategy`` with several replicas: on every replica whose
+        own labels are in range when another replica holds a bad one (which raises the
+        ``IndexError``); no replica moves its centers. Inside a ``tf.function``, raised as a
+        ``tf.errors.OpError`` carrying this message.
+    RuntimeError
+        Under a ``tf.distribute`` strategy other than ``MirroredStrategy``,
+        ``MultiWorkerMirroredStrategy`` and ``OneDeviceStrategy``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import tensorflow as tf
+    >>> from centerkern.tensorflow import center_loss
+    >>> centers = tf.Variable(tf.zeros((3, 2)))
+    >>> features = tf.constant([[1.0, 2.0], [3.0, 4.0], [0.0, 2.0]])
+    >>> labels = tf.constant([0, 0, 2])
+
+    A training step of rule ``wen``: the gradient with respect to the features, and the
+    variable updated in place. Class 0's two samples add up; class 1, absent from the batch,
+    stays where it was.
+
+    >>> with tf.GradientTape() as tape:
+    ...     tape.watch(features)
+    ...     loss = center_loss(features, labels, centers, 0.5, rule="wen")
+    >>> loss.shape, loss.dtype
+    (TensorShape([]), tf.float32)
+    >>> round(float(loss), 4)
+    5.6667
+    >>> print(np.round(tape.gradient(loss, features).numpy(), 4))
+    [[0.3333 0.6667]
+     [1.     1.3333]
+     [0.     0.6667]]
+    >>> print(np.round(centers.numpy(), 4))
+    [[0.6667 1.    ]
+     [0.     0.    ]
+     [0.     0.5   ]]
+
+    ``training=False`` evaluates the loss only; in a ``tf.function`` too:
+
+    >>> evaluate = tf.function(lambda f, y: center_loss(f, y, centers, 0.5, rule="wen", training=False))
+    >>> round(float(evaluate(features, labels)), 4)
+    2.9676
+    >>> print(np.round(centers.numpy()[0], 4))
+    [0.6667 1.    ]
     """
     rule = check_choice(rule, "rule", RULES)
     backend = check_choice(backend, "backend", HOST_BACKENDS)
@@ -238,9 +311,51 @@ class CenterLoss(keras.layers.Layer):
     Parameters
     ----------
     num_classes : int
+        K: the centers are a (num_classes, D) weight, ``layer.centers``, made when the layer is
+        built (D from the features).
     alpha : float
+        The rule's alpha (see ``centerkern.center_loss``).
     rule : {"facenet", "wen", "pytorch"}
+        The update rule: the centers start at zero for ``facenet`` and ``wen``, and from Keras's
+        ``random_normal`` for ``pytorch``.
     backend : {"numba", "numpy"}
+        The host kernels each step runs.
+    **kwargs
+        Passed on to ``keras.layers.Layer`` (``name``, ``dtype``, ...); ``dtype`` defaults to
+        the dtype policy's variable dtype.
+
+    Raises
+    ------
+    RuntimeError
+        When Keras runs on another backend than TensorFlow (``KERAS_BACKEND``).
+    ValueError
+        For an unknown ``rule`` or ``backend``, or an ``alpha`` that is not finite.
+    TypeError
+        For an ``alpha`` that is not a real number.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from centerkern.tensorflow import CenterLoss
+    >>> layer = CenterLoss(num_classes=3, alpha=0.5, rule="wen")
+    >>> features = np.array([[1.0, 2.0], [3.0, 4.0], [0.0, 2.0]], dtype="float32")
+    >>> labels = np.array([0, 0, 2])
+    >>> loss = layer([features, labels], training=True)
+    >>> round(float(loss), 4)
+    5.6667
+    >>> tuple(layer.centers.shape), layer.centers.trainable
+    ((3, 2), False)
+    >>> print(np.round(layer.centers.numpy(), 4))
+    [[0.6667 1.    ]
+     [0.     0.    ]
+     [0.     0.5   ]]
+
+    Without ``training=True`` (outside ``fit``) the centers stay where they are:
+
+    >>> round(float(layer([features, labels])), 4)
+    2.9676
+    >>> print(np.round(layer.centers.numpy()[0], 4))
+    [0.6667 1.    ]
     """
 
     def __init__(self, num_classes: int, alpha: float = 0.5, rule: str = "facenet", backend: str = "numba", **kwargs):
@@ -277,6 +392,39 @@ class CenterLoss(keras.layers.Layer):
         )
 
     def call(self, inputs, training=None):
+        """The center loss of the batch; Keras calls it as ``layer([features, labels], training=...)``.
+
+        Parameters
+        ----------
+        inputs : list
+            ``[features, labels]``: features of shape (B, D), and integer labels holding B
+            values in [0, num_classes) (see ``center_loss``).
+        training : bool or None, optional
+            True moves the centers for rules ``facenet`` and ``wen``; False or None (inference,
+            outside ``fit``) leaves them where they are.
+
+        Returns
+        -------
+        tf.Tensor
+            The loss, a 0-d tensor of the centers' dtype.
+
+        Raises
+        ------
+        IndexError, TypeError, ValueError
+            As ``center_loss`` for malformed input.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from centerkern.tensorflow import CenterLoss
+        >>> layer = CenterLoss(num_classes=2, alpha=0.5, rule="facenet")
+        >>> features = np.array([[1.0, 2.0], [3.0, 4.0]], dtype="float32")
+        >>> loss = layer([features, np.array([1, 1])], training=True)
+        >>> round(float(loss), 4)
+        7.5
+        >>> print(layer.centers.numpy()[1])  # (1 - alpha) times the sum of both offsets
+        [2. 3.]
+        """
         features, labels = inputs
         # Keras traces layers in a stateless scope to infer output shapes; there the weight is a
         # plain tensor, and nothing may be written

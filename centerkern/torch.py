@@ -38,6 +38,8 @@ from . import _api
 from ._rules import RULES, moves_centers, rule_coefficients
 from ._validation import check_same_dtype, check_alpha, check_choice
 
+__all__ = ["CenterLoss"]
+
 # Features in these dtypes (autocast's) are promoted to the centers' dtype: the kernels compute
 # in float32 or float64, and autograd casts the gradient back.
 _PROMOTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -133,6 +135,10 @@ def _refuse_graph_transforms() -> None:
 class CenterLoss(nn.Module):
     """Center loss (Wen et al., ECCV 2016) with one of the published rules.
 
+    ``module(features, labels)`` returns the loss of the batch (``forward``). The centers start
+    at zero for ``facenet`` (as facenet's ``constant_initializer(0)``) and ``wen``, and from a
+    standard normal for ``pytorch`` (as pytorch-center-loss's ``randn``).
+
     Parameters
     ----------
     num_classes, feat_dim : int
@@ -141,6 +147,9 @@ class CenterLoss(nn.Module):
         The rule's alpha: the retention for ``facenet`` (step 1 - alpha), the step for ``wen``;
         unused by ``pytorch``.
     rule : {"facenet", "wen", "pytorch"}
+        The update rule (see ``centerkern.center_loss``). ``facenet`` and ``wen`` keep the
+        centers as a buffer that the module moves; ``pytorch`` makes them an ``nn.Parameter``
+        that the caller's optimizer moves.
     backend : {"auto", "numpy", "numba", "cuda"}
         ``auto`` picks ``cuda`` for CUDA tensors and ``numba`` otherwise.
     deterministic : bool
@@ -158,9 +167,21 @@ class CenterLoss(nn.Module):
         too large for one rank. Sharded centers are saved and loaded by
         ``torch.distributed.checkpoint`` into any number of ranks; every rank must call the
         module in evaluation too (each sample's center is fetched from its owner).
-    device, dtype :
+    device, dtype : optional
         Where the centers live and their dtype (float32 by default).
 
+    Raises
+    ------
+    ValueError
+        For an unknown ``rule``, ``backend`` or ``placement``, an ``alpha`` that is not finite,
+        or ``placement="sharded"`` without ``distributed=True`` (or a ``process_group``).
+    TypeError
+        For an ``alpha`` that is not a real number.
+    RuntimeError
+        For ``placement="sharded"`` outside a ``torch.distributed`` process group.
+
+    Notes
+    -----
     With ``torch.nn.parallel.DistributedDataParallel`` around a model holding this module, pass
     ``broadcast_buffers=False``: by default DDP copies rank 0's buffers over the others' at every
     forward, which costs a K x D broadcast per step and, without ``distributed=True``, would
@@ -168,8 +189,50 @@ class CenterLoss(nn.Module):
     centers out of DDP's gradient all-reduce (``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``):
     the module gives each rank the averaged ``grad_centers`` of its own rows already.
 
-    The centers start at zero for ``facenet`` (as facenet's ``constant_initializer(0)``) and
-    ``wen``, and from a standard normal for ``pytorch`` (as pytorch-center-loss's ``randn``).
+    Examples
+    --------
+    >>> import torch
+    >>> from centerkern.torch import CenterLoss
+    >>> center_loss = CenterLoss(num_classes=3, feat_dim=2, alpha=0.5, rule="wen")
+    >>> center_loss
+    CenterLoss(num_classes=3, feat_dim=2, alpha=0.5, rule='wen', backend='auto')
+    >>> features = torch.tensor([[1.0, 2.0], [3.0, 4.0], [0.0, 2.0]], requires_grad=True)
+    >>> labels = torch.tensor([0, 0, 2])
+
+    A training step: the loss backpropagates into the features, and the centers (a buffer)
+    have moved already. Class 0's two samples add up; class 1, absent from the batch, stays.
+
+    >>> loss = center_loss(features, labels)
+    >>> round(loss.item(), 4)
+    5.6667
+    >>> loss.backward()
+    >>> features.grad
+    tensor([[0.3333, 0.6667],
+            [1.0000, 1.3333],
+            [0.0000, 0.6667]])
+    >>> center_loss.centers
+    tensor([[0.6667, 1.0000],
+            [0.0000, 0.0000],
+            [0.0000, 0.5000]])
+
+    In evaluation mode the centers stay where they are:
+
+    >>> _ = center_loss.eval()
+    >>> round(center_loss(features, labels).item(), 4)
+    2.9676
+    >>> center_loss.centers[0]
+    tensor([0.6667, 1.0000])
+
+    Rule ``pytorch`` makes the centers a parameter, which ``backward`` gives a gradient for
+    the caller's optimizer:
+
+    >>> _ = torch.manual_seed(0)
+    >>> trainable = CenterLoss(num_classes=3, feat_dim=2, rule="pytorch")
+    >>> optimizer = torch.optim.SGD(trainable.parameters(), lr=0.5)
+    >>> trainable(features.detach(), labels).backward()
+    >>> trainable.centers.grad.shape
+    torch.Size([3, 2])
+    >>> optimizer.step()
     """
 
     def __init__(
@@ -214,7 +277,60 @@ class CenterLoss(nn.Module):
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The loss of the batch (a 0-d tensor of the centers' dtype) that backpropagates into
         ``features`` (and into the centers for rule ``pytorch``). In training mode, rules
-        ``facenet`` and ``wen`` also move the centers."""
+        ``facenet`` and ``wen`` also move the centers.
+
+        Called as ``module(features, labels)``.
+
+        Parameters
+        ----------
+        features : torch.Tensor
+            The batch's embeddings, shape (B, D), of the centers' dtype (float16 and bfloat16
+            features, as autocast makes them, are computed in the centers' dtype), on the
+            centers' device.
+        labels : torch.Tensor
+            Integer tensor holding B values in [0, num_classes), any shape (flattened).
+
+        Returns
+        -------
+        torch.Tensor
+            The loss, a 0-d tensor of the centers' dtype.
+
+        Raises
+        ------
+        IndexError
+            For a label outside [0, num_classes). On CUDA tensors the step does not wait for
+            the check: the error is raised by the next call or by
+            ``centerkern.cuda.check_errors()``.
+        TypeError
+            For features of another dtype than the centers', or labels that are not integers.
+        ValueError
+            For features whose shape does not match the labels and the centers.
+        RuntimeError
+            Under ``torch.func`` transforms or ``torch.jit.trace``, and for rules ``facenet``
+            and ``wen`` in training mode inside a backward pass (activation checkpointing that
+            recomputes the module's forward).
+        PeerInputError
+            With ``distributed=True``: on every rank when another rank's input fails validation
+            or the ranks disagree on the step (``centerkern.distributed.center_loss``).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from centerkern.torch import CenterLoss
+        >>> center_loss = CenterLoss(num_classes=3, feat_dim=2, alpha=0.5, rule="facenet")
+        >>> features = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+        >>> loss = center_loss(features, torch.tensor([1, 1]))
+        >>> loss.shape, loss.dtype
+        (torch.Size([]), torch.float32)
+        >>> round(loss.item(), 4)
+        7.5
+        >>> loss.backward()
+        >>> features.grad
+        tensor([[0.5000, 1.0000],
+                [1.5000, 2.0000]])
+        >>> center_loss.centers[1]  # (1 - alpha) times the sum of both samples' offsets
+        tensor([2., 3.])
+        """
         _refuse_graph_transforms()
         if features.dtype in _PROMOTED_DTYPES:
             features = features.to(self.centers.dtype)

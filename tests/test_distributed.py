@@ -116,6 +116,8 @@ def test_auto_exchange_follows_the_measured_crossover():
     assert choose_exchange("auto", 2, 16_384, 20_000) == "dense"  # 1.64: 93 against 149 ms
     assert choose_exchange("auto", 2, 4999, 10_000) == "sparse" and choose_exchange("auto", 2, 5000, 10_000) == "dense"
     assert choose_exchange("sparse", 4, 10**6, 10) == "sparse" and choose_exchange("dense", 2, 1, 10**6) == "dense"
+    with pytest.raises(ValueError, match="unknown exchange 'ring'"):
+        choose_exchange("ring", 2, 1, 10)
 
 
 def test_the_exchange_benchmark_runs_and_both_exchanges_agree(tmp_path):
