@@ -60,6 +60,21 @@ numpydoc_validation_exclude = {r"\.[A-Z][A-Z0-9_]+$",
                                # their sections are checked by executed_examples instead
                                r"^centerkern\.testing\.strategies\."}
 
+# executed_examples: every name of these modules' __all__ must be in the API reference; the
+# examples of the last ones use Numba device arrays and run under Numba's CUDA simulator
+executed_examples_public_modules = (
+    "centerkern",
+    "centerkern.cuda",
+    "centerkern.torch",
+    "centerkern.jax",
+    "centerkern.tensorflow",
+    "centerkern.distributed",
+    "centerkern.dask",
+    "centerkern.testing",
+    "centerkern.testing.strategies",
+)
+executed_examples_simulated_modules = ("centerkern.cuda",)
+
 autodoc_typehints = "none"
 autodoc_member_order = "bysource"
 autodoc_default_options = {"members": False}

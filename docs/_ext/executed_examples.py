@@ -10,7 +10,8 @@ What runs:
   whose text starts with ``>>>`` is a doctest (its printed output is compared), any other
   ``python`` block is executed and must not raise.
 - **Every docstring's Examples**, as doctests, each docstring in a fresh namespace.
-- **What needs a GPU**: the docstrings of ``centerkern.cuda`` and the guide blocks with the class
+- **What needs a GPU**: the docstrings of the modules named in
+  ``executed_examples_simulated_modules`` (``conf.py``: ``centerkern.cuda``) and the guide blocks with the class
   ``cuda-simulator`` run in a child process under Numba's CUDA simulator (it must be switched on
   before Numba is imported, so not in this process). Blocks with the class ``needs-gpu`` alone
   use a framework's CUDA arrays (torch, CuPy), which the simulator cannot give: they are compiled,
@@ -18,7 +19,8 @@ What runs:
 
 What is checked besides:
 
-- Every name in the ``__all__`` of a public module is documented somewhere on the site.
+- Every name in the ``__all__`` of each module of ``executed_examples_public_modules``
+  (``conf.py``) is documented somewhere on the site.
 - Every public function and class has its sections: Examples; Parameters and Raises where it
   takes arguments; Returns for a function (numpydoc's own validation, configured in
   ``conf.py``, checks besides that the Parameters section matches the signature).
@@ -48,19 +50,6 @@ from sphinx.util import logging
 
 logger = logging.getLogger(__name__)
 
-PUBLIC_MODULES = (
-    "centerkern",
-    "centerkern.cuda",
-    "centerkern.torch",
-    "centerkern.jax",
-    "centerkern.tensorflow",
-    "centerkern.distributed",
-    "centerkern.dask",
-    "centerkern.testing",
-    "centerkern.testing.strategies",
-)
-# docstrings whose examples run on Numba device arrays: in the simulator's child process
-SIMULATED_MODULES = ("centerkern.cuda",)
 DOCTEST_FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 PYTHON_LANGUAGES = ("python", "python3", "py", "pycon")
 CUDA_SIMULATOR = "cuda-simulator"
@@ -181,7 +170,7 @@ def run_docstring_examples(app, what, name, obj, options, lines) -> None:
     text = "\n".join(lines)
     if ">>>" not in text:
         return
-    if name.startswith(SIMULATED_MODULES):
+    if name.startswith(tuple(app.config.executed_examples_simulated_modules)):
         app.env.centerkern_simulated_docstrings[name] = text
         return
     started = time.perf_counter()
@@ -248,7 +237,7 @@ def check_every_public_name(app, env) -> None:
         module_name, _, attribute = name.rpartition(".")
         with contextlib.suppress(ImportError, AttributeError):
             documented_objects.add(id(getattr(importlib.import_module(module_name), attribute)))
-    for module_name in PUBLIC_MODULES:
+    for module_name in app.config.executed_examples_public_modules:
         module = importlib.import_module(module_name)
         if not hasattr(module, "__all__"):
             logger.warning("public module %s has no __all__: its public names are not known", module_name)
@@ -275,6 +264,10 @@ def _fresh_records(app, env, docnames) -> None:
 
 
 def setup(app):
+    # the modules whose __all__ the API reference must cover, and those whose docstrings' examples
+    # run on Numba device arrays (in the simulator's child process)
+    app.add_config_value("executed_examples_public_modules", (), "env")
+    app.add_config_value("executed_examples_simulated_modules", (), "env")
     app.connect("env-before-read-docs", _fresh_records)
     app.connect("doctree-read", run_page_examples)
     # before numpydoc (priority 500) turns the docstring into reStructuredText
