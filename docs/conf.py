@@ -6,7 +6,6 @@ its docstring sections, or an example that no longer runs fails the build (``_ex
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -24,7 +23,6 @@ version = ".".join(release.split(".")[:2])
 
 extensions = [
     "sphinx.ext.autodoc",
-    "sphinx.ext.intersphinx",
     "sphinx.ext.mathjax",
     "numpydoc",
     "myst_parser",
@@ -79,13 +77,6 @@ autodoc_typehints = "none"
 autodoc_member_order = "bysource"
 autodoc_default_options = {"members": False}
 
-intersphinx_mapping = {
-    "python": ("https://docs.python.org/3", None),
-}
-# no network where the site is built: intersphinx reads no inventory, links stay plain text
-intersphinx_disabled_reftypes = ["*"]
-intersphinx_mapping = {}
-
 html_theme = "pydata_sphinx_theme"
 html_title = f"centerkern {release}"
 html_static_path = ["_static"]
@@ -101,6 +92,3 @@ html_sidebars = {"**": ["sidebar-nav-bs"]}
 html_show_sourcelink = False
 trim_doctest_flags = True
 pygments_style = "sphinx"
-
-# where the executed examples may write (the build's own scratch, never the source tree)
-os.environ.setdefault("CENTERKERN_DOCS_BUILD", "1")
