@@ -23,21 +23,10 @@ from ._validation import BACKENDS, BackendUnavailableError, HostArrays, check_ch
 class CenterLossResult(NamedTuple):
     """What ``center_loss`` returns.
 
-    A named tuple: its fields are read by name (``result.loss``) or unpacked in order
+    A named tuple: its fields, below, are read by name (``result.loss``) or unpacked in order
     (``loss, grad, centers, grad_centers = result``).
 
     Parameters
-    ----------
-    loss : float, or a 0-d float64 device array
-        The rule's loss (see Attributes).
-    grad : array, shape (B, D)
-        The gradient d loss / d features.
-    centers : array, shape (K, D)
-        The centers after the step.
-    grad_centers : array, shape (K, D), or None
-        The gradient d loss / d centers for rule ``pytorch``; None otherwise.
-
-    Attributes
     ----------
     loss : float, or a 0-d float64 device array
         The rule's loss, accumulated in float64: a Python float for host inputs; for device
@@ -394,13 +383,13 @@ def center_loss(
     With ``d_i = features[i] - centers[labels[i]]`` (the centers as they were before the call,
     for every sample, duplicates included) and ``n_j`` the number of samples of class j:
 
-    ========= ============================ ============ ==============================================
+    ========= ============================ ============ ==================================================
     rule      loss                         grad         centers after the call
-    ========= ============================ ============ ==============================================
+    ========= ============================ ============ ==================================================
     facenet   mean of d^2 over B*D values  2 d_i/(B*D)  c_j + (1 - alpha) * sum_{y_i=j} d_i
     wen       sum ||d_i||^2 / (2B)         d_i / B      c_j + alpha * sum_{y_i=j} d_i / (1 + n_j)
-    pytorch   sum ||d_i||^2 / B            2 d_i / B    unchanged; grad_centers = -(2/B) sum d_i
-    ========= ============================ ============ ==============================================
+    pytorch   sum ||d_i||^2 / B            2 d_i / B    unchanged; grad_centers[j] = -(2/B) sum_{y_i=j} d_i
+    ========= ============================ ============ ==================================================
 
     ``facenet`` is davidsandberg/facenet's TensorFlow code (alpha is the retention; it trains
     with 0.95), ``wen`` is Eq. 2-4 of Wen et al., ECCV 2016 (https://doi.org/10.1007/978-3-319-46478-7_31)

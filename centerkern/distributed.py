@@ -64,7 +64,7 @@ __all__ = ["EXCHANGES", "SPARSE_BELOW_FRACTION", "PeerInputError", "center_loss"
            "shard_centers"]
 
 #: ``exchange="auto"`` takes the sparse exchange while R·U < SPARSE_BELOW_FRACTION · K (R ranks,
-#: U the most classes one rank touched, K classes), the dense one otherwise (see the module docstring).
+#: U the most classes one rank touched, K classes), the dense one otherwise (the measured crossover: see the scale-out guide).
 SPARSE_BELOW_FRACTION = 1.0
 #: The values ``center_loss``'s ``exchange`` takes: ``sparse`` and ``dense`` name the collective
 #: that adds up the ranks' per-class sums, ``auto`` lets ``choose_exchange`` pick the cheaper one.
@@ -105,8 +105,9 @@ def center_loss(
     deterministic : bool
         See ``centerkern.center_loss``; the sums across ranks are always added in rank order.
     exchange : {"auto", "sparse", "dense"}
-        How the data-parallel step exchanges its per-class sums (module docstring); the sharded
-        step has one way, two all-to-all rounds.
+        How the data-parallel step exchanges its per-class sums: ``sparse`` all-gathers each
+        rank's rows, ``dense`` all-reduces a K x (D + 1) table, ``auto`` picks the cheaper one
+        (``choose_exchange``). The sharded step has one way, two all-to-all rounds.
 
     Returns
     -------

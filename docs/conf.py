@@ -26,6 +26,7 @@ extensions = [
     "sphinx.ext.mathjax",
     "numpydoc",
     "myst_parser",
+    "sphinx_copybutton",
     "executed_examples",
     "known_mistakes",
     "benchmark_pages",
@@ -75,7 +76,6 @@ executed_examples_simulated_modules = ("centerkern.cuda",)
 
 autodoc_typehints = "none"
 autodoc_member_order = "bysource"
-autodoc_default_options = {"members": False}
 
 html_theme = "pydata_sphinx_theme"
 html_title = f"centerkern {release}"
@@ -83,12 +83,18 @@ html_static_path = ["_static"]
 html_css_files = ["centerkern.css"]
 html_theme_options = {
     "navigation_with_keys": False,
+    "header_links_before_dropdown": 9,  # every page in the top bar
     "show_toc_level": 2,
     "secondary_sidebar_items": ["page-toc"],
     "footer_start": ["copyright"],
     "footer_end": [],
 }
-html_sidebars = {"**": ["sidebar-nav-bs"]}
+# the guides are single pages (the top bar lists them); the API reference has a page per module
+html_sidebars = {"*": [], "api/*": ["sidebar-nav-bs"]}
 html_show_sourcelink = False
 trim_doctest_flags = True
+# the copy button copies the code of ">>> " examples without their prompts and output
+copybutton_prompt_text = r">>> |\.\.\. "
+copybutton_prompt_is_regexp = True
+copybutton_only_copy_prompt_lines = True
 pygments_style = "sphinx"

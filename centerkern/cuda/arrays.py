@@ -280,8 +280,8 @@ def _memory_for(like: Any, stream: Any):
 
 
 class DeviceArrays:
-    """Conversion and inspection of one call's device arrays, the twin of ``HostArrays``;
-    also where the call's stream, device, allocator and ``sync`` choice live.
+    """Conversion and inspection of one call's device arrays (what the host inputs' checks do,
+    for device arrays); also where the call's stream, device, allocator and ``sync`` choice live.
 
     ``centerkern.center_loss`` and its siblings make one for each call on device arrays, from
     the first device array among the inputs, and check and convert every input with it

@@ -436,7 +436,7 @@ def _segmented_update(call, rows, labels, centers, written, grad, loss, copy_fro
 
 def check_errors(device: Any = None) -> None:
     """Wait for the GPU, then raise the ``IndexError`` of a bad label left by a call made with
-    ``sync=False`` (SPEC: "Device arrays"), if there is one: see ``record.check_errors``.
+    ``sync=False``, if there is one.
 
     A call made with ``sync=False`` returns before its labels are checked; a bad one makes it
     write nothing and its loss NaN, and leaves its error on the device. The next call on that

@@ -357,6 +357,8 @@ def check_center_loss(step: Callable, rule: str = "facenet", *, framework: str =
     rule : {"facenet", "wen", "pytorch"}
         The published formula the step claims to implement (see ``centerkern.center_loss``).
     framework : {"numpy", "torch", "jax", "tensorflow"}
+        The arrays the step takes and returns (see ``FRAMEWORKS``): the inputs are handed to it
+        as arrays of this framework, and its results are read back from them.
     max_examples : int
         How many cases hypothesis draws.
     alpha : float, optional
@@ -377,7 +379,7 @@ def check_center_loss(step: Callable, rule: str = "facenet", *, framework: str =
         "agrees" only if it agrees on every one), with the known mistakes that reproduce it on
         every case; and the diagnosis: one mistake, several at once (each with the quantity it
         explains), or none known. Its ``diagnosis`` attribute holds the same findings as data
-        (see ``centerkern.testing._diagnosis``).
+        (a ``Diagnosis``).
     ValueError
         If ``rule`` or ``framework`` is not one of the names above.
     ImportError

@@ -269,7 +269,7 @@ def where(data: dict) -> str:
     if isinstance(threads, dict):
         layer = f" ({threads['numba threading layer']})" if threads.get("numba threading layer") else ""
         described.append(f"Numba {threads.get('numba')} threads{layer}"
-                         + (f", torch {threads['torch']}" if threads.get("torch") else ""))
+                         + (f", torch {threads['torch']} threads" if threads.get("torch") else ""))
     return ", ".join(map(str, described))
 
 
@@ -284,13 +284,13 @@ def with_what(data: dict) -> str:
 
 
 def reproduce(result: Result, page: Page) -> list[Cell]:
-    """The command that measures the file again, and where that command comes from."""
+    """The command that measures the file again: recorded in the file, given by the page, or rebuilt."""
     if result.data.get("command"):
-        return [code(result.data["command"]), " (recorded in the file)"]
+        return [code(result.data["command"])]
     if page.command:
-        return [code(page.command), " (the file records no command)"]
-    return [code(page.kind.command(result)),
-            " (the file records no command: the script that writes it, with the parameters it records)"]
+        return [code(page.command)]
+    # older files record their parameters but not the command line: it is rebuilt from them
+    return [code(page.kind.command(result))]
 
 
 def provenance(results: list[Result], page: Page) -> list[nodes.Node]:
