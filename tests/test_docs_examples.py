@@ -117,7 +117,7 @@ def test_working_examples_build(tmp_path):
     ({"simulated": "[1.0, 3.0]"}, "example failed under the CUDA simulator: index"),
     ({"gpu_line": "import torch as"}, "GPU example does not compile"),
     ({"more_names": ', "triple"'}, "public name sample_module.triple is not in the API reference"),
-])
+], ids=["guide", "docstring", "simulated", "gpu-code", "public-name"])
 def test_a_broken_example_fails_the_build(tmp_path, change, message):
     built = build(tmp_path, **change)
     assert built.returncode != 0
