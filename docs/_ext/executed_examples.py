@@ -23,7 +23,7 @@ What is checked besides:
   (``conf.py``) is documented somewhere on the site.
 - Every public function and class has its sections: Examples; Parameters and Raises where it
   takes arguments; Returns for a function (numpydoc's own validation, configured in
-  ``conf.py``, checks besides that the Parameters section matches the signature).
+  ``conf.py``, checks that the Parameters section matches the signature).
 
 Blocks in other languages (``bash``, ``text``, ``dockerfile``) are shown as they are.
 """
@@ -93,6 +93,23 @@ def run_doctest(source: str, name: str, globs: dict, filename: str, lineno: int 
     return report.getvalue() if runner.failures else None
 
 
+def page_namespace(docname: str) -> dict:
+    """Where a page's blocks run, one after the other."""
+    return {"__name__": f"docs.{docname.replace('/', '.')}"}
+
+
+def docstring_namespace(name: str) -> dict:
+    """Where one docstring's Examples run: nothing imported, as in a fresh interpreter."""
+    return {"__name__": name.rpartition(".")[0]}
+
+
+def run_block(source: str, where: str, globs: dict, filename: str, lineno: int = 0) -> str | None:
+    """One code block of a page: a doctest if it starts with ``>>>``, else a script."""
+    if source.lstrip().startswith(">>>"):
+        return run_doctest(source, where, globs, filename, lineno)
+    return run_script(source, globs, where)
+
+
 def run_script(source: str, globs: dict, filename: str) -> str | None:
     """Execute a block of code in ``globs``; None when it runs, else the traceback."""
     printed = io.StringIO()
@@ -117,7 +134,7 @@ def _is_example(node: nodes.literal_block) -> bool:
 def run_page_examples(app, doctree: nodes.document) -> None:
     """``doctree-read``: run the page's code blocks in order, in one namespace."""
     docname = app.env.docname
-    globs: dict = {"__name__": f"docs.{docname.replace('/', '.')}"}
+    globs = page_namespace(docname)
     simulated: list[str] = []
     for number, node in enumerate(doctree.findall(nodes.literal_block), start=1):
         if not _is_example(node):
@@ -135,10 +152,7 @@ def run_page_examples(app, doctree: nodes.document) -> None:
                 logger.warning("GPU example does not compile: %s", error, location=node)
             continue
         started = time.perf_counter()
-        if source.lstrip().startswith(">>>"):
-            failure = run_doctest(source, where, globs, docname, node.line or 0)
-        else:
-            failure = run_script(source, globs, where)
+        failure = run_block(source, where, globs, docname, node.line or 0)
         _report(failure, where, started, node)
     if simulated:
         app.env.centerkern_simulated_pages[docname] = simulated
@@ -174,29 +188,25 @@ def run_docstring_examples(app, what, name, obj, options, lines) -> None:
         app.env.centerkern_simulated_docstrings[name] = text
         return
     started = time.perf_counter()
-    failure = run_doctest(text, name, {"__name__": name.rpartition(".")[0]}, name)
+    failure = run_doctest(text, name, docstring_namespace(name), name)
     _report(failure, f"the Examples of {name}", started, None)
 
 
 def _check_sections(name: str, obj, lines: list[str]) -> None:
-    """The sections a public callable must have: Raises (numpydoc has no check for it), and
-    Parameters, Returns (unless annotated ``-> None``) and Examples again for what numpydoc
-    cannot inspect (a hypothesis strategy hides its source)."""
-    if inspect.isclass(obj) and (issubclass(obj, (BaseException, tuple)) or dataclasses.is_dataclass(obj)):
-        return  # an exception is what is raised; a record of results (named tuple, dataclass) checks nothing
-    try:
-        signature = inspect.signature(obj)
-    except (TypeError, ValueError):
-        return
-    parameters = signature.parameters
-    headers = {line.strip() for line in lines}
-    takes_arguments = any(p for p in parameters if p not in ("self", "cls"))
+    """The sections a public callable must have: Examples; Parameters and Raises where it takes
+    arguments; Returns for a function not annotated ``-> None``. (numpydoc's validation checks
+    that the Parameters match the signature; it cannot inspect a hypothesis strategy, whose
+    source is hidden, and has no check for Raises, hence this one check of every section.)"""
     required = ["Examples"]
-    if takes_arguments:
-        required += ["Parameters", "Raises"]
-    returns_nothing = signature.return_annotation in (None, "None")
-    if not inspect.isclass(obj) and not returns_nothing:
-        required.append("Returns")
+    # an exception is what is raised; a record of results (named tuple, dataclass) checks nothing
+    is_record = inspect.isclass(obj) and (issubclass(obj, (BaseException, tuple)) or dataclasses.is_dataclass(obj))
+    with contextlib.suppress(TypeError, ValueError):
+        signature = inspect.signature(obj)
+        if not is_record and any(p not in ("self", "cls") for p in signature.parameters):
+            required += ["Parameters", "Raises"]
+        if not inspect.isclass(obj) and signature.return_annotation not in (None, "None"):
+            required.append("Returns")
+    headers = {line.strip() for line in lines}
     for section in required:
         if section not in headers:
             logger.warning("the docstring of %s has no %s section", name, section)
@@ -213,7 +223,7 @@ def run_simulated_examples(app, env) -> None:
     pages, docstrings = env.centerkern_simulated_pages, env.centerkern_simulated_docstrings
     if not pages and not docstrings:
         return
-    work = {"pages": pages, "docstrings": docstrings, "flags": DOCTEST_FLAGS}
+    work = {"pages": pages, "docstrings": docstrings}
     child_env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
     started = time.perf_counter()
     completed = subprocess.run([sys.executable, str(_CHILD)], input=json.dumps(work), capture_output=True,
