@@ -2,21 +2,44 @@
 # the package (editable), its test tools, the CUDA simulator's toolkit, and the frameworks the
 # tests and the benchmark run for real (the CPU build of torch, JAX, TensorFlow, numpy-groupies),
 # then the numba kernels compiled into their cache, so that the tests and the demo start warm.
+#
+# Every package is installed at the exact version of requirements/test.lock, so that a fresh clone
+# installs the same environment whatever the index has published since. `make lock` makes the lock
+# again from pyproject.toml's ranges; tests/test_release.py checks that the two agree.
 PYTHON_BOOTSTRAP ?= python3
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
+LOCK := requirements/test.lock
+LOCK_INPUT := requirements/lock-input.txt
+LOCK_VENV := .venv-lock
+OLDEST := requirements/oldest.txt
+OLDEST_VENV := .venv-oldest
 
-.PHONY: install compile test test-cpu test-cudasim docs demo info bench bench-first-call bench-distributed bench-data-parallel fuzz clean
+.PHONY: install lock test-oldest compile test test-cpu test-cudasim docs docs-linkcheck demo info bench bench-first-call bench-distributed bench-data-parallel fuzz clean
 
-$(INSTALLED): pyproject.toml
+$(INSTALLED): pyproject.toml $(LOCK)
 	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -e ".[test]"
+	$(PYTHON) -m pip install --quiet --constraint $(LOCK) pip
+	$(PYTHON) -m pip install --quiet --constraint $(LOCK) -e ".[test]"
 	$(PYTHON) -m centerkern compile
 	touch $@
 
 install: $(INSTALLED)
+
+# A fresh resolution of pyproject.toml's ranges (the test extra, which holds every other extra)
+# in a new environment, written out as exact pins. The newest pip first: the lock pins it too.
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON_BOOTSTRAP) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install --quiet --constraint $(LOCK_INPUT) ".[test]"
+	{ echo "# Exact versions of every package the tests install: \`make lock\` writes this file from a"; \
+	  echo "# fresh resolution of pyproject.toml's ranges (with $(LOCK_INPUT)); do not edit it."; \
+	  echo "# Resolved $$(date -u +%Y-%m-%d) with Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version())') on $$(uname -m)."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude centerkern | grep -v '^setuptools==\|^wheel=='; } > $(LOCK)
+	rm -rf $(LOCK_VENV)
+	@echo "$(LOCK): $$(grep -c '==' $(LOCK)) packages"
 
 # the kernel cache again (after a change to the kernels: a stale entry is never loaded, but the
 # first call after the change would compile it)
@@ -47,6 +70,11 @@ test-cudasim: $(INSTALLED)
 docs: $(INSTALLED)
 	$(PYTHON) -m sphinx -b html -E -W --keep-going -q docs docs/_build/html
 	@echo "the site: docs/_build/html/index.html"
+
+# every external address the site links to (the intersphinx entries of docs/_inventories among
+# them), checked against the live sites: needs a network, so it is not part of `make test`
+docs-linkcheck: $(INSTALLED)
+	$(PYTHON) -m sphinx -b linkcheck -q docs docs/_build/linkcheck
 
 demo: $(INSTALLED)
 	$(PYTHON) -m centerkern demo

@@ -24,7 +24,7 @@ from ._validation import BackendUnavailableError
 #: ``pytorch`` (KaiyangZhou/pytorch-center-loss). See ``center_loss`` for their formulas.
 RULES = _rules.RULES
 
-__version__ = "0.4.0.dev0"
+__version__ = "0.4.0"
 
 __all__ = [
     "CenterLossResult",

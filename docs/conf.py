@@ -24,13 +24,24 @@ version = ".".join(release.split(".")[:2])
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.mathjax",
+    "sphinx.ext.viewcode",  # [source] beside every documented name
     "numpydoc",
     "myst_parser",
     "sphinx_copybutton",
     "executed_examples",
     "known_mistakes",
     "benchmark_pages",
+    "offline_inventories",  # intersphinx, read from docs/_inventories without a network
 ]
+
+# the sites the API reference and guides link into (np.ndarray, torch.Tensor, jax.Array, ...)
+offline_inventories = {
+    "python": "https://docs.python.org/3/",
+    "numpy": "https://numpy.org/doc/stable/",
+    "torch": "https://docs.pytorch.org/docs/stable/",
+    "jax": "https://docs.jax.dev/en/latest/",
+    "numba": "https://numba.readthedocs.io/en/stable/",
+}
 
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 root_doc = "index"
@@ -49,7 +60,28 @@ myst_heading_anchors = 3
 
 numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
-numpydoc_xref_param_type = False
+# the types in Parameters and Returns link to their documentation: the names below (written as
+# the docstrings write them), and nothing else ("all" other words are left as text)
+numpydoc_xref_param_type = True
+numpydoc_xref_aliases = {
+    "array_like": ":term:`numpy:array_like`",
+    "numpy.ndarray": "numpy.ndarray",
+    "np.ndarray": "numpy.ndarray",
+    "torch.Tensor": "torch.Tensor",
+    "DTensor": "torch.distributed.tensor.DTensor",
+    "DeviceMesh": "torch.distributed.device_mesh.DeviceMesh",
+    "jax.Array": "jax.Array",
+    "int": "int",
+    "float": "float",
+    "bool": "bool",
+    "str": "str",
+    "list": "list",
+    "tuple": "tuple",
+    "dict": "dict",
+    "callable": "callable",
+    "None": "None",
+}
+numpydoc_xref_ignore = "all"
 # every public name: a docstring (GL08) whose Parameters match the signature (PR01, PR02); which
 # sections each must have (Examples, Raises, ...) and that every name of __all__ is documented
 # are the executed_examples extension's checks
