@@ -41,6 +41,20 @@ lock:
 	rm -rf $(LOCK_VENV)
 	@echo "$(LOCK): $$(grep -c '==' $(LOCK)) packages"
 
+# The lowest versions that pyproject.toml accepts of numpy, numba, hypothesis and torch
+# ($(OLDEST)), in an environment of their own, on the core and torch tests. Not part of `make test`:
+# PyPI has torch releases this old only as CUDA builds, several GB to download.
+OLDEST_TESTS := tests/test_properties.py tests/test_errors.py tests/test_out_and_inputs.py \
+	tests/test_seed_example.py tests/test_hardening.py tests/test_numba_layouts.py \
+	tests/test_compile_cache.py tests/test_oracle.py tests/test_oracle_combinations.py \
+	tests/test_torch_module.py tests/test_distributed.py tests/test_distributed_sharded.py
+test-oldest:
+	rm -rf $(OLDEST_VENV)
+	$(PYTHON_BOOTSTRAP) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install --quiet --constraint $(OLDEST) -e ".[torch,testing]" pytest
+	$(OLDEST_VENV)/bin/python -m pip list --format=freeze | grep -iE '^(numpy|numba|llvmlite|hypothesis|torch|pytest)=='
+	CENTERKERN_CACHE_DIR=$(OLDEST_VENV)/kernel-cache $(OLDEST_VENV)/bin/python -m pytest -q -p no:cacheprovider $(OLDEST_TESTS)
+
 # the kernel cache again (after a change to the kernels: a stale entry is never loaded, but the
 # first call after the change would compile it)
 compile: $(INSTALLED)

@@ -1,9 +1,9 @@
 """The command line: ``python -m centerkern demo``, ``info``, ``compile``, ``bench`` and ``check``.
 
-``demo`` reproduces the seed example (SPEC.md) on every backend beside TensorFlow's numbers, shows
-why facenet's rule diverges on a repeated class, and times the kernels; ``info`` reports the
-versions, threading setup and kernel cache that a bug report needs; ``compile`` fills the kernel
-cache ahead of time.
+``demo`` reproduces the seed example (SPEC.md) on every backend that can run here beside
+TensorFlow's numbers (and says why any other does not run), shows why facenet's rule diverges on
+a repeated class, and times the kernels; ``info`` reports the versions, threading setup and
+kernel cache that a bug report needs; ``compile`` fills the kernel cache ahead of time.
 """
 
 from __future__ import annotations
@@ -104,8 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="command")
     demo = commands.add_parser(
-        "demo", help="the seed example on every backend, facenet vs wen, and a timing table",
-        description="Reproduce the seed example beside TensorFlow's numbers, show facenet's "
+        "demo", help="the seed example on every backend that runs here, facenet vs wen, and a timing table",
+        description="Reproduce the seed example beside TensorFlow's numbers on every backend that "
+                    "runs here (saying why any other does not), show facenet's "
                     "divergence on a repeated class, and time the kernels (well under a minute).",
     )
     demo.add_argument("--backend", choices=centerkern.backends(),

@@ -378,18 +378,20 @@ def center_loss(
     grad_out: Any = None, backend: str = "auto", deterministic: bool = False, sync: bool = True,
     stream: Any = None,
 ) -> CenterLossResult:
-    """One center-loss step: the loss, its gradient, and the centers moved toward the features.
+    r"""One center-loss step: the loss, its gradient, and the centers moved toward the features.
 
-    With ``d_i = features[i] - centers[labels[i]]`` (the centers as they were before the call,
-    for every sample, duplicates included) and ``n_j`` the number of samples of class j:
+    With :math:`d_i = x_i - c_{y_i}` (``x_i = features[i]``, ``y_i = labels[i]``, ``c_j =
+    centers[j]`` as it was before the call, for every sample, duplicates included), :math:`n_j`
+    the number of samples of class :math:`j`, :math:`B` the batch size and :math:`D` the feature
+    size:
 
-    ========= ============================ ============ ==================================================
-    rule      loss                         grad         centers after the call
-    ========= ============================ ============ ==================================================
-    facenet   mean of d^2 over B*D values  2 d_i/(B*D)  c_j + (1 - alpha) * sum_{y_i=j} d_i
-    wen       sum ||d_i||^2 / (2B)         d_i / B      c_j + alpha * sum_{y_i=j} d_i / (1 + n_j)
-    pytorch   sum ||d_i||^2 / B            2 d_i / B    unchanged; grad_centers[j] = -(2/B) sum_{y_i=j} d_i
-    ========= ============================ ============ ==================================================
+    ======= =============================================== ======================== ===========================================================================
+    rule    loss                                            grad                     centers after the call
+    ======= =============================================== ======================== ===========================================================================
+    facenet :math:`\frac{1}{BD} \sum_i \lVert d_i \rVert^2` :math:`\frac{2 d_i}{BD}` :math:`c_j + (1 - \alpha) \sum_{i: y_i = j} d_i`
+    wen     :math:`\frac{1}{2B} \sum_i \lVert d_i \rVert^2` :math:`\frac{d_i}{B}`    :math:`c_j + \frac{\alpha}{1 + n_j} \sum_{i: y_i = j} d_i`
+    pytorch :math:`\frac{1}{B} \sum_i \lVert d_i \rVert^2`  :math:`\frac{2 d_i}{B}`  unchanged; ``grad_centers[j]`` :math:`= -\frac{2}{B} \sum_{i: y_i = j} d_i`
+    ======= =============================================== ======================== ===========================================================================
 
     ``facenet`` is davidsandberg/facenet's TensorFlow code (alpha is the retention; it trains
     with 0.95), ``wen`` is Eq. 2-4 of Wen et al., ECCV 2016 (https://doi.org/10.1007/978-3-319-46478-7_31)

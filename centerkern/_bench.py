@@ -180,57 +180,118 @@ def print_table(title: str, medians: dict, absent: dict) -> None:
         print(f"  {name:32s} absent: {reason}")
 
 
+# how the plot names each implementation, in the legend's order (others follow under their own name)
+PLOT_NAMES = {
+    "centerkern numba": "centerkern (numba backend)",
+    TORCH: "torch eager",
+    "torch.compile": "torch.compile",
+    "jax jit": "JAX jit",
+    "tensorflow tf.function": "TensorFlow tf.function",
+    "numpy sort + reduceat": "NumPy sort + reduceat",
+    FLOOR: "bandwidth floor (a copy of the same bytes)",
+}
+PLOT_OPERATION = "step facenet"
+
+
+def _fixed_sizes(points: list[dict], variable: str) -> str:
+    """The sizes a sweep holds fixed, as its points record them: ``D=512, K=10000``."""
+    fixed = [f"{name}={points[0][name]}" for name in ("B", "D", "K") if name != variable and name in points[0]]
+    return ", ".join(fixed)
+
+
 def plot(report: dict, directory: Path) -> list[str]:
-    """time vs B and vs K per implementation (log axes), and the ratio to the floor vs B."""
+    """The sweeps, drawn to be read at the width of a page (about 900 pixels): time of one
+    facenet step against B and against K per implementation, and its ratio to the bandwidth
+    floor against B (log axes), one legend for the three panels below them."""
     try:
         import matplotlib
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: nothing global to close afterwards
+        from matplotlib.ticker import FuncFormatter, NullFormatter
     except ImportError:
         print("matplotlib not installed: no plots", file=sys.stderr)
         return []
-    written = []
-    every_name = sorted({name for points in report["sweeps"].values() for point in points
-                         for name in point["median_seconds"]["step facenet"]})
-    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    color = {name: palette[index % len(palette)] for index, name in enumerate(every_name)}  # same in every panel
-    figure, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    for axis, variable in zip(axes[:2], ("B", "K")):
-        points = report["sweeps"].get(variable, [])
-        names = sorted({name for point in points for name in point["median_seconds"]["step facenet"]})
+    sweeps = {variable: points for variable, points in report["sweeps"].items() if variable in ("B", "K") and points}
+    if not sweeps:
+        return []
+
+    def measured(points: list[dict], name: str, variable: str) -> tuple[list, list[dict]]:
+        kept = [point for point in points if name in point["median_seconds"][PLOT_OPERATION]]
+        return [point[variable] for point in kept], [point["median_seconds"][PLOT_OPERATION] for point in kept]
+
+    present = {name for points in sweeps.values() for point in points for name in point["median_seconds"][PLOT_OPERATION]}
+    names = [name for name in PLOT_NAMES if name in present] + sorted(present - set(PLOT_NAMES))
+    palette = ["#1f4e9c", "#d95f02", "#7570b3", "#1b9e77", "#e7298a", "#66a61e", "#a6761d", "#666666"]
+    others = iter(palette[1:])
+    style = {}
+    for name in names:  # the same in every panel: centerkern bold, the floor black and dashed
+        if name == "centerkern numba":
+            style[name] = {"color": palette[0], "linewidth": 2.8, "marker": "o", "markersize": 6, "zorder": 3}
+        elif name == FLOOR:
+            style[name] = {"color": "black", "linewidth": 1.6, "linestyle": "--", "marker": "s", "markersize": 4}
+        else:
+            style[name] = {"color": next(others, "gray"), "linewidth": 1.4, "marker": "o", "markersize": 4}
+    plain = FuncFormatter(lambda value, _: f"{value:,.0f}" if value >= 1 else f"{value:g}")
+
+    figure = Figure(figsize=(9, 8.4))
+    grid = figure.add_gridspec(2, 2, height_ratios=[1, 1])
+    panels = []
+    for column, variable in enumerate(("B", "K")):
+        if variable not in sweeps:
+            continue
+        axis = figure.add_subplot(grid[0, column])
         for name in names:
-            xs = [point[variable] for point in points if name in point["median_seconds"]["step facenet"]]
-            ys = [point["median_seconds"]["step facenet"][name] * 1e6 for point in points
-                  if name in point["median_seconds"]["step facenet"]]
-            axis.plot(xs, ys, marker="o", label=name, color=color[name], linestyle="--" if name == FLOOR else "-")
+            xs, medians = measured(sweeps[variable], name, variable)
+            if xs:
+                axis.plot(xs, [median[name] * 1e6 for median in medians], label=PLOT_NAMES.get(name, name), **style[name])
+        axis.set_xlabel(variable)
+        axis.set_ylabel("µs per step (median)")
+        axis.set_title(f"time against {variable}\n({_fixed_sizes(sweeps[variable], variable)})")
+        panels.append(axis)
+    if "B" in sweeps:
+        axis = figure.add_subplot(grid[1, 0])
+        for name in names:
+            if name == FLOOR:
+                continue
+            xs, medians = measured(sweeps["B"], name, "B")
+            pairs = [(x, median[name] / median[FLOOR]) for x, median in zip(xs, medians) if FLOOR in median]
+            if pairs:
+                axis.plot(*zip(*pairs), label=PLOT_NAMES.get(name, name), **style[name])
+        axis.axhline(1.0, **{key: style.get(FLOOR, {}).get(key, value)
+                             for key, value in (("color", "black"), ("linewidth", 1.6), ("linestyle", "--"))})
+        axis.set_xlabel("B")
+        axis.set_ylabel("time / floor (1: at the floor)")
+        axis.set_title(f"ratio to the bandwidth floor\n({_fixed_sizes(sweeps['B'], 'B')})")
+        panels.append(axis)
+    for axis, variable in zip(panels, [*(variable for variable in ("B", "K") if variable in sweeps), "B"]):
         axis.set_xscale("log")
         axis.set_yscale("log")
-        axis.set_xlabel(variable)
-        axis.set_ylabel("median time of one facenet step (us)")
-        fixed = "D=512, K=10000" if variable == "B" else "B=1024, D=64"
-        axis.set_title(f"time vs {variable} ({fixed}, float32)")
-        axis.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7)
-    points = report["sweeps"].get("B", [])
-    for name in sorted({name for point in points for name in point["median_seconds"]["step facenet"]} - {FLOOR}):
-        xs = [p["B"] for p in points if name in p["median_seconds"]["step facenet"]]
-        ys = [p["median_seconds"]["step facenet"][name] / p["median_seconds"]["step facenet"][FLOOR]
-              for p in points if name in p["median_seconds"]["step facenet"]]
-        axes[2].plot(xs, ys, marker="o", label=name, color=color[name])
-    axes[2].set_xscale("log")
-    axes[2].set_yscale("log")
-    axes[2].axhline(1.0, color="black", linewidth=0.8)
-    axes[2].set_xlabel("B")
-    axes[2].set_ylabel("time / copy floor")
-    axes[2].set_title("ratio to the bandwidth floor (D=512, K=10000)")
-    axes[2].grid(True, which="both", alpha=0.3)
-    figure.suptitle(f"centerkern bench, {report['date'][:10]}, {report['machine']}, {report['threads']['numba']} threads",
-                    fontsize=9)
+        axis.set_xticks(sorted({point[variable] for point in sweeps[variable]}))  # the values measured
+        axis.xaxis.set_major_formatter(plain)
+        axis.xaxis.set_minor_formatter(NullFormatter())
+        axis.yaxis.set_major_formatter(plain)
+        axis.grid(True, which="major", alpha=0.4)
+        axis.grid(True, which="minor", alpha=0.15)
+    if "B" in sweeps:  # ratios span one or two decades: ticks at 1, 2, 5, 10, ...
+        ratio = panels[-1]
+        low, high = ratio.get_ylim()
+        ratio.set_yticks([tick for tick in (1, 2, 5, 10, 20, 50, 100, 200, 500) if low <= tick <= high])
+        ratio.yaxis.set_minor_formatter(NullFormatter())
+    # the legend has the fourth cell to itself: nothing drawn over a curve, names at full size
+    legend = figure.add_subplot(grid[1, 1])
+    legend.axis("off")
+    handles = {}
+    for axis in panels:
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    legend.legend(handles.values(), handles.keys(), loc="center", frameon=False, fontsize=10.5,
+                  title=f"one facenet step, float32\n{report['date'][:10]}, {report.get('machine', '')}, "
+                        f"{report.get('threads', {}).get('numba', '?')} Numba threads",
+                  title_fontsize=10.5)
     figure.tight_layout()
     path = directory / f"bench-{report['date'][:10]}.png"
-    figure.savefig(path, dpi=110)
-    written.append(str(path))
-    return written
+    figure.savefig(path, dpi=100)
+    return [str(path)]
 
 
 def parse_size(text: str) -> Size:

@@ -1,8 +1,10 @@
-"""The ``demo`` command: the seed example (SPEC.md) on every backend, facenet's divergence on a
-repeated class, and a short timing table against the implementations a user would otherwise pick.
+"""The ``demo`` command: the seed example (SPEC.md) on every backend that can run here, facenet's
+divergence on a repeated class, and a short timing table against the implementations a user would
+otherwise pick.
 
 Each part prints its own table. The seed example also checks every backend against TensorFlow's
-published numbers, so that ``demo`` exits non-zero when one disagrees.
+published numbers, so that ``demo`` exits non-zero when one disagrees, and says which backends it
+did not run and why (``cuda`` without a GPU, or a backend left out by ``--backend``).
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from collections.abc import Sequence
 import numba
 import numpy as np
 
-from . import center_loss, scatter_sub_update
+from . import backends as available_backends
+from . import center_loss, gather_centers, scatter_sub_update
 from ._bench import SIZES, make_inputs
 from ._peers import ALPHA, TORCH, Absent, implementations, interleaved_medians
+from ._validation import BACKENDS, BackendUnavailableError
 
 # SPEC.md, "The seed example": a small batch that facenet's TensorFlow code was run on.
 SEED_FEATURES = np.array(
@@ -90,6 +94,22 @@ def _run_seed(backend: str) -> list[tuple[float, np.ndarray]]:
     return steps
 
 
+def why_unavailable(backend: str) -> str:
+    """Why ``backend`` cannot run here, in the words of the error a call on it raises."""
+    try:
+        gather_centers(np.zeros((1, 1)), [0], backend=backend)
+    except BackendUnavailableError as error:
+        return str(error).removeprefix(f"backend {backend!r} ")
+    return "not listed by centerkern.backends()"
+
+
+def not_run(backends: Sequence[str]) -> dict[str, str]:
+    """Each of centerkern's backends that ``backends`` leaves out, and why."""
+    available = available_backends()
+    return {backend: (f"left out by --backend {' '.join(backends)}" if backend in available else why_unavailable(backend))
+            for backend in BACKENDS if backend not in backends}
+
+
 def seed_example(backends: Sequence[str]) -> bool:
     """Print the seed table and the duplicate-label scatter; True when every backend gives
     TensorFlow's numbers."""
@@ -100,6 +120,11 @@ def seed_example(backends: Sequence[str]) -> bool:
         f"K={SEED_CLASSES} classes, alpha={SEED_ALPHA:g}, centers starting at zero, float32; "
         f"{len(TENSORFLOW_STEPS)} steps of center_loss(..., out=centers) beside TensorFlow's own numbers "
         f"(rtol {RELATIVE_TOLERANCE:g}).", PARAGRAPH_WIDTH))
+    skipped = not_run(backends)
+    if skipped:
+        print()
+    for backend, reason in skipped.items():  # one line each, whatever its length
+        print(f"{backend}: not run: {reason}")
     print()
     print(f"step  {'source':<{source_width}}  {'loss':<9}  {'check':<8}  centers after the step")
     all_agree = True

@@ -39,12 +39,33 @@ def _versions() -> dict:
     return versions
 
 
+def _commit() -> dict:
+    """The git commit of the package measured, where it runs from a checkout: the version
+    number alone does not tell two commits of one development version apart. Empty elsewhere
+    (an installed package, no git)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return {}
+    try:
+        def git(*arguments: str) -> str:
+            return subprocess.run(["git", *arguments], cwd=root, capture_output=True, text=True, check=True,
+                                  timeout=30).stdout.strip()
+
+        commit = git("rev-parse", "--short", "HEAD")
+        # what is measured is the package and the benchmarks' code, not the results beside them
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", "centerkern", "benchmarks",
+                      ":(exclude)benchmarks/results")
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": commit, "uncommitted_changes": bool(changed)}
+
+
 def provenance() -> dict:
     """Where, when and with what a result was measured: every report of the benchmarks starts
     with it, so that numbers from different machines or versions are not compared unknowingly."""
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "platform": platform.platform(), "cpus": os.cpu_count(), "versions": _versions()}
+            "platform": platform.platform(), "cpus": os.cpu_count(), "versions": _versions(), **_commit()}
 
 
 def export_revision(revision: str, directory: Path, name: str = "centerkern") -> Path:

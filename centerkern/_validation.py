@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ._errors import label_out_of_range
-from ._interop import check_writable
+from ._interop import check_writable, framework_of
 from ._rules import RULES
 
 BACKENDS = ("numpy", "numba", "cuda")
@@ -99,8 +99,18 @@ class HostArrays:
             return x
         if isinstance(x, (list, tuple)):
             return np.asarray(x)
+        if framework_of(x) == "torch":
+            # a CPU tensor's own NumPy view: zero-copy and writable with every torch release, so
+            # out= writes into it (through DLPack, a torch that exports no versioned DLPack, such as
+            # 2.5, gives NumPy a read-only view). Other tensors (CUDA, bfloat16, requiring grad)
+            # go on to the paths below, which say what is wrong with them.
+            try:
+                return x.numpy()
+            except (TypeError, RuntimeError, ValueError):
+                pass
         if hasattr(x, "__dlpack__"):
-            # DLPack first: zero-copy and writable for torch CPU tensors, so out= writes into them
+            # DLPack: zero-copy, and writable where producer and NumPy speak versioned DLPack
+            # (NumPy 2.1 and newer), so that out= writes into the caller's memory
             try:
                 return np.from_dlpack(x)
             except (BufferError, TypeError, RuntimeError, ValueError):

@@ -29,6 +29,7 @@ graph (``torch.cuda.graph``) and replayed.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 import torch
@@ -130,6 +131,16 @@ def _refuse_graph_transforms() -> None:
             "moving facenet's and wen's centers each time). Trace the model without the module and add the center "
             "loss in Python, or use torch.compile (without fullgraph=True)"
         )
+
+
+# Where torch.compiler.disable takes a reason (newer torch releases), it is what
+# torch.compile(fullgraph=True) shows when it refuses the graph break; older releases show their own.
+COMPILE_REFUSAL_SAYS_WHY = "reason" in inspect.signature(torch.compiler.disable).parameters
+
+
+def _compiler_disabled(reason: str):
+    """``torch.compiler.disable`` as a decorator, with ``reason`` where this torch takes one."""
+    return torch.compiler.disable(reason=reason) if COMPILE_REFUSAL_SAYS_WHY else torch.compiler.disable
 
 
 class CenterLoss(nn.Module):
@@ -269,11 +280,10 @@ class CenterLoss(nn.Module):
             self.centers = nn.Parameter(centers)
 
     # torch.compile cannot trace into the kernels (they read the tensors' memory); compiled code
-    # around the module runs compiled, and this call runs as it is, behind a graph break. The
-    # reason is what torch.compile(fullgraph=True) shows when it refuses the graph break.
-    @torch.compiler.disable(reason=(
+    # around the module runs compiled, and this call runs as it is, behind a graph break.
+    @_compiler_disabled(
         "centerkern.torch.CenterLoss runs its kernels on the tensors' memory, outside any graph: compile without "
-        "fullgraph=True, and torch.compile runs the module eagerly behind a graph break, the rest compiled"))
+        "fullgraph=True, and torch.compile runs the module eagerly behind a graph break, the rest compiled")
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The loss of the batch (a 0-d tensor of the centers' dtype) that backpropagates into
         ``features`` (and into the centers for rule ``pytorch``). In training mode, rules

@@ -31,7 +31,9 @@ extensions = [
     "executed_examples",
     "known_mistakes",
     "benchmark_pages",
+    "example_scripts",  # {example-output}: a script of examples/ run at build time, its output shown
     "offline_inventories",  # intersphinx, read from docs/_inventories without a network
+    "tested_versions",
 ]
 
 # the sites the API reference and guides link into (np.ndarray, torch.Tensor, jax.Array, ...)
@@ -60,26 +62,18 @@ myst_heading_anchors = 3
 
 numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
-# the types in Parameters and Returns link to their documentation: the names below (written as
-# the docstrings write them), and nothing else ("all" other words are left as text)
+# the types in Parameters and Returns link to their documentation: numpydoc's own aliases (int,
+# float, bool, None, array_like, np.ndarray, ...) and the frameworks' types below; other words
+# ("all") stay text
 numpydoc_xref_param_type = True
 numpydoc_xref_aliases = {
-    "array_like": ":term:`numpy:array_like`",
-    "numpy.ndarray": "numpy.ndarray",
-    "np.ndarray": "numpy.ndarray",
-    "torch.Tensor": "torch.Tensor",
-    "DTensor": "torch.distributed.tensor.DTensor",
-    "DeviceMesh": "torch.distributed.device_mesh.DeviceMesh",
-    "jax.Array": "jax.Array",
-    "int": "int",
-    "float": "float",
-    "bool": "bool",
-    "str": "str",
-    "list": "list",
-    "tuple": "tuple",
-    "dict": "dict",
-    "callable": "callable",
-    "None": "None",
+    # "array" is the caller framework's array, not only NumPy's (numpydoc would link ndarray)
+    "array": "array",
+    "numpy.ndarray": ":class:`numpy.ndarray`",
+    "torch.Tensor": ":class:`torch.Tensor`",
+    "DTensor": ":class:`~torch.distributed.tensor.DTensor`",
+    "DeviceMesh": ":class:`~torch.distributed.device_mesh.DeviceMesh`",
+    "jax.Array": ":class:`jax.Array`",
 }
 numpydoc_xref_ignore = "all"
 # every public name: a docstring (GL08) whose Parameters match the signature (PR01, PR02); which
@@ -116,7 +110,7 @@ html_static_path = ["_static"]
 html_css_files = ["centerkern.css"]
 html_theme_options = {
     "navigation_with_keys": False,
-    "header_links_before_dropdown": 9,  # every page in the top bar
+    "header_links_before_dropdown": 11,  # every page in the top bar
     "show_toc_level": 2,
     "secondary_sidebar_items": ["page-toc"],
     "footer_start": ["copyright"],

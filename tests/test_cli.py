@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import centerkern
+from centerkern._validation import BACKENDS
 
 from conftest import SIMULATED
 
@@ -31,12 +32,25 @@ def test_demo_reproduces_the_seed_example_on_every_backend():
     # one "match" per backend and step of the seed table
     assert len(re.findall(r"\bmatch\b", output)) == 3 * len(centerkern.backends())
     assert "Timing" not in output
+    # a backend that cannot run here has a line saying so, and why (cuda without a GPU)
+    assert not_run(output) == set(BACKENDS) - set(centerkern.backends())
+    if "cuda" not in centerkern.backends():
+        # no GPU, or no numba-cuda: BackendUnavailableError's own words
+        assert re.search(r"^cuda: not run: (needs a CUDA GPU and its driver, and Numba found none"
+                         r"|cannot load Numba's CUDA target)", output, re.M), output
 
 
 def test_demo_backend_option_restricts_the_seed_table():
     result = run_cli("demo", "--no-timing", "--backend", "numpy")
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(re.findall(r"\bmatch\b", result.stdout)) == 3
+    assert "numba: not run: left out by --backend numpy" in result.stdout
+    assert not_run(result.stdout) == set(BACKENDS) - {"numpy"}
+
+
+def not_run(output: str) -> set[str]:
+    """The backends the demo says it did not run."""
+    return set(re.findall(r"^(\w+): not run: \S", output, re.M))
 
 
 def test_info_lists_the_backends():

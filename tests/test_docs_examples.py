@@ -3,11 +3,13 @@
 ``make docs`` builds the real site; here a small site of its own shows that a failing example
 (in a guide, in a docstring, under the CUDA simulator) or a GPU example that does not compile
 fails a build with warnings as errors, as does a public name left out of the API reference, and
-that the same pages with working examples build.
+that the same pages with working examples build; and that a script of ``examples/`` shown with
+its output (``{example-output}``) is run, its output shown, and fails the build when it fails.
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -122,3 +124,55 @@ def test_a_broken_example_fails_the_build(tmp_path, change, message):
     built = build(tmp_path, **change)
     assert built.returncode != 0
     assert message in built.stderr, built.stderr
+
+
+SCRIPT_CONF = f"""
+import sys
+sys.path.insert(0, {str(EXTENSIONS)!r})
+extensions = ["myst_parser", "example_scripts"]
+exclude_patterns = ["_build", "examples"]
+example_scripts_root = "."
+"""
+
+SCRIPT_PAGE = """
+# Scripts
+
+```{{example-output}} examples/hello.py --name {name}
+```
+"""
+
+SCRIPT = """
+import argparse
+import sys
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--name")
+name = parser.parse_args().name
+if name == "nobody":
+    sys.exit("no one to greet")
+print(f"hello, {name}")
+"""
+
+
+def build_with_script(tmp_path: Path, name: str) -> subprocess.CompletedProcess:
+    (tmp_path / "conf.py").write_text(SCRIPT_CONF)
+    (tmp_path / "index.md").write_text(SCRIPT_PAGE.format(name=name))
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "hello.py").write_text(SCRIPT)
+    return subprocess.run([sys.executable, "-m", "sphinx", "-b", "html", "-E", "-W", "-q", str(tmp_path),
+                           str(tmp_path / "_build")], capture_output=True, text=True, timeout=300)
+
+
+def test_a_script_runs_and_its_output_is_shown(tmp_path):
+    built = build_with_script(tmp_path, "reader")
+    assert built.returncode == 0, built.stderr
+    page = re.sub(r"<[^>]+>", "", (tmp_path / "_build" / "index.html").read_text())  # the text, highlighted or not
+    assert "python examples/hello.py --name reader" in page  # the command
+    assert "hello, reader" in page  # and what it printed
+
+
+def test_a_failing_script_fails_the_build(tmp_path):
+    built = build_with_script(tmp_path, "nobody")
+    assert built.returncode != 0
+    assert "example script failed: python examples/hello.py --name nobody exited with status 1" in built.stderr
+    assert "no one to greet" in built.stderr

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import centerkern
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -56,3 +58,13 @@ def test_data_parallel_example_with_sharded_centers():
     spreads = [float(s) for s in re.findall(r"spread ([\d.]+)", completed.stdout)]
     assert len(spreads) == 12 and spreads[-1] < spreads[0] / 3
     assert "centers sharded over 2 ranks, rows per rank [5, 5]; saved and loaded back: True" in completed.stdout
+
+
+def test_seed_example_gives_tensorflows_numbers_on_every_backend():
+    completed = subprocess.run([sys.executable, str(EXAMPLES / "seed_example.py")], capture_output=True, text=True,
+                               timeout=300)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    for loss in ("4.1111111", "1.4111111", "1.1611111"):
+        assert completed.stdout.count(f"loss {loss}") == 1 + len(centerkern.backends())  # TensorFlow's and each
+    assert "DIFFERENT" not in completed.stdout
+    assert "every step gives TensorFlow's numbers" in completed.stdout

@@ -29,3 +29,21 @@ def test_the_readme_python_examples_run_in_order():
 @pytest.mark.parametrize("target", sorted(set(re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", README))))
 def test_the_readme_links_lead_to_files(target):
     assert (ROOT / target).exists(), target
+
+
+def test_the_readme_headline_is_the_committed_run():
+    """The headline table's figures are those of the committed result it names."""
+    import json
+
+    (date,) = set(re.findall(r"the full run of (\d{4}-\d{2}-\d{2})", README))
+    size = json.loads((ROOT / "benchmarks" / "results" / f"bench-{date}.json").read_text())["sizes"]["L"]
+    assert (size["B"], size["D"], size["K"]) == (8192, 512, 100_000)
+    rows = re.findall(r"^\| `(\w+)` \| ([\d.]+) ms \| ([\d.]+) ms \(([\d.]+)x\) \| ([\d.]+) \|$", README, re.M)
+    assert [row[0] for row in rows] == ["facenet", "wen", "pytorch"]
+    for rule, ours, eager, speedup, floor in rows:
+        seconds = size["median_seconds"][f"step {rule}"]
+        centerkern, torch_eager, copy = (seconds[k] for k in ("centerkern numba", "torch eager", "copy floor (same bytes)"))
+        assert float(ours) == round(centerkern * 1e3, 1), rule
+        assert float(eager) == round(torch_eager * 1e3, 1), rule
+        assert float(speedup) == round(torch_eager / centerkern, 1), rule
+        assert float(floor) == round(centerkern / copy, 2 if float(floor) < 10 else 1), rule

@@ -87,6 +87,20 @@ def test_what_a_user_installs_is_a_range_never_one_version():
     assert not unbounded, f"requirements without a tested lower bound: {unbounded}"
 
 
+def test_make_test_oldest_installs_the_lower_bounds():
+    oldest = {}
+    for line in (ROOT / "requirements" / "oldest.txt").read_text().splitlines():
+        name, separator, version = line.split("#", 1)[0].strip().partition("==")
+        if separator:
+            oldest[canonicalize_name(name)] = Version(version)
+    lowest = {}
+    for requirement in requirements_of(None) + requirements_of("testing") + requirements_of("torch"):
+        (bound,) = [s for s in requirement.specifier if s.operator == ">="]
+        lowest[canonicalize_name(requirement.name)] = Version(bound.version)
+    assert {name: oldest.get(name) for name in lowest} == lowest
+    assert oldest[canonicalize_name("pytest")] == locked_versions()[canonicalize_name("pytest")]
+
+
 def test_the_environment_is_the_lock():
     """`make install` installs the lock's versions: every locked package present here is at its pin."""
     differing = []

@@ -11,7 +11,9 @@ and gets what that file holds as docutils nodes: tables, plots (PNG files writte
 ``docs/_generated/benchmarks/``, which Sphinx copies into the built site's ``_images``) and a
 provenance line (where, when and with what it was measured, and the command that measures it
 again). Nothing on the page is copied by hand from a result, so the page cannot drift from the
-files in ``benchmarks/results/``.
+files in ``benchmarks/results/``. A result is named by the commit it measured, which newer files
+record (``commit``) and older ones are given by git (the commit that added the file), and by
+its date.
 
 - The argument names one file of ``benchmarks/results/``, or several of one kind: the kinds that
   compare runs (``bench`` goals, ``first-call``, ``data-parallel``) put them side by side.
@@ -29,8 +31,10 @@ something (the size labels, the goals, the sweeps' plot), it is imported rather 
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
+import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +80,69 @@ class Result:
         """The file's name without its kind and extension (``2026-12-04-b``): a column's title
         where several runs stand side by side."""
         return self.path.stem.removeprefix(f"{kind}-")
+
+    @property
+    def day(self) -> str:
+        return str(self.data.get("date", ""))[:10] or "an unrecorded date"
+
+    @property
+    def commit(self) -> Commit | None:
+        """The commit the file records (``centerkern._reports.provenance``), or else the commit
+        that added the file to the repository; None where neither is known."""
+        recorded = self.data.get("commit")
+        if recorded:
+            return Commit(str(recorded), recorded=True, uncommitted=bool(self.data.get("uncommitted_changes")))
+        added = _commit_that_added(self.path)
+        return Commit(added, recorded=False) if added else None
+
+
+@dataclass(frozen=True)
+class Commit:
+    """A result's commit: recorded in the file by the run, or the commit that added the file."""
+
+    name: str  # an abbreviated hash
+    recorded: bool
+    uncommitted: bool = False
+
+    def __str__(self) -> str:
+        return self.name + (" with uncommitted changes" if self.uncommitted else "")
+
+
+@functools.cache
+def _commit_that_added(path: Path) -> str | None:
+    """The commit that added ``path`` to the repository (a result is committed with, or right
+    after, the code it measured); None outside a git checkout."""
+    try:
+        log = subprocess.run(["git", "log", "--diff-filter=A", "--format=%h", "--", path.name], cwd=path.parent,
+                             capture_output=True, text=True, check=True, timeout=60).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return log[-1] if log else None  # the first time it was added
+
+
+def measured_at(result: Result) -> str:
+    """The code a result measured, as a column's title: its commit, or its date where no commit
+    is known."""
+    commit = result.commit
+    return str(commit) if commit else f"measured {result.day}"
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "."
+
+
+def measured_at_note(results: list[Result]) -> str:
+    """What the commits in the columns' titles are: "measured at commit X on DATE"."""
+    said = []
+    for result in results:
+        commit = result.commit
+        if commit is None:
+            said.append(f"{result.name}: measured on {result.day}, at a commit it does not record")
+        elif commit.recorded:
+            said.append(f"measured at commit {commit} on {result.day}")
+        else:
+            said.append(f"measured at commit {commit} on {result.day} (the commit that added {result.name})")
+    return "; ".join(said)
 
 
 @dataclass
@@ -128,6 +195,13 @@ class Kind:
 Cell = str | nodes.Node | list
 
 
+@dataclass(frozen=True)
+class Spanning:
+    """A row of one cell across the whole table: the title of the rows below it."""
+
+    content: Cell
+
+
 def _inline(content: Cell) -> list[nodes.Node]:
     if isinstance(content, nodes.Node):
         return [content]
@@ -148,8 +222,12 @@ def strong(text: str) -> nodes.strong:
     return nodes.strong(text, text)
 
 
-def table(header: list[Cell], rows: list[list[Cell]], caption: str | None = None) -> nodes.table:
-    """A table of the given cells (text or inline nodes), its columns as wide as their content."""
+def table(header: list[Cell], rows: list[list[Cell] | Spanning], caption: str | None = None) -> nodes.table:
+    """A table of the given cells (text or inline nodes), its columns as wide as their content;
+    a ``Spanning`` row is one cell across every column.
+
+    A table of figures is read at the page's width (about 900 pixels, no sideways scrolling):
+    a formatter keeps it to about seven columns, and splits what has more."""
     node = nodes.table(classes=["benchmark-table", "colwidths-auto"])
     if caption:
         node += nodes.title(caption, caption)
@@ -159,10 +237,16 @@ def table(header: list[Cell], rows: list[list[Cell]], caption: str | None = None
     head = nodes.thead()
     head += _row(header)
     body = nodes.tbody()
-    body.extend(_row(row) for row in rows)
+    body.extend(_spanning_row(row, len(header)) if isinstance(row, Spanning) else _row(row) for row in rows)
     group += head
     group += body
     return node
+
+
+def _spanning_row(row: Spanning, columns: int) -> nodes.row:
+    entry = nodes.entry(morecols=columns - 1)
+    entry += paragraph(row.content)
+    return nodes.row("", entry, classes=["benchmark-group"])
 
 
 def _row(cells: list[Cell]) -> nodes.row:
@@ -293,9 +377,19 @@ def reproduce(result: Result, page: Page) -> list[Cell]:
     return [code(page.kind.command(result))]
 
 
+def which_commit(result: Result) -> list[Cell]:
+    commit = result.commit
+    if commit is None:
+        return [strong("commit"), " not recorded; "]
+    if commit.recorded:
+        return [strong("commit"), " ", code(commit.name), " with uncommitted changes; " if commit.uncommitted else "; "]
+    return [strong("added in commit"), " ", code(commit.name), " (the file records no commit); "]
+
+
 def provenance(results: list[Result], page: Page) -> list[nodes.Node]:
     return [nodes.paragraph("", "", *_inline([
         strong("Measured"), f" {when(result.data)} on {where(result.data)}; ",
+        *which_commit(result),
         strong("versions"), f" {with_what(result.data)}; ",
         strong("reproduce"), " ", *reproduce(result, page), "; ",
         strong("data"), " ", code(result.shown_path), ".",
@@ -360,31 +454,75 @@ def bench_implementations(report: dict) -> list[str]:
     return known + sorted(present - set(known) - {floor}) + [floor]
 
 
+# the bench's tables, each narrow enough to be read at the page's width: centerkern beside torch
+# eager and the floor with the two ratios the text cites, then the other peers by family, each
+# table with centerkern's column to read them against
+FIRST_TABLE = (OURS, "centerkern numba, grad_out=", _peers.TORCH)
+PEER_FAMILIES = (
+    ("the compiled frameworks", ("torch.compile", "jax jit", "tensorflow tf.function")),
+    ("NumPy and a plain Numba loop", ("numpy sort + reduceat", "numpy-groupies", "np.subtract.at",
+                                      "numba serial loop", "centerkern numpy (reference)")),
+)
+PEERS_PER_TABLE = 5  # beside the size's operation and centerkern: seven columns at most
+
+
 def bench_table(results: list[Result], page: Page) -> list[nodes.Node]:
     shown = []
     for result in results:
-        shown += [_bench_medians(result.data), _size_legend(result.data), _absent_note(result.data)]
+        shown += [*_bench_medians(result.data), _absent_note(result.data)]
     return shown
 
 
-def _bench_medians(report: dict) -> nodes.table:
+def _bench_medians(report: dict) -> list[nodes.table]:
+    """The medians as tables of at most seven columns: the first with the ratios, then the peers."""
     floor, torch = floor_name(report), _peers.TORCH
     names = bench_implementations(report)
-    header = ["size", "operation", *(BENCH_COLUMNS.get(name, name) for name in names[:-1]),
+    first = [name for name in FIRST_TABLE if name in names]
+    header = ["operation", *(BENCH_COLUMNS.get(name, name) for name in first),
               "floor" if floor == _peers.FLOOR else floor, "centerkern / floor", "torch eager / centerkern"]
-    rows = []
+
+    def first_row(operation: str, medians: dict) -> list[Cell]:
+        return [operation, *(microseconds(medians.get(name)) for name in [*first, floor]),
+                times(ratio_or_none(medians.get(OURS), medians.get(floor))),
+                times(ratio_or_none(medians.get(torch), medians.get(OURS)))]
+
+    shown = [table(header, _rows_by_size(report, first_row, lambda medians: True),
+                   caption="median µs per call: centerkern, torch eager and the bandwidth floor")]
+    for title, peers in _peer_tables(names, {*first, floor}):
+        def peer_row(operation: str, medians: dict, peers=peers) -> list[Cell]:
+            return [operation, *(microseconds(medians.get(name)) for name in (OURS, *peers))]
+
+        rows = _rows_by_size(report, peer_row, lambda medians, peers=peers: any(name in medians for name in peers))
+        if rows:
+            shown.append(table(["operation", BENCH_COLUMNS[OURS], *(BENCH_COLUMNS.get(name, name) for name in peers)],
+                               rows, caption=f"median µs per call: centerkern and {title}"))
+    return shown
+
+
+def _peer_tables(names: list[str], shown: set[str]) -> list[tuple[str, tuple[str, ...]]]:
+    """The peers not in the first table, by family, at most ``PEERS_PER_TABLE`` to a table."""
+    left = [name for name in names if name not in shown and name != OURS]
+    grouped = [(title, tuple(name for name in family if name in left)) for title, family in PEER_FAMILIES]
+    known = {name for _, family in grouped for name in family}
+    grouped.append(("the other implementations", tuple(name for name in left if name not in known)))
+    return [(title, family[start:start + PEERS_PER_TABLE]) for title, family in grouped
+            for start in range(0, len(family), PEERS_PER_TABLE)]
+
+
+def _rows_by_size(report: dict, make_row: Callable[[str, dict], list[Cell]],
+                  keep: Callable[[dict], bool]) -> list[list[Cell] | Spanning]:
+    """A row per operation, under a row naming the size (B, D, K), for the sizes with a row."""
+    rows: list[list[Cell] | Spanning] = []
     for size_name, size in report["sizes"].items():
-        for operation, medians in size["median_seconds"].items():
-            rows.append([size_name, operation, *(microseconds(medians.get(name)) for name in names),
-                         times(ratio_or_none(medians.get(OURS), medians.get(floor))),
-                         times(ratio_or_none(medians.get(torch), medians.get(OURS)))])
-    return table(header, rows, caption="median µs per call")
+        kept = [make_row(operation, medians) for operation, medians in size["median_seconds"].items() if keep(medians)]
+        if kept:
+            rows += [Spanning(strong(_size_label(size_name, size))), *kept]
+    return rows
 
 
-def _size_legend(report: dict) -> nodes.paragraph:
-    labels = [_bench.Size(name, size["B"], size["D"], size["K"], size.get("hot_share", 0.0),
-                          size.get("alpha", _peers.ALPHA)).label() for name, size in report["sizes"].items()]
-    return paragraph(strong("Sizes"), " (B samples of D features, K classes): ", "; ".join(labels), ".")
+def _size_label(name: str, size: dict) -> str:
+    return _bench.Size(name, size["B"], size["D"], size["K"], size.get("hot_share", 0.0),
+                       size.get("alpha", _peers.ALPHA)).label()
 
 
 def _absent_note(report: dict) -> nodes.paragraph:
@@ -469,19 +607,9 @@ def bench_sweeps(results: list[Result], page: Page) -> list[nodes.Node]:
 
 def _bench_plot(report: dict, path: Path) -> None:
     """``_bench.plot`` writes ``bench-<date>.png`` into a folder: here, the folder of ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    before = set(plt.get_fignums())
-    try:
-        written = _bench.plot(report, path.parent)
-    finally:  # pyplot keeps every figure it made until closed
-        for number in set(plt.get_fignums()) - before:
-            plt.close(number)
+    written = _bench.plot(report, path.parent)
     if not written:
-        raise BenchmarkFileError("matplotlib is not installed: no plot")
+        raise BenchmarkFileError("no plot: matplotlib is not installed, or no sweep over B or K was measured")
     Path(written[0]).replace(path)
 
 
@@ -518,9 +646,11 @@ def revisions_table(results: list[Result], page: Page) -> list[nodes.Node]:
                              microseconds(measured["other_seconds"]), times(measured["this / other"])])
         worst, at = max(ratios)
         median = data.get("median this / other", statistics.median(ratio for ratio, _ in ratios))
-        shown += [table(["size", "operation", "this checkout", other, f"this / {other}"], rows,
-                        caption=f"the numba kernels of this checkout and of {other}, median µs per call"),
-                  paragraph(f"this / {other}: {median:.2f} in the median of the {len(ratios)} size-operation "
+        this = measured_at(result)
+        shown += [table(["size", "operation", this, other, f"{this} / {other}"], rows,
+                        caption=f"the numba kernels at {this} and at {other}, median µs per call"),
+                  paragraph(f"{this}: the kernels {measured_at_note([result])}. "
+                            f"{this} / {other}: {median:.2f} in the median of the {len(ratios)} size-operation "
                             f"pairs, {worst:.2f} at worst ({at}); "
                             f"{data.get('repeats', 'an unrecorded number of')} interleaved blocks each.")]
     return shown
@@ -537,13 +667,12 @@ def revisions_command(result: Result) -> str:
 def first_call_table(results: list[Result], page: Page) -> list[nodes.Node]:
     """Each case's median (and the spread of its fresh processes) in every run given, against the
     goal it is held to; a run made ``--against`` a revision shows that revision beside it."""
-    columns = []  # (title, the run, key prefix: "" for this checkout, "other_" for the revision beside it)
+    columns = []  # (title, the run, key prefix: "" for the code measured, "other_" for the revision beside it)
     for result in results:
-        label = f" ({result.label('first-call')})" if len(results) > 1 else ""
         against = result.data.get("against")
         if against:
-            columns.append((f"{against} ({_other_version(result.data)}){label}", result, "other_"))
-        columns.append((f"this checkout{label}", result, ""))
+            columns.append((f"{against} ({_other_version(result.data)})", result, "other_"))
+        columns.append((measured_at(result), result, ""))
     cases = list(dict.fromkeys(case for result in results for case in result.data["cases"]))
     rows = []
     for case in cases:
@@ -554,7 +683,8 @@ def first_call_table(results: list[Result], page: Page) -> list[nodes.Node]:
                      at_most(target) if target is not None else "",
                      " / ".join(_first_call_verdict(goal) for goal in goals if goal)])
     shown: list[nodes.Node] = [table(["first call", *(title for title, _, _ in columns), "goal", ""], rows,
-                                     caption="median of fresh processes (slowest and fastest in brackets)")]
+                                     caption="median of fresh processes (slowest and fastest in brackets)"),
+                               paragraph(_sentence(measured_at_note(results)))]
     shown += [_each_layout(result) for result in results if "each" in result.data["cases"].get("new layouts", {})]
     return shown
 
@@ -626,16 +756,17 @@ def adapters_command(result: Result) -> str:
 
 
 def jax_ffi_table(results: list[Result], page: Page) -> list[nodes.Node]:
+    """A row per implementation, a column per size: the implementations' names are long, the
+    sizes few."""
     shown = []
     for result in results:
         sizes = result.data["sizes"]
         names = list(dict.fromkeys(name for size in sizes.values() for name in size["median_ms"]))
-        rows = [[f"{name} (B={size['B']}, D={size['D']}, K={size['K']})",
-                 *(milliseconds(size["median_ms"].get(implementation)) for implementation in names)]
-                for name, size in sizes.items()]
+        rows = [[code(name) if name.startswith(("centerkern", "jax")) else name,
+                 *(milliseconds(size["median_ms"].get(name)) for size in sizes.values())] for name in names]
         caption = result.data.get("what", "median ms") + (f"; {result.data['path']}" if result.data.get("path") else "")
-        shown.append(table(["size", *(code(name) if name.startswith(("centerkern", "jax")) else name for name in names)],
-                           rows, caption=caption))
+        shown.append(table(["step", *(f"{name} (B={size['B']}, D={size['D']}, K={size['K']})"
+                                      for name, size in sizes.items())], rows, caption=caption))
     return shown
 
 
@@ -718,7 +849,7 @@ def _draw_exchanges(data: dict, threshold: float, path: Path) -> None:
     from matplotlib.figure import Figure  # no pyplot: nothing global to close afterwards
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    figure = Figure(figsize=(7, 4.2))
+    figure = Figure(figsize=(9, 5.2))  # 900 pixels: shown at the page's width without scaling
     axis = figure.subplots()
     for ranks in sorted({row["ranks"] for row in data["rows"]}):
         rows = sorted((row for row in data["rows"] if row["ranks"] == ranks), key=lambda row: row["load"])
@@ -733,14 +864,14 @@ def _draw_exchanges(data: dict, threshold: float, path: Path) -> None:
     axis.yaxis.set_major_formatter(plain)
     axis.yaxis.set_minor_formatter(NullFormatter())
     axis.set_yticks([tick for tick in (0.1, 0.2, 0.5, 1, 2, 5, 10) if _within(tick, axis.get_ylim())])
-    axis.text(0.02, 0.98, "dense faster", transform=axis.transAxes, va="top", ha="left", fontsize=8, color="gray")
-    axis.text(0.98, 0.02, "sparse faster", transform=axis.transAxes, va="bottom", ha="right", fontsize=8, color="gray")
+    axis.text(0.02, 0.98, "dense faster", transform=axis.transAxes, va="top", ha="left", fontsize=10, color="gray")
+    axis.text(0.98, 0.02, "sparse faster", transform=axis.transAxes, va="bottom", ha="right", fontsize=10, color="gray")
     axis.set_xlabel("R·U/K (rows all-gathered by the sparse exchange, over K)")
     axis.set_ylabel("sparse ms / dense ms")
     first = data["rows"][0]
-    axis.set_title(f"distributed step, K={first['classes']}, D={first['width']}, {data.get('date', '')[:10]}", fontsize=10)
+    axis.set_title(f"distributed step, K={first['classes']}, D={first['width']}, {data.get('date', '')[:10]}", fontsize=11)
     axis.grid(True, which="both", alpha=0.3)
-    axis.legend(fontsize=8, loc="center left")
+    axis.legend(fontsize=10, loc="center left")
     figure.tight_layout()
     figure.savefig(path, dpi=PLOT_DPI)
 
@@ -761,26 +892,31 @@ def distributed_command(result: Result) -> str:
 
 
 def sharded_table(results: list[Result], page: Page) -> list[nodes.Node]:
+    """Two tables of a row per run: the step's time, then each rank's memory."""
     shown = []
     for result in results:
-        rows = []
+        speed_rows, memory_rows = [], []
         for row in result.data["rows"]:
             replicated = ("not run" if "sparse_peak_mb_per_rank" not in row
                           else f"{figure_text(row['sparse_peak_mb_per_rank'])} / {figure_text(row['dense_peak_mb_per_rank'])}")
             speed = row.get("sharded_over_faster_data_parallel")
-            rows.append([str(row["ranks"]), f"{row['classes']:,}", figure_text(row["sharded_ms"]),
-                         figure_text(row["sparse_ms"]) if "sparse_ms" in row else "not run",
-                         figure_text(row["dense_ms"]) if "dense_ms" in row else "not run",
-                         f"{speed:.2f}x, {verdict(row['speed_goal_met'])}" if speed is not None else DASH,
-                         figure_text(row["sharded_peak_mb_per_rank"]),
-                         f"{figure_text(row['memory_goal_mb'])}, {verdict(row['sharded_memory_goal_met'])}",
-                         replicated, figure_text(row["baseline_mb"]),
-                         {True: "yes", False: "no"}.get(row.get("sharded_equals_sparse_bitwise"), DASH)])
+            run = [str(row["ranks"]), f"{row['classes']:,}"]
+            speed_rows.append([*run, figure_text(row["sharded_ms"]),
+                               figure_text(row["sparse_ms"]) if "sparse_ms" in row else "not run",
+                               figure_text(row["dense_ms"]) if "dense_ms" in row else "not run",
+                               f"{speed:.2f}x, {verdict(row['speed_goal_met'])}" if speed is not None else DASH,
+                               {True: "yes", False: "no"}.get(row.get("sharded_equals_sparse_bitwise"), DASH)])
+            memory_rows.append([*run, figure_text(row["sharded_peak_mb_per_rank"]),
+                                f"{figure_text(row['memory_goal_mb'])}, {verdict(row['sharded_memory_goal_met'])}",
+                                replicated, figure_text(row["baseline_mb"])])
         first = result.data["rows"][0]
-        shown.append(table(["ranks", "K", "sharded ms", "sparse ms", "dense ms", "sharded / faster replicated",
-                            "sharded peak MB per rank", "its goal, MB", "replicated peak MB per rank (sparse / dense)",
-                            "baseline MB", "sharded = sparse, bit for bit"], rows,
-                           caption=f"D={first['width']}, B={first['batch_per_rank']} samples per rank"))
+        sizes = f"D={first['width']}, B={first['batch_per_rank']} samples per rank"
+        shown += [table(["ranks", "K", "sharded ms", "sparse ms", "dense ms", "sharded / faster replicated",
+                         "sharded = sparse, bit for bit"], speed_rows,
+                        caption=f"median ms of one step on rank 0; {sizes}"),
+                  table(["ranks", "K", "sharded peak MB per rank", "its goal, MB",
+                         "replicated peak MB per rank (sparse / dense)", "baseline MB"], memory_rows,
+                        caption=f"each rank's peak growth of its resident set; {sizes}")]
     return shown
 
 
