@@ -116,7 +116,7 @@ bench-data-parallel: $(INSTALLED)
 	$(PYTHON) benchmarks/data_parallel.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis docs/_build docs/_generated
+	rm -rf $(VENV) $(LOCK_VENV) $(OLDEST_VENV) .pytest_cache .hypothesis docs/_build docs/_generated
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # A longer fuzzing run than the smoke run inside `make test`.
