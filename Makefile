@@ -18,6 +18,9 @@ OLDEST_VENV := .venv-oldest
 
 .PHONY: install lock test-oldest compile test test-cpu test-cudasim docs docs-linkcheck demo info bench bench-first-call bench-distributed bench-data-parallel fuzz clean
 
+# PIP_CONSTRAINT, unlike --constraint, reaches the isolated environment in which pip builds the
+# package, so that its build backend (setuptools) is the lock's too
+$(INSTALLED): export PIP_CONSTRAINT = $(abspath $(LOCK))
 $(INSTALLED): pyproject.toml $(LOCK)
 	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --constraint $(LOCK) pip
@@ -28,16 +31,18 @@ $(INSTALLED): pyproject.toml $(LOCK)
 install: $(INSTALLED)
 
 # A fresh resolution of pyproject.toml's ranges (the test extra, which holds every other extra)
-# in a new environment, written out as exact pins. The newest pip first: the lock pins it too.
+# in a new environment, written out as exact pins. The newest pip first and the build backend
+# ([build-system] requires) last: the lock pins them too.
 lock:
 	rm -rf $(LOCK_VENV)
 	$(PYTHON_BOOTSTRAP) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(LOCK_VENV)/bin/python -m pip install --quiet --constraint $(LOCK_INPUT) ".[test]"
+	$(LOCK_VENV)/bin/python -c 'import subprocess, sys, tomllib; subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--upgrade", *tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]], check=True)'
 	{ echo "# Exact versions of every package the tests install: \`make lock\` writes this file from a"; \
 	  echo "# fresh resolution of pyproject.toml's ranges (with $(LOCK_INPUT)); do not edit it."; \
 	  echo "# Resolved $$(date -u +%Y-%m-%d) with Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version())') on $$(uname -m)."; \
-	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude centerkern | grep -v '^setuptools==\|^wheel=='; } > $(LOCK)
+	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude centerkern; } > $(LOCK)
 	rm -rf $(LOCK_VENV)
 	@echo "$(LOCK): $$(grep -c '==' $(LOCK)) packages"
 

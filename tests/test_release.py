@@ -59,7 +59,8 @@ def requirements_of(extra: str | None) -> list[Requirement]:
 def test_every_requirement_of_the_tests_is_locked_within_its_range():
     pins = locked_versions()
     outside = []
-    for requirement in requirements_of(None) + requirements_of("test"):
+    build_backend = [Requirement(text) for text in PYPROJECT["build-system"]["requires"]]
+    for requirement in requirements_of(None) + requirements_of("test") + build_backend:
         name = canonicalize_name(requirement.name)
         assert name in pins, f"{requirement} is required but {LOCK.name} has no pin for it: run `make lock`"
         if not requirement.specifier.contains(pins[name], prereleases=True):
@@ -169,8 +170,9 @@ print(centerkern.__file__)
 def built(tmp_path_factory):
     """The sdist and the wheel that `python -m build` makes (the wheel from the sdist)."""
     out = tmp_path_factory.mktemp("dist")
+    # PIP_CONSTRAINT reaches the isolated environments the builds run in: the lock's setuptools
     subprocess.run([sys.executable, "-m", "build", "--outdir", str(out), str(ROOT)], check=True,
-                   capture_output=True, text=True)
+                   capture_output=True, text=True, env={**os.environ, "PIP_CONSTRAINT": str(LOCK)})
     (wheel,) = out.glob("centerkern-*.whl")
     (sdist,) = out.glob("centerkern-*.tar.gz")
     return sdist, wheel
