@@ -24,6 +24,7 @@ version = ".".join(release.split(".")[:2])
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",  # MathJax from the site itself: the math renders without a network
     "sphinx.ext.viewcode",  # [source] beside every documented name
     "numpydoc",
     "myst_parser",
