@@ -247,7 +247,7 @@ def plot(report: dict, directory: Path) -> list[str]:
         axis.set_xlabel(variable)
         axis.set_ylabel("µs per step (median)")
         axis.set_title(f"time against {variable}\n({_fixed_sizes(sweeps[variable], variable)})")
-        panels.append(axis)
+        panels.append((axis, variable))
     if "B" in sweeps:
         axis = figure.add_subplot(grid[1, 0])
         for name in names:
@@ -257,13 +257,12 @@ def plot(report: dict, directory: Path) -> list[str]:
             pairs = [(x, median[name] / median[FLOOR]) for x, median in zip(xs, medians) if FLOOR in median]
             if pairs:
                 axis.plot(*zip(*pairs), label=PLOT_NAMES.get(name, name), **style[name])
-        axis.axhline(1.0, **{key: style.get(FLOOR, {}).get(key, value)
-                             for key, value in (("color", "black"), ("linewidth", 1.6), ("linestyle", "--"))})
+        axis.axhline(1.0, color="black", linewidth=1.6, linestyle="--")  # the floor's own style
         axis.set_xlabel("B")
         axis.set_ylabel("time / floor (1: at the floor)")
         axis.set_title(f"ratio to the bandwidth floor\n({_fixed_sizes(sweeps['B'], 'B')})")
-        panels.append(axis)
-    for axis, variable in zip(panels, [*(variable for variable in ("B", "K") if variable in sweeps), "B"]):
+        panels.append((axis, "B"))
+    for axis, variable in panels:
         axis.set_xscale("log")
         axis.set_yscale("log")
         axis.set_xticks(sorted({point[variable] for point in sweeps[variable]}))  # the values measured
@@ -273,7 +272,7 @@ def plot(report: dict, directory: Path) -> list[str]:
         axis.grid(True, which="major", alpha=0.4)
         axis.grid(True, which="minor", alpha=0.15)
     if "B" in sweeps:  # ratios span one or two decades: ticks at 1, 2, 5, 10, ...
-        ratio = panels[-1]
+        ratio, _ = panels[-1]
         low, high = ratio.get_ylim()
         ratio.set_yticks([tick for tick in (1, 2, 5, 10, 20, 50, 100, 200, 500) if low <= tick <= high])
         ratio.yaxis.set_minor_formatter(NullFormatter())
@@ -281,7 +280,7 @@ def plot(report: dict, directory: Path) -> list[str]:
     legend = figure.add_subplot(grid[1, 1])
     legend.axis("off")
     handles = {}
-    for axis in panels:
+    for axis, _ in panels:
         for handle, label in zip(*axis.get_legend_handles_labels()):
             handles.setdefault(label, handle)
     legend.legend(handles.values(), handles.keys(), loc="center", frameon=False, fontsize=10.5,

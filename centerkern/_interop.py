@@ -61,6 +61,17 @@ def exportable(x: Any) -> Any:
     return x
 
 
+def torch_host_view(tensor: Any) -> np.ndarray | None:
+    """A torch CPU tensor's own NumPy view (zero-copy, writable with every torch release; through
+    DLPack, a torch that exports no versioned DLPack, such as 2.5, gives NumPy a read-only view),
+    or None where torch refuses one: CUDA, meta and sparse tensors, conjugate or negative views,
+    bfloat16, a tensor that requires grad."""
+    try:
+        return tensor.numpy()
+    except (TypeError, RuntimeError, ValueError):
+        return None
+
+
 def check_writable(out: Any) -> None:
     """Raise if ``out`` belongs to a framework whose arrays cannot be written in place."""
     reason = _IMMUTABLE.get(framework_of(out))
@@ -170,10 +181,8 @@ def plain_host_arrays(*arrays: Any) -> list | None:
             return None
         view = seen.get(id(array))
         if view is None:
-            try:
-                # refuses CUDA, meta and sparse tensors, conjugate or negative views, bfloat16
-                view = array.detach().numpy()
-            except (TypeError, RuntimeError, ValueError):
+            view = torch_host_view(array.detach())
+            if view is None:
                 return None
             seen[id(array)] = view
         views.append(view)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ._errors import label_out_of_range
-from ._interop import check_writable, framework_of
+from ._interop import check_writable, framework_of, torch_host_view
 from ._rules import RULES
 
 BACKENDS = ("numpy", "numba", "cuda")
@@ -100,14 +100,11 @@ class HostArrays:
         if isinstance(x, (list, tuple)):
             return np.asarray(x)
         if framework_of(x) == "torch":
-            # a CPU tensor's own NumPy view: zero-copy and writable with every torch release, so
-            # out= writes into it (through DLPack, a torch that exports no versioned DLPack, such as
-            # 2.5, gives NumPy a read-only view). Other tensors (CUDA, bfloat16, requiring grad)
-            # go on to the paths below, which say what is wrong with them.
-            try:
-                return x.numpy()
-            except (TypeError, RuntimeError, ValueError):
-                pass
+            # a CPU tensor's own view, so that out= writes into it; the tensors torch refuses one
+            # (CUDA, bfloat16, requiring grad) go on to the paths below, which say what is wrong
+            view = torch_host_view(x)
+            if view is not None:
+                return view
         if hasattr(x, "__dlpack__"):
             # DLPack: zero-copy, and writable where producer and NumPy speak versioned DLPack
             # (NumPy 2.1 and newer), so that out= writes into the caller's memory

@@ -28,17 +28,22 @@ LOCK = ROOT / "requirements" / "test.lock"
 USER_EXTRAS = ("cuda", "torch", "jax", "tensorflow", "dask", "examples", "bench", "testing")
 
 
-def locked_versions() -> dict[str, Version]:
-    """The lock's pins, by canonical name."""
+def pins_in(path: Path) -> dict[str, Version]:
+    """The exact pins (``name==version``) of a requirements file, by canonical name."""
     pins = {}
-    for line in LOCK.read_text().splitlines():
+    for line in path.read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
         name, separator, version = line.partition("==")
-        assert separator and version, f"{LOCK.name}: {line!r} is not an exact pin (name==version)"
+        assert separator and version, f"{path.name}: {line!r} is not an exact pin (name==version)"
         pins[canonicalize_name(name)] = Version(version)
     return pins
+
+
+def locked_versions() -> dict[str, Version]:
+    """The lock's pins, by canonical name."""
+    return pins_in(LOCK)
 
 
 def requirements_of(extra: str | None) -> list[Requirement]:
@@ -89,11 +94,7 @@ def test_what_a_user_installs_is_a_range_never_one_version():
 
 
 def test_make_test_oldest_installs_the_lower_bounds():
-    oldest = {}
-    for line in (ROOT / "requirements" / "oldest.txt").read_text().splitlines():
-        name, separator, version = line.split("#", 1)[0].strip().partition("==")
-        if separator:
-            oldest[canonicalize_name(name)] = Version(version)
+    oldest = pins_in(ROOT / "requirements" / "oldest.txt")
     lowest = {}
     for requirement in requirements_of(None) + requirements_of("testing") + requirements_of("torch"):
         (bound,) = [s for s in requirement.specifier if s.operator == ">="]
@@ -136,9 +137,9 @@ def test_the_lock_covers_every_package_the_repository_imports():
     for module in sorted(_imported_top_level_modules(sources)):
         if module in sys.stdlib_module_names or module in local or module == "centerkern":
             continue
-        owners = {canonicalize_name(d) for d in distributions.get(module, [])}
         if module == "cupy":
             continue  # needs a GPU: installed on the device machine, never in the CPU tests
+        owners = {canonicalize_name(d) for d in distributions.get(module, [])}
         if not owners & set(pins):
             unlocked.append(f"{module} ({', '.join(sorted(owners)) or 'not installed'})")
     assert not unlocked, f"imported but not in {LOCK.name}: {unlocked}"
