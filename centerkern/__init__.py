@@ -15,14 +15,13 @@ on a ``tf.Variable`` and a Keras 3 layer), ``centerkern.distributed`` (``torch.d
 """
 
 from ._api import CenterLossResult, backends, center_loss, gather_centers, scatter_sub_update
-from ._errors import PeerInputError
-from . import _rules
-from ._validation import BackendUnavailableError
+from ._core import rules
+from ._core.errors import BackendUnavailableError, PeerInputError
 
 #: The names of the three published center-loss rules, the values ``rule=`` accepts: ``facenet``
 #: (the default; davidsandberg/facenet), ``wen`` (Wen et al., ECCV 2016, Eq. 2-4) and
 #: ``pytorch`` (KaiyangZhou/pytorch-center-loss). See ``center_loss`` for their formulas.
-RULES = _rules.RULES
+RULES = rules.RULES
 
 __version__ = "0.4.0"
 

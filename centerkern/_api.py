@@ -11,13 +11,15 @@ only once the labels are known to be good.
 from __future__ import annotations
 
 import functools
-import importlib
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from . import _interop, _validation
-from ._rules import rule_coefficients
-from ._validation import BACKENDS, BackendUnavailableError, HostArrays, check_choice, is_device_array
+from ._core import interop
+from ._core import validation
+from ._core.rules import rule_coefficients
+from . import _backends
+from ._core.interop import is_device_array
+from ._core.validation import HostArrays, check_choice
 
 
 class CenterLossResult(NamedTuple):
@@ -73,28 +75,24 @@ class CenterLossResult(NamedTuple):
 
 
 # Plain host inputs with one of these backend choices run the numba kernels after a few
-# attribute checks (``_validation.plain_center_loss``); everything else is validated in full.
+# attribute checks (``validation.plain_center_loss``); everything else is validated in full.
 _PLAIN_BACKENDS = ("auto", "numba")
 
 
 @functools.cache
-def _numba_kernels() -> ModuleType:
-    # imported on first use, like every backend (Numba's parallel target loads with it)
-    return importlib.import_module("centerkern.kernels_numba")
+def _host_arrays(backend: str) -> HostArrays:
+    """Host arrays as ``backend`` computes on them, allocated by that backend."""
+    return HostArrays(zeros=_backends.load(backend).zeros)
 
 
 def _plain(backend: Any, check, arrays: tuple, *settings: Any):
-    """``check(*views, *settings)`` on NumPy views of ``arrays`` (``_interop.plain_host_arrays``)
+    """``check(*views, *settings)`` on NumPy views of ``arrays`` (``interop.plain_host_arrays``)
     when the backend choice allows the plain path: the checked inputs, or None where the full
     validation must run."""
     if backend not in _PLAIN_BACKENDS:
         return None
-    views = _interop.plain_host_arrays(*arrays)
+    views = interop.plain_host_arrays(*arrays)
     return None if views is None else check(*views, *settings)
-
-
-def _cuda_module() -> ModuleType:
-    return importlib.import_module("centerkern.cuda")
 
 
 def backends() -> tuple[str, ...]:
@@ -122,43 +120,31 @@ def backends() -> tuple[str, ...]:
     ('numpy', 'numba')
     >>> backend = "cuda" if "cuda" in centerkern.backends() else "numba"
     """
-    available = ["numpy", "numba"]
-    try:
-        if _cuda_module().is_available():
-            available.append("cuda")
-    except ImportError:  # numba-cuda is an optional extra
-        pass
-    return tuple(available)
+    return _backends.available()
 
 
 def _select(backend: Any, *arrays: Any, stream: Any = None, sync: bool = True) -> tuple[ModuleType, Any]:
     """The kernel module for ``backend`` and the object that checks and converts its arrays (for
     device arrays, also the call's stream, allocator and ``sync`` choice)."""
-    check_choice(backend, "backend", ("auto", *BACKENDS))
+    check_choice(backend, "backend", _backends.CHOICES)
     device_arrays = [a for a in arrays if a is not None and is_device_array(a)]
     on_device = bool(device_arrays)
     if backend == "auto":
         backend = "cuda" if on_device else "numba"
     if backend == "cuda":
-        try:
-            module = _cuda_module()
-        except ImportError as error:
-            raise BackendUnavailableError(
-                f"backend 'cuda' cannot load Numba's CUDA target ({error}); "
-                "install the extra: pip install 'centerkern[cuda]'"
-            ) from error
-        module.require_available()
-        return module, (module.DeviceArrays(device_arrays[0], stream=stream, sync=sync) if on_device else HostArrays)
+        module = _backends.cuda()
+        return module, (module.DeviceArrays(device_arrays[0], stream=stream, sync=sync) if on_device
+                        else _host_arrays("numpy"))
     if on_device:
         raise ValueError(
             f"backend {backend!r} computes in host memory but got a device array; "
             "use backend='cuda' or backend='auto'"
         )
-    return importlib.import_module(f"centerkern.kernels_{backend}"), HostArrays
+    return _backends.load(backend), _host_arrays(backend)
 
 
 def _exportable(*arrays: Any) -> tuple[Any, ...]:
-    return tuple(_interop.exportable(a) for a in arrays)
+    return tuple(interop.exportable(a) for a in arrays)
 
 
 def _target(arrays, centers, out, out_is_centers):
@@ -169,13 +155,13 @@ def _target(arrays, centers, out, out_is_centers):
     return out, (None if out_is_centers else centers)
 
 
-def validate_center_loss(features, labels, centers, alpha, rule, out, backend, grad_out=None) -> _validation.CenterLossInputs:
+def validate_center_loss(features, labels, centers, alpha, rule, out, backend, grad_out=None) -> validation.CenterLossInputs:
     """Every check ``center_loss`` makes, and nothing written: for callers that must know the
     input is good before they start (``centerkern.distributed``, before a collective; it runs
     on host arrays, whose labels are checked here)."""
     features, labels, centers, out, grad_out = _exportable(features, labels, centers, out, grad_out)
     _, arrays = _select(backend, features, centers, out, grad_out)
-    return _validation.validate_center_loss(features, labels, centers, alpha, rule, out, arrays, grad_out)
+    return validation.validate_center_loss(features, labels, centers, alpha, rule, out, arrays, grad_out)
 
 
 def gather_centers(centers: Any, labels: Any, *, backend: str = "auto", sync: bool = True, stream: Any = None) -> Any:
@@ -246,10 +232,10 @@ def gather_centers(centers: Any, labels: Any, *, backend: str = "auto", sync: bo
         ...
     IndexError: label -1 at position 1 is out of range: labels must lie in [0, 3) for 3 classes
     """
-    to_caller = _interop.converter_like(centers)
+    to_caller = interop.converter_like(centers)
     centers, labels = _exportable(centers, labels)
     kernels, arrays = _select(backend, centers, labels, stream=stream, sync=sync)
-    checked = _validation.validate_gather(centers, labels, arrays)
+    checked = validation.validate_gather(centers, labels, arrays)
     return to_caller(kernels.gather_centers(checked.centers, checked.labels))
 
 
@@ -355,21 +341,21 @@ def scatter_sub_update(
     [[-1.0], [1.0], [3.0]]
     """
     caller_out = out
-    checked = _plain(backend, _validation.plain_scatter, (centers, labels, updates, out))
-    if checked is not None:  # the common case on the CPU, see _validation.plain_scatter
-        to_caller = _interop.converter_like(centers, host=True)
-        kernels, arrays = _numba_kernels(), HostArrays
+    checked = _plain(backend, validation.plain_scatter, (centers, labels, updates, out))
+    if checked is not None:  # the common case on the CPU, see validation.plain_scatter
+        to_caller = interop.converter_like(centers, host=True)
+        kernels, arrays = _backends.load("numba"), _host_arrays("numba")
     else:
-        to_caller = _interop.converter_like(centers)
+        to_caller = interop.converter_like(centers)
         centers, labels, updates, out = _exportable(centers, labels, updates, out)
         kernels, arrays = _select(backend, centers, updates, out, stream=stream, sync=sync)
-        checked = _validation.validate_scatter(centers, labels, updates, out, arrays)
+        checked = validation.validate_scatter(centers, labels, updates, out, arrays)
     target, copy_from = _target(arrays, checked.centers, checked.out, checked.out_is_centers)
     kernels.scatter_sub_update(target, checked.labels, checked.updates, deterministic=deterministic,
                                copy_from=copy_from)
     if caller_out is None:
         return to_caller(target)
-    _interop.mark_written(caller_out)
+    interop.mark_written(caller_out)
     return caller_out
 
 
@@ -545,15 +531,15 @@ def center_loss(
     ValueError: unknown rule 'tensorflow'; valid choices are ...
     """
     caller_out, caller_grad_out = out, grad_out
-    checked = _plain(backend, _validation.plain_center_loss, (features, labels, centers, out, grad_out), alpha, rule)
-    if checked is not None:  # the common case on the CPU, see _validation.plain_center_loss
-        to_caller = _interop.converter_like(features, host=True)
-        kernels, arrays = _numba_kernels(), HostArrays
+    checked = _plain(backend, validation.plain_center_loss, (features, labels, centers, out, grad_out), alpha, rule)
+    if checked is not None:  # the common case on the CPU, see validation.plain_center_loss
+        to_caller = interop.converter_like(features, host=True)
+        kernels, arrays = _backends.load("numba"), _host_arrays("numba")
     else:
-        to_caller = _interop.converter_like(features)
+        to_caller = interop.converter_like(features)
         features, labels, centers, out, grad_out = _exportable(features, labels, centers, out, grad_out)
         kernels, arrays = _select(backend, features, centers, out, grad_out, stream=stream, sync=sync)
-        checked = _validation.validate_center_loss(features, labels, centers, alpha, rule, out, arrays, grad_out)
+        checked = validation.validate_center_loss(features, labels, centers, alpha, rule, out, arrays, grad_out)
     batch_size, feature_size = checked.features.shape
     coefficients = rule_coefficients(checked.rule, checked.alpha, batch_size, feature_size)
 
@@ -568,9 +554,9 @@ def center_loss(
         copy_from=copy_from,
     )
     if caller_out is not None and coefficients.moves_centers:
-        _interop.mark_written(caller_out)
+        interop.mark_written(caller_out)
     if caller_grad_out is not None:
-        _interop.mark_written(caller_grad_out)
+        interop.mark_written(caller_grad_out)
     return CenterLossResult(
         loss=loss if isinstance(loss, float) else to_caller(loss),
         grad=caller_grad_out if caller_grad_out is not None else to_caller(grad),

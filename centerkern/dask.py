@@ -24,7 +24,8 @@ import dask.array as da
 import numpy as np
 
 from . import _api
-from ._validation import FLOAT_DTYPES, HOST_BACKENDS, check_choice, check_labels
+from ._backends import HOST as HOST_BACKENDS
+from ._core.validation import FLOAT_DTYPES, check_choice, check_labels
 
 __all__ = ["class_centers"]
 

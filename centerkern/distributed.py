@@ -54,11 +54,13 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-from . import _api, _compact, _validation
+from . import _api, _backends
+from ._adapters import batch_classes
+from ._core import validation
 from ._api import CenterLossResult
-from ._errors import PeerInputError
-from ._interop import check_writable
-from ._rules import RULES, moves_centers, rule_coefficients
+from ._core.errors import PeerInputError
+from ._core.interop import check_writable
+from ._core.rules import RULES, moves_centers, rule_coefficients
 
 __all__ = ["EXCHANGES", "SPARSE_BELOW_FRACTION", "PeerInputError", "center_loss", "choose_exchange", "gather_centers",
            "shard_centers"]
@@ -187,7 +189,7 @@ def center_loss(
     world_size = dist.get_world_size(group)
     error = None
     try:  # anything that can fail on one rank alone fails here, before the first collective
-        _validation.check_choice(exchange, "exchange", EXCHANGES)
+        validation.check_choice(exchange, "exchange", EXCHANGES)
         if not all(isinstance(x, torch.Tensor) for x in (features, centers) + (() if out is None else (out,))):
             raise TypeError(
                 "features, centers and out must be torch tensors, got "
@@ -304,7 +306,7 @@ def shard_centers(centers: Any, mesh: Any = None, *, dtype: torch.dtype | None =
         shape, dtype = tuple(int(n) for n in centers), dtype or torch.float32
         if len(shape) != 2 or min(shape) < 0:
             raise ValueError(f"the centers' shape must be (K, D) with K, D >= 0, got {tuple(centers)}")
-        _validation.check_choice(init, "init", ("zeros", "normal"))
+        validation.check_choice(init, "init", ("zeros", "normal"))
     mesh = _one_dimensional_mesh(mesh, device)
     first, stop = _owned_rows(shape[0], mesh.size(), mesh.get_local_rank())
     if isinstance(centers, torch.Tensor):
@@ -395,8 +397,8 @@ def gather_centers(centers: DTensor, labels: Any, *, backend: str = "auto") -> t
     error = header = None
     try:
         local = _sharded_local(centers)
-        _validation.check_choice(backend, "backend", ("auto", *_api.BACKENDS))
-        labels = _validation.check_labels(_host_labels(labels), None, centers.shape[0], "the gather")
+        validation.check_choice(backend, "backend", _backends.CHOICES)
+        labels = validation.check_labels(_host_labels(labels), None, centers.shape[0], "the gather")
         classes, index, header = _sharded_header(centers, labels, local.device, rule_index=-1, alpha=0.0)
     except Exception as caught:  # noqa: BLE001 - re-raised by _agree, after the other ranks are told
         error = caught
@@ -444,7 +446,7 @@ def choose_exchange(exchange: str, world_size: int, most_touched: int, num_class
     >>> choose_exchange("sparse", world_size=4, most_touched=8000, num_classes=20000)
     'sparse'
     """
-    _validation.check_choice(exchange, "exchange", EXCHANGES)
+    validation.check_choice(exchange, "exchange", EXCHANGES)
     if exchange != "auto":
         return exchange
     return "sparse" if world_size * most_touched < SPARSE_BELOW_FRACTION * num_classes else "dense"
@@ -697,16 +699,16 @@ def _sharded_step(features, labels, centers, alpha, rule, out, backend, determin
     error = header = None
     try:  # anything that can fail on one rank alone fails here, before the first collective
         local = _sharded_local(centers)
-        rule = _validation.check_choice(rule, "rule", RULES)
-        alpha = _validation.check_alpha(alpha)
-        _validation.check_choice(backend, "backend", ("auto", *_api.BACKENDS))
+        rule = validation.check_choice(rule, "rule", RULES)
+        alpha = validation.check_alpha(alpha)
+        validation.check_choice(backend, "backend", _backends.CHOICES)
         if not isinstance(features, torch.Tensor) or isinstance(features, DTensor):
             raise TypeError(f"features must be this rank's batch as a plain torch tensor, got {type(features).__name__}")
         host_labels = _host_labels(labels)
-        _compact.check_shapes_and_dtypes(features, local, host_labels.size, host_labels.dtype)
+        batch_classes.check_shapes_and_dtypes(features, local, host_labels.size, host_labels.dtype)
         if features.device != local.device:
             raise ValueError(f"features on {features.device} and the centers' shard on {local.device}")
-        host_labels = _validation.check_labels(host_labels, features.shape[0], num_classes, f"features of shape {tuple(features.shape)}")
+        host_labels = validation.check_labels(host_labels, features.shape[0], num_classes, f"features of shape {tuple(features.shape)}")
         if out is not None:
             out_local = _sharded_local(out)
             if out.device_mesh != mesh or out.shape != centers.shape or out.dtype != centers.dtype:

@@ -9,12 +9,12 @@
 
     (loss, centers), grads = jax.value_and_grad(objective, has_aux=True)(params, centers, images, labels)
 
-On the CPU the step is one XLA FFI custom call (``centerkern._xla_ffi``): XLA hands the kernels
+On the CPU the step is one XLA FFI custom call (``centerkern._adapters.xla_ffi``): XLA hands the kernels
 its buffers in place, and the new centers are written over the centers' own buffer, so that a
 jitted step with the centers donated (``donate_argnums``) copies nothing of size K x D and never
 leaves compiled code for a host callback. Without ``jax.ffi``, or with JAX on a GPU (unless
 ``CENTERKERN_JAX_GPU_CUSTOM_CALL=1``), the kernels run as a ``jax.pure_callback`` on the batch's
-classes only (see ``centerkern._compact``): B rows cross to the host and back, never K.
+classes only (see ``centerkern._adapters.batch_classes``): B rows cross to the host and back, never K.
 
 The gradient with respect to ``features`` is the kernel's; the one with respect to ``centers``
 (what rule ``pytorch`` trains) is ``-sum`` of the features' gradient per class. ``new_centers`` is
@@ -35,10 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero, zero_from_primal
 
-from ._compact import (check_labels_of_every_shard, check_shapes_and_dtypes, host_combine, host_partials, host_step,
+from ._adapters.batch_classes import (check_labels_of_every_shard, check_shapes_and_dtypes, host_combine, host_partials, host_step,
                        table_width)
-from ._rules import RULES, moves_centers, rule_coefficients
-from ._validation import HOST_BACKENDS, check_choice, check_labels
+from ._core.rules import RULES, moves_centers, rule_coefficients
+from ._backends import HOST as HOST_BACKENDS
+from ._core.validation import check_choice, check_labels
 
 __all__ = ["GPU_CUSTOM_CALL_SWITCH", "center_loss", "ffi_path_available", "step_path"]
 
@@ -236,7 +237,7 @@ def _axis_size(axis_name) -> int:
 
 
 def _global_step(features, labels, centers, alpha, rule, backend, axis_name):
-    """The data-parallel step (``axis_name``): see ``centerkern._compact``. Each shard's table
+    """The data-parallel step (``axis_name``): see ``centerkern._adapters.batch_classes``. Each shard's table
     of per-class partials is placed in its own block of a zero table and the tables are summed
     over the axis: one psum, whose result JAX types as replicated, so the new centers are."""
     num_classes, batch_size = centers.shape[0], features.shape[0]
@@ -504,7 +505,7 @@ def _ffi_target(rule: str, backend: str) -> str:
 def _register(name: str, calls: dict) -> None:
     """Register ``calls`` (platform -> ``function(frame, arguments, results)``) as XLA FFI
     target ``name``, their handlers kept for as long as the process."""
-    from ._xla_ffi import handler
+    from ._adapters.xla_ffi import handler
 
     kept = []
     for platform, function in calls.items():
@@ -516,7 +517,7 @@ def _register(name: str, calls: dict) -> None:
 def _step_in_custom_call(*args, **kwargs):
     """``center_loss`` inside a custom call: a bad label becomes the call's OUT_OF_RANGE error."""
     from . import _api
-    from ._xla_ffi import ERROR_OUT_OF_RANGE, CallError
+    from ._adapters.xla_ffi import ERROR_OUT_OF_RANGE, CallError
 
     try:
         return _api.center_loss(*args, **kwargs)
@@ -548,7 +549,7 @@ def _device_custom_call(frame, arguments, results, *, rule):
     the label check (sync=True) so that a bad label is returned as this call's error."""
     from numba import cuda
 
-    from ._xla_ffi import stream
+    from ._adapters.xla_ffi import stream
 
     handle = stream(frame)
     on_stream = cuda.external_stream(handle) if handle else cuda.default_stream()

@@ -12,7 +12,7 @@ layer: it returns the loss, differentiable with respect to ``features`` (and to 
 what rule ``pytorch`` trains, as sparse ``IndexedSlices`` like ``tf.gather``'s), and in
 training mode moves the rows of ``centers`` that the batch touches with one
 ``scatter_update``, as facenet's ``tf.scatter_sub`` does. The kernels run as a
-``tf.numpy_function`` on the batch's classes only (see ``centerkern._compact``): a step reads
+``tf.numpy_function`` on the batch's classes only (see ``centerkern._adapters.batch_classes``): a step reads
 and writes B rows of the variable, never all K. For the same reason a ``tf.function`` holding it
 cannot be compiled with XLA (``jit_compile=True``); the layer says so (``supports_jit = False``),
 so that Keras's default ``jit_compile="auto"`` leaves XLA off for a model holding it.
@@ -21,7 +21,7 @@ Under ``tf.distribute.MirroredStrategy`` (``fit``, or ``strategy.run``) each rep
 gradient are its own, and the centers move by the whole batch: every replica's per-class float64
 sums and counts are gathered (the replica context's ``all_gather``), every replica computes the
 same new rows from them and writes them into its own copy of the centers (see
-``centerkern._compact``). Strategies this cannot serve are refused by name.
+``centerkern._adapters.batch_classes``). Strategies this cannot serve are refused by name.
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ._compact import (check_labels_of_every_shard, check_shapes_and_dtypes, host_combine, host_partials, host_step,
+from ._adapters.batch_classes import (check_labels_of_every_shard, check_shapes_and_dtypes, host_combine, host_partials, host_step,
                        table_width)
-from ._rules import RULES, moves_centers, rule_coefficients
-from ._validation import HOST_BACKENDS, check_alpha, check_choice, check_labels
+from ._core.rules import RULES, moves_centers, rule_coefficients
+from ._backends import HOST as HOST_BACKENDS
+from ._core.validation import check_alpha, check_choice, check_labels
 
 __all__ = ["CenterLoss", "center_loss"]
 
@@ -219,7 +220,7 @@ def _labels_checked_on_every_replica(labels, num_classes: int, replica):
 
 
 def _move_by_every_replica(variable, table, alpha, rule: str, backend: str, replica) -> None:
-    """The data-parallel update (see ``centerkern._compact``): every replica's table of per-class
+    """The data-parallel update (see ``centerkern._adapters.batch_classes``): every replica's table of per-class
     partials gathered in replica order, the same new rows computed on every replica, and each
     written into that replica's copy of the centers."""
     tables = replica.all_gather(tf.bitcast(table, tf.int32), axis=0)  # the collectives take no uint32

@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _api
-from ._rules import RULES, moves_centers, rule_coefficients
-from ._validation import check_same_dtype, check_alpha, check_choice
+from . import _api, _backends
+from ._core.rules import RULES, moves_centers, rule_coefficients
+from ._core.validation import check_same_dtype, check_alpha, check_choice
 
 __all__ = ["CenterLoss"]
 
@@ -255,7 +255,7 @@ class CenterLoss(nn.Module):
         super().__init__()
         self.rule = check_choice(rule, "rule", RULES)
         self.alpha = check_alpha(alpha)
-        self.backend = check_choice(backend, "backend", ("auto", *_api.BACKENDS))
+        self.backend = check_choice(backend, "backend", _backends.CHOICES)
         self.deterministic = bool(deterministic)
         self.num_classes, self.feat_dim = int(num_classes), int(feat_dim)
         self.process_group = process_group

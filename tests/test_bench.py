@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import centerkern
-from centerkern import _bench, _peers
+from centerkern._cli import bench as _bench
+from centerkern._cli import alternatives as _peers
 
 from conftest import assert_matches
 

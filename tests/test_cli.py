@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import centerkern
-from centerkern._validation import BACKENDS
+from centerkern._backends import NAMES as BACKENDS
 
 from conftest import SIMULATED
 

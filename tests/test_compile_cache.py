@@ -16,8 +16,8 @@ import pytest
 from numba import types
 
 import centerkern
-from centerkern import kernels_numba
-from centerkern._cpu import jit
+from centerkern._backends import numba_cpu as kernels_numba
+from centerkern._backends.numba_cpu import jit
 
 from conftest import assert_matches
 
@@ -35,7 +35,7 @@ _LOADS_WITHOUT_COMPILING = r"""
 import json
 import numpy as np
 import centerkern
-from centerkern import kernels_numba
+from centerkern._backends import numba_cpu as kernels_numba
 
 cached_before = {entry.name: entry.is_cached("float32") for entry in kernels_numba.ENTRIES}
 rng = np.random.default_rng(1)
@@ -181,7 +181,7 @@ def test_a_cached_kernel_is_valid_for_the_sources_of_the_whole_package(tmp_path)
 def test_the_first_call_bench_measures_each_case_in_a_fresh_process(monkeypatch):
     """``bench --first-call`` at its cheapest: the serial case (with the import and the warm case
     it carries) and the new layouts, one run each; the report holds every figure and goal."""
-    from centerkern import _first_call
+    from centerkern._cli import first_call as _first_call
 
     kept = ("import", "serial", "new layouts", "warm")
     monkeypatch.setattr(_first_call, "CASES", tuple(case for case in _first_call.CASES if case[0] in kept))
@@ -200,12 +200,12 @@ def test_the_first_call_bench_measures_each_case_in_a_fresh_process(monkeypatch)
 def test_an_earlier_revision_is_exported_beside_this_one(tmp_path):
     """What ``--against`` and benchmarks/compare_revisions.py run: the package of a git revision,
     importable under another name next to this one."""
-    from centerkern import _reports
+    from centerkern._cli import reports as _reports
 
     revision = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=os.path.dirname(os.path.dirname(__file__))).stdout.strip()
     parent = _reports.export_revision(revision, tmp_path, "centerkern_exported")
-    program = ("import sys; sys.path.insert(0, sys.argv[1]); import centerkern_exported.kernels_numba as k; "
+    program = ("import sys; sys.path.insert(0, sys.argv[1]); import centerkern_exported._backends.numba_cpu as k; "
                "print(k.__file__)")
     exported = subprocess.run([sys.executable, "-c", program, str(parent)], capture_output=True, text=True,
                               timeout=TIMEOUT_SECONDS, cwd=tmp_path)

@@ -224,7 +224,8 @@ def test_cuda_out_that_overlaps_itself_is_refused():
 def test_cuda_no_kernel_runs_before_every_kernel_of_the_call_is_ready(monkeypatch):
     """A failure while a call's kernels are prepared (a compile error, an interrupt) comes before
     the first launch that writes: out is left as it was."""
-    from centerkern.cuda import driver, kernels
+    from centerkern.cuda import driver
+    from centerkern.cuda import kernels
 
     features, labels, centers, _ = _batch(8, 16, 3, 4)
     out = cuda.to_device(np.full_like(centers, 5.0))

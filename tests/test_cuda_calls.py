@@ -13,7 +13,9 @@ from numba import cuda
 import centerkern
 import centerkern.cuda
 from centerkern.cuda import arrays as cuda_arrays
-from centerkern.cuda import driver, kernels, record
+from centerkern.cuda import driver
+from centerkern.cuda import kernels
+from centerkern.cuda import record
 
 from conftest import SIMULATED, assert_matches, to_host
 

@@ -8,9 +8,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import centerkern  # noqa: E402
-from centerkern._local_ranks import run_on_local_ranks  # noqa: E402
+from centerkern.testing.local_ranks import run_on_local_ranks  # noqa: E402
 from conftest import assert_matches  # noqa: E402
-from distributed_workers import NUM_CLASSES, SCENARIOS, WIDTH, global_batches, run_rank  # noqa: E402
+from workers.distributed_workers import NUM_CLASSES, SCENARIOS, WIDTH, global_batches, run_rank  # noqa: E402
 
 TIME_LIMIT = 240  # seconds for a whole group: process start-up, imports and compiles included
 

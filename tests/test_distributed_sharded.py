@@ -10,9 +10,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import centerkern  # noqa: E402
-from centerkern._local_ranks import run_on_local_ranks  # noqa: E402
+from centerkern.testing.local_ranks import run_on_local_ranks  # noqa: E402
 from conftest import assert_matches  # noqa: E402
-from sharded_workers import (  # noqa: E402
+from workers.sharded_workers import (  # noqa: E402
     ALPHA, NUM_CLASSES, STEPS_AFTER_SAVE, STEPS_BEFORE_SAVE, WIDTH, global_batch, run_rank, split, starting_centers,
     step_batches,
 )

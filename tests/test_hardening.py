@@ -129,7 +129,8 @@ def test_calls_with_writable_inputs_never_compile_while_another_thread_compiles(
     inputs are passed as the signature's read-only arrays, not converted (which Numba does only
     while compiling is off; here it compiled a new specialisation, or raised 'compilation
     disabled' once the other thread had finished, on two JAX devices)."""
-    from centerkern._cpu import memory, step
+    from centerkern._backends.numba_cpu import memory
+    from centerkern._backends.numba_cpu import step
 
     rng = np.random.default_rng(0)
     features, centers = rng.standard_normal((6, 3)).astype(np.float32), rng.standard_normal((4, 3)).astype(np.float32)

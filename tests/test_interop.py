@@ -199,7 +199,7 @@ def test_tensorflow_results_are_usable_by_tensorflow_ops():
 
 def test_tensorflow_gets_a_copy_of_a_misaligned_result_and_shares_an_aligned_one():
     tf = pytest.importorskip("tensorflow")
-    from centerkern import _interop
+    from centerkern._core import interop as _interop
 
     convert = _interop.converter_like(tf.constant([1.0]))
     storage = np.zeros(64 + 8, np.float32)

@@ -11,7 +11,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import centerkern  # noqa: E402
 import centerkern.jax as center_jax  # noqa: E402
-from centerkern._rules import rule_coefficients  # noqa: E402
+from centerkern._core.rules import rule_coefficients  # noqa: E402
 from centerkern.testing.strategies import center_loss_inputs  # noqa: E402
 from conftest import assert_matches  # noqa: E402
 

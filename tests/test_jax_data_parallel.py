@@ -2,7 +2,7 @@
 ``shard_map`` (typed as JAX types its own ops) and ``pmap``, ``axis_name=`` moves the centers as
 one process on the whole batch would, identically on every shard; a bad label on one shard
 fails every shard, and nothing hangs. The devices are made in a process of their own
-(``tests/jax_shard_workers.py``); the references are the numpy backend on the whole batch."""
+(``tests/workers/jax_shard_workers.py``); the references are the numpy backend on the whole batch."""
 
 import os
 import re
@@ -16,7 +16,7 @@ pytest.importorskip("jax")
 
 import centerkern  # noqa: E402
 from conftest import assert_matches  # noqa: E402
-from jax_shard_workers import ALPHA, STEPS, batches  # noqa: E402
+from workers.jax_shard_workers import ALPHA, STEPS, batches  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -25,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def run(request, tmp_path_factory):
     devices = request.param
     out = tmp_path_factory.mktemp("shards") / "results.npz"
-    completed = subprocess.run([sys.executable, os.path.join(HERE, "jax_shard_workers.py"), str(devices), str(out)],
+    completed = subprocess.run([sys.executable, os.path.join(HERE, "workers", "jax_shard_workers.py"), str(devices), str(out)],
                                capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return devices, dict(np.load(out))

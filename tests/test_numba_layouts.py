@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import centerkern
-from centerkern import _validation, kernels_numba
-from centerkern._rules import rule_coefficients
+from centerkern._core import validation as _validation
+from centerkern._backends.numba_cpu import driver as kernels_numba
+from centerkern._core.rules import rule_coefficients
 
 from conftest import assert_matches
 

@@ -155,7 +155,7 @@ def test_backends_lists_the_cpu_backends():
 
 
 def test_auto_runs_numba_for_host_arrays(monkeypatch):
-    from centerkern import kernels_numba
+    from centerkern._backends import numba_cpu as kernels_numba
 
     calls = []
     original = kernels_numba.center_loss_step

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") == "1",
 import numpy as np  # noqa: E402
 from numba import cuda, types  # noqa: E402
 
-from centerkern.cuda import kernels, launcher  # noqa: E402
+from centerkern.cuda import kernels
+from centerkern.cuda import launcher  # noqa: E402
 from centerkern.cuda.views import DeviceView  # noqa: E402
 
 LABEL_DTYPES = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64]

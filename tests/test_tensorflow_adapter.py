@@ -13,7 +13,7 @@ keras = pytest.importorskip("keras")
 
 import centerkern  # noqa: E402
 import centerkern.tensorflow as center_tf  # noqa: E402
-from centerkern._rules import rule_coefficients  # noqa: E402
+from centerkern._core.rules import rule_coefficients  # noqa: E402
 from conftest import assert_matches  # noqa: E402
 
 

@@ -2,7 +2,7 @@
 moves the centers as one process on the whole batch would, the same bits in every replica's
 copy; a bad label on one replica fails the step on every replica with nothing moved; strategies
 centerkern cannot serve are refused by name. The replicas are made in a process of their own
-(``tests/tensorflow_replica_workers.py``)."""
+(``tests/workers/tensorflow_replica_workers.py``)."""
 
 import os
 import subprocess
@@ -16,7 +16,7 @@ tf = pytest.importorskip("tensorflow")
 import centerkern  # noqa: E402
 import centerkern.tensorflow as center_tf  # noqa: E402
 from conftest import assert_matches  # noqa: E402
-from tensorflow_replica_workers import ALPHA, BATCH, LEARNING_RATE, REPLICAS, data  # noqa: E402
+from workers.tensorflow_replica_workers import ALPHA, BATCH, LEARNING_RATE, REPLICAS, data  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -24,7 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("replicas") / "results.npz"
-    completed = subprocess.run([sys.executable, os.path.join(HERE, "tensorflow_replica_workers.py"), str(out)],
+    completed = subprocess.run([sys.executable, os.path.join(HERE, "workers", "tensorflow_replica_workers.py"), str(out)],
                                capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return dict(np.load(out))

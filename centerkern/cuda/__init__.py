@@ -20,7 +20,7 @@ import os
 
 from numba import cuda
 
-from .._validation import BackendUnavailableError
+from .._core.errors import BackendUnavailableError
 from .arrays import DeviceArrays
 from .driver import center_loss_step, check_errors, gather_centers, scatter_sub_update
 from .launcher import launch_path

@@ -18,7 +18,7 @@ CuPy's allocators hand a block given back on a stream only to later work on that
 and a stream-ordered free waits for the work queued before it. So calls share no memory, on one
 stream or several, from one host thread or several.
 
-``DeviceArrays`` is the twin of ``_validation.HostArrays``: the same methods, for one call's
+``DeviceArrays`` is the twin of ``validation.HostArrays``: the same methods, for one call's
 device arrays, plus the call's stream, device and ``sync`` choice.
 """
 
@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 from numba import cuda
 
-from .._interop import framework_of
-from .._validation import HostArrays, is_device_array
+from .._core.interop import framework_of
+from .._core.interop import is_device_array
+from .._core.validation import HostArrays
 from . import kernels
 from .launcher import prepare
 from .views import DeviceView, numpy_dtypes_of_torch, simulated

@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import label_out_of_range
-from .._rules import RuleCoefficients
-from . import kernels, record
+from .._core.errors import label_out_of_range
+from .._core.rules import RuleCoefficients
+from . import kernels
+from . import record
 from .arrays import DeviceArrays, grid_1d, launch_1d, row_blocks, row_threads
 from .launcher import prepare, setup_under_capture
 from .views import DeviceView
@@ -302,7 +303,7 @@ def center_loss_step(
         Where the rows of the batch's classes are written: ``centers`` itself for rules that
         move the centers (``facenet``, ``wen``), a zeroed ``grad_centers`` for ``pytorch``.
     rule : RuleCoefficients
-        The rule's coefficients for this batch: ``centerkern._rules.rule_coefficients(rule,
+        The rule's coefficients for this batch: ``centerkern._core.rules.rule_coefficients(rule,
         alpha, B, D)``, as ``centerkern.center_loss`` makes them.
     deterministic : bool, optional
         Bitwise-identical results from run to run: no float atomics, the partial sums of a
@@ -339,7 +340,7 @@ def center_loss_step(
     >>> import numpy as np
     >>> from numba import cuda
     >>> import centerkern.cuda
-    >>> from centerkern._rules import rule_coefficients
+    >>> from centerkern._core.rules import rule_coefficients
     >>> features = cuda.to_device(np.array([[1.0, 1.0], [1.0, 3.0], [4.0, 2.0]]))
     >>> labels = cuda.to_device(np.array([0, 0, 1]))
     >>> centers = cuda.to_device(np.zeros((2, 2)))

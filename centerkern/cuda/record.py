@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from numba import cuda
 
-from .._errors import label_out_of_range
+from .._core.errors import label_out_of_range
 from . import kernels
 from .views import DeviceView, simulated
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from numba import cuda
 
-from .._interop import Owned
+from .._core.interop import Owned
 
 
 def _read_simulator_switch() -> bool:

@@ -1,6 +1,6 @@
 """centerkern.testing: check somebody else's center-loss step against the reference.
 
-    from centerkern.testing import check_center_loss
+    from . import check_center_loss
 
     def my_step(features, labels, centers, alpha):      # torch tensors in, torch tensors out
         diff = features - centers[labels]
@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from .._rules import RULES
-from .._validation import check_choice
+from .._core.rules import RULES
+from .._core.validation import check_choice
 from . import _mistakes
 from ._diagnosis import Diagnosis, comparable, diagnose, form_mistakes, third_name
 from ._mistakes import Quantities, reference

@@ -15,7 +15,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from .._api import center_loss
-from .._rules import RULES, rule_coefficients
+from .._core.rules import RULES, rule_coefficients
 
 
 class Quantities(NamedTuple):

@@ -2,7 +2,7 @@
 their own property tests.
 
     from hypothesis import given
-    from centerkern.testing.strategies import center_loss_inputs
+    from .strategies import center_loss_inputs
 
     @given(center_loss_inputs())
     def test_my_step(case):

@@ -15,54 +15,15 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from ._errors import label_out_of_range
-from ._interop import check_writable, framework_of, torch_host_view
-from ._rules import RULES
+from .errors import label_out_of_range
+from .interop import check_writable, framework_of, is_device_array, torch_host_view
+from .rules import RULES
 
-BACKENDS = ("numpy", "numba", "cuda")
-HOST_BACKENDS = ("numpy", "numba")  # those that compute on host arrays, as framework callbacks need
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-_PARALLEL_ZEROS_BYTES = 1 << 22  # from 4 MB on, HostArrays.zeros fills in parallel
-
-
-def is_device_array(x: Any) -> bool:
-    """Whether ``x`` lives in GPU memory: the CUDA Array Interface (numba, CuPy, torch), or a
-    Numba device array (which is how the CUDA simulator's arrays show themselves)."""
-    return hasattr(x, "__cuda_array_interface__") or bool(getattr(x, "__cuda_ndarray__", False))
-
-
-class BackendUnavailableError(RuntimeError):
-    """The requested backend cannot run on this machine (for example ``cuda`` without a GPU).
-
-    Raised by ``center_loss``, ``gather_centers`` and ``scatter_sub_update`` (and the framework
-    adapters) when ``backend="cuda"`` is asked for, or ``backend="auto"`` meets device arrays,
-    and Numba's CUDA target cannot be loaded (the optional ``numba-cuda`` extra is missing) or
-    finds no GPU; also by ``centerkern.cuda.require_available()``. The message says which, and
-    how to install the extra or run Numba's CUDA simulator. ``backends()`` lists the backends
-    that can run, without raising.
-
-    See Also
-    --------
-    backends : The backends usable on this machine.
-
-    Examples
-    --------
-    Fall back to the CPU where no GPU is found (the result is the same either way):
-
-    >>> import numpy as np
-    >>> import centerkern
-    >>> def gather(centers, labels):
-    ...     try:
-    ...         return centerkern.gather_centers(centers, labels, backend="cuda")
-    ...     except centerkern.BackendUnavailableError:
-    ...         return centerkern.gather_centers(centers, labels, backend="numba")
-    >>> gather(np.array([[0.0, 1.0], [2.0, 3.0]]), [1, 1, 0]).tolist()
-    [[2.0, 3.0], [2.0, 3.0], [0.0, 1.0]]
-    """
 
 
 def check_choice(value: Any, what: str, choices: tuple[str, ...]) -> str:
@@ -87,11 +48,16 @@ def check_alpha(alpha: Any) -> float:
 
 
 class HostArrays:
-    """Conversion and inspection of arrays that live in host memory.
+    """Conversion and inspection of arrays that live in host memory, and their allocation by the
+    host backend that computes on them (``zeros``: the numba backend fills large arrays on every
+    core).
 
     The CUDA backend's ``DeviceArrays`` has the same methods for device arrays."""
 
     name = "host"
+
+    def __init__(self, zeros: Callable[[tuple[int, ...], Any], np.ndarray] = np.zeros):
+        self.zeros = zeros
 
     @staticmethod
     def asarray(x: Any, what: str) -> np.ndarray:
@@ -169,15 +135,6 @@ class HostArrays:
     @staticmethod
     def empty(shape: tuple[int, ...], dtype) -> np.ndarray:
         return np.empty(shape, dtype=dtype)
-
-    @staticmethod
-    def zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
-        if math.prod(shape) * np.dtype(dtype).itemsize < _PARALLEL_ZEROS_BYTES:
-            return np.zeros(shape, dtype=dtype)
-        from .kernels_numba import zeros  # large: zeroed by every core (see there)
-
-        return zeros(shape, dtype)
-
 
 def _float_matrix(x: Any, what: str, arrays) -> Any:
     if isinstance(x, (list, tuple)):

@@ -1,7 +1,7 @@
 """``python -m centerkern compile``: fill the kernel cache ahead of time.
 
 What a Dockerfile or a CI job runs once, so that no process pays for compiling at its first call.
-Every entry point of the numba backend (``kernels_numba.ENTRIES``) is compiled for each dtype
+Every entry point of the numba backend (``numba_cpu.ENTRIES``) is compiled for each dtype
 asked for, in worker processes where there is more than one core: one process per entry point,
 so that no two processes write one cache index. The ``cuda`` backend compiles where a GPU is
 present, by running each kernel once on it.
@@ -25,9 +25,9 @@ BACKENDS = ("numba", "cuda")
 def _compile_entry(name: str, dtypes: tuple[str, ...]) -> list[tuple[str, float, bool]]:
     """Compile (or find in the cache) one numba entry point for each dtype: (dtype, seconds,
     whether it was cached already) each. Runs in a worker process."""
-    from . import kernels_numba
+    from .._backends import numba_cpu
 
-    entry = next(entry for entry in kernels_numba.ENTRIES if entry.name == name)
+    entry = next(entry for entry in numba_cpu.ENTRIES if entry.name == name)
     done = []
     for dtype in dtypes:
         start = time.perf_counter()
@@ -80,7 +80,7 @@ class _Progress:
 
 
 def compile_kernels(dtypes: tuple[str, ...], backends: tuple[str, ...], jobs: int) -> int:
-    from .kernels_numba import ENTRIES, kernel_cache
+    from .._backends.numba_cpu import ENTRIES, kernel_cache
 
     start = time.perf_counter()
     if "numba" in backends:

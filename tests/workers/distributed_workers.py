@@ -32,7 +32,7 @@ SCENARIOS = [
 
 
 def run_rank(rank: int, world_size: int) -> dict:
-    """What one rank returns (run by ``centerkern._local_ranks.run_on_local_ranks``)."""
+    """What one rank returns (run by ``centerkern.testing.local_ranks.run_on_local_ranks``)."""
     import torch
 
     return _scenarios(rank, world_size, torch)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from ._api import backends, center_loss, scatter_sub_update
-from ._rules import rule_coefficients
+from .._api import backends, center_loss, scatter_sub_update
+from .._core.rules import rule_coefficients
 
 ALPHA = 0.95  # facenet's training value: the alpha of every rule, unless a size says otherwise
 FLOOR = "copy floor (same bytes)"

@@ -20,7 +20,9 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from . import __version__
+from .. import __version__
+
+_CHECKOUT = Path(__file__).resolve().parents[2]  # the checkout holding centerkern/, when there is one
 
 
 def _versions() -> dict:
@@ -43,7 +45,7 @@ def _commit() -> dict:
     """The git commit of the package measured, where it runs from a checkout: the version
     number alone does not tell two commits of one development version apart. Empty elsewhere
     (an installed package, no git)."""
-    root = Path(__file__).resolve().parent.parent
+    root = _CHECKOUT
     if not (root / ".git").exists():
         return {}
     try:
@@ -71,7 +73,7 @@ def provenance() -> dict:
 def export_revision(revision: str, directory: Path, name: str = "centerkern") -> Path:
     """The ``centerkern`` package of git ``revision`` of this checkout, written into ``directory``
     as package ``name``: an earlier version to measure beside this one. Returns its parent."""
-    root = Path(__file__).resolve().parent.parent
+    root = _CHECKOUT
     archive = subprocess.run(["git", "archive", "--format=tar", revision, "centerkern"], check=True,
                              capture_output=True, cwd=root).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:

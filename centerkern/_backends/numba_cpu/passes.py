@@ -2,7 +2,7 @@
 
 Each body is one compiled function, and the few-line helpers it calls are inlined into it: a
 function of its own costs a first call a compile, and Numba's inlining of nested functions
-costs more than it saves (both measured: see ``centerkern._cpu.jit``).
+costs more than it saves (both measured: see ``centerkern._backends.numba_cpu.jit``).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Plain NumPy, written to be obviously correct rather than fast: the duplicate-lab
 sum is taken in float64, and the centers are gathered before anything is written.
 
 Every backend module has these three functions with the same signatures. They receive arrays
-that ``centerkern._validation`` has already checked, and update ``centers`` in place; the public
+that ``centerkern._core.validation`` has already checked, and update ``centers`` in place; the public
 functions in ``centerkern`` decide what is copied first, and pass it as ``copy_from`` (the
 backend's first write). ``deterministic`` is part of the shared signature; this backend's
 results are bitwise reproducible whatever it says.
@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._rules import RuleCoefficients
+from .._core.rules import RuleCoefficients
+
+
+# the public functions' allocation in host memory (see ``centerkern._backends``)
+zeros = np.zeros
 
 
 def gather_centers(centers: np.ndarray, labels: np.ndarray) -> np.ndarray:

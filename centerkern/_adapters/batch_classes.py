@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _api, _validation
-from ._errors import PeerInputError
-from ._rules import rule_coefficients
+from .. import _api
+from .._core import validation
+from .._core.errors import PeerInputError
+from .._core.rules import rule_coefficients
 
 
 def check_shapes_and_dtypes(features, centers, label_count: int | None, label_dtype) -> None:
     """``center_loss``'s checks that need no values, on a framework's own arrays (inside
     ``jax.jit`` or ``tf.function`` the values are not there yet; the labels' range is checked
     where they are). ``label_count`` None: not known until run time."""
-    _validation.check_same_dtype(features=features, centers=centers)
+    validation.check_same_dtype(features=features, centers=centers)
     if len(features.shape) != 2 or len(centers.shape) != 2:
         raise ValueError(f"features and centers must be 2-D, got shapes {features.shape} and {centers.shape}")
-    _validation.check_feature_size(features, "features", centers)
+    validation.check_feature_size(features, "features", centers)
     if label_count is not None and features.shape[0] is not None and label_count != features.shape[0]:
         raise ValueError(f"{label_count} labels for features of shape {tuple(features.shape)}")
     if np.dtype(label_dtype).kind not in "iu":
@@ -39,7 +40,7 @@ def host_step(features, labels, index, rows, alpha, *, num_classes: int, rule: s
     SPEC's ``IndexError`` (the framework's own gather would clip or fill it silently)."""
     # the frameworks hand over their own array types; on the host these views share memory
     features, labels, index, rows, alpha = (np.asarray(x) for x in (features, labels, index, rows, alpha))
-    _validation.check_labels(labels, features.shape[0], num_classes, f"features of shape {features.shape}")
+    validation.check_labels(labels, features.shape[0], num_classes, f"features of shape {features.shape}")
     result = _api.center_loss(features, index, rows, alpha, rule=rule, backend=backend)
     return np.asarray(result.loss, dtype=features.dtype), result.grad, result.centers
 
@@ -118,7 +119,7 @@ def check_labels_of_every_shard(labels, bad_labels_everywhere, *, num_classes: i
     labels = np.asarray(labels)
     if int(bad_labels_everywhere):
         try:
-            _validation.check_labels(labels, labels.size, num_classes, f"the batch of {shard}")
+            validation.check_labels(labels, labels.size, num_classes, f"the batch of {shard}")
         except IndexError as error:
             raise IndexError(f"{error} (in the batch of {shard}; no centers moved anywhere)") from None
         raise PeerInputError(

@@ -1,7 +1,8 @@
-"""Messages shared by the validation and the backends that find the same errors.
+"""centerkern's errors: SPEC's message for a bad label, and the two exception classes of its own.
 
-A leaf: it imports nothing of centerkern, so that the validation and every backend can use it
-without importing each other.
+A leaf: it imports nothing of centerkern, so that the validation, every backend and every adapter
+can use it without importing each other. The two exception classes are centerkern's own (public as
+``centerkern.BackendUnavailableError`` and ``centerkern.PeerInputError``).
 """
 
 from __future__ import annotations
@@ -49,4 +50,34 @@ class PeerInputError(RuntimeError):
     ...                                     "moved its centers")
     >>> step_or_skip(failing_step)
     'skipped: the input of rank(s) [1] failed validation; no rank moved its centers'
+    """
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run on this machine (for example ``cuda`` without a GPU).
+
+    Raised by ``center_loss``, ``gather_centers`` and ``scatter_sub_update`` (and the framework
+    adapters) when ``backend="cuda"`` is asked for, or ``backend="auto"`` meets device arrays,
+    and Numba's CUDA target cannot be loaded (the optional ``numba-cuda`` extra is missing) or
+    finds no GPU; also by ``centerkern.cuda.require_available()``. The message says which, and
+    how to install the extra or run Numba's CUDA simulator. ``backends()`` lists the backends
+    that can run, without raising.
+
+    See Also
+    --------
+    backends : The backends usable on this machine.
+
+    Examples
+    --------
+    Fall back to the CPU where no GPU is found (the result is the same either way):
+
+    >>> import numpy as np
+    >>> import centerkern
+    >>> def gather(centers, labels):
+    ...     try:
+    ...         return centerkern.gather_centers(centers, labels, backend="cuda")
+    ...     except centerkern.BackendUnavailableError:
+    ...         return centerkern.gather_centers(centers, labels, backend="numba")
+    >>> gather(np.array([[0.0, 1.0], [2.0, 3.0]]), [1, 1, 0]).tolist()
+    [[2.0, 3.0], [2.0, 3.0], [0.0, 1.0]]
     """

@@ -1,6 +1,6 @@
 """The ``numba`` backend: parallel CPU kernels, race-free with any amount of duplicate labels.
 
-One call is one compiled entry point (``centerkern._cpu.step``, where the algorithm is told):
+One call is one compiled entry point (``centerkern._backends.numba_cpu.step``, where the algorithm is told):
 a stable radix sort by label that is also the range check, an O(B) plan, and the passes of the
 layout the plan calls for, on every thread (``step_parallel``) or, for batches too small to pay
 for waking them, on the calling thread (``step_serial``). Nothing of size B is allocated per
@@ -8,23 +8,25 @@ call (the scratch is kept per Python thread), and a bad label is reported before
 written. Results are bitwise identical for any thread count.
 
 Kernels compile when a call first needs them, once per float dtype and regime, and are cached
-on disk (``centerkern._cpu.jit``): a call compiles only the entry point it runs.
+on disk (``centerkern._backends.numba_cpu.jit``): a call compiles only the entry point it runs.
 ``python -m centerkern compile`` fills the cache ahead of time (``ENTRIES``).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from contextlib import nullcontext
 
 import numba
 import numpy as np
 
-from ._cpu import memory, step
-from ._cpu.jit import cache_location
-from ._cpu.step import LAYOUTS, PARALLEL_ELEMENTS
-from ._errors import label_out_of_range
-from ._rules import RuleCoefficients
+from . import memory
+from . import step
+from .jit import cache_location
+from .step import LAYOUTS, PARALLEL_ELEMENTS
+from ..._core.errors import label_out_of_range
+from ..._core.rules import RuleCoefficients
 
 # Every entry point a call can reach: what ``python -m centerkern compile`` compiles.
 ENTRIES = (step.step_serial, step.step_parallel, memory.gather_rows, memory.fill_zeros)
@@ -141,10 +143,16 @@ def _run_on_copies(labels, rows, centers, written, grad, *settings):
     return squares
 
 
+# from 4 MB on, zeros are filled by every thread
+PARALLEL_ZEROS_BYTES = 1 << 22
+
+
 def zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
-    """``np.zeros``, filled by every thread. A large ``np.zeros`` gets fresh pages from the
-    kernel, which zeroes them one fault at a time on one core (measured: a 20 MB K x D array,
+    """``np.zeros``, filled by every thread when large. A large ``np.zeros`` gets fresh pages from
+    the kernel, which zeroes them one fault at a time on one core (measured: a 20 MB K x D array,
     rule pytorch's grad_centers at M, 440 us; this, 190 us)."""
+    if math.prod(shape) * np.dtype(dtype).itemsize < PARALLEL_ZEROS_BYTES:
+        return np.zeros(shape, dtype=dtype)
     array = np.empty(shape, dtype)
     with _one_launch_at_a_time():
         memory.fill_zeros.compiled(array.dtype)(array.reshape(-1))

@@ -16,11 +16,12 @@ from collections.abc import Sequence
 import numba
 import numpy as np
 
-from . import backends as available_backends
-from . import center_loss, gather_centers, scatter_sub_update
-from ._bench import SIZES, make_inputs
-from ._peers import ALPHA, TORCH, Absent, implementations, interleaved_medians
-from ._validation import BACKENDS, BackendUnavailableError
+from .. import backends as available_backends
+from .. import center_loss, gather_centers, scatter_sub_update
+from .bench import SIZES, make_inputs
+from .alternatives import ALPHA, TORCH, Absent, implementations, interleaved_medians
+from .._backends import NAMES as BACKENDS
+from .._core.errors import BackendUnavailableError
 
 # SPEC.md, "The seed example": a small batch that facenet's TensorFlow code was run on.
 SEED_FEATURES = np.array(

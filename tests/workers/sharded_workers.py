@@ -45,7 +45,7 @@ def step_batches(world_size: int):
 
 
 def run_rank(rank: int, world_size: int, checkpoint: str) -> dict:
-    """What one rank returns (run by ``centerkern._local_ranks.run_on_local_ranks``)."""
+    """What one rank returns (run by ``centerkern.testing.local_ranks.run_on_local_ranks``)."""
     import torch
 
     payload = _steps(rank, world_size, torch)

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ._reports import export_revision, provenance, write_report
+from .reports import export_revision, provenance, write_report
 
 # Each case is run by this child program; it prints one JSON object of seconds.
 _CHILD = r"""

@@ -1,7 +1,7 @@
 """Results in the caller's framework: torch in, torch out; JAX in, JAX out; and so on.
 
 The kernels compute on NumPy arrays (host) or device memory (GPU). Inputs reach them without a
-copy through DLPack or ``__cuda_array_interface__`` (see ``_validation.HostArrays`` and
+copy through DLPack or ``__cuda_array_interface__`` (see ``validation.HostArrays`` and
 ``centerkern.cuda.arrays.DeviceArrays``); device results are allocated by the caller's own
 framework and come back as they are (``Owned``); this module takes the rest back the same way:
 
@@ -187,3 +187,9 @@ def plain_host_arrays(*arrays: Any) -> list | None:
             seen[id(array)] = view
         views.append(view)
     return views
+
+
+def is_device_array(x: Any) -> bool:
+    """Whether ``x`` lives in GPU memory: the CUDA Array Interface (numba, CuPy, torch), or a
+    Numba device array (which is how the CUDA simulator's arrays show themselves)."""
+    return hasattr(x, "__cuda_array_interface__") or bool(getattr(x, "__cuda_ndarray__", False))

@@ -24,9 +24,9 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from ._peers import ALPHA, FLOOR, TORCH, WITH_GRAD_OUT, Absent, implementations, interleaved_medians
-from ._reports import provenance, write_report
-from ._rules import RULES
+from .alternatives import ALPHA, FLOOR, TORCH, WITH_GRAD_OUT, Absent, implementations, interleaved_medians
+from .reports import provenance, write_report
+from .._core.rules import RULES
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def print_goals(results: list[dict]) -> None:
 def compile_cost() -> dict:
     """First call of ``center_loss`` in a fresh process (serial regime): with an empty kernel
     cache, then warm (``python -m centerkern bench --first-call`` measures every case)."""
-    from ._first_call import _run_child
+    from .first_call import _run_child
 
     with tempfile.TemporaryDirectory() as cache:
         cold, warm = _run_child("serial", cache), _run_child("warm", cache)
@@ -301,9 +301,9 @@ def parse_size(text: str) -> Size:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--first-call" in argv:  # the fresh-process first-call cases, with options of their own
-        from . import _first_call
+        from . import first_call
 
-        return _first_call.main([argument for argument in argv if argument != "--first-call"])
+        return first_call.main([argument for argument in argv if argument != "--first-call"])
     parser = argparse.ArgumentParser(prog="python -m centerkern bench", description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--size", action="append", type=parse_size, default=[], metavar="B,D,K",
