@@ -2,7 +2,7 @@
 
 One step = the loss, its gradient with respect to the features (autograd / jax.grad /
 GradientTape) and the rule's center update, on the same inputs, timed in one process in
-interleaved blocks (``centerkern._peers.interleaved_medians``), medians. Each pair is first
+interleaved blocks (``centerkern._cli.alternatives.interleaved_medians``), medians. Each pair is first
 checked to compute the same loss, gradient and centers.
 
 * torch, rule ``wen``: ``centerkern.torch.CenterLoss`` against eager torch (gather, autograd,
@@ -29,8 +29,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-from centerkern._reports import provenance, write_report  # noqa: E402
-from centerkern._peers import interleaved_medians  # noqa: E402
+from centerkern._cli.reports import provenance, write_report  # noqa: E402
+from centerkern._cli.alternatives import interleaved_medians  # noqa: E402
 
 ALPHA = 0.5
 

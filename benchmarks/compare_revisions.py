@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from centerkern import _bench, _reports
-from centerkern import kernels_numba as this_revision
-from centerkern._rules import rule_coefficients
+from centerkern._cli import bench as _bench
+from centerkern._cli import reports as _reports
+from centerkern._backends import numba_cpu as this_revision
+from centerkern._core.rules import rule_coefficients
 
 OPERATIONS = ("step facenet", "step wen", "step pytorch", "scatter")
 ZEROS_IN_PARALLEL_BYTES = 1 << 22  # as HostArrays.zeros: from 4 MB on, zeroed by every thread

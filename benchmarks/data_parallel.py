@@ -29,8 +29,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from centerkern._peers import interleaved_medians  # noqa: E402
-from centerkern._reports import provenance, write_report  # noqa: E402
+from centerkern._cli.alternatives import interleaved_medians  # noqa: E402
+from centerkern._cli.reports import provenance, write_report  # noqa: E402
 
 ALPHA = 0.5
 

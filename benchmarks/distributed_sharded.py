@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from centerkern._local_ranks import run_on_local_ranks
-from centerkern._reports import provenance, write_report
+from centerkern.testing.local_ranks import run_on_local_ranks
+from centerkern._cli.reports import provenance, write_report
 
 PLACEMENTS = ("sharded", "sparse", "dense")
 SLOWER_AT_MOST = 1.5  # the sharded step against the faster data-parallel exchange

@@ -9,7 +9,7 @@ with a warm cache, against the goals of each; results in ``benchmarks/results/fi
 
 import sys
 
-from centerkern._first_call import main
+from centerkern._cli.first_call import main
 
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1:]))

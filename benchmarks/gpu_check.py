@@ -75,7 +75,7 @@ from numba import cuda  # noqa: E402
 
 import centerkern  # noqa: E402
 import centerkern.cuda  # noqa: E402
-from centerkern._reports import provenance  # noqa: E402
+from centerkern._cli.reports import provenance  # noqa: E402
 from centerkern.cuda import kernels  # noqa: E402
 from centerkern.testing import TOLERANCE as PEER_TOLERANCE  # noqa: E402
 from centerkern.testing import BACKEND_TOLERANCE  # noqa: E402

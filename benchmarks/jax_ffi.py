@@ -2,7 +2,7 @@
 
 At the sizes S, M and L of ``python -m centerkern bench`` (float32, rule ``wen``), one jitted
 training step (``value_and_grad`` of the loss, and the new centers) is timed, in one process,
-interleaved, medians (``centerkern._peers.interleaved_medians``):
+interleaved, medians (``centerkern._cli.alternatives.interleaved_medians``):
 
 * ``centerkern.jax.center_loss`` through the FFI custom call, the centers donated or not;
 * the same rule in ``jax.numpy`` (``.at[].add``), donated or not;
@@ -29,9 +29,9 @@ import jax.numpy as jnp
 
 import centerkern
 import centerkern.jax as center_jax
-from centerkern import _xla_ffi
-from centerkern._reports import provenance, write_report
-from centerkern._peers import interleaved_medians
+from centerkern._adapters import xla_ffi as _xla_ffi
+from centerkern._cli.reports import provenance, write_report
+from centerkern._cli.alternatives import interleaved_medians
 
 ALPHA = 0.5
 SIZES = {"S": (256, 128, 1000), "M": (1024, 512, 10_000), "L": (8192, 512, 100_000)}

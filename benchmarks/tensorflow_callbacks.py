@@ -11,7 +11,7 @@ import time
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 import numpy as np, tensorflow as tf
 import centerkern
-from centerkern._compact import host_step
+from centerkern._adapters.batch_classes import host_step
 
 rng = np.random.default_rng(0)
 B, D, K = 1024, 512, 10000

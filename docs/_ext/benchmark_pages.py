@@ -44,7 +44,8 @@ from docutils.parsers.rst import directives
 from sphinx.util import logging
 from sphinx.util.docutils import SphinxDirective
 
-from centerkern import _bench, _peers  # what python -m centerkern bench measures, names and plots
+from centerkern._cli import bench as _bench
+from centerkern._cli import alternatives  # what python -m centerkern bench measures, names and plots
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class Result:
 
     @property
     def commit(self) -> Commit | None:
-        """The commit the file records (``centerkern._reports.provenance``), or else the commit
+        """The commit the file records (``centerkern._cli.reports.provenance``), or else the commit
         that added the file to the repository; None where neither is known."""
         recorded = self.data.get("commit")
         if recorded:
@@ -320,7 +321,7 @@ VERSION_NAMES = {"centerkern": "centerkern", "python": "Python", "numpy": "NumPy
 
 
 def recorded_versions(data: dict) -> dict:
-    """The versions a report records: under ``versions`` (``centerkern._reports.provenance``),
+    """The versions a report records: under ``versions`` (``centerkern._cli.reports.provenance``),
     or at its top level (older reports)."""
     versions = data.get("versions")
     if isinstance(versions, dict):
@@ -420,7 +421,7 @@ BENCH_COLUMNS = {  # implementation: its column, in this order; others follow un
 
 def current_floor_name(report: dict) -> dict:
     """The report with its floor under today's name, so that today's code reads older reports."""
-    floor = _peers.FLOOR
+    floor = alternatives.FLOOR
 
     def renamed(medians: dict) -> dict:
         return {floor if name in OLD_FLOOR_NAMES else name: seconds for name, seconds in medians.items()}
@@ -443,7 +444,7 @@ def measured_implementations(report: dict) -> set[str]:
 def floor_name(report: dict) -> str:
     """What the report calls the bandwidth floor (older reports named it otherwise)."""
     present = measured_implementations(report)
-    return next((name for name in (_peers.FLOOR, *OLD_FLOOR_NAMES) if name in present), _peers.FLOOR)
+    return next((name for name in (alternatives.FLOOR, *OLD_FLOOR_NAMES) if name in present), alternatives.FLOOR)
 
 
 def bench_implementations(report: dict) -> list[str]:
@@ -457,7 +458,7 @@ def bench_implementations(report: dict) -> list[str]:
 # the bench's tables, each narrow enough to be read at the page's width: centerkern beside torch
 # eager and the floor with the two ratios the text cites, then the other peers by family, each
 # table with centerkern's column to read them against
-FIRST_TABLE = (OURS, "centerkern numba, grad_out=", _peers.TORCH)
+FIRST_TABLE = (OURS, "centerkern numba, grad_out=", alternatives.TORCH)
 PEER_FAMILIES = (
     ("the compiled frameworks", ("torch.compile", "jax jit", "tensorflow tf.function")),
     ("NumPy and a plain Numba loop", ("numpy sort + reduceat", "numpy-groupies", "np.subtract.at",
@@ -475,11 +476,11 @@ def bench_table(results: list[Result], page: Page) -> list[nodes.Node]:
 
 def _bench_medians(report: dict) -> list[nodes.table]:
     """The medians as tables of at most seven columns: the first with the ratios, then the peers."""
-    floor, torch = floor_name(report), _peers.TORCH
+    floor, torch = floor_name(report), alternatives.TORCH
     names = bench_implementations(report)
     first = [name for name in FIRST_TABLE if name in names]
     header = ["operation", *(BENCH_COLUMNS.get(name, name) for name in first),
-              "floor" if floor == _peers.FLOOR else floor, "centerkern / floor", "torch eager / centerkern"]
+              "floor" if floor == alternatives.FLOOR else floor, "centerkern / floor", "torch eager / centerkern"]
 
     def first_row(operation: str, medians: dict) -> list[Cell]:
         return [operation, *(microseconds(medians.get(name)) for name in [*first, floor]),
@@ -522,7 +523,7 @@ def _rows_by_size(report: dict, make_row: Callable[[str, dict], list[Cell]],
 
 def _size_label(name: str, size: dict) -> str:
     return _bench.Size(name, size["B"], size["D"], size["K"], size.get("hot_share", 0.0),
-                       size.get("alpha", _peers.ALPHA)).label()
+                       size.get("alpha", alternatives.ALPHA)).label()
 
 
 def _absent_note(report: dict) -> nodes.paragraph:
