@@ -17,14 +17,18 @@ uses the same numbers, and the tests check them against SPEC's worked example in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 # public as centerkern.RULES (documented there)
 RULES = ("facenet", "wen", "pytorch")
 
 
-@dataclass(frozen=True)
-class RuleCoefficients:
+class RuleCoefficients(NamedTuple):
+    """A rule's numbers for one batch, as every backend takes them: whole, built once per call.
+
+    A named tuple of four Python floats and a bool, so that the numba and CUDA kernels receive it
+    as one argument (Numba types it as a record of float64 and boolean fields)."""
+
     loss_scale: float
     grad_scale: float
     step: float
@@ -39,17 +43,28 @@ def rule_coefficients(rule: str, alpha: float, batch_size: int, feature_size: in
     elements = max(batch_size * feature_size, 1)
     if rule == "facenet":
         # mean over B*D elements; alpha is the retention, so each sample moves its center by 1 - alpha
-        return RuleCoefficients(1.0 / elements, 2.0 / elements, 1.0 - alpha, 0.0, True)
+        return RuleCoefficients(1.0 / elements, 2.0 / elements, 1.0 - float(alpha), 0.0, True)
     if rule == "wen":
         # paper Eq. 2-4: 1/(2B) loss, the step alpha divided by 1 + n_j
-        return RuleCoefficients(0.5 / batch, 1.0 / batch, alpha, 1.0, True)
+        return RuleCoefficients(0.5 / batch, 1.0 / batch, float(alpha), 1.0, True)
     if rule == "pytorch":
         # trainable centers: grad_centers[j] = -(2/B) * S_j, the centers themselves unchanged
         return RuleCoefficients(1.0 / batch, 2.0 / batch, -2.0 / batch, 0.0, False)
     raise ValueError(f"unknown rule {rule!r}; valid rules are {', '.join(map(repr, RULES))}")
 
 
+#: ``scatter_sub_update`` in the kernels' terms: the rows (the updates) of each class are summed
+#: and subtracted from its center (a step of -1, whatever the class's count), with no loss and no
+#: grad. The kernels that run a rule's step run the scatter with these numbers.
+SCATTER_SUB = RuleCoefficients(loss_scale=0.0, grad_scale=0.0, step=-1.0, count_weight=0.0, moves_centers=True)
+
+_MOVES_CENTERS = {rule: rule_coefficients(rule, 0.0, 1, 1).moves_centers for rule in RULES}
+
+
 def moves_centers(rule: str) -> bool:
     """Whether ``rule`` moves the centers itself (``facenet``, ``wen``) or leaves them to the
     caller's optimizer (``pytorch``): where the adapters keep them as state or as a parameter."""
-    return rule_coefficients(rule, 0.0, 1, 1).moves_centers
+    try:
+        return _MOVES_CENTERS[rule]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown rule {rule!r}; valid rules are {', '.join(map(repr, RULES))}") from None
