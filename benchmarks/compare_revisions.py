@@ -1,20 +1,27 @@
-"""The numba kernels of this checkout against those of another git revision, in one process.
+"""This checkout against another git revision, in one process: the numba backend, and the public calls.
 
-    python benchmarks/compare_revisions.py REVISION [--repeats 9] [--output PATH]
+    python benchmarks/compare_revisions.py REVISION [--level backend|api] [--repeats 9] [--output PATH]
 
 The other revision's ``centerkern`` package is exported from git into a temporary directory under
-another name (its modules import each other relatively), so both kernel modules load side by side
-and are timed on the same inputs, interleaved call block by call block: the ratio new / old is
-what a change did to the kernels' speed, with the machine's drift shared by both. Each is called
-at its backend signature (``center_loss_step``, ``scatter_sub_update``), with the arrays the
-public API would hand it, on the sizes of ``python -m centerkern bench``. Results (medians, and
-the ratios) go to ``benchmarks/results/revisions-<date>.json``.
+another name (its modules import each other relatively), so both load side by side and are timed
+on the same inputs, interleaved call block by call block: the ratio this / other is what a change
+did to the speed, with the machine's drift shared by both. On the sizes of
+``python -m centerkern bench``:
+
+- ``--level backend`` (the default): the numba backend at its signature (``center_loss_step``,
+  ``scatter_sub_update``), with the arrays the public API would hand it: the kernels alone.
+- ``--level api``: ``centerkern.center_loss(..., out=centers)`` and ``scatter_sub_update(...,
+  out=centers)`` as a training loop calls them: validation, dispatch and the kernels, which is
+  what the bench's ratios against the alternatives are made of.
+
+Results (medians, and the ratios) go to ``benchmarks/results/revisions-<date>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import statistics
 import sys
 import tempfile
@@ -23,24 +30,51 @@ from pathlib import Path
 
 import numpy as np
 
+import centerkern
 from centerkern._cli import bench as _bench
 from centerkern._cli import reports as _reports
-from centerkern._backends import numba_cpu as this_revision
 from centerkern._core.rules import rule_coefficients
 
 OPERATIONS = ("step facenet", "step wen", "step pytorch", "scatter")
-ZEROS_IN_PARALLEL_BYTES = 1 << 22  # as HostArrays.zeros: from 4 MB on, zeroed by every thread
+ZEROS_IN_PARALLEL_BYTES = 1 << 22  # as the numba backend's zeros: from 4 MB on, zeroed by every thread
+
+
+# Where the numba backend lives in a revision: since 0.4.0 under _backends, before in kernels_numba.
+BACKEND_MODULES = ("_backends.numba_cpu", "kernels_numba")
 
 
 def import_revision(revision: str, directory: Path):
-    """The ``kernels_numba`` module of ``revision``, imported as ``centerkern_<revision>``."""
+    """The ``centerkern`` package of ``revision``, imported as ``centerkern_<revision>``."""
     name = "centerkern_" + "".join(ch for ch in revision if ch.isalnum())
     sys.path.insert(0, str(_reports.export_revision(revision, directory, name)))
-    return importlib.import_module(f"{name}.kernels_numba")
+    package = importlib.import_module(name)
+    if importlib.util.find_spec(f"{name}.kernels_numba") is not None:
+        # That layout loaded its backends by absolute name (centerkern.kernels_<name>): point those
+        # names at its own modules, which nothing of this checkout uses.
+        for backend in ("numba", "numpy"):
+            sys.modules[f"centerkern.kernels_{backend}"] = importlib.import_module(f"{name}.kernels_{backend}")
+    return package
 
 
-def _call(kernels, operation, alpha, features, labels, centers, updates):
-    """One call as the public API makes it, in place (``out=centers``)."""
+def numba_backend(package):
+    """The numba backend module of ``package`` (a revision's ``centerkern``)."""
+    for module in BACKEND_MODULES:
+        if importlib.util.find_spec(f"{package.__name__}.{module}") is not None:
+            return importlib.import_module(f"{package.__name__}.{module}")
+    raise ImportError(f"no numba backend in {package.__name__}")
+
+
+def _api_call(package, operation, alpha, features, labels, centers, updates):
+    """One public call, in place (``out=centers``), as a training loop makes it."""
+    if operation == "scatter":
+        return lambda: package.scatter_sub_update(centers, labels, updates, out=centers)
+    rule = operation.split()[1]
+    return lambda: package.center_loss(features, labels, centers, alpha, rule=rule, out=centers)
+
+
+def _backend_call(package, operation, alpha, features, labels, centers, updates):
+    """One backend call as the public API makes it, in place (``out=centers``)."""
+    kernels = numba_backend(package)
     if operation == "scatter":
         return lambda: kernels.scatter_sub_update(centers, labels, updates)
     coefficients = rule_coefficients(operation.split()[1], alpha, *features.shape)
@@ -58,15 +92,16 @@ def _call(kernels, operation, alpha, features, labels, centers, updates):
     return step
 
 
-def compare(other, sizes, repeats: int) -> dict:
+def compare(other, sizes, repeats: int, level: str = "backend") -> dict:
+    make_call = _api_call if level == "api" else _backend_call
     results = {}
     for size in sizes:
         features, labels, centers, updates = _bench.make_inputs(size)
         results[size.name] = {}
         operations = ("step facenet",) if size.large else OPERATIONS
         for operation in operations:
-            calls = {name: _call(kernels, operation, size.alpha, features, labels, centers.copy(), updates)
-                     for name, kernels in (("this", this_revision), ("other", other))}
+            calls = {name: make_call(package, operation, size.alpha, features, labels, centers.copy(), updates)
+                     for name, package in (("this", centerkern), ("other", other))}
             for call in calls.values():
                 call()
             start = time.perf_counter()
@@ -91,18 +126,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("revision")
     parser.add_argument("--repeats", type=int, default=9, help="interleaved blocks per implementation")
+    parser.add_argument("--level", choices=("backend", "api"), default="backend",
+                        help="the numba backend alone, or the public functions (validation and dispatch too)")
     parser.add_argument("--sizes", nargs="*", default=list(_bench.SIZES), choices=list(_bench.SIZES))
     parser.add_argument("--output")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as directory:
         other = import_revision(args.revision, Path(directory))
-        report = {**_reports.provenance(), "other revision": args.revision, "repeats": args.repeats,
-                  "sizes": compare(other, [_bench.SIZES[name] for name in args.sizes], args.repeats)}
+        report = {**_reports.provenance(), "other revision": args.revision, "level": args.level,
+                  "repeats": args.repeats,
+                  "sizes": compare(other, [_bench.SIZES[name] for name in args.sizes], args.repeats, args.level)}
     ratios = [entry["this / other"] for size in report["sizes"].values() for entry in size.values()]
     report["worst this / other"] = max(ratios)
     report["median this / other"] = statistics.median(ratios)
     print(f"this / other: median {report['median this / other']:.2f}, worst {report['worst this / other']:.2f}")
-    output = Path(args.output or Path("benchmarks") / "results" / f"revisions-{report['date'][:10]}.json")
+    output = Path(args.output or Path("benchmarks") / "results" / f"revisions-{args.level}-{report['date'][:10]}.json")
     _reports.write_report(report, output)
     return 0
 

@@ -1,15 +1,17 @@
-"""The ``numba`` backend: parallel CPU kernels, race-free with any amount of duplicate labels.
+"""What Python does around the numba backend's entry points: the three backend functions.
 
-One call is one compiled entry point (``centerkern._backends.numba_cpu.step``, where the algorithm is told):
-a stable radix sort by label that is also the range check, an O(B) plan, and the passes of the
-layout the plan calls for, on every thread (``step_parallel``) or, for batches too small to pay
-for waking them, on the calling thread (``step_serial``). Nothing of size B is allocated per
-call (the scratch is kept per Python thread), and a bad label is reported before anything is
-written. Results are bitwise identical for any thread count.
+One call is one compiled entry point (``step``, where the algorithm is told): a stable radix
+sort by label that is also the range check, an O(B) plan, and the passes of the layout the plan
+calls for, on every thread (``step_parallel``) or, for batches too small to pay for waking them,
+on the calling thread (``step_serial``). Here: the choice of entry, the scratch (kept per Python
+thread, so that nothing of size B is allocated per call), turns for launches where Numba's
+threading layer needs them, copies of the rare array not laid out as the entries take it, and a
+bad label the sort found raised as SPEC's ``IndexError`` (nothing was written). Results are
+bitwise identical for any thread count.
 
 Kernels compile when a call first needs them, once per float dtype and regime, and are cached
-on disk (``centerkern._backends.numba_cpu.jit``): a call compiles only the entry point it runs.
-``python -m centerkern compile`` fills the cache ahead of time (``ENTRIES``).
+on disk (``jit``): a call compiles only the entry point it runs. ``python -m centerkern compile``
+fills the cache ahead of time (``ENTRIES``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from . import step
 from .jit import cache_location
 from .step import LAYOUTS, PARALLEL_ELEMENTS
 from ..._core.errors import label_out_of_range
-from ..._core.rules import RuleCoefficients
+from ..._core.rules import SCATTER_SUB, RuleCoefficients
 
 # Every entry point a call can reach: what ``python -m centerkern compile`` compiles.
 ENTRIES = (step.step_serial, step.step_parallel, memory.gather_rows, memory.fill_zeros)
@@ -100,13 +102,11 @@ def _readable(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _run(labels, rows, centers, written, grad, rows_are_features, moves_centers, step_size, count_weight,
-         grad_scale, layout="auto"):
+def _run(labels, rows, centers, written, grad, rows_are_features, rule, layout="auto"):
     # inputs may be read-only; targets are writable (checked by the validation)
     if not (labels.flags.c_contiguous and labels.flags.aligned and rows.flags.c_contiguous and rows.flags.aligned
             and centers.flags.carray and written.flags.carray and grad.flags.carray):
-        return _run_on_copies(labels, rows, centers, written, grad, rows_are_features, moves_centers, step_size,
-                              count_weight, grad_scale, layout)
+        return _run_on_copies(labels, rows, centers, written, grad, rows_are_features, rule, layout)
     parallel = labels.size * rows.shape[1] >= PARALLEL_ELEMENTS
     kernel = (step.step_parallel if parallel else step.step_serial).compiled(rows.dtype)
     labels, rows = _readable(labels), _readable(rows)
@@ -115,8 +115,8 @@ def _run(labels, rows, centers, written, grad, rows_are_features, moves_centers,
     threads = _MOST_THREADS if parallel else 1
     while True:
         with _one_launch_at_a_time() if parallel else _NO_LOCK:
-            squares = kernel(labels, rows, centers, written, grad, ints, _scratch.floats, rows_are_features,
-                             moves_centers, step_size, count_weight, grad_scale, layout_code, threads)
+            squares = kernel(labels, rows, centers, written, grad, rows_are_features, rule, ints, _scratch.floats,
+                             layout_code, threads)
         if ints[step.BAD_POSITION] >= 0:
             position = int(ints[step.BAD_POSITION])
             raise label_out_of_range(position, int(labels[position]), centers.shape[0])
@@ -181,7 +181,7 @@ def scatter_sub_update(
         np.copyto(centers, copy_from)
     # the scatter writes no grad: an empty stand-in (not ``updates``, which may be read-only)
     no_grad = np.empty((0, centers.shape[1]), dtype=centers.dtype)
-    _run(labels, updates, centers, centers, no_grad, False, True, -1.0, 0.0, 0.0, layout)
+    _run(labels, updates, centers, centers, no_grad, False, SCATTER_SUB, layout)
 
 
 def center_loss_step(
@@ -201,6 +201,5 @@ def center_loss_step(
     only): ``"auto"``, or one of the two layouts forced (for tests and measurements)."""
     if copy_from is not None:
         np.copyto(centers, copy_from)
-    squares = _run(labels, features, centers, written, grad, True, rule.moves_centers, rule.step, rule.count_weight,
-                   rule.grad_scale, layout)
+    squares = _run(labels, features, centers, written, grad, True, rule, layout)
     return float(rule.loss_scale * squares)

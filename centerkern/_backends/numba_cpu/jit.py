@@ -38,14 +38,13 @@ import numba
 import numpy as np
 from numba.core import caching
 
+from ..._core.validation import FLOAT_DTYPES
+
 # Sums may be reordered (so that LLVM vectorizes them: the order is still fixed at compile time,
 # the same for any thread count) and a multiply-add fused: the arithmetic on float32 data is
 # bound by the conversions to and from float64, and fusing measured 12% faster. No flag that
 # assumes finite values: NaN and inf propagate as in the reference.
 FAST_MATH = {"reassoc", "contract"}
-
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
 
 def _numba_class(name: str):
     """A class of ``numba.core.caching`` under its public name (Numba 0.68 on) or its earlier

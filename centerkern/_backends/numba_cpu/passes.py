@@ -12,7 +12,7 @@ import numpy as np
 from .jit import FAST_MATH, helper
 from .prefetch import prefetch_row, prefetch_row_for_write, prefetch_row_l2
 from .rows import add_row, add_sums, singleton_row, write_center_row
-from .sort import DEFERRED, LOCAL_FIRST, LOCAL_LAST, ROWS_PER_BLOCK, SINGLETON, SLOT_SHIFT, SPREAD_FIRST
+from .sort import DEFERRED, LOCAL_FIRST, LOCAL_LAST, ROWS_PER_TILE, SINGLETON, SLOT_SHIFT, SPANNING_FIRST
 
 # Pass B's (and the label-order layout's) work item: large enough that a chunk's bookkeeping is
 # negligible, small enough that a batch of a few hundred rows still splits across threads.
@@ -23,13 +23,13 @@ PREFETCH_AHEAD_L2 = 8
 
 
 @helper(fastmath=FAST_MATH)
-def batch_block(block, batch, update, row_action, class_size, local_sums, spread_sums):
-    """Pass A over one block of the batch (see ``step``'s docstring). Returns its squares."""
+def batch_tile(tile, batch, rule, row_action, class_size, local_sums, spanning_sums):
+    """Pass A over one tile of the batch (see ``step``'s docstring). Returns its squares."""
     labels, rows, centers = batch.labels, batch.rows, batch.centers
-    rows_are_features, grad_scale = update.rows_are_features, update.grad_scale
+    rows_are_features, grad_scale = batch.rows_are_features, rule.grad_scale
     batch_size = labels.size
-    start = block * ROWS_PER_BLOCK
-    end = min(start + ROWS_PER_BLOCK, batch_size)
+    start = tile * ROWS_PER_TILE
+    end = min(start + ROWS_PER_TILE, batch_size)
     squares = 0.0
     for i in range(start, end):
         if i + PREFETCH_AHEAD < batch_size:
@@ -37,7 +37,7 @@ def batch_block(block, batch, update, row_action, class_size, local_sums, spread
         label = labels[i]
         action = row_action[i]
         if action == SINGLETON:
-            squares += singleton_row(batch, update, i, label)
+            squares += singleton_row(batch, rule, i, label)
         elif action == DEFERRED:
             if rows_are_features:
                 grad = batch.grad
@@ -48,11 +48,11 @@ def batch_block(block, batch, update, row_action, class_size, local_sums, spread
         else:
             kind = action & ((1 << SLOT_SHIFT) - 1)
             slot = action >> SLOT_SHIFT
-            first = kind == LOCAL_FIRST or kind == SPREAD_FIRST
-            row_sum = spread_sums[slot] if kind >= SPREAD_FIRST else local_sums[slot]
+            first = kind == LOCAL_FIRST or kind == SPANNING_FIRST
+            row_sum = spanning_sums[slot] if kind >= SPANNING_FIRST else local_sums[slot]
             squares += add_row(row_sum, first, batch, i, label, True, grad_scale, rows_are_features)
             if kind == LOCAL_LAST:  # the class's last row: every row of it has read its center
-                write_center_row(batch.written, label, row_sum, class_size[i], update)
+                write_center_row(batch.written, label, row_sum, class_size[i], rule)
     return squares
 
 
@@ -86,8 +86,8 @@ def class_size_of(sorted_labels, label):
 
 
 @helper(fastmath=FAST_MATH)
-def label_chunk(chunk, batch, update, item_codes, item_labels, sorted_labels, spread_sums, partial_sums, with_grad):
-    """One chunk of items in label order: a row (code >= 0, its batch position) or a spread
+def label_chunk(chunk, batch, rule, item_codes, item_labels, sorted_labels, spanning_sums, partial_sums, with_grad):
+    """One chunk of items in label order: a row (code >= 0, its batch position) or a spanning
     slot (code ``-1 - slot``). ``with_grad``: the label-order layout, which also writes the grad
     and returns the squares; otherwise pass B. A class's size is read off ``sorted_labels``.
 
@@ -95,7 +95,7 @@ def label_chunk(chunk, batch, update, item_codes, item_labels, sorted_labels, sp
     in ``partial_sums[chunk, 1]``; every other class is summed in ``partial_sums[chunk, 1]`` too,
     which it leaves before the next class starts, and written here."""
     rows, grad = batch.rows, batch.grad
-    rows_are_features, grad_scale = update.rows_are_features, update.grad_scale
+    rows_are_features, grad_scale = batch.rows_are_features, rule.grad_scale
     items = item_codes.size
     start = chunk * ITEMS_PER_CHUNK
     end = min(start + ITEMS_PER_CHUNK, items)
@@ -126,19 +126,19 @@ def label_chunk(chunk, batch, update, item_codes, item_labels, sorted_labels, sp
                 squares += add_row(row_sum, t == segment_start, batch, code, label, with_grad, grad_scale,
                                    rows_are_features)
             else:
-                add_sums(row_sum, t == segment_start, spread_sums[-1 - code])
+                add_sums(row_sum, t == segment_start, spanning_sums[-1 - code])
         continues_after = segment_end == end and end < items and item_labels[end] == label
         if not continues_before and not continues_after:
-            write_center_row(batch.written, label, row_sum, class_size_of(sorted_labels, label), update)
+            write_center_row(batch.written, label, row_sum, class_size_of(sorted_labels, label), rule)
         segment_start = segment_end
     return squares
 
 
 @helper
-def finish_straddling_classes(item_labels, sorted_labels, partial_sums, written, update):
-    """After the chunks: the classes whose items straddle chunk boundaries, on the calling
+def finish_spanning_classes(item_labels, sorted_labels, partial_sums, written, rule):
+    """After the chunks: the classes whose items span chunk boundaries, on the calling
     thread (a few partial rows each; a parallel loop here cost more to start than it saved).
-    Each straddling class is taken at the first boundary it crosses, and its partial sums are
+    Each spanning class is taken at the first boundary it crosses, and its partial sums are
     added in chunk order; its center row was only read by the chunks."""
     for boundary_chunk in range(1, partial_sums.shape[0]):
         boundary = boundary_chunk * ITEMS_PER_CHUNK
@@ -150,4 +150,4 @@ def finish_straddling_classes(item_labels, sorted_labels, partial_sums, written,
             row_sum = partial_sums[boundary_chunk - 1, 1]  # added to in place: read by nothing else
             for chunk in range(boundary_chunk, (stop - 1) // ITEMS_PER_CHUNK + 1):
                 add_sums(row_sum, False, partial_sums[chunk, 0])
-            write_center_row(written, label, row_sum, class_size_of(sorted_labels, label), update)
+            write_center_row(written, label, row_sum, class_size_of(sorted_labels, label), rule)

@@ -1,7 +1,9 @@
 """Arithmetic on one row: what every pass does with a sample, a sum or a center row.
 
-``Batch`` and ``Update`` name what a call works on and the rule's numbers (see
-``RuleCoefficients``); they travel together through every pass. Sums, squares and ``d`` are
+``Batch`` names what a call works on; it travels through every pass with the rule's numbers,
+``centerkern._core.rules.RuleCoefficients`` (``SCATTER_SUB`` for the scatter), taken whole:
+``written[j] (+)= step / (1 + count_weight * n_j) * S_j``, added where ``moves_centers`` (else
+stored), and ``grad[i] = grad_scale * d_i``. Sums, squares and ``d`` are
 float64 whatever the data's dtype.
 """
 
@@ -25,18 +27,7 @@ class Batch(NamedTuple):
     centers: np.ndarray
     written: np.ndarray
     grad: np.ndarray
-
-
-class Update(NamedTuple):
-    """``written[j] (+)= step / (1 + count_weight * n_j) * S_j``, added where ``moves_centers``
-    (else stored), and ``grad[i] = grad_scale * d_i``. ``rows_are_features``: the step (else the
-    scatter)."""
-
-    rows_are_features: bool
-    moves_centers: bool
-    step: float
-    count_weight: float
-    grad_scale: float
+    rows_are_features: bool  # the step (else the scatter, whose rows are the updates)
 
 
 @helper(inline="always", fastmath=FAST_MATH)
@@ -77,9 +68,9 @@ def add_sums(row_sum, first, sums):
 
 
 @helper(inline="always")
-def write_center_row(written, label, row_sum, count, update):
-    scale = update.step / (1.0 + update.count_weight * count)
-    if update.moves_centers:
+def write_center_row(written, label, row_sum, count, rule):
+    scale = rule.step / (1.0 + rule.count_weight * count)
+    if rule.moves_centers:
         # ``written`` is ``centers`` here. Reading it through the name it is written through
         # lets LLVM vectorize: with two names for one array its runtime overlap check fails
         # and the scalar loop runs (measured 2x slower).
@@ -91,22 +82,22 @@ def write_center_row(written, label, row_sum, count, update):
 
 
 @helper(inline="always", fastmath=FAST_MATH)
-def singleton_row(batch, update, i, label):
+def singleton_row(batch, rule, i, label):
     """A class with one row in the batch, in one pass over D: its grad row and its center row
     (no other row reads or writes it). Returns the squared norm of ``d_i`` (0 for the scatter)."""
     rows, centers, written, grad = batch.rows, batch.centers, batch.written, batch.grad
-    scale = update.step / (1.0 + update.count_weight)
-    grad_scale = update.grad_scale
+    scale = rule.step / (1.0 + rule.count_weight)
+    grad_scale = rule.grad_scale
     squares = 0.0
     width = centers.shape[1]
-    if not update.rows_are_features:
+    if not batch.rows_are_features:
         # The scatter (scale -1): c - u in the data's own dtype. For float32 that is the float64
         # path's result bit for bit (float64 has more than 2 x 24 + 2 bits, so rounding the
         # exact float64 difference to float32 equals rounding the difference once), and it
         # needs no conversions, which bound this loop otherwise.
         for k in range(width):
             centers[label, k] -= rows[i, k]
-    elif update.moves_centers:
+    elif rule.moves_centers:
         for k in range(width):
             center = np.float64(centers[label, k])
             difference = np.float64(rows[i, k]) - center

@@ -10,7 +10,7 @@ from __future__ import annotations
 from .jit import helper
 
 # Pass A's work item: consecutive rows of the batch. Also what makes a class "local".
-ROWS_PER_BLOCK = 64
+ROWS_PER_TILE = 64
 # Radix digits of at most 11 bits: a 2048-bucket histogram stays in L1.
 MAX_DIGIT_BITS = 11
 # Labels are int64 values in [0, K): at most 63 bits, so at most this many digits.
@@ -19,9 +19,9 @@ HISTOGRAM_SIZE = MAX_DIGITS << MAX_DIGIT_BITS
 
 # A row's role in pass A (``row_action``): a negative code, or ``slot << SLOT_SHIFT | kind``.
 SINGLETON = -1  # its class has this row only: the center row is written by pass A
-DEFERRED = -2  # the only row of a spread class in its block: pass B reads it again
+DEFERRED = -2  # the only row of a spanning class in its tile: pass B reads it again
 SLOT_SHIFT = 3
-LOCAL_FIRST, LOCAL_ADD, LOCAL_LAST, SPREAD_FIRST, SPREAD_ADD = range(5)
+LOCAL_FIRST, LOCAL_ADD, LOCAL_LAST, SPANNING_FIRST, SPANNING_ADD = range(5)
 
 
 @helper(inline="always")
@@ -107,16 +107,16 @@ def sort_by_label(labels, num_classes, sorted_labels, positions, spare_labels, s
 
 
 @helper
-def plan(sorted_labels, positions, row_action, class_size, item_codes, item_labels, local_slots_in_block):
+def plan(sorted_labels, positions, row_action, class_size, item_codes, item_labels, local_slots_in_tile):
     """Each row's role in pass A (``row_action``; at a local class's last row, ``class_size``
-    too), and pass B's items in label order: a spread class's single row in a block (code: its
-    position) or its slot (code: ``-1 - slot``). Returns (pass B's item count, spread slots, rows
-    among pass B's items, the most local slots one block needs)."""
+    too), and pass B's items in label order: a spanning class's single row in a tile (code: its
+    position) or its slot (code: ``-1 - slot``). Returns (pass B's item count, spanning slots, rows
+    among pass B's items, the most local slots one tile needs)."""
     batch_size = sorted_labels.size
-    for block in range(local_slots_in_block.size):
-        local_slots_in_block[block] = 0
+    for tile in range(local_slots_in_tile.size):
+        local_slots_in_tile[tile] = 0
     items = 0
-    spread_slots = 0
+    spanning_slots = 0
     rows_read_again = 0
     most_local = 0
     start = 0
@@ -127,11 +127,11 @@ def plan(sorted_labels, positions, row_action, class_size, item_codes, item_labe
             end += 1
         if end - start == 1:
             row_action[positions[start]] = SINGLETON
-        elif positions[start] // ROWS_PER_BLOCK == positions[end - 1] // ROWS_PER_BLOCK:
-            block = positions[start] // ROWS_PER_BLOCK
-            slot = local_slots_in_block[block] << SLOT_SHIFT
-            local_slots_in_block[block] += 1
-            most_local = max(most_local, local_slots_in_block[block])
+        elif positions[start] // ROWS_PER_TILE == positions[end - 1] // ROWS_PER_TILE:
+            tile = positions[start] // ROWS_PER_TILE
+            slot = local_slots_in_tile[tile] << SLOT_SHIFT
+            local_slots_in_tile[tile] += 1
+            most_local = max(most_local, local_slots_in_tile[tile])
             for t in range(start, end):
                 row_action[positions[t]] = slot | LOCAL_ADD
             row_action[positions[start]] = slot | LOCAL_FIRST
@@ -139,24 +139,24 @@ def plan(sorted_labels, positions, row_action, class_size, item_codes, item_labe
             class_size[positions[end - 1]] = end - start  # read at that row only
         else:
             run_start = start
-            while run_start < end:  # the class's rows block by block
-                block = positions[run_start] // ROWS_PER_BLOCK
+            while run_start < end:  # the class's rows tile by tile
+                tile = positions[run_start] // ROWS_PER_TILE
                 run_end = run_start + 1
-                while run_end < end and positions[run_end] // ROWS_PER_BLOCK == block:
+                while run_end < end and positions[run_end] // ROWS_PER_TILE == tile:
                     run_end += 1
                 if run_end == run_start + 1:
                     row_action[positions[run_start]] = DEFERRED
                     item_codes[items] = positions[run_start]
                     rows_read_again += 1
                 else:
-                    slot = spread_slots << SLOT_SHIFT
+                    slot = spanning_slots << SLOT_SHIFT
                     for t in range(run_start, run_end):
-                        row_action[positions[t]] = slot | SPREAD_ADD
-                    row_action[positions[run_start]] = slot | SPREAD_FIRST
-                    item_codes[items] = -1 - spread_slots
-                    spread_slots += 1
+                        row_action[positions[t]] = slot | SPANNING_ADD
+                    row_action[positions[run_start]] = slot | SPANNING_FIRST
+                    item_codes[items] = -1 - spanning_slots
+                    spanning_slots += 1
                 item_labels[items] = label
                 items += 1
                 run_start = run_end
         start = end
-    return items, spread_slots, rows_read_again, most_local
+    return items, spanning_slots, rows_read_again, most_local
