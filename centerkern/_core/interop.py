@@ -43,6 +43,9 @@ _IMMUTABLE = {
     "updates a tf.Variable)",
 }
 
+# The dtypes centerkern computes in (its inputs are checked to be one of these, no cast made).
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
 
 def framework_of(x: Any) -> str:
     """``torch``, ``jax``, ``tensorflow``, ``cupy``, or ``other`` (NumPy, lists, Numba arrays)."""

@@ -20,10 +20,9 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import label_out_of_range
-from .interop import check_writable, framework_of, is_device_array, torch_host_view
+from .interop import FLOAT_DTYPES, check_writable, framework_of, is_device_array, torch_host_view
 from .rules import RULES
 
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def check_choice(value: Any, what: str, choices: tuple[str, ...]) -> str:

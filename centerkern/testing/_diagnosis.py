@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ._comparison import TOLERANCE, close_within
 from ._mistakes import KNOWN_MISTAKES, Mistake, Quantities, reference
 
 QUANTITIES = ("loss", "centers", "third")
@@ -147,8 +148,6 @@ class Evidence:
                             for mistake in KNOWN_MISTAKES}
 
     def matches(self, got: Any, expected: Any, tolerance: float) -> bool:
-        from . import close_within
-
         if got is None or expected is None:
             return got is None and expected is None
         features, _, centers, _ = self.case
@@ -162,8 +161,6 @@ class Evidence:
     def tolerance(self, got: Any, mistake: Mistake | None = None) -> float:
         """The inputs' dtype's tolerance; float32's for values handed back in float32 (they carry
         no more), or where the mistake is about float32 itself."""
-        from . import TOLERANCE
-
         floors = [TOLERANCE[np.dtype(self.case[0].dtype)], 0.0 if mistake is None else mistake.tolerance_floor]
         if np.asarray(got).dtype == np.float32:
             floors.append(TOLERANCE[np.dtype(np.float32)])

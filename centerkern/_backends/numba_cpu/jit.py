@@ -38,7 +38,7 @@ import numba
 import numpy as np
 from numba.core import caching
 
-from ..._core.validation import FLOAT_DTYPES
+from ..._core.interop import FLOAT_DTYPES
 
 # Sums may be reordered (so that LLVM vectorizes them: the order is still fixed at compile time,
 # the same for any thread count) and a multiply-add fused: the arithmetic on float32 data is

@@ -1,0 +1,78 @@
+"""How close is close enough: the tolerances, and the comparison every check of the oracle makes.
+
+A module of its own, below both the public ``check_center_loss`` and the diagnosis of mistakes,
+which compare alike.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# a third-party step against the reference: its own summation order, float32 intermediates
+TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-9}
+#: The relative tolerance, per input dtype (``np.dtype(np.float32)``: 1e-5,
+#: ``np.dtype(np.float64)``: 1e-12), to within which every centerkern backend equals the
+#: ``numpy`` reference, whatever its summation order; for use with ``close_within``.
+BACKEND_TOLERANCE = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
+
+
+def close_within(got, expected, tolerance, *magnitudes) -> bool:
+    """Equal to within ``tolerance``, relative to the larger of the value and the magnitudes
+    (the inputs): sums of terms that cancel are exact only to the terms' own scale. NaN equals
+    NaN; None equals None only.
+
+    Element-wise, ``|got - expected| <= tolerance * (|expected| + scale)``, where ``scale`` is
+    the largest absolute value in ``expected`` and the magnitudes.
+
+    Parameters
+    ----------
+    got : array_like or None
+        The values to check.
+    expected : array_like or None
+        The reference values, of the same shape as ``got``.
+    tolerance : float
+        The relative tolerance, for example ``BACKEND_TOLERANCE[dtype]``.
+    *magnitudes : array_like
+        The inputs the values were computed from: a difference within ``tolerance`` of their
+        largest absolute value passes.
+
+    Returns
+    -------
+    bool
+        Whether ``got`` and ``expected`` agree (False for different shapes).
+
+    Raises
+    ------
+    ValueError, TypeError
+        NumPy's own, where ``got``, ``expected`` or a magnitude cannot be read as an array of
+        floats (a ragged list, strings, objects). Different shapes are not an error: they
+        disagree.
+
+    See Also
+    --------
+    difference : Where and by how much two arrays differ, in words.
+
+    Examples
+    --------
+    >>> from centerkern.testing import close_within
+    >>> close_within([1.0, 2.0], [1.0, 2.0 + 1e-7], 1e-6)
+    True
+    >>> close_within([1.0, 2.0], [1.0, 2.1], 1e-6)
+    False
+
+    A result near zero, from inputs near 1, is exact only to their scale:
+
+    >>> close_within(1e-9, 0.0, 1e-6)
+    False
+    >>> close_within(1e-9, 0.0, 1e-6, [1.0, -1.0])
+    True
+    >>> close_within(float("nan"), float("nan"), 1e-6), close_within(None, 0.0, 1e-6)
+    (True, False)
+    """
+    if got is None or expected is None:
+        return got is None and expected is None
+    got, expected = np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    if got.shape != expected.shape:
+        return False
+    scale = max([1e-300] + [float(np.max(np.abs(m), initial=0.0)) for m in (expected, *magnitudes)])
+    return bool(np.allclose(got, expected, rtol=tolerance, atol=tolerance * scale, equal_nan=True))
