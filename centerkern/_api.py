@@ -22,6 +22,37 @@ from ._core.interop import is_device_array
 from ._core.validation import HostArrays, check_choice
 
 
+# Parameters and errors that the three functions document alike, written once and put in their
+# docstrings where ``{name}`` stands alone on a line (str.replace, not str.format: the
+# docstrings hold braces of their own).
+_SHARED_DOCS = {
+    "backend": """backend : {"auto", "numpy", "numba", "cuda"}, optional
+        Where to compute; ``"auto"`` (the default) takes ``cuda`` for device arrays and
+        ``numba`` otherwise (see ``backends``).""",
+    "deterministic": """deterministic : bool, optional
+        Bitwise-identical results from run to run. The CPU backends always are; the ``cuda``
+        backend is when asked (no float atomics).""",
+    "sync and stream": """sync : bool, optional
+        Device arrays only; see ``center_loss``.
+    stream : None, Numba stream or int, optional
+        Device arrays only; see ``center_loss``.""",
+    "IndexError": """IndexError
+        If a label lies outside [0, K): the message names the first bad value, its position
+        and K. (For device arrays with ``sync=False``, raised later; see ``center_loss``.)""",
+    "BackendUnavailableError": """BackendUnavailableError
+        If ``backend="cuda"`` (or ``"auto"`` with device arrays) and Numba's CUDA target cannot
+        be loaded or finds no GPU.""",
+}
+
+
+def _with_shared_docs(function):
+    if function.__doc__ is None:  # python -OO strips docstrings
+        return function
+    for name, text in _SHARED_DOCS.items():
+        function.__doc__ = function.__doc__.replace("    {" + name + "}\n", "    " + text + "\n")
+    return function
+
+
 class CenterLossResult(NamedTuple):
     """What ``center_loss`` returns.
 
@@ -164,6 +195,7 @@ def validate_center_loss(features, labels, centers, alpha, rule, out, backend, g
     return validation.validate_center_loss(features, labels, centers, alpha, rule, out, arrays, grad_out)
 
 
+@_with_shared_docs
 def gather_centers(centers: Any, labels: Any, *, backend: str = "auto", sync: bool = True, stream: Any = None) -> Any:
     """Return ``centers[labels]``: the (B, D) rows of the centers of the batch's classes.
 
@@ -178,13 +210,8 @@ def gather_centers(centers: Any, labels: Any, *, backend: str = "auto", sync: bo
     labels : array_like of int
         An integer array of any shape holding B values in [0, K); flattened. Any integer dtype,
         not bool.
-    backend : {"auto", "numpy", "numba", "cuda"}, optional
-        Where to compute; ``"auto"`` (the default) takes ``cuda`` for device arrays and
-        ``numba`` otherwise (see ``backends``).
-    sync : bool, optional
-        Device arrays only; see ``center_loss``.
-    stream : None, Numba stream or int, optional
-        Device arrays only; see ``center_loss``.
+    {backend}
+    {sync and stream}
 
     Returns
     -------
@@ -194,18 +221,14 @@ def gather_centers(centers: Any, labels: Any, *, backend: str = "auto", sync: bo
 
     Raises
     ------
-    IndexError
-        If a label lies outside [0, K): the message names the first bad value, its position
-        and K. (For device arrays with ``sync=False``, raised later; see ``center_loss``.)
+    {IndexError}
     TypeError
         If ``centers`` is not float32 or float64, or the labels do not have an integer dtype
         (bool included).
     ValueError
         If ``centers`` is not 2-D, ``backend`` is not one of the names above, or a device array
         is given to a host backend (``numpy``, ``numba``).
-    BackendUnavailableError
-        If ``backend="cuda"`` (or ``"auto"`` with device arrays) and Numba's CUDA target cannot
-        be loaded or finds no GPU.
+    {BackendUnavailableError}
 
     See Also
     --------
@@ -239,6 +262,7 @@ def gather_centers(centers: Any, labels: Any, *, backend: str = "auto", sync: bo
     return to_caller(kernels.gather_centers(checked.centers, checked.labels))
 
 
+@_with_shared_docs
 def scatter_sub_update(
     centers: Any, labels: Any, updates: Any, *, out: Any = None, backend: str = "auto",
     deterministic: bool = False, sync: bool = True, stream: Any = None,
@@ -264,16 +288,9 @@ def scatter_sub_update(
         None: ``centers`` is left as it was and a new array is returned. ``out=centers`` updates
         in place without copying the K x D centers, and returns ``out``. Any other writable
         array of the shape and dtype of ``centers`` receives the result.
-    backend : {"auto", "numpy", "numba", "cuda"}, optional
-        Where to compute; ``"auto"`` (the default) takes ``cuda`` for device arrays and
-        ``numba`` otherwise (see ``backends``).
-    deterministic : bool, optional
-        Bitwise-identical results from run to run. The CPU backends always are; the ``cuda``
-        backend is when asked (no float atomics).
-    sync : bool, optional
-        Device arrays only; see ``center_loss``.
-    stream : None, Numba stream or int, optional
-        Device arrays only; see ``center_loss``.
+    {backend}
+    {deterministic}
+    {sync and stream}
 
     Returns
     -------
@@ -283,9 +300,7 @@ def scatter_sub_update(
 
     Raises
     ------
-    IndexError
-        If a label lies outside [0, K): the message names the first bad value, its position
-        and K. (For device arrays with ``sync=False``, raised later; see ``center_loss``.)
+    {IndexError}
     TypeError
         If ``centers`` or ``updates`` is not float32 or float64, their dtypes differ (no silent
         cast), the labels do not have an integer dtype (bool included), or ``out`` has another
@@ -296,9 +311,7 @@ def scatter_sub_update(
         not hold one value per row of ``updates``, ``out`` has another shape than ``centers``,
         is read-only, overlaps itself or lives in other memory than the backend's, ``backend``
         is not one of the names above, or a device array is given to a host backend.
-    BackendUnavailableError
-        If ``backend="cuda"`` (or ``"auto"`` with device arrays) and Numba's CUDA target cannot
-        be loaded or finds no GPU.
+    {BackendUnavailableError}
 
     See Also
     --------
@@ -359,6 +372,7 @@ def scatter_sub_update(
     return caller_out
 
 
+@_with_shared_docs
 def center_loss(
     features: Any, labels: Any, centers: Any, alpha: Any, *, rule: str = "facenet", out: Any = None,
     grad_out: Any = None, backend: str = "auto", deterministic: bool = False, sync: bool = True,
@@ -410,12 +424,8 @@ def center_loss(
         The dtype of ``features``.
         Where to write the grad (returned as ``result.grad``), so that a training loop need not
         allocate B x D every step. It may overlap no input. None: a new array.
-    backend : {"auto", "numpy", "numba", "cuda"}, optional
-        Where to compute; ``"auto"`` (the default) takes ``cuda`` for device arrays and
-        ``numba`` otherwise (see ``backends``).
-    deterministic : bool, optional
-        Bitwise-identical results from run to run. The CPU backends always are; the ``cuda``
-        backend is when asked (no float atomics).
+    {backend}
+    {deterministic}
     sync : bool, optional
         Device arrays only. The labels are checked on the device; a bad one makes the call write
         nothing and its loss NaN. ``True`` (the default): the call waits for that check and
@@ -453,9 +463,7 @@ def center_loss(
         not hold one value per row of ``features``, ``out`` or ``grad_out`` has the wrong shape,
         is read-only, overlaps itself or lives in other memory than the backend's, ``grad_out``
         overlaps an input or ``out``, or a device array is given to a host backend.
-    BackendUnavailableError
-        If ``backend="cuda"`` (or ``"auto"`` with device arrays) and Numba's CUDA target cannot
-        be loaded or finds no GPU.
+    {BackendUnavailableError}
 
     See Also
     --------
