@@ -268,6 +268,12 @@ def test_cuda_launch_path_and_kernel_parameters():
     # Numba's calling convention for an array: meminfo, parent, nitems, itemsize, data, shape, strides
     assert parameters[:9] == [0, 0, 15, 8, 4096, 3, 5, 40, 8]
     assert parameters[9].value == 7 and parameters[10].value == 0.5 and parameters[11] is True
+    # a named tuple (the rule's coefficients, the step's settings): its members, in order
+    from centerkern._core.rules import SCATTER_SUB
+
+    parameters = launcher.kernel_parameters((SCATTER_SUB, 3))
+    assert [p.value for p in parameters[:4]] == [0.0, 0.0, -1.0, 0.0] and parameters[4] is True
+    assert parameters[5].value == 3 and len(parameters) == 6
 
 
 def test_cuda_calls_of_other_sizes_one_after_another():

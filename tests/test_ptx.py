@@ -1,6 +1,7 @@
 """Every CUDA kernel, for every signature the launcher compiles it with (arrays of layout "A",
-int64/float64/bool scalars, labels of every integer dtype), compiles to PTX for Hopper (sm_90)
-with the real NVVM compiler (no GPU needed). Runs in the ordinary test process."""
+int64/float64/bool scalars, the named tuples ``RuleCoefficients`` and ``StepSettings``, labels of
+every integer dtype), compiles to PTX for Hopper (sm_90) with the real NVVM compiler (no GPU
+needed). Runs in the ordinary test process."""
 
 import ctypes
 import os
@@ -12,9 +13,10 @@ pytestmark = pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") == "1",
                                 reason="the simulator has no compiler; these run in the main test process")
 
 import numpy as np  # noqa: E402
-from numba import cuda, types  # noqa: E402
+from numba import cuda, typeof, types  # noqa: E402
 
-from centerkern.cuda import kernels
+from centerkern._core.rules import SCATTER_SUB, RuleCoefficients, rule_coefficients  # noqa: E402
+from centerkern.cuda import kernels  # noqa: E402
 from centerkern.cuda import launcher  # noqa: E402
 from centerkern.cuda.views import DeviceView  # noqa: E402
 
@@ -32,6 +34,9 @@ def _array(dtype, ndim):
 INT, FLOAT, BOOL = launcher._numba_type(1), launcher._numba_type(1.0), launcher._numba_type(True)
 VECTOR = _array(np.int64, 1)
 COUNTERS = _array(np.int32, 1)  # a call's status and per-class bookkeeping
+# the step's named tuples, as the driver builds them (every rule and the scatter share one type)
+RULE = launcher._numba_type(rule_coefficients("wen", 0.5, 8, 4))
+SETTINGS = launcher._numba_type(kernels.StepSettings(True, False, True, False, True))
 
 
 class _Hopper:
@@ -56,13 +61,20 @@ def _compile(kernel, *signature):
 def test_launcher_types_match_numba_types():
     assert (INT, FLOAT, BOOL) == (types.int64, types.float64, types.boolean)
     assert _array(np.float32, 2) == types.Array(types.float32, 2, "A")
+    # the types Numba's own launch gives the named tuples: a kernel is compiled once for both paths
+    assert RULE == types.NamedTuple([FLOAT] * 4 + [BOOL], RuleCoefficients) == typeof(SCATTER_SUB)
+    for rule in ("facenet", "wen", "pytorch"):
+        assert launcher._numba_type(rule_coefficients(rule, 0.5, 8, 4)) == RULE
+    settings = kernels.StepSettings(False, True, False, True, False)
+    assert SETTINGS == launcher._numba_type(settings) == typeof(settings)
+    assert list(SETTINGS) == [BOOL] * len(kernels.StepSettings._fields)
 
 
 @pytest.mark.parametrize("label_dtype", LABEL_DTYPES, ids=lambda d: np.dtype(d).name)
 def test_ptx_kernels_reading_labels(label_dtype):
     labels = _array(label_dtype, 1)
     _compile(kernels.classify, labels, INT, COUNTERS)
-    _compile(kernels.number_spanning, labels, INT, COUNTERS, VECTOR, VECTOR, BOOL)
+    _compile(kernels.number_spanning, labels, INT, COUNTERS, VECTOR, VECTOR, SETTINGS)
     _compile(kernels.check_labels, labels, INT, COUNTERS)
     _compile(kernels.copy_vector, labels, labels)  # a copy of overlapping labels
     for float_dtype in FLOAT_DTYPES:
@@ -76,11 +88,11 @@ def test_ptx_step_kernels(float_dtype, label_dtype):
     labels, matrix = _array(label_dtype, 1), _array(float_dtype, 2)
     sums, squares = _array(np.float64, 2), _array(np.float64, 1)
     ptx = _compile(kernels.tile_step, matrix, labels, matrix, matrix, matrix, COUNTERS, sums, VECTOR, VECTOR,
-                   VECTOR, squares, BOOL, BOOL, BOOL, FLOAT, FLOAT, FLOAT, BOOL, BOOL)
+                   VECTOR, squares, RULE, SETTINGS)
     float_atomics = set(re.findall(r"\b(?:atom|red)(?:\.global)?\.add\.(f\d+)", ptx))
     assert float_atomics == {"f64"}  # the default mode's one atomic per (run, column), never rounded to float32
     _compile(kernels.finish_spanning_classes, labels, matrix, matrix, COUNTERS, sums, VECTOR, VECTOR, VECTOR,
-             VECTOR, squares, squares, VECTOR, VECTOR, BOOL, BOOL, BOOL, FLOAT, FLOAT, FLOAT, BOOL)
+             VECTOR, squares, squares, VECTOR, VECTOR, RULE, SETTINGS)
     _compile(kernels.clear_spanning_sums, sums, COUNTERS)
 
 
@@ -115,24 +127,57 @@ class _DeviceMemoryAt:
         return self
 
 
+def _numbas_own_parameters(typed_values):
+    """The kernel parameters Numba's own launch path makes of these (type, value) pairs."""
+    from numba.cuda import dispatcher
+
+    class _KernelWithoutExtensions:  # what _prepare_args reads of its kernel (it recurses into tuples)
+        extensions = []
+        _prepare_args = dispatcher._Kernel._prepare_args
+
+    parameters = []
+    for numba_type, value in typed_values:
+        _KernelWithoutExtensions()._prepare_args(numba_type, value, 0, [], parameters)
+    return parameters
+
+
+def _assert_same_parameters(got, expected):
+    plain = lambda values: [getattr(v, "value", v) for v in values]  # ctypes scalars by value
+    assert plain(got) == plain(expected)
+    assert [type(v) for v in got] == [type(v) for v in expected]
+
+
 @pytest.mark.parametrize("shape, strides", [((3, 5), (40, 8)), ((3, 5), (8, 24)), ((4, 2), (-16, 8)), ((7,), (8,))])
 def test_launcher_flattens_arguments_as_numbas_own_launch_path(shape, strides):
     """The direct launch hands cuda.core the very parameters Numba's own launch would: an array as
     (meminfo, parent, nitems, itemsize, data, *shape, *strides), then int64, float64 and bool."""
-    from numba.cuda import dispatcher
     from numba.cuda.cudadrv import devicearray
 
     dtype = np.dtype(np.float64)
     numba_array = devicearray.DeviceNDArray(shape, strides, dtype, gpu_data=_DeviceMemoryAt(4096))
     view = DeviceView(None, 4096, shape, strides, dtype, False, None)
 
-    class _NoExtensions:
-        extensions = []
+    expected = _numbas_own_parameters([(_array(dtype, len(shape)), numba_array), (INT, 7), (FLOAT, 0.5),
+                                       (BOOL, True)])
+    _assert_same_parameters(launcher.kernel_parameters((view, np.int64(7), 0.5, True)), expected)
 
-    expected = []
-    for numba_type, value in [(_array(dtype, len(shape)), numba_array), (INT, 7), (FLOAT, 0.5), (BOOL, True)]:
-        dispatcher._Kernel._prepare_args(_NoExtensions(), numba_type, value, 0, [], expected)
-    got = launcher.kernel_parameters((view, np.int64(7), 0.5, True))
-    plain = lambda values: [getattr(v, "value", v) for v in values]  # ctypes scalars by value
-    assert plain(got) == plain(expected)
-    assert [type(v) for v in got] == [type(v) for v in expected]
+
+def test_launcher_flattens_named_tuples_as_numbas_own_launch_path():
+    """A named tuple (the rule's coefficients, the step's settings) goes in as its members, in
+    order, each as Numba's own launch passes that scalar: float64 as a double, bool as itself."""
+    from numba.cuda.cudadrv import devicearray
+
+    rule = RuleCoefficients(loss_scale=0.25, grad_scale=0.5, step=-2.0, count_weight=1.0, moves_centers=True)
+    settings = kernels.StepSettings(rows_are_features=True, deterministic=False, grad_is_fresh=True,
+                                    written_is_fresh=False, posts_bad_label=True)
+    numba_array = devicearray.DeviceNDArray((3, 5), (40, 8), np.dtype(np.float32), gpu_data=_DeviceMemoryAt(8192))
+    view = DeviceView(None, 8192, (3, 5), (40, 8), np.dtype(np.float32), False, None)
+
+    arguments = (view, rule, 7, settings, SCATTER_SUB)
+    expected = _numbas_own_parameters([(_array(np.float32, 2), numba_array), (RULE, rule), (INT, 7),
+                                       (SETTINGS, settings), (RULE, SCATTER_SUB)])
+    got = launcher.kernel_parameters(arguments)
+    _assert_same_parameters(got, expected)
+    assert len(got) == 9 + 5 + 1 + 5 + 5
+    assert [getattr(v, "value", v) for v in got[9:14]] == [0.25, 0.5, -2.0, 1.0, True]
+    assert launcher._argument_key(rule) == launcher._argument_key(SCATTER_SUB) != launcher._argument_key(settings)

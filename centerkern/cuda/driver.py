@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 
 from .._core.errors import label_out_of_range
-from .._core.rules import RuleCoefficients
+from .._core.rules import SCATTER_SUB, RuleCoefficients
 from . import kernels
 from . import record
 from .arrays import DeviceArrays, grid_1d, launch_1d, row_blocks, row_threads
+from .kernels import StepSettings
 from .launcher import prepare, setup_under_capture
 from .views import DeviceView
 
@@ -254,13 +255,8 @@ def scatter_sub_update(centers: Any, labels: Any, updates: Any, *, deterministic
     >>> moved.copy_to_host().tolist(), start.copy_to_host().tolist()
     ([[-18.0], [-21.0], [3.0]], [[1.0], [2.0], [3.0]])
     """
-    call = _Call(centers, labels, updates)
-    target = call(centers, written=True)
-    updates, labels = call(updates), call(labels)
-    copy_from = None if copy_from is None else call(copy_from)
-    with call:
-        _segmented_update(call, updates, labels, target, target, None, None, copy_from, False, -1.0, 0.0, 0.0, 0.0,
-                          True, deterministic)
+    _segmented_update(updates, labels, centers, centers, None, SCATTER_SUB, rows_are_features=False,
+                      deterministic=deterministic, copy_from=copy_from)
 
 
 def center_loss_step(
@@ -362,16 +358,8 @@ def center_loss_step(
     >>> loss.shape, loss.dtype, round(float(loss), 6)
     ((), dtype('float64'), 5.333333)
     """
-    call = _Call(features, labels, centers)
-    target = call(centers, written=True)
-    written_view = target if written is centers else call(written, written=True)
-    features, labels, grad = call(features), call(labels), call(grad, written=True)
-    copy_from = None if copy_from is None else call(copy_from)
-    loss = call.arrays.new_loss()
-    with call:
-        _segmented_update(call, features, labels, target, written_view, grad, loss, copy_from, True, rule.step,
-                          rule.count_weight, rule.grad_scale, rule.loss_scale, rule.moves_centers, deterministic)
-    return float(loss.numba().copy_to_host()[0]) if call.on_host else loss
+    return _segmented_update(features, labels, centers, written, grad, rule, rows_are_features=True,
+                             deterministic=deterministic, copy_from=copy_from)
 
 
 def spanning_rows(batch_size: int, num_classes: int, deterministic: bool) -> int:
@@ -384,10 +372,38 @@ def spanning_rows(batch_size: int, num_classes: int, deterministic: bool) -> int
     return min(num_classes, batch_size // 2)
 
 
-def _segmented_update(call, rows, labels, centers, written, grad, loss, copy_from, rows_are_features,
-                      rule_step, count_weight, grad_scale, loss_scale, moves_centers, deterministic) -> None:
+def _segmented_update(rows, labels, centers, written, grad, rule: RuleCoefficients, *, rows_are_features: bool,
+                      deterministic: bool, copy_from) -> Any:
+    """One call of ``center_loss_step`` (``rows_are_features``: the rows are features, with a grad
+    and a loss) or of ``scatter_sub_update`` (the rows are updates; ``grad`` None, ``rule``
+    ``SCATTER_SUB``), as those functions describe it. Returns the step's loss, None for the
+    scatter."""
+    call = _Call(rows, labels, centers)
+    target = call(centers, written=True)
+    written = target if written is centers else call(written, written=True)
+    rows, labels = call(rows), call(labels)
+    grad = call(grad, written=True) if rows_are_features else None
+    copy_from = None if copy_from is None else call(copy_from)
+    loss = call.arrays.new_loss() if rows_are_features else None
+    settings = StepSettings(
+        rows_are_features=bool(rows_are_features),
+        deterministic=bool(deterministic),
+        grad_is_fresh=bool(rows_are_features and grad.fresh),
+        written_is_fresh=bool(written.fresh and written is not target),
+        posts_bad_label=call.posts,
+    )
+    with call:
+        _launch_update(call, rule, settings, rows, labels, target, written, grad, loss, copy_from)
+    if loss is None:
+        return None
+    return float(loss.numba().copy_to_host()[0]) if call.on_host else loss
+
+
+def _launch_update(call, rule: RuleCoefficients, settings: StepSettings, rows, labels, centers, written, grad, loss,
+                   copy_from) -> None:
     """The launches of one step or scatter (see ``kernels``), all prepared before the first runs.
-    A scatter (``rows_are_features`` False) has no grad and no loss: the kernels read neither."""
+    A scatter (``settings.rows_are_features`` False) has no grad and no loss: the kernels read
+    neither."""
     arrays = call.arrays
     batch_size, width = rows.shape
     num_classes = centers.shape[0]
@@ -395,9 +411,9 @@ def _segmented_update(call, rows, labels, centers, written, grad, loss, copy_fro
     column_blocks = max(1, math.ceil(width / threads))
     tile_blocks = row_blocks(math.ceil(batch_size / kernels.TILE_ROWS))
     block_count = tile_blocks * column_blocks
-    sums = max(1, spanning_rows(batch_size, num_classes, deterministic))
+    sums = max(1, spanning_rows(batch_size, num_classes, settings.deterministic))
     leaders = max(1, min(num_classes, batch_size // 2))
-    per_row = batch_size if deterministic else 1  # run slots and a tile-sorted copy of the batch
+    per_row = batch_size if settings.deterministic else 1  # run slots and a tile-sorted copy of the batch
 
     counters, indices, floats = call.temporaries(batch_size, num_classes, leaders + 3 * per_row,
                                                  block_count + sums * width)
@@ -408,15 +424,15 @@ def _segmented_update(call, rows, labels, centers, written, grad, loss, copy_fro
     tile_sorted_rows = indices.part(start + leaders + 2 * per_row, (per_row,))
     block_squares = floats.part(0, (block_count,))
     spanning_sums = floats.part(block_count, (sums, width))
-    if not rows_are_features:
+    if not settings.rows_are_features:
         grad, loss = rows, block_squares  # typed stand-ins, never written (see tile_step)
 
     launches = [
         prepare(kernels.classify, tile_blocks, kernels.TILE_ROWS, arrays, labels, num_classes, counters),
         prepare(kernels.number_spanning, tile_blocks, kernels.TILE_ROWS, arrays, labels, num_classes, counters,
-                spanning_leaders, run_slots, deterministic),
+                spanning_leaders, run_slots, settings),
     ]
-    if not deterministic:  # grid-stride over the rows in use, which are far fewer than the bound
+    if not settings.deterministic:  # grid-stride over the rows in use, which are far fewer than the bound
         launches.append(prepare(kernels.clear_spanning_sums, (grid_1d(sums * threads), column_blocks), threads,
                                 arrays, spanning_sums, counters))
     if copy_from is not None:
@@ -425,12 +441,10 @@ def _segmented_update(call, rows, labels, centers, written, grad, loss, copy_fro
     launches += [
         prepare(kernels.tile_step, (tile_blocks, column_blocks), threads, arrays,
                 rows, labels, centers, written, grad, counters, spanning_sums, run_slots, tile_sorted_labels,
-                tile_sorted_rows, block_squares, rows_are_features, deterministic, moves_centers, rule_step,
-                count_weight, grad_scale, grad.fresh, written.fresh and written is not centers),
+                tile_sorted_rows, block_squares, rule, settings),
         prepare(kernels.finish_spanning_classes, (grid_1d(leaders), column_blocks), threads, arrays,
                 labels, centers, written, counters, spanning_sums, spanning_leaders, run_slots, tile_sorted_labels,
-                tile_sorted_rows, block_squares, loss, call.verdict, call.record.view, rows_are_features,
-                deterministic, moves_centers, rule_step, count_weight, loss_scale, call.posts),
+                tile_sorted_rows, block_squares, loss, call.verdict, call.record.view, rule, settings),
     ]
     call.launch(launches)
 

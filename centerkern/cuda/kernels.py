@@ -1,4 +1,5 @@
-"""The ``@cuda.jit`` kernels of the ``cuda`` backend, and nothing else.
+"""The ``@cuda.jit`` kernels of the ``cuda`` backend, and the constants and argument structure
+they share with the driver.
 
 The algorithm is the numba backend's, laid out for a GPU. The batch is cut into tiles of
 ``TILE_ROWS`` consecutive rows; a block takes one tile and ``COLUMNS_PER_BLOCK`` columns, one
@@ -48,6 +49,12 @@ temporary, read by the host after a ``sync=True`` call) and, for a ``sync=False`
 bad label to the device's error record (see ``record``), host-mapped memory the host reads
 whenever it chooses to.
 
+The step's kernels take the call's choices as two named tuples, each built once per call and
+passed whole: the rule's ``RuleCoefficients`` (``SCATTER_SUB`` for the scatter) and the call's
+``StepSettings``. Numba flattens a tuple argument into its members, in order: a launch passes
+them as scalar kernel parameters (see ``launcher.kernel_parameters``), nothing is copied to the
+device.
+
 The launch shape is a compile-time fact: the shared arrays are sized by ``TILE_ROWS`` and
 ``COLUMNS_PER_BLOCK``, and the driver launches with the same two numbers. The CUDA simulator's
 tests shrink them through ``CENTERKERN_CUDA_TILE`` ("rows,columns") so that small inputs span
@@ -58,6 +65,7 @@ cache, where a later process with the default shape would find them.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import numpy as np
 from numba import cuda, float64, int32, int64
@@ -91,6 +99,17 @@ RECORD_HEADER = 3
 RECORD_SLOTS = 16
 SLOT_FIELDS = 5  # posted ticket + 1 (written last), position, label, K, negative
 RECORD_SIZE = RECORD_HEADER + RECORD_SLOTS * SLOT_FIELDS
+
+
+class StepSettings(NamedTuple):
+    """What a call chooses beside its rule, for ``number_spanning``, ``tile_step`` and
+    ``finish_spanning_classes``: built once per call by the driver, passed whole."""
+
+    rows_are_features: bool  # a center-loss step (grad and loss from rows - centers); else the scatter of updates
+    deterministic: bool  # the same bits on every run: no float atomics, spanning sums added in tile order
+    grad_is_fresh: bool  # a step's grad is the backend's own array, filled with NaN on a bad label
+    written_is_fresh: bool  # the rows go to a fresh array of the backend's other than the centers (grad_centers)
+    posts_bad_label: bool  # the last kernel posts a bad label to the device's record: no one waits for the verdict
 
 
 @cuda.jit(device=True, inline=True)
@@ -206,11 +225,12 @@ def _last_row(counters, num_classes, label):
 
 
 @cuda.jit(cache=_CACHE)
-def number_spanning(labels, num_classes, counters, spanning_leaders, run_slots, deterministic):
+def number_spanning(labels, num_classes, counters, spanning_leaders, run_slots, settings):
     """Second kernel of a step: give each class that spans tiles a row of spanning sums (and its
-    first row a place on the list the finishing kernel walks); with ``deterministic``, give each
-    of its runs (a tile's rows of the class) a row of its own. The rows are numbered in whatever
-    order the atomics come; the sums are added in tile order all the same."""
+    first row a place on the list the finishing kernel walks); with ``settings.deterministic``
+    (``settings`` is the call's ``StepSettings``), give each of its runs (a tile's rows of the
+    class) a row of its own. The rows are numbered in whatever order the atomics come; the sums
+    are added in tile order all the same."""
     if _bad(counters):
         return
     tile_labels = cuda.shared.array(TILE_ROWS, int64)
@@ -231,7 +251,7 @@ def number_spanning(labels, num_classes, counters, spanning_leaders, run_slots, 
                     if tile_labels[q] == label:
                         first_in_tile = False
                 if first_in_tile:
-                    if deterministic:
+                    if settings.deterministic:
                         run_slots[row] = cuda.atomic.add(counters, SPANNING_RUNS, 1)
                     if row == first:
                         slot = cuda.atomic.add(counters, SPANNING_CLASSES, 1)
@@ -322,16 +342,16 @@ def gather(centers, labels, out, counters, verdict, record, post):
 @cuda.jit(cache=_CACHE)
 def tile_step(
     rows, labels, centers, written, grad, counters, spanning_sums, run_slots, tile_sorted_labels,
-    tile_sorted_rows, block_squares, rows_are_features, deterministic, moves_centers, step, count_weight,
-    grad_scale, grad_is_fresh, written_is_fresh,
+    tile_sorted_rows, block_squares, rule, settings,
 ):
-    """Each block: tiles of the batch (grid-stride), one slice of columns (see the module docstring)."""
+    """Each block: tiles of the batch (grid-stride), one slice of columns (see the module docstring).
+    ``rule`` is the call's ``RuleCoefficients``, ``settings`` its ``StepSettings``."""
     if _bad(counters):
         # nothing of the caller's is written on a bad batch; the backend's own fresh outputs
         # (the grad, grad_centers) become NaN, so that a caller that does not wait for the
         # verdict (sync=False) cannot train on uninitialised memory
-        _fill_nan_if(grad_is_fresh and rows_are_features, grad)
-        _fill_nan_if(written_is_fresh, written)
+        _fill_nan_if(settings.grad_is_fresh, grad)
+        _fill_nan_if(settings.written_is_fresh, written)
         return
     tile_labels = cuda.shared.array(TILE_ROWS, int64)
     order = cuda.shared.array(TILE_ROWS, int64)
@@ -355,7 +375,7 @@ def tile_step(
                     rank += 1
             order[rank] = p
         cuda.syncthreads()
-        if deterministic and cuda.blockIdx.y == 0:  # the deterministic finish searches these
+        if settings.deterministic and cuda.blockIdx.y == 0:  # the deterministic finish searches these
             for position in range(thread, tile_size, threads):
                 tile_sorted_labels[tile_start + position] = tile_labels[order[position]]
                 tile_sorted_rows[tile_start + position] = tile_start + order[position]
@@ -372,9 +392,9 @@ def tile_step(
                 run_first = tile_start + p
                 center = float64(centers[label, k])  # read before any write: the pre-update center
             i = tile_start + p
-            if rows_are_features:
+            if settings.rows_are_features:
                 difference = float64(rows[i, k]) - center
-                grad[i, k] = grad_scale * difference
+                grad[i, k] = rule.grad_scale * difference
                 squares += difference * difference
             else:
                 difference = float64(rows[i, k])
@@ -382,12 +402,9 @@ def tile_step(
             if position == tile_size - 1 or tile_labels[order[position + 1]] != label:  # the run ends
                 first = _first_row(counters, num_classes, batch_size, label)
                 if first // TILE_ROWS == _last_row(counters, num_classes, label) // TILE_ROWS:  # in this tile
-                    # (the center term is chosen, not multiplied by 0: an infinite center must not
-                    # turn grad_centers to NaN)
-                    base = center if moves_centers else 0.0
-                    count = counters[_book(num_classes, COUNT, label)]
-                    written[label, k] = base + step / (1.0 + count_weight * count) * total
-                elif deterministic:
+                    base = center if rule.moves_centers else 0.0
+                    written[label, k] = _written_value(rule, base, counters, num_classes, label, total)
+                elif settings.deterministic:
                     spanning_sums[run_slots[run_first], k] = total  # this run's own row
                 else:
                     cuda.atomic.add(spanning_sums, (counters[_book(num_classes, SLOT, label)], k), total)
@@ -397,6 +414,15 @@ def tile_step(
     total = _block_sum(squares_by_thread, thread, threads)
     if thread == 0:
         block_squares[cuda.blockIdx.x * cuda.gridDim.y + cuda.blockIdx.y] = total
+
+
+@cuda.jit(device=True, inline=True)
+def _written_value(rule, base, counters, num_classes, label, total):
+    """A class's new row entry from its sum ``total`` (see ``RuleCoefficients``). ``base`` is its
+    center where the rule moves the centers, else 0: the center term is chosen, not multiplied
+    by 0, so that an infinite center does not turn grad_centers to NaN."""
+    count = counters[_book(num_classes, COUNT, label)]
+    return base + rule.step / (1.0 + rule.count_weight * count) * total
 
 
 @cuda.jit(device=True)
@@ -424,12 +450,12 @@ def _block_sum(values, thread, threads):
 @cuda.jit(cache=_CACHE)
 def finish_spanning_classes(
     labels, centers, written, counters, spanning_sums, spanning_leaders, run_slots, tile_sorted_labels,
-    tile_sorted_rows, block_squares, loss, verdict, record, rows_are_features, deterministic, moves_centers,
-    step, count_weight, loss_scale, post,
+    tile_sorted_rows, block_squares, loss, verdict, record, rule, settings,
 ):
     """Each block: classes that span tiles (grid-stride over the list ``number_spanning`` made),
     one slice of columns. Block (0, 0) first reduces the tile kernel's block sums into the loss,
-    in a fixed order, and reports the label check."""
+    in a fixed order, and reports the label check. ``rule`` is the call's ``RuleCoefficients``,
+    ``settings`` its ``StepSettings``."""
     partials = cuda.shared.array(COLUMNS_PER_BLOCK, float64)
     slots = cuda.shared.array(COLUMNS_PER_BLOCK, int64)
     thread, threads = cuda.threadIdx.x, cuda.blockDim.x
@@ -437,8 +463,8 @@ def finish_spanning_classes(
     bad = _bad(counters)
     if cuda.blockIdx.x == 0 and cuda.blockIdx.y == 0:
         if thread == 0:
-            _report(labels, num_classes, counters, verdict, record, post)
-        if rows_are_features:
+            _report(labels, num_classes, counters, verdict, record, settings.posts_bad_label)
+        if settings.rows_are_features:
             partial = 0.0
             if not bad:
                 for b in range(thread, block_squares.size, threads):  # each thread its own fixed stride
@@ -447,7 +473,7 @@ def finish_spanning_classes(
             cuda.syncthreads()
             total = _block_sum(partials, thread, threads)
             if thread == 0:
-                loss[0] = np.nan if bad else loss_scale * total
+                loss[0] = np.nan if bad else rule.loss_scale * total
     if bad:
         return
 
@@ -458,7 +484,7 @@ def finish_spanning_classes(
         first_tile = row // TILE_ROWS
         last_tile = _last_row(counters, num_classes, label) // TILE_ROWS
         total = 0.0
-        if deterministic:
+        if settings.deterministic:
             tile = first_tile
             while tile <= last_tile:
                 # the block's threads look up as many tiles at once, then add them in tile order
@@ -488,6 +514,5 @@ def finish_spanning_classes(
         elif k < centers.shape[1]:
             total = spanning_sums[item, k]  # number_spanning gave the class the row of its list place
         if k < centers.shape[1]:
-            base = float64(centers[label, k]) if moves_centers else 0.0
-            count = counters[_book(num_classes, COUNT, label)]
-            written[label, k] = base + step / (1.0 + count_weight * count) * total
+            base = float64(centers[label, k]) if rule.moves_centers else 0.0
+            written[label, k] = _written_value(rule, base, counters, num_classes, label, total)

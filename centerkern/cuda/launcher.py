@@ -7,7 +7,8 @@ is compiled once per argument signature (all arrays typed with layout "A": the k
 strides, so one compiled kernel serves every layout), the driver's handle of the compiled kernel
 is kept, and a ``DeviceView`` is flattened straight into the parameters Numba's calling
 convention expects for an array (meminfo, parent, item count, item size, data pointer, shape,
-strides in bytes). A launch is then one ``cuda.core.launch`` call on the caller's stream.
+strides in bytes), a named tuple of scalars (``RuleCoefficients``, ``StepSettings``) into its
+members in order. A launch is then one ``cuda.core.launch`` call on the caller's stream.
 
 Where that path cannot be set up (Numba's CUDA simulator has no driver; a numba-cuda whose
 internals differ), launches go through Numba's own path, with the same kernels and arguments;
@@ -133,21 +134,42 @@ def _scalar_kind(value: Any) -> str:
 _SCALAR_TYPES = {"bool": types.boolean, "int": types.int64, "float": types.float64}
 
 
+def _is_named_tuple(value: Any) -> bool:
+    return isinstance(value, tuple) and hasattr(type(value), "_fields")
+
+
 def _argument_key(value: Any) -> Any:
     if isinstance(value, DeviceView):
         return value.dtype, value.ndim
+    if _is_named_tuple(value):
+        return type(value), tuple(map(_scalar_kind, value))
     return _scalar_kind(value)
 
 
 def _numba_type(value: Any) -> types.Type:
     if isinstance(value, DeviceView):
         return types.Array(numpy_support.from_dtype(value.dtype), value.ndim, "A")
+    if _is_named_tuple(value):
+        # the type Numba's own launch gives the value (a NamedUniTuple where the members' types
+        # are all one, else a NamedTuple), so that both paths compile the kernel once
+        return types.BaseTuple.from_types([_SCALAR_TYPES[_scalar_kind(v)] for v in value], type(value))
     return _SCALAR_TYPES[_scalar_kind(value)]
+
+
+def _scalar_parameter(value: Any) -> Any:
+    kind = _scalar_kind(value)
+    if kind == "bool":
+        return bool(value)
+    if kind == "int":
+        return ctypes.c_int64(int(value))
+    return ctypes.c_double(float(value))
 
 
 def kernel_parameters(args: tuple) -> list:
     """The kernel parameters of ``args`` as Numba's calling convention lays them out, for
-    ``cuda.core.launch``: an array is (meminfo, parent, nitems, itemsize, data, *shape, *strides)."""
+    ``cuda.core.launch``: an array is (meminfo, parent, nitems, itemsize, data, *shape, *strides),
+    a named tuple of scalars its members in order (Numba flattens a tuple argument), a scalar
+    itself as int64, float64 or bool."""
     parameters = []
     for value in args:
         if isinstance(value, DeviceView):
@@ -155,14 +177,10 @@ def kernel_parameters(args: tuple) -> list:
                 value.parameters = (0, 0, value.size, value.dtype.itemsize, value.pointer, *value.shape,
                                     *value.strides)
             parameters += value.parameters
-            continue
-        kind = _scalar_kind(value)
-        if kind == "bool":
-            parameters.append(bool(value))
-        elif kind == "int":
-            parameters.append(ctypes.c_int64(int(value)))
+        elif _is_named_tuple(value):
+            parameters += map(_scalar_parameter, value)
         else:
-            parameters.append(ctypes.c_double(float(value)))
+            parameters.append(_scalar_parameter(value))
     return parameters
 
 
