@@ -186,7 +186,9 @@ def _target(arrays, centers, out, out_is_centers):
     return out, (None if out_is_centers else centers)
 
 
-def validate_center_loss(features, labels, centers, alpha, rule, out, backend, grad_out=None) -> validation.CenterLossInputs:
+def checked_center_loss_inputs(
+    features, labels, centers, alpha, rule, out, backend, grad_out=None
+) -> validation.CenterLossInputs:
     """Every check ``center_loss`` makes, and nothing written: for callers that must know the
     input is good before they start (``centerkern.distributed``, before a collective; it runs
     on host arrays, whose labels are checked here)."""

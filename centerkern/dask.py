@@ -24,8 +24,8 @@ import dask.array as da
 import numpy as np
 
 from . import _api
-from ._backends import HOST as HOST_BACKENDS
-from ._core.validation import FLOAT_DTYPES, check_choice, check_labels
+from ._adapters.settings import host_backend
+from ._core.validation import FLOAT_DTYPES, check_labels
 
 __all__ = ["class_centers"]
 
@@ -89,7 +89,7 @@ def class_centers(
     >>> centers.dtype, counts.dtype
     (dtype('float64'), dtype('int64'))
     """
-    check_choice(backend, "backend", ("auto", *HOST_BACKENDS))
+    backend = host_backend(backend)  # auto: numba, as for any host arrays
     features, labels = da.asarray(features), da.asarray(labels)
     if features.ndim != 2 or labels.ndim != 1:
         raise ValueError(f"features must be 2-D and labels 1-D, got shapes {features.shape} and {labels.shape}")

@@ -9,10 +9,11 @@
 
     (loss, centers), grads = jax.value_and_grad(objective, has_aux=True)(params, centers, images, labels)
 
-On the CPU the step is one XLA FFI custom call (``centerkern._adapters.xla_ffi``): XLA hands the kernels
-its buffers in place, and the new centers are written over the centers' own buffer, so that a
-jitted step with the centers donated (``donate_argnums``) copies nothing of size K x D and never
-leaves compiled code for a host callback. Without ``jax.ffi``, or with JAX on a GPU (unless
+On the CPU the step is one XLA FFI custom call (``centerkern._adapters.xla_ffi``, running
+``centerkern._adapters.xla_targets``): XLA hands the kernels its buffers in place, and the new
+centers are written over the centers' own buffer, so that a jitted step with the centers donated
+(``donate_argnums``) copies nothing of size K x D and never leaves compiled code for a host
+callback. Without ``jax.ffi``, or with JAX on a GPU (unless
 ``CENTERKERN_JAX_GPU_CUSTOM_CALL=1``), the kernels run as a ``jax.pure_callback`` on the batch's
 classes only (see ``centerkern._adapters.batch_classes``): B rows cross to the host and back, never K.
 
@@ -35,16 +36,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero, zero_from_primal
 
-from ._adapters.batch_classes import (check_labels_of_every_shard, check_shapes_and_dtypes, host_combine, host_partials, host_step,
-                       table_width)
+from ._adapters.batch_classes import (check_labels_of_every_shard, check_shapes_and_dtypes, host_combine,
+                                      host_partials, host_step, table_width)
+from ._adapters.settings import computed_dtype, host_backend
 from ._core.rules import RULES, moves_centers, rule_coefficients
-from ._backends import HOST as HOST_BACKENDS
 from ._core.validation import check_choice, check_labels
 
 __all__ = ["GPU_CUSTOM_CALL_SWITCH", "center_loss", "ffi_path_available", "step_path"]
 
 
-def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, backend: str = "numba", axis_name=None):
+def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, backend: str = "auto", axis_name=None):
     """One center-loss step on JAX arrays: ``(loss, new_centers)``.
 
     The rules are those of ``centerkern.center_loss``. The function is pure: ``centers`` is
@@ -54,7 +55,9 @@ def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, back
     Parameters
     ----------
     features : array_like
-        A jax array, shape (B, D), float32 (or float64 with ``jax_enable_x64``).
+        A jax array, shape (B, D), float32 (or float64 with ``jax_enable_x64``); float16 and
+        bfloat16 features are computed in the centers' dtype, and get their gradient back in
+        their own.
     labels : array_like
         An integer jax array holding B values in [0, K), any shape (flattened).
     centers : array_like
@@ -63,8 +66,10 @@ def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, back
         A float or 0-d array; see ``centerkern.center_loss``.
     rule : {"facenet", "wen", "pytorch"}
         The update rule (see ``centerkern.center_loss``).
-    backend : {"numba", "numpy"}
-        The host kernels the callback runs.
+    backend : {"auto", "numba", "numpy"}
+        The host kernels the step runs; ``auto`` is ``numba``, as ``centerkern.center_loss``
+        takes for host arrays. The custom call on a GPU (``CENTERKERN_JAX_GPU_CUSTOM_CALL=1``)
+        runs the cuda kernels whichever is named.
     axis_name : hashable or tuple, optional
         Data parallelism, inside ``jax.shard_map`` or ``jax.pmap`` with the centers replicated
         and the batch split over this mesh axis (or axes): the centers move as if one device had
@@ -78,7 +83,8 @@ def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, back
     Returns
     -------
     loss : jax.Array
-        0-d array of the features' dtype, differentiable with respect to features and centers.
+        0-d array of the dtype the step computes in (the features', or the centers' for
+        half-precision features), differentiable with respect to features and centers.
     new_centers : jax.Array
         (K, D) array, the centers after the rule's update (unchanged for ``pytorch``).
 
@@ -159,8 +165,10 @@ def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, back
      [ 0.     -1.3333]]
     """
     rule = check_choice(rule, "rule", RULES)
-    backend = check_choice(backend, "backend", HOST_BACKENDS)
+    backend = host_backend(backend)
     features, centers = jnp.asarray(features), jnp.asarray(centers)
+    computed = computed_dtype(features.dtype, centers.dtype)  # the centers' for half-precision features
+    features = features if computed == features.dtype else features.astype(computed)
     labels = jnp.ravel(jnp.asarray(labels))
     check_shapes_and_dtypes(features, centers, labels.shape[0], labels.dtype)
 
@@ -307,15 +315,10 @@ def _host_call(key: str, function, shapes: tuple, *operands) -> tuple:
     finished). Elsewhere, or where XLA refuses the registration, ``jax.pure_callback``."""
     name = f"centerkern_host_{key}"
     if _host_targets_serve() and name not in _REGISTERED:
-        def call(frame, arguments, results):
-            values = function(*(buffer.host_array() for buffer in arguments))
-            if len(values) != len(results):
-                raise RuntimeError(f"{key}: {len(values)} results for {len(results)} buffers")
-            for buffer, value in zip(results, values):
-                buffer.host_array()[...] = value
+        from ._adapters.xla_targets import host_function
 
         try:
-            _register(name, {"cpu": call})
+            _register(name, {"cpu": host_function(key, function)})
         except Exception as error:  # as _ffi_step_or_none: the callback serves, info says why
             _ffi_state.update(available=False, refused=f"{type(error).__name__}: {error}")
     if _host_targets_serve():
@@ -495,9 +498,11 @@ def _ffi_target(rule: str, backend: str) -> str:
     ``backend``'s kernels on host buffers, on a GPU the cuda kernels on device buffers."""
     name = f"centerkern_center_loss_{rule}_{backend}"
     if name not in _REGISTERED:
-        calls = {"cpu": functools.partial(_host_custom_call, rule=rule, backend=backend)}
+        from ._adapters import xla_targets
+
+        calls = {"cpu": functools.partial(xla_targets.host_center_loss, rule=rule, backend=backend)}
         if jax.default_backend() == "gpu" and _gpu_custom_call_asked():
-            calls["CUDA"] = functools.partial(_device_custom_call, rule=rule)
+            calls["CUDA"] = functools.partial(xla_targets.device_center_loss, rule=rule)
         _register(name, calls)
     return name
 
@@ -512,57 +517,6 @@ def _register(name: str, calls: dict) -> None:
         kept.append(handler(function))
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(kept[-1]), platform=platform)
     _REGISTERED[name] = kept
-
-
-def _step_in_custom_call(*args, **kwargs):
-    """``center_loss`` inside a custom call: a bad label becomes the call's OUT_OF_RANGE error."""
-    from . import _api
-    from ._adapters.xla_ffi import ERROR_OUT_OF_RANGE, CallError
-
-    try:
-        return _api.center_loss(*args, **kwargs)
-    except IndexError as error:
-        raise CallError(str(error), ERROR_OUT_OF_RANGE) from error
-
-
-def _host_custom_call(frame, arguments, results, *, rule, backend):
-    features, labels, centers, alpha = (buffer.host_array() for buffer in arguments)
-    loss, grad, *moved = (buffer.host_array() for buffer in results)
-    # new centers go into centers' own buffer (input_output_aliases): the in-place path, every
-    # check before the first write, so a bad label leaves it as it was. Rule pytorch moves no
-    # center: out=centers is only read
-    result = _step_in_custom_call(features, labels, centers, float(alpha), rule=rule,
-                                  out=moved[0] if moved else centers, grad_out=grad, backend=backend)
-    loss[...] = result.loss
-
-
-class _XlaDeviceBuffer:
-    """An XLA device buffer as a CUDA Array Interface object, for the cuda backend (no copy)."""
-
-    def __init__(self, buffer):
-        self.__cuda_array_interface__ = {"shape": buffer.shape, "typestr": buffer.dtype.str, "strides": None,
-                                         "data": (buffer.pointer, False), "version": 3}
-
-
-def _device_custom_call(frame, arguments, results, *, rule):
-    """The step on XLA's device buffers, queued on XLA's stream by the cuda backend. It waits for
-    the label check (sync=True) so that a bad label is returned as this call's error."""
-    from numba import cuda
-
-    from ._adapters.xla_ffi import stream
-
-    handle = stream(frame)
-    on_stream = cuda.external_stream(handle) if handle else cuda.default_stream()
-    features, labels, centers, alpha = (_XlaDeviceBuffer(buffer) for buffer in arguments)
-    loss, grad, *moved = (_XlaDeviceBuffer(buffer) for buffer in results)
-    alpha_host = cuda.as_cuda_array(alpha, sync=False).copy_to_host(stream=on_stream)
-    on_stream.synchronize()  # the copy is queued on XLA's stream: read alpha once it has run
-    result = _step_in_custom_call(features, labels, centers, float(alpha_host), rule=rule,
-                                  out=moved[0] if moved else centers, grad_out=grad, backend="cuda", stream=handle,
-                                  sync=True)
-    value = np.asarray(result.loss.copy_to_host(stream=on_stream), dtype=arguments[0].dtype)
-    cuda.as_cuda_array(loss, sync=False).copy_to_device(value, stream=on_stream)
-    on_stream.synchronize()  # the host value above must not be freed before the copy has read it
 
 
 @functools.lru_cache(maxsize=None)

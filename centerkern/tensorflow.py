@@ -32,19 +32,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ._adapters.batch_classes import (check_labels_of_every_shard, check_shapes_and_dtypes, host_combine, host_partials, host_step,
-                       table_width)
+from ._adapters.batch_classes import (check_labels_of_every_shard, check_shapes_and_dtypes, host_combine,
+                                      host_partials, host_step, table_width)
+from ._adapters.settings import HOST_CHOICES, computed_dtype, host_backend
 from ._core.rules import RULES, moves_centers, rule_coefficients
-from ._backends import HOST as HOST_BACKENDS
 from ._core.validation import check_alpha, check_choice, check_labels
 
 __all__ = ["CenterLoss", "center_loss"]
 
-_PROMOTED_DTYPES = (tf.float16, tf.bfloat16)  # mixed precision: computed in the centers' dtype
-
 
 def center_loss(
-    features, labels, centers, alpha, rule: str = "facenet", *, training: bool = True, backend: str = "numba",
+    features, labels, centers, alpha, rule: str = "facenet", *, training: bool = True, backend: str = "auto",
 ):
     """One center-loss step in TensorFlow: the loss, and the centers moved in training mode.
 
@@ -66,8 +64,9 @@ def center_loss(
         The update rule (see ``centerkern.center_loss``).
     training : bool
         False evaluates the loss and leaves the centers as they are.
-    backend : {"numba", "numpy"}
-        The host kernels the ``tf.numpy_function`` runs.
+    backend : {"auto", "numba", "numpy"}
+        The host kernels the ``tf.numpy_function`` runs; ``auto`` is ``numba``, as
+        ``centerkern.center_loss`` takes for host arrays.
 
     Returns
     -------
@@ -136,7 +135,7 @@ def center_loss(
     [0.6667 1.    ]
     """
     rule = check_choice(rule, "rule", RULES)
-    backend = check_choice(backend, "backend", HOST_BACKENDS)
+    backend = host_backend(backend)
     if not tf.is_tensor(alpha):  # a tensor alpha (a schedule) is checked by the kernel call
         alpha = check_alpha(alpha)
     variable = _as_variable(centers)
@@ -146,8 +145,8 @@ def center_loss(
             f"centers must be a tf.Variable or a Keras variable to be updated in place, got {type(centers).__name__}"
         )
     features = tf.convert_to_tensor(features)
-    if features.dtype in _PROMOTED_DTYPES:
-        features = tf.cast(features, variable.dtype)
+    computed = computed_dtype(features.dtype, variable.dtype)  # the centers' for mixed precision's features
+    features = features if computed == features.dtype else tf.cast(features, computed)
     labels = tf.reshape(tf.convert_to_tensor(labels), [-1])
     check_shapes_and_dtypes(features, variable, labels.shape[0], labels.dtype.as_numpy_dtype)
     num_classes = int(variable.shape[0])
@@ -319,8 +318,8 @@ class CenterLoss(keras.layers.Layer):
     rule : {"facenet", "wen", "pytorch"}
         The update rule: the centers start at zero for ``facenet`` and ``wen``, and from Keras's
         ``random_normal`` for ``pytorch``.
-    backend : {"numba", "numpy"}
-        The host kernels each step runs.
+    backend : {"auto", "numba", "numpy"}
+        The host kernels each step runs; ``auto`` is ``numba`` (see ``center_loss``).
     **kwargs
         Passed on to ``keras.layers.Layer`` (``name``, ``dtype``, ...); ``dtype`` defaults to
         the dtype policy's variable dtype.
@@ -359,7 +358,7 @@ class CenterLoss(keras.layers.Layer):
     [0.6667 1.    ]
     """
 
-    def __init__(self, num_classes: int, alpha: float = 0.5, rule: str = "facenet", backend: str = "numba", **kwargs):
+    def __init__(self, num_classes: int, alpha: float = 0.5, rule: str = "facenet", backend: str = "auto", **kwargs):
         backend_name = keras.backend.backend()
         if backend_name != "tensorflow":
             raise RuntimeError(
@@ -375,7 +374,8 @@ class CenterLoss(keras.layers.Layer):
         self.num_classes = int(num_classes)
         self.alpha = check_alpha(alpha)
         self.rule = check_choice(rule, "rule", RULES)
-        self.backend = check_choice(backend, "backend", HOST_BACKENDS)
+        # kept as given, so that get_config gives back what the layer was made with
+        self.backend = check_choice(backend, "backend", HOST_CHOICES)
         self.supports_jit = False  # a tf.numpy_function inside: Keras must not compile it with XLA
 
     def build(self, input_shape):

@@ -30,20 +30,18 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import _api, _backends
+from ._adapters.settings import computed_dtype
 from ._core.rules import RULES, moves_centers, rule_coefficients
 from ._core.validation import check_same_dtype, check_alpha, check_choice
 
 __all__ = ["CenterLoss"]
-
-# Features in these dtypes (autocast's) are promoted to the centers' dtype: the kernels compute
-# in float32 or float64, and autograd casts the gradient back.
-_PROMOTED_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class _CenterLossStep(torch.autograd.Function):
@@ -165,12 +163,12 @@ class CenterLoss(nn.Module):
         ``auto`` picks ``cuda`` for CUDA tensors and ``numba`` otherwise.
     deterministic : bool
         Bitwise-identical center updates from run to run on the GPU too (see ``center_loss``).
-    process_group : torch.distributed process group or 1-D DeviceMesh, optional
+    group : torch.distributed process group or 1-D DeviceMesh, optional
         Distributed training: the centers move as if one process had seen every rank's batch
-        (``centerkern.distributed.center_loss``). ``None`` with ``distributed=True`` is the
-        default group.
+        (``centerkern.distributed.center_loss``, which takes the same ``group=``). Giving one
+        implies ``distributed=True``; ``None`` with ``distributed=True`` is the default group.
     distributed : bool
-        Synchronise the center updates over ``process_group`` (the default group when None).
+        Synchronise the center updates over ``group`` (the default group when None).
     placement : {"replicated", "sharded"}
         With ``distributed=True``: ``replicated`` keeps the whole (K, D) centers on every rank,
         identical everywhere (a plain tensor); ``sharded`` gives each rank its block of about
@@ -180,16 +178,24 @@ class CenterLoss(nn.Module):
         module in evaluation too (each sample's center is fetched from its owner).
     device, dtype : optional
         Where the centers live and their dtype (float32 by default).
+    process_group : optional
+        The former name of ``group``, still taken, with a ``DeprecationWarning``.
 
     Raises
     ------
     ValueError
         For an unknown ``rule``, ``backend`` or ``placement``, an ``alpha`` that is not finite,
-        or ``placement="sharded"`` without ``distributed=True`` (or a ``process_group``).
+        or ``placement="sharded"`` without ``distributed=True`` (or a ``group``).
     TypeError
-        For an ``alpha`` that is not a real number.
+        For an ``alpha`` that is not a real number, or both ``group`` and ``process_group``
+        given.
     RuntimeError
         For ``placement="sharded"`` outside a ``torch.distributed`` process group.
+
+    Warns
+    -----
+    DeprecationWarning
+        When ``process_group=`` is given: pass ``group=`` instead.
 
     Notes
     -----
@@ -248,18 +254,24 @@ class CenterLoss(nn.Module):
 
     def __init__(
         self, num_classes: int, feat_dim: int, alpha: float = 0.5, rule: str = "facenet",
-        backend: str = "auto", *, deterministic: bool = False, process_group: Any = None,
+        backend: str = "auto", *, deterministic: bool = False, group: Any = None,
         distributed: bool = False, placement: str = "replicated", device: Any = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None, process_group: Any = None,
     ):
         super().__init__()
+        if process_group is not None:
+            if group is not None:
+                raise TypeError("CenterLoss got both group= and process_group=, its former name: pass group= only")
+            # the name centerkern.distributed.center_loss takes, so that both spell the setting alike
+            warnings.warn("CenterLoss(process_group=...) is deprecated: pass group=", DeprecationWarning, stacklevel=2)
+            group = process_group
         self.rule = check_choice(rule, "rule", RULES)
         self.alpha = check_alpha(alpha)
         self.backend = check_choice(backend, "backend", _backends.CHOICES)
         self.deterministic = bool(deterministic)
         self.num_classes, self.feat_dim = int(num_classes), int(feat_dim)
-        self.process_group = process_group
-        self.distributed = bool(distributed) or process_group is not None
+        self.group = group
+        self.distributed = bool(distributed) or group is not None
         self.placement = check_choice(placement, "placement", ("replicated", "sharded"))
         if self.placement == "sharded" and not self.distributed:
             raise ValueError("placement='sharded' spreads the centers over ranks: it needs distributed=True")
@@ -268,7 +280,7 @@ class CenterLoss(nn.Module):
             from .distributed import shard_centers
 
             # trainable centers: normal values, the same on any number of ranks for one seed
-            centers = shard_centers((self.num_classes, self.feat_dim), process_group,
+            centers = shard_centers((self.num_classes, self.feat_dim), group,
                                     init="zeros" if moves_centers(self.rule) else "normal", **factory)
         elif moves_centers(self.rule):
             centers = torch.zeros(self.num_classes, self.feat_dim, **factory)
@@ -342,8 +354,7 @@ class CenterLoss(nn.Module):
         tensor([2., 3.])
         """
         _refuse_graph_transforms()
-        if features.dtype in _PROMOTED_DTYPES:
-            features = features.to(self.centers.dtype)
+        features = features.to(computed_dtype(features.dtype, self.centers.dtype))  # itself unless half precision
         if moves_centers(self.rule):
             needs_kernel_step = self.training
         else:  # pytorch: the kernel step is what computes grad_centers
@@ -354,6 +365,21 @@ class CenterLoss(nn.Module):
             features, self.centers, labels, self.alpha, self.rule, self.backend, self.deterministic,
             self._step_function(features.is_cuda),
         )
+
+    @property
+    def process_group(self) -> Any:
+        """The former name of ``group``, kept readable (and writable) for code that used it."""
+        return self.group
+
+    @process_group.setter
+    def process_group(self, group: Any) -> None:
+        self.group = group
+
+    def __setstate__(self, state: dict) -> None:
+        # a module pickled whole under the former name kept its group as process_group
+        if "process_group" in state:
+            state.setdefault("group", state.pop("process_group"))
+        super().__setstate__(state)
 
     def __prepare_scriptable__(self):
         """Called by ``torch.jit.script`` on every module of what it scripts: refused here, in
@@ -372,7 +398,7 @@ class CenterLoss(nn.Module):
             return functools.partial(_api.center_loss, sync=False) if on_gpu else _api.center_loss
         from . import distributed
 
-        group = self.process_group
+        group = self.group
         if hasattr(group, "get_group"):  # a DeviceMesh: its (1-D) process group
             group = group.get_group()
 

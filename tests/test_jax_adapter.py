@@ -235,3 +235,34 @@ def test_forward_mode_and_higher_order_derivatives_match_jax_on_the_formulas(rul
         assert len(got) == len(expected), name
         for g, e in zip(got, expected):
             assert_matches(np.asarray(g), np.asarray(e), features, centers)
+
+
+def test_backend_auto_is_the_default_and_runs_numba_as_for_host_arrays():
+    import inspect
+
+    assert inspect.signature(center_jax.center_loss).parameters["backend"].default == "auto"
+    features, labels, centers = _batch(41)
+    expected = centerkern.center_loss(features, labels, centers, 0.5, rule="wen", backend="numba")
+    for backend in ("auto", "numba"):
+        loss, moved = jax.jit(lambda f, l, c: center_jax.center_loss(f, l, c, 0.5, rule="wen", backend=backend))(
+            features, labels, centers)
+        assert float(loss) == pytest.approx(expected.loss, rel=1e-6)
+        np.testing.assert_array_equal(np.asarray(moved), expected.centers)
+    with pytest.raises(ValueError, match="unknown backend 'cuda'; valid choices are 'auto', 'numpy', 'numba'"):
+        center_jax.center_loss(features, labels, centers, 0.5, backend="cuda")
+
+
+@pytest.mark.parametrize("half", [jnp.float16, jnp.bfloat16])
+def test_half_precision_features_are_computed_in_the_centers_dtype(half):
+    """As the torch and TensorFlow adapters: float16/bfloat16 features meet float32 centers in
+    float32, and their gradient comes back in their own dtype."""
+    features, labels, centers = _batch(42)
+    features = jnp.asarray(features).astype(half)
+    upcast = np.asarray(features.astype(jnp.float32))
+    expected = centerkern.center_loss(upcast, labels, centers, 0.5, rule="wen", backend="numpy")
+    (loss, moved), grad = jax.value_and_grad(
+        lambda f: center_jax.center_loss(f, labels, centers, 0.5, rule="wen"), has_aux=True)(features)
+    assert loss.dtype == jnp.float32 and moved.dtype == jnp.float32 and grad.dtype == half
+    assert float(loss) == pytest.approx(expected.loss, rel=1e-6)
+    assert_matches(np.asarray(moved), expected.centers, upcast, centers)
+    np.testing.assert_allclose(np.asarray(grad.astype(jnp.float32)), expected.grad, rtol=1e-2, atol=1e-3)

@@ -142,6 +142,42 @@ def test_keras_layer_config_round_trips_and_pytorch_rule_trains_its_centers():
     assert_matches(tf.convert_to_tensor(gradient).numpy(), reference, features)
 
 
+def test_backend_auto_is_the_default_kept_in_the_config_and_runs_numba():
+    import inspect
+
+    assert inspect.signature(center_tf.center_loss).parameters["backend"].default == "auto"
+    layer = center_tf.CenterLoss(8, alpha=0.5, rule="wen")
+    assert layer.backend == "auto" and layer.get_config()["backend"] == "auto"
+    assert center_tf.CenterLoss.from_config(center_tf.CenterLoss(8, backend="numpy").get_config()).backend == "numpy"
+    features, labels, start = _batch(12)
+    expected = centerkern.center_loss(features, labels, start, 0.5, rule="wen", backend="numba")
+    for backend in ("auto", "numba"):
+        variable = tf.Variable(start)
+        loss = tf.function(lambda f, y: center_tf.center_loss(f, y, variable, 0.5, rule="wen", backend=backend))(
+            features, labels)
+        assert float(loss) == pytest.approx(expected.loss, rel=1e-6)
+        np.testing.assert_array_equal(variable.numpy(), expected.centers)
+    with pytest.raises(ValueError, match="unknown backend 'cuda'; valid choices are 'auto', 'numpy', 'numba'"):
+        center_tf.CenterLoss(8, backend="cuda")
+
+
+@pytest.mark.parametrize("half", [tf.float16, tf.bfloat16])
+def test_half_precision_features_are_computed_in_the_centers_dtype(half):
+    features, labels, start = _batch(13)
+    variable = tf.Variable(start)
+    low = tf.cast(features, half)
+    upcast = tf.cast(low, tf.float32).numpy()
+    expected = centerkern.center_loss(upcast, labels, start, 0.5, rule="wen", backend="numpy")
+    with tf.GradientTape() as tape:
+        tape.watch(low)
+        loss = center_tf.center_loss(low, labels, variable, 0.5, rule="wen")
+    gradient = tape.gradient(loss, low)
+    assert loss.dtype == tf.float32 and gradient.dtype == half
+    assert float(loss) == pytest.approx(expected.loss, rel=1e-6)
+    assert_matches(variable.numpy(), expected.centers, upcast, start)
+    np.testing.assert_allclose(tf.cast(gradient, tf.float32).numpy(), expected.grad, rtol=1e-2, atol=1e-3)
+
+
 def test_errors():
     features, labels, start = _batch(4)
     variable = tf.Variable(start)

@@ -132,6 +132,22 @@ def test_mixed_precision_features_are_promoted_and_their_grad_comes_back_in_thei
     np.testing.assert_allclose(half.grad.float().numpy(), expected.grad, rtol=1e-2, atol=1e-4)
 
 
+def test_the_process_group_is_named_group_as_in_centerkern_distributed_and_the_old_name_warns():
+    group = object()  # kept at construction; only a distributed step would use it
+    module = CenterLoss(6, 5, rule="wen", group=group)
+    assert module.group is group and module.distributed
+    with pytest.warns(DeprecationWarning, match=r"process_group=\.\.\.\) is deprecated: pass group="):
+        old = CenterLoss(6, 5, rule="wen", process_group=group)
+    assert old.group is group and old.process_group is group and old.distributed
+    assert repr(old) == repr(module) == ("CenterLoss(num_classes=6, feat_dim=5, alpha=0.5, rule='wen', "
+                                         "backend='auto', distributed=True)")
+    with pytest.raises(TypeError, match="both group= and process_group="):
+        CenterLoss(6, 5, rule="wen", group=group, process_group=group)
+    import inspect
+
+    assert inspect.signature(CenterLoss).parameters["backend"].default == "auto"
+
+
 def test_bad_input_is_an_error_and_leaves_the_centers():
     module = CenterLoss(6, 5)
     features, labels = _batch(6)

@@ -104,7 +104,7 @@ def _steps(rank, world_size, torch):
     # the module takes a mesh where it takes a process group
     from centerkern.torch import CenterLoss
 
-    by_mesh = CenterLoss(NUM_CLASSES, WIDTH, alpha=ALPHA, rule="wen", process_group=mesh)
+    by_mesh = CenterLoss(NUM_CLASSES, WIDTH, alpha=ALPHA, rule="wen", group=mesh)
     by_mesh(features, labels)
     zeros = torch.zeros(NUM_CLASSES, WIDTH)
     center_distributed.center_loss(features, labels, zeros, ALPHA, rule="wen", out=zeros)
