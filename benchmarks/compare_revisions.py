@@ -39,7 +39,7 @@ OPERATIONS = ("step facenet", "step wen", "step pytorch", "scatter")
 ZEROS_IN_PARALLEL_BYTES = 1 << 22  # as the numba backend's zeros: from 4 MB on, zeroed by every thread
 
 
-# Where the numba backend lives in a revision: since 0.4.0 under _backends, before in kernels_numba.
+# Where the numba backend lives in a revision: under _backends after 0.4.0, in kernels_numba up to it.
 BACKEND_MODULES = ("_backends.numba_cpu", "kernels_numba")
 
 
@@ -59,8 +59,10 @@ def import_revision(revision: str, directory: Path):
 def numba_backend(package):
     """The numba backend module of ``package`` (a revision's ``centerkern``)."""
     for module in BACKEND_MODULES:
-        if importlib.util.find_spec(f"{package.__name__}.{module}") is not None:
+        try:
             return importlib.import_module(f"{package.__name__}.{module}")
+        except ModuleNotFoundError:
+            pass
     raise ImportError(f"no numba backend in {package.__name__}")
 
 

@@ -23,7 +23,7 @@ from ._core.errors import BackendUnavailableError, PeerInputError
 #: ``pytorch`` (KaiyangZhou/pytorch-center-loss). See ``center_loss`` for their formulas.
 RULES = rules.RULES
 
-__version__ = "0.4.0"
+__version__ = "0.5.0.dev0"
 
 __all__ = [
     "CenterLossResult",

@@ -1,7 +1,8 @@
-"""The public functions: choose a backend, validate once, allocate, call the backend's kernel.
+"""The public functions: select a backend, validate once, allocate, call the backend's kernel.
 
-The backend modules (``kernels_numpy``, ``kernels_numba``, the ``cuda`` package) share one set of
-signatures and only do arithmetic, in place, on arrays that ``_validation`` has checked. This
+The backends (``centerkern._backends``: ``numpy_reference``, ``numba_cpu``, and the ``cuda``
+package) share one set of signatures and only do arithmetic, in place, on arrays that
+``_core.validation`` has checked. This
 module decides what is copied: nothing when ``out=centers`` (the fast path), the centers once
 when ``out=None`` (the caller's arrays are never modified). The copy is the backend's first
 write (``copy_from``), so that the CUDA backend, whose label check runs on the device, makes it

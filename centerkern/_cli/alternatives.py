@@ -28,7 +28,7 @@ TORCH = "torch eager"
 
 
 class Absent(Exception):
-    """A peer that cannot run here; the message says why."""
+    """An alternative that cannot run here; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -297,7 +297,7 @@ def _floor(features, labels, centers, updates, operation, alpha):
 
 
 def implementations(with_compile: bool) -> dict[str, Callable]:
-    """Every maker by name: centerkern's backends, then the peers, then the floor."""
+    """Every maker by name: centerkern's backends, then the alternatives, then the floor."""
     makers = {f"centerkern {b}": _centerkern(b) for b in backends() if b != "numpy"}
     makers.update({
         WITH_GRAD_OUT: _centerkern_grad_out,

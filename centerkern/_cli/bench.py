@@ -1,10 +1,10 @@
 """``python -m centerkern bench``: centerkern against the implementations a user would otherwise pick.
 
 Every implementation runs in this one process, on the same inputs, timed in interleaved blocks
-(``_peers.interleaved_medians``), and the tables give medians with two ratios: against torch
+(``alternatives.interleaved_medians``), and the tables give medians with two ratios: against torch
 eager (the usual choice) and against the memory-bandwidth floor: a parallel copy, on every
 core, of the bytes the step must move at least (read the features, the labels and the touched
-center rows; write the grad and those rows; ``_peers.floor_bytes``). A peer whose library is
+center rows; write the grad and those rows; ``alternatives.floor_bytes``). An alternative whose library is
 missing, or that fails here, is listed as absent with the reason, never silently dropped.
 ``GOALS`` are the targets for the ``numba`` backend, each reported as met or missed.
 
@@ -39,7 +39,7 @@ class Size:
     # facenet moves a class n_j * (1 - alpha) of the way: with ~300 samples of a hot class, 0.95
     # diverges within a few calls (its issue #528), and timing infinities would be pointless
     alpha: float = ALPHA
-    # the large sizes time centerkern against torch eager and the floor only (the NumPy peers
+    # the large sizes time centerkern against torch eager and the floor only (the NumPy alternatives
     # take seconds per call there), and the step of one rule
     large: bool = False
 

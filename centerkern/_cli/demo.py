@@ -242,7 +242,7 @@ def timing() -> None:
     print(textwrap.fill(
         "Indicative only: torch's eager times swing several-fold with the state of the process's "
         "memory allocator (its temporaries can be mapped and unmapped on every call); "
-        "python -m centerkern bench measures every peer in one clean process.", PARAGRAPH_WIDTH))
+        "python -m centerkern bench measures every alternative in one clean process.", PARAGRAPH_WIDTH))
     width = max(map(len, [*steps, *scatters]))
     groups = (
         ("fused step, rule 'facenet' (loss, grad, center update)", steps,

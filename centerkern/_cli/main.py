@@ -121,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Compile every kernel for the dtypes and backends asked for, into the kernel cache "
                     "(python -m centerkern info says where it is), so that no process compiles at its first call.")
     compile_command.add_arguments(compile_)
-    commands.add_parser("bench", help="time every backend against the peers (python -m centerkern bench --help)",
+    commands.add_parser("bench", help="time every backend against the alternatives (python -m centerkern bench --help)",
                         add_help=False)
     check = commands.add_parser(
         "check", help="check your own center-loss step against the reference (exit 0 or 1)",

@@ -648,9 +648,11 @@ def revisions_table(results: list[Result], page: Page) -> list[nodes.Node]:
         worst, at = max(ratios)
         median = data.get("median this / other", statistics.median(ratio for ratio, _ in ratios))
         this = measured_at(result)
+        # the backend alone (and files from before --level existed), or the public calls
+        timed = "the public calls" if data.get("level") == "api" else "the numba kernels"
         shown += [table(["size", "operation", this, other, f"{this} / {other}"], rows,
-                        caption=f"the numba kernels at {this} and at {other}, median µs per call"),
-                  paragraph(f"{this}: the kernels {measured_at_note([result])}. "
+                        caption=f"{timed} at {this} and at {other}, median µs per call"),
+                  paragraph(f"{this}: {timed} {measured_at_note([result])}. "
                             f"{this} / {other}: {median:.2f} in the median of the {len(ratios)} size-operation "
                             f"pairs, {worst:.2f} at worst ({at}); "
                             f"{data.get('repeats', 'an unrecorded number of')} interleaved blocks each.")]
@@ -659,7 +661,8 @@ def revisions_table(results: list[Result], page: Page) -> list[nodes.Node]:
 
 def revisions_command(result: Result) -> str:
     repeats = f" --repeats {result.data['repeats']}" if result.data.get("repeats") else ""
-    return f"python benchmarks/compare_revisions.py {result.data['other revision']}{repeats}"
+    level = f" --level {result.data['level']}" if result.data.get("level") else ""
+    return f"python benchmarks/compare_revisions.py {result.data['other revision']}{level}{repeats}"
 
 
 # --------------------------------------------------------------------------- first-call-*.json

@@ -8,7 +8,7 @@ each new memory layout (about 25 s on a 2-core machine). Three rules keep it to 
   ``step_parallel``, ``gather_rows``, ``fill_zeros``). Each is compiled for one explicit
   signature per float dtype, on first use: arrays C-contiguous, inputs typed read-only. A call
   with writable inputs is converted to that signature by Numba's dispatcher (no compile), and the
-  backend hands over C-contiguous arrays only (``kernels_numba`` copies the rare strided one), so
+  backend hands over C-contiguous arrays only (``driver`` copies the rare strided one), so
   no other memory layout or label dtype ever compiles again.
 - **One cache file per entry point.** Only entry points are cached: a cached entry holds the
   machine code of everything it calls, so a warm process loads one file per entry it uses and
