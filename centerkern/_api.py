@@ -2,8 +2,7 @@
 
 The backends (``centerkern._backends``: ``numpy_reference``, ``numba_cpu``, and the ``cuda``
 package) share one set of signatures and only do arithmetic, in place, on arrays that
-``_core.validation`` has checked. This
-module decides what is copied: nothing when ``out=centers`` (the fast path), the centers once
+``_core.validation`` has checked. This module decides what is copied: nothing when ``out=centers`` (the fast path), the centers once
 when ``out=None`` (the caller's arrays are never modified). The copy is the backend's first
 write (``copy_from``), so that the CUDA backend, whose label check runs on the device, makes it
 only once the labels are known to be good.
@@ -15,11 +14,10 @@ import functools
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from ._core import interop
-from ._core import validation
-from ._core.rules import rule_coefficients
 from . import _backends
+from ._core import interop, validation
 from ._core.interop import is_device_array
+from ._core.rules import rule_coefficients
 from ._core.validation import HostArrays, check_choice
 
 

@@ -354,7 +354,9 @@ class CenterLoss(nn.Module):
         tensor([2., 3.])
         """
         _refuse_graph_transforms()
-        features = features.to(computed_dtype(features.dtype, self.centers.dtype))  # itself unless half precision
+        computed = computed_dtype(features.dtype, self.centers.dtype)
+        if computed != features.dtype:  # half-precision features: computed in the centers' dtype
+            features = features.to(computed)
         if moves_centers(self.rule):
             needs_kernel_step = self.training
         else:  # pytorch: the kernel step is what computes grad_centers

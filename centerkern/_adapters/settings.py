@@ -7,6 +7,7 @@ Framework-neutral: dtypes are compared by name, so that the same rule serves ``t
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,9 @@ def host_backend(backend: str) -> str:
     return "numba" if backend == "auto" else backend
 
 
+# Cached: a training step asks at every call, and a torch dtype's name is found only after NumPy
+# has refused it (a raised TypeError, about a microsecond); the dtypes a program uses are few.
+@functools.lru_cache(maxsize=None)
 def dtype_name(dtype: Any) -> str:
     """``dtype``'s name as NumPy spells it: ``"float16"`` for ``torch.float16``, ``tf.float16``
     and ``np.float16`` alike."""

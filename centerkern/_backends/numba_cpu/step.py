@@ -120,7 +120,7 @@ def _step(batch, rule, ints, floats, layout, threads):
     item_codes, item_labels = _int_vector(ints, 6, batch_size), _int_vector(ints, 7, batch_size)
     local_slots_in_tile = _int_vector(ints, INT_VECTORS, batch_size)[:tiles]
     items, spanning_slots, rows_read_again, most_local = plan(sorted_labels, positions, row_action, class_size,
-                                                             item_codes, item_labels, local_slots_in_tile)
+                                                               item_codes, item_labels, local_slots_in_tile)
 
     if layout == AUTO:
         # Pass B reads its rows again at random addresses, and its slots were written once and
@@ -162,7 +162,7 @@ def _step(batch, rule, ints, floats, layout, threads):
         for slot_set in prange(threads):
             for tile in range(slot_set * tiles_per_set, min((slot_set + 1) * tiles_per_set, tiles)):
                 tile_squares[tile] = batch_tile(np.int64(tile), batch, rule, row_action, class_size,
-                                                   thread_slots[slot_set], spanning_sums)
+                                                thread_slots[slot_set], spanning_sums)
         tile_total = _in_order(tile_squares)
         item_codes, item_labels = item_codes[:items], item_labels[:items]
 
