@@ -13,6 +13,9 @@ did to the speed, with the machine's drift shared by both. On the sizes of
 - ``--level api``: ``centerkern.center_loss(..., out=centers)`` and ``scatter_sub_update(...,
   out=centers)`` as a training loop calls them: validation, dispatch and the kernels, which is
   what the bench's ratios against the alternatives are made of.
+- ``--level torch``: ``centerkern.torch.CenterLoss`` in training mode, forward and backward
+  (``module(features, labels).backward()``, features requiring a gradient), each rule: what the
+  torch glue around the kernels costs. Sizes S by default.
 
 Results (medians, and the ratios) go to ``benchmarks/results/revisions-<date>.json``.
 """
@@ -36,6 +39,7 @@ from centerkern._cli import reports as _reports
 from centerkern._core.rules import rule_coefficients
 
 OPERATIONS = ("step facenet", "step wen", "step pytorch", "scatter")
+MODULE_OPERATIONS = ("module facenet", "module wen", "module pytorch")
 ZEROS_IN_PARALLEL_BYTES = 1 << 22  # as the numba backend's zeros: from 4 MB on, zeroed by every thread
 
 
@@ -43,10 +47,23 @@ ZEROS_IN_PARALLEL_BYTES = 1 << 22  # as the numba backend's zeros: from 4 MB on,
 BACKEND_MODULES = ("_backends.numba_cpu", "kernels_numba")
 
 
+# Modules that both revisions may share when their source is the same. The rules module must be
+# shared: Numba recognises an argument's type by a fingerprint of its values, which for a named
+# tuple leaves out its class, so two RuleCoefficients classes of identical fields in one process
+# would be typed as whichever a kernel saw first, and the other revision's kernels refuse it.
+SHARED_WHEN_EQUAL = ("_core/rules.py",)
+
+
 def import_revision(revision: str, directory: Path):
     """The ``centerkern`` package of ``revision``, imported as ``centerkern_<revision>``."""
     name = "centerkern_" + "".join(ch for ch in revision if ch.isalnum())
     sys.path.insert(0, str(_reports.export_revision(revision, directory, name)))
+    this = Path(centerkern.__file__).parent
+    for path in SHARED_WHEN_EQUAL:
+        theirs = directory / name / path
+        if theirs.exists() and theirs.read_bytes() == (this / path).read_bytes():
+            module = path.removesuffix(".py").replace("/", ".")
+            sys.modules[f"{name}.{module}"] = importlib.import_module(f"centerkern.{module}")
     package = importlib.import_module(name)
     if importlib.util.find_spec(f"{name}.kernels_numba") is not None:
         # That layout loaded its backends by absolute name (centerkern.kernels_<name>): point those
@@ -94,13 +111,35 @@ def _backend_call(package, operation, alpha, features, labels, centers, updates)
     return step
 
 
+def _module_call(package, operation, alpha, features, labels, centers, updates):
+    """``CenterLoss`` of ``package`` in training mode: the forward and the backward of one step,
+    on torch tensors sharing the inputs' memory (the centers moved in place, as training does)."""
+    import torch
+
+    module = importlib.import_module(f"{package.__name__}.torch").CenterLoss(
+        *centers.shape, alpha=alpha, rule=operation.split()[1])
+    with torch.no_grad():
+        module.centers.copy_(torch.from_numpy(centers))
+    features = torch.from_numpy(features).requires_grad_()
+    labels = torch.from_numpy(labels)
+
+    def step():
+        module(features, labels).backward()
+        features.grad = None
+
+    return step
+
+
+CALLS = {"backend": _backend_call, "api": _api_call, "torch": _module_call}
+
+
 def compare(other, sizes, repeats: int, level: str = "backend") -> dict:
-    make_call = _api_call if level == "api" else _backend_call
+    make_call = CALLS[level]
     results = {}
     for size in sizes:
         features, labels, centers, updates = _bench.make_inputs(size)
         results[size.name] = {}
-        operations = ("step facenet",) if size.large else OPERATIONS
+        operations = MODULE_OPERATIONS if level == "torch" else ("step facenet",) if size.large else OPERATIONS
         for operation in operations:
             calls = {name: make_call(package, operation, size.alpha, features, labels, centers.copy(), updates)
                      for name, package in (("this", centerkern), ("other", other))}
@@ -128,11 +167,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("revision")
     parser.add_argument("--repeats", type=int, default=9, help="interleaved blocks per implementation")
-    parser.add_argument("--level", choices=("backend", "api"), default="backend",
-                        help="the numba backend alone, or the public functions (validation and dispatch too)")
-    parser.add_argument("--sizes", nargs="*", default=list(_bench.SIZES), choices=list(_bench.SIZES))
+    parser.add_argument("--level", choices=tuple(CALLS), default="backend",
+                        help="the numba backend alone, the public functions (validation and dispatch too), or "
+                             "the torch module's forward and backward")
+    parser.add_argument("--sizes", nargs="*", choices=list(_bench.SIZES),
+                        help="the bench's sizes (default: all; S for --level torch)")
     parser.add_argument("--output")
     args = parser.parse_args(argv)
+    args.sizes = args.sizes or (["S"] if args.level == "torch" else list(_bench.SIZES))
     with tempfile.TemporaryDirectory() as directory:
         other = import_revision(args.revision, Path(directory))
         report = {**_reports.provenance(), "other revision": args.revision, "level": args.level,
