@@ -254,6 +254,27 @@ def test_the_exported_training_program_decomposes_to_a_functional_graph_with_the
     assert list(exported.graph_signature.buffers_to_mutate.values()) == ["center_loss.centers"]
 
 
+# --------------------------------------------------------------------------- on a GPU
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and a CUDA build of torch")
+
+
+@needs_cuda
+@pytest.mark.parametrize("rule", centerkern.RULES)
+def test_on_cuda_the_operators_pass_opcheck_and_a_compiled_model_trains_as_eager(rule):
+    features, labels, centers = (t.cuda() for t in _inputs(12))
+    features = features.detach().requires_grad_()
+    if rule in MOVING_RULES:
+        torch.library.opcheck(OPS.center_loss_step_.default, (features, labels, centers, 0.6, rule))
+    else:
+        torch.library.opcheck(OPS.center_loss_step.default, (features, labels, centers.requires_grad_(), 0.6, rule))
+    torch.library.opcheck(OPS.gather_centers.default, (centers.detach().clone().requires_grad_(), labels))
+    eager = _train(rule, lambda model: model, [16] * 5, device="cuda")
+    for mode in (None, "reduce-overhead"):  # reduce-overhead: the step replayed as a CUDA graph
+        _assert_same_training(_train(rule, _compiled(mode=mode), [16] * 5, device="cuda"), eager)
+    centerkern.cuda.check_errors()
+
+
 # --------------------------------------------------------------------------- the eager path
 
 

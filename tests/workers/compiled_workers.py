@@ -32,17 +32,17 @@ class Model(torch.nn.Module):
         return self.center_loss(self.embed(inputs), labels)
 
 
-def train(rule, run, batch_sizes, seed=11, **options):
-    """Steps of an SGD loop over ``run(model)`` (the model itself, or compiled): per step the
-    loss, every parameter's gradient and the centers after it."""
-    model = Model(rule, **options)
+def train(rule, run, batch_sizes, seed=11, device="cpu", **options):
+    """Steps of an SGD loop over ``run(model)`` (the model itself, or compiled) on ``device``: per
+    step the loss, every parameter's gradient and the centers after it."""
+    model = Model(rule, **options).to(device)
     step = run(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     generator = torch.Generator().manual_seed(seed)
     history = []
     for batch in batch_sizes:
-        inputs = torch.randn(batch, 4, generator=generator)
-        labels = torch.randint(0, CLASSES, (batch,), generator=generator)
+        inputs = torch.randn(batch, 4, generator=generator).to(device)
+        labels = torch.randint(0, CLASSES, (batch,), generator=generator).to(device)
         optimizer.zero_grad()
         loss = step(inputs, labels)
         loss.backward()
