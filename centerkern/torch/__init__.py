@@ -17,9 +17,15 @@ The rules keep their sources' meaning of the centers (see ``centerkern.center_lo
   and the caller's optimizer moves them (KaiyangZhou/pytorch-center-loss trains them with SGD,
   learning rate 0.5).
 
-The loss backpropagates into the features through a ``torch.autograd.Function`` whose backward
-is the kernel's own gradient, so no (B, D) graph of gathers and subtractions is recorded. CPU
-tensors go to the ``numba`` kernels and CUDA tensors to the ``cuda`` ones, zero-copy both ways.
+The step is a set of registered operators, ``torch.ops.centerkern.*`` (``_operators``), with fake
+implementations and autograd formulas, so that ``torch.compile(model, fullgraph=True)`` holds it
+with no graph break and ``torch.export`` keeps the center update. The loss backpropagates into
+the features through the kernel's own gradient, computed in the forward pass: no (B, D) graph of
+gathers and subtractions is recorded, and no compiled backward can recompute the offsets from
+centers the step has moved. In eager mode on plain tensors the module calls the operators'
+implementation directly, from an autograd Function with the same formulas (the dispatcher's
+round trip would cost more than the rest of the step's glue). CPU tensors go to the ``numba``
+kernels and CUDA tensors to the ``cuda`` ones, zero-copy both ways.
 On CUDA tensors the step runs on torch's current stream, with memory from torch's caching
 allocator, and never waits for the GPU (``sync=False``: a bad label is raised by the next call or
 by ``centerkern.cuda.check_errors()``), so a training step holding it can be captured in a CUDA
