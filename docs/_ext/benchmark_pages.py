@@ -648,8 +648,9 @@ def revisions_table(results: list[Result], page: Page) -> list[nodes.Node]:
         worst, at = max(ratios)
         median = data.get("median this / other", statistics.median(ratio for ratio, _ in ratios))
         this = measured_at(result)
-        # the backend alone (and files from before --level existed), or the public calls
-        timed = "the public calls" if data.get("level") == "api" else "the numba kernels"
+        # the backend alone (also files from before --level existed), the public calls, or the torch module
+        timed = {"api": "the public calls", "torch": "CenterLoss's forward and backward"}.get(
+            data.get("level"), "the numba kernels")
         shown += [table(["size", "operation", this, other, f"{this} / {other}"], rows,
                         caption=f"{timed} at {this} and at {other}, median µs per call"),
                   paragraph(f"{this}: {timed} {measured_at_note([result])}. "
