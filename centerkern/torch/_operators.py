@@ -26,10 +26,14 @@ has moved since: what a center loss written as torch ops that moves a buffer get
     centerkern::center_loss_step_out_(Tensor features, Tensor labels, Tensor(a!) centers,
                                       Tensor(b!) grad_out, float alpha, str rule,
                                       bool deterministic=False, str backend="auto") -> Tensor
+    centerkern::attach_gradient(Tensor features, Tensor labels, Tensor loss, Tensor grad,
+                                str rule) -> Tensor
 
 * ``center_loss_step_`` is the step of the rules that move the centers (``facenet``, ``wen``): it
   writes them in place (a buffer; declared mutated) and returns the loss and the features'
-  gradient. Differentiable in ``features``.
+  gradient. torch gives no autograd formula to an operator that mutates an input, so the loss
+  becomes differentiable in ``features`` through ``attach_gradient``, which returns it again
+  with ``grad`` as its backward (and the rule's second-order term).
 * ``center_loss_step`` is rule ``pytorch``'s: the centers are read only (a parameter) and their
   gradient is returned. Differentiable in ``features`` and ``centers``.
 * ``center_loss_step_out_`` writes the features' gradient into ``grad_out`` too (a loop that
@@ -39,7 +43,7 @@ has moved since: what a center loss written as torch ops that moves a buffer get
 * ``gather_centers`` is differentiable in ``centers``; ``scatter_sub_update_`` is an update,
   not differentiable.
 
-``group`` names a process group that ``register_group`` has recorded, for the data-parallel step
+``group`` names a process group that ``group_key`` has recorded, for the data-parallel step
 of ``centerkern.distributed.center_loss`` (``None``: one process). Operators take strings, not
 process-group objects; the name is recorded once, when the module is built.
 
@@ -57,7 +61,7 @@ from .. import _api
 from .._core.rules import RULES, moves_centers, rule_coefficients
 from .._core.validation import check_choice, check_feature_size, check_same_dtype
 
-__all__ = ["NAMESPACE", "OPERATORS", "register_group", "group_key", "refuse_inside_backward"]
+__all__ = ["NAMESPACE", "OPERATORS", "group_key", "loss_tensor", "refuse_inside_backward", "step", "step_gradients"]
 
 NAMESPACE = "centerkern"
 _LIBRARY = torch.library.Library(NAMESPACE, "DEF")
@@ -79,8 +83,6 @@ def group_key(group: Any) -> str:
     _GROUPS[key] = group
     return key
 
-
-register_group = group_key
 
 
 def _process_group(key: str) -> Any:
@@ -106,11 +108,11 @@ def refuse_inside_backward(rule: str) -> None:
         )
 
 
-def _sync(*tensors: torch.Tensor) -> bool:
+def _sync(tensor: torch.Tensor) -> bool:
     # on the GPU the step is queued like any torch op: no wait for the label check (a bad label
     # is raised by the next call, or centerkern.cuda.check_errors()), which also lets a CUDA
     # graph capture it; host tensors ignore sync
-    return not tensors[0].is_cuda
+    return not tensor.is_cuda
 
 
 def loss_tensor(loss: Any, like: torch.Tensor) -> torch.Tensor:
