@@ -54,7 +54,7 @@ lock:
 OLDEST_TESTS := tests/test_properties.py tests/test_errors.py tests/test_out_and_inputs.py \
 	tests/test_seed_example.py tests/test_hardening.py tests/test_numba_layouts.py \
 	tests/test_compile_cache.py tests/test_oracle.py tests/test_oracle_combinations.py \
-	tests/test_torch_module.py tests/test_distributed.py
+	tests/test_torch_module.py tests/test_torch_operators.py tests/test_distributed.py
 test-oldest:
 	rm -rf $(OLDEST_VENV)
 	$(PYTHON_BOOTSTRAP) -m venv $(OLDEST_VENV)

@@ -131,7 +131,7 @@ def test_a_model_compiled_with_fullgraph_trains_as_eager(rule):
     assert not torch.equal(eager[-1]["centers"], eager[0]["centers"])  # the centers did move
 
 
-@pytest.mark.parametrize("rule", ["wen", "pytorch"])
+@pytest.mark.parametrize("rule", centerkern.RULES)
 def test_max_autotune_without_cudagraphs_trains_as_eager(rule):
     eager = _train(rule, lambda model: model, [16] * 5)
     _assert_same_training(_train(rule, _compiled(mode="max-autotune-no-cudagraphs"), [16] * 5), eager)
@@ -222,13 +222,24 @@ def test_compiled_centerkern_keeps_the_gradient_of_the_loss_written_as_torch_ops
 # --------------------------------------------------------------------------- torch.export
 
 
+def _called_operators(graph):
+    """The operators a graph calls; a mutating one as itself, also where the graph holds it
+    functionalized (``auto_functionalized(op, ...)``, as torch.export made it before torch 2.6)."""
+    called = set()
+    for node in graph.nodes:
+        if node.op == "call_function":
+            functionalized = "auto_functionalized" in str(node.target)
+            called.add(node.args[0] if functionalized else node.target)
+    return called
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
 @pytest.mark.parametrize("rule", centerkern.RULES)
 def test_an_exported_model_gives_eager_loss_and_moves_its_centers_as_eager(rule, training):
     model = _Model(rule).train(training)
     inputs, labels = torch.randn(5, 4), torch.randint(0, 6, (5,))
     exported = torch.export.export(model, (inputs, labels))
-    called = {node.target for node in exported.graph.nodes if node.op == "call_function"}
+    called = _called_operators(exported.graph)
     if rule not in MOVING_RULES:  # the step computes grad_centers, in eval mode too (grad enabled)
         assert OPS.center_loss_step.default in called
     elif training:
@@ -325,8 +336,11 @@ def test_distributed_true_compiled_with_fullgraph_trains_as_eager_on_every_rank(
 
 
 def test_sharded_centers_under_fullgraph_are_refused_in_centerkerns_words(compiled_ranks):
+    # a torch whose compiler.disable takes no reason refuses in its own words, naming the method
+    words = ("CenterLoss(placement='sharded') runs behind a graph break" if centerkern.torch.COMPILE_REFUSAL_SAYS_WHY
+             else "CenterLoss._sharded_forward")
     for result in compiled_ranks.values():
-        assert "CenterLoss(placement='sharded') runs behind a graph break" in result["sharded refusal"]
+        assert words in result["sharded refusal"]
         for (loss, centers), (eager_loss, eager_centers) in zip(result["sharded compiled without fullgraph"],
                                                                 result["sharded eager"], strict=True):
             assert loss == pytest.approx(eager_loss, rel=1e-5)  # the compiled embedding rounds its own way
