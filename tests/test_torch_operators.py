@@ -3,6 +3,8 @@
 the center update, no graph break, and what a center loss written as torch ops gets wrong when
 compiled."""
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -280,9 +282,13 @@ def test_on_cuda_the_operators_pass_opcheck_and_a_compiled_model_trains_as_eager
     else:
         torch.library.opcheck(OPS.center_loss_step.default, (features, labels, centers.requires_grad_(), 0.6, rule))
     torch.library.opcheck(OPS.gather_centers.default, (centers.detach().clone().requires_grad_(), labels))
+    from torch._dynamo.utils import counters
+
     eager = _train(rule, lambda model: model, [16] * 5, device="cuda")
     for mode in (None, "reduce-overhead"):  # reduce-overhead: the step replayed as a CUDA graph
+        counters.clear()
         _assert_same_training(_train(rule, _compiled(mode=mode), [16] * 5, device="cuda"), eager)
+        assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])  # no silent eager fallback
     centerkern.cuda.check_errors()
 
 
@@ -317,12 +323,70 @@ def test_eager_steps_under_a_dispatch_mode_go_through_the_operators_and_compute_
         torch.testing.assert_close(direct, operated)
 
 
+@pytest.mark.parametrize("rule", centerkern.RULES)
+def test_second_order_gradients_through_the_operators_equal_the_direct_path(rule):
+    """A gradient penalty (create_graph=True) taken through the operators (under a dispatch
+    mode) and through the eager direct path: the same weight gradient."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    gradients = []
+    for mode in (None, PassThrough()):
+        model = _Model(rule).double()
+        inputs = torch.linspace(-1, 1, 36, dtype=torch.float64).reshape(9, 4)
+        labels = torch.tensor([0, 1, 1, 4, 0, 2, 2, 0, 5])
+        with mode or contextlib.nullcontext():
+            features = model.embed(inputs)
+            loss = model.center_loss(features, labels)
+            (gradient,) = torch.autograd.grad(loss, features, create_graph=True)
+            (loss + gradient.pow(2).sum()).backward()
+        gradients.append(model.embed.weight.grad)
+    torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("operator", ["center_loss_step_", "center_loss_step", "center_loss_step_out_",
+                                      "gather_centers", "scatter_sub_update_"])
+def test_under_fake_tensors_bad_input_is_refused_as_the_kernels_refuse_it(operator):
+    """The fake implementations check what a fake tensor carries, in the kernels' words: so a
+    compiled or exported model refuses bad input while tracing, as eager does when it runs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def call(features, labels, centers):
+        rule = "pytorch" if operator == "center_loss_step" else "wen"
+        return {
+            "center_loss_step_": lambda: OPS.center_loss_step_(features, labels, centers, 0.5, rule),
+            "center_loss_step": lambda: OPS.center_loss_step(features, labels, centers, 0.5, rule),
+            "center_loss_step_out_": lambda: OPS.center_loss_step_out_(features, labels, centers,
+                                                                       torch.empty_like(features), 0.5, rule),
+            "gather_centers": lambda: OPS.gather_centers(centers, labels),
+            "scatter_sub_update_": lambda: OPS.scatter_sub_update_(centers, labels, features),
+        }[operator]()
+
+    good = (torch.ones(4, 3), torch.tensor([0, 1, 1, 2]), torch.zeros(5, 3))
+    bad = {
+        "half-precision centers": ((good[0], good[1], good[2].half()), TypeError, "centers must be float32 or float64"),
+        "float labels": ((good[0], good[1].float(), good[2]), TypeError, "labels must have an integer dtype"),
+    }
+    if operator != "gather_centers":
+        bad["1-D features"] = ((good[0].reshape(-1), good[1], good[2]), ValueError, "must be 2-D")
+        bad["another dtype"] = ((good[0].double(), good[1], good[2]), TypeError, "dtypes must match")
+        bad["too few labels"] = ((good[0], good[1][:3], good[2]), ValueError, "hold 3 values")
+    for case, (arguments, error, words) in bad.items():
+        with pytest.raises(error, match=words):  # eager: the kernels' own checks
+            call(*(a.clone() for a in arguments))
+        with FakeTensorMode() as fake, pytest.raises(error, match=words):
+            call(*(fake.from_tensor(a) for a in arguments))
+
+
 # --------------------------------------------------------------------------- distributed
 
 
 @pytest.fixture(scope="module")
 def compiled_ranks():
-    return run_on_local_ranks(run_compiled_rank, 2, time_limit=300)
+    return run_on_local_ranks(run_compiled_rank, 2, time_limit=600)  # five models compiled per rank
 
 
 @pytest.mark.parametrize("rule", centerkern.RULES)

@@ -53,6 +53,7 @@ __all__ = ["CenterLoss"]
 # _adapters.settings.computed_dtype's rule, as torch dtypes: a set that torch.compile reads as a
 # constant, where the function's NumPy dtype lookup cannot be traced
 _HALF_PRECISION = frozenset(getattr(torch, name) for name in HALF_PRECISION)
+_PLAIN_CENTERS = (torch.Tensor, nn.Parameter)  # a buffer, or rule pytorch's parameter
 
 
 class _DirectStep(torch.autograd.Function):
@@ -70,9 +71,7 @@ class _DirectStep(torch.autograd.Function):
     def forward(ctx, features, labels, centers, rule, step):
         result = step(features, labels, centers)
         # held as attributes, not saved tensors (see _operators: a checkpoint would recompute the step)
-        ctx.grad, ctx.grad_centers, ctx.features, ctx.labels = result.grad, result.grad_centers, features, labels
-        ctx.centers = None if moves_centers(rule) else centers  # moved in place otherwise: not differentiable
-        ctx.grad_scale = rule_coefficients(rule, 0.0, *features.shape).grad_scale
+        _operators.hold_for_backward(ctx, features, labels, centers, rule, result.grad, result.grad_centers)
         return _operators.loss_tensor(result.loss, features)
 
     @staticmethod
@@ -93,12 +92,12 @@ def _is_distributed_tensor(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
-def _through_operators(features: torch.Tensor) -> bool:
+def _through_operators(features: torch.Tensor, centers: torch.Tensor) -> bool:
     """Whether the step goes through the dispatcher: when torch.compile or torch.export traces
-    it, for a tensor subclass (fake tensors), and under a dispatch mode (make_fx, FlopCounterMode),
-    which would not see a direct call."""
+    it, for tensor subclasses (fake tensors, DTensors), and under a dispatch mode (make_fx,
+    FlopCounterMode), which would not see a direct call."""
     return (torch.compiler.is_compiling() or type(features) is not torch.Tensor
-            or torch._C._len_torch_dispatch_stack() > 0)
+            or type(centers) not in _PLAIN_CENTERS or torch._C._len_torch_dispatch_stack() > 0)
 
 
 def _refuse_graph_transforms() -> None:
@@ -344,12 +343,14 @@ class CenterLoss(nn.Module):
             features = features.to(self.centers.dtype)
         if self.placement == "sharded":
             return self._sharded_forward(features, labels)
+        direct = not _through_operators(features, self.centers)
         if not self._needs_kernel_step(features):
-            return self._loss_without_update(features, labels, torch.ops.centerkern.gather_centers(
-                self.centers, labels, self.backend))
+            check_same_dtype(features=features, centers=self.centers)
+            gather = _operators.gather if direct else torch.ops.centerkern.gather_centers
+            return self._loss_without_update(features, labels, gather(self.centers, labels, self.backend))
         settings = (self.alpha, self.rule, self.deterministic, self.backend,
                     self._operator_group if self.distributed else None)
-        if not _through_operators(features):
+        if direct:
             step = functools.partial(_operators.step, *settings)
             return _DirectStep.apply(features, labels, self.centers, self.rule, step)
         if moves_centers(self.rule):
@@ -373,7 +374,9 @@ class CenterLoss(nn.Module):
             from ..distributed import gather_centers
 
             # every rank joins the gather before anything of its own can raise (a peer would wait)
-            return self._loss_without_update(features, labels, gather_centers(self.centers, labels, backend=self.backend))
+            gathered = gather_centers(self.centers, labels, backend=self.backend)
+            check_same_dtype(features=features, centers=self.centers)
+            return self._loss_without_update(features, labels, gathered)
         from ..distributed import center_loss
 
         def step(features, labels, centers):
@@ -423,8 +426,7 @@ class CenterLoss(nn.Module):
     def _loss_without_update(self, features: torch.Tensor, labels: torch.Tensor, gathered: torch.Tensor) -> torch.Tensor:
         """Evaluation: the same loss from the batch's ``gathered`` centers (the kernel gather
         reads only the batch's B rows: the centers neither moved nor copied), differentiable by
-        autograd."""
-        check_same_dtype(features=features, centers=self.centers)
+        autograd. The dtypes are checked already."""
         if features.shape != gathered.shape:
             raise ValueError(
                 f"features of shape {tuple(features.shape)} do not match {labels.numel()} labels "

@@ -45,7 +45,9 @@ has moved since: what a center loss written as torch ops that moves a buffer get
 
 ``group`` names a process group that ``group_key`` has recorded, for the data-parallel step
 of ``centerkern.distributed.center_loss`` (``None``: one process). Operators take strings, not
-process-group objects; the name is recorded once, when the module is built.
+process-group objects; the module records its group's name when it is given one (building it,
+setting ``group``, unpickling it). The names are this process's own: a program exported with
+``distributed=True`` runs in the process whose module recorded its group.
 
 CPU tensors run the ``numba`` kernels (``backend="auto"``), CUDA tensors the ``cuda`` ones on
 torch's current stream without waiting for the GPU (``sync=False``).
@@ -59,11 +61,14 @@ import torch
 
 from .. import _api
 from .._core.rules import RULES, moves_centers, rule_coefficients
+from .._adapters.settings import dtype_name
 from .._core.validation import check_choice, check_feature_size, check_same_dtype
 
-__all__ = ["NAMESPACE", "OPERATORS", "group_key", "loss_tensor", "refuse_inside_backward", "step", "step_gradients"]
+__all__ = ["NAMESPACE", "OPERATORS", "gather", "group_key", "hold_for_backward", "loss_tensor", "refuse_inside_backward", "step",
+           "step_gradients"]
 
 NAMESPACE = "centerkern"
+_KERNEL_DTYPES = (torch.float32, torch.float64)
 _LIBRARY = torch.library.Library(NAMESPACE, "DEF")
 
 # Process groups by the key the step operators take as ``group``.
@@ -84,7 +89,6 @@ def group_key(group: Any) -> str:
     return key
 
 
-
 def _process_group(key: str) -> Any:
     if key == DEFAULT_GROUP:
         return None
@@ -92,7 +96,9 @@ def _process_group(key: str) -> Any:
         return _GROUPS[key]
     except KeyError:
         raise ValueError(
-            f"centerkern: no process group recorded as {key!r}; pass group=centerkern.torch.group_key(group)"
+            f"centerkern: no process group recorded as {key!r} in this process (the names are this process's own: a "
+            "program exported with a group runs where its module recorded it); record one with "
+            "centerkern.torch._operators.group_key(group)"
         ) from None
 
 
@@ -146,7 +152,7 @@ def step(alpha, rule, deterministic, backend, group, features, labels, centers, 
 # --- the operators' implementations (CPU and CUDA alike: the backend follows the tensors) ------
 
 
-def _gather_centers(centers, labels, backend="auto"):
+def gather(centers, labels, backend="auto"):
     return _api.gather_centers(centers, labels, backend=backend, sync=_sync(centers))
 
 
@@ -180,37 +186,59 @@ def _attach_gradient(features, labels, loss, grad, rule):
 # --- fake implementations: shapes and dtypes only, checked as the kernels check them ----------
 
 
-def _checked_rows(rows: torch.Tensor, rows_name: str, labels: torch.Tensor, centers: torch.Tensor) -> None:
+def _checked_matrix(matrix: torch.Tensor, name: str) -> None:
+    if matrix.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got dtype {dtype_name(matrix.dtype)}")
+    if matrix.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(matrix.shape)}")
+
+
+def _checked_metadata(centers: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor | None = None,
+                      rows_name: str = "features", grad_out: torch.Tensor | None = None) -> None:
+    """What the kernels check that a fake tensor carries (dtypes and shapes, not the labels'
+    values), raising the same errors in the same words, so that torch.compile and torch.export
+    refuse bad input as eager does, while tracing."""
+    _checked_matrix(centers, "centers")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must have an integer dtype (not bool), got dtype {dtype_name(labels.dtype)}")
+    if rows is None:
+        return
+    _checked_matrix(rows, rows_name)
     check_same_dtype(**{rows_name: rows, "centers": centers})
     check_feature_size(rows, rows_name, centers)
     if labels.numel() != rows.shape[0]:
         raise ValueError(f"labels of shape {tuple(labels.shape)} hold {labels.numel()} values, but {rows_name} has "
                          f"{rows.shape[0]} rows")
+    if grad_out is not None and (grad_out.shape != rows.shape or grad_out.dtype != rows.dtype):
+        raise ValueError(f"grad_out must have the features' shape {tuple(rows.shape)} and dtype "
+                         f"{dtype_name(rows.dtype)}, got shape {tuple(grad_out.shape)} and dtype "
+                         f"{dtype_name(grad_out.dtype)}")
 
 
 def _fake_gather_centers(centers, labels, backend="auto"):
+    _checked_metadata(centers, labels)
     return centers.new_empty((labels.numel(), centers.shape[1]))
 
 
 def _fake_scatter_sub_update_(centers, labels, updates, deterministic=False, backend="auto"):
-    _checked_rows(updates, "updates", labels, centers)
+    _checked_metadata(centers, labels, updates, "updates")
 
 
 def _fake_center_loss_step_(features, labels, centers, alpha, rule, deterministic=False, backend="auto", group=None):
     _check_rule(rule, True, "center_loss_step_")
-    _checked_rows(features, "features", labels, centers)
+    _checked_metadata(centers, labels, features)
     return features.new_empty(()), features.new_empty(features.shape)
 
 
 def _fake_center_loss_step(features, labels, centers, alpha, rule, deterministic=False, backend="auto", group=None):
     _check_rule(rule, False, "center_loss_step")
-    _checked_rows(features, "features", labels, centers)
+    _checked_metadata(centers, labels, features)
     return features.new_empty(()), features.new_empty(features.shape), centers.new_empty(centers.shape)
 
 
 def _fake_center_loss_step_out_(features, labels, centers, grad_out, alpha, rule, deterministic=False, backend="auto"):
     _check_rule(rule, True, "center_loss_step_out_")
-    _checked_rows(features, "features", labels, centers)
+    _checked_metadata(centers, labels, features, grad_out=grad_out)
     return features.new_empty(())
 
 
@@ -229,13 +257,18 @@ def _fake_attach_gradient(features, labels, loss, grad, rule):
 # center), so that the numbers stay the kernel's.
 
 
+def hold_for_backward(ctx, features, labels, centers, rule, grad, grad_centers) -> None:
+    """What ``step_gradients`` reads: the kernel's gradients and, for a second-order term, the
+    features, labels and the centers (None where they are moved in place, not differentiable)."""
+    ctx.grad, ctx.grad_centers, ctx.features, ctx.labels = grad, grad_centers, features, labels
+    ctx.centers = None if moves_centers(rule) else centers
+    ctx.grad_scale = rule_coefficients(rule, 0.0, *features.shape).grad_scale
+
+
 def _setup_step(ctx, inputs, output):
     features, labels, centers, _alpha, rule = inputs[:5]
-    ctx.grad, ctx.grad_centers = output[1], output[2]
     ctx.mark_non_differentiable(*output[1:])
-    ctx.features, ctx.centers = features, centers
-    ctx.labels = labels
-    ctx.grad_scale = rule_coefficients(rule, 0.0, *features.shape).grad_scale
+    hold_for_backward(ctx, features, labels, centers, rule, output[1], output[2])
 
 
 def step_gradients(ctx, grad_loss):
@@ -256,8 +289,7 @@ def _step_backward(ctx, grad_loss, *_output_grads):
 
 def _setup_attached(ctx, inputs, output):
     features, labels, _loss, grad, rule = inputs
-    ctx.grad, ctx.grad_centers, ctx.features, ctx.labels, ctx.centers = grad, None, features, labels, None
-    ctx.grad_scale = rule_coefficients(rule, 0.0, *features.shape).grad_scale
+    hold_for_backward(ctx, features, labels, None, rule, grad, None)
 
 
 def _attached_backward(ctx, grad_loss):
@@ -299,7 +331,7 @@ def _gather_backward(ctx, grad_rows):
 OPERATORS = {
     "gather_centers": (
         "gather_centers(Tensor centers, Tensor labels, str backend='auto') -> Tensor",
-        _gather_centers, _fake_gather_centers, (_gather_backward, _setup_gather),
+        gather, _fake_gather_centers, (_gather_backward, _setup_gather),
     ),
     "scatter_sub_update_": (
         "scatter_sub_update_(Tensor(a!) centers, Tensor labels, Tensor updates, bool deterministic=False, "
