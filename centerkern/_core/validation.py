@@ -143,11 +143,44 @@ def _float_matrix(x: Any, what: str, arrays) -> Any:
     if "bfloat16" in str(getattr(x, "dtype", "")):  # no NumPy dtype, so no array to read: say so first
         raise TypeError(f"{what} must be float32 or float64, got dtype bfloat16")
     array = arrays.asarray(x, what)
-    if array.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{what} must be float32 or float64, got dtype {array.dtype}")
-    if array.ndim != 2:
-        raise ValueError(f"{what} must be 2-D, got shape {tuple(array.shape)}")
+    check_float_matrix(array, what, array.dtype in FLOAT_DTYPES)
     return array
+
+
+# The checks below read an array's metadata only (dtype, shape), so that what carries no values
+# (torch's fake tensors, while torch.compile and torch.export trace) is refused in the same
+# words. ``describe`` writes a dtype as the message shows it.
+
+
+def check_float_matrix(array: Any, what: str, computable: bool, describe=str) -> None:
+    """``array`` as the kernels compute on it: ``computable`` (float32 or float64) and 2-D."""
+    if not computable:
+        raise TypeError(f"{what} must be float32 or float64, got dtype {describe(array.dtype)}")
+    if len(array.shape) != 2:
+        raise ValueError(f"{what} must be 2-D, got shape {tuple(array.shape)}")
+
+
+def check_label_dtype(labels: Any, integer: bool, describe=str) -> None:
+    if not integer:
+        raise TypeError(f"labels must have an integer dtype (not bool), got dtype {describe(labels.dtype)}")
+
+
+def check_label_count(labels: Any, count: int, batch_size: int, batch_source: str) -> None:
+    if count != batch_size:
+        raise ValueError(
+            f"labels of shape {tuple(labels.shape)} hold {count} values, but {batch_source} has {batch_size} rows"
+        )
+
+
+def check_like(target: Any, name: str, like: Any, like_name: str, describe=str) -> None:
+    """``target`` (an ``out`` or ``grad_out``) shaped and typed as ``like``, whose place it takes."""
+    if target.dtype != like.dtype:
+        raise TypeError(f"{name} must have the dtype of {like_name}: {name} {describe(target.dtype)}, "
+                        f"{like_name} {describe(like.dtype)}")
+    if tuple(target.shape) != tuple(like.shape):
+        raise ValueError(
+            f"{name} must have the shape of {like_name}: {name} {tuple(target.shape)}, {like_name} {tuple(like.shape)}"
+        )
 
 
 def check_same_dtype(**named) -> None:
@@ -173,14 +206,10 @@ def _labels(
         if labels.size == 0:
             labels = labels.astype(np.int64)  # [] is float64 to NumPy, but means "no labels" here
     array = arrays.asarray(labels, "labels")
-    if array.dtype.kind not in "iu":
-        raise TypeError(f"labels must have an integer dtype (not bool), got dtype {array.dtype}")
+    check_label_dtype(array, array.dtype.kind in "iu")
     count = int(array.size)
-    if batch_size is not None and count != batch_size:
-        raise ValueError(
-            f"labels of shape {tuple(array.shape)} hold {count} values, but {batch_source} has "
-            f"{batch_size} rows"
-        )
+    if batch_size is not None:
+        check_label_count(array, count, batch_size, batch_source)
     flat = arrays.flat_labels(array)
     bad = arrays.first_out_of_range(flat, num_classes)
     if bad is not None:
@@ -219,12 +248,7 @@ def _writable_target(target: Any, name: str, like: Any, like_name: str, arrays) 
     if not arrays.holds(target):
         raise ValueError(f"{name} must live in {arrays.name} memory, where this backend computes")
     checked = arrays.asarray(target, name)
-    if checked.dtype != like.dtype:
-        raise TypeError(f"{name} must have the dtype of {like_name}: {name} {checked.dtype}, {like_name} {like.dtype}")
-    if tuple(checked.shape) != tuple(like.shape):
-        raise ValueError(
-            f"{name} must have the shape of {like_name}: {name} {tuple(checked.shape)}, {like_name} {tuple(like.shape)}"
-        )
+    check_like(checked, name, like, like_name)
     if not arrays.is_writable(checked):
         raise ValueError(f"{name} is read-only; pass a writable array or {name}=None")
     if overlaps_itself(tuple(checked.shape), arrays.strides(checked), checked.dtype.itemsize):

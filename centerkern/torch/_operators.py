@@ -60,12 +60,12 @@ from typing import Any
 import torch
 
 from .. import _api
-from .._core.rules import RULES, moves_centers, rule_coefficients
 from .._adapters.settings import dtype_name
-from .._core.validation import check_choice, check_feature_size, check_same_dtype
+from .._core import validation
+from .._core.rules import RULES, moves_centers, rule_coefficients
 
-__all__ = ["NAMESPACE", "OPERATORS", "gather", "group_key", "hold_for_backward", "loss_tensor", "refuse_inside_backward", "step",
-           "step_gradients"]
+__all__ = ["NAMESPACE", "OPERATORS", "gather", "group_key", "hold_for_backward", "loss_tensor",
+           "refuse_inside_backward", "step", "step_gradients"]
 
 NAMESPACE = "centerkern"
 _KERNEL_DTYPES = (torch.float32, torch.float64)
@@ -128,7 +128,7 @@ def loss_tensor(loss: Any, like: torch.Tensor) -> torch.Tensor:
 
 
 def _check_rule(rule: str, moving: bool, operator: str) -> None:
-    check_choice(rule, "rule", RULES)
+    validation.check_choice(rule, "rule", RULES)
     if moves_centers(rule) != moving:
         other = "center_loss_step_" if moves_centers(rule) else "center_loss_step"
         kind = "moves the centers" if moves_centers(rule) else "leaves the centers to an optimizer"
@@ -186,33 +186,22 @@ def _attach_gradient(features, labels, loss, grad, rule):
 # --- fake implementations: shapes and dtypes only, checked as the kernels check them ----------
 
 
-def _checked_matrix(matrix: torch.Tensor, name: str) -> None:
-    if matrix.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"{name} must be float32 or float64, got dtype {dtype_name(matrix.dtype)}")
-    if matrix.dim() != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {tuple(matrix.shape)}")
-
-
 def _checked_metadata(centers: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor | None = None,
                       rows_name: str = "features", grad_out: torch.Tensor | None = None) -> None:
     """What the kernels check that a fake tensor carries (dtypes and shapes, not the labels'
-    values), raising the same errors in the same words, so that torch.compile and torch.export
-    refuse bad input as eager does, while tracing."""
-    _checked_matrix(centers, "centers")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must have an integer dtype (not bool), got dtype {dtype_name(labels.dtype)}")
+    values), by the same checks, so that torch.compile and torch.export refuse bad input while
+    tracing as eager does when it runs."""
+    validation.check_float_matrix(centers, "centers", centers.dtype in _KERNEL_DTYPES, dtype_name)
+    integer = not (labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool)
+    validation.check_label_dtype(labels, integer, dtype_name)
     if rows is None:
         return
-    _checked_matrix(rows, rows_name)
-    check_same_dtype(**{rows_name: rows, "centers": centers})
-    check_feature_size(rows, rows_name, centers)
-    if labels.numel() != rows.shape[0]:
-        raise ValueError(f"labels of shape {tuple(labels.shape)} hold {labels.numel()} values, but {rows_name} has "
-                         f"{rows.shape[0]} rows")
-    if grad_out is not None and (grad_out.shape != rows.shape or grad_out.dtype != rows.dtype):
-        raise ValueError(f"grad_out must have the features' shape {tuple(rows.shape)} and dtype "
-                         f"{dtype_name(rows.dtype)}, got shape {tuple(grad_out.shape)} and dtype "
-                         f"{dtype_name(grad_out.dtype)}")
+    validation.check_float_matrix(rows, rows_name, rows.dtype in _KERNEL_DTYPES, dtype_name)
+    validation.check_same_dtype(**{rows_name: rows, "centers": centers})
+    validation.check_feature_size(rows, rows_name, centers)
+    validation.check_label_count(labels, labels.numel(), rows.shape[0], rows_name)
+    if grad_out is not None:
+        validation.check_like(grad_out, "grad_out", rows, rows_name, dtype_name)
 
 
 def _fake_gather_centers(centers, labels, backend="auto"):
