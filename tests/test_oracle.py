@@ -100,7 +100,7 @@ def test_a_mistake_is_named_only_after_the_larger_cases_confirm_it():
         check_center_loss(numpy_steps.loss_over_batch_only, "facenet", max_examples=100, seed=0)
     message = str(failure.value)
     assert "diagnosis (confirmed on the larger cases): the loss is scaled by 1/B instead" in message, message
-    assert "what each quantity matches (on this case and 2 larger one(s)" in message
+    assert "what each quantity matches (on this case and 4 larger one(s)" in message
     assert "centers: agrees with the reference" in message
 
 

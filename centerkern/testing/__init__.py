@@ -33,12 +33,13 @@ from .._core.rules import RULES
 from .._core.validation import check_choice
 from . import _mistakes
 from . import _comparison
+from ._cases import Case, load_cases, save_cases
 from ._comparison import TOLERANCE, close_within
 from ._diagnosis import Diagnosis, comparable, diagnose, form_mistakes, third_name
 from ._mistakes import Quantities, reference
 
-__all__ = ["check_center_loss", "CenterLossMismatch", "Diagnosis", "close_within", "difference", "FRAMEWORKS",
-           "BACKEND_TOLERANCE", "KNOWN_MISTAKES"]
+__all__ = ["check_center_loss", "CenterLossMismatch", "Diagnosis", "Case", "save_cases", "load_cases", "close_within",
+           "difference", "FRAMEWORKS", "BACKEND_TOLERANCE", "KNOWN_MISTAKES"]
 
 #: The known mistakes of center-loss code that ``check_center_loss`` can name, as records whose
 #: ``explanation`` is what the report says (unique, so that a test can look for it) and whose
@@ -246,7 +247,7 @@ def _check_case(step, rule, framework, case, on_form) -> None:
         raise _Disagreement(case, observed, problems, form)
 
 
-def _report(disagreement: _Disagreement, step, rule, framework, met=()) -> CenterLossMismatch:
+def _report(disagreement: _Disagreement, step, rule, framework, dtypes, met=()) -> CenterLossMismatch:
     features, labels, centers, alpha = disagreement.case
     counts = np.bincount(labels, minlength=centers.shape[0])
     arrays = ""
@@ -254,7 +255,7 @@ def _report(disagreement: _Disagreement, step, rule, framework, met=()) -> Cente
         arrays = (f"\nfeatures={np.array2string(features, separator=', ')}"
                   f"\ncenters={np.array2string(centers, separator=', ')}")
     diagnosis = diagnose(lambda case: _run_step(step, rule, framework, case), rule, disagreement.case,
-                         disagreement.observed)
+                         disagreement.observed, dtypes)
     told = {problem.kind for _, problem in diagnosis.form}
     for other in met:  # form problems of cases the search met but did not shrink to (another dtype, say)
         (other_features, _, other_centers, _) = other.case
@@ -276,7 +277,7 @@ def _report(disagreement: _Disagreement, step, rule, framework, met=()) -> Cente
 
 def check_center_loss(step: Callable, rule: str = "facenet", *, framework: str = "numpy", max_examples: int = 200,
                       alpha: float | None = None, seed: int | None = None,
-                      dtypes: tuple = (np.float32, np.float64)) -> None:
+                      dtypes: tuple = (np.float32, np.float64), cases=()) -> None:
     """Check ``step`` against centerkern's reference on cases drawn by hypothesis.
 
     The cases (``centerkern.testing.strategies.center_loss_inputs``) have heavy duplicates, one
@@ -358,6 +359,9 @@ def check_center_loss(step: Callable, rule: str = "facenet", *, framework: str =
     """
     check_choice(rule, "rule", RULES)
     check_choice(framework, "framework", FRAMEWORKS)
+    if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 0:
+        raise ValueError(f"max_examples must be an integer >= 0, got {max_examples!r}")
+    cases = [Case(*case) for case in cases]
     if framework != "numpy":
         try:
             importlib.import_module(framework)
@@ -381,12 +385,16 @@ def check_center_loss(step: Callable, rule: str = "facenet", *, framework: str =
 
     form_found = []
     try:
-        search(form_found.append)  # values first: a formula's mistake, shrunk
+        for case in cases:  # a regression test's cases first, as they are
+            _check_case(step, rule, framework, Case(*case), form_found.append)
+        if max_examples:
+            search(form_found.append)  # values first: a formula's mistake, shrunk
         if form_found:
-            def fail(disagreement):
-                raise disagreement
-            search(fail)  # the values agree everywhere: the form problem alone, shrunk
+            if max_examples:
+                def fail(disagreement):
+                    raise disagreement
+                search(fail)  # the values agree everywhere: the form problem alone, shrunk
             # that search drew other cases, none with the problem: report the smallest one met
             raise min(form_found, key=lambda found: found.case[0].size + found.case[2].size)
     except _Disagreement as disagreement:
-        raise _report(disagreement, step, rule, framework, form_found) from None
+        raise _report(disagreement, step, rule, framework, dtypes, form_found) from None

@@ -30,8 +30,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ._cases import Case, save_cases
 from ._comparison import TOLERANCE, close_within
-from ._mistakes import KNOWN_MISTAKES, Mistake, Quantities, reference
+from ._mistakes import KNOWN_MISTAKES, PAIRS, Mistake, Quantities, reference
 
 QUANTITIES = ("loss", "centers", "third")
 FORM_DIAGNOSIS = "diagnosis: the outputs do not have the form the rule asks for (above)"
@@ -41,16 +42,17 @@ def third_name(rule: str) -> str:
     return "grad_centers" if rule == "pytorch" else "grad"
 
 
-def discriminating_cases(dtype) -> list[tuple]:
+def discriminating_cases(dtype) -> list[Case]:
     """Fixed cases that tell the known mistakes apart: repeated labels with different counts per
-    class, classes absent from the batch, D > 1, B > D, alpha far from 0.5 on either side."""
+    class, classes absent from the batch, the last class present (K - 1, where clamped labels
+    show), D > 1, B > D, B = K, alpha far from 0.5 on either side."""
     rng = np.random.default_rng(20161008)
     cases = []
-    for labels, width, classes, alpha in (([0, 0, 2, 0, 3, 2, 0], 3, 5, 0.3), ([3, 1, 3, 3, 1, 0], 2, 6, 0.8)):
+    for labels, width, classes, alpha in (([0, 0, 2, 0, 3, 2, 0], 3, 5, 0.3), ([3, 1, 3, 3, 1, 5], 2, 6, 0.8)):
         labels = np.array(labels, dtype=np.int64)
         features = rng.standard_normal((labels.size, width)).astype(dtype)
         centers = rng.standard_normal((classes, width)).astype(dtype)
-        cases.append((features, labels, centers, alpha))
+        cases.append(Case(features, labels, centers, alpha))
     return cases
 
 
@@ -138,14 +140,20 @@ def comparable(observed: Quantities, form: list[FormProblem]) -> Quantities:
 
 
 class Evidence:
-    """The user's outputs (as they can be compared) and every mistake's predictions on one case."""
+    """The user's outputs (as they can be compared) and the mistakes' predictions on one case."""
 
     def __init__(self, case: tuple, observed: Quantities, rule: str):
         features, labels, centers, alpha = case
         self.case, self.observed, self.rule = case, observed, rule
         self.reference = reference(features, labels, centers, alpha, rule)
-        self.predictions = {mistake: mistake.predict(features, labels, centers, alpha, rule)
-                            for mistake in KNOWN_MISTAKES}
+        self._predictions: dict[Mistake, Quantities | None] = {}
+
+    def prediction(self, mistake: Mistake) -> Quantities | None:
+        """What ``mistake`` predicts here (made once: pairs are only asked for where no single
+        mistake explains the step)."""
+        if mistake not in self._predictions:
+            self._predictions[mistake] = mistake.predict(*self.case, self.rule)
+        return self._predictions[mistake]
 
     def matches(self, got: Any, expected: Any, tolerance: float) -> bool:
         if got is None or expected is None:
@@ -170,6 +178,15 @@ class Evidence:
         got = getattr(self.observed, quantity)
         return got is not None and not self.matches(got, getattr(self.reference, quantity), self.tolerance(got))
 
+    def relative_difference(self, quantity: str) -> float:
+        """How far the quantity lies from the reference, relative to the reference's scale."""
+        got = np.asarray(getattr(self.observed, quantity), dtype=np.float64)
+        expected = np.asarray(getattr(self.reference, quantity), dtype=np.float64)
+        if got.shape != expected.shape:
+            return float("inf")
+        scale = max(float(np.max(np.abs(expected), initial=0.0)), 1e-300)
+        return float(np.max(np.abs(got - expected), initial=0.0)) / scale
+
     def how_much(self, quantity: str) -> str:
         """By how much the quantity differs from the reference here, in words."""
         got, expected = getattr(self.observed, quantity), getattr(self.reference, quantity)
@@ -185,10 +202,11 @@ class Evidence:
         got = getattr(self.observed, quantity)
         if got is None:
             return True
-        prediction = self.predictions[mistake]
+        prediction = self.prediction(mistake)
         return (prediction is not None
                 and self.matches(got, getattr(prediction, quantity), self.tolerance(got, mistake))
-                and (mistake.observed_must is None or mistake.observed_must(got)))
+                and (mistake.observed_must is None
+                     or mistake.observed_must(quantity, got, self.observed, self.case, self.rule)))
 
 
 # --------------------------------------------------------------------------- the diagnosis
@@ -203,6 +221,7 @@ class Finding:
     compared: bool  # False: its form hides its values (see the form problems)
     differs_on: list[int] = field(default_factory=list)  # case numbers, from 1
     how_much: dict[int, str] = field(default_factory=dict)
+    relative: dict[int, float] = field(default_factory=dict)  # the difference relative to the reference's scale
     not_compared_on: list[int] = field(default_factory=list)  # larger cases whose form hides it
     explained_by: list[Mistake] = field(default_factory=list)  # reproduce it on every case compared
     where_it_differs: list[Mistake] = field(default_factory=list)  # only where none does on every case
@@ -279,7 +298,7 @@ class Diagnosis:
     """
 
     rule: str
-    cases: list[tuple]  # (features, labels, centers, alpha): the shrunk case first
+    cases: list[Case]  # (features, labels, centers, alpha): the shrunk case first
     observed: list[Quantities]  # the step's outputs on each case, as returned
     form: list[tuple[int, FormProblem]]  # (case number, problem): the shrunk case's, then new ones
     findings: list[Finding]
@@ -297,6 +316,11 @@ class Diagnosis:
             return {}
         return {f.name: f.explained_by for f in differing}
 
+    def save_cases(self, path) -> None:
+        """Write the cases of this report to ``path`` (an ``.npz`` file): what a regression test
+        hands ``check_center_loss(step, rule, cases=load_cases(path))``. See ``save_cases``."""
+        save_cases(path, self.cases)
+
     def render(self) -> str:
         """The findings in words, as the report of ``CenterLossMismatch`` ends: the form
         problems, what each quantity matches on every case, and the verdict (last line)."""
@@ -308,39 +332,79 @@ class Diagnosis:
         compared = [f for f in self.findings if f.compared]
         if not compared:
             return report + FORM_DIAGNOSIS + ", so no formula is matched against them"
-        shapes = "; ".join(f"case {number}: B={case[0].shape[0]}, D={case[0].shape[1]}, K={case[2].shape[0]}, "
-                           f"alpha={case[3]:g}" for number, case in enumerate(self.cases, 1))
+        shapes = "; ".join(f"case {number}: {case.shape}, {case.dtype}, alpha={case.alpha:g}"
+                           for number, case in enumerate(self.cases, 1))
+        dtypes = list(dict.fromkeys(str(case.dtype) for case in self.cases))
         report += (f"what each quantity matches (on this case and {len(self.cases) - 1} larger one(s): repeated "
-                   f"labels, D > 1, classes absent from the batch, alpha 0.3 and 0.8; {shapes}):\n  - "
-                   + "\n  - ".join(self._line(f) for f in self.findings))
+                   f"labels, D > 1, classes absent from the batch, alpha 0.3 and 0.8, in {' and '.join(dtypes)}; "
+                   f"{shapes}):\n  - " + "\n  - ".join(self._line(f) for f in self.findings))
         if self.skipped:
             report += "\n  (" + "; ".join(self.skipped) + ")"
         return report + "\n" + self._verdict()
+
+    def _outcome(self, finding: Finding, number: int) -> str:
+        if number in finding.differs_on:
+            return "differs"
+        return "not compared" if number in finding.not_compared_on else "agrees"
+
+    def _on(self, finding: Finding, numbers: list[int]) -> str:
+        """Where the quantity differs and agrees among the cases ``numbers``, in words."""
+        differing = [n for n in numbers if self._outcome(finding, n) == "differs"]
+        agreeing = [n for n in numbers if self._outcome(finding, n) == "agrees"]
+        hidden = [n for n in numbers if self._outcome(finding, n) == "not compared"]
+        parts = []
+        if differing:
+            where = ", ".join(f"case {n} ({finding.how_much[n]})" for n in differing)
+            parts.append(f"differs on every case: {where}" if len(differing) == len(self.cases)
+                         else f"differs on {where}")
+        if agreeing and differing:
+            parts.append("agrees on " + ", ".join(f"case {n}" for n in agreeing))
+        elif agreeing:
+            parts.append("agrees with the reference on " + ", ".join(f"case {n}" for n in agreeing))
+        if hidden:
+            parts.append("not compared on " + ", ".join(f"case {n}" for n in hidden)
+                         + " (its form there, above, hides its values)")
+        return "; ".join(parts)
+
+    def _where(self, finding: Finding) -> str:
+        """Where the quantity differs and agrees: per dtype, where it agrees on every case of one
+        dtype and not of another (float32 sums agree in float32, and differ in float64)."""
+        by_dtype: dict[str, list[int]] = {}
+        for number, case in enumerate(self.cases, 1):
+            by_dtype.setdefault(str(case.dtype), []).append(number)
+        agreeing = {dtype for dtype, numbers in by_dtype.items()
+                    if all(self._outcome(finding, n) == "agrees" for n in numbers)}
+        if len(by_dtype) < 2 or not agreeing or not finding.differs_on:
+            return self._on(finding, list(range(1, len(self.cases) + 1)))
+        parts = []
+        for dtype, numbers in by_dtype.items():
+            cases = ", ".join(f"case {n}" for n in numbers)
+            if dtype in agreeing:
+                parts.append(f"agrees in {dtype} ({cases})")
+            elif all(self._outcome(finding, n) == "differs" for n in numbers):
+                parts.append(f"differs in {dtype}: " + ", ".join(f"case {n} ({finding.how_much[n]})" for n in numbers))
+            else:
+                parts.append(f"in {dtype}: {self._on(finding, numbers)}")
+        return "; ".join(parts)
+
+    def _told(self, mistake: Mistake, finding: Finding) -> str:
+        """A mistake's explanation; for a mistake of precision, with how far float64 inputs land."""
+        float64 = [n for n in finding.differs_on if self.cases[n - 1].dtype == np.float64]
+        if mistake.precision is None or mistake.parts or not float64 or len(float64) < len(finding.differs_on):
+            return mistake.explanation  # the size of a difference that is not precision's alone says nothing
+        relative = [finding.relative[n] for n in float64]
+        return f"{mistake.explanation} (float64 inputs differ by about {max(relative):.0e} relative, {mistake.precision})"
 
     def _line(self, finding: Finding) -> str:
         if not finding.compared:
             return f"{finding.name}: not compared (its form, above, hides its values)"
         if finding.agrees:
             return f"{finding.name}: agrees with the reference on every case"
-        every = len(self.cases)
-        agreeing = [n for n in range(1, every + 1) if n not in finding.differs_on + finding.not_compared_on]
-        parts = []
-        if finding.differs_on:
-            where = ", ".join(f"case {n} ({finding.how_much[n]})" for n in finding.differs_on)
-            parts.append(f"differs on every case: {where}" if len(finding.differs_on) == every
-                         else f"differs on {where}")
-        if agreeing and finding.differs_on:
-            parts.append("agrees on " + ", ".join(f"case {n}" for n in agreeing))
-        elif agreeing:
-            parts.append("agrees with the reference on " + ", ".join(f"case {n}" for n in agreeing))
-        if finding.not_compared_on:
-            parts.append("not compared on " + ", ".join(f"case {n}" for n in finding.not_compared_on)
-                         + " (its form there, above, hides its values)")
-        differs = "; ".join(parts)
+        differs = self._where(finding)
         if not finding.differs_on:
             return f"{finding.name}: {differs}"
         if finding.explained_by:
-            return f"{finding.name}: {'; or '.join(m.explanation for m in finding.explained_by)} ({differs})"
+            return f"{finding.name}: {'; or '.join(self._told(m, finding) for m in finding.explained_by)} ({differs})"
         line = f"{finding.name}: no known mistake reproduces it on every case ({differs})"
         if finding.where_it_differs:
             line += ("; on the cases where it differs (only) it matches: "
@@ -378,17 +442,21 @@ class Diagnosis:
         return f"diagnosis: {what}"
 
 
-def diagnose(step_outputs: Callable[[tuple], Quantities], rule: str, case: tuple, observed: Quantities) -> Diagnosis:
-    """Run the step on the larger cases too, and gather what every quantity does on each."""
+def diagnose(step_outputs: Callable[[tuple], Quantities], rule: str, case: tuple, observed: Quantities,
+             dtypes: tuple = ()) -> Diagnosis:
+    """Run the step on the larger cases too, in the shrunk case's dtype and in each of ``dtypes``
+    (the dtypes the step is checked in), and gather what every quantity does on each."""
+    case = Case(*case)
     features, _, centers, _ = case
     form = form_mistakes(observed, rule, features, centers)
     cases, outputs, evidences, skipped = [case], [observed], [Evidence(case, comparable(observed, form), rule)], []
     problems = [(1, problem) for problem in form]
-    for larger in discriminating_cases(features.dtype):
+    larger_dtypes = [features.dtype] + [d for d in map(np.dtype, dtypes) if d != features.dtype]
+    for larger in (c for dtype in dict.fromkeys(larger_dtypes) for c in discriminating_cases(dtype)):
         try:
             larger_observed = step_outputs(larger)
         except Exception as error:  # a step that fails elsewhere: say so, judge on what ran
-            skipped.append(f"the step raised {type(error).__name__} on a larger case: {error}")
+            skipped.append(f"the step raised {type(error).__name__} on a larger {larger.dtype} case: {error}")
             continue
         larger_form = form_mistakes(larger_observed, rule, larger[0], larger[2])
         told = {problem.kind for _, problem in problems}
@@ -416,16 +484,34 @@ def diagnose(step_outputs: Callable[[tuple], Quantities], rule: str, case: tuple
                 elif evidence.differs(quantity):
                     finding.differs_on.append(number)
                     finding.how_much[number] = evidence.how_much(quantity)
+                    finding.relative[number] = evidence.relative_difference(quantity)
         findings.append(finding)
 
     differing = [f for f in findings if f.differs_on]
-    named = [m for m in KNOWN_MISTAKES if differing and all(reproduced(m, q) for q in QUANTITIES)]
-    # where mistakes explain the whole step, each quantity is shown as they explain it (another
-    # mistake that happens to give one quantity the same numbers, as wen's loss is facenet's
-    # scaled by 1/(2B), would only be a second name for the same thing)
-    candidates = named or KNOWN_MISTAKES
+
+    def explaining_all(mistakes):
+        return [m for m in mistakes if differing and all(reproduced(m, q) for q in QUANTITIES)]
+
+    def explain(candidates):
+        for finding in differing:
+            finding.explained_by = [m for m in candidates if reproduced(m, finding.quantity)]
+
+    # In order: one mistake for the whole step; else one for each quantity that differs (several
+    # mistakes, each in its own quantity); else two made at once, a formula's mistake under a
+    # mistake of the inputs or of the arithmetic, where both change one quantity (pairs are
+    # only tried where no single mistake fits). Where mistakes explain the whole step, each
+    # quantity is shown as they explain it (another mistake that happens to give one quantity the
+    # same numbers, as wen's loss is facenet's scaled by 1/(2B), would only be a second name for it).
+    named = explaining_all(KNOWN_MISTAKES)
+    explain(named or KNOWN_MISTAKES)
+    if not named and not all(finding.explained_by for finding in differing):
+        named = explaining_all(PAIRS)
+        if named:
+            explain(named)
+        for finding in differing:
+            if not finding.explained_by:
+                finding.explained_by = [m for m in PAIRS if reproduced(m, finding.quantity)]
     for finding in differing:
-        finding.explained_by = [m for m in candidates if reproduced(m, finding.quantity)]
         if not finding.explained_by:
             among = [n - 1 for n in finding.differs_on]
             finding.where_it_differs = [m for m in KNOWN_MISTAKES if reproduced(m, finding.quantity, among)]

@@ -27,27 +27,33 @@ class Quantities(NamedTuple):
 @dataclass(frozen=True)
 class Mistake:
     explanation: str  # what the user is told; unique, so tests can look for it
-    predict: Callable[..., Quantities | None]  # (features, labels, centers, alpha, rule) -> Quantities or None
+    # (features, labels, centers, alpha, rule, reference=reference) -> Quantities or None; the
+    # reference is the step made right, which another mistake made at once can replace
+    predict: Callable[..., Quantities | None]
     tolerance_floor: float = 0.0  # a mistake about precision is compared at float32's tolerance
-    # a further condition on a quantity the step returned, where the prediction's tolerance alone
-    # would let the mistake explain any small deviation
-    observed_must: Callable[[np.ndarray], bool] | None = None
-
-
-def _float32_values(value) -> bool:
-    """Whether every value is a float32 number: what a computation done in float32 returns,
-    whatever dtype it is handed back in (a float64 computation almost never does)."""
-    as_float64 = np.asarray(value, dtype=np.float64)
-    return bool(np.array_equal(as_float64.astype(np.float32).astype(np.float64), as_float64, equal_nan=True))
+    # a further condition on what the step returned, where the prediction's tolerance alone would
+    # let the mistake explain any small deviation: (quantity, its value, the step's outputs, the
+    # case, the rule) -> bool
+    observed_must: Callable[..., bool] | None = None
+    # A mistake of the step's inputs or of its arithmetic (alpha read the other way, labels moved,
+    # float32 sums), which another mistake can be made under: (case, rule, reference) -> (case,
+    # reference) as the step saw them, or None where the mistake cannot be made. Only mistakes
+    # with ``alters`` are tried together with another one (see ``made_together``).
+    alters: Callable[..., tuple | None] | None = None
+    # precision mistakes say how far float64 inputs land from the reference: "as float32 sums would"
+    precision: str | None = None
+    family: str = ""  # mistakes of one family (alpha, labels, precision) are never paired
+    parts: tuple = ()  # the two mistakes of a pair made at once (see made_together)
 
 
 def reference(features, labels, centers, alpha, rule) -> Quantities:
+    """The step made right: centerkern's ``numpy`` backend (float64 sums, whatever the dtype)."""
     result = center_loss(features, labels, centers, alpha, rule=rule, backend="numpy")
     return Quantities(result.loss, result.centers, result.grad_centers if rule == "pytorch" else result.grad)
 
 
 def _rows(features, labels, centers):
-    """(d_i in float64, n_j per sample, S_j per class, n_j per class)."""
+    """(d_i in float64, n_j per class, S_j per class in float64)."""
     differences = features.astype(np.float64) - centers[labels].astype(np.float64)
     counts = np.bincount(labels, minlength=centers.shape[0])
     sums = np.zeros((centers.shape[0], centers.shape[1]))
@@ -63,15 +69,131 @@ def _moved(centers, labels, update):
     return moved.astype(centers.dtype)
 
 
+def _with_rows(right: Quantities, centers, labels, rows, moves_centers: bool) -> Quantities:
+    """``right`` with the rule's row update replaced by ``rows`` (K, D): added to the centers for
+    the rules that move them, as grad_centers for ``pytorch``."""
+    if moves_centers:
+        return right._replace(centers=_moved(centers, labels, rows))
+    return right._replace(third=rows.astype(right.third.dtype))
+
+
+# --------------------------------------------------------------------------- mistakes of the inputs
+
+
+def _altered_inputs(change):
+    """A mistake of the step's inputs: ``change(case, rule)`` is the case as the step used it (or
+    None where the mistake cannot be made), and the step is otherwise right."""
+    def alters(case, rule, right):
+        changed = change(case, rule)
+        return None if changed is None else (changed, right)
+
+    def predict(features, labels, centers, alpha, rule, reference=reference):
+        changed = change((features, labels, centers, alpha), rule)
+        return None if changed is None else reference(*changed, rule)
+    return {"alters": alters, "predict": predict}
+
+
+def _alpha_crossed(for_rule):
+    """alpha read as 1 - alpha: facenet's alpha is the retention, wen's the step."""
+    def change(case, rule):
+        features, labels, centers, alpha = case
+        return (features, labels, centers, 1.0 - alpha) if rule == for_rule else None
+    return _altered_inputs(change)
+
+
+def _labels_changed(how):
+    def change(case, rule):
+        features, labels, centers, alpha = case
+        changed = how(labels, centers.shape[0])
+        return None if changed is None else (features, changed, centers, alpha)
+    return _altered_inputs(change)
+
+
+def _shifted(shift):
+    # modulo K: label - 1 indexing row -1 is the last row to NumPy and torch alike
+    return lambda labels, classes: (labels + shift) % classes if classes >= 2 else None
+
+
+def _clamped(labels, classes):
+    # min(label, K - 2): the last class folded into the one before it (where K = 1, nothing moves)
+    return np.minimum(labels, max(classes - 2, 0))
+
+
+def _float32_values(value) -> bool:
+    """Whether every value is a float32 number: what a computation done in float32 returns,
+    whatever dtype it is handed back in (a float64 computation almost never does)."""
+    as_float64 = np.asarray(value, dtype=np.float64)
+    return bool(np.array_equal(as_float64.astype(np.float32).astype(np.float64), as_float64, equal_nan=True))
+
+
+def _in_float32(case, rule):
+    features, labels, centers, alpha = case
+    if features.dtype != np.float64:
+        return case  # float32 inputs computed in float32 is right
+    return features.astype(np.float32), labels, centers.astype(np.float32), alpha
+
+
+def _returned_in_float32_arithmetic(quantity, got, observed, case, rule) -> bool:
+    return case[0].dtype != np.float64 or _float32_values(got)
+
+
+def _sums_in_float32_reference(features, labels, centers, alpha, rule) -> Quantities:
+    """The step with each class's sum S_j accumulated in float32 (the rest in float64)."""
+    right = reference(features, labels, centers, alpha, rule)
+    if features.dtype != np.float64:
+        return right
+    coefficients = rule_coefficients(rule, alpha, *features.shape)
+    differences, counts, _ = _rows(features, labels, centers)
+    sums = np.zeros(centers.shape, dtype=np.float32)
+    np.add.at(sums, labels, differences.astype(np.float32))
+    rows = coefficients.step * sums.astype(np.float64) / (1.0 + coefficients.count_weight * counts)[:, None]
+    return _with_rows(right, centers, labels, rows, coefficients.moves_centers)
+
+
+def _sums_in_float32(case, rule, right):
+    return case, _sums_in_float32_reference
+
+
+def _carries_float32_sums(quantity, got, observed, case, rule) -> bool:
+    """Whether the step's row update, read back from what it returned (new centers minus old ones,
+    or grad_centers), is made of float32 numbers: the class sums S_j themselves, or S_j times the
+    rule's step, or the update itself, up to the float64 rounding of reading it back. Where the
+    inputs are float32 there is nothing to tell; where the step did not return the update, the
+    mistake cannot be confirmed."""
+    features, labels, centers, alpha = case
+    if features.dtype != np.float64:
+        return True
+    coefficients = rule_coefficients(rule, alpha, *features.shape)
+    returned = observed.centers if coefficients.moves_centers else observed.third
+    if returned is None or np.shape(returned) != centers.shape or coefficients.step == 0:
+        return False
+    returned = np.asarray(returned, dtype=np.float64)
+    start = centers.astype(np.float64) if coefficients.moves_centers else np.zeros(centers.shape)
+    update = returned - start
+    # the update is read back exactly to within a few ulps of the larger of the two terms
+    error = 4 * np.finfo(np.float64).eps * (np.abs(returned) + np.abs(start))
+    counts = np.bincount(labels, minlength=centers.shape[0])[:, None]
+    denominator = 1.0 + coefficients.count_weight * counts
+    for factor in (1.0, denominator, denominator / coefficients.step, 1.0 / coefficients.step):
+        value = update * factor
+        rounded = value.astype(np.float32).astype(np.float64)
+        if np.all(np.abs(value - rounded) <= error * np.abs(factor) + 4 * np.finfo(np.float64).eps * np.abs(value)):
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------- mistakes of the formula
+
+
 def _other_rule(other):
-    def predict(features, labels, centers, alpha, rule):
+    def predict(features, labels, centers, alpha, rule, reference=reference):
         if other == rule:
             return None
         return reference(features, labels, centers, alpha, other)
     return predict
 
 
-def _duplicates_dropped(features, labels, centers, alpha, rule):
+def _duplicates_dropped(features, labels, centers, alpha, rule, reference=reference):
     coefficients = rule_coefficients(rule, alpha, *features.shape)
     if not coefficients.moves_centers:
         return None
@@ -83,29 +205,13 @@ def _duplicates_dropped(features, labels, centers, alpha, rule):
     return right._replace(centers=dropped.astype(centers.dtype))
 
 
-def _gathered_after_update(features, labels, centers, alpha, rule):
+def _gathered_after_update(features, labels, centers, alpha, rule, reference=reference):
     coefficients = rule_coefficients(rule, alpha, *features.shape)
     right = reference(features, labels, centers, alpha, rule)
     after = right.centers if coefficients.moves_centers else centers
     late = features.astype(np.float64) - after[labels].astype(np.float64)
     third = coefficients.grad_scale * late if rule != "pytorch" else right.third
     return Quantities(coefficients.loss_scale * float(np.sum(late * late)), right.centers, third)
-
-
-def _labels_shifted(shift):
-    def predict(features, labels, centers, alpha, rule):
-        if centers.shape[0] < 2:
-            return None
-        # modulo K: label - 1 indexing row -1 is the last row to NumPy and torch alike
-        return reference(features, (labels + shift) % centers.shape[0], centers, alpha, rule)
-    return predict
-
-
-def _float32_inside(features, labels, centers, alpha, rule):
-    if features.dtype != np.float64:
-        return None
-    low = reference(features.astype(np.float32), labels, centers.astype(np.float32), alpha, rule)
-    return Quantities(low.loss, low.centers.astype(np.float64), None if low.third is None else low.third.astype(np.float64))
 
 
 LOSS_SCALES = {"1/(B·D)": lambda b, d: 1.0 / (b * d), "2/(B·D)": lambda b, d: 2.0 / (b * d),
@@ -117,7 +223,7 @@ RULE_LOSS_SCALE = {"facenet": "1/(B·D)", "wen": "1/(2B)", "pytorch": "1/B"}
 def _loss_scaled(name):
     """The loss (and, as autograd would give it, the grad) scaled by ``name`` instead of the
     rule's own scale; the centers right."""
-    def predict(features, labels, centers, alpha, rule):
+    def predict(features, labels, centers, alpha, rule, reference=reference):
         if name == RULE_LOSS_SCALE[rule]:
             return None
         right = reference(features, labels, centers, alpha, rule)
@@ -126,13 +232,7 @@ def _loss_scaled(name):
     return predict
 
 
-def _alpha_as_facenet_step(features, labels, centers, alpha, rule):
-    if rule != "facenet":
-        return None
-    return reference(features, labels, centers, 1.0 - alpha, rule)  # + alpha·d instead of + (1 - alpha)·d
-
-
-def _sign_flipped(features, labels, centers, alpha, rule):
+def _sign_flipped(features, labels, centers, alpha, rule, reference=reference):
     right = reference(features, labels, centers, alpha, rule)
     if rule == "pytorch":
         return right._replace(third=-right.third)
@@ -142,7 +242,7 @@ def _sign_flipped(features, labels, centers, alpha, rule):
 
 def _divided_by_count(step_of):
     """The class sum S_j divided by n_j, with the step ``step_of(alpha)``."""
-    def predict(features, labels, centers, alpha, rule):
+    def predict(features, labels, centers, alpha, rule, reference=reference):
         right = reference(features, labels, centers, alpha, rule)
         _, counts, sums = _rows(features, labels, centers)
         update = step_of(alpha) * sums / np.maximum(counts, 1)[:, None]
@@ -150,18 +250,23 @@ def _divided_by_count(step_of):
     return predict
 
 
-def _features_gradient_as_third(features, labels, centers, alpha, rule):
+def _grad_centers_over_count(features, labels, centers, alpha, rule, reference=reference):
+    """Rule pytorch's grad_centers divided by 1 + n_j, as wen divides its step."""
+    right = reference(features, labels, centers, alpha, rule)
+    counts = np.bincount(labels, minlength=centers.shape[0])
+    return right._replace(third=(right.third.astype(np.float64) / (1.0 + counts)[:, None]).astype(right.third.dtype))
+
+
+def _features_gradient_as_third(features, labels, centers, alpha, rule, reference=reference):
     """Rule pytorch's third output as the gradient with respect to the features (which has the
     shape of grad_centers exactly when B = K, where its form cannot show it)."""
-    if rule != "pytorch":
-        return None
     right = reference(features, labels, centers, alpha, rule)
     coefficients = rule_coefficients(rule, alpha, *features.shape)
     differences, _, _ = _rows(features, labels, centers)
     return right._replace(third=(coefficients.grad_scale * differences).astype(right.third.dtype))
 
 
-def _transposed_centers(features, labels, centers, alpha, rule):
+def _transposed_centers(features, labels, centers, alpha, rule, reference=reference):
     """The centers handed back transposed. Where K = D their shape cannot show it, and the values
     are transposed; elsewhere the diagnosis reads them transposed back (a form problem), so the
     prediction there is the reference's own."""
@@ -172,8 +277,35 @@ def _transposed_centers(features, labels, centers, alpha, rule):
 
 
 def _only_for(rule_name, predict):
-    return lambda features, labels, centers, alpha, rule: (
-        predict(features, labels, centers, alpha, rule) if rule == rule_name else None)
+    def predict_for_rule(features, labels, centers, alpha, rule, reference=reference):
+        return predict(features, labels, centers, alpha, rule, reference=reference) if rule == rule_name else None
+    return predict_for_rule
+
+
+# --------------------------------------------------------------------------- two at once
+
+
+def made_together(first: Mistake, second: Mistake) -> Mistake | None:
+    """The step that makes ``first`` under ``second`` (a mistake of the inputs or of the
+    arithmetic, with ``alters``): ``first``'s prediction on the inputs, and with the arithmetic,
+    that ``second`` gives. None where the pair means nothing: ``second`` alters nothing, or both
+    are of one family (alpha read the other way twice, labels moved twice)."""
+    if second.alters is None or first is second or (first.family and first.family == second.family):
+        return None
+
+    def predict(features, labels, centers, alpha, rule, reference=reference):
+        altered = second.alters((features, labels, centers, alpha), rule, reference)
+        if altered is None:
+            return None
+        case, altered_reference = altered
+        return first.predict(*case, rule, reference=altered_reference)
+
+    def observed_must(*arguments):
+        return all(part.observed_must is None or part.observed_must(*arguments) for part in (first, second))
+
+    return Mistake(f"two mistakes at once: ({first.explanation}) and ({second.explanation})", predict,
+                   tolerance_floor=max(first.tolerance_floor, second.tolerance_floor), observed_must=observed_must,
+                   precision=first.precision or second.precision, parts=(first, second))
 
 
 # public as centerkern.testing.KNOWN_MISTAKES (documented there)
@@ -183,14 +315,25 @@ KNOWN_MISTAKES: tuple[Mistake, ...] = (
             "update per label; use index_add_ / scatter_add / np.add.at)", _duplicates_dropped),
     Mistake("centers were gathered after the update: the loss (and grad) use the new centers, not the centers as "
             "they were before the call", _gathered_after_update),
-    Mistake("the labels look shifted by +1 (off-by-one indexing)", _labels_shifted(1)),
-    Mistake("the labels look shifted by -1 (off-by-one indexing)", _labels_shifted(-1)),
-    Mistake("float64 inputs were computed in float32: precision is lost (a downcast somewhere)", _float32_inside,
-            tolerance_floor=1e-4, observed_must=_float32_values),
+    Mistake("the labels look shifted by +1 (off-by-one indexing)", **_labels_changed(_shifted(1)), family="labels"),
+    Mistake("the labels look shifted by -1 (off-by-one indexing)", **_labels_changed(_shifted(-1)), family="labels"),
+    Mistake("the labels are clamped into range: label K - 1 is read as K - 2 (the last class folded into the one "
+            "before it; a label out of range should raise, not be clamped)", **_labels_changed(_clamped),
+            family="labels"),
+    Mistake("float64 inputs were computed in float32: precision is lost (a downcast somewhere)",
+            **_altered_inputs(_in_float32), tolerance_floor=1e-4, observed_must=_returned_in_float32_arithmetic,
+            precision="as float32 arithmetic would", family="precision"),
+    Mistake("the per-class sums are accumulated in float32 for float64 inputs (a float32 buffer: sum in float64, "
+            "as the reference does)",
+            lambda *case, reference=reference: _sums_in_float32_reference(*case), alters=_sums_in_float32,
+            tolerance_floor=1e-4, observed_must=_carries_float32_sums, precision="as float32 sums would",
+            family="precision"),
     *(Mistake(f"the loss is scaled by {name} instead of the rule's own scale", _loss_scaled(name))
       for name in LOSS_SCALES),
     Mistake("alpha is used as facenet's step (+ alpha·d instead of + (1 - alpha)·d: facenet's alpha is the "
-            "retention)", _alpha_as_facenet_step),
+            "retention)", **_alpha_crossed("facenet"), family="alpha"),
+    Mistake("alpha is used as 1 - alpha in wen's update (wen's alpha is the step itself; it is facenet's alpha "
+            "that is the retention)", **_alpha_crossed("wen"), family="alpha"),
     Mistake("the update has the wrong sign: the centers are pushed away from the features", _sign_flipped),
     Mistake("the centers come back transposed (where K = D their shape cannot show it)", _transposed_centers),
     Mistake("this looks like the gradient with respect to the features, not grad_centers (the third output of "
@@ -198,4 +341,11 @@ KNOWN_MISTAKES: tuple[Mistake, ...] = (
     Mistake("wen's count is n_j instead of 1 + n_j", _only_for("wen", _divided_by_count(lambda alpha: alpha))),
     Mistake("each class's update is averaged over its n_j samples, where facenet sums them",
             _only_for("facenet", _divided_by_count(lambda alpha: 1.0 - alpha))),
+    Mistake("grad_centers is divided by 1 + n_j (wen's count in the update of rule 'pytorch', whose centers an "
+            "optimizer moves by the plain gradient)", _only_for("pytorch", _grad_centers_over_count)),
 )
+
+#: Every pair of known mistakes that can be made at once (a mistake under one of the inputs or of
+#: the arithmetic), for steps no single mistake explains.
+PAIRS: tuple[Mistake, ...] = tuple(pair for second in KNOWN_MISTAKES for first in KNOWN_MISTAKES
+                                   if (pair := made_together(first, second)) is not None)

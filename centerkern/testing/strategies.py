@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
+from ._cases import Case, in_layout
+
 __all__ = ["center_loss_inputs", "labels_with_hot_classes"]
 
 
@@ -75,16 +77,6 @@ def labels_with_hot_classes(draw, batch_size: int, num_classes: int, max_hot: in
     return labels.astype(np.int64)
 
 
-def _layout(array: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "fortran":
-        return np.asfortranarray(array)
-    if layout == "strided":
-        padded = np.zeros((array.shape[0], 2 * array.shape[1]), dtype=array.dtype)
-        padded[:, ::2] = array
-        return padded[:, ::2]
-    return array
-
-
 @st.composite
 def center_loss_inputs(draw, max_batch: int = 32, max_width: int = 12, max_classes: int = 10,
                        dtypes=(np.float32, np.float64), alpha=None):
@@ -110,8 +102,8 @@ def center_loss_inputs(draw, max_batch: int = 32, max_width: int = 12, max_class
     Returns
     -------
     hypothesis.strategies.SearchStrategy
-        Of tuples ``(features, labels, centers, alpha)``: ``features`` (B, D) and ``centers``
-        (K, D) of one dtype, ``labels`` int64 (B,) in [0, K), ``alpha`` a float.
+        Of ``Case`` named tuples ``(features, labels, centers, alpha)``: ``features`` (B, D)
+        and ``centers`` (K, D) of one dtype, ``labels`` int64 (B,) in [0, K), ``alpha`` a float.
 
     Raises
     ------
@@ -149,11 +141,11 @@ def center_loss_inputs(draw, max_batch: int = 32, max_width: int = 12, max_class
     dtype = draw(st.sampled_from(list(dtypes)))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     scale = draw(st.sampled_from([1.0, 10.0, 0.01]))
-    features = _layout((rng.standard_normal((batch, width)) * scale).astype(dtype),
+    features = in_layout((rng.standard_normal((batch, width)) * scale).astype(dtype),
                        draw(st.sampled_from(["c", "fortran", "strided"])))
-    centers = _layout((rng.standard_normal((classes, width)) * scale).astype(dtype),
+    centers = in_layout((rng.standard_normal((classes, width)) * scale).astype(dtype),
                       draw(st.sampled_from(["c", "fortran", "strided"])))
     labels = draw(labels_with_hot_classes(batch, classes))
     if alpha is None:
         alpha = draw(st.sampled_from([0.5, 0.9, 0.95]))
-    return features, labels, centers, float(alpha)
+    return Case(features, labels, centers, float(alpha))

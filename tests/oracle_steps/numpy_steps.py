@@ -159,3 +159,51 @@ def loss_over_batch_and_duplicates_dropped(features, labels, centers, alpha):
     loss, _ = loss_over_batch_only(features, labels, centers, alpha)
     _, new = fancy_index_scatter(features, labels, centers, alpha)
     return loss, new
+
+
+# mistakes a new user's steps made (each written as a person would, not from a prediction)
+
+
+def wen_gathered_late_with_float32_sums(features, labels, centers, alpha):
+    """Claims wen: moves the centers first, then gathers them for the loss; and sums each class
+    in a float32 buffer whatever the inputs' dtype."""
+    counts = np.bincount(labels, minlength=len(centers))
+    sums = np.zeros(centers.shape, dtype=np.float32)
+    np.add.at(sums, labels, features - centers[labels])
+    new = centers + alpha * sums / (1 + counts)[:, None]
+    differences = features - new[labels]  # the loss should use the centers before the update
+    return np.sum(differences**2) / (2 * len(features)), new
+
+
+def wen_float32_sums(features, labels, centers, alpha):
+    counts = np.bincount(labels, minlength=len(centers))
+    sums = np.zeros(centers.shape, dtype=np.float32)  # float32 whatever the inputs
+    np.add.at(sums, labels, features - centers[labels])
+    differences = features - centers[labels]
+    return np.sum(differences**2) / (2 * len(features)), centers + alpha * sums / (1 + counts)[:, None]
+
+
+def wen_alpha_crossed(features, labels, centers, alpha):
+    differences = features - centers[labels]
+    counts = np.bincount(labels, minlength=len(centers))
+    new = centers.copy()
+    step = 1 - alpha  # alpha read as facenet's retention; wen's alpha is the step itself
+    np.add.at(new, labels, step * differences / (1 + counts[labels])[:, None])
+    return np.sum(differences**2) / (2 * len(features)), new
+
+
+def pytorch_grad_centers_over_count(features, labels, centers, alpha):
+    differences = features - centers[labels]
+    counts = np.bincount(labels, minlength=len(centers))
+    grad_centers = np.zeros_like(centers)
+    np.add.at(grad_centers, labels, -2 * differences / len(features))
+    grad_centers /= (1 + counts)[:, None]  # wen's count brought into the trainable rule
+    return np.sum(differences**2) / len(features), centers, grad_centers
+
+
+def facenet_labels_clamped(features, labels, centers, alpha):
+    labels = np.minimum(labels, len(centers) - 2) if len(centers) > 1 else labels  # the last class folded in
+    differences = features - centers[labels]
+    new = centers.copy()
+    np.add.at(new, labels, (1 - alpha) * differences)
+    return np.mean(differences**2), new
