@@ -66,6 +66,11 @@ PLANTED_BUGS = [
     (numpy_steps.centers_transposed, "facenet", ["the centers come back transposed"]),
     (numpy_steps.centers_in_float32, "facenet", ["the centers come back as float32 for float64 inputs"]),
     (numpy_steps.pytorch_moves_the_centers, "pytorch", ["new centers were returned for rule 'pytorch'"]),
+    # mistakes a new user's steps made, written by hand
+    (numpy_steps.wen_alpha_crossed, "wen", ["alpha is used as 1 - alpha in wen's update"]),
+    (numpy_steps.pytorch_grad_centers_over_count, "pytorch", ["grad_centers is divided by 1 + n_j"]),
+    (numpy_steps.wen_float32_sums, "wen", ["the per-class sums are accumulated in float32 for float64 inputs"]),
+    (numpy_steps.facenet_labels_clamped, "facenet", ["the labels are clamped into range"]),
 ]
 FORM_MISTAKES = {"the loss is not a scalar", "the centers come back transposed", "the centers come back as float32",
                  "this looks like the gradient with respect to the features",
@@ -157,6 +162,22 @@ def test_command_line_exit_codes(tmp_path):
                               "--max-examples", "40"], cwd=root, capture_output=True, text=True, timeout=300)
         assert run.returncode == code, run.stdout + run.stderr
         assert ("OK" if code == 0 else "duplicate labels are not accumulated") in run.stdout
+
+
+def test_command_line_saves_a_reports_cases_and_reruns_them(tmp_path):
+    root = Path(__file__).resolve().parent
+    saved = tmp_path / "cases.npz"
+
+    def run(function, *options):
+        return subprocess.run([sys.executable, "-m", "centerkern", "check", f"oracle_steps.numpy_steps:{function}",
+                               "--rule", "wen", *options], cwd=root, capture_output=True, text=True, timeout=300)
+
+    failed = run("wen_float32_sums", "--max-examples", "40", "--save-cases", str(saved))
+    assert failed.returncode == 1 and "cases of this report are saved in" in failed.stdout, failed.stdout
+    again = run("wen_float32_sums", "--max-examples", "0", "--cases", str(saved))
+    assert again.returncode == 1 and "the per-class sums are accumulated in float32" in again.stdout, again.stdout
+    fixed = run("wen", "--max-examples", "0", "--cases", str(saved))
+    assert fixed.returncode == 0 and "on 5 cases" in fixed.stdout, fixed.stdout + fixed.stderr
 
 
 # --------------------------------------------------------------------------- frameworks

@@ -3,13 +3,15 @@ every quantity's line of the report must be true on every case the report lists 
 against the report's own data, ``CenterLossMismatch.diagnosis``, by recomputing each claim)."""
 
 import itertools
+import re
 
 import numpy as np
 import pytest
 
-from centerkern.testing import KNOWN_MISTAKES, TOLERANCE, CenterLossMismatch, check_center_loss, close_within
+from centerkern.testing import (KNOWN_MISTAKES, TOLERANCE, CenterLossMismatch, check_center_loss, close_within,
+                                load_cases)
 from centerkern.testing._diagnosis import comparable, form_mistakes
-from centerkern.testing._mistakes import reference
+from centerkern.testing._mistakes import PAIRS, reference
 
 from oracle_steps import numpy_steps
 
@@ -36,10 +38,12 @@ def _report(step, rule, **options):
     return str(failure.value), failure.value.diagnosis
 
 
-def assert_every_line_is_true(diagnosis):
+def assert_every_line_is_true(diagnosis, dtypes=(np.float32, np.float64)):
     """Each finding, recomputed on every case the report lists: "agrees" only where the values
     equal the reference, "differs" exactly where they do not, and every mistake named for a
-    quantity reproduces it on every case where it is compared."""
+    quantity reproduces it on every case where it is compared. The cases span every dtype the
+    step was checked in, so that "agrees" holds in each."""
+    assert {np.dtype(d) for d in dtypes} <= {case.dtype for case in diagnosis.cases}, diagnosis.render()
     for finding in diagnosis.findings:
         if not finding.compared:
             continue
@@ -205,7 +209,7 @@ def test_jax_step_with_two_mistakes():
 
     with _without_x64(jax):
         message, diagnosis = _report(step, "facenet", framework="jax", dtypes=(np.float32,))
-    assert_every_line_is_true(diagnosis)
+    assert_every_line_is_true(diagnosis, dtypes=(np.float32,))
     assert "the loss is scaled by 1/B instead" in _line(message, "loss")
     assert "duplicate labels are not accumulated" in _line(message, "centers")
 
@@ -272,7 +276,11 @@ def test_a_quantity_hidden_on_the_shrunk_case_is_still_compared_where_it_shows()
     assert_every_line_is_true(diagnosis)
     (third,) = [f for f in diagnosis.findings if f.name == "grad_centers"]
     assert third.compared and third.differs_on and third.not_compared_on, message
-    assert "grad_centers: agrees" not in message and not diagnosis.several, message
+    assert "grad_centers: agrees" not in message, message
+    # each quantity has its own mistake, on every case where it is compared (where K = 1 labels
+    # shifted modulo K are the labels themselves: the prediction holds there too)
+    assert diagnosis.several == {"loss": [_mistake("the labels look shifted by +1")],
+                                 "grad_centers": [_mistake("this looks like the gradient with respect")]}, message
 
 
 def test_a_loss_of_shape_one_is_read_as_its_number():
@@ -323,3 +331,153 @@ def test_a_form_problem_met_once_is_reported_even_if_the_second_search_misses_it
 def test_a_form_problem_met_at_many_sizes_is_told_once():
     message, _ = _report(numpy_steps.centers_transposed, "facenet")
     assert message.count("the centers come back transposed:") == 1, message
+
+
+# --------------------------------------------------------------------------- mistakes a new user's steps made
+
+
+def test_float32_sums_under_a_late_gather_are_never_told_their_centers_agree():
+    """wen, the centers gathered after the update for the loss, and the class sums in a float32
+    buffer: the centers agree in float32 and differ in float64, and the report says so in one line
+    whatever dtype the search shrank to; both mistakes are named, together."""
+    for seed in range(4):
+        message, diagnosis = _report(numpy_steps.wen_gathered_late_with_float32_sums, "wen", seed=seed)
+        assert_every_line_is_true(diagnosis)
+        centers = _line(message, "centers")
+        assert "agrees with the reference on every case" not in centers, message
+        assert re.search(r"agrees in float32 \(case [\d, case]+\)", centers), message
+        assert "differs in float64: case" in centers, message
+        assert "the per-class sums are accumulated in float32" in centers, message
+        assert "centers were gathered after the update" in _line(message, "loss"), message
+        assert "no known mistake" not in message, message
+        (pair,) = diagnosis.named
+        assert pair.parts == (_mistake("centers were gathered after"), _mistake("the per-class sums are accumulated"))
+
+
+def test_a_precision_mistake_says_how_far_float64_lands():
+    message, diagnosis = _report(numpy_steps.wen_float32_sums, "wen")
+    assert_every_line_is_true(diagnosis)
+    centers = _line(message, "centers")
+    relative = re.search(r"float64 inputs differ by about (\S+) relative, as float32 sums would", centers)
+    assert relative and 1e-9 < float(relative.group(1)) < 1e-5, message
+    assert "loss: agrees with the reference on every case" in message
+
+
+# each new mistake beside one other, written by hand: on another quantity (several mistakes) or
+# on the same one (two made at once)
+
+
+def _wen_alpha_crossed_loss_over_batch(features, labels, centers, alpha):
+    _, new = numpy_steps.wen_alpha_crossed(features, labels, centers, alpha)
+    differences = features - centers[labels]
+    return np.sum(differences**2) / len(features), new  # 1/B, not 1/(2B)
+
+
+def _wen_alpha_crossed_duplicates_dropped(features, labels, centers, alpha):
+    differences = features - centers[labels]
+    counts = np.bincount(labels, minlength=len(centers))
+    new = centers.copy()
+    new[labels] += (1 - alpha) * differences / (1 + counts[labels])[:, None]  # both at once
+    return np.sum(differences**2) / (2 * len(features)), new
+
+
+def _pytorch_over_count_loss_summed(features, labels, centers, alpha):
+    loss, new, grad_centers = numpy_steps.pytorch_grad_centers_over_count(features, labels, centers, alpha)
+    return loss * len(features), new, grad_centers  # a sum: no mean over B
+
+
+def _pytorch_over_count_labels_shifted(features, labels, centers, alpha):
+    labels = (labels + 1) % len(centers)
+    return numpy_steps.pytorch_grad_centers_over_count(features, labels, centers, alpha)
+
+
+def _wen_float32_sums_loss_over_batch(features, labels, centers, alpha):
+    loss, new = numpy_steps.wen_float32_sums(features, labels, centers, alpha)
+    return 2 * loss, new  # 1/B, not 1/(2B)
+
+
+def _clamped_duplicates_dropped(features, labels, centers, alpha):
+    labels = np.minimum(labels, len(centers) - 2) if len(centers) > 1 else labels
+    differences = features - centers[labels]
+    new = centers.copy()
+    new[labels] += (1 - alpha) * differences
+    return np.mean(differences**2), new
+
+
+def _clamped_loss_summed(features, labels, centers, alpha):
+    loss, new = numpy_steps.facenet_labels_clamped(features, labels, centers, alpha)
+    return loss * features.size, new  # a sum over B and D
+
+
+BESIDE_ANOTHER = [
+    (_wen_alpha_crossed_loss_over_batch, "wen", {"loss": "the loss is scaled by 1/B ",
+                                                 "centers": "alpha is used as 1 - alpha in wen's"}),
+    (_wen_alpha_crossed_duplicates_dropped, "wen", {"centers": ("duplicate labels are not accumulated",
+                                                                "alpha is used as 1 - alpha in wen's")}),
+    (_pytorch_over_count_loss_summed, "pytorch", {"loss": "the loss is scaled by 1 (a sum)",
+                                                  "grad_centers": "grad_centers is divided by 1 + n_j"}),
+    (_pytorch_over_count_labels_shifted, "pytorch", {"grad_centers": ("grad_centers is divided by 1 + n_j",
+                                                                      "the labels look shifted by +1")}),
+    (_wen_float32_sums_loss_over_batch, "wen", {"loss": "the loss is scaled by 1/B ",
+                                                "centers": "the per-class sums are accumulated in float32"}),
+    (_clamped_duplicates_dropped, "facenet", {"centers": ("duplicate labels are not accumulated",
+                                                          "the labels are clamped into range")}),
+    (_clamped_loss_summed, "facenet", {"loss": ("the loss is scaled by 1 (a sum)", "the labels are clamped")}),
+]
+
+
+@pytest.mark.parametrize("step, rule, expected", BESIDE_ANOTHER, ids=[entry[0].__name__ for entry in BESIDE_ANOTHER])
+def test_each_new_mistake_is_named_beside_another(step, rule, expected):
+    """A quantity's expected mistake is a single one (several mistakes, one per quantity) or a pair
+    (two made at once on that quantity), and every line of the report is true in both dtypes."""
+    message, diagnosis = _report(step, rule)
+    assert_every_line_is_true(diagnosis)
+    findings = {finding.name: finding for finding in diagnosis.findings}
+    for name, wanted in expected.items():
+        explained_by = findings[name].explained_by
+        if isinstance(wanted, str):
+            assert _mistake(wanted) in explained_by, message
+        else:
+            assert tuple(map(_mistake, wanted)) in [m.parts for m in explained_by], message
+    assert "no known mistake" not in message, message
+    assert ("diagnosis: several mistakes at once" in message) == all(isinstance(w, str) for w in expected.values())
+    if not diagnosis.several:
+        assert "diagnosis (confirmed on the larger cases): two mistakes at once" in message, message
+
+
+def test_a_mistake_and_its_own_family_are_never_paired():
+    pairs = [pair.parts for pair in PAIRS]
+    assert (_mistake("the labels look shifted by +1"), _mistake("the labels look shifted by -1")) not in pairs
+    assert (_mistake("alpha is used as facenet's"), _mistake("alpha is used as 1 - alpha")) not in pairs
+    assert (_mistake("duplicate labels are not"), _mistake("the labels are clamped")) in pairs
+
+
+# --------------------------------------------------------------------------- the evidence as data
+
+
+def test_the_cases_of_a_report_rerun_as_a_regression_test(tmp_path):
+    """What the docs show: the report's cases saved, read back bit for bit (layouts included), and
+    the step checked on them alone; a fixed step passes on them."""
+    message, diagnosis = _report(numpy_steps.wen_float32_sums, "wen")
+    path = tmp_path / "wen_step_cases.npz"
+    diagnosis.save_cases(path)
+    again = load_cases(path)
+    assert len(again) == len(diagnosis.cases)
+    for saved, loaded in zip(diagnosis.cases, again):
+        assert loaded.dtype == saved.dtype and loaded.alpha == saved.alpha
+        for field in ("features", "labels", "centers"):
+            a, b = getattr(saved, field), getattr(loaded, field)
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+            assert (a.flags.c_contiguous, a.flags.f_contiguous) == (b.flags.c_contiguous, b.flags.f_contiguous)
+    with pytest.raises(CenterLossMismatch) as failure:
+        check_center_loss(numpy_steps.wen_float32_sums, "wen", cases=load_cases(path), max_examples=0)
+    assert "the per-class sums are accumulated in float32" in str(failure.value)
+    check_center_loss(numpy_steps.wen, "wen", cases=load_cases(path), max_examples=0)
+
+
+def test_a_file_that_holds_no_cases_is_refused(tmp_path):
+    np.savez(tmp_path / "other.npz", weights=np.zeros(3))
+    with pytest.raises(ValueError, match="not a file of center-loss cases"):
+        load_cases(tmp_path / "other.npz")
+    with pytest.raises(ValueError, match="max_examples must be an integer >= 0"):
+        check_center_loss(numpy_steps.wen, "wen", max_examples=-1)

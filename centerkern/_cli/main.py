@@ -132,14 +132,21 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--framework", default="numpy", choices=("numpy", "torch", "jax", "tensorflow"))
     check.add_argument("--max-examples", type=int, default=200)
     check.add_argument("--alpha", type=float, default=None)
+    check.add_argument("--cases", metavar="PATH", default=None,
+                       help="run the cases saved in PATH first (a file written by --save-cases or save_cases)")
+    check.add_argument("--save-cases", metavar="PATH", default=None,
+                       help="where the step disagrees, write the report's cases to PATH (an .npz file), "
+                            "for a regression test: check_center_loss(step, rule, cases=load_cases(PATH))")
     return parser
 
 
-def check(step: str, rule: str, framework: str, max_examples: int, alpha: float | None) -> int:
-    """Run the oracle on ``MODULE:FUNCTION``; 0 when it agrees, 1 with the diagnosis when not."""
+def check(step: str, rule: str, framework: str, max_examples: int, alpha: float | None, cases: str | None = None,
+          save_cases: str | None = None) -> int:
+    """Run the oracle on ``MODULE:FUNCTION``; 0 when it agrees, 1 with the diagnosis when not
+    (its cases written to ``save_cases`` where given)."""
     import importlib
 
-    from ..testing import check_center_loss
+    from ..testing import CenterLossMismatch, check_center_loss, load_cases
 
     module_name, _, function_name = step.partition(":")
     if not function_name:
@@ -147,12 +154,17 @@ def check(step: str, rule: str, framework: str, max_examples: int, alpha: float 
         return 2
     sys.path.insert(0, os.getcwd())  # as python -m would: the caller's own modules
     function = getattr(importlib.import_module(module_name), function_name)
+    given = load_cases(cases) if cases else []
     try:
-        check_center_loss(function, rule, framework=framework, max_examples=max_examples, alpha=alpha)
+        check_center_loss(function, rule, framework=framework, max_examples=max_examples, alpha=alpha, cases=given)
     except AssertionError as failure:
         print(f"FAILED {step} (rule {rule!r}, {framework}):\n{failure}")
+        if save_cases and isinstance(failure, CenterLossMismatch):
+            failure.diagnosis.save_cases(save_cases)
+            print(f"the {len(failure.diagnosis.cases)} cases of this report are saved in {save_cases}")
         return 1
-    print(f"OK {step}: agrees with the {rule!r} reference on {max_examples} cases ({framework})")
+    print(f"OK {step}: agrees with the {rule!r} reference on "
+          f"{max_examples + len(given)} cases ({framework})")
     return 0
 
 
@@ -175,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         if arguments.command == "compile":
             return compile_command.compile_kernels(tuple(arguments.dtypes), tuple(arguments.backends), arguments.jobs)
         if arguments.command == "check":
-            return check(arguments.step, arguments.rule, arguments.framework, arguments.max_examples, arguments.alpha)
+            return check(arguments.step, arguments.rule, arguments.framework, arguments.max_examples, arguments.alpha,
+                         arguments.cases, arguments.save_cases)
         return info()
     except BrokenPipeError:
         # the reader left early (``| head``): stop quietly, and keep the interpreter's final

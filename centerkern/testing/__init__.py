@@ -15,10 +15,12 @@
 both dtypes, odd layouts), runs the step and centerkern's ``numpy`` reference, and on the first
 disagreement raises a ``CenterLossMismatch`` (an ``AssertionError``) for the smallest failing case
 it can find: which quantity differs and by how much, the outputs' form problems, what each
-quantity does on that case and on larger cases chosen to tell the mistakes apart (it "agrees"
-only if it agrees on all of them), the known mistakes (``KNOWN_MISTAKES``) that reproduce it on
-every case, and the diagnosis: one mistake, several at once, or none known. It never names a
-mistake the step did not make, and never calls a quantity right that differs somewhere.
+quantity does on that case and on larger cases chosen to tell the mistakes apart, in every dtype
+the step is checked in (it "agrees" only if it agrees on all of them), the known mistakes
+(``KNOWN_MISTAKES``) that reproduce it on every case, alone or two at once, and the diagnosis: one
+mistake, several at once, or none known. It never names a mistake the step did not make, and never
+calls a quantity right that differs somewhere. The cases are data (``Case``): ``save_cases`` and
+``load_cases`` turn a report's evidence into a regression test.
 """
 
 from __future__ import annotations
@@ -299,14 +301,19 @@ def check_center_loss(step: Callable, rule: str = "facenet", *, framework: str =
         The arrays the step takes and returns (see ``FRAMEWORKS``): the inputs are handed to it
         as arrays of this framework, and its results are read back from them.
     max_examples : int
-        How many cases hypothesis draws.
+        How many cases hypothesis draws (0: none, only ``cases``).
     alpha : float, optional
         A fixed alpha; by default hypothesis varies it.
     seed : int, optional
         Hypothesis's random seed, for a reproducible search; by default a fresh one.
     dtypes : tuple of dtypes
-        The input dtypes to draw: both by default; ``(np.float32,)`` for code that computes in
-        float32 whatever it is given (its float64 results would be held to float64's tolerance).
+        The input dtypes the step takes: both by default; ``(np.float32,)`` for code that
+        computes in float32 whatever it is given (its float64 results would be held to float64's
+        tolerance). Cases are drawn in each, and a failing case's diagnosis runs the larger cases
+        in each, so that a quantity is said to agree only where it agrees in every one.
+    cases : iterable of Case or of (features, labels, centers, alpha), optional
+        Cases to run first, as they are (not shrunk): a report's evidence read back with
+        ``load_cases``, in a regression test. With ``max_examples=0`` only they are run.
 
     Raises
     ------
@@ -314,13 +321,15 @@ def check_center_loss(step: Callable, rule: str = "facenet", *, framework: str =
         An ``AssertionError``, for the smallest failing case found (one where a value differs, if
         any case shows one; else one with a form problem): what differs and by how much; the
         outputs' form problems (a shape, dtype or kind the rule does not ask for); what each
-        quantity does on that case and on larger ones chosen to tell the mistakes apart (it
-        "agrees" only if it agrees on every one), with the known mistakes that reproduce it on
+        quantity does on that case and on larger ones chosen to tell the mistakes apart, in every
+        dtype of ``dtypes`` (it "agrees" only if it agrees on every one; where it agrees in one
+        dtype and not another, its line says so), with the known mistakes that reproduce it on
         every case; and the diagnosis: one mistake, several at once (each with the quantity it
-        explains), or none known. Its ``diagnosis`` attribute holds the same findings as data
-        (a ``Diagnosis``).
+        explains), two made at once on one quantity, or none known. Its ``diagnosis`` attribute
+        holds the same findings as data (a ``Diagnosis``), the cases' inputs included.
     ValueError
-        If ``rule`` or ``framework`` is not one of the names above.
+        If ``rule`` or ``framework`` is not one of the names above, or ``max_examples`` is not an
+        integer >= 0.
     ImportError
         If ``framework`` is not installed.
 
@@ -328,6 +337,7 @@ def check_center_loss(step: Callable, rule: str = "facenet", *, framework: str =
     --------
     KNOWN_MISTAKES : The mistakes the diagnosis can name.
     centerkern.testing.strategies.center_loss_inputs : The cases it draws.
+    load_cases : A report's cases, saved with ``Diagnosis.save_cases``, for ``cases=``.
 
     Examples
     --------

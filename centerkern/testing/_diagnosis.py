@@ -245,9 +245,11 @@ class Diagnosis:
     ----------
     rule : str
         The rule the step was checked against.
-    cases : list of tuple
-        The cases run, each ``(features, labels, centers, alpha)`` in NumPy: the shrunk failing
-        case first, then the larger cases chosen to tell the known mistakes apart.
+    cases : list of Case
+        The cases run, each a ``Case`` ``(features, labels, centers, alpha)`` in NumPy (its
+        ``dtype`` the features'): the shrunk failing case first, then the larger cases chosen to
+        tell the known mistakes apart, in the shrunk case's dtype and then in each other dtype
+        the step was checked in. ``save_cases`` writes them to a file for a regression test.
     observed : list of tuple
         The step's outputs on each case, as returned: named tuples ``(loss, centers, third)``.
     form : list of tuple
@@ -260,8 +262,10 @@ class Diagnosis:
         reproducing it on every case), and whether it ``agrees`` with the reference.
     named : list
         The known mistakes (entries of ``KNOWN_MISTAKES``) that reproduce every quantity on
-        every case: the diagnosis, where there is one. Each has the ``explanation`` the report
-        gives.
+        every case: the diagnosis, where there is one. Where no single mistake does, nor one per
+        quantity (``several``), two mistakes made at once may: such an entry's ``parts`` are the
+        two known mistakes (a formula's mistake, and one of the inputs or of the arithmetic under
+        which it was made). Each has the ``explanation`` the report gives.
     skipped : list of str
         The larger cases on which the step raised, with what it raised.
     form_elsewhere : list of tuple, optional
@@ -286,7 +290,9 @@ class Diagnosis:
     ... except CenterLossMismatch as error:
     ...     diagnosis = error.diagnosis
     >>> diagnosis.rule, len(diagnosis.cases)
-    ('facenet', 3)
+    ('facenet', 5)
+    >>> [str(case.dtype) for case in diagnosis.cases]
+    ['float32', 'float32', 'float32', 'float64', 'float64']
     >>> [(finding.name, finding.agrees) for finding in diagnosis.findings]
     [('loss', True), ('centers', False)]
     >>> [mistake.explanation for mistake in diagnosis.named]

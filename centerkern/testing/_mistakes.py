@@ -110,8 +110,9 @@ def _labels_changed(how):
 
 
 def _shifted(shift):
-    # modulo K: label - 1 indexing row -1 is the last row to NumPy and torch alike
-    return lambda labels, classes: (labels + shift) % classes if classes >= 2 else None
+    # modulo K: label - 1 indexing row -1 is the last row to NumPy and torch alike (and where
+    # K = 1 nothing moves: the step is right there, as the prediction says)
+    return lambda labels, classes: (labels + shift) % classes
 
 
 def _clamped(labels, classes):
