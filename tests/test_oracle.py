@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 
 import centerkern
-from centerkern.testing import KNOWN_MISTAKES, check_center_loss
+from centerkern.testing import KNOWN_MISTAKES, CenterLossMismatch, check_center_loss
 from centerkern.testing.strategies import center_loss_inputs, labels_with_hot_classes
 
 from conftest import BACKENDS
@@ -264,3 +264,55 @@ def test_a_small_float64_deviation_is_not_called_a_float32_downcast():
     message = str(failure.value)
     assert "dtype float64" in message and "computed in float32" not in message, message
     assert "diagnosis: no known mistake matches every quantity" in message
+
+
+# --------------------------------------------------------------------------- half precision
+
+
+def _torch_half_steps():
+    torch = pytest.importorskip("torch")
+
+    def good(features, labels, centers, alpha):
+        differences = features - centers[labels]
+        # the loss in float32, as mixed precision computes it: summed in float16, it overflows at scale 10
+        return (differences.float() ** 2).mean(), centers.clone().index_add_(0, labels, differences, alpha=1 - alpha)
+
+    def classic_bug(features, labels, centers, alpha):
+        differences = features - centers[labels]
+        centers = centers.clone()
+        centers[labels] += (1 - alpha) * differences
+        return (differences.float() ** 2).mean(), centers
+    return torch, good, classic_bug
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_half_precision_steps_at_their_own_tolerance(half):
+    """A torch step that takes half-precision inputs passes at that dtype's tolerance; the classic
+    bug is found there, and its report's cases (and their "agrees") are all in that dtype."""
+    if half == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+    torch, good, classic_bug = _torch_half_steps()
+    for seed in range(3):
+        check_center_loss(good, framework="torch", dtypes=(half,), max_examples=EXAMPLES, seed=seed)
+    with pytest.raises(CenterLossMismatch) as failure:
+        check_center_loss(classic_bug, framework="torch", dtypes=(half,), max_examples=100, seed=0)
+    diagnosis = failure.value.diagnosis
+    assert {str(case.dtype) for case in diagnosis.cases} == {half}
+    assert "duplicate labels are not accumulated" in str(failure.value)
+    assert "loss: agrees with the reference on every case" in str(failure.value)
+
+
+def test_float32_and_bfloat16_together():
+    pytest.importorskip("ml_dtypes")
+    torch, good, classic_bug = _torch_half_steps()
+    check_center_loss(good, framework="torch", dtypes=(np.float32, "bfloat16"), max_examples=EXAMPLES, seed=0)
+    with pytest.raises(CenterLossMismatch) as failure:
+        check_center_loss(classic_bug, framework="torch", dtypes=(np.float32, "bfloat16"), max_examples=100, seed=0)
+    assert {str(case.dtype) for case in failure.value.diagnosis.cases} == {"float32", "bfloat16"}
+
+
+def test_dtypes_the_oracle_cannot_check_in_are_refused():
+    with pytest.raises(ValueError, match="dtypes may be .*float16.*got 'int32'"):
+        check_center_loss(numpy_steps.facenet, dtypes=("int32",))
+    with pytest.raises(ValueError, match="at least one dtype"):
+        check_center_loss(numpy_steps.facenet, dtypes=())

@@ -36,7 +36,7 @@ from .._core.validation import check_choice
 from . import _mistakes
 from . import _comparison
 from ._cases import Case, load_cases, save_cases
-from ._comparison import TOLERANCE, close_within
+from ._comparison import TOLERANCE, checked_dtype, close_within
 from ._diagnosis import Diagnosis, comparable, diagnose, form_mistakes, third_name
 from ._mistakes import Quantities, reference
 
@@ -69,6 +69,8 @@ def _to_framework(framework: str, array: np.ndarray, variable: bool = False):
     if framework == "torch":
         import torch
 
+        if array.dtype.name == "bfloat16":  # NumPy's bfloat16 is ml_dtypes', which torch does not read
+            return torch.from_numpy(array.astype(np.float32)).to(torch.bfloat16)
         return torch.from_numpy(np.array(array))
     if framework == "jax":
         import jax.numpy as jnp
@@ -83,6 +85,8 @@ def _to_framework(framework: str, array: np.ndarray, variable: bool = False):
 def _to_numpy(value: Any) -> np.ndarray:
     if hasattr(value, "detach"):  # torch
         value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            return value.float().numpy().astype(checked_dtype("bfloat16"))
     if hasattr(value, "numpy") and not isinstance(value, np.ndarray):  # torch, TensorFlow
         value = value.numpy()
     return np.asarray(value)
@@ -307,10 +311,12 @@ def check_center_loss(step: Callable, rule: str = "facenet", *, framework: str =
     seed : int, optional
         Hypothesis's random seed, for a reproducible search; by default a fresh one.
     dtypes : tuple of dtypes
-        The input dtypes the step takes: both by default; ``(np.float32,)`` for code that
-        computes in float32 whatever it is given (its float64 results would be held to float64's
-        tolerance). Cases are drawn in each, and a failing case's diagnosis runs the larger cases
-        in each, so that a quantity is said to agree only where it agrees in every one.
+        The input dtypes the step takes: float32 and float64 by default; ``(np.float32,)`` for
+        code that computes in float32 whatever it is given (its float64 results would be held to
+        float64's tolerance). ``np.float16`` and ``"bfloat16"`` (which needs ml_dtypes, as JAX
+        and TensorFlow install it) check a step in half precision too, each at its own tolerance
+        (``TOLERANCE``). Cases are drawn in each, and a failing case's diagnosis runs the larger
+        cases in each, so that a quantity is said to agree only where it agrees in every one.
     cases : iterable of Case or of (features, labels, centers, alpha), optional
         Cases to run first, as they are (not shrunk): a report's evidence read back with
         ``load_cases``, in a regression test. With ``max_examples=0`` only they are run.
@@ -328,10 +334,10 @@ def check_center_loss(step: Callable, rule: str = "facenet", *, framework: str =
         explains), two made at once on one quantity, or none known. Its ``diagnosis`` attribute
         holds the same findings as data (a ``Diagnosis``), the cases' inputs included.
     ValueError
-        If ``rule`` or ``framework`` is not one of the names above, or ``max_examples`` is not an
-        integer >= 0.
+        If ``rule`` or ``framework`` is not one of the names above, ``max_examples`` is not an
+        integer >= 0, or ``dtypes`` is empty or names another dtype than those above.
     ImportError
-        If ``framework`` is not installed.
+        If ``framework`` is not installed, or ``dtypes`` names bfloat16 and ml_dtypes is not.
 
     See Also
     --------
@@ -371,6 +377,9 @@ def check_center_loss(step: Callable, rule: str = "facenet", *, framework: str =
     check_choice(framework, "framework", FRAMEWORKS)
     if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 0:
         raise ValueError(f"max_examples must be an integer >= 0, got {max_examples!r}")
+    dtypes = tuple(dict.fromkeys(checked_dtype(dtype) for dtype in dtypes))
+    if not dtypes:
+        raise ValueError("dtypes must name at least one dtype to check the step in")
     cases = [Case(*case) for case in cases]
     if framework != "numpy":
         try:
@@ -385,7 +394,7 @@ def check_center_loss(step: Callable, rule: str = "facenet", *, framework: str =
     def search(on_form):
         @settings(max_examples=max_examples, deadline=None, database=None, print_blob=False,
                   report_multiple_bugs=False, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-        @given(center_loss_inputs(alpha=alpha, dtypes=tuple(np.dtype(d).type for d in dtypes)))
+        @given(center_loss_inputs(alpha=alpha, dtypes=dtypes))
         def agrees_with_reference(case):
             _check_case(step, rule, framework, case, on_form)
 

@@ -8,8 +8,38 @@ from __future__ import annotations
 
 import numpy as np
 
-# a third-party step against the reference: its own summation order, float32 intermediates
-TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-9}
+# a third-party step against the reference: its own summation order, float32 intermediates; half
+# precision sums of tens of terms carry no more than a few bits (bfloat16 keeps 8 of them)
+TOLERANCE = {np.dtype(np.float16): 2e-2, np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-9}
+HALF_PRECISION = ("float16", "bfloat16")
+
+
+def _bfloat16():
+    """ml_dtypes' bfloat16 (which JAX and TensorFlow install), or None where it is missing."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+if _bfloat16() is not None:
+    TOLERANCE[_bfloat16()] = 1e-1
+
+
+def checked_dtype(dtype) -> np.dtype:
+    """``dtype`` as a NumPy dtype the oracle can check a step in (float16, bfloat16, float32 or
+    float64), or a ValueError naming them."""
+    if str(dtype) == "bfloat16" and _bfloat16() is None:
+        raise ImportError("dtype bfloat16 needs the ml_dtypes package (JAX and TensorFlow install it): "
+                          "pip install ml_dtypes")
+    try:
+        checked = _bfloat16() if str(dtype) == "bfloat16" else np.dtype(dtype)
+    except TypeError:
+        checked = None
+    if checked not in TOLERANCE:
+        raise ValueError(f"dtypes may be {', '.join(sorted(str(d) for d in TOLERANCE))}, got {dtype!r}")
+    return checked
 #: The relative tolerance, per input dtype (``np.dtype(np.float32)``: 1e-5,
 #: ``np.dtype(np.float64)``: 1e-12), to within which every centerkern backend equals the
 #: ``numpy`` reference, whatever its summation order; for use with ``close_within``.

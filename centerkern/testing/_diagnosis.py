@@ -75,7 +75,8 @@ def _as_returned(value):
 
 def _lower_precision(value, features) -> bool:
     dtype = np.asarray(value).dtype
-    return np.issubdtype(dtype, np.floating) and dtype.itemsize < features.dtype.itemsize
+    floating = np.issubdtype(dtype, np.floating) or dtype in TOLERANCE  # bfloat16 is no np.floating
+    return floating and dtype.itemsize < features.dtype.itemsize
 
 
 def form_mistakes(observed: Quantities, rule: str, features: np.ndarray, centers: np.ndarray) -> list[FormProblem]:

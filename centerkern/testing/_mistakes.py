@@ -47,7 +47,10 @@ class Mistake:
 
 
 def reference(features, labels, centers, alpha, rule) -> Quantities:
-    """The step made right: centerkern's ``numpy`` backend (float64 sums, whatever the dtype)."""
+    """The step made right: centerkern's ``numpy`` backend (float64 sums, whatever the dtype);
+    half-precision inputs are computed in float64 (what a half-precision step can at best round)."""
+    if features.dtype.itemsize < 4:
+        features, centers = features.astype(np.float64), centers.astype(np.float64)
     result = center_loss(features, labels, centers, alpha, rule=rule, backend="numpy")
     return Quantities(result.loss, result.centers, result.grad_centers if rule == "pytorch" else result.grad)
 
