@@ -21,7 +21,7 @@ class Case(NamedTuple):
     A named tuple, so that ``features, labels, centers, alpha = case`` works as it does for the
     cases ``centerkern.testing.strategies.center_loss_inputs`` draws.
 
-    Attributes
+    Parameters
     ----------
     features : numpy.ndarray, shape (B, D)
         The features, float32 or float64 (or a half-precision dtype the check was asked for).

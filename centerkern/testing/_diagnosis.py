@@ -324,8 +324,44 @@ class Diagnosis:
         return {f.name: f.explained_by for f in differing}
 
     def save_cases(self, path) -> None:
-        """Write the cases of this report to ``path`` (an ``.npz`` file): what a regression test
-        hands ``check_center_loss(step, rule, cases=load_cases(path))``. See ``save_cases``."""
+        """Write the cases of this report to ``path``, for a regression test.
+
+        What the test hands back with ``check_center_loss(step, rule,
+        cases=load_cases(path), max_examples=0)``: the step is run on exactly these inputs
+        again (values, dtypes, memory layouts).
+
+        Parameters
+        ----------
+        path : str or path-like
+            The file to write, a NumPy ``.npz`` (NumPy adds the suffix where it is missing).
+
+        Raises
+        ------
+        OSError
+            If the file cannot be written.
+
+        See Also
+        --------
+        centerkern.testing.save_cases : The same, for any list of cases.
+        centerkern.testing.load_cases : Read them back.
+
+        Examples
+        --------
+        >>> import numpy as np, os, tempfile
+        >>> from centerkern.testing import CenterLossMismatch, check_center_loss, load_cases
+        >>> def step(features, labels, centers, alpha):
+        ...     diff = features - centers[labels]
+        ...     centers[labels] += (1 - alpha) * diff
+        ...     return np.mean(diff ** 2), centers
+        >>> try:
+        ...     check_center_loss(step, max_examples=20, seed=0)
+        ... except CenterLossMismatch as error:
+        ...     diagnosis = error.diagnosis
+        >>> path = os.path.join(tempfile.mkdtemp(), "cases.npz")
+        >>> diagnosis.save_cases(path)
+        >>> len(load_cases(path)) == len(diagnosis.cases)
+        True
+        """
         save_cases(path, self.cases)
 
     def render(self) -> str:
