@@ -481,3 +481,5 @@ def test_a_file_that_holds_no_cases_is_refused(tmp_path):
         load_cases(tmp_path / "other.npz")
     with pytest.raises(ValueError, match="max_examples must be an integer >= 0"):
         check_center_loss(numpy_steps.wen, "wen", max_examples=-1)
+    with pytest.raises(ValueError, match="would check nothing"):
+        check_center_loss(numpy_steps.wen, "wen", max_examples=0)

@@ -335,7 +335,8 @@ def check_center_loss(step: Callable, rule: str = "facenet", *, framework: str =
         holds the same findings as data (a ``Diagnosis``), the cases' inputs included.
     ValueError
         If ``rule`` or ``framework`` is not one of the names above, ``max_examples`` is not an
-        integer >= 0, or ``dtypes`` is empty or names another dtype than those above.
+        integer >= 0 (or is 0 with no ``cases``: nothing would be checked), or ``dtypes`` is
+        empty or names another dtype than those above.
     ImportError
         If ``framework`` is not installed, or ``dtypes`` names bfloat16 and ml_dtypes is not.
 
@@ -377,6 +378,8 @@ def check_center_loss(step: Callable, rule: str = "facenet", *, framework: str =
     check_choice(framework, "framework", FRAMEWORKS)
     if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 0:
         raise ValueError(f"max_examples must be an integer >= 0, got {max_examples!r}")
+    if not max_examples and not cases:
+        raise ValueError("max_examples=0 and no cases= would check nothing: give cases, or let hypothesis draw some")
     dtypes = tuple(dict.fromkeys(checked_dtype(dtype) for dtype in dtypes))
     if not dtypes:
         raise ValueError("dtypes must name at least one dtype to check the step in")
