@@ -71,6 +71,9 @@ PLANTED_BUGS = [
     (numpy_steps.pytorch_grad_centers_over_count, "pytorch", ["grad_centers is divided by 1 + n_j"]),
     (numpy_steps.wen_float32_sums, "wen", ["the per-class sums are accumulated in float32 for float64 inputs"]),
     (numpy_steps.facenet_labels_clamped, "facenet", ["the labels are clamped into range"]),
+    # another rule under alpha read the other way: named as itself, never as an alpha to fix
+    (numpy_steps.wen_without_its_count, "wen", ["wen's update is not divided by 1 + n_j"]),
+    (numpy_steps.facenet_with_wens_count, "facenet", ["facenet's update is divided by 1 + n_j"]),
 ]
 FORM_MISTAKES = {"the loss is not a scalar", "the centers come back transposed", "the centers come back as float32",
                  "this looks like the gradient with respect to the features",

@@ -35,13 +35,13 @@ from .._core.rules import RULES
 from .._core.validation import check_choice
 from . import _mistakes
 from . import _comparison
-from ._cases import Case, load_cases, save_cases
-from ._comparison import TOLERANCE, checked_dtype, close_within
+from ._cases import Case, as_case, load_cases, save_cases
+from ._comparison import checked_dtype, close_within
 from ._diagnosis import Diagnosis, comparable, diagnose, form_mistakes, third_name
 from ._mistakes import Quantities, reference
 
 __all__ = ["check_center_loss", "CenterLossMismatch", "Diagnosis", "Case", "save_cases", "load_cases", "close_within",
-           "difference", "FRAMEWORKS", "BACKEND_TOLERANCE", "KNOWN_MISTAKES"]
+           "difference", "FRAMEWORKS", "BACKEND_TOLERANCE", "TOLERANCE", "KNOWN_MISTAKES"]
 
 #: The known mistakes of center-loss code that ``check_center_loss`` can name, as records whose
 #: ``explanation`` is what the report says (unique, so that a test can look for it) and whose
@@ -58,6 +58,10 @@ FRAMEWORKS = ("numpy", "torch", "jax", "tensorflow")
 #: ``np.dtype(np.float64)``: 1e-12), to within which every centerkern backend equals the
 #: ``numpy`` reference, whatever its summation order; for use with ``close_within``.
 BACKEND_TOLERANCE = _comparison.BACKEND_TOLERANCE
+#: The relative tolerance, per input dtype, to within which ``check_center_loss`` takes another
+#: project's step to agree with the reference (its own summation order, float32 intermediates):
+#: float16 2e-2, bfloat16 1e-1 (where ml_dtypes is installed), float32 1e-4, float64 1e-9.
+TOLERANCE = _comparison.TOLERANCE
 
 
 # --------------------------------------------------------------------------- frameworks
@@ -318,8 +322,10 @@ def check_center_loss(step: Callable, rule: str = "facenet", *, framework: str =
         (``TOLERANCE``). Cases are drawn in each, and a failing case's diagnosis runs the larger
         cases in each, so that a quantity is said to agree only where it agrees in every one.
     cases : iterable of Case or of (features, labels, centers, alpha), optional
-        Cases to run first, as they are (not shrunk): a report's evidence read back with
-        ``load_cases``, in a regression test. With ``max_examples=0`` only they are run.
+        Cases to run first, as they are (not shrunk), whatever their dtype: a report's evidence
+        read back with ``load_cases``, in a regression test. With ``max_examples=0`` only they
+        are run. Each must be one the reference takes: 2-D features and centers of one dtype
+        with D columns each, one integer label per feature row, in [0, K).
 
     Raises
     ------
@@ -335,8 +341,11 @@ def check_center_loss(step: Callable, rule: str = "facenet", *, framework: str =
         holds the same findings as data (a ``Diagnosis``), the cases' inputs included.
     ValueError
         If ``rule`` or ``framework`` is not one of the names above, ``max_examples`` is not an
-        integer >= 0 (or is 0 with no ``cases``: nothing would be checked), or ``dtypes`` is
-        empty or names another dtype than those above.
+        integer >= 0 (or is 0 with no ``cases``: nothing would be checked), ``dtypes`` is
+        empty or names another dtype than those above, or a case's shapes or labels do not fit.
+    TypeError
+        If a case is not four items, or its features or centers are not 2-D arrays of a dtype
+        above.
     ImportError
         If ``framework`` is not installed, or ``dtypes`` names bfloat16 and ml_dtypes is not.
 
@@ -378,12 +387,12 @@ def check_center_loss(step: Callable, rule: str = "facenet", *, framework: str =
     check_choice(framework, "framework", FRAMEWORKS)
     if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 0:
         raise ValueError(f"max_examples must be an integer >= 0, got {max_examples!r}")
+    cases = [as_case(case) for case in cases]
     if not max_examples and not cases:
         raise ValueError("max_examples=0 and no cases= would check nothing: give cases, or let hypothesis draw some")
     dtypes = tuple(dict.fromkeys(checked_dtype(dtype) for dtype in dtypes))
     if not dtypes:
         raise ValueError("dtypes must name at least one dtype to check the step in")
-    cases = [Case(*case) for case in cases]
     if framework != "numpy":
         try:
             importlib.import_module(framework)
@@ -408,7 +417,7 @@ def check_center_loss(step: Callable, rule: str = "facenet", *, framework: str =
     form_found = []
     try:
         for case in cases:  # a regression test's cases first, as they are
-            _check_case(step, rule, framework, Case(*case), form_found.append)
+            _check_case(step, rule, framework, case, form_found.append)
         if max_examples:
             search(form_found.append)  # values first: a formula's mistake, shrunk
         if form_found:

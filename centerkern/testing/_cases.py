@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ._comparison import TOLERANCE, checked_dtype
+
 LAYOUTS = ("c", "fortran", "strided")
 
 
@@ -62,6 +64,33 @@ class Case(NamedTuple):
         return f"B={self.features.shape[0]}, D={self.features.shape[1]}, K={self.centers.shape[0]}"
 
 
+def as_case(case) -> Case:
+    """``case`` as a ``Case`` the oracle can run a step on, or an error that says what is wrong
+    with it: four items, features and centers 2-D of one dtype the oracle checks in, with D
+    columns each, integer labels of one per feature row, each in [0, K)."""
+    try:
+        features, labels, centers, alpha = case
+    except (TypeError, ValueError):
+        raise TypeError(f"a case is (features, labels, centers, alpha), got {type(case).__name__} "
+                        f"of {len(case) if hasattr(case, '__len__') else 'no'} items") from None
+    features = features if isinstance(features, np.ndarray) else np.asarray(features)
+    centers = centers if isinstance(centers, np.ndarray) else np.asarray(centers)
+    labels = np.asarray(labels)
+    for name, array in (("features", features), ("centers", centers)):
+        if array.ndim != 2 or array.dtype not in TOLERANCE:
+            raise TypeError(f"a case's {name} must be a 2-D array of {', '.join(sorted(map(str, TOLERANCE)))}, "
+                            f"got {array.ndim}-D {array.dtype}")
+    if features.dtype != centers.dtype or features.shape[1] != centers.shape[1]:
+        raise ValueError(f"a case's features {features.shape} {features.dtype} and centers {centers.shape} "
+                         f"{centers.dtype} must share their dtype and their number of columns")
+    if labels.shape != (features.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"a case's labels must be {features.shape[0]} integers (one per feature row), got "
+                         f"shape {labels.shape} {labels.dtype}")
+    if labels.size and (labels.min() < 0 or labels.max() >= centers.shape[0]):
+        raise ValueError(f"a case's labels must lie in [0, {centers.shape[0]}), got {labels.min()} to {labels.max()}")
+    return Case(features, labels.astype(np.int64, copy=False), centers, float(alpha))
+
+
 def _layout_of(array: np.ndarray) -> str:
     if array.flags.c_contiguous:
         return "c"
@@ -83,15 +112,16 @@ def in_layout(array: np.ndarray, layout: str) -> np.ndarray:
 
 
 def save_cases(path: str | os.PathLike, cases) -> None:
-    """Write ``cases`` to ``path`` (a NumPy ``.npz`` file), values, dtypes and layouts included.
+    """Write ``cases`` to ``path`` (a NumPy ``.npz`` archive), values, dtypes and layouts included.
 
     What a regression test reads back with ``load_cases``: typically a report's evidence,
-    ``mismatch.diagnosis.cases``, saved where a bug was found (or ``Diagnosis.save_cases``).
+    ``mismatch.diagnosis.cases``, saved where a bug was found (or ``Diagnosis.save_cases``). The
+    file is written at ``path`` exactly, whatever its suffix.
 
     Parameters
     ----------
     path : str or path-like
-        The file to write; NumPy adds ``.npz`` where the name lacks it.
+        The file to write.
     cases : iterable of Case or of (features, labels, centers, alpha)
         The cases.
 
@@ -99,6 +129,8 @@ def save_cases(path: str | os.PathLike, cases) -> None:
     ------
     OSError
         If the file cannot be written.
+    TypeError, ValueError
+        If a case is not one the oracle can run (see ``check_center_loss``'s ``cases``).
 
     See Also
     --------
@@ -116,20 +148,26 @@ def save_cases(path: str | os.PathLike, cases) -> None:
     (True, True, 0.5)
     """
     arrays = {}
-    for number, (features, labels, centers, alpha) in enumerate(cases):
-        arrays[f"{number}/features"] = np.ascontiguousarray(features)
-        arrays[f"{number}/labels"] = np.ascontiguousarray(labels)
-        arrays[f"{number}/centers"] = np.ascontiguousarray(centers)
-        arrays[f"{number}/alpha"] = np.float64(alpha)
-        arrays[f"{number}/layouts"] = np.array([_layout_of(np.asarray(features)), _layout_of(np.asarray(centers))])
-    np.savez(path, **arrays)
+    for number, case in enumerate(map(as_case, cases)):
+        for field in ("features", "labels", "centers"):
+            array = getattr(case, field)
+            # NumPy writes a dtype it does not know (ml_dtypes' bfloat16) as raw bytes: keep its name
+            arrays[f"{number}/{field}"] = np.ascontiguousarray(array).view(f"u{array.dtype.itemsize}")
+            arrays[f"{number}/{field}.dtype"] = np.array(array.dtype.name)
+            arrays[f"{number}/{field}.layout"] = np.array(_layout_of(array))
+        arrays[f"{number}/alpha"] = np.float64(case.alpha)
+    with open(path, "wb") as file:  # np.savez given a name would add ".npz" to it
+        np.savez(file, **arrays)
 
 
 def load_cases(path: str | os.PathLike) -> list[Case]:
-    """The cases ``save_cases`` wrote to ``path``, as they were: values, dtypes, memory layouts.
+    """The cases ``save_cases`` wrote to ``path``, as they were: values, dtypes and memory
+    layouts (C or Fortran order; a strided array comes back as every other column of a wider
+    one, as ``center_loss_inputs`` draws it).
 
-    Hand them to ``check_center_loss(step, rule, cases=...)``: the step is run on each, and a
-    disagreement raises ``CenterLossMismatch`` with the diagnosis, as a search would.
+    Hand them to ``check_center_loss(step, rule, cases=..., max_examples=0)``: the step is run
+    on each, and a disagreement raises ``CenterLossMismatch`` with the diagnosis, as a search
+    would.
 
     Parameters
     ----------
@@ -146,7 +184,9 @@ def load_cases(path: str | os.PathLike) -> list[Case]:
     OSError
         If the file cannot be read.
     ValueError
-        If it is not a file of cases.
+        If it is not a file of cases, or holds none.
+    ImportError
+        If it holds bfloat16 cases and ml_dtypes is not installed.
 
     See Also
     --------
@@ -157,18 +197,22 @@ def load_cases(path: str | os.PathLike) -> list[Case]:
     --------
     See ``save_cases``.
     """
+    def array(stored, name):
+        raw = stored[name]
+        dtype = checked_dtype(str(stored[f"{name}.dtype"])) if name.endswith(("features", "centers")) \
+            else np.dtype(str(stored[f"{name}.dtype"]))
+        return in_layout(raw.view(dtype), str(stored[f"{name}.layout"]))
+
     with np.load(path, allow_pickle=False) as stored:
-        names = set(stored.files)
-        count = len({name.split("/", 1)[0] for name in names})
+        count = len({name.split("/", 1)[0] for name in stored.files})
         cases = []
-        for number in range(count):
-            try:
-                features_layout, centers_layout = (str(v) for v in stored[f"{number}/layouts"])
-                cases.append(Case(in_layout(stored[f"{number}/features"], features_layout),
-                                  stored[f"{number}/labels"].copy(),
-                                  in_layout(stored[f"{number}/centers"], centers_layout),
-                                  float(stored[f"{number}/alpha"])))
-            except KeyError as missing:
-                raise ValueError(f"{os.fspath(path)} is not a file of center-loss cases (no {missing} in it): "
-                                 "write one with save_cases") from None
+        try:
+            for number in range(count):
+                cases.append(Case(array(stored, f"{number}/features"), array(stored, f"{number}/labels"),
+                                  array(stored, f"{number}/centers"), float(stored[f"{number}/alpha"])))
+        except KeyError:
+            cases = []
+    if not cases:
+        raise ValueError(f"{os.fspath(path)} holds no center-loss cases: write them with save_cases, or "
+                         "Diagnosis.save_cases")
     return cases

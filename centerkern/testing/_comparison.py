@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-# a third-party step against the reference: its own summation order, float32 intermediates; half
-# precision sums of tens of terms carry no more than a few bits (bfloat16 keeps 8 of them)
+# A third-party step against the reference: its own summation order, float32 intermediates. Half
+# precision sums of tens of terms carry no more than a few bits (bfloat16 keeps 8 of them).
 TOLERANCE = {np.dtype(np.float16): 2e-2, np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-9}
-HALF_PRECISION = ("float16", "bfloat16")
 
 
 def _bfloat16():
@@ -29,7 +28,8 @@ if _bfloat16() is not None:
 
 def checked_dtype(dtype) -> np.dtype:
     """``dtype`` as a NumPy dtype the oracle can check a step in (float16, bfloat16, float32 or
-    float64), or a ValueError naming them."""
+    float64); a ValueError naming them for any other, an ImportError for bfloat16 without
+    ml_dtypes."""
     if str(dtype) == "bfloat16" and _bfloat16() is None:
         raise ImportError("dtype bfloat16 needs the ml_dtypes package (JAX and TensorFlow install it): "
                           "pip install ml_dtypes")
@@ -40,6 +40,8 @@ def checked_dtype(dtype) -> np.dtype:
     if checked not in TOLERANCE:
         raise ValueError(f"dtypes may be {', '.join(sorted(str(d) for d in TOLERANCE))}, got {dtype!r}")
     return checked
+
+
 #: The relative tolerance, per input dtype (``np.dtype(np.float32)``: 1e-5,
 #: ``np.dtype(np.float64)``: 1e-12), to within which every centerkern backend equals the
 #: ``numpy`` reference, whatever its summation order; for use with ``close_within``.

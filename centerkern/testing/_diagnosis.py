@@ -16,11 +16,16 @@
    known mistake (``_mistakes``), and a mistake counts for it only if it reproduces that quantity
    on every case: the user learns, say, that the centers follow rule ``wen`` while the loss is
    facenet's.
-4. **One mistake, several, or none.** A mistake is *the* diagnosis if it reproduces every
-   quantity the step returned on every case. Otherwise, if each quantity that differs is
-   reproduced by some mistake on every case, the step makes several mistakes at once and each is
-   named with the quantity it explains. Otherwise the report says that no known mistake, nor a
-   combination of them, explains the step.
+4. **One mistake, several, two on one quantity, or none.** A mistake is *the* diagnosis if it
+   reproduces every quantity the step returned on every case. Otherwise, if each quantity that
+   differs is reproduced by some mistake on every case, the step makes several mistakes at once
+   and each is named with the quantity it explains. Otherwise a pair may: a formula's mistake
+   made under a mistake of the inputs or of the arithmetic (``_mistakes.made_together``), both
+   changing one quantity. Otherwise the report says that no known mistake, nor a combination of
+   them, explains the step.
+5. **Every dtype.** The larger cases run in every dtype the step is checked in; a quantity that
+   agrees in one and differs in another says so, and a mistake of precision is held to its
+   looser tolerance only on the quantities it changes.
 """
 
 from __future__ import annotations
@@ -167,13 +172,26 @@ class Evidence:
                                    equal_nan=True))
         return close_within(got, expected, tolerance, features, centers)
 
-    def tolerance(self, got: Any, mistake: Mistake | None = None) -> float:
-        """The inputs' dtype's tolerance; float32's for values handed back in float32 (they carry
-        no more), or where the mistake is about float32 itself."""
-        floors = [TOLERANCE[np.dtype(self.case[0].dtype)], 0.0 if mistake is None else mistake.tolerance_floor]
-        if np.asarray(got).dtype == np.float32:
-            floors.append(TOLERANCE[np.dtype(np.float32)])
+    def tolerance(self, got: Any, mistake: Mistake | None = None, quantity: str | None = None) -> float:
+        """The inputs' dtype's tolerance; the tolerance of the dtype the values were handed back
+        in where it is coarser (float32 values carry no more), or the floor of a mistake about
+        precision, on a quantity that mistake changes."""
+        floors = [TOLERANCE[np.dtype(self.case[0].dtype)], TOLERANCE.get(np.asarray(got).dtype, 0.0)]
+        if mistake is not None and mistake.tolerance_floor and self._moved_by_precision(mistake, quantity):
+            floors.append(mistake.tolerance_floor)
         return max(floors)
+
+    def _moved_by_precision(self, mistake: Mistake, quantity: str) -> bool:
+        """Whether the mistake's loss of precision changes ``quantity`` at all here: its looser
+        floor covers what float32 arithmetic could have moved, and nothing else (float32 sums
+        leave the loss and the grad as they were, so a small deviation there is not theirs)."""
+        exact_parts = [part for part in mistake.parts if part.precision is None]
+        without = self.prediction(exact_parts[0]) if exact_parts else self.reference
+        with_precision = self.prediction(mistake)
+        if without is None or with_precision is None:
+            return True
+        return not np.array_equal(np.asarray(getattr(with_precision, quantity)), np.asarray(getattr(without, quantity)),
+                                  equal_nan=True)
 
     def differs(self, quantity: str) -> bool:
         got = getattr(self.observed, quantity)
@@ -205,7 +223,7 @@ class Evidence:
             return True
         prediction = self.prediction(mistake)
         return (prediction is not None
-                and self.matches(got, getattr(prediction, quantity), self.tolerance(got, mistake))
+                and self.matches(got, getattr(prediction, quantity), self.tolerance(got, mistake, quantity))
                 and (mistake.observed_must is None
                      or mistake.observed_must(quantity, got, self.observed, self.case, self.rule)))
 
@@ -327,8 +345,8 @@ class Diagnosis:
         """Write the cases of this report to ``path``, for a regression test.
 
         What the test hands back with ``check_center_loss(step, rule,
-        cases=load_cases(path), max_examples=0)``: the step is run on exactly these inputs
-        again (values, dtypes, memory layouts).
+        cases=load_cases(path), max_examples=0)``: the step is run on these inputs again,
+        bit for bit, in their dtypes and memory order (see ``load_cases``).
 
         Parameters
         ----------
@@ -470,7 +488,8 @@ class Diagnosis:
             else:  # one quantity differs and is explained, by mistakes that would change another too
                 (finding,) = [f for f in self.findings if f.differs_on]
                 others = [f.name for f in self.findings if f is not finding and f.compared]
-                tail = (f"no known mistake matches every quantity the step returned: the {finding.name} is "
+                tail = (f"no known mistake matches every quantity the step returned: the {finding.name} "
+                        f"{'are' if finding.name == 'centers' else 'is'} "
                         f"reproduced by {' or '.join(m.explanation for m in finding.explained_by)}, which does not "
                         f"reproduce the {' and the '.join(others)} as the step returned {'it' if len(others) == 1 else 'them'}")
         else:
@@ -555,6 +574,10 @@ def diagnose(step_outputs: Callable[[tuple], Quantities], rule: str, case: tuple
             if not finding.explained_by:
                 finding.explained_by = [m for m in PAIRS if reproduced(m, finding.quantity)]
     for finding in differing:
+        # a quantity that one part of a pair reproduces alone is told as that part (the centers of
+        # a late gather with float32 sums are the float32 sums')
+        finding.explained_by = list(dict.fromkeys(
+            next((part for part in m.parts if reproduced(part, finding.quantity)), m) for m in finding.explained_by))
         if not finding.explained_by:
             among = [n - 1 for n in finding.differs_on]
             finding.where_it_differs = [m for m in KNOWN_MISTAKES if reproduced(m, finding.quantity, among)]

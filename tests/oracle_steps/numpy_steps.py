@@ -207,3 +207,18 @@ def facenet_labels_clamped(features, labels, centers, alpha):
     new = centers.copy()
     np.add.at(new, labels, (1 - alpha) * differences)
     return np.mean(differences**2), new
+
+
+def wen_without_its_count(features, labels, centers, alpha):
+    differences = features - centers[labels]
+    new = centers.copy()
+    np.add.at(new, labels, alpha * differences)  # alpha right, but no division by 1 + n_j
+    return np.sum(differences**2) / (2 * len(features)), new
+
+
+def facenet_with_wens_count(features, labels, centers, alpha):
+    differences = features - centers[labels]
+    counts = np.bincount(labels, minlength=len(centers))
+    new = centers.copy()
+    np.add.at(new, labels, (1 - alpha) * differences / (1 + counts[labels])[:, None])  # 1 - alpha right
+    return np.mean(differences**2), new
