@@ -181,6 +181,8 @@ def test_command_line_saves_a_reports_cases_and_reruns_them(tmp_path):
     assert again.returncode == 1 and "the per-class sums are accumulated in float32" in again.stdout, again.stdout
     fixed = run("wen", "--max-examples", "0", "--cases", str(saved))
     assert fixed.returncode == 0 and "on 5 cases" in fixed.stdout, fixed.stdout + fixed.stderr
+    nothing = run("wen", "--max-examples", "0")
+    assert nothing.returncode == 2 and "--max-examples must be at least 1, or 0 with --cases" in nothing.stderr
 
 
 # --------------------------------------------------------------------------- frameworks

@@ -499,6 +499,89 @@ def test_float16_values_of_float32_inputs_are_a_form_problem_compared_at_float16
     assert "centers: agrees with the reference on every case" in message, message
 
 
+# float32 sums beside another mistake of the update: the sums are read back whatever divides them
+
+
+def _float32_class_sums(features, labels, centers, scale=1.0):
+    sums = np.zeros(centers.shape, dtype=np.float32)
+    np.add.at(sums, labels, scale * (features - centers[labels]))
+    return sums
+
+
+def _wen_no_count_float32_sums(features, labels, centers, alpha):
+    differences = features - centers[labels]
+    return np.sum(differences**2) / (2 * len(features)), centers + alpha * _float32_class_sums(features, labels, centers)
+
+
+def _facenet_averaged_float32_sums(features, labels, centers, alpha):
+    counts = np.bincount(labels, minlength=len(centers))
+    differences = features - centers[labels]
+    sums = _float32_class_sums(features, labels, centers)
+    return np.mean(differences**2), centers + (1 - alpha) * sums / np.maximum(counts, 1)[:, None]
+
+
+def _wen_shifted_float32_sums(features, labels, centers, alpha):
+    return numpy_steps.wen_float32_sums(features, (labels + 1) % len(centers), centers, alpha)
+
+
+def _pytorch_over_count_float32_sums(features, labels, centers, alpha):
+    counts = np.bincount(labels, minlength=len(centers))
+    differences = features - centers[labels]
+    grad_centers = _float32_class_sums(features, labels, centers, scale=-2 / len(features)) / (1 + counts)[:, None]
+    return np.sum(differences**2) / len(features), centers, grad_centers
+
+
+@pytest.mark.parametrize("step, rule, formula", [
+    (_wen_no_count_float32_sums, "wen", "wen's update is not divided by 1 + n_j"),
+    (_facenet_averaged_float32_sums, "facenet", "each class's update is averaged"),
+    (_wen_shifted_float32_sums, "wen", "the labels look shifted by +1"),
+    (_pytorch_over_count_float32_sums, "pytorch", "grad_centers is divided by 1 + n_j"),
+], ids=["wen no count", "facenet averaged", "wen shifted", "pytorch over count"])
+def test_float32_sums_are_named_beside_another_mistake_of_the_update(step, rule, formula):
+    message, diagnosis = _report(step, rule)
+    assert_every_line_is_true(diagnosis)
+    (pair,) = diagnosis.named
+    assert set(pair.parts) == {_mistake(formula), _mistake("the per-class sums are accumulated in float32")}, message
+
+
+def test_two_mistakes_of_the_inputs_are_one_pair_named_once():
+    def step(features, labels, centers, alpha):
+        return numpy_steps.wen_alpha_crossed(features, (labels + 1) % len(centers), centers, alpha)
+
+    message, diagnosis = _report(step, "wen")
+    assert_every_line_is_true(diagnosis)
+    assert len(diagnosis.named) == 1 and "; or two mistakes at once" not in message, message
+    assert set(diagnosis.named[0].parts) == {_mistake("the labels look shifted by +1"),
+                                             _mistake("alpha is used as 1 - alpha in wen's")}
+
+
+def test_a_float32_torch_step_of_rule_pytorch_is_one_mistake():
+    """It hands the caller's centers back untouched: they are no float32 values, and need not be."""
+    torch = pytest.importorskip("torch")
+
+    def step(features, labels, centers, alpha):
+        given = centers
+        centers = centers.float().clone().requires_grad_(True)
+        loss = ((features.float() - centers[labels]) ** 2).sum() / features.shape[0]
+        loss.backward()
+        return loss.double(), given, centers.grad.double()
+
+    message, diagnosis = _report(step, "pytorch", framework="torch")
+    assert_every_line_is_true(diagnosis)
+    assert diagnosis.named == [_mistake("float64 inputs were computed in float32")], message
+
+
+def test_a_half_precision_loss_below_the_normal_range_is_compared_at_its_own_spacing():
+    """The exact result rounded once to float16 is right, even where the loss (1e-7) lies among
+    float16's subnormals, 6e-8 apart."""
+    def step(features, labels, centers, alpha):
+        right = reference(features.astype(np.float64), labels, centers.astype(np.float64), alpha, "facenet")
+        return np.float16(right.loss), right.centers.astype(features.dtype)
+
+    for seed in range(3):
+        check_center_loss(step, "facenet", dtypes=(np.float16,), max_examples=60, seed=seed)
+
+
 # --------------------------------------------------------------------------- the evidence as data
 
 
@@ -545,6 +628,13 @@ def test_cases_given_as_lists_run_and_bad_ones_are_refused_in_words():
         check_center_loss(numpy_steps.facenet, cases=[(features, [0, 1], centers, 0.5)], max_examples=0)
     with pytest.raises(TypeError, match="features must be a 2-D array of"):
         check_center_loss(numpy_steps.facenet, cases=[(np.ones((2, 2), int), [0, 0], centers, 0.5)], max_examples=0)
+
+
+def test_labels_of_any_stride_come_back_as_their_values(tmp_path):
+    case = Case(np.ones((3, 2)), np.arange(6)[::2] % 2, np.zeros((2, 2)), 0.5)
+    save_cases(tmp_path / "strided_labels.npz", [case])
+    (again,) = load_cases(tmp_path / "strided_labels.npz")
+    assert again.labels.tolist() == case.labels.tolist()
 
 
 def test_a_file_that_holds_no_cases_is_refused(tmp_path):

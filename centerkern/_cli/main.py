@@ -125,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
                         add_help=False)
     check = commands.add_parser(
         "check", help="check your own center-loss step against the reference (exit 0, 1 where it disagrees, "
-                      "2 where the check cannot finish)",
+                      "2 for options or cases it cannot use)",
         description="Import MODULE:FUNCTION, a step (features, labels, centers, alpha) -> (loss, new_centers"
                     "[, grad or grad_centers]), and check it on cases drawn by hypothesis.")
     check.add_argument("step", metavar="MODULE:FUNCTION")
@@ -155,12 +155,15 @@ def check(step: str, rule: str, framework: str, max_examples: int, alpha: float 
         return 2
     sys.path.insert(0, os.getcwd())  # as python -m would: the caller's own modules
     function = getattr(importlib.import_module(module_name), function_name)
-    try:
+    try:  # the command's own inputs, said in one line (a step that raises is a failing step: its traceback shows)
         given = load_cases(cases) if cases else []
-        check_center_loss(function, rule, framework=framework, max_examples=max_examples, alpha=alpha, cases=given)
-    except (ValueError, TypeError, OSError) as problem:  # bad options or cases, or the step itself raised
-        print(f"the check of {step} did not finish: {type(problem).__name__}: {problem}", file=sys.stderr)
+        if max_examples < 0 or (max_examples == 0 and not given):
+            raise ValueError("--max-examples must be at least 1, or 0 with --cases")
+    except (ValueError, OSError) as problem:
+        print(f"cannot check {step}: {problem}", file=sys.stderr)
         return 2
+    try:
+        check_center_loss(function, rule, framework=framework, max_examples=max_examples, alpha=alpha, cases=given)
     except AssertionError as failure:
         print(f"FAILED {step} (rule {rule!r}, {framework}):\n{failure}")
         if save_cases and isinstance(failure, CenterLossMismatch):

@@ -36,7 +36,7 @@ from .._core.validation import check_choice
 from . import _mistakes
 from . import _comparison
 from ._cases import Case, as_case, load_cases, save_cases
-from ._comparison import checked_dtype, close_within
+from ._comparison import checked_dtype, close_within, smallest_normal
 from ._diagnosis import Diagnosis, comparable, diagnose, form_mistakes, third_name
 from ._mistakes import Quantities, reference
 
@@ -231,7 +231,8 @@ def _value_problems(observed: Quantities, rule: str, case) -> list[str]:
         # A loss computed as |x|^2 + |c|^2 - 2 x.c (a distance matrix, as published code does) is
         # exact only to the scale of those terms: the rule's loss with every d_i at |x_i| + |c_i|.
         terms = reference(np.abs(features), labels, -np.abs(centers), alpha, rule).loss
-        if not close_within(loss, expected.loss, tolerance(observed.loss), terms):
+        # (and no finer than the inputs' dtype's normal range: float16 steps 6e-8 apart below 6e-5)
+        if not close_within(loss, expected.loss, tolerance(observed.loss), terms, smallest_normal(features.dtype)):
             problems.append(f"loss is {loss:.9g}, expected {expected.loss:.9g} (relative difference "
                             f"{abs(loss - expected.loss) / max(abs(expected.loss), 1e-300):.3g})")
     if observed.centers is not None and not close_within(observed.centers, expected.centers,

@@ -92,7 +92,7 @@ def as_case(case) -> Case:
 
 
 def _layout_of(array: np.ndarray) -> str:
-    if array.flags.c_contiguous:
+    if array.ndim < 2 or array.flags.c_contiguous:  # a vector (the labels) is taken as its values
         return "c"
     if array.flags.f_contiguous:
         return "fortran"

@@ -26,6 +26,16 @@ if _bfloat16() is not None:
     TOLERANCE[_bfloat16()] = 1e-1
 
 
+def smallest_normal(dtype) -> float:
+    """The smallest normal number of ``dtype``: below it a half-precision value (a float16 loss of
+    1e-7, say) carries no relative precision, only steps of a fixed size."""
+    if dtype == _bfloat16():
+        import ml_dtypes
+
+        return float(ml_dtypes.finfo(dtype).smallest_normal)
+    return float(np.finfo(dtype).smallest_normal)
+
+
 def checked_dtype(dtype) -> np.dtype:
     """``dtype`` as a NumPy dtype the oracle can check a step in (float16, bfloat16, float32 or
     float64); a ValueError naming them for any other, an ImportError for bfloat16 without

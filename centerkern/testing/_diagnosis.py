@@ -36,7 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ._cases import Case, save_cases
-from ._comparison import TOLERANCE, close_within
+from ._comparison import TOLERANCE, close_within, smallest_normal
 from ._mistakes import KNOWN_MISTAKES, PAIRS, Mistake, Quantities, reference
 
 QUANTITIES = ("loss", "centers", "third")
@@ -167,10 +167,11 @@ class Evidence:
         features, _, centers, _ = self.case
         if np.shape(got) != np.shape(expected):
             return False
+        tiny = smallest_normal(features.dtype)  # below it, half precision keeps no relative precision
         if np.ndim(expected) == 0:
-            return bool(np.isclose(float(np.asarray(got).reshape(())), expected, rtol=tolerance, atol=1e-300,
-                                   equal_nan=True))
-        return close_within(got, expected, tolerance, features, centers)
+            return bool(np.isclose(float(np.asarray(got).reshape(())), expected, rtol=tolerance,
+                                   atol=tolerance * tiny, equal_nan=True))
+        return close_within(got, expected, tolerance, features, centers, tiny)
 
     def tolerance(self, got: Any, mistake: Mistake | None = None, quantity: str | None = None) -> float:
         """The inputs' dtype's tolerance; the tolerance of the dtype the values were handed back

@@ -56,13 +56,20 @@ def reference(features, labels, centers, alpha, rule) -> Quantities:
     return Quantities(result.loss, result.centers, result.grad_centers if rule == "pytorch" else result.grad)
 
 
-def _rows(features, labels, centers):
-    """(d_i in float64, n_j per class, S_j per class in float64)."""
+def _rows(features, labels, centers, sums_dtype=np.float64):
+    """(d_i in float64, n_j per class, S_j per class accumulated in ``sums_dtype``, as float64)."""
     differences = features.astype(np.float64) - centers[labels].astype(np.float64)
     counts = np.bincount(labels, minlength=centers.shape[0])
-    sums = np.zeros((centers.shape[0], centers.shape[1]))
-    np.add.at(sums, labels, differences)
-    return differences, counts, sums
+    sums = np.zeros((centers.shape[0], centers.shape[1]), dtype=sums_dtype)
+    np.add.at(sums, labels, differences.astype(sums_dtype))
+    return differences, counts, sums.astype(np.float64)
+
+
+def _sums_dtype(reference, features) -> type:
+    """The dtype a prediction accumulates its own class sums in: float32 under the float32-sums
+    mistake (whose reference says so) for float64 inputs, else float64."""
+    return np.float32 if getattr(reference, "sums_in_float32", False) and features.dtype == np.float64 \
+        else np.float64
 
 
 def _moved(centers, labels, update):
@@ -139,7 +146,23 @@ def _in_float32(case, rule):
 
 
 def _returned_in_float32_arithmetic(quantity, got, observed, case, rule) -> bool:
+    if quantity == "centers" and not rule_coefficients(rule, case[3], *case[0].shape).moves_centers:
+        return True  # rule pytorch hands the centers back as they were given, whatever it computes in
     return case[0].dtype != np.float64 or _float32_values(got)
+
+
+def _float32_arithmetic():
+    """The step computed in float32 for float64 inputs; under rule pytorch, the centers it hands
+    back untouched are the caller's, not a float32 copy."""
+    mistake = _altered_inputs(_in_float32)
+    in_float32 = mistake["predict"]
+
+    def predict(features, labels, centers, alpha, rule, reference=reference):
+        prediction = in_float32(features, labels, centers, alpha, rule, reference=reference)
+        if prediction is not None and not rule_coefficients(rule, alpha, *features.shape).moves_centers:
+            prediction = prediction._replace(centers=centers)
+        return prediction
+    return {"alters": mistake["alters"], "predict": predict}
 
 
 def _sums_in_float32_reference(features, labels, centers, alpha, rule) -> Quantities:
@@ -148,11 +171,12 @@ def _sums_in_float32_reference(features, labels, centers, alpha, rule) -> Quanti
     if features.dtype != np.float64:
         return right
     coefficients = rule_coefficients(rule, alpha, *features.shape)
-    differences, counts, _ = _rows(features, labels, centers)
-    sums = np.zeros(centers.shape, dtype=np.float32)
-    np.add.at(sums, labels, differences.astype(np.float32))
-    rows = coefficients.step * sums.astype(np.float64) / (1.0 + coefficients.count_weight * counts)[:, None]
+    _, counts, sums = _rows(features, labels, centers, sums_dtype=np.float32)
+    rows = coefficients.step * sums / (1.0 + coefficients.count_weight * counts)[:, None]
     return _with_rows(right, centers, labels, rows, coefficients.moves_centers)
+
+
+_sums_in_float32_reference.sums_in_float32 = True  # what the predictions that sum for themselves read
 
 
 def _sums_in_float32(case, rule, right):
@@ -161,10 +185,11 @@ def _sums_in_float32(case, rule, right):
 
 def _carries_float32_sums(quantity, got, observed, case, rule) -> bool:
     """Whether the step's row update, read back from what it returned (new centers minus old ones,
-    or grad_centers), is made of float32 numbers: the class sums S_j themselves, or S_j times the
-    rule's step, or the update itself, up to the float64 rounding of reading it back. Where the
-    inputs are float32 there is nothing to tell; where the step did not return the update, the
-    mistake cannot be confirmed."""
+    or grad_centers), is made of float32 numbers: the class sums S_j themselves, or S_j times a
+    step (the rule's, or alpha read the other way), or the update itself, up to the float64
+    rounding of reading it back, whatever count divides it. Where the inputs are float32 there is
+    nothing to tell; where the step did not return the update, or moved nothing, the mistake
+    cannot be confirmed."""
     features, labels, centers, alpha = case
     if features.dtype != np.float64:
         return True
@@ -180,8 +205,10 @@ def _carries_float32_sums(quantity, got, observed, case, rule) -> bool:
     # the update is read back exactly to within a few ulps of the larger of the two terms
     error = 4 * np.finfo(np.float64).eps * (np.abs(returned) + np.abs(start))
     counts = np.bincount(labels, minlength=centers.shape[0])[:, None]
-    denominator = 1.0 + coefficients.count_weight * counts
-    for factor in (1.0, denominator, denominator / coefficients.step, 1.0 / coefficients.step):
+    # the sums may be divided by the rule's count or by another (a second mistake's: n_j, 1 + n_j)
+    denominators = (1.0, np.maximum(counts, 1), 1.0 + counts)
+    factors = [d * s for d in denominators for s in (1.0, 1.0 / coefficients.step, 1.0 / (1.0 - alpha or 1.0))]
+    for factor in factors:
         value = update * factor
         rounded = value.astype(np.float32).astype(np.float64)
         if np.all(np.abs(value - rounded) <= error * np.abs(factor) + 4 * np.finfo(np.float64).eps * np.abs(value)):
@@ -252,7 +279,7 @@ def _per_class(step_of, denominator_of):
     where it has none, or the count of the other rule."""
     def predict(features, labels, centers, alpha, rule, reference=reference):
         right = reference(features, labels, centers, alpha, rule)
-        _, counts, sums = _rows(features, labels, centers)
+        _, counts, sums = _rows(features, labels, centers, _sums_dtype(reference, features))
         update = step_of(alpha) * sums / denominator_of(counts)[:, None]
         return right._replace(centers=_moved(centers, labels, update))
     return predict
@@ -318,8 +345,16 @@ def made_together(first: Mistake, second: Mistake) -> Mistake | None:
         case, altered_reference = altered
         return first.predict(*case, rule, reference=altered_reference)
 
-    def observed_must(*arguments):
-        return all(part.observed_must is None or part.observed_must(*arguments) for part in (first, second))
+    def observed_must(quantity, got, observed, case, rule):
+        # each part's condition on the inputs as the other part altered them (float32 sums
+        # counted over labels the step shifted)
+        for part, other in ((first, second), (second, first)):
+            if part.observed_must is None:
+                continue
+            altered = other.alters(case, rule, reference) if other.alters is not None else (case, None)
+            if altered is None or not part.observed_must(quantity, got, observed, altered[0], rule):
+                return False
+        return True
 
     return Mistake(f"two mistakes at once: ({first.explanation}) and ({second.explanation})", predict,
                    tolerance_floor=max(first.tolerance_floor, second.tolerance_floor), observed_must=observed_must,
@@ -339,7 +374,7 @@ KNOWN_MISTAKES: tuple[Mistake, ...] = (
             "before it; a label out of range should raise, not be clamped)", **_labels_changed(_clamped),
             family="labels"),
     Mistake("float64 inputs were computed in float32: precision is lost (a downcast somewhere)",
-            **_altered_inputs(_in_float32), tolerance_floor=1e-4, observed_must=_returned_in_float32_arithmetic,
+            **_float32_arithmetic(), tolerance_floor=1e-4, observed_must=_returned_in_float32_arithmetic,
             precision="as float32 arithmetic would", family="precision"),
     # (its prediction is its own reference: it is never made under another mistake of precision,
     # one family, and the mistakes of the inputs it is paired with hand it the case they altered)
@@ -372,5 +407,7 @@ KNOWN_MISTAKES: tuple[Mistake, ...] = (
 
 #: Every pair of known mistakes that can be made at once (a mistake under one of the inputs or of
 #: the arithmetic), for steps no single mistake explains.
-PAIRS: tuple[Mistake, ...] = tuple(pair for second in KNOWN_MISTAKES for first in KNOWN_MISTAKES
-                                   if (pair := made_together(first, second)) is not None)
+PAIRS: tuple[Mistake, ...] = tuple(
+    pair for n, second in enumerate(KNOWN_MISTAKES) for m, first in enumerate(KNOWN_MISTAKES)
+    # two mistakes of the inputs (or the arithmetic) are one pair in either order: named once
+    if not (first.alters is not None and m > n) and (pair := made_together(first, second)) is not None)
