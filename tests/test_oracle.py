@@ -92,6 +92,8 @@ def test_planted_bugs_get_their_diagnosis_and_never_a_wrong_one(step, rule, righ
             check_center_loss(step, rule, max_examples=100, seed=seed)
         message = str(failure.value)
         assert any(name in message for name in right), message
+        # the larger cases ran in both dtypes: every "agrees" of the report holds in each
+        assert {case.dtype for case in failure.value.diagnosis.cases} == {np.dtype(np.float32), np.dtype(np.float64)}
         wrong = [mistake.explanation for mistake in KNOWN_MISTAKES if mistake.explanation in message
                  and not any(name in mistake.explanation or mistake.explanation in name for name in right)]
         assert not wrong, message
