@@ -323,3 +323,23 @@ def test_dtypes_the_oracle_cannot_check_in_are_refused():
         check_center_loss(numpy_steps.facenet, dtypes=("int32",))
     with pytest.raises(ValueError, match="at least one dtype"):
         check_center_loss(numpy_steps.facenet, dtypes=())
+
+
+def test_jax_and_tensorflow_steps_in_bfloat16():
+    """Each framework's own bfloat16 arrays in and out (read back through ml_dtypes)."""
+    pytest.importorskip("ml_dtypes")
+    jax = pytest.importorskip("jax")
+    tf = pytest.importorskip("tensorflow")
+
+    def jax_step(features, labels, centers, alpha):
+        differences = features - centers[labels]
+        return jax.numpy.mean(differences.astype("float32") ** 2), centers.at[labels].add((1 - alpha) * differences)
+
+    def tensorflow_step(features, labels, centers, alpha):
+        centers_batch = tf.gather(centers, labels)
+        loss = tf.reduce_mean(tf.square(tf.cast(features - centers_batch, tf.float32)))
+        centers.scatter_sub(tf.IndexedSlices((1 - alpha) * (centers_batch - features), labels))
+        return loss, centers
+
+    check_center_loss(jax_step, framework="jax", dtypes=("bfloat16",), max_examples=30, seed=0)
+    check_center_loss(tensorflow_step, framework="tensorflow", dtypes=("bfloat16",), max_examples=30, seed=0)
