@@ -71,6 +71,7 @@ PLANTED_BUGS = [
     (numpy_steps.pytorch_grad_centers_over_count, "pytorch", ["grad_centers is divided by 1 + n_j"]),
     (numpy_steps.wen_float32_sums, "wen", ["the per-class sums are accumulated in float32 for float64 inputs"]),
     (numpy_steps.facenet_labels_clamped, "facenet", ["the labels are clamped into range"]),
+    (numpy_steps.wen_loss_summed_in_float32, "wen", ["the loss is accumulated in float32 for float64 inputs"]),
     # another rule under alpha read the other way: named as itself, never as an alpha to fix
     (numpy_steps.wen_without_its_count, "wen", ["wen's update is not divided by 1 + n_j"]),
     (numpy_steps.facenet_with_wens_count, "facenet", ["facenet's update is divided by 1 + n_j"]),

@@ -409,6 +409,16 @@ def _clamped_loss_summed(features, labels, centers, alpha):
     return loss * features.size, new  # a sum over B and D
 
 
+def _wen_loss_in_float32_over_batch(features, labels, centers, alpha):
+    loss, new = numpy_steps.wen_loss_summed_in_float32(features, labels, centers, alpha)
+    return 2 * loss, new  # 1/B, not 1/(2B)
+
+
+def _wen_loss_and_sums_in_float32(features, labels, centers, alpha):
+    loss, _ = numpy_steps.wen_loss_summed_in_float32(features, labels, centers, alpha)
+    return loss, numpy_steps.wen_float32_sums(features, labels, centers, alpha)[1]
+
+
 BESIDE_ANOTHER = [
     (_wen_alpha_crossed_loss_over_batch, "wen", {"loss": "the loss is scaled by 1/B ",
                                                  "centers": "alpha is used as 1 - alpha in wen's"}),
@@ -423,6 +433,10 @@ BESIDE_ANOTHER = [
     (_clamped_duplicates_dropped, "facenet", {"centers": ("duplicate labels are not accumulated",
                                                           "the labels are clamped into range")}),
     (_clamped_loss_summed, "facenet", {"loss": ("the loss is scaled by 1 (a sum)", "the labels are clamped")}),
+    (_wen_loss_in_float32_over_batch, "wen", {"loss": ("the loss is scaled by 1/B ",
+                                                       "the loss is accumulated in float32")}),
+    (_wen_loss_and_sums_in_float32, "wen", {"loss": "the loss is accumulated in float32",
+                                            "centers": "the per-class sums are accumulated in float32"}),
 ]
 
 

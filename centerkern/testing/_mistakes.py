@@ -183,6 +183,42 @@ def _sums_in_float32(case, rule, right):
     return case, _sums_in_float32_reference
 
 
+def _loss_in_float32(reference):
+    """``reference`` with its loss accumulated in float32 (the squares of the differences summed
+    in float32, then scaled), the rest as ``reference`` gives it."""
+    def with_float32_loss(features, labels, centers, alpha, rule) -> Quantities:
+        right = reference(features, labels, centers, alpha, rule)
+        if features.dtype != np.float64:
+            return right
+        differences = (features.astype(np.float64) - centers[labels].astype(np.float64)).astype(np.float32)
+        scale = rule_coefficients(rule, alpha, *features.shape).loss_scale
+        return right._replace(loss=scale * float(np.sum(differences * differences, dtype=np.float32)))
+    return with_float32_loss
+
+
+def _loss_accumulated_in_float32(case, rule, right):
+    return case, _loss_in_float32(right)
+
+
+def _carries_a_float32_loss(quantity, got, observed, case, rule) -> bool:
+    """Whether the loss the step returned is a float32 number once its scale is taken off (any of
+    the scales people use): a float32 sum of squares, scaled in float64. For float32 inputs there
+    is nothing to tell."""
+    features = case[0]
+    if features.dtype != np.float64:
+        return True
+    if observed.loss is None or np.size(observed.loss) != 1:
+        return False
+    loss = float(np.asarray(observed.loss).reshape(()))
+    if loss == 0.0:
+        return False  # nothing was summed: no evidence
+    for scale in LOSS_SCALES.values():
+        total = loss / scale(*features.shape)
+        if abs(total - float(np.float32(total))) <= 8 * np.finfo(np.float64).eps * abs(total):
+            return True
+    return False
+
+
 def _carries_float32_sums(quantity, got, observed, case, rule) -> bool:
     """Whether the step's row update, read back from what it returned (new centers minus old ones,
     or grad_centers), is made of float32 numbers: the class sums S_j themselves, or S_j times a
@@ -376,6 +412,13 @@ KNOWN_MISTAKES: tuple[Mistake, ...] = (
     Mistake("float64 inputs were computed in float32: precision is lost (a downcast somewhere)",
             **_float32_arithmetic(), tolerance_floor=1e-4, observed_must=_returned_in_float32_arithmetic,
             precision="as float32 arithmetic would", family="precision"),
+    # (listed before the float32 sums, so that a pair of the two makes this one under those: its
+    # prediction takes the reference it is handed, theirs does not)
+    Mistake("the loss is accumulated in float32 for float64 inputs (the squares summed in float32: sum them in "
+            "float64, as the reference does)",
+            lambda *case, reference=reference: _loss_in_float32(reference)(*case), alters=_loss_accumulated_in_float32,
+            tolerance_floor=1e-4, observed_must=_carries_a_float32_loss, precision="as a float32 sum would",
+            family="loss precision"),
     # (its prediction is its own reference: it is never made under another mistake of precision,
     # one family, and the mistakes of the inputs it is paired with hand it the case they altered)
     Mistake("the per-class sums are accumulated in float32 for float64 inputs (a float32 buffer: sum in float64, "

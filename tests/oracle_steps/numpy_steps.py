@@ -222,3 +222,9 @@ def facenet_with_wens_count(features, labels, centers, alpha):
     new = centers.copy()
     np.add.at(new, labels, (1 - alpha) * differences / (1 + counts[labels])[:, None])  # 1 - alpha right
     return np.mean(differences**2), new
+
+
+def wen_loss_summed_in_float32(features, labels, centers, alpha):
+    _, new, _ = wen(features, labels, centers, alpha)
+    differences = (features - centers[labels]).astype(np.float32)  # a float32 sum of squares
+    return float(np.sum(differences * differences)) / (2 * len(features)), new
