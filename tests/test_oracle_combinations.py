@@ -4,6 +4,7 @@ against the report's own data, ``CenterLossMismatch.diagnosis``, by recomputing 
 
 import itertools
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -662,3 +663,17 @@ def test_a_file_that_holds_no_cases_is_refused(tmp_path):
         check_center_loss(numpy_steps.wen, "wen", max_examples=-1)
     with pytest.raises(ValueError, match="would check nothing"):
         check_center_loss(numpy_steps.wen, "wen", max_examples=0)
+
+
+def test_the_oracle_needs_no_ml_dtypes_unless_bfloat16_is_asked_for(monkeypatch):
+    """ml_dtypes comes with JAX and TensorFlow, not with centerkern: without it, everything but
+    bfloat16 works (and bfloat16 is refused in words)."""
+    from centerkern.testing import _comparison
+
+    monkeypatch.setattr(_comparison, "_bfloat16", lambda: None)
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # import ml_dtypes raises ImportError
+    assert _comparison.smallest_normal(np.dtype(np.float64)) == np.finfo(np.float64).smallest_normal
+    with pytest.raises(CenterLossMismatch, match="duplicate labels are not accumulated"):
+        check_center_loss(numpy_steps.fancy_index_scatter, "facenet", max_examples=30, seed=0)
+    with pytest.raises(ImportError, match="bfloat16 needs the ml_dtypes package"):
+        check_center_loss(numpy_steps.facenet, dtypes=("bfloat16",))

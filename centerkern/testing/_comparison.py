@@ -29,7 +29,8 @@ if _bfloat16() is not None:
 def smallest_normal(dtype) -> float:
     """The smallest normal number of ``dtype``: below it a half-precision value (a float16 loss of
     1e-7, say) carries no relative precision, only steps of a fixed size."""
-    if dtype == _bfloat16():
+    bfloat16 = _bfloat16()
+    if bfloat16 is not None and dtype == bfloat16:  # (a dtype equals None: np.dtype(None) is float64)
         import ml_dtypes
 
         return float(ml_dtypes.finfo(dtype).smallest_normal)
