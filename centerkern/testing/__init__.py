@@ -36,7 +36,7 @@ from .._core.validation import check_choice
 from . import _mistakes
 from . import _comparison
 from ._cases import Case, as_case, load_cases, save_cases
-from ._comparison import checked_dtype, close_within, smallest_normal
+from ._comparison import checked_dtype, close_within, smallest_normal, tolerance_of
 from ._diagnosis import Diagnosis, comparable, diagnose, form_mistakes, third_name
 from ._mistakes import Quantities, reference
 
@@ -223,7 +223,7 @@ def _value_problems(observed: Quantities, rule: str, case) -> list[str]:
     expected = reference(features, labels, centers, alpha, rule)
 
     def tolerance(value):
-        return max(TOLERANCE[np.dtype(features.dtype)], TOLERANCE.get(np.asarray(value).dtype, 0.0))
+        return tolerance_of(features.dtype, value)
 
     problems = []
     if observed.loss is not None:

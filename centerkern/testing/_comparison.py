@@ -26,6 +26,12 @@ if _bfloat16() is not None:
     TOLERANCE[_bfloat16()] = 1e-1
 
 
+def tolerance_of(inputs_dtype, value) -> float:
+    """The tolerance a step's ``value`` is held to: its inputs' dtype's, or the dtype it was
+    handed back in where that is coarser (float32 values of float64 inputs carry no more)."""
+    return max(TOLERANCE[np.dtype(inputs_dtype)], TOLERANCE.get(np.asarray(value).dtype, 0.0))
+
+
 def smallest_normal(dtype) -> float:
     """The smallest normal number of ``dtype``: below it a half-precision value (a float16 loss of
     1e-7, say) carries no relative precision, only steps of a fixed size."""

@@ -36,7 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ._cases import Case, save_cases
-from ._comparison import TOLERANCE, close_within, smallest_normal
+from ._comparison import TOLERANCE, close_within, smallest_normal, tolerance_of
 from ._mistakes import KNOWN_MISTAKES, PAIRS, Mistake, Quantities, reference
 
 QUANTITIES = ("loss", "centers", "third")
@@ -177,7 +177,7 @@ class Evidence:
         """The inputs' dtype's tolerance; the tolerance of the dtype the values were handed back
         in where it is coarser (float32 values carry no more), or the floor of a mistake about
         precision, on a quantity that mistake changes."""
-        floors = [TOLERANCE[np.dtype(self.case[0].dtype)], TOLERANCE.get(np.asarray(got).dtype, 0.0)]
+        floors = [tolerance_of(self.case[0].dtype, got)]
         if mistake is not None and mistake.tolerance_floor and self._moved_by_precision(mistake, quantity):
             floors.append(mistake.tolerance_floor)
         return max(floors)
@@ -352,7 +352,7 @@ class Diagnosis:
         Parameters
         ----------
         path : str or path-like
-            The file to write, a NumPy ``.npz`` (NumPy adds the suffix where it is missing).
+            The file to write, a NumPy ``.npz`` archive, at that path exactly.
 
         Raises
         ------

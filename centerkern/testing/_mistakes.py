@@ -138,6 +138,13 @@ def _float32_values(value) -> bool:
     return bool(np.array_equal(as_float64.astype(np.float32).astype(np.float64), as_float64, equal_nan=True))
 
 
+def _near_float32(value, error) -> bool:
+    """Whether every value lies within ``error`` (elementwise, or one bound) of a float32 number:
+    a float32 result read back through float64 arithmetic that rounds it by no more than that."""
+    value = np.asarray(value, dtype=np.float64)
+    return bool(np.all(np.abs(value - value.astype(np.float32).astype(np.float64)) <= error))
+
+
 def _in_float32(case, rule):
     features, labels, centers, alpha = case
     if features.dtype != np.float64:
@@ -212,11 +219,8 @@ def _carries_a_float32_loss(quantity, got, observed, case, rule) -> bool:
     loss = float(np.asarray(observed.loss).reshape(()))
     if loss == 0.0:
         return False  # nothing was summed: no evidence
-    for scale in LOSS_SCALES.values():
-        total = loss / scale(*features.shape)
-        if abs(total - float(np.float32(total))) <= 8 * np.finfo(np.float64).eps * abs(total):
-            return True
-    return False
+    totals = (loss / scale(*features.shape) for scale in LOSS_SCALES.values())
+    return any(_near_float32(total, 8 * np.finfo(np.float64).eps * abs(total)) for total in totals)
 
 
 def _carries_float32_sums(quantity, got, observed, case, rule) -> bool:
@@ -244,12 +248,9 @@ def _carries_float32_sums(quantity, got, observed, case, rule) -> bool:
     # the sums may be divided by the rule's count or by another (a second mistake's: n_j, 1 + n_j)
     denominators = (1.0, np.maximum(counts, 1), 1.0 + counts)
     factors = [d * s for d in denominators for s in (1.0, 1.0 / coefficients.step, 1.0 / (1.0 - alpha or 1.0))]
-    for factor in factors:
-        value = update * factor
-        rounded = value.astype(np.float32).astype(np.float64)
-        if np.all(np.abs(value - rounded) <= error * np.abs(factor) + 4 * np.finfo(np.float64).eps * np.abs(value)):
-            return True
-    return False
+    return any(_near_float32(update * factor,
+                             error * np.abs(factor) + 4 * np.finfo(np.float64).eps * np.abs(update * factor))
+               for factor in factors)
 
 
 # --------------------------------------------------------------------------- mistakes of the formula
@@ -435,7 +436,7 @@ KNOWN_MISTAKES: tuple[Mistake, ...] = (
     Mistake("the update has the wrong sign: the centers are pushed away from the features", _sign_flipped),
     Mistake("the centers come back transposed (where K = D their shape cannot show it)", _transposed_centers),
     Mistake("this looks like the gradient with respect to the features, not grad_centers (the third output of "
-            "rule 'pytorch')", _features_gradient_as_third),
+            "rule 'pytorch')", _only_for("pytorch", _features_gradient_as_third)),
     Mistake("wen's count is n_j instead of 1 + n_j",
             _only_for("wen", _per_class(lambda alpha: alpha, lambda counts: np.maximum(counts, 1)))),
     Mistake("wen's update is not divided by 1 + n_j: each sample moves its center by alpha·d (facenet's sum, "
