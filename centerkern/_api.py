@@ -12,96 +12,14 @@ from __future__ import annotations
 
 import functools
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import Any
 
 from . import _backends
 from ._core import interop, validation
 from ._core.interop import is_device_array
 from ._core.rules import rule_coefficients
 from ._core.validation import HostArrays, check_choice
-
-
-# Parameters and errors that the three functions document alike, written once and put in their
-# docstrings where ``{name}`` stands alone on a line (str.replace, not str.format: the
-# docstrings hold braces of their own).
-_SHARED_DOCS = {
-    "backend": """backend : {"auto", "numpy", "numba", "cuda"}, optional
-        Where to compute; ``"auto"`` (the default) takes ``cuda`` for device arrays and
-        ``numba`` otherwise (see ``backends``).""",
-    "deterministic": """deterministic : bool, optional
-        Bitwise-identical results from run to run. The CPU backends always are; the ``cuda``
-        backend is when asked (no float atomics).""",
-    "sync and stream": """sync : bool, optional
-        Device arrays only; see ``center_loss``.
-    stream : None, Numba stream or int, optional
-        Device arrays only; see ``center_loss``.""",
-    "IndexError": """IndexError
-        If a label lies outside [0, K): the message names the first bad value, its position
-        and K. (For device arrays with ``sync=False``, raised later; see ``center_loss``.)""",
-    "BackendUnavailableError": """BackendUnavailableError
-        If ``backend="cuda"`` (or ``"auto"`` with device arrays) and Numba's CUDA target cannot
-        be loaded or finds no GPU.""",
-}
-
-
-def _with_shared_docs(function):
-    if function.__doc__ is None:  # python -OO strips docstrings
-        return function
-    for name, text in _SHARED_DOCS.items():
-        function.__doc__ = function.__doc__.replace("    {" + name + "}\n", "    " + text + "\n")
-    return function
-
-
-class CenterLossResult(NamedTuple):
-    """What ``center_loss`` returns.
-
-    A named tuple: its fields, below, are read by name (``result.loss``) or unpacked in order
-    (``loss, grad, centers, grad_centers = result``).
-
-    Parameters
-    ----------
-    loss : float, or a 0-d float64 device array
-        The rule's loss, accumulated in float64: a Python float for host inputs; for device
-        inputs a 0-d float64 array on the device, in the features' framework (``float(loss)``
-        is where the caller chooses to wait for the GPU).
-    grad : array, shape (B, D)
-        d loss / d features.
-    centers : array, shape (K, D)
-        The centers after the step (``out`` itself when given).
-    grad_centers : array, shape (K, D), or None
-        d loss / d centers for rule ``pytorch`` (for the caller's optimizer); None otherwise.
-
-    See Also
-    --------
-    center_loss : The function that returns it.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> import centerkern
-    >>> features = np.array([[1.0, 1.0], [1.0, 3.0], [4.0, 2.0]])
-    >>> labels = np.array([0, 0, 1])
-    >>> centers = np.zeros((2, 2))
-    >>> result = centerkern.center_loss(features, labels, centers, 0.5)
-    >>> round(result.loss, 6)
-    5.333333
-    >>> result.grad.shape, result.centers.shape, result.grad_centers is None
-    ((3, 2), (2, 2), True)
-    >>> loss, grad, new_centers, grad_centers = result
-    >>> new_centers.tolist()
-    [[1.0, 2.0], [2.0, 1.0]]
-
-    Rule ``pytorch`` leaves the centers to the caller's optimizer and returns their gradient:
-
-    >>> result = centerkern.center_loss(features, labels, centers, 0.5, rule="pytorch")
-    >>> np.round(result.grad_centers, 6).tolist()
-    [[-1.333333, -2.666667], [-2.666667, -1.333333]]
-    """
-
-    loss: float
-    grad: Any
-    centers: Any
-    grad_centers: Any
+from ._results import CenterLossResult, with_shared_docs
 
 
 # Plain host inputs with one of these backend choices run the numba kernels after a few
@@ -123,6 +41,29 @@ def _plain(backend: Any, check, arrays: tuple, *settings: Any):
         return None
     views = interop.plain_host_arrays(*arrays)
     return None if views is None else check(*views, *settings)
+
+
+_PLAIN_DEVICE_BACKENDS = ("auto", "cuda")
+
+
+def _plain_on_device(backend: Any, check, arrays: tuple, *settings: Any, stream: Any, sync: bool):
+    """The same for device arrays: ``check(*views, *settings, device_arrays)`` on views of plain
+    device arrays (``centerkern.cuda.DeviceArrays.plain``) when the backend choice allows it.
+    (the call's ``DeviceArrays``, the checked inputs), or None where the full validation must
+    run."""
+    if backend not in _PLAIN_DEVICE_BACKENDS or not is_device_array(arrays[0]):
+        return None
+    plain = _backends.cuda().DeviceArrays.plain(arrays, stream=stream, sync=sync)
+    if plain is None:
+        return None
+    device_arrays, views = plain
+    checked = check(*views, *settings, device_arrays)
+    return None if checked is None else (device_arrays, checked)
+
+
+def _owner(result: Any) -> Any:
+    """A device result of the plain path as the caller gets it: the framework's own array."""
+    return result.owner
 
 
 def backends() -> tuple[str, ...]:
@@ -196,7 +137,7 @@ def checked_center_loss_inputs(
     return validation.validate_center_loss(features, labels, centers, alpha, rule, out, arrays, grad_out)
 
 
-@_with_shared_docs
+@with_shared_docs
 def gather_centers(centers: Any, labels: Any, *, backend: str = "auto", sync: bool = True, stream: Any = None) -> Any:
     """Return ``centers[labels]``: the (B, D) rows of the centers of the batch's classes.
 
@@ -256,6 +197,9 @@ def gather_centers(centers: Any, labels: Any, *, backend: str = "auto", sync: bo
         ...
     IndexError: label -1 at position 1 is out of range: labels must lie in [0, 3) for 3 classes
     """
+    plain = _plain_on_device(backend, validation.plain_device_gather, (centers, labels), stream=stream, sync=sync)
+    if plain is not None:  # the common case on a GPU, see validation.plain_device_gather
+        return _backends.load("cuda").gather_centers(plain[1].centers, plain[1].labels).owner
     to_caller = interop.converter_like(centers)
     centers, labels = _exportable(centers, labels)
     kernels, arrays = _select(backend, centers, labels, stream=stream, sync=sync)
@@ -263,7 +207,7 @@ def gather_centers(centers: Any, labels: Any, *, backend: str = "auto", sync: bo
     return to_caller(kernels.gather_centers(checked.centers, checked.labels))
 
 
-@_with_shared_docs
+@with_shared_docs
 def scatter_sub_update(
     centers: Any, labels: Any, updates: Any, *, out: Any = None, backend: str = "auto",
     deterministic: bool = False, sync: bool = True, stream: Any = None,
@@ -356,9 +300,14 @@ def scatter_sub_update(
     """
     caller_out = out
     checked = _plain(backend, validation.plain_scatter, (centers, labels, updates, out))
+    plain = None if checked is not None else _plain_on_device(
+        backend, validation.plain_device_scatter, (centers, labels, updates, out), stream=stream, sync=sync)
     if checked is not None:  # the common case on the CPU, see validation.plain_scatter
         to_caller = interop.converter_like(centers, host=True)
         kernels, arrays = _backends.load("numba"), _host_arrays("numba")
+    elif plain is not None:  # the common case on a GPU, see validation.plain_device_scatter
+        to_caller = _owner
+        kernels, (arrays, checked) = _backends.load("cuda"), plain
     else:
         to_caller = interop.converter_like(centers)
         centers, labels, updates, out = _exportable(centers, labels, updates, out)
@@ -373,7 +322,7 @@ def scatter_sub_update(
     return caller_out
 
 
-@_with_shared_docs
+@with_shared_docs
 def center_loss(
     features: Any, labels: Any, centers: Any, alpha: Any, *, rule: str = "facenet", out: Any = None,
     grad_out: Any = None, backend: str = "auto", deterministic: bool = False, sync: bool = True,
@@ -540,10 +489,16 @@ def center_loss(
     ValueError: unknown rule 'tensorflow'; valid choices are ...
     """
     caller_out, caller_grad_out = out, grad_out
-    checked = _plain(backend, validation.plain_center_loss, (features, labels, centers, out, grad_out), alpha, rule)
+    inputs = (features, labels, centers, out, grad_out)
+    checked = _plain(backend, validation.plain_center_loss, inputs, alpha, rule)
+    plain = None if checked is not None else _plain_on_device(
+        backend, validation.plain_device_center_loss, inputs, alpha, rule, stream=stream, sync=sync)
     if checked is not None:  # the common case on the CPU, see validation.plain_center_loss
         to_caller = interop.converter_like(features, host=True)
         kernels, arrays = _backends.load("numba"), _host_arrays("numba")
+    elif plain is not None:  # the common case on a GPU, see validation.plain_device_center_loss
+        to_caller = _owner
+        kernels, (arrays, checked) = _backends.load("cuda"), plain
     else:
         to_caller = interop.converter_like(features)
         features, labels, centers, out, grad_out = _exportable(features, labels, centers, out, grad_out)

@@ -229,14 +229,20 @@ def test_cuda_no_kernel_runs_before_every_kernel_of_the_call_is_ready(monkeypatc
 
     features, labels, centers, _ = _batch(8, 16, 3, 4)
     out = cuda.to_device(np.full_like(centers, 5.0))
-    real_prepare = driver.prepare
 
-    def failing_on_the_tile_kernel(dispatcher, *args):
-        if dispatcher is kernels.tile_step:
-            raise KeyboardInterrupt
-        return real_prepare(dispatcher, *args)
+    def failing_on_the_tile_kernel(real):
+        def prepare(launches, *args):
+            if any(launch.kernel is kernels.tile_step for launch in launches):
+                raise KeyboardInterrupt
+            return real(launches, *args)
 
-    monkeypatch.setattr(driver, "prepare", failing_on_the_tile_kernel)
+        return prepare
+
+    # the preparation of either launch path: a plan (the direct path), or Numba's compilation
+    real_make_plan = driver.make_plan
+    monkeypatch.setattr(driver, "make_plan", lambda key, launches, *args: failing_on_the_tile_kernel(
+        lambda launches, *args: real_make_plan(key, launches, *args))(launches, *args))
+    monkeypatch.setattr(driver, "compile_all", failing_on_the_tile_kernel(driver.compile_all))
     with pytest.raises(KeyboardInterrupt):
         centerkern.center_loss(cuda.to_device(features), cuda.to_device(labels), cuda.to_device(centers), 0.5,
                                out=out)
@@ -265,15 +271,15 @@ def test_cuda_launch_path_and_kernel_parameters():
     assert launcher.launch_path().startswith("numba dispatcher" if SIMULATED else "direct")
     view = DeviceView(None, 4096, (3, 5), (40, 8), np.dtype(np.float64), False, None)
     parameters = launcher.kernel_parameters((view, 7, 0.5, True))
-    # Numba's calling convention for an array: meminfo, parent, nitems, itemsize, data, shape, strides
-    assert parameters[:9] == [0, 0, 15, 8, 4096, 3, 5, 40, 8]
-    assert parameters[9].value == 7 and parameters[10].value == 0.5 and parameters[11] is True
+    # Numba's calling convention for an array: meminfo, parent, nitems, itemsize, data, shape, strides;
+    # each parameter in an 8-byte cell, as an int64 ("q") or a float64 ("d"), a bool as int 0 or 1
+    assert parameters[:9] == [("q", v) for v in (0, 0, 15, 8, 4096, 3, 5, 40, 8)]
+    assert parameters[9:] == [("q", 7), ("d", 0.5), ("q", 1)]
     # a named tuple (the rule's coefficients, the step's settings): its members, in order
     from centerkern._core.rules import SCATTER_SUB
 
     parameters = launcher.kernel_parameters((SCATTER_SUB, 3))
-    assert [p.value for p in parameters[:4]] == [0.0, 0.0, -1.0, 0.0] and parameters[4] is True
-    assert parameters[5].value == 3 and len(parameters) == 6
+    assert parameters == [("d", 0.0), ("d", 0.0), ("d", -1.0), ("d", 0.0), ("q", 1), ("q", 3)]
 
 
 def test_cuda_calls_of_other_sizes_one_after_another():

@@ -33,13 +33,13 @@ def _device(*host):
 
 @pytest.fixture
 def temporaries(monkeypatch):
-    """Every temporary a call makes, as (shape, dtype, zeroed), and how often they were given back."""
+    """Every temporary a call makes, as its size in bytes, and how often they were given back."""
     made, released = [], []
     real_temporary, real_release = cuda_arrays.DeviceArrays.temporary, cuda_arrays.DeviceArrays.release
 
-    def temporary(self, shape, dtype, zeroed=False):
-        made.append((tuple(shape), np.dtype(dtype), zeroed))
-        return real_temporary(self, shape, dtype, zeroed)
+    def temporary(self, size):
+        made.append(size)
+        return real_temporary(self, size)
 
     def release(self):
         released.append(self)
@@ -51,9 +51,9 @@ def temporaries(monkeypatch):
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_cuda_temporaries_are_per_call_and_nothing_k_by_d(temporaries, deterministic):
-    """A step makes three temporaries (zeroed int32 counters of 3 + 4K, int64 and float64
-    scratch) and gives them back; with many classes none is anywhere near K x D."""
+def test_cuda_one_temporary_per_call_and_nothing_k_by_d(temporaries, deterministic):
+    """A step makes one temporary (its counters of 1 + 3K int32, the spanning table, the sums and
+    the rest, carved from it) and gives it back; with many classes it is nowhere near K x D."""
     made, released = temporaries
     features, labels, centers = _batch(1, batch=20, width=5, classes=1000, hot_share=0.5)
     reference = centerkern.center_loss(features, labels, centers, 0.5, backend="numpy")
@@ -62,23 +62,38 @@ def test_cuda_temporaries_are_per_call_and_nothing_k_by_d(temporaries, determini
         made.clear()
         result = centerkern.center_loss(*_device(features, labels), device_centers, 0.5, out=device_centers,
                                         deterministic=deterministic)
-        assert [(dtype, zeroed) for _, dtype, zeroed in made] == [
-            (np.dtype(np.int32), True), (np.dtype(np.int64), False), (np.dtype(np.float64), False)]
-        assert made[0][0] == (kernels.COUNTER_FIELDS + kernels.BOOK_ROWS * 1000,)
-        assert all(np.prod(shape) < 1000 * 5 for shape, _, _ in made[1:])  # sized by B, not by K x D
+        layout = driver._step_layout(20, 1000, 5, deterministic)
+        assert made == [layout.size]
+        assert layout.parts["counters"][1] == (kernels.COUNTER_FIELDS + kernels.BOOK_ROWS * 1000,)
+        assert layout.parts["keys"][1] == (10,)  # a slot for each class that can span: min(K, B // 2)
+        assert layout.size < centers.nbytes  # sized by K and B, not by K x D
         device_centers = cuda.to_device(centers)
     assert len(released) == 2  # one release per call, after its launches
     assert float(to_host(result.loss)) == pytest.approx(reference.loss, rel=1e-9)
     assert_matches(result.centers, reference.centers, features, centers)
 
 
-def test_cuda_spanning_rows_bound_what_can_span():
+def test_cuda_layout_clears_what_starts_at_zero_and_aligns_every_part():
+    """The memset clears the counters and the keys (and the default mode's sums, which atomics add
+    into); every part sits at an offset its dtype aligns, none overlaps the next."""
+    for deterministic in (False, True):
+        layout = driver._step_layout(7 * kernels.TILE_ROWS, 50, 9, deterministic)
+        placed = sorted(layout.parts.values(), key=lambda part: part[0])
+        for (offset, shape, dtype), (next_offset, _, _) in zip(placed, placed[1:] + [(layout.size, None, None)]):
+            assert offset % dtype.itemsize == 0 and offset + np.prod(shape) * dtype.itemsize <= next_offset
+        sums_offset, sums_shape, _ = layout.parts["spanning_sums"]
+        cleared_to = layout.parts["keys"][0] + 4 * layout.parts["keys"][1][0]
+        if not deterministic:
+            cleared_to = sums_offset + 8 * int(np.prod(sums_shape))
+        assert layout.zero_bytes == -(-cleared_to // 4) * 4
+        assert sums_shape[0] == (7 * kernels.TILE_ROWS if deterministic else driver.spanning_slots(7 * kernels.TILE_ROWS, 50))
+
+
+def test_cuda_spanning_slots_bound_what_can_span():
     tile = kernels.TILE_ROWS
-    assert driver.spanning_rows(batch_size=100 * tile, num_classes=10**6, deterministic=False) == 50 * tile
-    assert driver.spanning_rows(batch_size=100 * tile, num_classes=3, deterministic=False) == 3
-    assert driver.spanning_rows(batch_size=100 * tile, num_classes=3, deterministic=True) == 300
-    assert driver.spanning_rows(batch_size=100 * tile, num_classes=10**6, deterministic=True) == 100 * tile
-    assert driver.spanning_rows(batch_size=1, num_classes=5, deterministic=False) == 0
+    assert driver.spanning_slots(batch_size=100 * tile, num_classes=10**6) == 50 * tile
+    assert driver.spanning_slots(batch_size=100 * tile, num_classes=3) == 3
+    assert driver.spanning_slots(batch_size=1, num_classes=5) == 1  # never an empty table
 
 
 def test_cuda_calls_on_two_streams_interleaved():
@@ -132,7 +147,7 @@ def test_cuda_calls_from_two_host_threads_at_once():
 def _fresh_record():
     """A record of its own (not the device's), for the protocol's tests."""
     with nullcontext() if SIMULATED else cuda.gpus[0]:
-        return record.ErrorRecord(cuda.current_context(), 0)
+        return record.ErrorRecord(-1, 0)
 
 
 @cuda.jit
@@ -142,46 +157,89 @@ def _post_many(record_array, positions):
         kernels._post(record_array, positions[i], 100 + positions[i], 7, 0)
 
 
-def test_cuda_record_posts_from_many_threads_claim_distinct_slots():
-    """Threads posting at once each claim a slot of their own; past the ring's size the rest are
-    counted as dropped, and told with the next error the host raises."""
+def _position(error) -> int:
+    return int(str(error).split(" at position ")[1].split()[0])
+
+
+def test_cuda_record_posts_from_many_threads_take_distinct_tickets():
+    """Threads posting at once each take a ticket of their own; past the ring's size the oldest
+    tickets' slots are reused, and the host counts those as dropped and tells them with the
+    next error it raises."""
     log = _fresh_record()
     posts = kernels.RECORD_SLOTS + 3
     positions = cuda.to_device(np.arange(posts, dtype=np.int64))
     _post_many[2, 16](log.view.numba(), positions)
     cuda.synchronize()
-    assert log.host[kernels.WRITTEN] == kernels.RECORD_SLOTS and log.host[kernels.DROPPED] == 3
+    assert log.host[kernels.WRITTEN] == posts
+    marks = [log.host[kernels.RECORD_HEADER + slot * kernels.SLOT_FIELDS] for slot in range(kernels.RECORD_SLOTS)]
+    assert sorted(marks) == list(range(4, posts + 1))  # every slot complete, holding one of the newest tickets
     seen = []
     for index in range(kernels.RECORD_SLOTS):
         error = log.take()
         assert isinstance(error, IndexError)
-        seen.append(int(str(error).split(" at position ")[1].split()[0]))
+        seen.append(_position(error))
         notes = getattr(error, "__notes__", [])
         assert (notes != []) == (index == 0)  # the drops are told once, with the first error
+        if index == 0:
+            assert "3 more call(s)" in notes[0]
     assert log.take() is None
-    assert len(set(seen)) == kernels.RECORD_SLOTS  # no slot was written twice
+    assert len(set(seen)) == kernels.RECORD_SLOTS  # no verdict taken twice
 
 
-def test_cuda_record_slot_claimed_but_not_yet_marked_is_left_for_the_next_look():
-    """The interleaving that lost verdicts before: the host looks while the device is between
-    claiming a slot and marking it. The host takes nothing then, clears nothing, and finds the
-    verdict at its next look; a verdict posted after the host took one waits in its own slot."""
+def _write_slot(host, ticket, fields, mark):
+    base = kernels.RECORD_HEADER + (ticket % kernels.RECORD_SLOTS) * kernels.SLOT_FIELDS
+    host[base + 1:base + 5] = fields
+    host[base] = mark
+
+
+def test_cuda_record_slot_being_written_is_left_for_the_next_look():
+    """The host looks while the device writes a slot (its mark says so): it takes nothing, and
+    finds the verdict at its next look; a verdict posted meanwhile waits in its own slot. (The
+    host stands in for the device here; the real host never writes the record.)"""
     log = _fresh_record()
     host = log.host
-    slot = kernels.RECORD_HEADER
-    host[kernels.WRITTEN] = 1  # the device claimed ticket 0 ...
-    host[slot + 1:slot + 5] = (4, 9, 6, 0)  # ... and is writing its fields: not yet marked
-    assert log.take() is None
-    assert host[kernels.TAKEN] == 0 and host[kernels.WRITTEN] == 1  # nothing cleared
-    host[slot] = 1  # marked
-    second = slot + kernels.SLOT_FIELDS
-    host[kernels.WRITTEN] = 2  # a second bad call claims ticket 1 while the host reads ticket 0
-    error = log.take()
-    assert "label 9 at position 4" in str(error)
-    host[second + 1:second + 5] = (2, -3, 6, 1)
-    host[second] = 2
+    host[kernels.WRITTEN] = 1  # the device took ticket 0 ...
+    _write_slot(host, 0, (4, 9, 6, 0), -1)  # ... and is writing its slot
+    assert log.take() is None and log.taken == 0
+    _write_slot(host, 0, (4, 9, 6, 0), 1)  # complete
+    host[kernels.WRITTEN] = 2  # a second bad call takes ticket 1 while the host reads ticket 0
+    assert "label 9 at position 4" in str(log.take())
+    assert log.take() is None  # ticket 1 not complete yet
+    _write_slot(host, 1, (2, -3, 6, 1), 2)
     assert "label -3 at position 2" in str(log.take())
     assert log.take() is None
+
+
+def test_cuda_record_overwritten_slots_are_dropped_never_taken_twice(monkeypatch):
+    """A slot that a newer ticket reuses before the host looks, or while it reads the fields, is
+    counted as dropped: the host never takes a verdict made of two posts' fields."""
+    log = _fresh_record()
+    host = log.host
+    for ticket in range(1, kernels.RECORD_SLOTS + 2):  # ticket 0's slot reused by ticket 16
+        _write_slot(host, ticket, (ticket, 50 + ticket, 99, 0), ticket + 1)
+    host[kernels.WRITTEN] = kernels.RECORD_SLOTS + 2
+    first = log.take()
+    assert _position(first) == 2 and "2 more call(s)" in first.__notes__[0]  # tickets 0 and 1 lost
+    # the slot of ticket 3 is reused by ticket 19 between the host's two reads of its mark
+    reads = iter([4, 20])
+    real_mark = log._mark
+    monkeypatch.setattr(log, "_mark", lambda ticket: next(reads) if ticket == 3 else real_mark(ticket))
+    second = log.take()
+    assert _position(second) == 4 and "1 more call(s)" in second.__notes__[0]
+
+
+def test_cuda_more_bad_calls_than_slots_each_raised_once_when_checked_between():
+    """More sync=False bad calls than the record has slots, with check_errors() after each: every
+    one is raised exactly once, in order, and none is told as dropped."""
+    features, labels, centers = _batch(11, batch=12, classes=4)
+    for call in range(kernels.RECORD_SLOTS + 4):
+        bad = labels.copy()
+        bad[call % 12] = 100 + call
+        centerkern.center_loss(*_device(features, bad, centers), 0.5, sync=False)
+        with pytest.raises(IndexError, match=f"label {100 + call} at position {call % 12} ") as raised:
+            centerkern.cuda.check_errors()
+        assert not getattr(raised.value, "__notes__", [])
+    centerkern.cuda.check_errors()
 
 
 def test_cuda_sync_false_bad_calls_are_raised_in_order_each_once():
@@ -235,8 +293,9 @@ def test_cuda_host_labels_with_device_features():
 
 def test_cuda_under_capture_what_cannot_be_captured_is_refused_before_writing(monkeypatch):
     """Under capture (as the driver sees it) a call must be sync=False, and not on Numba arrays,
-    whose results Numba allocates with cuMemAlloc: both refused, nothing written."""
+    whose results are freed when dropped rather than with a graph: both refused, nothing written."""
     monkeypatch.setattr(cuda_arrays, "is_capturing", lambda handle: True)
+    monkeypatch.setattr(cuda_arrays, "current_device_ordinal", lambda: 0)
     features, labels, centers = _batch(8, batch=30)
     device_centers = cuda.to_device(centers)
     with pytest.raises(ValueError, match="pass sync=False to capture"):
@@ -244,6 +303,49 @@ def test_cuda_under_capture_what_cannot_be_captured_is_refused_before_writing(mo
     with pytest.raises(ValueError, match="Numba device arrays cannot be captured"):
         centerkern.center_loss(*_device(features, labels), device_centers, 0.5, out=device_centers, sync=False)
     np.testing.assert_array_equal(to_host(device_centers), centers)
+
+
+def _fake_cupy(allocator_owner):
+    """The parts of CuPy a call's memory reads, with an allocator bound to ``allocator_owner``."""
+    import types
+
+    class MemoryPool:
+        def malloc(self, size):
+            raise AssertionError("nothing is allocated in this test")
+
+    class MemoryAsyncPool(MemoryPool):
+        pass
+
+    module = types.ModuleType("cupy")
+    owner = {"default": MemoryPool, "async": MemoryAsyncPool}[allocator_owner]()
+    module.cuda = types.SimpleNamespace(
+        Device=lambda ordinal: nullcontext(), get_current_stream=lambda: types.SimpleNamespace(ptr=0),
+        MemoryPool=MemoryPool, MemoryAsyncPool=MemoryAsyncPool, get_allocator=lambda: owner.malloc)
+    return module
+
+
+class _CupyLikeArray:
+    device = type("Device", (), {"id": 0})()
+
+
+_CupyLikeArray.__module__ = "cupy"  # how centerkern knows a CuPy array: the module of its type
+
+
+def test_cuda_capture_of_cupy_arrays_needs_its_stream_ordered_allocator(monkeypatch):
+    """CuPy's default pool hands memory a graph replays into to later arrays: a capture is refused
+    unless CuPy allocates in stream order (MemoryAsyncPool), and the message says how."""
+    import sys
+
+    monkeypatch.setattr(cuda_arrays, "is_capturing", lambda handle: True)
+    monkeypatch.setattr(cuda_arrays, "current_device_ordinal", lambda: 0)
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy("default"))
+    with pytest.raises(ValueError, match=r"cupy.cuda.set_allocator\(cupy.cuda.MemoryAsyncPool\(\).malloc\)"):
+        cuda_arrays.DeviceArrays(_CupyLikeArray(), sync=False)
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy("async"))
+    arrays = cuda_arrays.DeviceArrays(_CupyLikeArray(), sync=False)
+    assert arrays.capturing and arrays.memory.name == "cupy"
+    with pytest.raises(ValueError, match="pass sync=False to capture"):  # sync=True never captures
+        cuda_arrays.DeviceArrays(_CupyLikeArray(), sync=True)
 
 
 def test_cuda_batch_past_the_int32_bookkeeping_is_refused_before_writing(monkeypatch):

@@ -74,7 +74,6 @@ def test_launcher_types_match_numba_types():
 def test_ptx_kernels_reading_labels(label_dtype):
     labels = _array(label_dtype, 1)
     _compile(kernels.classify, labels, INT, COUNTERS)
-    _compile(kernels.number_spanning, labels, INT, COUNTERS, VECTOR, VECTOR, SETTINGS)
     _compile(kernels.check_labels, labels, INT, COUNTERS)
     _compile(kernels.copy_vector, labels, labels)  # a copy of overlapping labels
     for float_dtype in FLOAT_DTYPES:
@@ -87,13 +86,14 @@ def test_ptx_kernels_reading_labels(label_dtype):
 def test_ptx_step_kernels(float_dtype, label_dtype):
     labels, matrix = _array(label_dtype, 1), _array(float_dtype, 2)
     sums, squares = _array(np.float64, 2), _array(np.float64, 1)
-    ptx = _compile(kernels.tile_step, matrix, labels, matrix, matrix, matrix, COUNTERS, sums, VECTOR, VECTOR,
+    ptx = _compile(kernels.tile_step, matrix, labels, matrix, matrix, matrix, COUNTERS, COUNTERS, sums, VECTOR,
                    VECTOR, squares, RULE, SETTINGS)
     float_atomics = set(re.findall(r"\b(?:atom|red)(?:\.global)?\.add\.(f\d+)", ptx))
     assert float_atomics == {"f64"}  # the default mode's one atomic per (run, column), never rounded to float32
-    _compile(kernels.finish_spanning_classes, labels, matrix, matrix, COUNTERS, sums, VECTOR, VECTOR, VECTOR,
-             VECTOR, squares, squares, VECTOR, VECTOR, RULE, SETTINGS)
-    _compile(kernels.clear_spanning_sums, sums, COUNTERS)
+    # the spanning table's slots are claimed by a 32-bit compare-and-swap on its keys
+    assert re.search(r"atom(\.global)?\.cas\.b32", ptx)
+    _compile(kernels.finish_spanning_classes, labels, matrix, matrix, COUNTERS, COUNTERS, sums, VECTOR, VECTOR,
+             squares, squares, VECTOR, VECTOR, RULE, SETTINGS)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64, np.int32], ids=lambda d: np.dtype(d).name)
@@ -107,12 +107,14 @@ def test_ptx_copy_and_fill_kernels(dtype):
         _compile(kernels.fill_vector, vector, value)
 
 
-def test_ptx_record_post_uses_a_64_bit_compare_and_swap():
-    """The error record's slots are claimed by a 64-bit atomic compare-and-swap and marked behind a
-    system-wide fence (see kernels._post): both must reach the machine code."""
+def test_ptx_record_post_takes_a_ticket_and_reads_nothing_back():
+    """A post takes its ticket with one 64-bit atomic add and writes its slot behind system-wide
+    fences (see kernels._post), and no compare-and-swap on the record remains: the device never
+    reads what the host writes."""
     ptx = _compile(kernels.gather, _array(np.float32, 2), _array(np.int64, 1), _array(np.float32, 2), COUNTERS,
                    VECTOR, VECTOR, BOOL)
-    assert re.search(r"atom(\.global)?\.cas\.b64", ptx)
+    assert re.search(r"atom(\.global)?\.add\.u64", ptx)
+    assert not re.search(r"atom(\.global)?\.cas", ptx)
     assert "membar.sys" in ptx or "fence.sc.sys" in ptx or "fence.acq_rel.sys" in ptx
 
 
@@ -142,9 +144,12 @@ def _numbas_own_parameters(typed_values):
 
 
 def _assert_same_parameters(got, expected):
-    plain = lambda values: [getattr(v, "value", v) for v in values]  # ctypes scalars by value
-    assert plain(got) == plain(expected)
-    assert [type(v) for v in got] == [type(v) for v in expected]
+    """The launcher's (format, value) cells hold what Numba passes: the same values, a float64 as
+    a double ("d"), everything else as an 8-byte integer ("q": a bool's first byte is its value)."""
+    assert [value for _, value in got] == [int(getattr(v, "value", v)) if not isinstance(v, ctypes.c_double)
+                                           else v.value for v in expected]
+    assert [format_ for format_, _ in got] == ["d" if isinstance(v, ctypes.c_double) else "q" for v in expected]
+    assert all(type(v) in (int, bool, ctypes.c_int64, ctypes.c_double) for v in expected)
 
 
 @pytest.mark.parametrize("shape, strides", [((3, 5), (40, 8)), ((3, 5), (8, 24)), ((4, 2), (-16, 8)), ((7,), (8,))])
@@ -179,5 +184,4 @@ def test_launcher_flattens_named_tuples_as_numbas_own_launch_path():
     got = launcher.kernel_parameters(arguments)
     _assert_same_parameters(got, expected)
     assert len(got) == 9 + 5 + 1 + 5 + 5
-    assert [getattr(v, "value", v) for v in got[9:14]] == [0.25, 0.5, -2.0, 1.0, True]
-    assert launcher._argument_key(rule) == launcher._argument_key(SCATTER_SUB) != launcher._argument_key(settings)
+    assert [value for _, value in got[9:14]] == [0.25, 0.5, -2.0, 1.0, True]

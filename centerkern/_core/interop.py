@@ -180,7 +180,7 @@ def plain_host_arrays(*arrays: Any) -> list | None:
         if array is None or type(array) is np.ndarray:
             views.append(array)
             continue
-        if framework_of(array) != "torch":
+        if framework_of(array) != "torch" or array.is_cuda:  # (a CUDA tensor's numpy() raises: slower)
             return None
         view = seen.get(id(array))
         if view is None:
@@ -195,4 +195,8 @@ def plain_host_arrays(*arrays: Any) -> list | None:
 def is_device_array(x: Any) -> bool:
     """Whether ``x`` lives in GPU memory: the CUDA Array Interface (numba, CuPy, torch), or a
     Numba device array (which is how the CUDA simulator's arrays show themselves)."""
+    if type(x) is np.ndarray:
+        return False
+    if framework_of(x) == "torch" and hasattr(x, "is_cuda"):
+        return bool(x.is_cuda)  # torch's __cuda_array_interface__ is Python code that builds a dictionary
     return hasattr(x, "__cuda_array_interface__") or bool(getattr(x, "__cuda_ndarray__", False))

@@ -368,6 +368,68 @@ def plain_scatter(centers, labels, updates, out) -> ScatterInputs | None:
     return ScatterInputs(centers, labels.reshape(-1), updates, out, out is not None)
 
 
+# --------------------------------------------------------------------------- plain device inputs
+#
+# The same for device arrays, whose step is a few kernels of microseconds each: the host time
+# of the full validation would be most of the call. ``DeviceArrays.plain`` (the cuda backend)
+# makes views of plain device arrays of one framework on one device, and these checks read
+# their metadata. Anything else (a strided output, an overlap, an empty batch, N-D labels, a
+# bad dtype) returns None and takes the full validation, whose messages are SPEC's. The label
+# range check runs on the device either way.
+
+
+def _plain_device_matrix(x: Any) -> bool:
+    return len(x.shape) == 2 and x.dtype in FLOAT_DTYPES and x.size > 0
+
+
+def _plain_device_labels(labels: Any, batch_size: int) -> bool:
+    return len(labels.shape) == 1 and labels.dtype.kind in "iu" and labels.shape[0] == batch_size
+
+
+def _plain_device_target(target: Any, arrays, *inputs: Any) -> bool:
+    """A written array: writable, C-contiguous (so that it cannot overlap itself), overlapping
+    no input."""
+    if target.readonly or not target.is_c_contiguous():
+        return False
+    for x in inputs:
+        if x is not None and arrays.may_share_memory(target, x):
+            return False
+    return True
+
+
+def plain_device_center_loss(features, labels, centers, out, grad_out, alpha, rule, arrays) -> CenterLossInputs | None:
+    """``center_loss``'s device inputs checked in a few attribute reads (labels on the device),
+    or None where they need the full ``validate_center_loss``."""
+    if not (_plain_device_matrix(features) and _plain_device_matrix(centers) and features.dtype == centers.dtype
+            and features.shape[1] == centers.shape[1] and _plain_device_labels(labels, features.shape[0])
+            and rule in RULES and type(alpha) is float and math.isfinite(alpha)):
+        return None
+    if out is not None and not (out is centers and _plain_device_target(out, arrays, features, labels)):
+        return None
+    if grad_out is not None and not (grad_out.dtype == features.dtype and grad_out.shape == features.shape
+                                     and _plain_device_target(grad_out, arrays, features, labels, centers)):
+        return None
+    return CenterLossInputs(features, labels, centers, alpha, rule, out, out is not None, grad_out)
+
+
+def plain_device_scatter(centers, labels, updates, out, arrays) -> ScatterInputs | None:
+    """``scatter_sub_update``'s device inputs checked in a few attribute reads, or None."""
+    if not (_plain_device_matrix(centers) and _plain_device_matrix(updates) and updates.dtype == centers.dtype
+            and updates.shape[1] == centers.shape[1] and _plain_device_labels(labels, updates.shape[0])):
+        return None
+    if out is not None and not (out is centers and _plain_device_target(out, arrays, updates, labels)):
+        return None
+    return ScatterInputs(centers, labels, updates, out, out is not None)
+
+
+def plain_device_gather(centers, labels, arrays) -> GatherInputs | None:
+    """``gather_centers``' device inputs checked in a few attribute reads, or None."""
+    if not (_plain_device_matrix(centers) and len(labels.shape) == 1 and labels.dtype.kind in "iu"
+            and labels.shape[0] > 0):
+        return None
+    return GatherInputs(centers, labels)
+
+
 def validate_gather(centers: Any, labels: Any, arrays) -> GatherInputs:
     centers = _float_matrix(centers, "centers", arrays)
     labels = _labels(labels, None, centers.shape[0], arrays, "")

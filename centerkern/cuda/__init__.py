@@ -7,9 +7,11 @@ a module of its own:
 * ``kernels``: the ``@cuda.jit`` kernels, and why they are laid out as they are;
 * ``views``: device arrays as the kernels see them;
 * ``launcher``: compiling a kernel once per signature and launching it with little host work;
-* ``arrays``: each framework's stream and allocator, for one call's results and temporaries;
+* ``pool``: the stream-ordered memory pool of calls on Numba arrays;
+* ``memory``: each framework's stream and allocator, for one call's results and its temporary;
+* ``arrays``: one call's device arrays (``DeviceArrays``), checked and converted;
 * ``record``: the error record of each device, the one thing calls share;
-* ``driver``: what one call launches, in which order, on which temporaries.
+* ``driver``: what one call launches, in which order, on which parts of its temporary.
 
 Each imports only those above it.
 """

@@ -1,25 +1,8 @@
-"""Device arrays, streams and allocation, per framework.
-
-A call on device arrays is one more piece of work queued on the caller's GPU stream, with memory
-from the caller's allocator, like any op of the caller's framework:
-
-========== =========================================== ==========================================
-framework  stream                                      results, and the call's temporaries
-========== =========================================== ==========================================
-torch      ``torch.cuda.current_stream(device)``       torch's caching allocator (current stream)
-CuPy       the current stream of the array's device    CuPy's memory pool (that stream)
-other      ``stream=`` (a Numba stream or a            results: Numba (``cuda.device_array``);
-           ``CUstream`` handle); Numba's default       temporaries: the device's stream-ordered
-                                                       pool (``cuMemAllocAsync``/``FreeAsync``)
-========== =========================================== ==========================================
-
-Temporaries are made per call and given back when the call has queued its kernels: torch's and
-CuPy's allocators hand a block given back on a stream only to later work on that same stream,
-and a stream-ordered free waits for the work queued before it. So calls share no memory, on one
-stream or several, from one host thread or several.
+"""One call's device arrays: ``DeviceArrays``, and the launch shapes of the simple kernels.
 
 ``DeviceArrays`` is the twin of ``validation.HostArrays``: the same methods, for one call's
-device arrays, plus the call's stream, device and ``sync`` choice.
+device arrays, plus the call's stream, device and ``sync`` choice, and the memory of the
+caller's framework (``memory``) that its results and its one temporary come from.
 """
 
 from __future__ import annotations
@@ -31,13 +14,15 @@ from typing import Any
 import numpy as np
 from numba import cuda
 
-from .._core.interop import framework_of
 from .._core.interop import is_device_array
 from .._core.validation import HostArrays
 from . import kernels
-from .launcher import prepare
-from .views import DeviceView, numpy_dtypes_of_torch, simulated
+from .launcher import Launch, clear, current_device_ordinal, is_direct, launch_once, setup_under_capture
+from .memory import is_capturing, memory_for, plain_framework
+from .views import DeviceView, data_pointer, simulated
 
+_BYTES, _FLOAT64 = np.dtype(np.uint8), np.dtype(np.float64)
+_HERE = nullcontext()  # the device context of arrays on the current device: nothing to enter
 GRID_STRIDE_BLOCKS = 1024  # blocks for the 1-D grid-stride kernels
 THREADS_1D = 256
 ROW_BLOCKS = 8192  # most blocks along the rows (or tiles) of the 2-D grid-stride kernels
@@ -58,223 +43,6 @@ def row_threads(width: int) -> int:
 
 def row_blocks(rows: int) -> int:
     return max(1, min(ROW_BLOCKS, rows))
-
-
-# --------------------------------------------------------------------------- streams
-
-
-_streams: dict[int, Any] = {}
-
-
-def _external_stream(handle: int) -> Any:
-    """A Numba stream object for a ``CUstream`` handle (a wrapper that owns nothing)."""
-    stream = _streams.get(handle)
-    if stream is None:
-        if len(_streams) >= 256:  # a program that makes streams without end
-            _streams.clear()
-        stream = cuda.default_stream() if handle == 0 or simulated() else cuda.external_stream(handle)
-        _streams[handle] = stream
-    return stream
-
-
-def stream_handle(stream: Any) -> int:
-    """The ``CUstream`` handle of a Numba stream, a torch or CuPy stream, or an integer."""
-    if isinstance(stream, (int, np.integer)) and not isinstance(stream, bool):
-        return int(stream)
-    for attribute in ("cuda_stream", "ptr"):  # torch.cuda.Stream, cupy.cuda.Stream
-        if isinstance(getattr(stream, attribute, None), int):
-            return getattr(stream, attribute)
-    handle = getattr(stream, "handle", None)  # a Numba stream
-    if handle is not None:
-        return int(getattr(handle, "value", handle) or 0)
-    raise TypeError(f"stream must be a Numba stream or an integer CUstream handle, got {type(stream).__name__}")
-
-
-def _numba_stream(stream: Any) -> tuple[int, Any]:
-    """(handle, Numba stream object) for the ``stream=`` keyword."""
-    if stream is None:
-        default = cuda.default_stream()  # the legacy stream, or the per-thread one if Numba is set so
-        return (0 if simulated() else stream_handle(default)), default
-    if simulated() and hasattr(stream, "synchronize"):
-        return id(stream), stream  # the simulator's streams have no handle; it runs everything in order
-    handle = stream_handle(stream)
-    if simulated() or not _is_numba_stream(stream):
-        return handle, _external_stream(handle)
-    return handle, stream
-
-
-def _is_numba_stream(stream: Any) -> bool:
-    from numba.cuda.cudadrv.driver import Stream
-
-    return isinstance(stream, Stream)
-
-
-def _framework_stream(stream: Any, current: int, how: str) -> int:
-    """The caller framework's current stream; ``stream=`` may only name that same stream, since the
-    framework's allocator orders its memory by its current stream."""
-    if stream is not None and stream_handle(stream) != current:
-        raise ValueError(
-            f"stream= names stream {stream_handle(stream):#x}, but these arrays' framework works on its "
-            f"current stream {current:#x}: make the stream current ({how}) instead of passing stream="
-        )
-    return current
-
-
-def is_capturing(handle: int) -> bool:
-    """Whether the stream is under CUDA graph capture (where nothing may wait for the GPU)."""
-    if simulated():
-        return False
-    from cuda.bindings import driver as cuda_driver
-
-    error, status = cuda_driver.cuStreamIsCapturing(cuda_driver.CUstream(handle))
-    if error != cuda_driver.CUresult.CUDA_SUCCESS:  # e.g. the legacy stream while another captures
-        raise RuntimeError(f"cannot queue work on stream {handle:#x}: {error.name}")
-    return status != cuda_driver.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_NONE
-
-
-# --------------------------------------------------------------------------- frameworks
-
-
-class _StreamOrderedBuffer:
-    """Device memory of the current device's stream-ordered pool (``cuMemAllocAsync``), made and
-    given back on one stream: no host wait either way, and legal under graph capture."""
-
-    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, handle: int):
-        from cuda.bindings import driver as cuda_driver
-
-        self._driver, self._stream = cuda_driver, cuda_driver.CUstream(handle)
-        size = max(1, math.prod(shape) * dtype.itemsize)
-        error, pointer = cuda_driver.cuMemAllocAsync(size, self._stream)
-        if error != cuda_driver.CUresult.CUDA_SUCCESS:
-            raise MemoryError(f"cuMemAllocAsync of {size} bytes on stream {handle:#x} failed: {error.name}")
-        self._pointer = pointer
-        self.__cuda_array_interface__ = {"shape": tuple(shape), "typestr": dtype.str, "strides": None,
-                                         "data": (int(pointer), False), "version": 3, "stream": None}
-
-    def release(self) -> None:
-        if self._pointer is not None:
-            self._driver.cuMemFreeAsync(self._pointer, self._stream)  # after the work queued on the stream
-            self._pointer = None
-
-
-class _NumbaMemory:
-    """Arrays that are not torch's or CuPy's: Numba allocations, the ``stream=`` keyword."""
-
-    name = "numba"
-
-    def __init__(self, like: Any, stream: Any):
-        self.stream_handle, self.stream = _numba_stream(stream)
-        self.device_ordinal = 0 if simulated() else cuda.get_current_device().id
-        self.pooled: list[_StreamOrderedBuffer] = []
-
-    def empty(self, shape, dtype):
-        return cuda.device_array(shape, dtype=dtype, stream=self.stream)
-
-    def temporary(self, shape, dtype):
-        if simulated():  # the simulator's memory is NumPy's
-            return cuda.device_array(shape, dtype=dtype, stream=self.stream)
-        buffer = _StreamOrderedBuffer(shape, dtype, self.stream_handle)
-        self.pooled.append(buffer)
-        return buffer
-
-    def zeros(self, shape, dtype):
-        return None  # filled by a kernel on the call's stream (see DeviceArrays.zeros)
-
-    def release(self) -> None:
-        for buffer in self.pooled:
-            buffer.release()
-        self.pooled.clear()
-
-    def from_host(self, host):
-        return cuda.to_device(host, stream=self.stream)
-
-    def flat(self, view):
-        # rare (labels of three or more dimensions, strided): through the host, on the call's stream
-        host = np.ascontiguousarray(view.numba().copy_to_host(stream=self.stream)).reshape(-1)
-        return cuda.to_device(host, stream=self.stream)
-
-
-class _TorchMemory:
-    name = "torch"
-
-    def __init__(self, like: Any, stream: Any):
-        import torch
-
-        self.torch, self.device = torch, like.device
-        current = torch.cuda.current_stream(self.device)
-        self.stream_handle = _framework_stream(stream, int(current.cuda_stream), "torch.cuda.stream(...)")
-        self.stream = _external_stream(self.stream_handle)
-        self.device_ordinal = self.device.index if self.device.index is not None else torch.cuda.current_device()
-
-    def empty(self, shape, dtype):
-        return self.torch.empty(shape, dtype=_torch_dtype(dtype), device=self.device)
-
-    temporary = empty  # given back to the caching allocator when the call drops it
-
-    def zeros(self, shape, dtype):
-        return self.torch.zeros(shape, dtype=_torch_dtype(dtype), device=self.device)
-
-    def release(self) -> None:
-        pass
-
-    def from_host(self, host):
-        return self.torch.as_tensor(host, device=self.device)  # copied on torch's current stream
-
-    def flat(self, view):
-        return view.owner.reshape(-1)  # a copy on torch's current stream, from its allocator
-
-
-def _torch_dtype(dtype) -> Any:
-    for torch_dtype, numpy_dtype in numpy_dtypes_of_torch().items():
-        if numpy_dtype == dtype:
-            return torch_dtype
-    raise TypeError(f"torch has no dtype {np.dtype(dtype)}")
-
-
-class _CupyMemory:
-    name = "cupy"
-
-    def __init__(self, like: Any, stream: Any):
-        import cupy
-
-        self.cupy, self.device_ordinal = cupy, like.device.id
-        with cupy.cuda.Device(self.device_ordinal):  # the current stream is per device
-            current = cupy.cuda.get_current_stream()
-        self.stream_handle = _framework_stream(stream, int(current.ptr), "with cupy.cuda.Stream(...)")
-        self.stream = _external_stream(self.stream_handle)
-
-    def _on_device(self):
-        return self.cupy.cuda.Device(self.device_ordinal)  # and with it, that device's current stream
-
-    def empty(self, shape, dtype):
-        with self._on_device():
-            return self.cupy.empty(shape, dtype=dtype)
-
-    temporary = empty  # given back to CuPy's pool when the call drops it
-
-    def zeros(self, shape, dtype):
-        with self._on_device():
-            return self.cupy.zeros(shape, dtype=dtype)
-
-    def release(self) -> None:
-        pass
-
-    def from_host(self, host):
-        with self._on_device():
-            return self.cupy.asarray(host)
-
-    def flat(self, view):
-        with self._on_device():
-            return view.owner.reshape(-1)  # a copy on CuPy's current stream, from its pool
-
-
-def _memory_for(like: Any, stream: Any):
-    framework = framework_of(like)
-    if framework == "torch":
-        return _TorchMemory(like, stream)
-    if framework == "cupy":
-        return _CupyMemory(like, stream)
-    return _NumbaMemory(like, stream)
 
 
 # --------------------------------------------------------------------------- one call's arrays
@@ -325,8 +93,9 @@ class DeviceArrays:
     ------
     ValueError
         If ``stream`` names another stream than the current one of the torch tensors or CuPy
-        arrays, or the stream is under CUDA graph capture and ``sync`` is True or the arrays are
-        Numba's (whose allocations a capture cannot make).
+        arrays, or the stream is under CUDA graph capture and ``sync`` is True, or the arrays are
+        Numba's (whose results are freed when dropped, not with a graph), or CuPy's with CuPy's
+        default memory pool (which is not stream-ordered, see the module docstring).
     TypeError
         If ``stream`` is neither a stream nor an integer handle.
     RuntimeError
@@ -366,28 +135,70 @@ class DeviceArrays:
     name = "device"
 
     def __init__(self, like: Any, *, stream: Any = None, sync: bool = True):
-        self.memory = _memory_for(like, stream)
+        self.memory = memory_for(like, stream)
         self.stream = self.memory.stream
         self.stream_handle = self.memory.stream_handle
-        self.device_ordinal = self.memory.device_ordinal
         self.sync = bool(sync)
-        # Numba's current device may differ from the arrays' (torch's current device is its own)
-        self._elsewhere = not simulated() and cuda.get_current_device().id != self.device_ordinal
+        # whether the stream captures is asked first, of the framework's stream: under capture
+        # (a fresh process whose first call is captured) every setup below runs relaxed
         self.capturing = is_capturing(self.stream_handle)
-        if self.capturing and self.sync:
+        if self.capturing:
+            self._check_capture()
+        with setup_under_capture(self.capturing):
+            self.memory.set_device()
+            self.device_ordinal = self.memory.device_ordinal
+            # the current context may be another device's (torch's current device is its own)
+            self._elsewhere = not simulated() and current_device_ordinal() != self.device_ordinal
+
+    @classmethod
+    def plain(cls, candidates: tuple, *, stream: Any = None, sync: bool = True):
+        """The call's ``DeviceArrays`` and views of ``candidates`` (None stays None; one array
+        passed twice gives one view), where they are plain device arrays of one framework on one
+        device: torch CUDA tensors (or parameters), CuPy arrays, or Numba device arrays. None
+        for anything else, which takes the full validation. What the views hold is checked by
+        ``validation.plain_device_*``."""
+        first = candidates[0]
+        framework = plain_framework(first)
+        if framework is None:
+            return None
+        device = first.get_device() if framework == "torch" else None
+        for x in candidates:
+            if x is not None and x is not first and (plain_framework(x) != framework
+                                                     or (framework == "torch" and x.get_device() != device)):
+                return None
+        arrays = cls(first, stream=stream, sync=sync)
+        views, seen = [], {}
+        for x in candidates:
+            if x is None:
+                views.append(None)
+                continue
+            view = seen.get(id(x))
+            if view is None:
+                view = seen[id(x)] = DeviceView.of(x, arrays)
+            views.append(view)
+        return arrays, views
+
+    def _check_capture(self) -> None:
+        if self.sync:
             raise ValueError("sync=True waits for the GPU, which a stream under CUDA graph capture cannot; "
                              "pass sync=False to capture this call")
-        if self.capturing and self.memory.name == "numba":
+        if self.memory.name == "numba":
             raise ValueError(
-                "a call on Numba device arrays cannot be captured in a CUDA graph: its results are Numba "
-                "allocations (cuMemAlloc), which a capture cannot make; capture calls on torch tensors or CuPy "
-                "arrays, whose allocators serve graphs"
+                "a call on Numba device arrays cannot be captured in a CUDA graph: its results are Numba arrays, "
+                "freed when dropped rather than with the graph; capture calls on torch tensors or CuPy arrays, "
+                "whose allocators serve graphs"
+            )
+        if self.memory.name == "cupy" and not self.memory.graph_safe():
+            raise ValueError(
+                "a call on CuPy arrays can be captured in a CUDA graph only with CuPy's stream-ordered allocator: "
+                "CuPy's default memory pool hands memory a graph replays into to later arrays; call "
+                "cupy.cuda.set_allocator(cupy.cuda.MemoryAsyncPool().malloc) before capturing"
             )
 
     def device_context(self):
         """Numba's context for the device of the call's arrays: kernels are bound, and Numba and
         the stream-ordered pool allocate, in the current context."""
-        return cuda.gpus[self.device_ordinal] if self._elsewhere else nullcontext()
+        return cuda.gpus[self.device_ordinal] if self._elsewhere else _HERE
 
     def asarray(self, x: Any, what: str) -> DeviceView:
         """``x`` as a ``DeviceView``: a device array as it is (no copy), a host array copied to
@@ -464,36 +275,28 @@ class DeviceArrays:
 
     def empty(self, shape: tuple[int, ...], dtype) -> DeviceView:
         """A result: the caller's framework's array, which the caller gets back."""
+        shape, dtype = tuple(shape), np.dtype(dtype)
         with self.device_context():
-            view = DeviceView.of(self.memory.empty(tuple(shape), np.dtype(dtype)), self)
-        view.fresh = True
-        return view
+            owner = self.memory.empty(shape, dtype)
+        return DeviceView.contiguous(owner, data_pointer(owner), shape, dtype, self, fresh=True)
 
     def zeros(self, shape: tuple[int, ...], dtype) -> DeviceView:
-        """A zeroed result, like ``empty`` (zeroed by a kernel on the call's stream where the
-        framework has no zeros of its own)."""
-        with self.device_context():
-            owner = self.memory.zeros(tuple(shape), np.dtype(dtype))
-        if owner is None:
-            view = self.empty(shape, dtype)
+        """A zeroed result, like ``empty``: cleared by a memset on the call's stream (a fill kernel
+        on Numba's own launch path)."""
+        view = self.empty(shape, dtype)
+        if is_direct():
+            with self.device_context():
+                clear(view.pointer, view.size * view.dtype.itemsize, self.stream_handle)
+        else:
             self.fill(view, 0)
-            return view
-        view = DeviceView.of(owner, self)
-        view.fresh = True
         return view
 
-    def temporary(self, shape: tuple[int, ...], dtype, zeroed: bool = False) -> DeviceView:
-        """Memory for this call alone (see the module docstring); call ``release`` once the call's
+    def temporary(self, size: int) -> DeviceView:
+        """``size`` bytes for this call alone (see the module docstring), the call's one temporary,
+        which it carves into its parts (``DeviceView.part``); call ``release`` once the call's
         kernels are queued. The caller's device context must be current."""
-        dtype = np.dtype(dtype)
-        if zeroed:
-            owner = self.memory.zeros(tuple(shape), dtype)
-            if owner is not None:
-                return DeviceView.of(owner, self)
-        view = DeviceView.of(self.memory.temporary(tuple(shape), dtype), self)
-        if zeroed:
-            self.fill(view, 0)
-        return view
+        owner = self.memory.temporary(size)
+        return DeviceView.contiguous(owner, data_pointer(owner), (max(1, size),), _BYTES, self)
 
     def release(self) -> None:
         """Give the call's temporaries back, in stream order (torch's and CuPy's go when dropped)."""
@@ -503,24 +306,28 @@ class DeviceArrays:
         """A fresh copy of ``x``, made before the call's label check (validation's copies of an
         input that overlaps the output)."""
         out = self.empty(x.shape, x.dtype)
-        with self.device_context():
-            if x.ndim == 1:
-                prepare(kernels.copy_vector, *launch_1d(x.size), self, x, out)()
-            else:
-                prepare(kernels.copy_matrix, row_blocks(x.shape[0]), row_threads(x.shape[1]), self, x, out)()
+        if x.ndim == 1:
+            self._launch(Launch(kernels.copy_vector, *launch_1d(x.size), (x, out)))
+        else:
+            self._launch(Launch(kernels.copy_matrix, row_blocks(x.shape[0]), row_threads(x.shape[1]), (x, out)))
         return out
 
     def fill(self, view: DeviceView, value) -> None:
         """Fill an array of the backend's own, on the call's stream."""
+        if view.ndim == 1:
+            self._launch(Launch(kernels.fill_vector, *launch_1d(view.size), (view, value)))
+        else:
+            self._launch(Launch(kernels.fill_rows, row_blocks(view.shape[0]), row_threads(view.shape[1]),
+                                (view, value)))
+
+    def _launch(self, launch: Launch) -> None:
         with self.device_context():
-            if view.ndim == 1:
-                prepare(kernels.fill_vector, *launch_1d(view.size), self, view, value)()
-            else:
-                prepare(kernels.fill_rows, row_blocks(view.shape[0]), row_threads(view.shape[1]), self, view,
-                        value)()
+            launch_once([launch], self)
 
     def new_loss(self) -> DeviceView:
         """A float64 0-d array of the caller's framework (the view's owner, given back to the
         caller), seen by the kernels as a vector of one."""
         with self.device_context():
-            return DeviceView.of(self.memory.empty((), np.dtype(np.float64)), self).reshape((1,))
+            owner = self.memory.empty((), _FLOAT64)
+        loss = DeviceView(owner, data_pointer(owner), (), (), _FLOAT64, False, self)
+        return loss.part(0, (1,), _FLOAT64)

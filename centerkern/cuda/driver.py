@@ -1,18 +1,23 @@
 """One call of the ``cuda`` backend, in order: its arrays, its temporaries, its launches, its verdict.
 
 A call shares nothing with other calls but the compiled kernels and its device's error record
-(``record``): every temporary is made for the call from the caller's allocator on the caller's
-stream (``arrays``), so calls on several streams, or from several host threads, are
-independent. The per-class bookkeeping is a K-sized int32 vector zeroed on the stream; the
-float64 sums of classes that span tiles take rows for what can span, not one per sample.
+(``record``): its one temporary is made for the call from the caller's allocator on the
+caller's stream (``arrays``) and carved into its parts (``_step_layout``), so calls on several
+streams, or from several host threads, are independent. The per-class bookkeeping is a K-sized
+int32 vector cleared on the stream; the float64 sums of classes that span tiles take rows for
+what can span, not one per sample.
 
-Kernels of a call are all compiled (``launcher.prepare``) before the first one that writes runs.
+A call's launches are described once per launch signature (shapes, strides, dtypes, rule,
+settings, device context) and kept as a ``launcher.LaunchPlan``: a later call with the same
+signature allocates its temporary, hands the plan its arrays' data pointers, and the plan
+clears the temporary's first bytes and launches. Every kernel of a call is compiled before the
+first one that writes runs.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -22,18 +27,43 @@ from . import kernels
 from . import record
 from .arrays import DeviceArrays, grid_1d, launch_1d, row_blocks, row_threads
 from .kernels import StepSettings
-from .launcher import prepare, setup_under_capture
+from .launcher import (Launch, compile_all, copy_to_host, current_context_id, driver_stream, is_direct,
+                       launch_through_numba, make_plan, plan_for, setup_under_capture)
 from .views import DeviceView
 
-# the bookkeeping counts rows in int32 (see kernels): B - row and row + 1 must fit
+# the bookkeeping counts rows in int32 (see kernels): B - row and row + 1 must fit; so must label + 1
 MOST_ROWS = 2**31 - 2
+MOST_CLASSES = 2**31 - 2
+
+
+class Layout(NamedTuple):
+    """A call's one temporary: its ``size`` in bytes, the ``zero_bytes`` the stream clears first,
+    and its parts, name: (byte offset, shape, dtype)."""
+
+    size: int
+    zero_bytes: int
+    parts: dict
+
+
+def _layout(*parts: tuple[str, tuple[int, ...], Any], zeroed: int) -> Layout:
+    """The parts laid end to end, each at an offset its dtype aligns (8 bytes at most); the first
+    ``zeroed`` of them are cleared by the call."""
+    offset, placed, zero_bytes = 0, {}, 0
+    for index, (name, shape, dtype) in enumerate(parts):
+        dtype = np.dtype(dtype)
+        offset = -(-offset // dtype.itemsize) * dtype.itemsize
+        placed[name] = (offset, shape, dtype)
+        offset += math.prod(shape) * dtype.itemsize
+        if index < zeroed:
+            zero_bytes = -(-offset // 4) * 4  # cleared in 32-bit words
+    return Layout(offset, zero_bytes, placed)
 
 
 class _Call:
     """Everything one call does around its launches: its arrays as device views (host arrays,
     for ``backend='cuda'`` on NumPy inputs, copied in and the written ones copied back), the
-    device's context, an earlier call's bad label raised before anything is written, the
-    temporaries given back, and with ``sync`` (or host arrays) the call's own verdict."""
+    device's context, an earlier call's bad label raised before anything is written, its one
+    temporary, its launch plan, and with ``sync`` (or host arrays) the call's own verdict."""
 
     def __init__(self, *candidates):
         views = [a for a in candidates if isinstance(a, DeviceView)]
@@ -55,8 +85,14 @@ class _Call:
         self._context = self.arrays.device_context()
         self._context.__enter__()
         try:
-            with setup_under_capture(self.arrays.capturing):  # made once per device context
-                self.record = record.for_current_context(self.arrays.device_ordinal)
+            self.context_id = current_context_id()
+            if self.context_id is None:  # no context current on this thread yet: Numba makes it so
+                with setup_under_capture(self.arrays.capturing):
+                    from numba import cuda
+
+                    cuda.current_context()
+                self.context_id = current_context_id()
+            self.record = self._record()
             earlier = self.record.take()  # an earlier sync=False call's bad label, raised before this call writes
             if earlier is not None:
                 raise earlier
@@ -65,27 +101,45 @@ class _Call:
             raise
         return self
 
-    def temporaries(self, batch_size: int, num_classes: int, indices: int, floats: int):
-        """The call's zeroed int32 counters (see ``kernels``) and its int64 and float64 scratch,
-        each one allocation; the verdict is the first entries of the int64 one."""
-        if batch_size > MOST_ROWS:
-            raise ValueError(f"the cuda backend takes at most {MOST_ROWS} rows per call, got {batch_size}")
-        arrays = self.arrays
-        counters = arrays.temporary((kernels.COUNTER_FIELDS + kernels.BOOK_ROWS * num_classes,), np.int32,
-                                    zeroed=True)
-        index_scratch = arrays.temporary((kernels.VERDICT_SIZE + indices,), np.int64)
-        float_scratch = arrays.temporary((max(1, floats),), np.float64)
-        self.verdict = index_scratch.part(0, (kernels.VERDICT_SIZE,))
-        return counters, index_scratch, float_scratch
+    def _record(self) -> record.ErrorRecord:
+        found = record._records.get(self.context_id)
+        if found is not None:
+            return found
+        with setup_under_capture(self.arrays.capturing):  # made once per device context
+            return record.for_context(self.context_id, self.arrays.device_ordinal)
 
-    def launch(self, launches) -> None:
-        for launch in launches:
-            launch()
+    def run(self, signature: tuple, roots: dict[str, DeviceView | None], layout_of, launches_of) -> None:
+        """Launch the call's kernels: through this thread's plan for the call's launch signature
+        (``signature`` and the roots' dtypes, shapes and strides), made at the first call with it
+        from ``layout_of()`` (the temporary's ``Layout``) and ``launches_of(parts)`` (the
+        launches, given the temporary's parts as views)."""
+        key = (signature, self.context_id, self.arrays.device_ordinal,
+               *[None if v is None else (v.dtype, v.shape, v.strides) for v in roots.values()])
+        direct = is_direct()
+        plan = plan_for(key) if direct else None
+        layout = layout_of() if plan is None else plan.layout
+        temporary = self.arrays.temporary(layout.size)
+        if self.waits:
+            self.verdict = temporary.part(*layout.parts["verdict"])
+        if plan is None:
+            parts = {name: temporary.part(offset, shape, dtype) for name, (offset, shape, dtype) in layout.parts.items()}
+            launches = launches_of(parts)
+            every_root = {**roots, "temporary": temporary, "record": self.record.view}
+            plan = make_plan(key, launches, every_root, layout, self.context_id, self.arrays.capturing) \
+                if direct else None
+            if plan is None:  # Numba's own launch path: the temporary's first bytes cleared by a kernel
+                if layout.zero_bytes:
+                    zeroed = temporary.part(0, (layout.zero_bytes // 4,), np.int32)
+                    launches = [Launch(kernels.fill_vector, *launch_1d(zeroed.size), (zeroed, 0)), *launches]
+                compile_all(launches, self.arrays.capturing)
+                launch_through_numba(launches, self.arrays.stream)
+                return
+        pointers = [0 if v is None else v.pointer for v in roots.values()]
+        plan.run(driver_stream(self.arrays.stream_handle), (*pointers, temporary.pointer, self.record.view.pointer))
 
     def __exit__(self, kind, error, traceback) -> bool:
         try:
             if kind is None and self.waits:
-                self.arrays.stream.synchronize()
                 bad = self._own_verdict()
                 if bad is not None:
                     raise bad
@@ -99,10 +153,15 @@ class _Call:
         return False
 
     def _own_verdict(self) -> IndexError | None:
+        """The call's verdict, copied back once the call's kernels are done (the host waits)."""
         if self.verdict is None:
             return None
-        verdict = self.verdict.numba().copy_to_host(stream=self.arrays.stream)
-        self.arrays.stream.synchronize()
+        if is_direct():
+            verdict = np.empty(kernels.VERDICT_SIZE, np.int64)
+            copy_to_host(verdict, self.verdict.pointer, self.arrays.stream_handle)
+        else:
+            verdict = self.verdict.numba().copy_to_host(stream=self.arrays.stream)
+            self.arrays.stream.synchronize()
         position, value, num_classes, negative = (int(v) for v in verdict)
         if position == kernels.NO_ROW:
             return None
@@ -115,6 +174,19 @@ class _Call:
         """Whether the last kernel posts a bad label to the device's record: when nobody waits
         for this call's own verdict."""
         return not self.waits
+
+
+def _gather_layout(batch_size: int) -> Layout:
+    _check_sizes(batch_size, 0)
+    return _layout(("counters", (kernels.COUNTER_FIELDS,), np.int32), ("verdict", (kernels.VERDICT_SIZE,), np.int64),
+                   zeroed=1)
+
+
+def _check_sizes(batch_size: int, num_classes: int) -> None:
+    if batch_size > MOST_ROWS:
+        raise ValueError(f"the cuda backend takes at most {MOST_ROWS} rows per call, got {batch_size}")
+    if num_classes > MOST_CLASSES:
+        raise ValueError(f"the cuda backend takes at most {MOST_CLASSES} classes, got {num_classes}")
 
 
 def gather_centers(centers: Any, labels: Any) -> Any:
@@ -176,16 +248,18 @@ def gather_centers(centers: Any, labels: Any) -> Any:
     [[4.0, 5.0], [0.0, 1.0], [4.0, 5.0]]
     """
     call = _Call(centers, labels)
-    arrays = call.arrays
     centers, labels = call(centers), call(labels)
-    out = arrays.empty((labels.size, centers.shape[1]), centers.dtype)
+    out = call.arrays.empty((labels.size, centers.shape[1]), centers.dtype)
     with call:
-        counters, _, _ = call.temporaries(labels.size, 0, 0, 0)
-        call.launch([
-            prepare(kernels.check_labels, *launch_1d(labels.size), arrays, labels, centers.shape[0], counters),
-            prepare(kernels.gather, row_blocks(labels.size), row_threads(centers.shape[1]), arrays, centers, labels,
-                    out, counters, call.verdict, call.record.view, call.posts),
-        ])
+        def launches(parts):
+            return [
+                Launch(kernels.check_labels, *launch_1d(labels.size), (labels, centers.shape[0], parts["counters"])),
+                Launch(kernels.gather, row_blocks(labels.size), row_threads(centers.shape[1]),
+                       (centers, labels, out, parts["counters"], parts["verdict"], call.record.view, call.posts)),
+            ]
+
+        call.run(("gather", call.posts), {"centers": centers, "labels": labels, "out": out},
+                 lambda: _gather_layout(labels.size), launches)
     return out.numba().copy_to_host() if call.on_host else out
 
 
@@ -362,14 +436,29 @@ def center_loss_step(
                              deterministic=deterministic, copy_from=copy_from)
 
 
-def spanning_rows(batch_size: int, num_classes: int, deterministic: bool) -> int:
-    """Rows of float64 spanning sums a call needs at most: one per class that spans tiles (a class
-    with two samples or more, so at most min(K, B/2)), or with ``deterministic`` one per run of
-    such a class (at most one per sample, and per class and tile)."""
-    if deterministic:
-        tiles = math.ceil(batch_size / kernels.TILE_ROWS)
-        return min(batch_size, tiles * min(kernels.TILE_ROWS, num_classes))
-    return min(num_classes, batch_size // 2)
+def spanning_slots(batch_size: int, num_classes: int) -> int:
+    """Slots of the spanning table (see ``kernels``): one for every class that can span tiles, a
+    class with two samples or more, so at most min(K, B // 2)."""
+    return max(1, min(num_classes, batch_size // 2))
+
+
+def _step_layout(batch_size: int, num_classes: int, width: int, deterministic: bool) -> Layout:
+    """The temporary of a step or scatter: the counters and the spanning table's keys (cleared),
+    the float64 spanning sums (cleared too in the default mode, whose atomics add into them;
+    with ``deterministic`` one row per sample, each written whole before it is read), the tile
+    kernel's block sums of squares, the verdict, and with ``deterministic`` the tile-sorted
+    labels and rows the finishing kernel searches."""
+    _check_sizes(batch_size, num_classes)
+    slots = spanning_slots(batch_size, num_classes)
+    threads = row_threads(width)
+    blocks = row_blocks(math.ceil(batch_size / kernels.TILE_ROWS)) * max(1, math.ceil(width / threads))
+    per_row = batch_size if deterministic else 1
+    counters = ("counters", (kernels.COUNTER_FIELDS + kernels.BOOK_ROWS * num_classes,), np.int32)
+    keys = ("keys", (slots,), np.int32)
+    sums = ("spanning_sums", (max(1, batch_size) if deterministic else slots, width), np.float64)
+    rest = [("block_squares", (blocks,), np.float64), ("verdict", (kernels.VERDICT_SIZE,), np.int64),
+            ("tile_sorted_labels", (per_row,), np.int64), ("tile_sorted_rows", (per_row,), np.int64)]
+    return _layout(counters, keys, sums, *rest, zeroed=2 if deterministic else 3)
 
 
 def _segmented_update(rows, labels, centers, written, grad, rule: RuleCoefficients, *, rows_are_features: bool,
@@ -392,61 +481,47 @@ def _segmented_update(rows, labels, centers, written, grad, rule: RuleCoefficien
         written_is_fresh=bool(written.fresh and written is not target),
         posts_bad_label=call.posts,
     )
+    roots = {"rows": rows, "labels": labels, "centers": target, "written": written, "grad": grad,
+             "copy_from": copy_from, "loss": loss}
+    batch_size, width = rows.shape
     with call:
-        _launch_update(call, rule, settings, rows, labels, target, written, grad, loss, copy_from)
+        call.run(("step", rule, settings, target.fresh), roots,
+                 lambda: _step_layout(batch_size, target.shape[0], width, settings.deterministic),
+                 lambda parts: _update_launches(call, rule, settings, parts, **roots))
     if loss is None:
         return None
     return float(loss.numba().copy_to_host()[0]) if call.on_host else loss
 
 
-def _launch_update(call, rule: RuleCoefficients, settings: StepSettings, rows, labels, centers, written, grad, loss,
-                   copy_from) -> None:
-    """The launches of one step or scatter (see ``kernels``), all prepared before the first runs.
-    A scatter (``settings.rows_are_features`` False) has no grad and no loss: the kernels read
+def _update_launches(call, rule: RuleCoefficients, settings: StepSettings, parts: dict, *, rows, labels, centers,
+                     written, grad, copy_from, loss) -> list[Launch]:
+    """The launches of one step or scatter (see ``kernels``), on the temporary's ``parts``. A
+    scatter (``settings.rows_are_features`` False) has no grad and no loss: the kernels read
     neither."""
-    arrays = call.arrays
     batch_size, width = rows.shape
     num_classes = centers.shape[0]
     threads = row_threads(width)
     column_blocks = max(1, math.ceil(width / threads))
     tile_blocks = row_blocks(math.ceil(batch_size / kernels.TILE_ROWS))
-    block_count = tile_blocks * column_blocks
-    sums = max(1, spanning_rows(batch_size, num_classes, settings.deterministic))
-    leaders = max(1, min(num_classes, batch_size // 2))
-    per_row = batch_size if settings.deterministic else 1  # run slots and a tile-sorted copy of the batch
-
-    counters, indices, floats = call.temporaries(batch_size, num_classes, leaders + 3 * per_row,
-                                                 block_count + sums * width)
-    start = kernels.VERDICT_SIZE
-    spanning_leaders = indices.part(start, (leaders,))
-    run_slots = indices.part(start + leaders, (per_row,))
-    tile_sorted_labels = indices.part(start + leaders + per_row, (per_row,))
-    tile_sorted_rows = indices.part(start + leaders + 2 * per_row, (per_row,))
-    block_squares = floats.part(0, (block_count,))
-    spanning_sums = floats.part(block_count, (sums, width))
+    counters, keys, spanning_sums = parts["counters"], parts["keys"], parts["spanning_sums"]
+    tile_sorted = parts["tile_sorted_labels"], parts["tile_sorted_rows"]
+    block_squares = parts["block_squares"]
     if not settings.rows_are_features:
         grad, loss = rows, block_squares  # typed stand-ins, never written (see tile_step)
 
-    launches = [
-        prepare(kernels.classify, tile_blocks, kernels.TILE_ROWS, arrays, labels, num_classes, counters),
-        prepare(kernels.number_spanning, tile_blocks, kernels.TILE_ROWS, arrays, labels, num_classes, counters,
-                spanning_leaders, run_slots, settings),
-    ]
-    if not settings.deterministic:  # grid-stride over the rows in use, which are far fewer than the bound
-        launches.append(prepare(kernels.clear_spanning_sums, (grid_1d(sums * threads), column_blocks), threads,
-                                arrays, spanning_sums, counters))
+    launches = [Launch(kernels.classify, tile_blocks, kernels.TILE_ROWS, (labels, num_classes, counters))]
     if copy_from is not None:
-        launches.append(prepare(kernels.copy_rows, row_blocks(num_classes), threads, arrays,
-                                copy_from, centers, counters, centers.fresh))
+        launches.append(Launch(kernels.copy_rows, row_blocks(num_classes), threads,
+                               (copy_from, centers, counters, centers.fresh)))
     launches += [
-        prepare(kernels.tile_step, (tile_blocks, column_blocks), threads, arrays,
-                rows, labels, centers, written, grad, counters, spanning_sums, run_slots, tile_sorted_labels,
-                tile_sorted_rows, block_squares, rule, settings),
-        prepare(kernels.finish_spanning_classes, (grid_1d(leaders), column_blocks), threads, arrays,
-                labels, centers, written, counters, spanning_sums, spanning_leaders, run_slots, tile_sorted_labels,
-                tile_sorted_rows, block_squares, loss, call.verdict, call.record.view, rule, settings),
+        Launch(kernels.tile_step, (tile_blocks, column_blocks), threads,
+               (rows, labels, centers, written, grad, counters, keys, spanning_sums, *tile_sorted, block_squares,
+                rule, settings)),
+        Launch(kernels.finish_spanning_classes, (grid_1d(keys.size), column_blocks), threads,
+               (labels, centers, written, counters, keys, spanning_sums, *tile_sorted, block_squares, loss,
+                parts["verdict"], call.record.view, rule, settings)),
     ]
-    call.launch(launches)
+    return launches
 
 
 def check_errors(device: Any = None) -> None:

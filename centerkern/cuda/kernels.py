@@ -16,31 +16,33 @@ What a run's sum does next depends on the class:
   With many classes (the usual case) this is nearly every class, and the step moves no more
   bytes than it must.
 * a class that spans tiles is finished by ``finish_spanning_classes``, once every tile has read
-  the center as it was. ``number_spanning`` first gives each such class a slot (and, with
-  ``deterministic=True``, each of its runs one), so that the float64 sums take rows for what
-  spans only. In the default mode each tile adds its run sum into its class's row with one
-  atomic per column (the rows in use are zeroed by ``clear_spanning_sums``). With
-  ``deterministic=True`` each run stores its sum in a row of its own, and the finishing kernel
-  adds them in tile order (it finds them by binary search in each tile's sorted labels): no
-  float atomics, the same bits on every run.
+  the center as it was. The tile kernel gives it a slot of the call's ``spanning`` table, an
+  open-addressed hash table of ``min(K, B // 2)`` slots (a spanning class has two samples or
+  more), claimed with one compare-and-swap per run: every run of the class, in any block, gets
+  the same slot, and no kernel of its own has to number the classes first. In the default mode
+  each run adds its sum into its slot's row of float64 sums with one atomic per column (the
+  rows start at zero: they are part of what the call's one memset clears). With
+  ``deterministic=True`` each run stores its sum in a row of its own, the row of its first
+  sample, and the finishing kernel adds them in tile order (it finds them by binary search in
+  each tile's sorted labels): no float atomics, the same bits on every run.
 
-Every call works in temporaries of its own (see ``driver``): a ``counters`` vector of int32 that
-starts at zero (so one memset prepares it), whose first ``COUNTER_FIELDS`` entries are the call's
-status and whose rest is the per-class bookkeeping, four rows of K (``BOOK_ROWS``):
+Every call works in one temporary of its own (see ``driver``), carved into parts. Its first part
+is a vector of int32 that starts at zero (one memset clears it, with the sums of the default
+mode after it): ``COUNTER_FIELDS`` entries of call status, ``BOOK_ROWS`` rows of K entries of
+per-class bookkeeping, then the ``spanning`` table's keys (label + 1; 0: a free slot):
 
 * ``FIRST``: B - the class's first row (0: no sample), by ``atomic.max``;
 * ``LAST``: the class's last row + 1 (0: no sample), by ``atomic.max``;
-* ``COUNT``: its number of samples;
-* ``SLOT``: its row of spanning sums (set by ``number_spanning`` for spanning classes only).
+* ``COUNT``: its number of samples.
 
-The status holds ``BAD`` (B - the first bad position, 0: none), the number of spanning classes
-and the number of spanning runs. Zero meaning "nothing" is what lets a memset prepare it all.
+The status holds ``BAD``, B - the first bad position (0: none). Zero meaning "nothing" is what
+lets a memset prepare it all.
 
-One step is, in stream order: ``classify`` (the label range check fused with the bookkeeping,
-reading the caller's labels in their own integer dtype), ``number_spanning``,
-``clear_spanning_sums`` (default mode only), ``copy_rows`` (only when the update goes into a
-copy), ``tile_step`` and ``finish_spanning_classes`` (which also reduces the loss on the device,
-in a fixed order, and reports the label check).
+One step is three kernels, in stream order: ``classify`` (the label range check fused with the
+bookkeeping, reading the caller's labels in their own integer dtype), ``tile_step`` and
+``finish_spanning_classes`` (which also reduces the loss on the device, in a fixed order, and
+reports the label check); and ``copy_rows`` before the tile kernel when the update goes into a
+copy (``out=None``).
 
 The label check never needs the host. ``classify`` records the first bad position; every later
 kernel that writes reads it first and writes nothing of the caller's when it is set (the
@@ -85,25 +87,26 @@ _CACHE = not _SHRUNK
 NO_ROW = np.int64(2**62)  # "no bad label" in a verdict; any row index is smaller
 
 # the call's status, at the start of its counters
-BAD, SPANNING_CLASSES, SPANNING_RUNS = 0, 1, 2
-COUNTER_FIELDS = 3
-# the rows of per-class bookkeeping after it, K entries each
-FIRST, LAST, COUNT, SLOT = 0, 1, 2, 3
-BOOK_ROWS = 4
+BAD = 0
+COUNTER_FIELDS = 1
+# the rows of per-class bookkeeping after it, K entries each (the spanning table's keys follow)
+FIRST, LAST, COUNT = 0, 1, 2
+BOOK_ROWS = 3
 
 VERDICT_SIZE = 4  # a call's verdict: first bad position (NO_ROW if none), its label (int64 bits), K, negative
 
-# The device's error record (host-mapped, see ``record``): a header, then a ring of slots
-WRITTEN, TAKEN, DROPPED = 0, 1, 2  # verdicts posted (device), taken (host), dropped for want of room (device)
-RECORD_HEADER = 3
+# The device's error record (host-mapped, see ``record``): a ticket counter, then a ring of slots.
+# Only the device writes it; the host only reads it.
+WRITTEN = 0  # tickets taken by posting kernels
+RECORD_HEADER = 1
 RECORD_SLOTS = 16
-SLOT_FIELDS = 5  # posted ticket + 1 (written last), position, label, K, negative
+SLOT_FIELDS = 5  # mark (ticket + 1 once complete, -(ticket + 1) while written), position, label, K, negative
 RECORD_SIZE = RECORD_HEADER + RECORD_SLOTS * SLOT_FIELDS
 
 
 class StepSettings(NamedTuple):
-    """What a call chooses beside its rule, for ``number_spanning``, ``tile_step`` and
-    ``finish_spanning_classes``: built once per call by the driver, passed whole."""
+    """What a call chooses beside its rule, for ``tile_step`` and ``finish_spanning_classes``:
+    built once per call by the driver, passed whole."""
 
     rows_are_features: bool  # a center-loss step (grad and loss from rows - centers); else the scatter of updates
     deterministic: bool  # the same bits on every run: no float atomics, spanning sums added in tile order
@@ -124,25 +127,17 @@ def _bad(counters) -> bool:
 
 @cuda.jit(device=True)
 def _post(record, position, value, num_classes, negative):
-    """Post one bad call's verdict to the record. Only the device writes the slots and WRITTEN;
-    only the host writes TAKEN. A slot is claimed by a compare-and-swap of WRITTEN while the ring
-    has room (so two calls never share one), filled, and marked complete last, behind a system
-    fence: the host takes a ticket only when its slot says it is complete, so it can neither read
-    a half-written verdict nor lose one posted while it reads. With the ring full (the host has
-    not looked for RECORD_SLOTS bad calls) the verdict is counted in DROPPED instead."""
-    ticket = cuda.atomic.add(record, WRITTEN, 0)  # an atomic read
-    while True:
-        # a fresh read of the host's TAKEN: a compare-and-swap that never matches (TAKEN is never
-        # -1) reads it from memory and writes nothing, so it cannot undo a store of the host's
-        taken = cuda.atomic.cas(record, TAKEN, -1, -1)
-        if ticket - taken >= RECORD_SLOTS:
-            cuda.atomic.add(record, DROPPED, 1)
-            return
-        seen = cuda.atomic.cas(record, WRITTEN, ticket, ticket + 1)
-        if seen == ticket:
-            break
-        ticket = seen
+    """Post one bad call's verdict to the record, which the device writes and never reads back
+    from the host: one atomic add on ``WRITTEN`` (the device's own counter) gives the verdict a
+    ticket and its slot, ``ticket % RECORD_SLOTS``. The slot is written seqlock-style: its mark
+    says "being written" first, then come the fields, then the mark says "complete", each step
+    behind a system fence, so that the host, which re-reads the mark after the fields, never
+    takes a half-written or overwritten verdict. A verdict whose slot is reused before the host
+    looks (``RECORD_SLOTS`` newer bad calls) is counted as dropped by the host."""
+    ticket = cuda.atomic.add(record, WRITTEN, 1)
     base = RECORD_HEADER + (ticket % RECORD_SLOTS) * SLOT_FIELDS
+    record[base] = -(ticket + 1)
+    cuda.threadfence_system()
     record[base + 1] = position
     record[base + 2] = value
     record[base + 3] = num_classes
@@ -224,52 +219,25 @@ def _last_row(counters, num_classes, label):
     return int64(counters[_book(num_classes, LAST, label)]) - 1
 
 
-@cuda.jit(cache=_CACHE)
-def number_spanning(labels, num_classes, counters, spanning_leaders, run_slots, settings):
-    """Second kernel of a step: give each class that spans tiles a row of spanning sums (and its
-    first row a place on the list the finishing kernel walks); with ``settings.deterministic``
-    (``settings`` is the call's ``StepSettings``), give each of its runs (a tile's rows of the
-    class) a row of its own. The rows are numbered in whatever order the atomics come; the sums
-    are added in tile order all the same."""
-    if _bad(counters):
-        return
-    tile_labels = cuda.shared.array(TILE_ROWS, int64)
-    p = cuda.threadIdx.x
-    batch_size = labels.size
-    tiles = (batch_size + TILE_ROWS - 1) // TILE_ROWS
-    for tile in range(cuda.blockIdx.x, tiles, cuda.gridDim.x):
-        tile_start = tile * TILE_ROWS
-        tile_size = min(TILE_ROWS, batch_size - tile_start)
-        _load_tile(labels, tile_start, tile_size, tile_labels)
-        if p < tile_size:
-            label = tile_labels[p]
-            row = tile_start + p
-            first = _first_row(counters, num_classes, batch_size, label)
-            if first // TILE_ROWS != _last_row(counters, num_classes, label) // TILE_ROWS:  # it spans
-                first_in_tile = True
-                for q in range(p):
-                    if tile_labels[q] == label:
-                        first_in_tile = False
-                if first_in_tile:
-                    if settings.deterministic:
-                        run_slots[row] = cuda.atomic.add(counters, SPANNING_RUNS, 1)
-                    if row == first:
-                        slot = cuda.atomic.add(counters, SPANNING_CLASSES, 1)
-                        counters[_book(num_classes, SLOT, label)] = slot
-                        spanning_leaders[slot] = row
-
-
-@cuda.jit(cache=_CACHE)
-def clear_spanning_sums(spanning_sums, counters):
-    """Zero the rows of spanning sums that this call's classes use (default mode: they are added
-    into with atomics). The rest of the temporary is never read."""
-    if _bad(counters):
-        return
-    k = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
-    if k >= spanning_sums.shape[1]:
-        return
-    for slot in range(cuda.blockIdx.x, counters[SPANNING_CLASSES], cuda.gridDim.x):
-        spanning_sums[slot, k] = 0.0
+@cuda.jit(device=True)
+def _claim(keys, label, num_classes):
+    """The slot of ``label`` in the spanning table ``keys``, claimed by whichever run of the class
+    comes first: a compare-and-swap from 0 (free) to label + 1, probing linearly past slots of
+    other classes. The table has a slot for every class that can span (``keys.size`` is at least
+    their number), so a probe always ends. With K slots or more the label is its own slot."""
+    capacity = keys.size
+    if num_classes <= capacity:
+        slot = label
+    else:
+        slot = (label * 2654435761) % capacity  # Knuth's multiplicative hash: spreads runs of labels
+    key = int32(label + 1)
+    while True:
+        seen = cuda.atomic.cas(keys, slot, int32(0), key)
+        if seen == 0 or seen == key:
+            return slot
+        slot += 1
+        if slot == capacity:
+            slot = 0
 
 
 @cuda.jit(cache=_CACHE)
@@ -341,8 +309,8 @@ def gather(centers, labels, out, counters, verdict, record, post):
 
 @cuda.jit(cache=_CACHE)
 def tile_step(
-    rows, labels, centers, written, grad, counters, spanning_sums, run_slots, tile_sorted_labels,
-    tile_sorted_rows, block_squares, rule, settings,
+    rows, labels, centers, written, grad, counters, keys, spanning_sums, tile_sorted_labels, tile_sorted_rows,
+    block_squares, rule, settings,
 ):
     """Each block: tiles of the batch (grid-stride), one slice of columns (see the module docstring).
     ``rule`` is the call's ``RuleCoefficients``, ``settings`` its ``StepSettings``."""
@@ -355,6 +323,7 @@ def tile_step(
         return
     tile_labels = cuda.shared.array(TILE_ROWS, int64)
     order = cuda.shared.array(TILE_ROWS, int64)
+    run_slot = cuda.shared.array(TILE_ROWS, int64)  # by sorted position of a run's start: its spanning slot
     squares_by_thread = cuda.shared.array(COLUMNS_PER_BLOCK, float64)
 
     num_classes = centers.shape[0]
@@ -375,21 +344,29 @@ def tile_step(
                     rank += 1
             order[rank] = p
         cuda.syncthreads()
-        if settings.deterministic and cuda.blockIdx.y == 0:  # the deterministic finish searches these
-            for position in range(thread, tile_size, threads):
-                tile_sorted_labels[tile_start + position] = tile_labels[order[position]]
+        for position in range(thread, tile_size, threads):
+            label = tile_labels[order[position]]
+            if position == 0 or tile_labels[order[position - 1]] != label:  # a run starts here
+                first = _first_row(counters, num_classes, batch_size, label)
+                if first // TILE_ROWS != _last_row(counters, num_classes, label) // TILE_ROWS:  # its class spans
+                    run_slot[position] = _claim(keys, label, num_classes)
+            if settings.deterministic and cuda.blockIdx.y == 0:  # the deterministic finish searches these
+                tile_sorted_labels[tile_start + position] = label
                 tile_sorted_rows[tile_start + position] = tile_start + order[position]
+        cuda.syncthreads()
         if k >= rows.shape[1]:
             continue
         total = 0.0
         center = 0.0
         run_first = 0
+        slot = 0
         for position in range(tile_size):
             p = order[position]
             label = tile_labels[p]
             if position == 0 or tile_labels[order[position - 1]] != label:  # a run starts
                 total = 0.0
                 run_first = tile_start + p
+                slot = run_slot[position]  # read only where the class spans, which is where it was set
                 center = float64(centers[label, k])  # read before any write: the pre-update center
             i = tile_start + p
             if settings.rows_are_features:
@@ -405,9 +382,9 @@ def tile_step(
                     base = center if rule.moves_centers else 0.0
                     written[label, k] = _written_value(rule, base, counters, num_classes, label, total)
                 elif settings.deterministic:
-                    spanning_sums[run_slots[run_first], k] = total  # this run's own row
+                    spanning_sums[run_first, k] = total  # this run's own row, the row of its first sample
                 else:
-                    cuda.atomic.add(spanning_sums, (counters[_book(num_classes, SLOT, label)], k), total)
+                    cuda.atomic.add(spanning_sums, (slot, k), total)
 
     squares_by_thread[thread] = squares
     cuda.syncthreads()
@@ -449,15 +426,15 @@ def _block_sum(values, thread, threads):
 
 @cuda.jit(cache=_CACHE)
 def finish_spanning_classes(
-    labels, centers, written, counters, spanning_sums, spanning_leaders, run_slots, tile_sorted_labels,
-    tile_sorted_rows, block_squares, loss, verdict, record, rule, settings,
+    labels, centers, written, counters, keys, spanning_sums, tile_sorted_labels, tile_sorted_rows, block_squares,
+    loss, verdict, record, rule, settings,
 ):
-    """Each block: classes that span tiles (grid-stride over the list ``number_spanning`` made),
-    one slice of columns. Block (0, 0) first reduces the tile kernel's block sums into the loss,
+    """Each block: classes that span tiles (grid-stride over the slots of the spanning table the
+    tile kernel filled), one slice of columns. Block (0, 0) first reduces the tile kernel's block sums into the loss,
     in a fixed order, and reports the label check. ``rule`` is the call's ``RuleCoefficients``,
     ``settings`` its ``StepSettings``."""
     partials = cuda.shared.array(COLUMNS_PER_BLOCK, float64)
-    slots = cuda.shared.array(COLUMNS_PER_BLOCK, int64)
+    run_rows = cuda.shared.array(COLUMNS_PER_BLOCK, int64)
     thread, threads = cuda.threadIdx.x, cuda.blockDim.x
     num_classes = centers.shape[0]
     bad = _bad(counters)
@@ -478,10 +455,12 @@ def finish_spanning_classes(
         return
 
     k = cuda.blockIdx.y * threads + thread
-    for item in range(cuda.blockIdx.x, counters[SPANNING_CLASSES], cuda.gridDim.x):
-        row = spanning_leaders[item]
-        label = int64(labels[row])
-        first_tile = row // TILE_ROWS
+    batch_size = labels.size
+    for slot in range(cuda.blockIdx.x, keys.size, cuda.gridDim.x):
+        if keys[slot] == 0:
+            continue  # a free slot (the same for every thread of the block)
+        label = int64(keys[slot]) - 1
+        first_tile = _first_row(counters, num_classes, batch_size, label) // TILE_ROWS
         last_tile = _last_row(counters, num_classes, label) // TILE_ROWS
         total = 0.0
         if settings.deterministic:
@@ -489,11 +468,11 @@ def finish_spanning_classes(
             while tile <= last_tile:
                 # the block's threads look up as many tiles at once, then add them in tile order
                 mine = tile + thread
-                slot = -1
+                run_row = -1
                 if mine <= last_tile:
                     # binary search of that tile's sorted labels for the start of the class's run
                     low = mine * TILE_ROWS
-                    tile_end = min(low + TILE_ROWS, labels.size)
+                    tile_end = min(low + TILE_ROWS, batch_size)
                     high = tile_end
                     while low < high:
                         middle = (low + high) // 2
@@ -502,17 +481,17 @@ def finish_spanning_classes(
                         else:
                             high = middle
                     if low < tile_end and tile_sorted_labels[low] == label:
-                        slot = run_slots[tile_sorted_rows[low]]
-                slots[thread] = slot
+                        run_row = tile_sorted_rows[low]  # the run's first sample, whose row holds its sum
+                run_rows[thread] = run_row
                 cuda.syncthreads()
                 if k < centers.shape[1]:
                     for s in range(min(threads, last_tile - tile + 1)):
-                        if slots[s] >= 0:
-                            total += spanning_sums[slots[s], k]
+                        if run_rows[s] >= 0:
+                            total += spanning_sums[run_rows[s], k]
                 cuda.syncthreads()
                 tile += threads
         elif k < centers.shape[1]:
-            total = spanning_sums[item, k]  # number_spanning gave the class the row of its list place
+            total = spanning_sums[slot, k]  # every run of the class added into its slot's row
         if k < centers.shape[1]:
             base = float64(centers[label, k]) if rule.moves_centers else 0.0
             written[label, k] = _written_value(rule, base, counters, num_classes, label, total)

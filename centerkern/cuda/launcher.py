@@ -2,13 +2,20 @@
 
 Numba's own launch path (``kernel[grid, block, stream](*args)``) types every argument, wraps every
 array in a device-array object and flattens it into kernel parameters on every call: tens of
-microseconds per kernel, a millisecond and more for a step of several kernels. Here each kernel
-is compiled once per argument signature (all arrays typed with layout "A": the kernels index with
-strides, so one compiled kernel serves every layout), the driver's handle of the compiled kernel
-is kept, and a ``DeviceView`` is flattened straight into the parameters Numba's calling
-convention expects for an array (meminfo, parent, item count, item size, data pointer, shape,
-strides in bytes), a named tuple of scalars (``RuleCoefficients``, ``StepSettings``) into its
-members in order. A launch is then one ``cuda.core.launch`` call on the caller's stream.
+microseconds per kernel. Here a call's kernels are described once per *launch signature* (the
+shapes, strides and dtypes of its arrays, its scalars, its device context) as a ``LaunchPlan``:
+the driver's handle of each compiled kernel, its grid, and its kernel parameters already laid
+out as Numba's calling convention expects them (an array is meminfo, parent, item count, item
+size, data pointer, shape, strides in bytes; a named tuple of scalars, ``RuleCoefficients`` or
+``StepSettings``, its members in order), one 8-byte cell each, with an array of pointers to the
+cells for ``cuLaunchKernel``. A later call with the same signature writes only its arrays' data
+pointers into their cells (an array used by several kernels has one cell, shared) and calls
+``cuLaunchKernel`` once per kernel, which copies the parameters as it queues the launch.
+
+A plan's cells are rewritten by every call, so each host thread has plans of its own. One
+compiled kernel serves every layout (all arrays are typed with layout "A": the kernels index with
+strides); its handle is kept per device context, so that a context made again (after
+``numba.cuda.close()``) loads its kernels again instead of launching freed ones.
 
 Where that path cannot be set up (Numba's CUDA simulator has no driver; a numba-cuda whose
 internals differ), launches go through Numba's own path, with the same kernels and arguments;
@@ -19,11 +26,10 @@ asks for Numba's path. ``@cuda.jit`` in ``kernels.py`` stays the only place kern
 from __future__ import annotations
 
 import ctypes
-import numbers
 import os
 import threading
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numba import types
@@ -31,15 +37,15 @@ from numba.cuda.np import numpy_support
 
 from .views import DeviceView, simulated
 
-_DIRECT = "direct (compiled kernel handle, cuda.core.launch)"
+_DIRECT = "direct (compiled kernel handle, cuLaunchKernel)"
 _path = {"name": None, "why": ""}
 
 
 def launch_path() -> str:
     """Which launch path this process uses, and why, for ``python -m centerkern info``.
 
-    Two paths: ``direct (compiled kernel handle, cuda.core.launch)`` on a GPU with numba-cuda's
-    ``cuda.core``; else ``numba dispatcher`` (Numba's own ``kernel[grid, block, stream](...)``),
+    Two paths: ``direct (compiled kernel handle, cuLaunchKernel)`` on a GPU with numba-cuda's
+    ``cuda.bindings``; else ``numba dispatcher`` (Numba's own ``kernel[grid, block, stream](...)``),
     followed by the reason in parentheses: the CUDA simulator, ``CENTERKERN_CUDA_LAUNCH=numba``
     in the environment, or a numba-cuda without what the direct path needs. The path is chosen
     at the first launch of the process (or the first call of this function); the direct one
@@ -73,29 +79,41 @@ def _choose_path() -> None:
     if os.environ.get("CENTERKERN_CUDA_LAUNCH") == "numba":
         _path.update(name="numba dispatcher", why="asked for by CENTERKERN_CUDA_LAUNCH=numba")
         return
-    global _launch
     try:
-        from cuda.core import launch  # shipped with numba-cuda
+        from cuda.bindings import driver  # shipped with numba-cuda
     except ImportError as error:
-        _path.update(name="numba dispatcher", why=f"cuda.core unavailable: {error}")
+        _path.update(name="numba dispatcher", why=f"cuda.bindings unavailable: {error}")
         return
-    _launch = launch
     _path.update(name=_DIRECT, why="")
+
+
+def is_direct() -> bool:
+    """Whether calls launch through plans (the direct path)."""
+    if _path["name"] is None:
+        _choose_path()
+    return _path["name"] == _DIRECT
 
 
 def _fall_back(reason: str) -> None:
     _path.update(name="numba dispatcher", why=reason)
 
 
-@contextmanager
+_NOTHING_TO_RELAX = nullcontext()
+
+
 def setup_under_capture(capturing: bool):
-    """One-time setup of a call under CUDA graph capture (loading a kernel's module, making the
-    device's error record): this thread's capture mode is relaxed while it runs, since such setup
-    touches no stream but is among the calls that global capture mode forbids. Nothing queued
-    on the capturing stream is affected."""
+    """One-time setup of a call under CUDA graph capture (Numba's context, loading a kernel's
+    module, making the device's error record or memory pool): this thread's capture mode is
+    relaxed while it runs, since such setup touches no stream but is among the calls that global
+    capture mode forbids. Nothing queued on the capturing stream is affected. (Without capture,
+    a context that does nothing, made once.)"""
     if not capturing or simulated():
-        yield
-        return
+        return _NOTHING_TO_RELAX
+    return _relaxed_capture_mode()
+
+
+@contextmanager
+def _relaxed_capture_mode():
     from cuda.bindings import driver as cuda_driver
 
     relaxed = cuda_driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED
@@ -121,29 +139,27 @@ def numba_launch_path(why: str = "asked for by numba_launch_path()"):
         _path.update(saved)
 
 
+# --------------------------------------------------------------------------- arguments
+
+
 def _scalar_kind(value: Any) -> str:
-    if isinstance(value, (bool, np.bool_)):
+    # exact types first: the abstract numbers.Integral and numbers.Real checks cost a microsecond
+    kind = type(value)
+    if kind is bool or kind is np.bool_:
         return "bool"
-    if isinstance(value, numbers.Integral):
+    if kind is int or isinstance(value, np.integer):
         return "int"
-    if isinstance(value, numbers.Real):
+    if kind is float or isinstance(value, np.floating):
         return "float"
     raise TypeError(f"no kernel argument type for {type(value).__name__}")
 
 
 _SCALAR_TYPES = {"bool": types.boolean, "int": types.int64, "float": types.float64}
+_SCALAR_FORMAT = {"bool": "q", "int": "q", "float": "d"}  # each parameter has an 8-byte cell of its own
 
 
 def _is_named_tuple(value: Any) -> bool:
     return isinstance(value, tuple) and hasattr(type(value), "_fields")
-
-
-def _argument_key(value: Any) -> Any:
-    if isinstance(value, DeviceView):
-        return value.dtype, value.ndim
-    if _is_named_tuple(value):
-        return type(value), tuple(map(_scalar_kind, value))
-    return _scalar_kind(value)
 
 
 def _numba_type(value: Any) -> types.Type:
@@ -156,27 +172,24 @@ def _numba_type(value: Any) -> types.Type:
     return _SCALAR_TYPES[_scalar_kind(value)]
 
 
-def _scalar_parameter(value: Any) -> Any:
+def _scalar_parameter(value: Any) -> tuple[str, Any]:
     kind = _scalar_kind(value)
-    if kind == "bool":
-        return bool(value)
-    if kind == "int":
-        return ctypes.c_int64(int(value))
-    return ctypes.c_double(float(value))
+    if kind == "float":
+        return "d", float(value)
+    return "q", int(value)
 
 
-def kernel_parameters(args: tuple) -> list:
-    """The kernel parameters of ``args`` as Numba's calling convention lays them out, for
-    ``cuda.core.launch``: an array is (meminfo, parent, nitems, itemsize, data, *shape, *strides),
-    a named tuple of scalars its members in order (Numba flattens a tuple argument), a scalar
-    itself as int64, float64 or bool."""
+def kernel_parameters(args: tuple) -> list[tuple[str, Any]]:
+    """The kernel parameters of ``args`` as Numba's calling convention lays them out, each as
+    (struct format, value): an array is (meminfo, parent, nitems, itemsize, data, *shape,
+    *strides), a named tuple of scalars its members in order (Numba flattens a tuple argument),
+    a scalar itself as int64, float64 or bool (which the kernel reads as the first byte of its
+    cell)."""
     parameters = []
     for value in args:
         if isinstance(value, DeviceView):
-            if value.parameters is None:  # once per view, which several launches of a call share
-                value.parameters = (0, 0, value.size, value.dtype.itemsize, value.pointer, *value.shape,
-                                    *value.strides)
-            parameters += value.parameters
+            parameters += [("q", v) for v in (0, 0, value.size, value.dtype.itemsize, value.pointer, *value.shape,
+                                              *value.strides)]
         elif _is_named_tuple(value):
             parameters += map(_scalar_parameter, value)
         else:
@@ -184,82 +197,268 @@ def kernel_parameters(args: tuple) -> list:
     return parameters
 
 
-class PreparedLaunch:
-    """One kernel, compiled for one call's arguments, ready to launch on one stream."""
-
-    __slots__ = ("dispatcher", "grid", "block", "args", "kernel", "config", "stream")
-
-    def __init__(self, dispatcher, grid, block, stream, args, kernel, config):
-        self.dispatcher, self.grid, self.block, self.stream, self.args = dispatcher, grid, block, stream, args
-        self.kernel, self.config = kernel, config
-
-    def __call__(self) -> None:
-        if self.kernel is not None:
-            _launch(self.stream, self.config, self.kernel, *kernel_parameters(self.args))
-        else:
-            arguments = [a.numba() if isinstance(a, DeviceView) else a for a in self.args]
-            with _one_simulated_kernel_at_a_time if simulated() else nullcontext():
-                self.dispatcher[self.grid, self.block, self.stream](*arguments)
+_DATA_POINTER = 4  # an array's data pointer is its fifth parameter (after meminfo, parent, nitems, itemsize)
 
 
-# What launches keep from one call to the next: compiled kernels, and objects that stand for a
-# launch shape or a stream handle (wrappers that own nothing; a handle reused by a new stream
-# names that stream). No memory, no events.
+# --------------------------------------------------------------------------- what a call launches
+
+
+class Launch(NamedTuple):
+    """One kernel of a call: the ``@cuda.jit`` dispatcher, its grid and block, its arguments
+    (``DeviceView`` objects, scalars, named tuples of scalars)."""
+
+    kernel: Any
+    grid: Any
+    block: int
+    args: tuple
+
+
+def _dimensions(shape: Any) -> tuple[int, int, int]:
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    return (*shape, *(1,) * (3 - len(shape)))
+
+
+class LaunchPlan:
+    """A call's kernels for one launch signature, ready to launch with new data pointers.
+
+    ``roots`` names, in order, the arrays whose data pointers a call supplies (``run`` takes them
+    in that order; None for an array the call does not have); every array argument of the
+    launches is one of them or a part of one at a fixed byte offset (``DeviceView.part``).
+    ``layout`` is the driver's description of the call's temporary (the root named
+    ``"temporary"``), kept with the plan; its ``zero_bytes`` first bytes are cleared on the
+    stream before the first kernel."""
+
+    __slots__ = ("launches", "cells", "patches", "zero_words", "temporary", "layout")
+
+    def __init__(self, launches: list[Launch], roots: dict[str, DeviceView], handles: list, layout: Any = None):
+        formats, values, pointer_cells, starts = [], [], {}, []
+        root_names = list(roots)
+        # a root may itself be carved from an array (a reshaped view): arguments are placed by
+        # the array they were all carved from, and their offset from the root
+        root_of = {}
+        for name, view in roots.items():
+            if view is not None:
+                origin, offset = view.origin()
+                root_of[id(origin)] = (name, offset)
+        for launch in launches:
+            start = len(values)
+            for value in launch.args:
+                if isinstance(value, DeviceView):  # its data pointer is patched by every call
+                    origin, offset = value.origin()
+                    name, root_offset = root_of[id(origin)]
+                    pointer_cells.setdefault((name, offset - root_offset), []).append(len(values) + _DATA_POINTER)
+                for format_, parameter in kernel_parameters((value,)):
+                    formats.append(format_)
+                    values.append(parameter)
+            starts.append((start, len(values)))
+        self.cells = (ctypes.c_int64 * max(1, len(values)))()
+        for index, (format_, value) in enumerate(zip(formats, values)):
+            if format_ == "d":
+                ctypes.c_double.from_buffer(self.cells, 8 * index).value = value
+            else:
+                self.cells[index] = value
+        # (root, byte offset, the cells of every use): one address computed per array, not per use
+        self.patches = tuple((root_names.index(name), offset, tuple(indices))
+                             for (name, offset), indices in pointer_cells.items())
+        base = ctypes.addressof(self.cells)
+        self.launches = []
+        for launch, handle, (start, end) in zip(launches, handles, starts):
+            pointers = (ctypes.c_void_p * max(1, end - start))(*(base + 8 * i for i in range(start, end)))
+            # cuLaunchKernel's arguments before the stream, and the parameters' pointer array after it
+            self.launches.append(((handle, *_dimensions(launch.grid), *_dimensions(launch.block), 0), pointers,
+                                  ctypes.addressof(pointers)))
+        self.layout = layout
+        zero_bytes = getattr(layout, "zero_bytes", 0)
+        self.zero_words = zero_bytes // 4
+        self.temporary = root_names.index("temporary") if zero_bytes else None
+
+    def run(self, stream: Any, pointers: tuple[int, ...]) -> None:
+        """Write the call's data pointers (one per root, in order) and launch every kernel on
+        ``stream`` (a ``CUstream``), after clearing the temporary's first bytes."""
+        cells = self.cells
+        for root, offset, indices in self.patches:
+            address = pointers[root] + offset
+            for index in indices:
+                cells[index] = address
+        driver = _driver()
+        if self.zero_words:
+            _check(driver.cuMemsetD32Async(pointers[self.temporary], 0, self.zero_words, stream)[0],
+                   "cuMemsetD32Async")
+        launch = driver.cuLaunchKernel
+        for shape, _, parameters in self.launches:
+            error = launch(*shape, stream, parameters, 0)[0]
+            if error != 0:
+                _check(error, "cuLaunchKernel")
+
+
+_bindings = None
+
+
+def _driver():
+    global _bindings
+    if _bindings is None:
+        from cuda.bindings import driver
+
+        _bindings = driver
+    return _bindings
+
+
+def _check(error: Any, what: str) -> None:
+    if error != 0:  # CUresult.CUDA_SUCCESS compares equal to 0
+        raise RuntimeError(f"{what} failed: {getattr(error, 'name', error)}")
+
+
+# --------------------------------------------------------------------------- the driver's state
+
+_driver_streams: dict[int, Any] = {}
+
+
+def driver_stream(handle: int) -> Any:
+    """The ``CUstream`` object of a handle, made once per handle (a wrapper that owns nothing)."""
+    stream = _driver_streams.get(handle)
+    if stream is None:
+        from cuda.bindings import driver as cuda_driver
+
+        if len(_driver_streams) >= 256:  # a program that makes streams without end
+            _driver_streams.clear()
+        stream = _driver_streams[handle] = cuda_driver.CUstream(handle)
+    return stream
+
+
+def current_context_id() -> int | None:
+    """The unique id of this thread's current CUDA context (CUDA never gives one to two contexts
+    of a process), or None where no context is current; 0 in the simulator."""
+    if simulated():
+        return 0
+    from cuda.bindings import driver as cuda_driver
+
+    error, context = cuda_driver.cuCtxGetCurrent()
+    if error != 0 or not int(context):
+        return None
+    error, identity = cuda_driver.cuCtxGetId(context)
+    return int(identity) if error == 0 else None
+
+
+def clear(device_pointer: int, size: int, stream_handle: int) -> None:
+    """Zero ``size`` bytes (a multiple of 4) on the stream."""
+    driver = _driver()
+    _check(driver.cuMemsetD32Async(device_pointer, 0, size // 4, driver_stream(stream_handle))[0],
+           "cuMemsetD32Async")
+
+
+def copy_to_host(host: np.ndarray, device_pointer: int, stream_handle: int) -> None:
+    """Copy ``host.nbytes`` bytes from the device into ``host`` after the stream's work, and wait
+    for it."""
+    driver = _driver()
+    stream = driver_stream(stream_handle)
+    _check(driver.cuMemcpyDtoHAsync(host.ctypes.data, device_pointer, host.nbytes, stream)[0], "cuMemcpyDtoHAsync")
+    _check(driver.cuStreamSynchronize(stream)[0], "cuStreamSynchronize")
+
+
+def current_device_ordinal() -> int | None:
+    """The device of this thread's current CUDA context, or None where none is current."""
+    from cuda.bindings import driver as cuda_driver
+
+    error, device = cuda_driver.cuCtxGetDevice()
+    return int(device) if error == 0 else None
+
+
+# --------------------------------------------------------------------------- compiled kernels
+
+# What launches keep from one call to the next: compiled kernels' handles per device context
+# (ids that CUDA never reuses), and each thread's plans. No memory, no events.
+_handles: dict[tuple, Any] = {}
+_plans = threading.local()
+_MOST_PLANS = 256  # per thread: a program that changes shapes without end does not grow this without end
 # Numba's simulator runs a kernel's threads against module-level state of its own: kernels
 # launched from two host threads at once would see each other's. (A GPU needs no such lock.)
 _one_simulated_kernel_at_a_time = threading.Lock()
-_compiled: dict[tuple, Any] = {}
-_configs: dict[tuple, Any] = {}
-_core_streams: dict[int, Any] = {}
-_MOST_STREAMS = 256  # a program that makes streams without end does not grow this map without end
-_launch = None  # cuda.core.launch, once the direct path is chosen
 
 
-def _core_stream(arrays) -> Any:
-    """cuda.core's own stream object for the call's stream, made once per handle: given Numba's,
-    cuda.core would build one at every launch."""
-    from cuda.core import Stream
+def _kernel_handle(dispatcher: Any, signature: tuple, context_id: int, capturing: bool) -> Any:
+    """The driver's handle of ``dispatcher`` compiled for ``signature``, loaded in the current
+    context (compiled once per signature, and loaded once per context)."""
+    key = (dispatcher, signature, context_id)
+    handle = _handles.get(key)
+    if handle is None:
+        with setup_under_capture(capturing):  # the module is loaded here, once
+            compiled = dispatcher.compile(signature)
+            compiled.bind()
+            handle = _handles[key] = compiled._codelibrary.get_cufunc().handle
+    return handle
 
+
+def plan_for(key: Any) -> LaunchPlan | None:
+    """This thread's plan for a launch signature, if it has made one."""
+    plans = getattr(_plans, "by_key", None)
+    return None if plans is None else plans.get(key)
+
+
+def make_plan(key: Any, launches: list[Launch], roots: dict[str, DeviceView], layout: Any, context_id: int,
+              capturing: bool) -> LaunchPlan | None:
+    """Compile every kernel of ``launches`` (once per signature) and keep their plan for ``key``
+    in this thread; None where the direct path cannot be set up (launch through Numba's)."""
     try:
-        return Stream.from_handle(arrays.stream_handle)
-    except Exception:  # e.g. a default-stream handle it will not wrap: Numba's object serves
-        return arrays.stream
+        handles = [_kernel_handle(launch.kernel, tuple(map(_numba_type, launch.args)), context_id, capturing)
+                   for launch in launches]
+    except AttributeError as error:  # numba-cuda internals moved: use its own launch path
+        _fall_back(f"compiled kernel handle unavailable: {error}")
+        return None
+    plans = getattr(_plans, "by_key", None)
+    if plans is None:
+        plans = _plans.by_key = {}
+    if len(plans) >= _MOST_PLANS:
+        plans.clear()
+    plan = plans[key] = LaunchPlan(launches, roots, handles, layout)
+    return plan
 
 
-def prepare(dispatcher, grid, block, arrays, *args) -> PreparedLaunch:
-    """Compile ``dispatcher`` for ``args`` (once per signature) and return its launch on the
-    stream of ``arrays`` (the call's ``DeviceArrays``), not yet made.
+def forget_context(context_id: int) -> None:
+    """Drop the kernel handles of a context that is gone (plans holding them go with their keys,
+    which name the context)."""
+    for key in [k for k in _handles if k[2] == context_id]:
+        del _handles[key]
 
-    A call prepares every kernel it will launch before the first one that writes, so that no
-    compilation (and no failure of one) can fall between two writing launches."""
-    if _path["name"] is None:
-        _choose_path()
-    if _path["name"] != _DIRECT:
-        if not simulated():  # compile now rather than inside the launch sequence
-            with setup_under_capture(arrays.capturing):
-                dispatcher.compile(tuple(dispatcher.typeof_pyval(a.numba()) if isinstance(a, DeviceView)
-                                         else _numba_type(a) for a in args))
-        return PreparedLaunch(dispatcher, grid, block, arrays.stream, args, None, None)
-    stream = _core_streams.get(arrays.stream_handle)
-    if stream is None:
-        if len(_core_streams) >= _MOST_STREAMS:
-            _core_streams.clear()
-        stream = _core_streams[arrays.stream_handle] = _core_stream(arrays)
-    key = (dispatcher, arrays.device_ordinal, *map(_argument_key, args))
-    kernel = _compiled.get(key)
-    if kernel is None:
+
+def compile_all(launches: list[Launch], capturing: bool) -> None:
+    """Compile every kernel of ``launches`` for Numba's own launch path, before the first one
+    runs: no compilation (and no failure of one) can fall between two writing launches."""
+    if simulated():
+        return
+    with setup_under_capture(capturing):
+        for launch in launches:
+            launch.kernel.compile(tuple(launch.kernel.typeof_pyval(a.numba()) if isinstance(a, DeviceView)
+                                        else _numba_type(a) for a in launch.args))
+
+
+def launch_through_numba(launches: list[Launch], stream: Any) -> None:
+    """The launches through Numba's own path (the simulator's, and the fallback)."""
+    for launch in launches:
+        arguments = [a.numba() if isinstance(a, DeviceView) else a for a in launch.args]
+        with _one_simulated_kernel_at_a_time if simulated() else nullcontext():
+            launch.kernel[launch.grid, launch.block, stream](*arguments)
+
+
+def launch_once(launches: list[Launch], arrays: Any) -> None:
+    """Launch ``launches`` on the stream of ``arrays`` (a ``DeviceArrays``) without keeping a plan:
+    for the rare launches outside a call's own (validation's copies, fills of fresh results).
+    The arrays' device context must be current."""
+    if is_direct():
+        roots: dict[str, DeviceView] = {}
+        for launch in launches:
+            for value in launch.args:
+                if isinstance(value, DeviceView):
+                    root, _ = value.origin()
+                    roots.setdefault(str(id(root)), root)
+        context_id = current_context_id()
         try:
-            with setup_under_capture(arrays.capturing):  # the module is loaded here, once
-                compiled = dispatcher.compile(tuple(map(_numba_type, args)))
-                compiled.bind()
-                kernel = compiled._codelibrary.get_cufunc().kernel
+            handles = [_kernel_handle(launch.kernel, tuple(map(_numba_type, launch.args)), context_id,
+                                      arrays.capturing) for launch in launches]
         except AttributeError as error:  # numba-cuda internals moved: use its own launch path
             _fall_back(f"compiled kernel handle unavailable: {error}")
-            return prepare(dispatcher, grid, block, arrays, *args)
-        _compiled[key] = kernel
-    config = _configs.get((grid, block))
-    if config is None:
-        from cuda.core import LaunchConfig
-
-        config = _configs[(grid, block)] = LaunchConfig(grid=grid, block=block)
-    return PreparedLaunch(dispatcher, grid, block, stream, args, kernel, config)
+        else:
+            plan = LaunchPlan(launches, roots, handles)
+            plan.run(driver_stream(arrays.stream_handle), tuple(root.pointer for root in roots.values()))
+            return
+    compile_all(launches, arrays.capturing)
+    launch_through_numba(launches, arrays.stream)

@@ -50,20 +50,28 @@ class DeviceView(Owned):
     memory (kept alive by the view); ``numba()`` is the same memory as a Numba device array, for
     launches through Numba's own launch path (the simulator's)."""
 
-    __slots__ = ("pointer", "shape", "strides", "dtype", "readonly", "arrays", "fresh", "parameters", "_numba",
-                 "_derive")
+    __slots__ = ("pointer", "shape", "strides", "dtype", "readonly", "arrays", "fresh", "size", "_numba", "_derive",
+                 "_extent")
 
-    def __init__(self, owner, pointer, shape, strides, dtype, readonly, arrays, numba_array=None, derive=None):
+    def __init__(self, owner, pointer, shape, strides, dtype, readonly, arrays, derive=None):
         self.owner = owner
         self.pointer, self.shape, self.strides = pointer, tuple(shape), tuple(strides)
         self.dtype, self.readonly, self.arrays = dtype, readonly, arrays
+        self.size = math.prod(self.shape)
         self.fresh = False  # allocated by the backend for this call's results, not the caller's memory
-        self.parameters = None  # the kernel parameters of this array, flattened once (see launcher)
-        self._numba, self._derive = numba_array, derive
+        self._numba, self._derive, self._extent = None, derive, None
+
+    @classmethod
+    def contiguous(cls, owner: Any, pointer: int, shape: tuple[int, ...], dtype: np.dtype, arrays: Any,
+                   fresh: bool = False) -> "DeviceView":
+        """A C-contiguous array of the backend's own making, whose layout it knows already."""
+        view = cls(owner, pointer, shape, contiguous_strides(shape, dtype.itemsize), dtype, False, arrays)
+        view.fresh = fresh
+        return view
 
     @classmethod
     def of(cls, owner: Any, arrays: Any) -> "DeviceView":
-        described = _describe_torch_tensor(owner)
+        described = _describe_torch_tensor(owner) or _describe_numba_array(owner)
         if described is not None:
             return cls(owner, *described, arrays)
         interface = _interface(owner)
@@ -71,16 +79,11 @@ class DeviceView(Owned):
         shape = tuple(interface["shape"])
         strides = interface.get("strides") or contiguous_strides(shape, dtype.itemsize)
         pointer, readonly = interface["data"]
-        numba_array = owner if getattr(owner, "__cuda_ndarray__", False) else None
-        return cls(owner, pointer, shape, strides, dtype, bool(readonly), arrays, numba_array)
+        return cls(owner, pointer, shape, strides, dtype, bool(readonly), arrays)
 
     @property
     def ndim(self) -> int:
         return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
 
     def is_c_contiguous(self) -> bool:
         return self.size == 0 or self.strides == contiguous_strides(self.shape, self.dtype.itemsize)
@@ -88,21 +91,32 @@ class DeviceView(Owned):
     def reshape(self, shape: tuple[int, ...]) -> "DeviceView":
         """The same contiguous memory in another shape."""
         assert math.prod(shape) == self.size
-        return self.part(0, shape)
+        return self.part(0, shape, self.dtype)
 
-    def part(self, start: int, shape: tuple[int, ...]) -> "DeviceView":
-        """Elements ``start`` to ``start + prod(shape)`` of this contiguous array, in ``shape``:
-        one allocation carved into several of a call's temporaries."""
-        assert self.is_c_contiguous() and start + math.prod(shape) <= self.size
-        return DeviceView(self.owner, self.pointer + start * self.dtype.itemsize, shape,
-                          contiguous_strides(shape, self.dtype.itemsize), self.dtype, self.readonly, self.arrays,
-                          derive=(self, start, shape))
+    def part(self, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> "DeviceView":
+        """The ``dtype`` array of ``shape`` at byte ``offset`` of this contiguous array: one
+        allocation carved into a call's temporaries."""
+        dtype = np.dtype(dtype)
+        return DeviceView(self.owner, self.pointer + offset, shape, contiguous_strides(shape, dtype.itemsize), dtype,
+                          self.readonly, self.arrays, derive=(self, offset, shape))
+
+    def origin(self) -> tuple["DeviceView", int]:
+        """The array this view was carved from (itself, if none), and its byte offset in it."""
+        if self._derive is None:
+            return self, 0
+        parent, offset, _ = self._derive
+        root, start = parent.origin()
+        return root, start + offset
 
     def numba(self) -> Any:
         if self._numba is None:
             if self._derive is not None:
-                parent, start, shape = self._derive
-                self._numba = parent.numba().reshape(-1)[start:start + math.prod(shape)].reshape(shape)
+                parent, offset, shape = self._derive
+                flat = parent.numba().reshape(-1).view(np.uint8)
+                size = math.prod(shape) * self.dtype.itemsize
+                self._numba = flat[offset:offset + size].view(self.dtype).reshape(shape)
+            elif getattr(self.owner, "__cuda_ndarray__", False):
+                self._numba = self.owner  # a Numba device array already (the simulator's are, too)
             else:
                 # a zero-copy view (torch, CuPy); no wait for the stream the owner names, since
                 # the call's kernels are queued on that same stream
@@ -111,11 +125,18 @@ class DeviceView(Owned):
 
     def extent(self) -> tuple[int, int]:
         """[start, end) of the bytes the view may touch."""
-        if self.size == 0:
-            return self.pointer, self.pointer
-        low = sum(s * (n - 1) for s, n in zip(self.strides, self.shape) if s < 0)
-        high = sum(s * (n - 1) for s, n in zip(self.strides, self.shape) if s > 0)
-        return self.pointer + low, self.pointer + high + self.dtype.itemsize
+        if self._extent is None:
+            if self.size == 0:
+                self._extent = self.pointer, self.pointer
+            else:
+                low = high = 0
+                for stride, length in zip(self.strides, self.shape):
+                    if stride < 0:
+                        low += stride * (length - 1)
+                    else:
+                        high += stride * (length - 1)
+                self._extent = self.pointer + low, self.pointer + high + self.dtype.itemsize
+        return self._extent
 
 
 _NUMPY_DTYPE_OF_TORCH: dict = {}
@@ -132,14 +153,45 @@ def numpy_dtypes_of_torch() -> dict:
     return _NUMPY_DTYPE_OF_TORCH
 
 
+def data_pointer(owner: Any) -> int:
+    """The device address of a fresh array of the backend's own (a torch tensor, a CuPy or Numba
+    array, a pooled block)."""
+    if hasattr(owner, "data_ptr"):
+        return owner.data_ptr()
+    pointer = getattr(owner, "pointer", None)  # a block of the pool
+    if pointer is not None:
+        return pointer
+    if getattr(owner, "__cuda_ndarray__", False) and not _SIMULATED:
+        return owner.device_ctypes_pointer.value or 0
+    return _interface(owner)["data"][0]
+
+
 def _describe_torch_tensor(owner: Any):
     """(pointer, shape, strides, dtype, readonly) of a torch tensor from its own attributes:
     torch's ``__cuda_array_interface__`` is Python code that costs several microseconds per
     tensor, on every call. None for anything else (and for dtypes NumPy does not have)."""
     if not type(owner).__module__.startswith("torch"):
         return None
-    dtype = numpy_dtypes_of_torch().get(owner.dtype)
+    dtype = (_NUMPY_DTYPE_OF_TORCH or numpy_dtypes_of_torch()).get(owner.dtype)
     if dtype is None:
         return None
-    strides = tuple(step * dtype.itemsize for step in owner.stride())
-    return owner.data_ptr(), tuple(owner.shape), strides, dtype, False
+    itemsize = dtype.itemsize
+    return owner.data_ptr(), tuple(owner.shape), tuple([step * itemsize for step in owner.stride()]), dtype, False
+
+
+_NUMBA_DEVICE_ARRAY = None
+
+
+def _describe_numba_array(owner: Any):
+    """The same of a Numba device array (a GPU's, not the simulator's), from its attributes:
+    its ``__cuda_array_interface__`` property builds a dictionary on every read."""
+    global _NUMBA_DEVICE_ARRAY
+    if _SIMULATED:
+        return None
+    if _NUMBA_DEVICE_ARRAY is None:
+        from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+        _NUMBA_DEVICE_ARRAY = DeviceNDArray
+    if type(owner) is not _NUMBA_DEVICE_ARRAY:
+        return None
+    return owner.device_ctypes_pointer.value or 0, owner.shape, owner.strides, owner.dtype, False

@@ -1,0 +1,205 @@
+"""The ``cuda`` backend's real host path, run without a GPU: every CUDA driver call answered by a stub.
+
+What runs is what runs on a GPU, up to the driver: the public functions, their validation,
+``DeviceArrays``, the launch plans, the allocators' calls, the error record's reads. What the
+stub replaces, and how:
+
+* the driver calls of ``cuda.bindings.driver`` the backend makes (stream capture query, current
+  context, pool allocation and stream-ordered free, memset, the launch itself, copies, stream
+  synchronisation): each a Python function that counts itself and returns success, the cost
+  of a call into the bindings without the driver's own work. Allocations hand out host memory,
+  so that what the host reads (the error record, a verdict) is real memory; a copy of a
+  verdict back to the host reads "no bad label";
+* Numba's device, context and stream objects (``numba.cuda``): stand-ins that own nothing;
+* compiling a kernel: a kernel handle is a number (the kernels are compiled for real by the
+  PTX tests);
+* torch: CPU tensors stand for CUDA tensors (``Tensor.is_cuda`` reads True, so torch's own
+  ``__cuda_array_interface__`` code runs on them), torch's current stream is handle 0, and
+  allocations are torch's CPU allocator's.
+
+Numba device arrays are real ``DeviceNDArray`` objects over the stub's host memory.
+
+``install()`` patches all of this into the running process for good (a benchmark or test
+process of its own): ``Counts`` says what the driver was asked to do.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+from typing import Any
+
+import numpy as np
+
+RECORDED = ("cuLaunchKernel", "cuMemsetD32Async", "cuMemAllocFromPoolAsync", "cuMemFreeAsync", "cuMemcpyDtoHAsync",
+            "cuStreamSynchronize", "cuStreamIsCapturing", "cuCtxGetCurrent", "cuCtxGetId", "cuCtxGetDevice",
+            "cuMemHostAlloc", "cuMemPoolCreate", "cuThreadExchangeStreamCaptureMode")
+
+
+class Counts(collections.Counter):
+    """Driver calls by name since the last ``clear()``."""
+
+
+counts = Counts()
+capturing = {"on": False}  # what cuStreamIsCapturing answers
+_host_memory: dict[int, np.ndarray] = {}  # what the stub's allocations hand out, kept alive
+
+
+def _host_block(size: int) -> int:
+    block = np.zeros(max(8, size), np.uint8)
+    _host_memory[block.ctypes.data] = block
+    return block.ctypes.data
+
+
+def _stub_driver(driver: Any) -> None:
+    success = driver.CUresult.CUDA_SUCCESS
+    none = driver.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_NONE
+    active = driver.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_ACTIVE
+    context = driver.CUcontext(1)
+
+    def counted(name, result):
+        def call(*args):
+            counts[name] += 1
+            return result(*args)
+
+        call.__name__ = name
+        setattr(driver, name, call)
+
+    def allocate(size, pool, stream):
+        return success, _host_block(int(size))
+
+    def free(pointer, stream):
+        _host_memory.pop(int(pointer), None)
+        return (success,)
+
+    def memset(pointer, value, words, stream):
+        ctypes.memset(int(pointer), value, 4 * words)
+        return (success,)
+
+    def copy_verdict(host, device, size, stream):
+        # the stub's device finds every label good: the verdict reads "no bad row"
+        from centerkern.cuda import kernels
+
+        ctypes.c_int64.from_address(int(host)).value = int(kernels.NO_ROW)
+        return (success,)
+
+    def host_alloc(size, flags):
+        return success, _host_block(int(size))
+
+    mode = {"now": driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL}
+
+    def exchange_capture_mode(new):
+        previous, mode["now"] = mode["now"], new
+        return success, previous
+
+    counted("cuStreamIsCapturing", lambda stream: (success, active if capturing["on"] else none))
+    counted("cuCtxGetCurrent", lambda: (success, context))
+    counted("cuCtxGetId", lambda context: (success, 1))
+    counted("cuCtxGetDevice", lambda: (success, 0))
+    counted("cuLaunchKernel", lambda *args: (success,))
+    counted("cuMemsetD32Async", memset)
+    counted("cuMemAllocFromPoolAsync", allocate)
+    counted("cuMemFreeAsync", free)
+    counted("cuMemcpyDtoHAsync", copy_verdict)
+    counted("cuStreamSynchronize", lambda stream: (success,))
+    counted("cuMemHostAlloc", host_alloc)
+    counted("cuMemHostGetDevicePointer", lambda pointer, flags: (success, pointer))
+    counted("cuMemPoolCreate", lambda properties: (success, driver.CUmemoryPool(1)))
+    counted("cuMemPoolSetAttribute", lambda *args: (success,))
+    counted("cuThreadExchangeStreamCaptureMode", exchange_capture_mode)
+
+
+class _Stream:
+    """Numba's stream object, standing for a handle."""
+
+    def __init__(self, handle: int = 0):
+        self.handle = ctypes.c_void_p(handle)
+
+    def __int__(self) -> int:
+        return self.handle.value or 0
+
+    def synchronize(self) -> None:
+        counts["cuStreamSynchronize"] += 1
+
+
+class _Device:
+    id = 0
+    compute_capability = (9, 0)
+
+
+class _Context:
+    device = _Device()
+
+
+class _Gpus:
+    """``numba.cuda.gpus``: a device is a context manager that makes its context current."""
+
+    def __getitem__(self, ordinal):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def __len__(self) -> int:
+        return 1
+
+
+def _stub_numba(cuda: Any) -> None:
+    context = _Context()
+    cuda.is_available = lambda: True
+    cuda.get_current_device = lambda: _Device()
+    cuda.current_context = lambda: context
+    cuda.gpus = _Gpus()
+    cuda.default_stream = lambda: _Stream(0)
+    cuda.external_stream = lambda handle: _Stream(int(handle))
+    cuda.synchronize = lambda: counts.update(["cuCtxSynchronize"])
+
+
+def _stub_torch() -> None:
+    import torch
+
+    torch.Tensor.is_cuda = property(lambda self: True)
+    torch._C._cuda_getCurrentRawStream = lambda device: 0
+    torch.cuda.current_device = lambda: 0
+
+
+def _stub_compiler() -> None:
+    from centerkern.cuda import launcher
+
+    handles: dict = {}
+
+    def kernel_handle(dispatcher, signature, context_id, capturing):
+        return handles.setdefault((dispatcher, signature), len(handles) + 1)
+
+    launcher._kernel_handle = kernel_handle
+
+
+def numba_array(host: np.ndarray) -> Any:
+    """A Numba ``DeviceNDArray`` over a copy of ``host`` in the stub's memory."""
+    from numba import cuda
+    from numba.cuda.cudadrv import devicearray
+    from numba.cuda.cudadrv import driver as numba_driver
+
+    pointer = _host_block(host.nbytes)
+    ctypes.memmove(pointer, host.ctypes.data, host.nbytes)
+    memory = numba_driver.MemoryPointer(cuda.current_context(), numba_driver.binding.CUdeviceptr(pointer),
+                                        max(1, host.nbytes))
+    return devicearray.DeviceNDArray(host.shape, host.strides, host.dtype, gpu_data=memory)
+
+
+def install() -> None:
+    """Stub the driver, Numba's CUDA objects, the kernel compiler and torch's CUDA hooks, for
+    the rest of this process. Must run before ``centerkern.cuda`` is first used."""
+    import os
+
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        raise RuntimeError("the stubbed driver runs the real cuda path: unset NUMBA_ENABLE_CUDASIM")
+    from cuda.bindings import driver
+    from numba import cuda
+
+    _stub_driver(driver)
+    _stub_numba(cuda)
+    _stub_compiler()
+    try:
+        _stub_torch()
+    except ImportError:
+        pass

@@ -1,0 +1,101 @@
+"""centerkern's own stream-ordered memory pool, one per device: the memory of Numba arrays' calls.
+
+Results of calls on Numba device arrays, and the temporaries of those calls, are allocated here
+with ``cuMemAllocFromPoolAsync`` on the call's stream and given back with ``cuMemFreeAsync``:
+a temporary once the call has queued its kernels, a result when the caller drops it (the
+finalizer of its Numba array). Neither waits for the device, as the synchronous ``cuMemAlloc``
+and ``cuMemFree`` of Numba's own allocations do. The pool is centerkern's own, so that another
+library's settings of the device's default pool (its release threshold) never make a step wait,
+and its blocks are never shared with that library; it keeps freed memory for reuse.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from .launcher import driver_stream
+
+_pools: dict[int, Any] = {}
+
+
+def _check(error: Any, what: str) -> None:
+    if error != 0:
+        raise MemoryError(f"{what} failed: {getattr(error, 'name', error)}")
+
+
+def _private_pool(device_ordinal: int) -> Any:
+    """centerkern's own stream-ordered memory pool on the device, made on first use (the caller
+    holds the device's context current, with capture relaxed)."""
+    pool = _pools.get(device_ordinal)
+    if pool is None:
+        from cuda.bindings import driver as cuda_driver
+
+        properties = cuda_driver.CUmemPoolProps()
+        properties.allocType = cuda_driver.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        properties.handleTypes = cuda_driver.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_NONE
+        properties.location.type = cuda_driver.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        properties.location.id = device_ordinal
+        error, pool = cuda_driver.cuMemPoolCreate(properties)
+        _check(error, f"cuMemPoolCreate on device {device_ordinal}")
+        keep_everything = cuda_driver.cuuint64_t(2**64 - 1)  # freed memory stays in the pool for reuse
+        _check(cuda_driver.cuMemPoolSetAttribute(
+            pool, cuda_driver.CUmemPool_attribute.CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, keep_everything)[0],
+            "cuMemPoolSetAttribute")
+        _pools[device_ordinal] = pool
+    return pool
+
+
+def allocate(size: int, device_ordinal: int, stream_handle: int) -> int:
+    from cuda.bindings import driver as cuda_driver
+
+    error, pointer = cuda_driver.cuMemAllocFromPoolAsync(max(1, size), _private_pool(device_ordinal),
+                                                         driver_stream(stream_handle))
+    _check(error, f"cuMemAllocFromPoolAsync of {size} bytes on stream {stream_handle:#x}")
+    return int(pointer)
+
+
+def _free_in_stream_order(pointer: int, stream_handle: int) -> None:
+    """Give memory back to its pool after the work queued on ``stream_handle`` (which may be gone
+    by the time a dropped result is freed: then after the legacy default stream's work)."""
+    from cuda.bindings import driver as cuda_driver
+
+    error = cuda_driver.cuMemFreeAsync(pointer, driver_stream(stream_handle))[0]
+    if error != 0 and stream_handle != 0:
+        error = cuda_driver.cuMemFreeAsync(pointer, driver_stream(0))[0]
+    if error != 0:
+        warnings.warn(f"cuMemFreeAsync of device memory at {pointer:#x} failed ({getattr(error, 'name', error)}): "
+                      "the memory stays allocated", RuntimeWarning, stacklevel=2)
+
+
+class PooledBlock:
+    """A temporary from the private pool: raw memory with an array interface, given back in stream
+    order by ``release``."""
+
+    def __init__(self, size: int, device_ordinal: int, stream_handle: int):
+        self.pointer = allocate(size, device_ordinal, stream_handle)
+        self.stream_handle = stream_handle
+        self.__cuda_array_interface__ = {"shape": (max(1, size),), "typestr": "|u1", "strides": None,
+                                         "data": (self.pointer, False), "version": 3, "stream": None}
+
+    def release(self) -> None:
+        if self.pointer is not None:
+            _free_in_stream_order(self.pointer, self.stream_handle)
+            self.pointer = None
+
+
+def free_later(pointer: int, stream_handle: int) -> "_Free":
+    """The finalizer that gives ``pointer`` back in stream order when its owner is dropped."""
+    return _Free(pointer, stream_handle)
+
+
+class _Free:
+    """The finalizer of a Numba result over the private pool: called when the array is dropped."""
+
+    __slots__ = ("pointer", "stream_handle")
+
+    def __init__(self, pointer: int, stream_handle: int):
+        self.pointer, self.stream_handle = pointer, stream_handle
+
+    def __call__(self) -> None:
+        _free_in_stream_order(self.pointer, self.stream_handle)
