@@ -7,10 +7,11 @@ measured is the host's own work around the kernels, which the GPU cannot hide. T
 adds its own time per driver call (a few microseconds per launch); ``gpu_check.py`` measures the
 same calls with it, on a GPU.
 
-Timing: the thread's CPU time of ``--calls`` calls in a row, in several rounds; each round is
-calibrated by 1000 calls of a trivial Python function, so that a figure can be read on any
-machine in "trivial-call units" (host time / time of 1000 trivial calls). The quietest round
-is reported (the least disturbed by the rest of the machine), with the median of the rounds.
+Timing: the thread's CPU time of ``--calls`` calls in a row, in many short rounds, each round
+preceded by 1000 calls of a trivial Python function, its calibration, so that a figure can be
+read on any machine in "trivial-call units" (host time / time of 1000 trivial calls). Noise on
+a shared machine only ever adds time: the quietest round of each (the least disturbed) is
+reported, host time over calibration, with the medians of the rounds beside them.
 
 Counted, in one further call of each case (not timed): Python-level function calls (a stubbed
 driver call counts as one C call, as the real binding is), kernel launches, memsets, the
@@ -178,16 +179,15 @@ def _time(call, calls: int, rounds: int) -> dict:
         per_call.append(host)
         units.append(host / calibration)
         calibrations.append(calibration)
-    quietest = min(range(rounds), key=lambda r: units[r])
-    return {"host_us": round(per_call[quietest], 2), "units": round(units[quietest], 3),
-            "calibration_us": round(calibrations[quietest], 2), "median_host_us": round(statistics.median(per_call), 2),
-            "median_units": round(statistics.median(units), 3)}
+    host, calibration = min(per_call), min(calibrations)
+    return {"host_us": round(host, 2), "units": round(host / calibration, 3), "calibration_us": round(calibration, 2),
+            "median_host_us": round(statistics.median(per_call), 2), "median_units": round(statistics.median(units), 3)}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=2000, help="calls per round")
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--calls", type=int, default=200, help="calls per round")
+    parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--quick", action="store_true", help="a few calls and rounds: that it runs, no figures")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)

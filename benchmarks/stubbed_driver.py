@@ -43,12 +43,25 @@ class Counts(collections.Counter):
 counts = Counts()
 capturing = {"on": False}  # what cuStreamIsCapturing answers
 _host_memory: dict[int, np.ndarray] = {}  # what the stub's allocations hand out, kept alive
+_free_blocks: dict[int, list] = collections.defaultdict(list)  # by size, for reuse: a pool's cost, not malloc's
 
 
 def _host_block(size: int) -> int:
-    block = np.zeros(max(8, size), np.uint8)
-    _host_memory[block.ctypes.data] = block
-    return block.ctypes.data
+    size = max(8, size)
+    free = _free_blocks[size]
+    if free:
+        block, address = free.pop()
+    else:
+        block = np.zeros(size, np.uint8)
+        address = block.ctypes.data
+    _host_memory[address] = block
+    return address
+
+
+def _give_back(pointer: int) -> None:
+    block = _host_memory.pop(pointer, None)
+    if block is not None:
+        _free_blocks[block.size].append((block, pointer))
 
 
 def _stub_driver(driver: Any) -> None:
@@ -69,7 +82,7 @@ def _stub_driver(driver: Any) -> None:
         return success, _host_block(int(size))
 
     def free(pointer, stream):
-        _host_memory.pop(int(pointer), None)
+        _give_back(int(pointer))
         return (success,)
 
     def memset(pointer, value, words, stream):
@@ -80,7 +93,7 @@ def _stub_driver(driver: Any) -> None:
         # the stub's device finds every label good: the verdict reads "no bad row"
         from centerkern.cuda import kernels
 
-        ctypes.c_int64.from_address(int(host)).value = int(kernels.NO_ROW)
+        ctypes.c_int64.from_address(int(host)).value = int(kernels.NO_ROW)  # (its first field)
         return (success,)
 
     def host_alloc(size, flags):

@@ -46,11 +46,12 @@ def _plain(backend: Any, check, arrays: tuple, *settings: Any):
 _PLAIN_DEVICE_BACKENDS = ("auto", "cuda")
 
 
-def _plain_on_device(backend: Any, check, arrays: tuple, *settings: Any, stream: Any, sync: bool):
+def _plain_on_device(backend: Any, check, arrays: tuple, *settings: Any, stream: Any, sync: bool,
+                     remembered: Any = None):
     """The same for device arrays: ``check(*views, *settings, device_arrays)`` on views of plain
     device arrays (``centerkern.cuda.DeviceArrays.plain``) when the backend choice allows it.
     (the call's ``DeviceArrays``, the checked inputs), or None where the full validation must
-    run."""
+    run. ``remembered``: the call's signature, whose plain run ``centerkern.cuda.repeat`` keeps."""
     if backend not in _PLAIN_DEVICE_BACKENDS or not is_device_array(arrays[0]):
         return None
     plain = _backends.cuda().DeviceArrays.plain(arrays, stream=stream, sync=sync)
@@ -58,7 +59,18 @@ def _plain_on_device(backend: Any, check, arrays: tuple, *settings: Any, stream:
         return None
     device_arrays, views = plain
     checked = check(*views, *settings, device_arrays)
+    device_arrays.keep_run = remembered is not None
     return None if checked is None else (device_arrays, checked)
+
+
+def _repeated(backend: Any, function: str, arrays: tuple, choices: tuple, stream: Any, sync: bool):
+    """(outputs, None) of a call on plain device arrays whose signature this thread has run
+    before (``centerkern.cuda.repeat``); else (None, the signature to remember once the plain
+    path has run the call, or None)."""
+    if backend not in _PLAIN_DEVICE_BACKENDS or not is_device_array(arrays[0]):
+        return None, None
+    repeat = _backends.cuda().repeat
+    return repeat.run(function, arrays, repeat.settings_of(stream, *choices, sync), stream, sync)
 
 
 def _owner(result: Any) -> Any:
@@ -197,9 +209,16 @@ def gather_centers(centers: Any, labels: Any, *, backend: str = "auto", sync: bo
         ...
     IndexError: label -1 at position 1 is out of range: labels must lie in [0, 3) for 3 classes
     """
-    plain = _plain_on_device(backend, validation.plain_device_gather, (centers, labels), stream=stream, sync=sync)
+    outputs, remembered = _repeated(backend, "gather", (centers, labels), (), stream, sync)
+    if outputs is not None:  # a call this thread has run before, see centerkern.cuda.repeat
+        return outputs[0]
+    plain = _plain_on_device(backend, validation.plain_device_gather, (centers, labels), stream=stream, sync=sync,
+                             remembered=remembered)
     if plain is not None:  # the common case on a GPU, see validation.plain_device_gather
-        return _backends.load("cuda").gather_centers(plain[1].centers, plain[1].labels).owner
+        cuda = _backends.load("cuda")
+        rows = cuda.gather_centers(plain[1].centers, plain[1].labels)
+        cuda.repeat.remember(remembered, (centers, labels), (rows,), (), plain[0])
+        return rows.owner
     to_caller = interop.converter_like(centers)
     centers, labels = _exportable(centers, labels)
     kernels, arrays = _select(backend, centers, labels, stream=stream, sync=sync)
@@ -299,9 +318,18 @@ def scatter_sub_update(
     [[-1.0], [1.0], [3.0]]
     """
     caller_out = out
-    checked = _plain(backend, validation.plain_scatter, (centers, labels, updates, out))
-    plain = None if checked is not None else _plain_on_device(
-        backend, validation.plain_device_scatter, (centers, labels, updates, out), stream=stream, sync=sync)
+    inputs = (centers, labels, updates, out)
+    checked = _plain(backend, validation.plain_scatter, inputs)
+    plain = remembered = None
+    if checked is None:
+        outputs, remembered = _repeated(backend, "scatter", inputs, (bool(deterministic),), stream, sync)
+        if outputs is not None:  # a call this thread has run before, see centerkern.cuda.repeat
+            if caller_out is None:
+                return outputs[0]
+            interop.mark_written(caller_out)
+            return caller_out
+        plain = _plain_on_device(backend, validation.plain_device_scatter, inputs, stream=stream, sync=sync,
+                                 remembered=remembered)
     if checked is not None:  # the common case on the CPU, see validation.plain_scatter
         to_caller = interop.converter_like(centers, host=True)
         kernels, arrays = _backends.load("numba"), _host_arrays("numba")
@@ -316,6 +344,8 @@ def scatter_sub_update(
     target, copy_from = _target(arrays, checked.centers, checked.out, checked.out_is_centers)
     kernels.scatter_sub_update(target, checked.labels, checked.updates, deterministic=deterministic,
                                copy_from=copy_from)
+    if plain is not None:  # out (index 3), when given, is the centers and overlaps neither labels nor updates
+        kernels.repeat.remember(remembered, inputs, (target,), ((3, 1), (3, 2)) if out is not None else (), arrays)
     if caller_out is None:
         return to_caller(target)
     interop.mark_written(caller_out)
@@ -491,8 +521,14 @@ def center_loss(
     caller_out, caller_grad_out = out, grad_out
     inputs = (features, labels, centers, out, grad_out)
     checked = _plain(backend, validation.plain_center_loss, inputs, alpha, rule)
-    plain = None if checked is not None else _plain_on_device(
-        backend, validation.plain_device_center_loss, inputs, alpha, rule, stream=stream, sync=sync)
+    plain = remembered = None
+    if checked is None:
+        outputs, remembered = _repeated(backend, "center_loss", inputs, (rule, alpha, bool(deterministic)), stream,
+                                        sync)
+        if outputs is not None:  # a call this thread has run before, see centerkern.cuda.repeat
+            return _center_loss_result(*outputs, caller_out, caller_grad_out, _identity)
+        plain = _plain_on_device(backend, validation.plain_device_center_loss, inputs, alpha, rule, stream=stream,
+                                 sync=sync, remembered=remembered)
     if checked is not None:  # the common case on the CPU, see validation.plain_center_loss
         to_caller = interop.converter_like(features, host=True)
         kernels, arrays = _backends.load("numba"), _host_arrays("numba")
@@ -517,7 +553,25 @@ def center_loss(
         checked.features, checked.labels, target, grad, written, coefficients, deterministic=deterministic,
         copy_from=copy_from,
     )
-    if caller_out is not None and coefficients.moves_centers:
+    if plain is not None:
+        # out (index 3), when given, is the centers: it overlaps neither features nor labels; nor
+        # does grad_out (index 4) overlap them or the centers
+        overlaps = (((3, 0), (3, 1)) if out is not None else ()) + (((4, 0), (4, 1), (4, 2)) if grad_out is not None
+                                                                   else ())
+        kernels.repeat.remember(remembered, inputs, (loss, grad, target, grad_centers), overlaps, arrays)
+    return _center_loss_result(loss, grad, target, grad_centers, caller_out, caller_grad_out, to_caller)
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def _center_loss_result(loss, grad, target, grad_centers, caller_out, caller_grad_out, to_caller) -> CenterLossResult:
+    """The result of a step whose outputs are ``loss`` (a float, or a device array of the
+    backend's), ``grad``, ``target`` (the centers written) and ``grad_centers`` (None unless
+    the rule leaves the centers to the caller), taken to the caller's framework with
+    ``to_caller``; the caller's ``out`` and ``grad_out`` are told they were written."""
+    if caller_out is not None and grad_centers is None:  # the rule moved the centers
         interop.mark_written(caller_out)
     if caller_grad_out is not None:
         interop.mark_written(caller_grad_out)

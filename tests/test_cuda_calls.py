@@ -295,7 +295,6 @@ def test_cuda_under_capture_what_cannot_be_captured_is_refused_before_writing(mo
     """Under capture (as the driver sees it) a call must be sync=False, and not on Numba arrays,
     whose results are freed when dropped rather than with a graph: both refused, nothing written."""
     monkeypatch.setattr(cuda_arrays, "is_capturing", lambda handle: True)
-    monkeypatch.setattr(cuda_arrays, "current_device_ordinal", lambda: 0)
     features, labels, centers = _batch(8, batch=30)
     device_centers = cuda.to_device(centers)
     with pytest.raises(ValueError, match="pass sync=False to capture"):
@@ -337,7 +336,6 @@ def test_cuda_capture_of_cupy_arrays_needs_its_stream_ordered_allocator(monkeypa
     import sys
 
     monkeypatch.setattr(cuda_arrays, "is_capturing", lambda handle: True)
-    monkeypatch.setattr(cuda_arrays, "current_device_ordinal", lambda: 0)
     monkeypatch.setitem(sys.modules, "cupy", _fake_cupy("default"))
     with pytest.raises(ValueError, match=r"cupy.cuda.set_allocator\(cupy.cuda.MemoryAsyncPool\(\).malloc\)"):
         cuda_arrays.DeviceArrays(_CupyLikeArray(), sync=False)

@@ -40,8 +40,13 @@ def load(name: str) -> ModuleType:
     return importlib.import_module(_MODULES[name], _PACKAGE)
 
 
+_ready: list = []  # the cuda module, once it was found ready (a GPU does not go away)
+
+
 def cuda() -> ModuleType:
     """The ``cuda`` backend, ready to run: else ``BackendUnavailableError`` saying why."""
+    if _ready:
+        return _ready[0]
     try:
         module = load("cuda")
     except ImportError as error:
@@ -50,6 +55,7 @@ def cuda() -> ModuleType:
             "install the extra: pip install 'centerkern[cuda]'"
         ) from error
     module.require_available()
+    _ready.append(module)
     return module
 
 

@@ -47,10 +47,18 @@ _IMMUTABLE = {
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+_FRAMEWORK_OF_TYPE: dict = {}
+
+
 def framework_of(x: Any) -> str:
     """``torch``, ``jax``, ``tensorflow``, ``cupy``, or ``other`` (NumPy, lists, Numba arrays)."""
-    root = type(x).__module__.partition(".")[0]
-    return _FRAMEWORK_OF_MODULE.get(root, "other")
+    kind = type(x)
+    framework = _FRAMEWORK_OF_TYPE.get(kind)
+    if framework is None:
+        framework = _FRAMEWORK_OF_MODULE.get(kind.__module__.partition(".")[0], "other")
+        if len(_FRAMEWORK_OF_TYPE) < 1024:  # array types are few; a program making types without end is not
+            _FRAMEWORK_OF_TYPE[kind] = framework
+    return framework
 
 
 def exportable(x: Any) -> Any:
@@ -199,4 +207,6 @@ def is_device_array(x: Any) -> bool:
         return False
     if framework_of(x) == "torch" and hasattr(x, "is_cuda"):
         return bool(x.is_cuda)  # torch's __cuda_array_interface__ is Python code that builds a dictionary
-    return hasattr(x, "__cuda_array_interface__") or bool(getattr(x, "__cuda_ndarray__", False))
+    if getattr(type(x), "__cuda_ndarray__", False):
+        return True  # a Numba device array, whose interface is a property too
+    return hasattr(x, "__cuda_array_interface__")

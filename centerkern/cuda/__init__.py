@@ -11,7 +11,8 @@ a module of its own:
 * ``memory``: each framework's stream and allocator, for one call's results and its temporary;
 * ``arrays``: one call's device arrays (``DeviceArrays``), checked and converted;
 * ``record``: the error record of each device, the one thing calls share;
-* ``driver``: what one call launches, in which order, on which parts of its temporary.
+* ``driver``: what one call launches, in which order, on which parts of its temporary;
+* ``repeat``: a training loop's calls after its first, checked and planned once.
 
 Each imports only those above it.
 """
@@ -23,6 +24,7 @@ import os
 from numba import cuda
 
 from .._core.errors import BackendUnavailableError
+from . import repeat
 from .arrays import DeviceArrays
 from .driver import center_loss_step, check_errors, gather_centers, scatter_sub_update
 from .launcher import launch_path

@@ -17,7 +17,7 @@ from numba import cuda
 from .._core.interop import is_device_array
 from .._core.validation import HostArrays
 from . import kernels
-from .launcher import Launch, clear, current_device_ordinal, is_direct, launch_once, setup_under_capture
+from .launcher import Launch, clear, current_context, current_context_id, is_direct, launch_once, setup_under_capture
 from .memory import is_capturing, memory_for, plain_framework
 from .views import DeviceView, data_pointer, simulated
 
@@ -88,6 +88,11 @@ class DeviceArrays:
         The ``sync`` choice.
     capturing : bool
         Whether the stream is under CUDA graph capture.
+    context_id : int
+        The unique id of the device context the call runs in (0 in the simulator).
+    elsewhere : bool
+        Whether that context must be made current for the call (``device_context``): the
+        thread's current context is another device's, or none.
 
     Raises
     ------
@@ -136,7 +141,7 @@ class DeviceArrays:
 
     def __init__(self, like: Any, *, stream: Any = None, sync: bool = True):
         self.memory = memory_for(like, stream)
-        self.stream = self.memory.stream
+        self.keep_run = False  # the driver keeps what the call ran, for centerkern.cuda.repeat
         self.stream_handle = self.memory.stream_handle
         self.sync = bool(sync)
         # whether the stream captures is asked first, of the framework's stream: under capture
@@ -144,11 +149,29 @@ class DeviceArrays:
         self.capturing = is_capturing(self.stream_handle)
         if self.capturing:
             self._check_capture()
-        with setup_under_capture(self.capturing):
-            self.memory.set_device()
-            self.device_ordinal = self.memory.device_ordinal
-            # the current context may be another device's (torch's current device is its own)
-            self._elsewhere = not simulated() and current_device_ordinal() != self.device_ordinal
+        if self.capturing:
+            with setup_under_capture(True):
+                self._find_context()
+        else:
+            self._find_context()
+
+    def _find_context(self) -> None:
+        self.context_id, device = current_context()
+        self.memory.set_device(device)
+        self.device_ordinal = self.memory.device_ordinal
+        # no context may be current on this thread yet, or another device's (torch's current
+        # device is its own): the call then runs in Numba's context of the arrays' device
+        self.elsewhere = device != self.device_ordinal
+        if self.elsewhere:
+            with self.device_context():
+                cuda.current_context()  # made current, and made if need be
+                self.context_id = current_context_id()
+        self.memory.bind_context(self.context_id)
+
+    @property
+    def stream(self) -> Any:
+        """The call's stream as a Numba stream object (for Numba's own launch path and copies)."""
+        return self.memory.stream
 
     @classmethod
     def plain(cls, candidates: tuple, *, stream: Any = None, sync: bool = True):
@@ -163,8 +186,11 @@ class DeviceArrays:
             return None
         device = first.get_device() if framework == "torch" else None
         for x in candidates:
-            if x is not None and x is not first and (plain_framework(x) != framework
-                                                     or (framework == "torch" and x.get_device() != device)):
+            if x is None or x is first:
+                continue
+            if type(x) is not type(first) and plain_framework(x) != framework:
+                return None
+            if framework == "torch" and x.get_device() != device:
                 return None
         arrays = cls(first, stream=stream, sync=sync)
         views, seen = [], {}
@@ -198,7 +224,7 @@ class DeviceArrays:
     def device_context(self):
         """Numba's context for the device of the call's arrays: kernels are bound, and Numba and
         the stream-ordered pool allocate, in the current context."""
-        return cuda.gpus[self.device_ordinal] if self._elsewhere else _HERE
+        return cuda.gpus[self.device_ordinal] if self.elsewhere else _HERE
 
     def asarray(self, x: Any, what: str) -> DeviceView:
         """``x`` as a ``DeviceView``: a device array as it is (no copy), a host array copied to
@@ -276,14 +302,14 @@ class DeviceArrays:
     def empty(self, shape: tuple[int, ...], dtype) -> DeviceView:
         """A result: the caller's framework's array, which the caller gets back."""
         shape, dtype = tuple(shape), np.dtype(dtype)
-        with self.device_context():
-            owner = self.memory.empty(shape, dtype)
+        owner = self.memory.empty(shape, dtype)  # (torch and CuPy allocate on the arrays' device themselves)
         return DeviceView.contiguous(owner, data_pointer(owner), shape, dtype, self, fresh=True)
 
     def zeros(self, shape: tuple[int, ...], dtype) -> DeviceView:
         """A zeroed result, like ``empty``: cleared by a memset on the call's stream (a fill kernel
         on Numba's own launch path)."""
         view = self.empty(shape, dtype)
+        view.cleared = True
         if is_direct():
             with self.device_context():
                 clear(view.pointer, view.size * view.dtype.itemsize, self.stream_handle)
@@ -327,7 +353,5 @@ class DeviceArrays:
     def new_loss(self) -> DeviceView:
         """A float64 0-d array of the caller's framework (the view's owner, given back to the
         caller), seen by the kernels as a vector of one."""
-        with self.device_context():
-            owner = self.memory.empty((), _FLOAT64)
-        loss = DeviceView(owner, data_pointer(owner), (), (), _FLOAT64, False, self)
-        return loss.part(0, (1,), _FLOAT64)
+        owner = self.memory.empty((), _FLOAT64)
+        return DeviceView.contiguous(owner, data_pointer(owner), (1,), _FLOAT64, self, fresh=True)

@@ -17,6 +17,7 @@ first one that writes runs.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -27,13 +28,39 @@ from . import kernels
 from . import record
 from .arrays import DeviceArrays, grid_1d, launch_1d, row_blocks, row_threads
 from .kernels import StepSettings
-from .launcher import (Launch, compile_all, copy_to_host, current_context_id, driver_stream, is_direct,
-                       launch_through_numba, make_plan, plan_for, setup_under_capture)
+from .launcher import (Launch, compile_all, driver_stream, is_direct, launch_through_numba, make_plan, read_int64s,
+                       plan_for, setup_under_capture)
 from .views import DeviceView
 
 # the bookkeeping counts rows in int32 (see kernels): B - row and row + 1 must fit; so must label + 1
 MOST_ROWS = 2**31 - 2
 MOST_CLASSES = 2**31 - 2
+
+
+_last = threading.local()
+
+
+def take_last_run() -> tuple | None:
+    """(plan, roots, layout) of this thread's last call made with ``DeviceArrays.keep_run``, and
+    forget it (it holds the call's arrays): what ``repeat.remember`` builds on."""
+    last = getattr(_last, "run", None)
+    _last.run = None
+    return last
+
+
+def verdict_at(pointer: int, stream_handle: int) -> IndexError | None:
+    """The error of the verdict at device address ``pointer``, once the stream's work is done
+    (the host waits), or None for a good call."""
+    return _verdict_error(read_int64s(pointer, kernels.VERDICT_SIZE, stream_handle))
+
+
+def _verdict_error(verdict) -> IndexError | None:
+    position, value, num_classes, negative = (int(v) for v in verdict)
+    if position == kernels.NO_ROW:
+        return None
+    if value < 0 and not negative:
+        value += 2**64  # an unsigned label, reported as the caller wrote it
+    return label_out_of_range(position, value, num_classes)
 
 
 class Layout(NamedTuple):
@@ -83,21 +110,17 @@ class _Call:
 
     def __enter__(self) -> "_Call":
         self._context = self.arrays.device_context()
-        self._context.__enter__()
+        if self.arrays.elsewhere:
+            self._context.__enter__()
         try:
-            self.context_id = current_context_id()
-            if self.context_id is None:  # no context current on this thread yet: Numba makes it so
-                with setup_under_capture(self.arrays.capturing):
-                    from numba import cuda
-
-                    cuda.current_context()
-                self.context_id = current_context_id()
+            self.context_id = self.arrays.context_id
             self.record = self._record()
             earlier = self.record.take()  # an earlier sync=False call's bad label, raised before this call writes
             if earlier is not None:
                 raise earlier
         except BaseException:
-            self._context.__exit__(None, None, None)
+            if self.arrays.elsewhere:
+                self._context.__exit__(None, None, None)
             raise
         return self
 
@@ -134,6 +157,8 @@ class _Call:
                 compile_all(launches, self.arrays.capturing)
                 launch_through_numba(launches, self.arrays.stream)
                 return
+        if self.arrays.keep_run:
+            _last.run = (plan, roots, plan.layout)
         pointers = [0 if v is None else v.pointer for v in roots.values()]
         plan.run(driver_stream(self.arrays.stream_handle), (*pointers, temporary.pointer, self.record.view.pointer))
 
@@ -149,7 +174,8 @@ class _Call:
                     self.arrays.stream.synchronize()
         finally:
             self.arrays.release()
-            self._context.__exit__(None, None, None)
+            if self.arrays.elsewhere:
+                self._context.__exit__(None, None, None)
         return False
 
     def _own_verdict(self) -> IndexError | None:
@@ -157,17 +183,10 @@ class _Call:
         if self.verdict is None:
             return None
         if is_direct():
-            verdict = np.empty(kernels.VERDICT_SIZE, np.int64)
-            copy_to_host(verdict, self.verdict.pointer, self.arrays.stream_handle)
-        else:
-            verdict = self.verdict.numba().copy_to_host(stream=self.arrays.stream)
-            self.arrays.stream.synchronize()
-        position, value, num_classes, negative = (int(v) for v in verdict)
-        if position == kernels.NO_ROW:
-            return None
-        if value < 0 and not negative:
-            value += 2**64  # an unsigned label, reported as the caller wrote it
-        return label_out_of_range(position, value, num_classes)
+            return verdict_at(self.verdict.pointer, self.arrays.stream_handle)
+        verdict = self.verdict.numba().copy_to_host(stream=self.arrays.stream)
+        self.arrays.stream.synchronize()
+        return _verdict_error(verdict)
 
     @property
     def posts(self) -> bool:

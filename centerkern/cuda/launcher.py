@@ -280,7 +280,7 @@ class LaunchPlan:
             address = pointers[root] + offset
             for index in indices:
                 cells[index] = address
-        driver = _driver()
+        driver = bindings()
         if self.zero_words:
             _check(driver.cuMemsetD32Async(pointers[self.temporary], 0, self.zero_words, stream)[0],
                    "cuMemsetD32Async")
@@ -294,7 +294,8 @@ class LaunchPlan:
 _bindings = None
 
 
-def _driver():
+def bindings():
+    """``cuda.bindings.driver``, imported once (an import statement in a function costs each call)."""
     global _bindings
     if _bindings is None:
         from cuda.bindings import driver
@@ -317,50 +318,63 @@ def driver_stream(handle: int) -> Any:
     """The ``CUstream`` object of a handle, made once per handle (a wrapper that owns nothing)."""
     stream = _driver_streams.get(handle)
     if stream is None:
-        from cuda.bindings import driver as cuda_driver
-
         if len(_driver_streams) >= 256:  # a program that makes streams without end
             _driver_streams.clear()
-        stream = _driver_streams[handle] = cuda_driver.CUstream(handle)
+        stream = _driver_streams[handle] = bindings().CUstream(handle)
     return stream
 
 
-def current_context_id() -> int | None:
-    """The unique id of this thread's current CUDA context (CUDA never gives one to two contexts
-    of a process), or None where no context is current; 0 in the simulator."""
-    if simulated():
-        return 0
-    from cuda.bindings import driver as cuda_driver
+_device_of_context: dict[int, int] = {}
 
+
+def current_context() -> tuple[int | None, int | None]:
+    """(unique id, device ordinal) of this thread's current CUDA context, (None, None) where no
+    context is current; (0, 0) in the simulator. CUDA never gives one id to two contexts of a
+    process, so the id names a context for good (and a context's device never changes)."""
+    if simulated():
+        return 0, 0
+    cuda_driver = bindings()
     error, context = cuda_driver.cuCtxGetCurrent()
     if error != 0 or not int(context):
-        return None
+        return None, None
     error, identity = cuda_driver.cuCtxGetId(context)
-    return int(identity) if error == 0 else None
+    if error != 0:
+        return None, None
+    identity = int(identity)
+    device = _device_of_context.get(identity)
+    if device is None:
+        error, device = cuda_driver.cuCtxGetDevice()
+        device = _device_of_context[identity] = int(device) if error == 0 else None
+    return identity, device
+
+
+def current_context_id() -> int | None:
+    """The unique id of this thread's current CUDA context (see ``current_context``)."""
+    return current_context()[0]
 
 
 def clear(device_pointer: int, size: int, stream_handle: int) -> None:
     """Zero ``size`` bytes (a multiple of 4) on the stream."""
-    driver = _driver()
+    driver = bindings()
     _check(driver.cuMemsetD32Async(device_pointer, 0, size // 4, driver_stream(stream_handle))[0],
            "cuMemsetD32Async")
 
 
-def copy_to_host(host: np.ndarray, device_pointer: int, stream_handle: int) -> None:
-    """Copy ``host.nbytes`` bytes from the device into ``host`` after the stream's work, and wait
-    for it."""
-    driver = _driver()
+_host_buffers = threading.local()
+
+
+def read_int64s(device_pointer: int, count: int, stream_handle: int) -> tuple[int, ...]:
+    """``count`` int64 values from the device, once the stream's work is done (the host waits),
+    through a buffer of this thread's."""
+    buffer = getattr(_host_buffers, "buffer", None)
+    if buffer is None or len(buffer) < count:
+        buffer = _host_buffers.buffer = (ctypes.c_int64 * max(count, 8))()
+    driver = bindings()
     stream = driver_stream(stream_handle)
-    _check(driver.cuMemcpyDtoHAsync(host.ctypes.data, device_pointer, host.nbytes, stream)[0], "cuMemcpyDtoHAsync")
+    _check(driver.cuMemcpyDtoHAsync(ctypes.addressof(buffer), device_pointer, 8 * count, stream)[0],
+           "cuMemcpyDtoHAsync")
     _check(driver.cuStreamSynchronize(stream)[0], "cuStreamSynchronize")
-
-
-def current_device_ordinal() -> int | None:
-    """The device of this thread's current CUDA context, or None where none is current."""
-    from cuda.bindings import driver as cuda_driver
-
-    error, device = cuda_driver.cuCtxGetDevice()
-    return int(device) if error == 0 else None
+    return tuple(buffer[:count])
 
 
 # --------------------------------------------------------------------------- compiled kernels

@@ -38,9 +38,9 @@ import numpy as np
 from numba import cuda
 
 from .._core.interop import framework_of
-from .launcher import driver_stream
+from .launcher import bindings, driver_stream
 from .pool import PooledBlock, allocate, free_later
-from .views import contiguous_strides, numpy_dtypes_of_torch, simulated
+from .views import SIMULATED, contiguous_strides, numpy_dtypes_of_torch, simulated
 
 # --------------------------------------------------------------------------- streams
 
@@ -73,16 +73,30 @@ def stream_handle(stream: Any) -> int:
 
 
 def _numba_stream(stream: Any) -> tuple[int, Any]:
-    """(handle, Numba stream object) for the ``stream=`` keyword."""
+    """(handle, Numba stream object) for the ``stream=`` keyword; for None (Numba's default
+    stream), the object is made when first needed (see ``_NumbaMemory.stream``)."""
     if stream is None:
-        default = cuda.default_stream()  # the legacy stream, or the per-thread one if Numba is set so
-        return (0 if simulated() else stream_handle(default)), default
+        return (0 if SIMULATED else _default_stream_handle()), None
     if simulated() and hasattr(stream, "synchronize"):
         return id(stream), stream  # the simulator's streams have no handle; it runs everything in order
     handle = stream_handle(stream)
     if simulated() or not _is_numba_stream(stream):
         return handle, _external_stream(handle)
     return handle, stream
+
+
+_PER_THREAD_DEFAULT_STREAM = 2  # CU_STREAM_PER_THREAD
+
+
+def _default_stream_handle() -> int:
+    """The handle of Numba's default stream: the legacy stream (0), or the per-thread one where
+    Numba is set so (``NUMBA_CUDA_PER_THREAD_DEFAULT_STREAM``)."""
+    from numba.cuda import config
+
+    return _PER_THREAD_DEFAULT_STREAM if config.CUDA_PER_THREAD_DEFAULT_STREAM else 0
+
+
+_default_streams: dict[Any, Any] = {}
 
 
 def _is_numba_stream(stream: Any) -> bool:
@@ -106,8 +120,7 @@ def is_capturing(handle: int) -> bool:
     """Whether the stream is under CUDA graph capture (where nothing may wait for the GPU)."""
     if simulated():
         return False
-    from cuda.bindings import driver as cuda_driver
-
+    cuda_driver = bindings()
     error, status = cuda_driver.cuStreamIsCapturing(driver_stream(handle))
     if error != 0:  # e.g. the legacy stream while another captures
         raise RuntimeError(f"cannot queue work on stream {handle:#x}: {error.name}")
@@ -124,29 +137,48 @@ class _NumbaMemory:
     name = "numba"
 
     def __init__(self, like: Any, stream: Any):
-        self.stream_handle, self.stream = _numba_stream(stream)
+        self.stream_handle, self._stream = _numba_stream(stream)
         self.device_ordinal = None  # set by DeviceArrays once it knows whether the stream captures
+        self.context_id = None
         self.pooled: list[PooledBlock] = []
 
-    def set_device(self) -> None:
-        self.device_ordinal = 0 if simulated() else cuda.get_current_device().id
+    @property
+    def stream(self) -> Any:
+        """The call's Numba stream object; for Numba's default stream, one per context, made once
+        (Numba makes a new object at each ``cuda.default_stream()``, in microseconds)."""
+        if self._stream is None:
+            self._stream = _default_streams.get(self.context_id)
+            if self._stream is None:
+                self._stream = cuda.default_stream()
+                if self.context_id is not None:
+                    _default_streams[self.context_id] = self._stream
+        return self._stream
+
+    def set_device(self, current: int | None) -> None:
+        """Numba's current device: ``current``, the device of this thread's current context (None
+        where none is current yet: Numba's, made current)."""
+        if simulated():
+            self.device_ordinal = 0
+            return
+        self.device_ordinal = cuda.get_current_device().id if current is None else current
+
+    def bind_context(self, context_id: int) -> None:
+        self.context_id = context_id
+        self.numba_context = None if SIMULATED else _numba_context(context_id)
 
     def empty(self, shape, dtype):
-        if simulated():  # the simulator's memory is NumPy's
+        if SIMULATED:  # the simulator's memory is NumPy's
             return cuda.device_array(shape, dtype=dtype, stream=self.stream)
-        from numba.cuda.cudadrv import devicearray
-        from numba.cuda.cudadrv import driver as numba_driver
-
+        numba_driver, _ = _numba_modules or _numba_memory_types()
         dtype = np.dtype(dtype)
         size = math.prod(shape) * dtype.itemsize
         pointer = allocate(size, self.device_ordinal, self.stream_handle)
-        memory = numba_driver.MemoryPointer(cuda.current_context(), numba_driver.binding.CUdeviceptr(pointer),
+        memory = numba_driver.MemoryPointer(self.numba_context, numba_driver.binding.CUdeviceptr(pointer),
                                             max(1, size), finalizer=free_later(pointer, self.stream_handle))
-        return devicearray.DeviceNDArray(shape, contiguous_strides(shape, dtype.itemsize), dtype, stream=self.stream,
-                                         gpu_data=memory)
+        return _device_array(shape, dtype, self.stream, memory)
 
     def temporary(self, size: int):
-        if simulated():
+        if SIMULATED:
             return cuda.device_array(max(1, size), dtype=np.uint8, stream=self.stream)
         block = PooledBlock(size, self.device_ordinal, self.stream_handle)
         self.pooled.append(block)
@@ -166,6 +198,52 @@ class _NumbaMemory:
         return cuda.to_device(host, stream=self.stream)
 
 
+_numba_contexts: dict[int, Any] = {}
+_numba_modules: list = []
+
+
+def _numba_context(context_id: int) -> Any:
+    """Numba's object for the current context (whose unique id is ``context_id``), asked of Numba
+    once per context: Numba's own lookup is Python code that costs microseconds a call."""
+    context = _numba_contexts.get(context_id)
+    if context is None:
+        context = _numba_contexts[context_id] = cuda.current_context()
+    return context
+
+
+_array_templates: dict[tuple, Any] = {}
+
+
+def _device_array(shape: tuple[int, ...], dtype: np.dtype, stream: Any, memory: Any) -> Any:
+    """A C-contiguous Numba ``DeviceNDArray`` over ``memory``. Numba's constructor rebuilds the
+    array's layout description on every call (microseconds); what it computes depends on the
+    shape and dtype alone, so it is made once per shape and dtype, and each array is a copy of
+    that template's attributes with its own memory and stream."""
+    key = (shape, dtype)
+    template = _array_templates.get(key)
+    numba_driver, devicearray = _numba_modules or _numba_memory_types()
+    if template is None:
+        if len(_array_templates) >= 256:
+            _array_templates.clear()
+        nowhere = numba_driver.MemoryPointer(memory.context, numba_driver.binding.CUdeviceptr(0), memory.size)
+        template = _array_templates[key] = devicearray.DeviceNDArray(
+            shape, contiguous_strides(shape, dtype.itemsize), dtype, gpu_data=nowhere)
+    array = devicearray.DeviceNDArray.__new__(devicearray.DeviceNDArray)
+    array.__dict__.update(template.__dict__)
+    array.gpu_data, array.stream = memory, stream
+    return array
+
+
+def _numba_memory_types():
+    """Numba's driver module (``MemoryPointer``) and ``devicearray`` module, imported once."""
+    if not _numba_modules:
+        from numba.cuda.cudadrv import devicearray
+        from numba.cuda.cudadrv import driver as numba_driver
+
+        _numba_modules[:] = [numba_driver, devicearray]
+    return _numba_modules
+
+
 class _TorchMemory:
     name = "torch"
 
@@ -176,9 +254,15 @@ class _TorchMemory:
         self.device_ordinal = self.device.index if self.device.index is not None else torch.cuda.current_device()
         current = torch_stream_handle(torch, self.device_ordinal)
         self.stream_handle = _framework_stream(stream, current, "torch.cuda.stream(...)")
-        self.stream = _external_stream(self.stream_handle)
 
-    def set_device(self) -> None:
+    @property
+    def stream(self) -> Any:
+        return _external_stream(self.stream_handle)
+
+    def set_device(self, current: int | None) -> None:
+        pass  # the arrays' own device
+
+    def bind_context(self, context_id: int) -> None:
         pass
 
     def empty(self, shape, dtype):
@@ -203,11 +287,17 @@ def torch_stream_handle(torch: Any, device_ordinal: int) -> int:
     return int(torch._C._cuda_getCurrentRawStream(device_ordinal))
 
 
+_TORCH_DTYPE_OF_NUMPY: dict = {}
+
+
 def _torch_dtype(dtype) -> Any:
-    for torch_dtype, numpy_dtype in numpy_dtypes_of_torch().items():
-        if numpy_dtype == dtype:
-            return torch_dtype
-    raise TypeError(f"torch has no dtype {np.dtype(dtype)}")
+    if not _TORCH_DTYPE_OF_NUMPY:
+        _TORCH_DTYPE_OF_NUMPY.update((numpy_dtype, torch_dtype) for torch_dtype, numpy_dtype in
+                                     numpy_dtypes_of_torch().items())
+    torch_dtype = _TORCH_DTYPE_OF_NUMPY.get(np.dtype(dtype))
+    if torch_dtype is None:
+        raise TypeError(f"torch has no dtype {np.dtype(dtype)}")
+    return torch_dtype
 
 
 class _CupyMemory:
@@ -220,9 +310,15 @@ class _CupyMemory:
         with cupy.cuda.Device(self.device_ordinal):  # the current stream is per device
             current = cupy.cuda.get_current_stream()
         self.stream_handle = _framework_stream(stream, int(current.ptr), "with cupy.cuda.Stream(...)")
-        self.stream = _external_stream(self.stream_handle)
 
-    def set_device(self) -> None:
+    @property
+    def stream(self) -> Any:
+        return _external_stream(self.stream_handle)
+
+    def set_device(self, current: int | None) -> None:
+        pass  # the arrays' own device
+
+    def bind_context(self, context_id: int) -> None:
         pass
 
     def graph_safe(self) -> bool:

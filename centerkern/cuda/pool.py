@@ -14,7 +14,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from .launcher import driver_stream
+from .launcher import bindings, driver_stream
 
 _pools: dict[int, Any] = {}
 
@@ -29,8 +29,7 @@ def _private_pool(device_ordinal: int) -> Any:
     holds the device's context current, with capture relaxed)."""
     pool = _pools.get(device_ordinal)
     if pool is None:
-        from cuda.bindings import driver as cuda_driver
-
+        cuda_driver = bindings()
         properties = cuda_driver.CUmemPoolProps()
         properties.allocType = cuda_driver.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
         properties.handleTypes = cuda_driver.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_NONE
@@ -47,19 +46,17 @@ def _private_pool(device_ordinal: int) -> Any:
 
 
 def allocate(size: int, device_ordinal: int, stream_handle: int) -> int:
-    from cuda.bindings import driver as cuda_driver
-
-    error, pointer = cuda_driver.cuMemAllocFromPoolAsync(max(1, size), _private_pool(device_ordinal),
-                                                         driver_stream(stream_handle))
-    _check(error, f"cuMemAllocFromPoolAsync of {size} bytes on stream {stream_handle:#x}")
+    pool = _pools.get(device_ordinal) or _private_pool(device_ordinal)
+    error, pointer = bindings().cuMemAllocFromPoolAsync(max(1, size), pool, driver_stream(stream_handle))
+    if error != 0:
+        _check(error, f"cuMemAllocFromPoolAsync of {size} bytes on stream {stream_handle:#x}")
     return int(pointer)
 
 
 def _free_in_stream_order(pointer: int, stream_handle: int) -> None:
     """Give memory back to its pool after the work queued on ``stream_handle`` (which may be gone
     by the time a dropped result is freed: then after the legacy default stream's work)."""
-    from cuda.bindings import driver as cuda_driver
-
+    cuda_driver = bindings()
     error = cuda_driver.cuMemFreeAsync(pointer, driver_stream(stream_handle))[0]
     if error != 0 and stream_handle != 0:
         error = cuda_driver.cuMemFreeAsync(pointer, driver_stream(0))[0]

@@ -21,7 +21,7 @@ def _read_simulator_switch() -> bool:
     return bool(config.ENABLE_CUDASIM)  # read by Numba once, when it is imported
 
 
-_SIMULATED = _read_simulator_switch()
+SIMULATED = _SIMULATED = _read_simulator_switch()  # constant for the process: read it, not simulated(), in hot paths
 
 
 def simulated() -> bool:
@@ -50,34 +50,42 @@ class DeviceView(Owned):
     memory (kept alive by the view); ``numba()`` is the same memory as a Numba device array, for
     launches through Numba's own launch path (the simulator's)."""
 
-    __slots__ = ("pointer", "shape", "strides", "dtype", "readonly", "arrays", "fresh", "size", "_numba", "_derive",
-                 "_extent")
+    __slots__ = ("pointer", "shape", "strides", "dtype", "readonly", "arrays", "fresh", "cleared", "size", "_numba",
+                 "_derive", "_extent", "_contiguous")
 
-    def __init__(self, owner, pointer, shape, strides, dtype, readonly, arrays, derive=None):
+    def __init__(self, owner, pointer, shape: tuple, strides: tuple, dtype, readonly, arrays, derive=None):
         self.owner = owner
-        self.pointer, self.shape, self.strides = pointer, tuple(shape), tuple(strides)
+        self.pointer, self.shape, self.strides = pointer, shape, strides
         self.dtype, self.readonly, self.arrays = dtype, readonly, arrays
         self.size = math.prod(self.shape)
         self.fresh = False  # allocated by the backend for this call's results, not the caller's memory
+        self.cleared = False  # a fresh result the call zeroes (see DeviceArrays.zeros)
         self._numba, self._derive, self._extent = None, derive, None
+        self._contiguous = None  # C-contiguous: None where not known yet
 
     @classmethod
     def contiguous(cls, owner: Any, pointer: int, shape: tuple[int, ...], dtype: np.dtype, arrays: Any,
                    fresh: bool = False) -> "DeviceView":
         """A C-contiguous array of the backend's own making, whose layout it knows already."""
         view = cls(owner, pointer, shape, contiguous_strides(shape, dtype.itemsize), dtype, False, arrays)
-        view.fresh = fresh
+        view.fresh, view._contiguous = fresh, True
         return view
 
     @classmethod
     def of(cls, owner: Any, arrays: Any) -> "DeviceView":
-        described = _describe_torch_tensor(owner) or _describe_numba_array(owner)
+        described = _describe_torch_tensor(owner)
+        if described is not None:
+            *described, contiguous = described
+            view = cls(owner, *described, arrays)
+            view._contiguous = contiguous
+            return view
+        described = _describe_numba_array(owner)
         if described is not None:
             return cls(owner, *described, arrays)
         interface = _interface(owner)
         dtype = np.dtype(interface["typestr"])
         shape = tuple(interface["shape"])
-        strides = interface.get("strides") or contiguous_strides(shape, dtype.itemsize)
+        strides = tuple(interface.get("strides") or contiguous_strides(shape, dtype.itemsize))
         pointer, readonly = interface["data"]
         return cls(owner, pointer, shape, strides, dtype, bool(readonly), arrays)
 
@@ -86,7 +94,9 @@ class DeviceView(Owned):
         return len(self.shape)
 
     def is_c_contiguous(self) -> bool:
-        return self.size == 0 or self.strides == contiguous_strides(self.shape, self.dtype.itemsize)
+        if self._contiguous is None:
+            self._contiguous = self.size == 0 or self.strides == contiguous_strides(self.shape, self.dtype.itemsize)
+        return self._contiguous
 
     def reshape(self, shape: tuple[int, ...]) -> "DeviceView":
         """The same contiguous memory in another shape."""
@@ -97,8 +107,10 @@ class DeviceView(Owned):
         """The ``dtype`` array of ``shape`` at byte ``offset`` of this contiguous array: one
         allocation carved into a call's temporaries."""
         dtype = np.dtype(dtype)
-        return DeviceView(self.owner, self.pointer + offset, shape, contiguous_strides(shape, dtype.itemsize), dtype,
+        view = DeviceView(self.owner, self.pointer + offset, shape, contiguous_strides(shape, dtype.itemsize), dtype,
                           self.readonly, self.arrays, derive=(self, offset, shape))
+        view._contiguous = True
+        return view
 
     def origin(self) -> tuple["DeviceView", int]:
         """The array this view was carved from (itself, if none), and its byte offset in it."""
@@ -121,6 +133,8 @@ class DeviceView(Owned):
                 # a zero-copy view (torch, CuPy); no wait for the stream the owner names, since
                 # the call's kernels are queued on that same stream
                 self._numba = cuda.as_cuda_array(self.owner, sync=False)
+            if self._numba.shape != self.shape:  # a 0-d owner seen as a vector of one (a loss)
+                self._numba = self._numba.reshape(self.shape)
         return self._numba
 
     def extent(self) -> tuple[int, int]:
@@ -128,6 +142,8 @@ class DeviceView(Owned):
         if self._extent is None:
             if self.size == 0:
                 self._extent = self.pointer, self.pointer
+            elif self._contiguous:
+                self._extent = self.pointer, self.pointer + self.size * self.dtype.itemsize
             else:
                 low = high = 0
                 for stride, length in zip(self.strides, self.shape):
@@ -163,6 +179,9 @@ def data_pointer(owner: Any) -> int:
         return pointer
     if getattr(owner, "__cuda_ndarray__", False) and not _SIMULATED:
         return owner.device_ctypes_pointer.value or 0
+    pointer = getattr(getattr(owner, "data", None), "ptr", None)  # a CuPy array's memory
+    if isinstance(pointer, int):
+        return pointer
     return _interface(owner)["data"][0]
 
 
@@ -176,7 +195,8 @@ def _describe_torch_tensor(owner: Any):
     if dtype is None:
         return None
     itemsize = dtype.itemsize
-    return owner.data_ptr(), tuple(owner.shape), tuple([step * itemsize for step in owner.stride()]), dtype, False
+    return (owner.data_ptr(), tuple(owner.shape), tuple([step * itemsize for step in owner.stride()]), dtype, False,
+            owner.is_contiguous())
 
 
 _NUMBA_DEVICE_ARRAY = None
