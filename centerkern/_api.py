@@ -69,8 +69,7 @@ def _repeated(backend: Any, function: str, arrays: tuple, choices: tuple, stream
     path has run the call, or None)."""
     if backend not in _PLAIN_DEVICE_BACKENDS or not is_device_array(arrays[0]):
         return None, None
-    repeat = _backends.cuda().repeat
-    return repeat.run(function, arrays, repeat.settings_of(stream, *choices, sync), stream, sync)
+    return _backends.cuda().repeat.run(function, arrays, choices, stream, sync)
 
 
 def _owner(result: Any) -> Any:

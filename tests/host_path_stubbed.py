@@ -201,3 +201,133 @@ def test_the_plain_path_and_the_full_path_launch_the_same(driver_calls):
     driver_calls.clear()
     centerkern.center_loss(features, labels, strided, 0.5, out=strided, sync=False)
     assert _names(driver_calls).count("cuLaunchKernel") == 3
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """The parameters of every launch, read from the cells the driver was handed: a list per launch."""
+    from cuda.bindings import driver
+
+    from centerkern.cuda import launcher as cuda_launcher
+
+    calls = []
+    real_run = cuda_launcher.LaunchPlan.run
+
+    def run(plan, stream, pointers):
+        real_run(plan, stream, pointers)
+        for _, cells, _ in plan.launches:
+            calls.append([ctypes.c_int64.from_address(address).value for address in cells])
+
+    monkeypatch.setattr(cuda_launcher.LaunchPlan, "run", run)
+    monkeypatch.setattr(driver, "cuLaunchKernel", lambda *args: (driver.CUresult.CUDA_SUCCESS,))
+    return calls
+
+
+@pytest.fixture
+def temporaries(monkeypatch):
+    from centerkern.cuda import memory
+
+    made = []
+    real = memory._TorchMemory.temporary
+
+    def temporary(self, size):
+        block = real(self, size)
+        made.append((block.data_ptr(), size))
+        return block
+
+    monkeypatch.setattr(memory._TorchMemory, "temporary", temporary)
+    return made
+
+
+def _substituted(parameters, moves, temporary_moves):
+    """``parameters`` with every pointer of ``moves`` ({old: new}) and every address inside an
+    old temporary ([(old, new, size)]) replaced by its new place."""
+    def move(value):
+        if value in moves:
+            return moves[value]
+        for old, new, size in temporary_moves:
+            if old <= value < old + size:
+                return new + (value - old)
+        return value
+    return [[move(v) for v in launch] for launch in parameters]
+
+
+@pytest.mark.parametrize("rule, out_given, sync", [("facenet", True, False), ("wen", True, True),
+                                                   ("pytorch", True, False), ("facenet", False, False)])
+def test_a_repeated_call_launches_what_the_whole_path_would_with_its_own_arrays(launched, temporaries, rule,
+                                                                                  out_given, sync):
+    """The second call of a signature (the repeat path) hands the driver the parameters the first
+    call's plan was made with, every array moved to the second call's own: its inputs, its fresh
+    results, its temporary. Nothing of the first call's is left in them."""
+    from centerkern.cuda import repeat
+
+    repeat._repeats.by_key = {}
+    calls = []
+    for seed in (4, 5):
+        features, labels, centers = _torch_batch(seed)
+        launched.clear()
+        result = centerkern.center_loss(features, labels, centers, 0.5, rule=rule,
+                                        out=centers if out_given else None, sync=sync)
+        calls.append(((features, labels, centers), result, list(launched), temporaries[-1]))
+    assert len(repeat._repeats.by_key) == 1  # the first call was remembered, the second repeated it
+    (first_inputs, first, first_parameters, first_temporary), (second_inputs, second, second_parameters,
+                                                                second_temporary) = calls
+    moves = {a.data_ptr(): b.data_ptr() for a, b in zip(first_inputs, second_inputs)}
+    for name in ("loss", "grad", "centers", "grad_centers"):
+        if getattr(first, name) is not None and (name != "centers" or not out_given):  # the fresh results
+            moves[getattr(first, name).data_ptr()] = getattr(second, name).data_ptr()
+    expected = _substituted(first_parameters, moves, [(first_temporary[0], second_temporary[0], first_temporary[1])])
+    assert second_parameters == expected
+    stale = set(moves) - set(moves.values())
+    assert not stale & {v for launch in second_parameters for v in launch}
+    assert second.centers is (second_inputs[2] if out_given else second.centers)
+
+
+def test_a_repeated_call_steps_aside_where_the_first_call_does_not_hold(driver_calls, monkeypatch):
+    """Under capture, in another context, or with an output that overlaps an input, a call of a
+    known signature takes the whole path: its checks, its copies, its one-time setup."""
+    from centerkern.cuda import launcher as cuda_launcher, repeat
+
+    features, labels, centers = _torch_batch(6)
+    for _ in range(2):
+        centerkern.center_loss(features, labels, centers, 0.5, out=centers, sync=False)
+    taken = []
+    real_run = repeat.Repeat.run
+    monkeypatch.setattr(repeat.Repeat, "run", lambda self, *args: taken.append(real_run(self, *args)) or taken[-1])
+    # features that are rows of the centers, of the same signature as before: the whole path copies them
+    wide = torch.zeros((K + B, D))
+    wide[:K] = centers
+    inside, rows = wide[K - 3:K - 3 + B], wide[:K]
+    driver_calls.clear()
+    centerkern.center_loss(inside, labels, rows, 0.5, out=rows, sync=False)
+    assert taken[-1] is None and _names(driver_calls).count("cuLaunchKernel") == 4  # a copy of the features first
+    monkeypatch.setitem(stubbed_driver.capturing, "on", True)
+    with pytest.raises(ValueError, match="pass sync=False to capture"):
+        centerkern.center_loss(features, labels, centers, 0.5, out=centers, sync=True)
+    centerkern.center_loss(features, labels, centers, 0.5, out=centers, sync=False)
+    assert taken[-1] is None
+    monkeypatch.setitem(stubbed_driver.capturing, "on", False)
+    monkeypatch.setattr(cuda_launcher, "current_context", lambda: (7, 0))
+    monkeypatch.setattr(repeat, "current_context", lambda: (7, 0))
+    centerkern.center_loss(features, labels, centers, 0.5, out=centers, sync=False)
+    assert taken[-1] is None
+
+
+def test_a_repeated_call_raises_an_earlier_bad_label_before_it_launches(driver_calls):
+    """A bad label left by an earlier sync=False call (here written into the record as the
+    device would) is raised by the next call of a known signature before it launches anything."""
+    from centerkern.cuda import kernels as cuda_kernels, record
+
+    features, labels, centers = _torch_batch(7)
+    for _ in range(2):
+        centerkern.center_loss(features, labels, centers, 0.5, out=centers, sync=False)
+    errors = next(iter(record._records.values()))
+    ticket = int(errors.host[cuda_kernels.WRITTEN])
+    base = cuda_kernels.RECORD_HEADER + (ticket % cuda_kernels.RECORD_SLOTS) * cuda_kernels.SLOT_FIELDS
+    errors.host[base + 1:base + 5] = (5, 77, K, 0)
+    errors.host[base] = ticket + 1
+    errors.host[cuda_kernels.WRITTEN] = ticket + 1
+    driver_calls.clear()
+    with pytest.raises(IndexError, match="label 77 at position 5 "):
+        centerkern.center_loss(features, labels, centers, 0.5, out=centers, sync=False)
+    assert "cuLaunchKernel" not in _names(driver_calls)

@@ -35,7 +35,7 @@ import numpy as np
 from numba import types
 from numba.cuda.np import numpy_support
 
-from .views import DeviceView, simulated
+from .views import DeviceView, bindings, driver_stream, simulated
 
 _DIRECT = "direct (compiled kernel handle, cuLaunchKernel)"
 _path = {"name": None, "why": ""}
@@ -291,38 +291,12 @@ class LaunchPlan:
                 _check(error, "cuLaunchKernel")
 
 
-_bindings = None
-
-
-def bindings():
-    """``cuda.bindings.driver``, imported once (an import statement in a function costs each call)."""
-    global _bindings
-    if _bindings is None:
-        from cuda.bindings import driver
-
-        _bindings = driver
-    return _bindings
-
-
 def _check(error: Any, what: str) -> None:
     if error != 0:  # CUresult.CUDA_SUCCESS compares equal to 0
         raise RuntimeError(f"{what} failed: {getattr(error, 'name', error)}")
 
 
 # --------------------------------------------------------------------------- the driver's state
-
-_driver_streams: dict[int, Any] = {}
-
-
-def driver_stream(handle: int) -> Any:
-    """The ``CUstream`` object of a handle, made once per handle (a wrapper that owns nothing)."""
-    stream = _driver_streams.get(handle)
-    if stream is None:
-        if len(_driver_streams) >= 256:  # a program that makes streams without end
-            _driver_streams.clear()
-        stream = _driver_streams[handle] = bindings().CUstream(handle)
-    return stream
-
 
 _device_of_context: dict[int, int] = {}
 

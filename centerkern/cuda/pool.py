@@ -14,7 +14,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from .launcher import bindings, driver_stream
+from .views import bindings, driver_stream
 
 _pools: dict[int, Any] = {}
 

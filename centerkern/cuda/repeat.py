@@ -174,15 +174,14 @@ _repeats = threading.local()
 _MOST_REPEATS = 64  # per thread: a program that changes shapes without end does not grow this without end
 
 
-def settings_of(stream: Any, *choices: Any) -> tuple:
-    """The call's choices as a signature holds them (a stream by its handle)."""
-    return (None if stream is None else stream_handle(stream), *choices)
-
-
-def run(function: str, arrays: tuple, settings: tuple, stream: Any, sync: bool) -> tuple[tuple | None, Any]:
-    """(outputs, None) where this thread has run a call of the same signature before, else
+def run(function: str, arrays: tuple, choices: tuple, stream: Any, sync: bool) -> tuple[tuple | None, Any]:
+    """(outputs, None) where this thread has run a call of ``function`` with the same signature
+    before (``choices``: the call's hashable settings besides its stream and ``sync``), else
     (None, the signature to ``remember`` once the plain path has run the call; None where the
     call has none)."""
+    if not launcher.is_direct():
+        return None, None  # no plans: Numba's own launch path (the simulator's) takes every call whole
+    settings = (None if stream is None else stream_handle(stream), *choices, bool(sync))
     key = signature(function, arrays, settings)
     if key is None:
         return None, None

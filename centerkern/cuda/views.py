@@ -1,7 +1,8 @@
-"""Device arrays as the kernels see them: pointer, shape, strides and dtype, read once.
+"""Device arrays as the kernels see them: pointer, shape, strides and dtype, read once; and the
+CUDA driver's bindings, with the stream handles they take.
 
 The bottom of the ``cuda`` package: it imports nothing of the package, and the launcher, the
-frameworks' memory (``arrays``) and the driver all build on it.
+frameworks' memory, the pool and the driver all build on it.
 """
 
 from __future__ import annotations
@@ -215,3 +216,31 @@ def _describe_numba_array(owner: Any):
     if type(owner) is not _NUMBA_DEVICE_ARRAY:
         return None
     return owner.device_ctypes_pointer.value or 0, owner.shape, owner.strides, owner.dtype, False
+
+
+# --------------------------------------------------------------------------- the driver's bindings
+
+_bindings = None
+
+
+def bindings():
+    """``cuda.bindings.driver``, imported once (an import statement in a function costs each call)."""
+    global _bindings
+    if _bindings is None:
+        from cuda.bindings import driver
+
+        _bindings = driver
+    return _bindings
+
+
+_driver_streams: dict[int, Any] = {}
+
+
+def driver_stream(handle: int) -> Any:
+    """The ``CUstream`` object of a handle, made once per handle (a wrapper that owns nothing)."""
+    stream = _driver_streams.get(handle)
+    if stream is None:
+        if len(_driver_streams) >= 256:  # a program that makes streams without end
+            _driver_streams.clear()
+        stream = _driver_streams[handle] = bindings().CUstream(handle)
+    return stream
