@@ -16,7 +16,7 @@ LOCK_VENV := .venv-lock
 OLDEST := requirements/oldest.txt
 OLDEST_VENV := .venv-oldest
 
-.PHONY: install lock test-oldest compile test test-cpu test-cudasim docs docs-linkcheck demo info bench bench-first-call bench-distributed bench-data-parallel fuzz clean
+.PHONY: install lock test-oldest compile test test-cpu test-cudasim docs docs-linkcheck demo info bench bench-first-call bench-distributed bench-data-parallel bench-gpu-host fuzz clean
 
 # PIP_CONSTRAINT, unlike --constraint, reaches the isolated environment in which pip builds the
 # package, so that its build backend (setuptools) is the lock's too
@@ -119,6 +119,10 @@ bench-distributed: $(INSTALLED)
 # the whole-batch center update under JAX's shard_map and TensorFlow's MirroredStrategy, 2 CPU replicas
 bench-data-parallel: $(INSTALLED)
 	$(PYTHON) benchmarks/data_parallel.py
+
+# the cuda backend's host time per call, without a GPU: the real path, the CUDA driver stubbed
+bench-gpu-host: $(INSTALLED)
+	$(PYTHON) benchmarks/gpu_host_time.py
 
 clean:
 	rm -rf $(VENV) $(LOCK_VENV) $(OLDEST_VENV) .pytest_cache .hypothesis docs/_build docs/_generated

@@ -36,6 +36,10 @@ the batch in 3 classes), on torch CUDA tensors, rule facenet, alpha 0.95:
   the contenders interleaved; the JSON keeps every run and their median;
 * host overhead per call: the wall time (``time.perf_counter``) of those 100 calls' launches,
   before the final synchronise, over 100;
+* host time per call with the real driver (``host_time``'s cases at B=64, D=8, K=100: thread
+  CPU time, in units of 1000 trivial Python calls, the quietest of many rounds), against the
+  same cases with the driver stubbed (``gpu_host_time.py``, in a process of its own on the same
+  machine): the real driver's time is what the stub leaves out;
 * memory: in a fresh process, the device memory in use outside torch's allocator
   (``cuMemGetInfo`` against ``torch.cuda.memory_reserved``) before and after 100 steps at
   B=65536, D=2048, K=1e5: its growth is what centerkern keeps outside the caller's allocator.
@@ -604,6 +608,45 @@ GOALS = {
                                       for size in sizes for name in CENTERKERN_LOOPS])),
 }
 
+HOST_TIME_GOAL = ("host time per call with the real driver: <= 1.5x the stubbed driver's (the worst step, "
+                  "torch and Numba arrays, in trivial-call units)", "<=", 1.5)
+
+
+def host_time_with_the_real_driver(small):
+    """``host_time``'s cases on the GPU, and the same with the driver stubbed in a process of its
+    own: per case both figures and their ratio (of trivial-call units, so that the two processes'
+    calibrations cancel)."""
+    import subprocess
+    import tempfile
+
+    if SIMULATED:
+        return {"why": "the simulator has no driver to time"}
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import host_time
+    calls, rounds = (5, 2) if small else (200, 40)
+    with tempfile.TemporaryDirectory() as directory:
+        stubbed_path = os.path.join(directory, "stubbed.json")
+        subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_host_time.py"),
+                        "--output", stubbed_path] + (["--quick"] if small else []), check=True,
+                       env={k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"})
+        with open(stubbed_path) as handle:
+            stubbed = {(row["framework"], row["case"]): row for row in json.load(handle)["cases"]}
+    frameworks = (["torch"] if TORCH_CUDA else []) + ["numba"]
+    rows = []
+    for framework in frameworks:
+        for name, _, call in host_time.cases_of(framework, "cuda"):
+            host_time.warm(call)
+            real = host_time.time_per_call(call, calls, rounds)
+            other = stubbed.get((framework, name), {})
+            rows.append({"framework": framework, "case": name, "real": real, "stubbed_units": other.get("units"),
+                         "real_over_stubbed": _ratio(real["units"], other.get("units"))})
+            print(f"  host {framework:6s} {name:45s} {real['host_us']:7.1f} us {real['units']:.2f} units "
+                  f"(stubbed {other.get('units')})", flush=True)
+    steps = [row for row in rows if row["case"].startswith("center_loss")]
+    worst = _worst([(row["real_over_stubbed"], f"{row['framework']} {row['case']}") for row in steps])
+    return {"cases": rows, "worst_step_real_over_stubbed": worst[0], "at": worst[1]}
+
+
 
 def _figures(timings, missing):
     """``figure(size, loop, key)`` from the timings; for each one that is missing, the reason goes
@@ -629,7 +672,7 @@ MEMORY_GOAL = ("device memory outside the caller's allocator after 100 steps at 
                "(value: its growth over the steps, MB)", "<=", 64.0)
 
 
-def goals(timings, memory=None):
+def goals(timings, memory=None, host=None):
     """Each goal: {"goal", "value", "target", "met"}, with "at" where the value is the worst of
     several figures, and "why" where there is no value."""
     result = {}
@@ -648,6 +691,14 @@ def goals(timings, memory=None):
                                              "met": value is not None and value <= target}
     if value is None:
         result["memory_outside_allocator_MB"]["why"] = (memory or {}).get("why", "not measured")
+    goal, comparison, target = HOST_TIME_GOAL
+    value = (host or {}).get("worst_step_real_over_stubbed")
+    result["host_time_real_over_stubbed"] = {"goal": goal, "value": value, "target": target,
+                                             "met": value is not None and value <= target}
+    if value is None:
+        result["host_time_real_over_stubbed"]["why"] = (host or {}).get("why", "not measured")
+    else:
+        result["host_time_real_over_stubbed"]["at"] = host.get("at")
     return result
 
 
@@ -768,8 +819,11 @@ def main(argv=None):
     report["memory"] = stage(report, path, "memory", memory) or {"why": "failed (see errors)"}
     print("memory outside torch's allocator:", report["memory"], flush=True)
 
+    report["host_time"] = stage(report, path, "host_time", lambda: host_time_with_the_real_driver(args.small)) or {
+        "why": "failed (see errors)"}
+
     report["launch_path"] = centerkern.cuda.launch_path()
-    report["goals"] = goals(report["timings"], report["memory"])
+    report["goals"] = goals(report["timings"], report["memory"], report["host_time"])
     save(report, path)
     print(f"\nwritten: {path}")
     print_goals(report["goals"])

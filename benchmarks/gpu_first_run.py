@@ -7,7 +7,9 @@ Stages, each a verdict ("passed", "failed", or "not possible here" with the reas
 "running"), so that a run cut short still says what it reached. After a failed preflight nothing else runs ("not run"):
 
 1. ``preflight``: the versions of numba, numba-cuda, cuda-core, cuda-bindings, torch and CuPy;
-   the driver's CUDA version; the PTX ISA version the kernels are compiled to for this GPU and
+   the driver's CUDA version; three device attributes the error record's memory model rests on
+   (``HOST_NATIVE_ATOMIC_SUPPORTED``, ``CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM``,
+   ``PAGEABLE_MEMORY_ACCESS``); the PTX ISA version the kernels are compiled to for this GPU and
    whether the driver JITs that PTX (for information: Numba may link it itself); a kernel
    launched and its result read back (this decides); the launch path.
 2. ``direct_launch``: the direct launch against Numba's own launch path, bit for bit, with
@@ -20,7 +22,9 @@ Stages, each a verdict ("passed", "failed", or "not possible here" with the reas
 4. ``streams_and_threads``: calls on two streams (one behind a sleep, the other with a larger
    batch) and from two host threads, each equal to its reference.
 5. ``bad_labels``: ``sync=True`` raises and writes nothing; ``sync=False`` gives a NaN loss and
-   ``check_errors`` raises exactly once; a uint64 label is reported as written.
+   ``check_errors`` raises exactly once; a uint64 label is reported as written; the error
+   record over the bus: more bad ``sync=False`` calls than it has slots, each checked, each
+   raised exactly once, then more than it holds unchecked, the drops told with the next error.
 6. ``graph_capture``: a step captured in a CUDA graph at a batch size no eager call has used,
    without a warm-up of its own, replayed on another stream than the eager calls: the same bits
    as the eager steps; and a capture that is a fresh process's very first centerkern call (its
@@ -56,7 +60,7 @@ from gpu_check import (  # noqa: E402
 
 import centerkern  # noqa: E402
 import centerkern.cuda  # noqa: E402
-from centerkern.cuda import launcher  # noqa: E402
+from centerkern.cuda import kernels, launcher  # noqa: E402
 from centerkern.cuda.views import DeviceView  # noqa: E402
 
 KIND = "torch" if TORCH_CUDA else "numba"
@@ -99,6 +103,12 @@ def preflight(small, progress):
     capability = tuple(device.compute_capability)
     found["gpu"] = device.name.decode() if isinstance(device.name, bytes) else str(device.name)
     found["compute_capability"] = list(capability)
+    # what the error record's memory model rests on (see centerkern.cuda.record): for information
+    attributes = cuda_driver.CUdevice_attribute
+    for name in ("HOST_NATIVE_ATOMIC_SUPPORTED", "CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM",
+                 "PAGEABLE_MEMORY_ACCESS"):
+        error, value = cuda_driver.cuDeviceGetAttribute(getattr(attributes, f"CU_DEVICE_ATTRIBUTE_{name}"), device.id)
+        found.setdefault("device_attributes", {})[name] = int(value) if error == 0 else error.name
     counters = DeviceView(None, 0, (1,), (4,), np.dtype(np.int32), False, None)
     ptx, _ = cuda.compile_ptx(centerkern.cuda.kernels.fill_vector.py_func,
                               (launcher._numba_type(counters), launcher._numba_type(0)), cc=capability)
@@ -341,7 +351,47 @@ def bad_labels(small, progress):
         found["uint64_message"] = str(error)
         if f"label {2**64 - 1} at position 4 " not in str(error):
             problems.append(f"the uint64 label is not reported as written: {error}")
+    found["record"] = _record_over_the_bus(problems, 4 if small else kernels.RECORD_SLOTS + 8)
     return found, problems
+
+
+def _record_over_the_bus(problems, calls):
+    """More sync=False bad calls than the error record has slots, each followed by
+    check_errors(): every verdict crosses to the host (pinned memory, over PCIe or NVLink) and is
+    raised exactly once, in order; then as many again with nobody looking, and the first error
+    raised after them tells how many were dropped."""
+    features, centers = cuda.to_device(np.ones((12, 3), np.float32)), cuda.to_device(np.zeros((4, 3), np.float32))
+    raised = 0
+    for call in range(calls):
+        labels = np.zeros(12, np.int64)
+        labels[call % 12] = 100 + call
+        centerkern.center_loss(features, cuda.to_device(labels), centers, 0.5, sync=False)
+        try:
+            centerkern.cuda.check_errors()
+            problems.append(f"bad call {call}: check_errors() raised nothing")
+        except IndexError as error:
+            raised += 1
+            if f"label {100 + call} at position {call % 12} " not in str(error) or getattr(error, "__notes__", None):
+                problems.append(f"bad call {call}: check_errors() raised {error} {getattr(error, '__notes__', '')}")
+    try:
+        centerkern.cuda.check_errors()
+    except IndexError as error:
+        problems.append(f"a verdict raised twice: {error}")
+    unchecked = kernels.RECORD_SLOTS + 3
+    for call in range(unchecked):
+        labels = np.zeros(12, np.int64)
+        labels[0] = 200 + call
+        centerkern.center_loss(features, cuda.to_device(labels), centers, 0.5, sync=False)
+    told = []
+    while True:
+        try:
+            centerkern.cuda.check_errors()
+            break
+        except IndexError as error:
+            told.append((str(error), getattr(error, "__notes__", [])))
+    if len(told) != kernels.RECORD_SLOTS or not told[0][1] or "3 more call(s)" not in told[0][1][0]:
+        problems.append(f"{unchecked} unchecked bad calls: {len(told)} raised, the first with notes {told[:1]}")
+    return {"checked_one_by_one": raised, "unchecked": unchecked, "raised_after_them": len(told)}
 
 
 # --------------------------------------------------------------------------- 6. graph capture

@@ -154,7 +154,7 @@ def _assert_same_parameters(got, expected):
 
 @pytest.mark.parametrize("shape, strides", [((3, 5), (40, 8)), ((3, 5), (8, 24)), ((4, 2), (-16, 8)), ((7,), (8,))])
 def test_launcher_flattens_arguments_as_numbas_own_launch_path(shape, strides):
-    """The direct launch hands cuda.core the very parameters Numba's own launch would: an array as
+    """The direct launch hands the driver the very parameters Numba's own launch would: an array as
     (meminfo, parent, nitems, itemsize, data, *shape, *strides), then int64, float64 and bool."""
     from numba.cuda.cudadrv import devicearray
 

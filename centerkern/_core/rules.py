@@ -17,8 +17,6 @@ uses the same numbers, and the tests check them against SPEC's worked example in
 
 from __future__ import annotations
 
-import functools
-
 from typing import NamedTuple
 
 # public as centerkern.RULES (documented there)
@@ -38,7 +36,6 @@ class RuleCoefficients(NamedTuple):
     moves_centers: bool  # False: the row update is grad_centers, the centers stay as they were
 
 
-@functools.lru_cache(maxsize=256)  # a training loop asks for the same few, every step
 def rule_coefficients(rule: str, alpha: float, batch_size: int, feature_size: int) -> RuleCoefficients:
     """The coefficients of ``rule`` for a batch of ``batch_size`` rows of ``feature_size``."""
     # An empty batch has no loss and moves nothing; any finite scale keeps the kernels simple.

@@ -757,6 +757,41 @@ def adapters_command(result: Result) -> str:
     return f"python benchmarks/adapters.py --size {size['B']},{size['D']},{size['K']}"
 
 
+# --------------------------------------------------------------------------- gpu-host-*.json
+
+
+def gpu_host_table(results: list[Result], page: Page) -> list[nodes.Node]:
+    """A row per call, a column pair (µs, trivial-call units) per framework: the host's time per
+    call with the driver stubbed, and what the call asks of the driver and of Python."""
+    shown = []
+    for result in results:
+        cases = result.data["cases"]
+        frameworks = list(dict.fromkeys(row["framework"] for row in cases))
+        by_case = {}
+        for row in cases:
+            by_case.setdefault(row["case"], {})[row["framework"]] = row
+        rows = []
+        for case, by_framework in by_case.items():
+            device = next((row for name, row in by_framework.items() if name != "numpy"), None)
+            cells = []
+            for framework in frameworks:
+                row = by_framework.get(framework)
+                cells.append(DASH if row is None else f"{figure_text(row['host_us'])} µs ({row['units']:.2f})")
+            counts = DASH if device is None else (f"{device['launches']} + {device['memsets']}, "
+                                                  f"{device['python_calls']}")
+            rows.append([code(case), *cells, counts])
+        calibration = min(row["calibration_us"] for row in cases)
+        names = {"numpy": "the CPU path (NumPy)", "numba": "Numba arrays"}
+        caption = (f"{result.data.get('what', 'host time per call')}: the quietest round, in µs and (in brackets) "
+                   f"in units of the time of 1000 trivial Python calls ({figure_text(calibration)} µs in the "
+                   f"quietest round); goals {result.data['goals']['step_units']:.2f} units for a step, "
+                   f"{result.data['goals']['gather_units']:.2f} for the gather")
+        shown.append(table(["call", *(names.get(name, f"{name} tensors" if name == "torch" else name)
+                                      for name in frameworks), "launches + memsets, Python calls"], rows,
+                           caption=caption))
+    return shown
+
+
 # --------------------------------------------------------------------------- jax-ffi-*.json
 
 
@@ -1079,6 +1114,7 @@ KINDS = {kind.name: kind for kind in [
     Kind("distributed-sharded", {"table": sharded_table, "goals": sharded_goals, "provenance": provenance},
          sharded_command),
     Kind("data-parallel", {"table": data_parallel_table, "provenance": provenance}, data_parallel_command),
+    Kind("gpu-host", {"table": gpu_host_table, "provenance": provenance}, lambda result: "python benchmarks/gpu_host_time.py"),
     Kind("gpu", {"timings": gpu_timings, "ratios": gpu_ratios, "checks": gpu_checks,
                  "launch-shapes": gpu_launch_shapes, "provenance": provenance}, gpu_command),
 ]}
