@@ -124,9 +124,10 @@ def test_plan_cells_hold_numbas_parameters_with_each_calls_pointers(monkeypatch)
 
 
 def test_numba_array_results_come_from_the_pool_and_go_back_in_stream_order(driver_calls):
-    """Results of calls on Numba arrays are the pool's (cuMemAllocFromPoolAsync), freed with
-    cuMemFreeAsync when dropped; the temporary goes back once the kernels are queued. Nothing
-    through Numba's own synchronous allocations (which the stub does not answer)."""
+    """Results of calls on Numba arrays are the pool's (cuMemAllocFromPoolAsync): a repeated
+    call's results share one block, given back with cuMemFreeAsync once the last of them is
+    dropped; the temporary goes back once the kernels are queued. Nothing through Numba's own
+    synchronous allocations (which the stub does not answer)."""
     rng = np.random.default_rng(1)
     features, labels, centers = (stubbed_driver.numba_array(a) for a in (
         rng.standard_normal((B, D)).astype(np.float32), rng.integers(0, K, B),
@@ -135,16 +136,24 @@ def test_numba_array_results_come_from_the_pool_and_go_back_in_stream_order(driv
     driver_calls.clear()
     result = centerkern.center_loss(features, labels, centers, 0.5, out=centers, sync=False)
     names = _names(driver_calls)
-    assert names.count("cuMemAllocFromPoolAsync") == 3  # the grad, the loss, the temporary
+    assert names.count("cuMemAllocFromPoolAsync") == 2  # the grad and the loss together, the temporary
     assert names.count("cuMemFreeAsync") == 1  # the temporary, after the launches
     assert names.index("cuMemFreeAsync") > max(i for i, n in enumerate(names) if n == "cuLaunchKernel")
     assert type(result.grad).__name__ == "DeviceNDArray" and result.grad.shape == (B, D)
-    driver_calls.clear()
-    del result
+    assert result.loss.shape == () and result.loss.dtype == np.float64
+    loss_at = result.loss.__cuda_array_interface__["data"][0]
+    grad_at = result.grad.__cuda_array_interface__["data"][0]
+    assert loss_at - grad_at >= B * D * 4 and (loss_at - grad_at) % 256 == 0  # its own place in the block
     import gc
 
+    driver_calls.clear()
+    grad, loss = result.grad, result.loss
+    del result, grad
     gc.collect()
-    assert _names(driver_calls).count("cuMemFreeAsync") == 2  # the grad and the loss, when dropped
+    assert _names(driver_calls).count("cuMemFreeAsync") == 0  # the loss still holds the block
+    del loss
+    gc.collect()
+    assert _names(driver_calls).count("cuMemFreeAsync") == 1  # both dropped: the block goes back
 
 
 def test_a_captured_first_call_asks_about_capture_first_and_sets_up_relaxed(driver_calls, monkeypatch):

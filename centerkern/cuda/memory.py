@@ -40,7 +40,7 @@ from numba import cuda
 from .._core.interop import framework_of
 from .launcher import bindings, driver_stream
 from .pool import PooledBlock, allocate, free_later
-from .views import SIMULATED, contiguous_strides, numpy_dtypes_of_torch, simulated
+from .views import SIMULATED, contiguous_strides, data_pointer, numpy_dtypes_of_torch, simulated
 
 # --------------------------------------------------------------------------- streams
 
@@ -177,6 +177,28 @@ class _NumbaMemory:
                                             max(1, size), finalizer=free_later(pointer, self.stream_handle))
         return _device_array(shape, dtype, self.stream, memory)
 
+    def empty_many(self, shapes_and_dtypes) -> tuple[list, list]:
+        """Several results at once, (arrays, their device addresses): one block of the pool, each
+        result a view of it, so that one allocation and one stream-ordered free serve them all
+        (the block goes back once the last of them is dropped)."""
+        if SIMULATED:
+            return _one_by_one(self, shapes_and_dtypes)
+        numba_driver, _ = _numba_modules or _numba_memory_types()
+        places, size = [], 0
+        for shape, dtype in shapes_and_dtypes:
+            places.append(size)
+            size += -(-max(1, math.prod(shape) * dtype.itemsize) // _RESULT_ALIGNMENT) * _RESULT_ALIGNMENT
+        pointer = allocate(size, self.device_ordinal, self.stream_handle)
+        block = numba_driver.MemoryPointer(self.numba_context, numba_driver.binding.CUdeviceptr(pointer), size,
+                                           finalizer=free_later(pointer, self.stream_handle))
+        stream, context, address = self.stream, self.numba_context, numba_driver.binding.CUdeviceptr
+        # each result's memory names the block as its owner (keeping it alive), with no finalizer
+        # of its own (Numba's own views of a block cost a weak proxy and a finalizer each)
+        arrays = [_device_array(shape, dtype, stream, numba_driver.MemoryPointer(
+            context, address(pointer + place), max(1, math.prod(shape) * dtype.itemsize), owner=block))
+            for (shape, dtype), place in zip(shapes_and_dtypes, places)]
+        return arrays, [pointer + place for place in places]
+
     def temporary(self, size: int):
         if SIMULATED:
             return cuda.device_array(max(1, size), dtype=np.uint8, stream=self.stream)
@@ -196,6 +218,14 @@ class _NumbaMemory:
         # rare (labels of three or more dimensions, strided): through the host, on the call's stream
         host = np.ascontiguousarray(view.numba().copy_to_host(stream=self.stream)).reshape(-1)
         return cuda.to_device(host, stream=self.stream)
+
+
+_RESULT_ALIGNMENT = 256  # what cuMemAlloc aligns to: each result of a shared block starts as its own would
+
+
+def _one_by_one(memory: Any, shapes_and_dtypes) -> tuple[list, list]:
+    arrays = [memory.empty(shape, dtype) for shape, dtype in shapes_and_dtypes]
+    return arrays, [data_pointer(array) for array in arrays]
 
 
 _numba_contexts: dict[int, Any] = {}
@@ -268,6 +298,9 @@ class _TorchMemory:
     def empty(self, shape, dtype):
         return self.torch.empty(shape, dtype=_torch_dtype(dtype), device=self.device)
 
+    def empty_many(self, shapes_and_dtypes) -> tuple[list, list]:
+        return _one_by_one(self, shapes_and_dtypes)  # the caching allocator's blocks cost no more
+
     def temporary(self, size: int):
         # given back to the caching allocator when the call drops it
         return self.torch.empty(max(1, size), dtype=self.torch.uint8, device=self.device)
@@ -332,6 +365,9 @@ class _CupyMemory:
     def empty(self, shape, dtype):
         with self._on_device():
             return self.cupy.empty(shape, dtype=dtype)
+
+    def empty_many(self, shapes_and_dtypes) -> tuple[list, list]:
+        return _one_by_one(self, shapes_and_dtypes)
 
     def temporary(self, size: int):
         with self._on_device():  # given back to CuPy's allocator when the call drops it

@@ -24,10 +24,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .._core.interop import framework_of
 from . import driver, launcher, record
 from .launcher import clear, current_context, driver_stream
-from .memory import is_capturing, memory_for, plain_framework, stream_handle
+from .memory import is_capturing, plain_framework, stream_handle
 from .views import data_pointer
 
 
@@ -75,10 +74,10 @@ def _key_maker(x: Any):
 
 def signature(function: str, arrays: tuple, settings: tuple) -> tuple | None:
     """The signature of a call of ``function`` on ``arrays`` (None where one is absent), with
-    ``settings`` (the call's hashable choices); None where an array is not a plain device array,
-    or the arrays are of several frameworks."""
-    parts: list = [function, settings, type(arrays[0])]
-    framework = None
+    ``settings`` (the call's hashable choices); None where an array is not a plain device array.
+    (Arrays of several frameworks have a signature too, but never a ``Repeat``: the plain path,
+    which makes them, refuses such calls.)"""
+    parts: list = [function, settings]
     for index, x in enumerate(arrays):
         if x is None:
             parts.append(None)
@@ -88,13 +87,8 @@ def signature(function: str, arrays: tuple, settings: tuple) -> tuple | None:
                 parts.append(earlier)  # the same array as an earlier one (out=centers)
                 break
         else:
-            maker = _key_maker(x)
+            maker = _key_of_type.get(type(x)) or _key_maker(x)
             if not maker:
-                return None
-            kind = framework_of(x)
-            if framework is None:
-                framework = kind
-            elif kind != framework:
                 return None
             parts.append((type(x), *maker(x)))
     return tuple(parts)
@@ -105,19 +99,21 @@ class Repeat:
     docstring)."""
 
     __slots__ = ("plan", "sources", "results", "outputs", "overlaps", "extents", "context_id", "device",
-                 "temporary_size", "verdict_offset")
+                 "temporary_size", "verdict_offset", "memory_type", "shapes_and_dtypes")
 
-    def __init__(self, plan, sources, results, outputs, overlaps, extents, context_id, device, layout):
+    def __init__(self, plan, sources, results, outputs, overlaps, extents, device_arrays, layout):
         self.plan, self.sources, self.results, self.outputs = plan, sources, results, outputs
         self.overlaps, self.extents = overlaps, extents
-        self.context_id, self.device = context_id, device
+        self.context_id, self.device = device_arrays.context_id, device_arrays.device_ordinal
+        self.memory_type = type(device_arrays.memory)  # the arrays' framework's memory
+        self.shapes_and_dtypes = [(result.shape, result.dtype) for result in results]
         self.temporary_size = layout.size
         self.verdict_offset = layout.parts["verdict"][0]
 
     def run(self, arrays: tuple, stream: Any, sync: bool) -> tuple | None:
         """The call on ``arrays``: its outputs (each an input array or a fresh result), or None
         where it cannot be run as the first call was (the caller then takes the plain path)."""
-        memory = memory_for(arrays[0], stream)  # (a stream= that is not the framework's current one raises)
+        memory = self.memory_type(arrays[0], stream)  # (a stream= that is not the framework's current one raises)
         handle = memory.stream_handle
         if is_capturing(handle):
             return None  # the plain path checks what a capture allows, and sets up what it needs
@@ -138,8 +134,7 @@ class Repeat:
             raise earlier
         memory.set_device(device)
         memory.bind_context(context_id)
-        owners = [memory.empty(result.shape, result.dtype) for result in self.results]
-        fresh = [data_pointer(owner) for owner in owners]
+        owners, fresh = memory.empty_many(self.shapes_and_dtypes)
         temporary = memory.temporary(self.temporary_size)
         temporary_pointer = data_pointer(temporary)
         try:
@@ -231,8 +226,8 @@ def remember(key: Any, arrays: tuple, outputs: tuple, overlaps: tuple, device_ar
             return
         found_outputs.append(source)
     extents = [None if x is None else _extent_offsets(x, device_arrays) for x in arrays]
-    repeat = Repeat(plan, tuple(sources), tuple(results), tuple(found_outputs), overlaps, extents,
-                    device_arrays.context_id, device_arrays.device_ordinal, layout)
+    repeat = Repeat(plan, tuple(sources), tuple(results), tuple(found_outputs), overlaps, extents, device_arrays,
+                    layout)
     repeats = getattr(_repeats, "by_key", None)
     if repeats is None:
         repeats = _repeats.by_key = {}
