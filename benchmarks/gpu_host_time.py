@@ -40,12 +40,13 @@ from centerkern.cuda import launcher  # noqa: E402
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=200, help="calls per round")
-    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=8, help="rounds per case in each pass")
+    parser.add_argument("--passes", type=int, default=6, help="passes over every case")
     parser.add_argument("--quick", action="store_true", help="a few calls and rounds: that it runs, no figures")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.quick:
-        args.calls, args.rounds = 5, 2
+        args.calls, args.rounds, args.passes = 5, 2, 1
     frameworks = ["torch", "numba", "numpy"]
     try:
         import cupy  # noqa: F401
@@ -53,10 +54,19 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     results = []
-    for name, framework, call in (case for framework in frameworks for case in host_time.cases_of(framework)):
+    cases = [case for framework in frameworks for case in host_time.cases_of(framework)]
+    counted = []
+    for name, framework, call in cases:
         host_time.warm(call)
-        row = {"case": name, "framework": framework, **host_time.count(call),
-               **host_time.time_per_call(call, args.calls, args.rounds)}
+        counted.append(host_time.count(call))
+    # the cases interleaved, pass after pass: a noisy spell of the machine falls on every case a little,
+    # not on one case whole
+    measured = [[] for _ in cases]
+    for _ in range(args.passes):
+        for index, (_, _, call) in enumerate(cases):
+            measured[index] += host_time.rounds_of(call, args.calls, args.rounds)
+    for (name, framework, _), counts, rounds in zip(cases, counted, measured):
+        row = {"case": name, "framework": framework, **counts, **host_time.summary(rounds)}
         results.append(row)
         print(f"{framework:6} {name:48} {row['host_us']:7.1f} µs {row['units']:5.2f} units "
               f"(median {row['median_host_us']:.1f} µs)  {row['launches']} launches, "
@@ -65,6 +75,7 @@ def main(argv=None) -> int:
         **provenance(),
         "what": "host time per call of the cuda backend, its CUDA driver stubbed (benchmarks/stubbed_driver.py)",
         "command": "python benchmarks/gpu_host_time.py" + (" --quick" if args.quick else ""),
+        "timing": {"calls_per_round": args.calls, "rounds_per_pass": args.rounds, "passes": args.passes},
         "sizes": {"B": host_time.BATCH, "D": host_time.WIDTH, "K": host_time.CLASSES},
         "goals": {"step_units": round(host_time.GOAL_STEP_UNITS, 3), "gather_units": round(host_time.GOAL_GATHER_UNITS, 3),
                   "launches_per_step": 3, "temporaries_per_step": 1},
