@@ -164,9 +164,12 @@ class _Call:
 
     def __exit__(self, kind, error, traceback) -> bool:
         try:
+            if kind is not None:
+                _last.run = None  # a call that raised is not one to repeat (and its arrays are let go)
             if kind is None and self.waits:
                 bad = self._own_verdict()
                 if bad is not None:
+                    _last.run = None
                     raise bad
                 for view, host in self._write_back:
                     host[...] = view.numba().copy_to_host(stream=self.arrays.stream)
