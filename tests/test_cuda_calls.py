@@ -74,18 +74,17 @@ def test_cuda_one_temporary_per_call_and_nothing_k_by_d(temporaries, determinist
 
 
 def test_cuda_layout_clears_what_starts_at_zero_and_aligns_every_part():
-    """The memset clears the counters and the keys (and the default mode's sums, which atomics add
-    into); every part sits at an offset its dtype aligns, none overlaps the next."""
+    """The memset clears the counters and the keys (the default mode's sums are cleared row by row
+    by the runs that claim them); every part sits at an offset its dtype aligns, none overlaps the
+    next."""
     for deterministic in (False, True):
         layout = driver._step_layout(7 * kernels.TILE_ROWS, 50, 9, deterministic)
         placed = sorted(layout.parts.values(), key=lambda part: part[0])
         for (offset, shape, dtype), (next_offset, _, _) in zip(placed, placed[1:] + [(layout.size, None, None)]):
             assert offset % dtype.itemsize == 0 and offset + np.prod(shape) * dtype.itemsize <= next_offset
-        sums_offset, sums_shape, _ = layout.parts["spanning_sums"]
+        _, sums_shape, _ = layout.parts["spanning_sums"]
         cleared_to = layout.parts["keys"][0] + 4 * layout.parts["keys"][1][0]
-        if not deterministic:
-            cleared_to = sums_offset + 8 * int(np.prod(sums_shape))
-        assert layout.zero_bytes == -(-cleared_to // 4) * 4
+        assert layout.zero_bytes == cleared_to
         assert sums_shape[0] == (7 * kernels.TILE_ROWS if deterministic else driver.spanning_slots(7 * kernels.TILE_ROWS, 50))
 
 

@@ -90,8 +90,9 @@ def test_ptx_step_kernels(float_dtype, label_dtype):
                    VECTOR, squares, RULE, SETTINGS)
     float_atomics = set(re.findall(r"\b(?:atom|red)(?:\.global)?\.add\.(f\d+)", ptx))
     assert float_atomics == {"f64"}  # the default mode's one atomic per (run, column), never rounded to float32
-    # the spanning table's slots are claimed by a 32-bit compare-and-swap on its keys
-    assert re.search(r"atom(\.global)?\.cas\.b32", ptx)
+    # the spanning table's slots are claimed by a 32-bit compare-and-swap on its keys, and the key
+    # published by an exchange once the slot's row is cleared
+    assert re.search(r"atom(\.global)?\.cas\.b32", ptx) and re.search(r"atom(\.global)?\.exch\.b32", ptx)
     _compile(kernels.finish_spanning_classes, labels, matrix, matrix, COUNTERS, COUNTERS, sums, VECTOR, VECTOR,
              squares, squares, VECTOR, VECTOR, RULE, SETTINGS)
 

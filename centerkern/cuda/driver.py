@@ -465,10 +465,10 @@ def spanning_slots(batch_size: int, num_classes: int) -> int:
 
 
 def _step_layout(batch_size: int, num_classes: int, width: int, deterministic: bool) -> Layout:
-    """The temporary of a step or scatter: the counters and the spanning table's keys (cleared),
-    the float64 spanning sums (cleared too in the default mode, whose atomics add into them;
-    with ``deterministic`` one row per sample, each written whole before it is read), the tile
-    kernel's block sums of squares, the verdict, and with ``deterministic`` the tile-sorted
+    """The temporary of a step or scatter: the counters and the spanning table's keys (cleared by
+    the call's memset), the float64 spanning sums (a row per slot, cleared by the run that claims
+    it; with ``deterministic`` one row per sample, each written whole before it is read), the
+    tile kernel's block sums of squares, the verdict, and with ``deterministic`` the tile-sorted
     labels and rows the finishing kernel searches."""
     _check_sizes(batch_size, num_classes)
     slots = spanning_slots(batch_size, num_classes)
@@ -480,7 +480,7 @@ def _step_layout(batch_size: int, num_classes: int, width: int, deterministic: b
     sums = ("spanning_sums", (max(1, batch_size) if deterministic else slots, width), np.float64)
     rest = [("block_squares", (blocks,), np.float64), ("verdict", (kernels.VERDICT_SIZE,), np.int64),
             ("tile_sorted_labels", (per_row,), np.int64), ("tile_sorted_rows", (per_row,), np.int64)]
-    return _layout(counters, keys, sums, *rest, zeroed=2 if deterministic else 3)
+    return _layout(counters, keys, sums, *rest, zeroed=2)
 
 
 def _segmented_update(rows, labels, centers, written, grad, rule: RuleCoefficients, *, rows_are_features: bool,

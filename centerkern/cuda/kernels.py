@@ -21,15 +21,15 @@ What a run's sum does next depends on the class:
   more), claimed with one compare-and-swap per run: every run of the class, in any block, gets
   the same slot, and no kernel of its own has to number the classes first. In the default mode
   each run adds its sum into its slot's row of float64 sums with one atomic per column (the
-  rows start at zero: they are part of what the call's one memset clears). With
+  run that claims the slot clears its row first: only rows in use are cleared). With
   ``deterministic=True`` each run stores its sum in a row of its own, the row of its first
   sample, and the finishing kernel adds them in tile order (it finds them by binary search in
   each tile's sorted labels): no float atomics, the same bits on every run.
 
 Every call works in one temporary of its own (see ``driver``), carved into parts. Its first part
-is a vector of int32 that starts at zero (one memset clears it, with the sums of the default
-mode after it): ``COUNTER_FIELDS`` entries of call status, ``BOOK_ROWS`` rows of K entries of
-per-class bookkeeping, then the ``spanning`` table's keys (label + 1; 0: a free slot):
+is a vector of int32 that starts at zero (one memset clears it): ``COUNTER_FIELDS`` entries of
+call status, ``BOOK_ROWS`` rows of K entries of per-class bookkeeping, then the ``spanning``
+table's keys (label + 1; 0: a free slot; ``CLAIMING`` while its row is cleared):
 
 * ``FIRST``: B - the class's first row (0: no sample), by ``atomic.max``;
 * ``LAST``: the class's last row + 1 (0: no sample), by ``atomic.max``;
@@ -219,12 +219,19 @@ def _last_row(counters, num_classes, label):
     return int64(counters[_book(num_classes, LAST, label)]) - 1
 
 
+CLAIMING = -1  # a slot of the spanning table whose row its claimant is still clearing
+
+
 @cuda.jit(device=True)
-def _claim(keys, label, num_classes):
+def _claim(keys, label, num_classes, sums, clear_row):
     """The slot of ``label`` in the spanning table ``keys``, claimed by whichever run of the class
-    comes first: a compare-and-swap from 0 (free) to label + 1, probing linearly past slots of
-    other classes. The table has a slot for every class that can span (``keys.size`` is at least
-    their number), so a probe always ends. With K slots or more the label is its own slot."""
+    comes first: a compare-and-swap from 0 (free) to ``CLAIMING``; the claimant clears the slot's
+    row of ``sums`` (``clear_row``: the default mode, whose runs add into it) and then publishes
+    label + 1. A run that finds the slot being claimed waits for the key (its claimant is
+    running, and waits for nothing), then takes the slot if the key is its class's, else probes
+    on, past slots of other classes. The table has a slot for every class that can span
+    (``keys.size`` is at least their number), so a probe always ends. With K slots or more the
+    label is its own slot."""
     capacity = keys.size
     if num_classes <= capacity:
         slot = label
@@ -232,8 +239,18 @@ def _claim(keys, label, num_classes):
         slot = (label * 2654435761) % capacity  # Knuth's multiplicative hash: spreads runs of labels
     key = int32(label + 1)
     while True:
-        seen = cuda.atomic.cas(keys, slot, int32(0), key)
-        if seen == 0 or seen == key:
+        seen = cuda.atomic.cas(keys, slot, int32(0), int32(CLAIMING))
+        if seen == 0:  # ours: its row cleared before any run can add into it
+            if clear_row:
+                for k in range(sums.shape[1]):
+                    sums[slot, k] = 0.0
+            cuda.threadfence()
+            cuda.atomic.exch(keys, slot, key)
+            return slot
+        while seen == CLAIMING:
+            seen = cuda.atomic.add(keys, slot, int32(0))  # an atomic read: the claimant's key, once published
+        if seen == key:
+            cuda.threadfence()  # the claimant's cleared row is seen before this run adds into it
             return slot
         slot += 1
         if slot == capacity:
@@ -349,7 +366,7 @@ def tile_step(
             if position == 0 or tile_labels[order[position - 1]] != label:  # a run starts here
                 first = _first_row(counters, num_classes, batch_size, label)
                 if first // TILE_ROWS != _last_row(counters, num_classes, label) // TILE_ROWS:  # its class spans
-                    run_slot[position] = _claim(keys, label, num_classes)
+                    run_slot[position] = _claim(keys, label, num_classes, spanning_sums, not settings.deterministic)
             if settings.deterministic and cuda.blockIdx.y == 0:  # the deterministic finish searches these
                 tile_sorted_labels[tile_start + position] = label
                 tile_sorted_rows[tile_start + position] = tile_start + order[position]
