@@ -33,7 +33,8 @@ import numpy as np
 
 RECORDED = ("cuLaunchKernel", "cuMemsetD32Async", "cuMemAllocFromPoolAsync", "cuMemFreeAsync", "cuMemcpyDtoHAsync",
             "cuStreamSynchronize", "cuStreamIsCapturing", "cuCtxGetCurrent", "cuCtxGetId", "cuCtxGetDevice",
-            "cuMemHostAlloc", "cuMemPoolCreate", "cuThreadExchangeStreamCaptureMode")
+            "cuMemHostAlloc", "cuMemPoolCreate", "cuThreadExchangeStreamCaptureMode", "cuCtxPushCurrent",
+            "cuCtxPopCurrent")
 
 
 class Counts(collections.Counter):
@@ -120,6 +121,8 @@ def _stub_driver(driver: Any) -> None:
     counted("cuMemPoolCreate", lambda properties: (success, driver.CUmemoryPool(1)))
     counted("cuMemPoolSetAttribute", lambda *args: (success,))
     counted("cuThreadExchangeStreamCaptureMode", exchange_capture_mode)
+    counted("cuCtxPushCurrent", lambda context: (success,))
+    counted("cuCtxPopCurrent", lambda: (success, context))
 
 
 class _Stream:

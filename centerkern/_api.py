@@ -522,8 +522,9 @@ def center_loss(
     checked = _plain(backend, validation.plain_center_loss, inputs, alpha, rule)
     plain = remembered = None
     if checked is None:
-        outputs, remembered = _repeated(backend, "center_loss", inputs, (rule, alpha, bool(deterministic)), stream,
-                                        sync)
+        # alpha's type too: 1.0 and True are equal, but only a float is a plain alpha
+        outputs, remembered = _repeated(backend, "center_loss", inputs, (rule, alpha, type(alpha), bool(deterministic)),
+                                        stream, sync)
         if outputs is not None:  # a call this thread has run before, see centerkern.cuda.repeat
             return _center_loss_result(*outputs, caller_out, caller_grad_out, _identity)
         plain = _plain_on_device(backend, validation.plain_device_center_loss, inputs, alpha, rule, stream=stream,

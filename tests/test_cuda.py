@@ -380,7 +380,9 @@ def test_cuda_gpu_check_script_runs(tmp_path):
     assert report["timings"]["B65536_hot"]["touched_classes"] < report["timings"]["B65536"]["touched_classes"]
     assert set(report["goals"]) == {"step_vs_torch_eager_B8192", "graph_step_over_floor_B8192", "step_over_floor_B65536",
                                     "hot_over_uniform_B65536", "deterministic_over_default", "host_overhead_us_per_call",
-                                    "memory_outside_allocator_MB"}
+                                    "memory_outside_allocator_MB", "host_time_real_over_stubbed"}
+    if SIMULATED:
+        assert report["host_time"]["why"] == "the simulator has no driver to time"
     for goal in report["goals"].values():
         assert {"goal", "value", "target", "met"} <= set(goal) and isinstance(goal["met"], bool)
         assert goal["value"] is not None or goal["why"]

@@ -142,6 +142,9 @@ def _float_matrix(x: Any, what: str, arrays) -> Any:
             x = x.astype(np.float64)  # a Python list of numbers carries no dtype of its own
     if "bfloat16" in str(getattr(x, "dtype", "")):  # no NumPy dtype, so no array to read: say so first
         raise TypeError(f"{what} must be float32 or float64, got dtype bfloat16")
+    layout = str(getattr(x, "layout", "torch.strided"))
+    if layout != "torch.strided":  # a sparse torch tensor: no strides to read
+        raise TypeError(f"{what} must be a dense array, got a {layout} tensor")
     array = arrays.asarray(x, what)
     check_float_matrix(array, what, array.dtype in FLOAT_DTYPES)
     return array

@@ -136,8 +136,12 @@ class _Call:
         (``signature`` and the roots' dtypes, shapes and strides), made at the first call with it
         from ``layout_of()`` (the temporary's ``Layout``) and ``launches_of(parts)`` (the
         launches, given the temporary's parts as views)."""
-        key = (signature, self.context_id, self.arrays.device_ordinal,
-               *[None if v is None else (v.dtype, v.shape, v.strides) for v in roots.values()])
+        views = list(roots.values())
+        # which roots are one array (features passed as the centers, say) is part of the signature:
+        # the plan patches such roots from one pointer
+        aliases = tuple([views.index(v) if v is not None else None for v in views])
+        key = (signature, self.context_id, self.arrays.device_ordinal, aliases,
+               *[None if v is None else (v.dtype, v.shape, v.strides) for v in views])
         direct = is_direct()
         plan = plan_for(key) if direct else None
         layout = layout_of() if plan is None else plan.layout

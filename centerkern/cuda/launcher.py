@@ -299,6 +299,12 @@ def _check(error: Any, what: str) -> None:
 # --------------------------------------------------------------------------- the driver's state
 
 _device_of_context: dict[int, int] = {}
+_handle_of_context: dict[int, Any] = {}
+
+
+def context_handle(context_id: int) -> Any:
+    """The ``CUcontext`` of a context ``current_context`` has seen."""
+    return _handle_of_context[context_id]
 
 
 def current_context() -> tuple[int | None, int | None]:
@@ -319,6 +325,7 @@ def current_context() -> tuple[int | None, int | None]:
     if device is None:
         error, device = cuda_driver.cuCtxGetDevice()
         device = _device_of_context[identity] = int(device) if error == 0 else None
+        _handle_of_context[identity] = context
     return identity, device
 
 

@@ -38,7 +38,7 @@ import numpy as np
 from numba import cuda
 
 from .._core.interop import framework_of
-from .launcher import bindings, driver_stream
+from .launcher import bindings, context_handle, driver_stream
 from .pool import PooledBlock, allocate, free_later
 from .views import SIMULATED, contiguous_strides, data_pointer, numpy_dtypes_of_torch, simulated
 
@@ -164,7 +164,9 @@ class _NumbaMemory:
 
     def bind_context(self, context_id: int) -> None:
         self.context_id = context_id
-        self.numba_context = None if SIMULATED else _numba_context(context_id)
+        if not SIMULATED:
+            self.numba_context = _numba_context(context_id)
+            self.context_handle = context_handle(context_id)
 
     def empty(self, shape, dtype):
         if SIMULATED:  # the simulator's memory is NumPy's
@@ -174,30 +176,13 @@ class _NumbaMemory:
         size = math.prod(shape) * dtype.itemsize
         pointer = allocate(size, self.device_ordinal, self.stream_handle)
         memory = numba_driver.MemoryPointer(self.numba_context, numba_driver.binding.CUdeviceptr(pointer),
-                                            max(1, size), finalizer=free_later(pointer, self.stream_handle))
+                                            max(1, size), finalizer=free_later(pointer, self.stream_handle, self.context_handle))
         return _device_array(shape, dtype, self.stream, memory)
 
     def empty_many(self, shapes_and_dtypes) -> tuple[list, list]:
-        """Several results at once, (arrays, their device addresses): one block of the pool, each
-        result a view of it, so that one allocation and one stream-ordered free serve them all
-        (the block goes back once the last of them is dropped)."""
-        if SIMULATED:
-            return _one_by_one(self, shapes_and_dtypes)
-        numba_driver, _ = _numba_modules or _numba_memory_types()
-        places, size = [], 0
-        for shape, dtype in shapes_and_dtypes:
-            places.append(size)
-            size += -(-max(1, math.prod(shape) * dtype.itemsize) // _RESULT_ALIGNMENT) * _RESULT_ALIGNMENT
-        pointer = allocate(size, self.device_ordinal, self.stream_handle)
-        block = numba_driver.MemoryPointer(self.numba_context, numba_driver.binding.CUdeviceptr(pointer), size,
-                                           finalizer=free_later(pointer, self.stream_handle))
-        stream, context, address = self.stream, self.numba_context, numba_driver.binding.CUdeviceptr
-        # each result's memory names the block as its owner (keeping it alive), with no finalizer
-        # of its own (Numba's own views of a block cost a weak proxy and a finalizer each)
-        arrays = [_device_array(shape, dtype, stream, numba_driver.MemoryPointer(
-            context, address(pointer + place), max(1, math.prod(shape) * dtype.itemsize), owner=block))
-            for (shape, dtype), place in zip(shapes_and_dtypes, places)]
-        return arrays, [pointer + place for place in places]
+        """Several results at once, (arrays, their device addresses), each a block of the pool of its
+        own (one block for all would keep a call's large results alive as long as its loss)."""
+        return _one_by_one(self, shapes_and_dtypes)
 
     def temporary(self, size: int):
         if SIMULATED:
@@ -218,9 +203,6 @@ class _NumbaMemory:
         # rare (labels of three or more dimensions, strided): through the host, on the call's stream
         host = np.ascontiguousarray(view.numba().copy_to_host(stream=self.stream)).reshape(-1)
         return cuda.to_device(host, stream=self.stream)
-
-
-_RESULT_ALIGNMENT = 256  # what cuMemAlloc aligns to: each result of a shared block starts as its own would
 
 
 def _one_by_one(memory: Any, shapes_and_dtypes) -> tuple[list, list]:
@@ -388,6 +370,12 @@ class _CupyMemory:
 _PLAIN_TORCH_TYPES = ("Tensor", "Parameter", "Buffer")
 
 
+def _torch_strided() -> Any:
+    import torch
+
+    return torch.strided
+
+
 def plain_framework(x: Any) -> str | None:
     """``torch``, ``cupy`` or ``numba`` for a plain device array of that framework, else None."""
     kind = type(x)
@@ -395,7 +383,10 @@ def plain_framework(x: Any) -> str | None:
         return "numba"
     framework = framework_of(x)
     if framework == "torch" and kind.__name__ in _PLAIN_TORCH_TYPES and x.is_cuda:
-        return "torch"
+        # a sparse tensor, or a dtype NumPy has not (bfloat16, complex), takes the full validation
+        if x.layout is _torch_strided() and x.dtype in numpy_dtypes_of_torch():
+            return "torch"
+        return None
     if framework == "cupy" and kind.__name__ == "ndarray":
         return "cupy"
     return None

@@ -11,12 +11,14 @@ and its blocks are never shared with that library; it keeps freed memory for reu
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Any
 
 from .views import bindings, driver_stream
 
 _pools: dict[int, Any] = {}
+_making_a_pool = threading.Lock()  # two threads must not each make one for a device
 
 
 def _check(error: Any, what: str) -> None:
@@ -27,21 +29,24 @@ def _check(error: Any, what: str) -> None:
 def _private_pool(device_ordinal: int) -> Any:
     """centerkern's own stream-ordered memory pool on the device, made on first use (the caller
     holds the device's context current, with capture relaxed)."""
-    pool = _pools.get(device_ordinal)
-    if pool is None:
-        cuda_driver = bindings()
-        properties = cuda_driver.CUmemPoolProps()
-        properties.allocType = cuda_driver.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
-        properties.handleTypes = cuda_driver.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_NONE
-        properties.location.type = cuda_driver.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-        properties.location.id = device_ordinal
-        error, pool = cuda_driver.cuMemPoolCreate(properties)
-        _check(error, f"cuMemPoolCreate on device {device_ordinal}")
-        keep_everything = cuda_driver.cuuint64_t(2**64 - 1)  # freed memory stays in the pool for reuse
-        _check(cuda_driver.cuMemPoolSetAttribute(
-            pool, cuda_driver.CUmemPool_attribute.CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, keep_everything)[0],
-            "cuMemPoolSetAttribute")
-        _pools[device_ordinal] = pool
+    with _making_a_pool:
+        return _pools.get(device_ordinal) or _make_pool(device_ordinal)
+
+
+def _make_pool(device_ordinal: int) -> Any:
+    cuda_driver = bindings()
+    properties = cuda_driver.CUmemPoolProps()
+    properties.allocType = cuda_driver.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+    properties.handleTypes = cuda_driver.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_NONE
+    properties.location.type = cuda_driver.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+    properties.location.id = device_ordinal
+    error, pool = cuda_driver.cuMemPoolCreate(properties)
+    _check(error, f"cuMemPoolCreate on device {device_ordinal}")
+    keep_everything = cuda_driver.cuuint64_t(2**64 - 1)  # freed memory stays in the pool for reuse
+    _check(cuda_driver.cuMemPoolSetAttribute(
+        pool, cuda_driver.CUmemPool_attribute.CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, keep_everything)[0],
+        "cuMemPoolSetAttribute")
+    _pools[device_ordinal] = pool
     return pool
 
 
@@ -54,12 +59,8 @@ def allocate(size: int, device_ordinal: int, stream_handle: int) -> int:
 
 
 def _free_in_stream_order(pointer: int, stream_handle: int) -> None:
-    """Give memory back to its pool after the work queued on ``stream_handle`` (which may be gone
-    by the time a dropped result is freed: then after the legacy default stream's work)."""
-    cuda_driver = bindings()
-    error = cuda_driver.cuMemFreeAsync(pointer, driver_stream(stream_handle))[0]
-    if error != 0 and stream_handle != 0:
-        error = cuda_driver.cuMemFreeAsync(pointer, driver_stream(0))[0]
+    """Give memory back to its pool after the work queued on ``stream_handle``."""
+    error = bindings().cuMemFreeAsync(pointer, driver_stream(stream_handle))[0]
     if error != 0:
         warnings.warn(f"cuMemFreeAsync of device memory at {pointer:#x} failed ({getattr(error, 'name', error)}): "
                       "the memory stays allocated", RuntimeWarning, stacklevel=2)
@@ -81,18 +82,36 @@ class PooledBlock:
             self.pointer = None
 
 
-def free_later(pointer: int, stream_handle: int) -> "_Free":
-    """The finalizer that gives ``pointer`` back in stream order when its owner is dropped."""
-    return _Free(pointer, stream_handle)
+def free_later(pointer: int, stream_handle: int, context: Any) -> "_Free":
+    """The finalizer that gives ``pointer`` back in stream order when its owner is dropped, in
+    ``context`` (the ``CUcontext`` it was made in: the finalizer may run in another thread, with
+    another context current, or none)."""
+    return _Free(pointer, stream_handle, context)
 
 
 class _Free:
-    """The finalizer of a Numba result over the private pool: called when the array is dropped."""
+    """The finalizer of a Numba result over the private pool: called when the array is dropped.
 
-    __slots__ = ("pointer", "stream_handle")
+    It frees in the context the result was made in (pushed for the call), after the work queued
+    before it on the stream the result was made on: for Numba's default streams (the legacy one,
+    or a per-thread one, which may be another thread's) the legacy stream, which waits for every
+    blocking stream's work; for a stream of the caller's, that stream, which must therefore
+    outlive the results made on it."""
 
-    def __init__(self, pointer: int, stream_handle: int):
-        self.pointer, self.stream_handle = pointer, stream_handle
+    __slots__ = ("pointer", "stream_handle", "context")
+
+    def __init__(self, pointer: int, stream_handle: int, context: Any):
+        self.pointer, self.context = pointer, context
+        self.stream_handle = 0 if stream_handle in _DEFAULT_STREAM_HANDLES else stream_handle
 
     def __call__(self) -> None:
-        _free_in_stream_order(self.pointer, self.stream_handle)
+        cuda_driver = bindings()
+        pushed = cuda_driver.cuCtxPushCurrent(self.context)[0] == 0
+        try:
+            _free_in_stream_order(self.pointer, self.stream_handle)
+        finally:
+            if pushed:
+                cuda_driver.cuCtxPopCurrent()
+
+
+_DEFAULT_STREAM_HANDLES = (0, 1, 2)  # the NULL stream, CU_STREAM_LEGACY, CU_STREAM_PER_THREAD

@@ -24,9 +24,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .._core.interop import framework_of
 from . import driver, launcher, record
 from .launcher import clear, current_context, driver_stream
-from .memory import is_capturing, plain_framework, stream_handle
+from .memory import is_capturing, stream_handle
 from .views import data_pointer
 
 
@@ -47,8 +48,13 @@ class Result(NamedTuple):
 _key_of_type: dict[type, Any] = {}
 
 
-def _torch_key(x: Any) -> tuple:
-    return x.dtype, x.shape, x.stride(), x.get_device()
+def _torch_key(x: Any) -> tuple | None:
+    if x.layout is not _STRIDED[0]:
+        return None  # a sparse tensor: the plain path refuses it, and it has no strides to read
+    return x.dtype, x.shape, x.stride(), x.get_device()  # (a CPU tensor's device is -1)
+
+
+_STRIDED: list = []
 
 
 def _array_key(x: Any) -> tuple:
@@ -60,13 +66,19 @@ def _cupy_key(x: Any) -> tuple:
 
 
 def _key_maker(x: Any):
-    """How to read the signature of an array of ``x``'s type: False where it is not a plain
-    device array's type."""
+    """How to read the signature of an array of ``x``'s type (by its framework: whether one array
+    is plain is for the plain path to say): False for a type no plain path takes."""
     kind = type(x)
     maker = _key_of_type.get(kind)
     if maker is None:
-        framework = plain_framework(x)
-        maker = {"torch": _torch_key, "numba": _array_key, "cupy": _cupy_key}.get(framework, False)
+        if getattr(kind, "__cuda_ndarray__", False):
+            maker = _array_key
+        else:
+            maker = {"torch": _torch_key, "cupy": _cupy_key}.get(framework_of(x), False)
+        if maker is _torch_key and not _STRIDED:
+            import torch
+
+            _STRIDED.append(torch.strided)
         if len(_key_of_type) < 64:
             _key_of_type[kind] = maker
     return maker
@@ -88,9 +100,10 @@ def signature(function: str, arrays: tuple, settings: tuple) -> tuple | None:
                 break
         else:
             maker = _key_of_type.get(type(x)) or _key_maker(x)
-            if not maker:
+            key = maker(x) if maker else None
+            if key is None:
                 return None
-            parts.append((type(x), *maker(x)))
+            parts.append((type(x), *key))
     return tuple(parts)
 
 
