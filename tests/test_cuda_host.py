@@ -50,6 +50,6 @@ def test_host_time_benchmark_runs_and_reports_every_case(tmp_path):
         assert cases[framework, "gather_centers sync=False"]["launches"] == 2
         assert cases[framework, "scatter_sub_update sync=False"]["launches"] == 3
         assert cases[framework, "center_loss facenet sync=False deterministic"]["launches"] == 3
-    assert cases["numba", "center_loss facenet sync=False"]["pool_allocations"] == 2  # grad and loss, temporary
+    assert cases["numba", "center_loss facenet sync=False"]["pool_allocations"] == 3  # grad, loss, temporary
     assert cases["torch", "center_loss facenet sync=False"]["torch_allocations"] == 3  # the same, torch's
     assert cases["numpy", "center_loss facenet sync=False"]["launches"] == 0  # the CPU path, for comparison

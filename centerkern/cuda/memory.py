@@ -40,7 +40,7 @@ from numba import cuda
 from .._core.interop import framework_of
 from .launcher import bindings, context_handle, driver_stream
 from .pool import PooledBlock, allocate, free_later
-from .views import SIMULATED, contiguous_strides, data_pointer, numpy_dtypes_of_torch, simulated
+from .views import SIMULATED, contiguous_strides, data_pointer, made_once, numpy_dtypes_of_torch, simulated
 
 # --------------------------------------------------------------------------- streams
 
@@ -50,13 +50,8 @@ _streams: dict[int, Any] = {}
 
 def _external_stream(handle: int) -> Any:
     """A Numba stream object for a ``CUstream`` handle (a wrapper that owns nothing)."""
-    stream = _streams.get(handle)
-    if stream is None:
-        if len(_streams) >= 256:  # a program that makes streams without end
-            _streams.clear()
-        stream = cuda.default_stream() if handle == 0 or simulated() else cuda.external_stream(handle)
-        _streams[handle] = stream
-    return stream
+    return made_once(_streams, handle, lambda: cuda.default_stream() if handle == 0 or simulated()
+                     else cuda.external_stream(handle))
 
 
 def stream_handle(stream: Any) -> int:
@@ -177,6 +172,7 @@ class _NumbaMemory:
         pointer = allocate(size, self.device_ordinal, self.stream_handle)
         memory = numba_driver.MemoryPointer(self.numba_context, numba_driver.binding.CUdeviceptr(pointer),
                                             max(1, size), finalizer=free_later(pointer, self.stream_handle, self.context_handle))
+        memory._finalizer.atexit = False  # at exit the driver frees everything; a free then would only fail
         return _device_array(shape, dtype, self.stream, memory)
 
     def empty_many(self, shapes_and_dtypes) -> tuple[list, list]:
@@ -256,16 +252,11 @@ def _numba_memory_types():
     return _numba_modules
 
 
-class _TorchMemory:
-    name = "torch"
+class _FrameworkMemory:
+    """What torch's and CuPy's memory share: the framework's current stream, on the arrays' own
+    device, whose context needs nothing of the call."""
 
-    def __init__(self, like: Any, stream: Any):
-        import torch
-
-        self.torch, self.device = torch, like.device
-        self.device_ordinal = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        current = torch_stream_handle(torch, self.device_ordinal)
-        self.stream_handle = _framework_stream(stream, current, "torch.cuda.stream(...)")
+    stream_handle: int
 
     @property
     def stream(self) -> Any:
@@ -276,6 +267,18 @@ class _TorchMemory:
 
     def bind_context(self, context_id: int) -> None:
         pass
+
+
+class _TorchMemory(_FrameworkMemory):
+    name = "torch"
+
+    def __init__(self, like: Any, stream: Any):
+        import torch
+
+        self.torch, self.device = torch, like.device
+        self.device_ordinal = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        current = torch_stream_handle(torch, self.device_ordinal)
+        self.stream_handle = _framework_stream(stream, current, "torch.cuda.stream(...)")
 
     def empty(self, shape, dtype):
         return self.torch.empty(shape, dtype=_torch_dtype(dtype), device=self.device)
@@ -315,7 +318,7 @@ def _torch_dtype(dtype) -> Any:
     return torch_dtype
 
 
-class _CupyMemory:
+class _CupyMemory(_FrameworkMemory):
     name = "cupy"
 
     def __init__(self, like: Any, stream: Any):
@@ -325,16 +328,6 @@ class _CupyMemory:
         with cupy.cuda.Device(self.device_ordinal):  # the current stream is per device
             current = cupy.cuda.get_current_stream()
         self.stream_handle = _framework_stream(stream, int(current.ptr), "with cupy.cuda.Stream(...)")
-
-    @property
-    def stream(self) -> Any:
-        return _external_stream(self.stream_handle)
-
-    def set_device(self, current: int | None) -> None:
-        pass  # the arrays' own device
-
-    def bind_context(self, context_id: int) -> None:
-        pass
 
     def graph_safe(self) -> bool:
         """Whether CuPy allocates in stream order (``MemoryAsyncPool``), which graph capture needs."""

@@ -61,7 +61,7 @@ def allocate(size: int, device_ordinal: int, stream_handle: int) -> int:
 def _free_in_stream_order(pointer: int, stream_handle: int) -> None:
     """Give memory back to its pool after the work queued on ``stream_handle``."""
     error = bindings().cuMemFreeAsync(pointer, driver_stream(stream_handle))[0]
-    if error != 0:
+    if error != 0 and error != _DEINITIALIZED:  # (the driver shutting down frees everything itself)
         warnings.warn(f"cuMemFreeAsync of device memory at {pointer:#x} failed ({getattr(error, 'name', error)}): "
                       "the memory stays allocated", RuntimeWarning, stacklevel=2)
 
@@ -115,3 +115,4 @@ class _Free:
 
 
 _DEFAULT_STREAM_HANDLES = (0, 1, 2)  # the NULL stream, CU_STREAM_LEGACY, CU_STREAM_PER_THREAD
+_DEINITIALIZED = 4  # CUDA_ERROR_DEINITIALIZED

@@ -21,6 +21,11 @@ The record's memory is pinned host memory of the context, allocated with the dri
 the context itself may live on (torch holds it). A record is known by its context's unique id;
 ``check_errors`` reads only records whose context is still the device's current one.
 
+Limits: two posts whose tickets are ``RECORD_SLOTS`` apart share a slot with nothing to order
+them, so with more than ``RECORD_SLOTS`` bad calls in flight at once one of them may be lost (or,
+in a narrow window, read torn); and the host's re-read of the mark relies on its loads keeping
+their order, as x86 keeps it (an ARM host would want an acquire fence between them).
+
 Which host thread raises a verdict is not chosen: a bad label of a ``sync=False`` call made in
 one thread is raised by whichever call (or ``check_errors``) on that device looks next, in any
 thread.

@@ -236,11 +236,18 @@ def bindings():
 _driver_streams: dict[int, Any] = {}
 
 
+def made_once(cache: dict, key: Any, make) -> Any:
+    """``cache[key]``, made by ``make()`` the first time; the cache is emptied at 256 entries, so
+    that a program making streams (or shapes) without end does not grow it without end."""
+    made = cache.get(key)
+    if made is None:
+        if len(cache) >= 256:
+            cache.clear()
+        made = cache[key] = make()
+    return made
+
+
 def driver_stream(handle: int) -> Any:
     """The ``CUstream`` object of a handle, made once per handle (a wrapper that owns nothing)."""
-    stream = _driver_streams.get(handle)
-    if stream is None:
-        if len(_driver_streams) >= 256:  # a program that makes streams without end
-            _driver_streams.clear()
-        stream = _driver_streams[handle] = bindings().CUstream(handle)
-    return stream
+    stream = _driver_streams.get(handle)  # (the common case, without a call)
+    return stream if stream is not None else made_once(_driver_streams, handle, lambda: bindings().CUstream(handle))
