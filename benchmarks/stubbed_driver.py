@@ -6,10 +6,11 @@ stub replaces, and how:
 
 * the driver calls of ``cuda.bindings.driver`` the backend makes (stream capture query, current
   context, pool allocation and stream-ordered free, memset, the launch itself, copies, stream
-  synchronisation): each a Python function that counts itself and returns success, the cost
-  of a call into the bindings without the driver's own work. Allocations hand out host memory,
-  so that what the host reads (the error record, a verdict) is real memory; a copy of a
-  verdict back to the host reads "no bad label";
+  synchronisation): each a Python function that counts itself and returns success, about the
+  cost of a call into the bindings without the driver's own work. The pool hands out device
+  addresses that nothing dereferences (no kernel runs); what the host itself reads (the error
+  record's pinned memory) is real memory; a copy of a verdict back to the host reads "no bad
+  label";
 * Numba's device, context and stream objects (``numba.cuda``): stand-ins that own nothing;
 * compiling a kernel: a kernel handle is a number (the kernels are compiled for real by the
   PTX tests);
@@ -43,26 +44,21 @@ class Counts(collections.Counter):
 
 counts = Counts()
 capturing = {"on": False}  # what cuStreamIsCapturing answers
-_host_memory: dict[int, np.ndarray] = {}  # what the stub's allocations hand out, kept alive
-_free_blocks: dict[int, list] = collections.defaultdict(list)  # by size, for reuse: a pool's cost, not malloc's
+_host_memory: list = []  # the host memory the stub hands out where the host reads it, kept alive
+_next_address = [1 << 40]  # device addresses the stub hands out: never dereferenced, since no kernel runs
 
 
 def _host_block(size: int) -> int:
-    size = max(8, size)
-    free = _free_blocks[size]
-    if free:
-        block, address = free.pop()
-    else:
-        block = np.zeros(size, np.uint8)
-        address = block.ctypes.data
-    _host_memory[address] = block
+    """Real host memory, for what the host itself reads (the error record, a Numba array's data)."""
+    block = np.zeros(max(8, size), np.uint8)
+    _host_memory.append(block)
+    return block.ctypes.data
+
+
+def _device_address(size: int) -> int:
+    address = _next_address[0]
+    _next_address[0] += -(-max(1, size) // 256) * 256
     return address
-
-
-def _give_back(pointer: int) -> None:
-    block = _host_memory.pop(pointer, None)
-    if block is not None:
-        _free_blocks[block.size].append((block, pointer))
 
 
 def _stub_driver(driver: Any) -> None:
@@ -72,23 +68,22 @@ def _stub_driver(driver: Any) -> None:
     context = driver.CUcontext(1)
 
     def counted(name, result):
-        def call(*args):
-            counts[name] += 1
-            return result(*args)
+        """The stub of driver call ``name``: ``result``, a constant (the stub's own time kept as
+        small as a Python call can be: it is not centerkern's) or a function of the arguments."""
+        if callable(result):
+            def call(*args):
+                counts[name] += 1
+                return result(*args)
+        else:
+            def call(*args):
+                counts[name] += 1
+                return result
 
         call.__name__ = name
         setattr(driver, name, call)
 
     def allocate(size, pool, stream):
-        return success, _host_block(int(size))
-
-    def free(pointer, stream):
-        _give_back(int(pointer))
-        return (success,)
-
-    def memset(pointer, value, words, stream):
-        ctypes.memset(int(pointer), value, 4 * words)
-        return (success,)
+        return success, _device_address(int(size))
 
     def copy_verdict(host, device, size, stream):
         # the stub's device finds every label good: the verdict reads "no bad row"
@@ -107,22 +102,22 @@ def _stub_driver(driver: Any) -> None:
         return success, previous
 
     counted("cuStreamIsCapturing", lambda stream: (success, active if capturing["on"] else none))
-    counted("cuCtxGetCurrent", lambda: (success, context))
-    counted("cuCtxGetId", lambda context: (success, 1))
-    counted("cuCtxGetDevice", lambda: (success, 0))
-    counted("cuLaunchKernel", lambda *args: (success,))
-    counted("cuMemsetD32Async", memset)
+    counted("cuCtxGetCurrent", (success, context))
+    counted("cuCtxGetId", (success, 1))
+    counted("cuCtxGetDevice", (success, 0))
+    counted("cuLaunchKernel", (success,))
+    counted("cuMemsetD32Async", (success,))
     counted("cuMemAllocFromPoolAsync", allocate)
-    counted("cuMemFreeAsync", free)
+    counted("cuMemFreeAsync", (success,))
     counted("cuMemcpyDtoHAsync", copy_verdict)
-    counted("cuStreamSynchronize", lambda stream: (success,))
+    counted("cuStreamSynchronize", (success,))
     counted("cuMemHostAlloc", host_alloc)
     counted("cuMemHostGetDevicePointer", lambda pointer, flags: (success, pointer))
     counted("cuMemPoolCreate", lambda properties: (success, driver.CUmemoryPool(1)))
-    counted("cuMemPoolSetAttribute", lambda *args: (success,))
+    counted("cuMemPoolSetAttribute", (success,))
     counted("cuThreadExchangeStreamCaptureMode", exchange_capture_mode)
-    counted("cuCtxPushCurrent", lambda context: (success,))
-    counted("cuCtxPopCurrent", lambda: (success, context))
+    counted("cuCtxPushCurrent", (success,))
+    counted("cuCtxPopCurrent", (success, context))
 
 
 class _Stream:

@@ -147,10 +147,18 @@ def test_numba_array_results_come_from_the_pool_and_go_back_in_stream_order(driv
     losses = [result.loss]  # a loop that keeps its losses keeps nothing else
     del result
     gc.collect()
-    assert _names(driver_calls) == ["cuCtxPushCurrent", "cuMemFreeAsync", "cuCtxPopCurrent"]  # the grad
-    del losses
-    gc.collect()
-    assert _names(driver_calls).count("cuMemFreeAsync") == 2
+    assert _names(driver_calls) == ["cuCtxGetCurrent", "cuMemFreeAsync"]  # the grad, in its context already
+    driver_calls.clear()
+    from cuda.bindings import driver
+
+    real = driver.cuCtxGetCurrent
+    driver.cuCtxGetCurrent = lambda: (driver.CUresult.CUDA_SUCCESS, driver.CUcontext(0))  # dropped in a thread
+    try:                                                                            # with no context current
+        del losses
+        gc.collect()
+    finally:
+        driver.cuCtxGetCurrent = real
+    assert _names(driver_calls) == ["cuCtxPushCurrent", "cuMemFreeAsync", "cuCtxPopCurrent"]
 
 
 def test_a_captured_first_call_asks_about_capture_first_and_sets_up_relaxed(driver_calls, monkeypatch):
@@ -193,7 +201,9 @@ def test_a_failed_stream_ordered_free_warns_instead_of_passing_silently(monkeypa
 
     monkeypatch.setattr(driver, "cuMemFreeAsync", lambda pointer, stream: (driver.CUresult.CUDA_ERROR_INVALID_VALUE,))
     with pytest.warns(RuntimeWarning, match="cuMemFreeAsync of device memory at 0x1000 failed"):
-        pool.free_later(0x1000, 5, driver.CUcontext(1))()
+        block = object.__new__(pool.ResultBlock)
+        block.pointer, block.stream_handle, block.context = 0x1000, 5, driver.CUcontext(1)
+        block.free()
 
 
 def test_the_plain_path_and_the_full_path_launch_the_same(driver_calls):

@@ -39,7 +39,7 @@ from numba import cuda
 
 from .._core.interop import framework_of
 from .launcher import bindings, context_handle, driver_stream
-from .pool import PooledBlock, allocate, free_later
+from .pool import PooledBlock, ResultBlock
 from .views import SIMULATED, contiguous_strides, data_pointer, made_once, numpy_dtypes_of_torch, simulated
 
 # --------------------------------------------------------------------------- streams
@@ -169,10 +169,9 @@ class _NumbaMemory:
         numba_driver, _ = _numba_modules or _numba_memory_types()
         dtype = np.dtype(dtype)
         size = math.prod(shape) * dtype.itemsize
-        pointer = allocate(size, self.device_ordinal, self.stream_handle)
-        memory = numba_driver.MemoryPointer(self.numba_context, numba_driver.binding.CUdeviceptr(pointer),
-                                            max(1, size), finalizer=free_later(pointer, self.stream_handle, self.context_handle))
-        memory._finalizer.atexit = False  # at exit the driver frees everything; a free then would only fail
+        block = ResultBlock(size, self.device_ordinal, self.stream_handle, self.context_handle)
+        memory = numba_driver.MemoryPointer(self.numba_context, numba_driver.binding.CUdeviceptr(block.pointer),
+                                            max(1, size), owner=block)  # the block goes with the last of its users
         return _device_array(shape, dtype, self.stream, memory)
 
     def empty_many(self, shapes_and_dtypes) -> tuple[list, list]:

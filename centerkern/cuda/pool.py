@@ -11,6 +11,7 @@ and its blocks are never shared with that library; it keeps freed memory for reu
 
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 from typing import Any
@@ -82,36 +83,42 @@ class PooledBlock:
             self.pointer = None
 
 
-def free_later(pointer: int, stream_handle: int, context: Any) -> "_Free":
-    """The finalizer that gives ``pointer`` back in stream order when its owner is dropped, in
-    ``context`` (the ``CUcontext`` it was made in: the finalizer may run in another thread, with
-    another context current, or none)."""
-    return _Free(pointer, stream_handle, context)
+class ResultBlock:
+    """The pool's memory of one Numba result, given back when the result is dropped: the owner of
+    its Numba ``MemoryPointer``, freed by ``__del__`` (cheaper than Numba's finalizer, and never
+    run at exit, where the driver frees everything itself).
 
-
-class _Free:
-    """The finalizer of a Numba result over the private pool: called when the array is dropped.
-
-    It frees in the context the result was made in (pushed for the call), after the work queued
-    before it on the stream the result was made on: for Numba's default streams (the legacy one,
-    or a per-thread one, which may be another thread's) the legacy stream, which waits for every
-    blocking stream's work; for a stream of the caller's, that stream, which must therefore
-    outlive the results made on it."""
+    It frees in the context the result was made in (pushed for the free where another is current,
+    or none: a result may be dropped in another thread), after the work queued before it on the
+    stream the result was made on: for Numba's default streams (the legacy one, or a per-thread
+    one, which may be another thread's) the legacy stream, which waits for every blocking
+    stream's work; for a stream of the caller's, that stream, which must therefore outlive the
+    results made on it."""
 
     __slots__ = ("pointer", "stream_handle", "context")
 
-    def __init__(self, pointer: int, stream_handle: int, context: Any):
-        self.pointer, self.context = pointer, context
+    def __init__(self, size: int, device_ordinal: int, stream_handle: int, context: Any):
+        self.pointer = allocate(size, device_ordinal, stream_handle)
+        self.context = context
         self.stream_handle = 0 if stream_handle in _DEFAULT_STREAM_HANDLES else stream_handle
 
-    def __call__(self) -> None:
+    def free(self) -> None:
+        pointer, self.pointer = self.pointer, None
+        if pointer is None:
+            return
         cuda_driver = bindings()
-        pushed = cuda_driver.cuCtxPushCurrent(self.context)[0] == 0
+        # most often dropped where it was made, its context current: pushed only where it is not
+        pushed = (int(cuda_driver.cuCtxGetCurrent()[1]) != int(self.context)
+                  and cuda_driver.cuCtxPushCurrent(self.context)[0] == 0)
         try:
-            _free_in_stream_order(self.pointer, self.stream_handle)
+            _free_in_stream_order(pointer, self.stream_handle)
         finally:
             if pushed:
                 cuda_driver.cuCtxPopCurrent()
+
+    def __del__(self) -> None:
+        if not sys.is_finalizing():
+            self.free()
 
 
 _DEFAULT_STREAM_HANDLES = (0, 1, 2)  # the NULL stream, CU_STREAM_LEGACY, CU_STREAM_PER_THREAD
