@@ -78,10 +78,9 @@ class DeviceArrays:
     ----------
     name : str
         ``"device"``: where the arrays live, as the validation's messages name it.
-    stream : Numba stream
-        The call's stream.
     stream_handle : int
-        Its ``CUstream`` handle.
+        The ``CUstream`` handle of the call's stream (``stream`` is the same as a Numba stream
+        object, made when first asked for).
     device_ordinal : int
         The device of the arrays.
     sync : bool
