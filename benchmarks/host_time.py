@@ -94,6 +94,12 @@ def cases_of(framework: str, device: str | None = None):
     if on_device:
         case("center_loss facenet sync=False out=None", centerkern.center_loss, features, labels, centers, 0.5,
              sync=False)
+        from centerkern.cuda import repeat
+
+        def as_a_first_call():  # its signature forgotten before each call: the plain path, and its plan
+            repeat._repeats.by_key = {}
+            centerkern.center_loss(features, labels, centers, 0.5, out=centers, sync=False)
+        cases.append(("center_loss facenet sync=False, a new signature each call", framework, as_a_first_call))
     for sync in syncs:
         case(f"gather_centers sync={sync}", centerkern.gather_centers, centers, labels, sync=sync)
         case(f"scatter_sub_update sync={sync}", centerkern.scatter_sub_update, centers, labels, updates,
