@@ -46,13 +46,19 @@ def _plain(backend: Any, check, arrays: tuple, *settings: Any):
 _PLAIN_DEVICE_BACKENDS = ("auto", "cuda")
 
 
+def _maybe_plain_on_device(backend: Any, first: Any) -> bool:
+    """Whether the backend choice allows a plain device path, and the call's first array lives on
+    the device (the plain and repeat paths check the rest)."""
+    return backend in _PLAIN_DEVICE_BACKENDS and is_device_array(first)
+
+
 def _plain_on_device(backend: Any, check, arrays: tuple, *settings: Any, stream: Any, sync: bool,
                      remembered: Any = None):
     """The same for device arrays: ``check(*views, *settings, device_arrays)`` on views of plain
     device arrays (``centerkern.cuda.DeviceArrays.plain``) when the backend choice allows it.
     (the call's ``DeviceArrays``, the checked inputs), or None where the full validation must
     run. ``remembered``: the call's signature, whose plain run ``centerkern.cuda.repeat`` keeps."""
-    if backend not in _PLAIN_DEVICE_BACKENDS or not is_device_array(arrays[0]):
+    if not _maybe_plain_on_device(backend, arrays[0]):
         return None
     plain = _backends.cuda().DeviceArrays.plain(arrays, stream=stream, sync=sync)
     if plain is None:
@@ -67,7 +73,7 @@ def _repeated(backend: Any, function: str, arrays: tuple, choices: tuple, stream
     """(outputs, None) of a call on plain device arrays whose signature this thread has run
     before (``centerkern.cuda.repeat``); else (None, the signature to remember once the plain
     path has run the call, or None)."""
-    if backend not in _PLAIN_DEVICE_BACKENDS or not is_device_array(arrays[0]):
+    if not _maybe_plain_on_device(backend, arrays[0]):
         return None, None
     return _backends.cuda().repeat.run(function, arrays, choices, stream, sync)
 

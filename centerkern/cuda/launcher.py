@@ -155,7 +155,6 @@ def _scalar_kind(value: Any) -> str:
 
 
 _SCALAR_TYPES = {"bool": types.boolean, "int": types.int64, "float": types.float64}
-_SCALAR_FORMAT = {"bool": "q", "int": "q", "float": "d"}  # each parameter has an 8-byte cell of its own
 
 
 def _is_named_tuple(value: Any) -> bool:
@@ -389,15 +388,23 @@ def plan_for(key: Any) -> LaunchPlan | None:
     return None if plans is None else plans.get(key)
 
 
+def _kernel_handles(launches: list[Launch], context_id: int, capturing: bool) -> list | None:
+    """The handles of every kernel of ``launches``, compiled for their arguments; None (and Numba's
+    own launch path from now on) where numba-cuda's internals moved."""
+    try:
+        return [_kernel_handle(launch.kernel, tuple(map(_numba_type, launch.args)), context_id, capturing)
+                for launch in launches]
+    except AttributeError as error:
+        _fall_back(f"compiled kernel handle unavailable: {error}")
+        return None
+
+
 def make_plan(key: Any, launches: list[Launch], roots: dict[str, DeviceView], layout: Any, context_id: int,
               capturing: bool) -> LaunchPlan | None:
     """Compile every kernel of ``launches`` (once per signature) and keep their plan for ``key``
     in this thread; None where the direct path cannot be set up (launch through Numba's)."""
-    try:
-        handles = [_kernel_handle(launch.kernel, tuple(map(_numba_type, launch.args)), context_id, capturing)
-                   for launch in launches]
-    except AttributeError as error:  # numba-cuda internals moved: use its own launch path
-        _fall_back(f"compiled kernel handle unavailable: {error}")
+    handles = _kernel_handles(launches, context_id, capturing)
+    if handles is None:
         return None
     plans = getattr(_plans, "by_key", None)
     if plans is None:
@@ -406,13 +413,6 @@ def make_plan(key: Any, launches: list[Launch], roots: dict[str, DeviceView], la
         plans.clear()
     plan = plans[key] = LaunchPlan(launches, roots, handles, layout)
     return plan
-
-
-def forget_context(context_id: int) -> None:
-    """Drop the kernel handles of a context that is gone (plans holding them go with their keys,
-    which name the context)."""
-    for key in [k for k in _handles if k[2] == context_id]:
-        del _handles[key]
 
 
 def compile_all(launches: list[Launch], capturing: bool) -> None:
@@ -445,13 +445,8 @@ def launch_once(launches: list[Launch], arrays: Any) -> None:
                 if isinstance(value, DeviceView):
                     root, _ = value.origin()
                     roots.setdefault(str(id(root)), root)
-        context_id = current_context_id()
-        try:
-            handles = [_kernel_handle(launch.kernel, tuple(map(_numba_type, launch.args)), context_id,
-                                      arrays.capturing) for launch in launches]
-        except AttributeError as error:  # numba-cuda internals moved: use its own launch path
-            _fall_back(f"compiled kernel handle unavailable: {error}")
-        else:
+        handles = _kernel_handles(launches, arrays.context_id, arrays.capturing)
+        if handles is not None:
             plan = LaunchPlan(launches, roots, handles)
             plan.run(driver_stream(arrays.stream_handle), tuple(root.pointer for root in roots.values()))
             return

@@ -174,11 +174,6 @@ class _NumbaMemory:
                                             max(1, size), owner=block)  # the block goes with the last of its users
         return _device_array(shape, dtype, self.stream, memory)
 
-    def empty_many(self, shapes_and_dtypes) -> tuple[list, list]:
-        """Several results at once, (arrays, their device addresses), each a block of the pool of its
-        own (one block for all would keep a call's large results alive as long as its loss)."""
-        return _one_by_one(self, shapes_and_dtypes)
-
     def temporary(self, size: int):
         if SIMULATED:
             return cuda.device_array(max(1, size), dtype=np.uint8, stream=self.stream)
@@ -200,7 +195,9 @@ class _NumbaMemory:
         return cuda.to_device(host, stream=self.stream)
 
 
-def _one_by_one(memory: Any, shapes_and_dtypes) -> tuple[list, list]:
+def empty_many(memory: Any, shapes_and_dtypes) -> tuple[list, list]:
+    """Several results of ``memory``, (arrays, their device addresses): each its own allocation
+    (one block for all would keep a call's large results alive as long as its loss)."""
     arrays = [memory.empty(shape, dtype) for shape, dtype in shapes_and_dtypes]
     return arrays, [data_pointer(array) for array in arrays]
 
@@ -282,9 +279,6 @@ class _TorchMemory(_FrameworkMemory):
     def empty(self, shape, dtype):
         return self.torch.empty(shape, dtype=_torch_dtype(dtype), device=self.device)
 
-    def empty_many(self, shapes_and_dtypes) -> tuple[list, list]:
-        return _one_by_one(self, shapes_and_dtypes)  # the caching allocator's blocks cost no more
-
     def temporary(self, size: int):
         # given back to the caching allocator when the call drops it
         return self.torch.empty(max(1, size), dtype=self.torch.uint8, device=self.device)
@@ -339,9 +333,6 @@ class _CupyMemory(_FrameworkMemory):
     def empty(self, shape, dtype):
         with self._on_device():
             return self.cupy.empty(shape, dtype=dtype)
-
-    def empty_many(self, shapes_and_dtypes) -> tuple[list, list]:
-        return _one_by_one(self, shapes_and_dtypes)
 
     def temporary(self, size: int):
         with self._on_device():  # given back to CuPy's allocator when the call drops it

@@ -27,7 +27,7 @@ import numpy as np
 from .._core.interop import framework_of
 from . import driver, launcher, record
 from .launcher import clear, current_context, driver_stream
-from .memory import is_capturing, stream_handle
+from .memory import empty_many, is_capturing, stream_handle
 from .views import data_pointer
 
 
@@ -147,7 +147,7 @@ class Repeat:
             raise earlier
         memory.set_device(device)
         memory.bind_context(context_id)
-        owners, fresh = memory.empty_many(self.shapes_and_dtypes)
+        owners, fresh = empty_many(memory, self.shapes_and_dtypes)
         temporary = memory.temporary(self.temporary_size)
         temporary_pointer = data_pointer(temporary)
         try:
