@@ -187,7 +187,7 @@ def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, back
     # typed alike, vary too, and the gradient of replicated centers is summed over the shards
     replicated_centers = centers
     features, labels, centers, alpha = _vary_alike(features, labels, centers, alpha)
-    step = _ffi_step_or_none(rule, backend)
+    step = _ffi_step_or_none(rule, backend, features)
     if step is not None:  # the kernels read centers[labels] and write the new centers
         loss, new_centers = step(features, centers, labels, alpha)
         return loss, jax.lax.stop_gradient(new_centers)
@@ -481,21 +481,38 @@ def step_path() -> str:
 _REGISTERED: dict = globals().get("_REGISTERED", {})
 
 
-def _ffi_step_or_none(rule: str, backend: str):
+def _ffi_step_or_none(rule: str, backend: str, features):
     """The custom-call step, or None where the host callback must serve: jax.ffi missing, JAX on
-    a GPU without the switch, or XLA refusing the registration (its reason kept for ``info``)."""
+    a GPU without the switch, or XLA refusing the registration (its reason kept for ``info``).
+    Its target is registered here, for the ``features``' dtype and shape."""
     if not ffi_path_available():
         return None
     try:
+        _ffi_target(rule, backend, features.dtype, *features.shape)
         return _ffi_step(rule, backend)
     except Exception as error:  # e.g. a jaxlib that no longer accepts this API version
         _ffi_state.update(available=False, refused=f"{type(error).__name__}: {error}")
         return None
 
 
-def _ffi_target(rule: str, backend: str) -> str:
-    """The FFI target of ``rule``, registered with XLA on first use: on the CPU the host
-    ``backend``'s kernels on host buffers, on a GPU the cuda kernels on device buffers."""
+def _ffi_target(rule: str, backend: str, dtype, batch_size: int, feature_size: int) -> tuple[str, tuple]:
+    """``(name, settings)``: the FFI target of a step of ``rule`` on a batch of these sizes,
+    registered with XLA on first use, and the operands it takes after the four of the step.
+
+    On the CPU with the numba backend: the compiled handler (``xla_native``) for the dtype and
+    the regime, taking the shape-derived ``settings``, compiled or loaded here, while the step is
+    traced, so that XLA's threads run machine code only. With ``numpy``: the reference in a
+    Python handler (``xla_targets.host_center_loss``). On a GPU: the cuda kernels."""
+    if backend == "numba" and jax.default_backend() == "cpu":
+        from ._adapters import xla_native
+
+        parallel = xla_native.parallel_regime(batch_size, feature_size)
+        name = f"centerkern_center_loss_numba_{np.dtype(dtype).name}_{'parallel' if parallel else 'serial'}"
+        if name not in _REGISTERED:
+            compiled = xla_native.handler(dtype, parallel)
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(compiled.ctypes), platform="cpu")
+            _REGISTERED[name] = [compiled]
+        return name, (jnp.asarray(xla_native.settings(rule, batch_size, feature_size)),)
     name = f"centerkern_center_loss_{rule}_{backend}"
     if name not in _REGISTERED:
         from ._adapters import xla_targets
@@ -504,7 +521,7 @@ def _ffi_target(rule: str, backend: str) -> str:
         if jax.default_backend() == "gpu" and _gpu_custom_call_asked():
             calls["CUDA"] = functools.partial(xla_targets.device_center_loss, rule=rule)
         _register(name, calls)
-    return name
+    return name, ()
 
 
 def _register(name: str, calls: dict) -> None:
@@ -523,18 +540,19 @@ def _register(name: str, calls: dict) -> None:
 def _ffi_step(rule: str, backend: str):
     """``(features, centers, labels, alpha) -> (loss, new_centers)`` as one custom call, with its
     derivatives."""
-    target = _ffi_target(rule, backend)
 
     def run(features, centers, labels, alpha):
+        target, settings = _ffi_target(rule, backend, features.dtype, *features.shape)
+        operands = (features, labels, centers, alpha, *_typed_like(settings, features))
         shapes = (jax.ShapeDtypeStruct((), features.dtype), jax.ShapeDtypeStruct(features.shape, features.dtype))
         if not moves_centers(rule):  # pytorch: the centers stay as they are, and no buffer is written
-            loss, grad = jax.ffi.ffi_call(target, shapes, vmap_method="sequential")(features, labels, centers, alpha)
+            loss, grad = jax.ffi.ffi_call(target, shapes, vmap_method="sequential")(*operands)
             return (*_typed_like((loss, grad), features), centers)
         # the new centers are written over the centers' buffer: with the centers donated
         # (jax.jit(..., donate_argnums)) no K x D copy is made
         call = jax.ffi.ffi_call(target, (*shapes, jax.ShapeDtypeStruct(centers.shape, centers.dtype)),
                                 vmap_method="sequential", input_output_aliases={2: 2})
-        return _typed_like(call(features, labels, centers, alpha), features)
+        return _typed_like(call(*operands), features)
 
     return _with_the_kernels_derivatives(run, rule)
 

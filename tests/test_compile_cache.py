@@ -167,15 +167,20 @@ def test_a_cache_that_cannot_be_written_does_not_fail_the_call(monkeypatch, tmp_
     np.testing.assert_array_equal(out, [2.0, 2.0])
 
 
-def test_a_cached_kernel_is_valid_for_the_sources_of_the_whole_package(tmp_path):
-    """The stamp covers every module, so a change to a function an entry calls, in another file,
-    invalidates the cached entry (Numba's own stamp covers the entry's file only)."""
-    for name in ("step.py", "passes.py"):
-        (tmp_path / name).write_text(f"# {name}\n")
-    before = jit.sources_stamp.__wrapped__(tmp_path)
+def test_a_cached_kernel_is_valid_for_the_sources_of_the_whole_package(tmp_path, monkeypatch):
+    """The stamp covers every module a kernel is compiled from, so a change to a function an
+    entry calls, in another file, invalidates the cached entry (Numba's own stamp covers the
+    entry's file only). Those modules include the XLA handler's and the rules'."""
+    monkeypatch.setattr(jit, "_PACKAGE", tmp_path)
+    sources = tuple(tmp_path / name for name in ("step.py", "passes.py"))
+    for path in sources:
+        path.write_text(f"# {path.name}\n")
+    before = jit.sources_stamp.__wrapped__(sources)
     (tmp_path / "passes.py").write_text("# passes.py, changed\n")
-    assert jit.sources_stamp.__wrapped__(tmp_path) != before
+    assert jit.sources_stamp.__wrapped__(sources) != before
     assert jit._InTreeLocator.get_source_stamp(None) == jit.sources_stamp()
+    names = {path.name for path in jit.KERNEL_SOURCES}
+    assert {"step.py", "passes.py", "rules.py", "xla_native.py", "xla_ffi.py"} <= names
 
 
 def test_the_first_call_bench_measures_each_case_in_a_fresh_process(monkeypatch):

@@ -1,7 +1,8 @@
 """``python -m centerkern compile``: fill the kernel cache ahead of time.
 
 What a Dockerfile or a CI job runs once, so that no process pays for compiling at its first call.
-Every entry point of the numba backend (``numba_cpu.ENTRIES``) is compiled for each dtype
+Every entry point of the numba backend (``numba_cpu.ENTRIES``), and the XLA handlers that
+compile its step for ``centerkern.jax`` (``xla_native.ENTRIES``), is compiled for each dtype
 asked for, in worker processes where there is more than one core: one process per entry point,
 so that no two processes write one cache index. The ``cuda`` backend compiles where a GPU is
 present, by running each kernel once on it.
@@ -25,9 +26,7 @@ BACKENDS = ("numba", "cuda")
 def _compile_entry(name: str, dtypes: tuple[str, ...]) -> list[tuple[str, float, bool]]:
     """Compile (or find in the cache) one numba entry point for each dtype: (dtype, seconds,
     whether it was cached already) each. Runs in a worker process."""
-    from .._backends import numba_cpu
-
-    entry = next(entry for entry in numba_cpu.ENTRIES if entry.name == name)
+    entry = next(entry for entry in _entries() if entry.name == name)
     done = []
     for dtype in dtypes:
         start = time.perf_counter()
@@ -36,6 +35,15 @@ def _compile_entry(name: str, dtypes: tuple[str, ...]) -> list[tuple[str, float,
             entry.compiled(dtype)
         done.append((dtype, time.perf_counter() - start, cached))
     return done
+
+
+def _entries() -> tuple:
+    """The numba backend's entry points, and the XLA handlers that compile its step
+    (``centerkern.jax`` on the CPU)."""
+    from .._adapters import xla_native
+    from .._backends import numba_cpu
+
+    return (*numba_cpu.ENTRIES, *xla_native.ENTRIES)
 
 
 def _compile_cuda(dtypes: tuple[str, ...]) -> str:
@@ -80,13 +88,13 @@ class _Progress:
 
 
 def compile_kernels(dtypes: tuple[str, ...], backends: tuple[str, ...], jobs: int) -> int:
-    from .._backends.numba_cpu import ENTRIES, kernel_cache
+    from .._backends.numba_cpu import kernel_cache
 
     start = time.perf_counter()
     if "numba" in backends:
         where, how = kernel_cache()
         print(f"numba kernels for {', '.join(dtypes)} -> {where or 'no cache'} ({how})")
-        names = [entry.name for entry in ENTRIES]
+        names = [entry.name for entry in _entries()]
         progress = _Progress(len(names))
         if jobs > 1:
             # "spawn": a fresh interpreter per worker, never a fork of one that holds Numba's threads

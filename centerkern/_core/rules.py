@@ -38,19 +38,25 @@ class RuleCoefficients(NamedTuple):
 
 def rule_coefficients(rule: str, alpha: float, batch_size: int, feature_size: int) -> RuleCoefficients:
     """The coefficients of ``rule`` for a batch of ``batch_size`` rows of ``feature_size``."""
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; valid rules are {', '.join(map(repr, RULES))}")
+    return coefficients_of(RULES.index(rule), float(alpha), batch_size, feature_size)
+
+
+def coefficients_of(rule_index: int, alpha: float, batch_size: int, feature_size: int) -> RuleCoefficients:
+    """``rule_coefficients`` of ``RULES[rule_index]``: plain arithmetic, which Numba compiles as
+    it is (the XLA handler computes them from a traced alpha, ``centerkern._adapters.xla_native``)."""
     # An empty batch has no loss and moves nothing; any finite scale keeps the kernels simple.
     batch = max(batch_size, 1)
     elements = max(batch_size * feature_size, 1)
-    if rule == "facenet":
+    if rule_index == 0:  # facenet
         # mean over B*D elements; alpha is the retention, so each sample moves its center by 1 - alpha
-        return RuleCoefficients(1.0 / elements, 2.0 / elements, 1.0 - float(alpha), 0.0, True)
-    if rule == "wen":
+        return RuleCoefficients(1.0 / elements, 2.0 / elements, 1.0 - alpha, 0.0, True)
+    if rule_index == 1:  # wen
         # paper Eq. 2-4: 1/(2B) loss, the step alpha divided by 1 + n_j
-        return RuleCoefficients(0.5 / batch, 1.0 / batch, float(alpha), 1.0, True)
-    if rule == "pytorch":
-        # trainable centers: grad_centers[j] = -(2/B) * S_j, the centers themselves unchanged
-        return RuleCoefficients(1.0 / batch, 2.0 / batch, -2.0 / batch, 0.0, False)
-    raise ValueError(f"unknown rule {rule!r}; valid rules are {', '.join(map(repr, RULES))}")
+        return RuleCoefficients(0.5 / batch, 1.0 / batch, alpha, 1.0, True)
+    # pytorch: trainable centers, grad_centers[j] = -(2/B) * S_j, the centers themselves unchanged
+    return RuleCoefficients(1.0 / batch, 2.0 / batch, -2.0 / batch, 0.0, False)
 
 
 #: ``scatter_sub_update`` in the kernels' terms: the rows (the updates) of each class are summed

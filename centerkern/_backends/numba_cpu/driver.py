@@ -62,7 +62,7 @@ def _one_launch_at_a_time():
 
 
 # numba.set_num_threads may lower the thread count at any time, never raise it past this
-_MOST_THREADS = numba.config.NUMBA_NUM_THREADS
+MOST_THREADS = numba.config.NUMBA_NUM_THREADS
 
 
 class _Scratch(threading.local):
@@ -112,7 +112,7 @@ def _run(labels, rows, centers, written, grad, rows_are_features, rule, layout="
     labels, rows = _readable(labels), _readable(rows)
     ints = _scratch.ints_for(labels.size)
     layout_code = LAYOUTS.index(layout)
-    threads = _MOST_THREADS if parallel else 1
+    threads = MOST_THREADS if parallel else 1
     while True:
         with _one_launch_at_a_time() if parallel else _NO_LOCK:
             squares = kernel(labels, rows, centers, written, grad, rows_are_features, rule, ints, _scratch.floats,

@@ -66,14 +66,22 @@ def user_cache_root() -> str:
                         "centerkern")
 
 
+_PACKAGE = Path(__file__).parents[2]
+# Every module whose code a cached kernel holds: this backend's, and those of the XLA handler,
+# which compiles this backend's step into a cfunc with the rules' arithmetic
+# (centerkern._adapters.xla_native).
+KERNEL_SOURCES = (*sorted(Path(__file__).parent.glob("*.py")), _PACKAGE / "_core" / "rules.py",
+                  _PACKAGE / "_adapters" / "xla_ffi.py", _PACKAGE / "_adapters" / "xla_native.py")
+
+
 @functools.lru_cache(maxsize=None)
-def sources_stamp(directory: Path = Path(__file__).parent) -> str:
-    """A hash of every module of ``directory`` (this package): what a cached entry was compiled
-    from. Numba's own stamp covers the entry's file only, so an entry cached before a change to
-    the functions it calls, in another file, would be loaded as if current."""
+def sources_stamp(sources: tuple[Path, ...] = KERNEL_SOURCES) -> str:
+    """A hash of every module a cached kernel was compiled from (``KERNEL_SOURCES``). Numba's own
+    stamp covers the entry's file only, so an entry cached before a change to the functions it
+    calls, in another file, would be loaded as if current."""
     digest = hashlib.sha256()
-    for path in sorted(directory.glob("*.py")):
-        digest.update(path.name.encode())
+    for path in sources:
+        digest.update(path.relative_to(_PACKAGE).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
 

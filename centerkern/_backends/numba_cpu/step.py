@@ -77,6 +77,17 @@ def int_scratch_size(batch_size: int) -> int:
     return REPORT_SIZE + HISTOGRAM_SIZE + INT_VECTORS * batch_size + tiles_of.py_func(batch_size)
 
 
+def float_scratch_guess(batch_size: int, feature_size: int, threads: int) -> int:
+    """A float scratch size that serves any batch of these sizes (a call told its scratch is too
+    small by ``FLOATS_NEEDED`` runs again with more): the larger layout's need, with every class
+    of two rows or more (a local class holds a slot of its tile, a spanning one a slot of its own)."""
+    chunks = (batch_size + ITEMS_PER_CHUNK - 1) // ITEMS_PER_CHUNK
+    label_order = chunks * (2 * feature_size + 1)
+    batch_order = ((threads * ROWS_PER_TILE // 2 + batch_size // 2 + 2 * chunks) * feature_size + chunks
+                   + tiles_of.py_func(batch_size))
+    return max(label_order, batch_order)
+
+
 @helper(inline="always")
 def _int_vector(ints, index, batch_size):
     start = REPORT_SIZE + HISTOGRAM_SIZE + index * batch_size

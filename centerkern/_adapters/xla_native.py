@@ -1,0 +1,376 @@
+"""The JAX step's XLA FFI handler as machine code: a Numba ``cfunc`` that XLA calls on its own
+threads with no Python, no GIL and no lock of the interpreter's.
+
+``xla_ffi.handler`` wraps a Python function: each call takes the GIL, builds NumPy views and
+goes through ``centerkern.center_loss``'s checks (measured: about 40 us of a 200 us step at
+B=1024, D=512), and a call that reaches Python while the interpreter finalizes can wait forever
+for a lock held by a thread that is gone (an import, a compile), so that the process never
+exits. Here the handler is compiled: it reads XLA's call frame (``xla/ffi/api/c_api.h``, whose
+layout ``xla_ffi`` declares) with loads at fixed offsets, runs the numba backend's step on the
+buffers where they are, and makes XLA's errors itself (``XLA_FFI_Error_Create``, a function
+pointer of the frame's API) with the messages of SPEC.
+
+What a call could still need of Python is done when the step is traced: the handler is
+compiled (or loaded from the kernel cache) for the features' dtype and the regime (``serial``
+or ``parallel``, as the numba backend picks by B x D), Numba's threads are started, and the
+numbers that depend on the shapes only (the rule, the integer scratch's size, a first guess at
+the float scratch, the thread count) travel as a small int32 operand, ``settings``.
+
+Arguments ``(features, labels, centers, alpha, settings)``, results ``(loss, grad[,
+new_centers])``: the new centers, for rules that move them, in the buffer XLA aliases to the
+centers' (``input_output_aliases``), which is then the centers' own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import threading
+import types as types_module
+
+import numba
+import numpy as np
+from numba import types
+from numba.core import ccallback, sigutils
+from numba.extending import intrinsic
+
+from .._backends.numba_cpu import driver, step
+from .._backends.numba_cpu.jit import _Cache, _report_cache_problem
+from .._backends.numba_cpu.rows import Batch
+from .._core.interop import FLOAT_DTYPES
+from .._core import rules
+from .._core.rules import RULES
+from . import xla_ffi
+
+# --------------------------------------------------------------------------- the frame's layout
+
+_FRAME_EXTENSION = xla_ffi._CallFrame.extension_start.offset
+_FRAME_API = xla_ffi._CallFrame.api.offset
+_FRAME_STAGE = xla_ffi._CallFrame.stage.offset
+_FRAME_ARGUMENTS = xla_ffi._CallFrame.args.offset + xla_ffi._Args.args.offset
+_FRAME_RESULTS = xla_ffi._CallFrame.rets.offset + xla_ffi._Args.args.offset
+_BUFFER_DATA = xla_ffi._Buffer.data.offset
+_BUFFER_DIMS = xla_ffi._Buffer.dims.offset
+_BUFFER_DTYPE = xla_ffi._Buffer.dtype.offset
+_API_ERROR_CREATE = xla_ffi._Api.error_create.offset
+_EXTENSION_TYPE = xla_ffi._ExtensionBase.type.offset
+_METADATA = xla_ffi._MetadataExtension.metadata.offset
+_METADATA_VERSION = xla_ffi._Metadata.api_version.offset
+_MAJOR = _METADATA_VERSION + xla_ffi._ApiVersion.major_version.offset
+_MINOR = _METADATA_VERSION + xla_ffi._ApiVersion.minor_version.offset
+_TRAITS = xla_ffi._Metadata.traits.offset
+_ERROR_ARGS_SIZE = ctypes.sizeof(xla_ffi._ErrorCreateArgs)
+
+# XLA's dtype codes of the integer labels, as xla_ffi._DTYPES numbers them
+_LABEL_DTYPES = {code: np.dtype(dtype) for code, dtype in xla_ffi._DTYPES.items() if np.dtype(dtype).kind in "iu"}
+_INT8, _INT16, _INT32, _INT64, _UINT8, _UINT16, _UINT32, _UINT64 = (
+    code for code, _ in sorted(_LABEL_DTYPES.items(), key=lambda item: item[0]))
+
+# settings: what the trace knows and the handler takes as data
+SETTINGS = ("rule", "int_scratch", "float_scratch", "threads")
+_RULE, _INT_SCRATCH, _FLOAT_SCRATCH, _THREADS = range(len(SETTINGS))
+
+
+# --------------------------------------------------------------------------- memory at an address
+
+
+@intrinsic
+def _load(typingctx, address, dtype):
+    """The value of type ``dtype`` at ``address``."""
+    loaded = getattr(dtype, "instance_type", None) or dtype.dtype
+
+    def codegen(context, builder, signature, args):
+        pointer = builder.inttoptr(args[0], context.get_value_type(loaded).as_pointer())
+        return builder.load(pointer)
+
+    return loaded(address, dtype), codegen
+
+
+@intrinsic
+def _store(typingctx, address, value):
+    """Write ``value`` at ``address``."""
+
+    def codegen(context, builder, signature, args):
+        pointer = builder.inttoptr(args[0], context.get_value_type(value).as_pointer())
+        builder.store(args[1], pointer)
+        return context.get_dummy_value()
+
+    return types.void(address, value), codegen
+
+
+@intrinsic
+def _pointer(typingctx, address, dtype):
+    """``address`` as a pointer to ``dtype`` (for ``numba.carray``)."""
+    pointer_type = types.CPointer(getattr(dtype, "instance_type", None) or dtype.dtype)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(pointer_type))
+
+    return pointer_type(address, dtype), codegen
+
+
+@intrinsic
+def _call_with_pointer(typingctx, function, argument):
+    """``function(argument)``: a C function of one pointer returning one, both given as addresses
+    (the API's ``XLA_FFI_Error_Create``)."""
+
+    def codegen(context, builder, signature, args):
+        word = context.get_value_type(types.intp)
+        void_pointer = context.get_value_type(types.voidptr)
+        function_type = numba.core.cgutils.ir.FunctionType(void_pointer, [void_pointer])
+        callee = builder.inttoptr(args[0], function_type.as_pointer())
+        result = builder.call(callee, [builder.inttoptr(args[1], void_pointer)])
+        return builder.ptrtoint(result, word)
+
+    return types.intp(function, argument), codegen
+
+
+# --------------------------------------------------------------------------- errors, in SPEC's words
+
+_OUT_OF_RANGE = xla_ffi.ERROR_OUT_OF_RANGE
+_INVALID_ARGUMENT = xla_ffi.ERROR_INVALID_ARGUMENT
+
+
+def _text(words: str) -> np.ndarray:
+    return np.frombuffer(words.encode("ascii"), np.uint8)
+
+
+# centerkern._core.errors.label_out_of_range, in pieces around its numbers
+_LABEL, _AT_POSITION, _OUT_OF_RANGE_TEXT, _FOR, _CLASSES = (
+    _text("label "), _text(" at position "), _text(" is out of range: labels must lie in [0, "), _text(") for "),
+    _text(" classes"))
+# centerkern._core.validation.check_alpha's, for the three values that are not finite
+_ALPHA_NOT_FINITE, _NAN, _INFINITY, _MINUS = _text("alpha must be finite, got "), _text("nan"), _text("inf"), _text("-")
+
+
+@numba.njit(cache=False)
+def _put_text(message, at, text):
+    message[at:at + text.size] = text
+    return at + text.size
+
+
+@numba.njit(cache=False)
+def _put_int(message, at, value):
+    if value < 0:
+        message[at] = 45  # '-'
+        at += 1
+        value = -value
+    digits, rest = 1, value
+    while rest >= 10:
+        rest //= 10
+        digits += 1
+    for place in range(digits - 1, -1, -1):
+        message[at + place] = 48 + value % 10
+        value //= 10
+    return at + digits
+
+
+@numba.njit(cache=False)
+def _error(frame, message, length, code):
+    """XLA's error with ``message[:length]`` and ``code``, made by the frame's API."""
+    message[length] = 0  # a C string
+    arguments = np.zeros(4, np.int64)  # XLA_FFI_Error_Create_Args
+    arguments[0] = _ERROR_ARGS_SIZE
+    arguments[2] = message.ctypes.data
+    arguments[3] = code
+    api = _load(frame + _FRAME_API, types.intp)
+    return _call_with_pointer(_load(api + _API_ERROR_CREATE, types.intp), arguments.ctypes.data)
+
+
+@numba.njit(cache=False)
+def _bad_label_error(frame, position, value, num_classes):
+    message = np.empty(200, np.uint8)
+    at = _put_text(message, 0, _LABEL)
+    at = _put_int(message, at, value)
+    at = _put_text(message, at, _AT_POSITION)
+    at = _put_int(message, at, position)
+    at = _put_text(message, at, _OUT_OF_RANGE_TEXT)
+    at = _put_int(message, at, num_classes)
+    at = _put_text(message, at, _FOR)
+    at = _put_int(message, at, num_classes)
+    at = _put_text(message, at, _CLASSES)
+    return _error(frame, message, at, _OUT_OF_RANGE)
+
+
+@numba.njit(cache=False)
+def _alpha_error(frame, alpha):
+    message = np.empty(64, np.uint8)
+    at = _put_text(message, 0, _ALPHA_NOT_FINITE)
+    if alpha != alpha:
+        at = _put_text(message, at, _NAN)
+    else:
+        if alpha < 0:
+            at = _put_text(message, at, _MINUS)
+        at = _put_text(message, at, _INFINITY)
+    return _error(frame, message, at, _INVALID_ARGUMENT)
+
+
+# --------------------------------------------------------------------------- the handler
+
+_coefficients_of = numba.njit(rules.coefficients_of)
+
+
+@numba.njit(cache=False)
+def _answered_metadata(frame):
+    """Whether this call is XLA's question of the API version (answered: 0.1, no traits)."""
+    extension = _load(frame + _FRAME_EXTENSION, types.intp)
+    if extension == 0 or _load(extension + _EXTENSION_TYPE, types.int32) != xla_ffi.METADATA_EXTENSION:
+        return False
+    metadata = _load(extension + _METADATA, types.intp)
+    _store(metadata + _MAJOR, np.int32(xla_ffi.API_MAJOR))
+    _store(metadata + _MINOR, np.int32(xla_ffi.API_MINOR))
+    _store(metadata + _TRAITS, np.uint32(0))
+    return True
+
+
+@numba.njit(cache=False)
+def _data(buffers, index):
+    return _load(_load(buffers + 8 * index, types.intp) + _BUFFER_DATA, types.intp)
+
+
+@numba.njit(cache=False)
+def _dim(buffers, index, axis):
+    return _load(_load(_load(buffers + 8 * index, types.intp) + _BUFFER_DIMS, types.intp) + 8 * axis, types.int64)
+
+
+@numba.njit(cache=False)
+def _labels_as_int64(buffers, index, batch_size):
+    """The labels as the kernels take them: int64, converted from XLA's dtype where it differs."""
+    code = _load(_load(buffers + 8 * index, types.intp) + _BUFFER_DTYPE, types.int32)
+    address = _data(buffers, index)
+    if code == _INT64:
+        return numba.carray(_pointer(address, types.int64), batch_size).copy()
+    labels = np.empty(batch_size, np.int64)
+    if code == _INT32:
+        labels[:] = numba.carray(_pointer(address, types.int32), batch_size)
+    elif code == _UINT32:
+        labels[:] = numba.carray(_pointer(address, types.uint32), batch_size)
+    elif code == _INT16:
+        labels[:] = numba.carray(_pointer(address, types.int16), batch_size)
+    elif code == _UINT16:
+        labels[:] = numba.carray(_pointer(address, types.uint16), batch_size)
+    elif code == _INT8:
+        labels[:] = numba.carray(_pointer(address, types.int8), batch_size)
+    elif code == _UINT8:
+        labels[:] = numba.carray(_pointer(address, types.uint8), batch_size)
+    else:  # uint64: values past int64's range turn negative, which the sort reports as out of range
+        labels[:] = numba.carray(_pointer(address, types.uint64), batch_size).view(np.int64)
+    return labels
+
+
+# Each compiled copy of ``_handle`` has these of its own (see ``_compile``).
+_STEP = _FLOAT = None
+
+
+def _handle(frame):
+    """The handler, whose globals ``_STEP`` (the step, compiled for one regime) and ``_FLOAT``
+    (the features' type) each compiled copy sets (globals rather than a closure: the cache keys a
+    closure by its pickled cells)."""
+    if _answered_metadata(frame) or _load(frame + _FRAME_STAGE, types.int32) != xla_ffi.EXECUTE_STAGE:
+        return 0
+    arguments = _load(frame + _FRAME_ARGUMENTS, types.intp)
+    results = _load(frame + _FRAME_RESULTS, types.intp)
+    batch_size, width, num_classes = _dim(arguments, 0, 0), _dim(arguments, 0, 1), _dim(arguments, 2, 0)
+    features = numba.carray(_pointer(_data(arguments, 0), _FLOAT), (batch_size, width))
+    centers = numba.carray(_pointer(_data(arguments, 2), _FLOAT), (num_classes, width))
+    alpha = np.float64(_load(_data(arguments, 3), _FLOAT))
+    settings = numba.carray(_pointer(_data(arguments, 4), types.int32), len(SETTINGS))
+    grad = numba.carray(_pointer(_data(results, 1), _FLOAT), (batch_size, width))
+    if not np.isfinite(alpha):
+        return _alpha_error(frame, alpha)
+    rule = _coefficients_of(settings[_RULE], alpha, batch_size, width)
+    if rule.moves_centers:  # the new centers' buffer, which XLA aliases to the centers'
+        written = numba.carray(_pointer(_data(results, 2), _FLOAT), (num_classes, width))
+        if _data(results, 2) != _data(arguments, 2):  # not aliased after all: the kernels add to a copy
+            written[:] = centers
+    else:  # pytorch: grad_centers, which JAX's autodiff computes itself; only touched rows are written
+        written = np.empty((num_classes, width), centers.dtype)
+    labels = _labels_as_int64(arguments, 1, batch_size)
+    ints = np.empty(settings[_INT_SCRATCH], np.int64)
+    floats = np.empty(settings[_FLOAT_SCRATCH], np.float64)
+    while True:
+        squares = _STEP(labels, features, centers, written, grad, True, rule, ints, floats, step.AUTO,
+                        np.int64(settings[_THREADS]))
+        if ints[step.BAD_POSITION] >= 0:
+            position = ints[step.BAD_POSITION]
+            return _bad_label_error(frame, position, labels[position], num_classes)
+        if ints[step.LAYOUT_RUN] != 0:
+            break
+        floats = np.empty(ints[step.FLOATS_NEEDED] * 5 // 4, np.float64)  # nothing was written: again
+    _store(_data(results, 0), _FLOAT(rule.loss_scale * squares))
+    return 0
+
+
+_compile_lock = threading.Lock()
+_HANDLERS: dict = {}  # (dtype, parallel) -> CFunc, kept for the process (XLA holds their addresses)
+
+
+def handler(dtype, parallel: bool):
+    """The compiled handler for features of ``dtype`` in the given regime: compiled on first use
+    (or loaded from the kernel cache), with Numba's threads started, so that nothing is left to
+    do on XLA's threads."""
+    dtype = np.dtype(dtype)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"the numba kernels take float32 or float64, got {dtype}")
+    key = (dtype, bool(parallel))
+    with _compile_lock:
+        if key not in _HANDLERS:
+            _HANDLERS[key] = _compile(dtype, bool(parallel))
+    return _HANDLERS[key]
+
+
+def _compile(dtype: np.dtype, parallel: bool):
+    if parallel:
+        # a cached parallel function calls into the threading layer by symbol: started first
+        from numba.np.ufunc.parallel import _launch_threads
+
+        _launch_threads()
+    compiled = _uncompiled(dtype, parallel)
+    compiled.compile()
+    return compiled
+
+
+def _uncompiled(dtype: np.dtype, parallel: bool):
+    """The handler for ``dtype`` and the regime, not yet compiled, with the kernel cache."""
+    name = f"xla_center_loss_{dtype.name}_{'parallel' if parallel else 'serial'}"
+    step_function = numba.njit(step._named(f"{name}_step"), parallel=parallel)
+    function = types_module.FunctionType(_handle.__code__, {**_handle.__globals__, "_STEP": step_function,
+                                                           "_FLOAT": numba.from_dtype(dtype)}, name)
+    function.__qualname__ = name
+    compiled = ccallback.CFunc(function, sigutils.normalize_signature(types.intp(types.intp)), locals={}, options={})
+    try:
+        compiled._cache = _Cache(function)
+    except RuntimeError:  # no directory can be written: compiled in memory
+        _report_cache_problem("no kernel cache directory can be written")
+    return compiled
+
+
+class HandlerEntry:
+    """The handlers of one regime as ``python -m centerkern compile`` takes an entry point."""
+
+    def __init__(self, parallel: bool):
+        self.parallel = parallel
+        self.name = f"xla_center_loss_{'parallel' if parallel else 'serial'}"
+
+    def is_cached(self, dtype) -> bool:
+        """Whether the cache holds this handler for ``dtype``, without compiling it."""
+        compiled = _uncompiled(np.dtype(dtype), self.parallel)
+        return compiled._cache.load_overload(compiled._sig, compiled._targetdescr.target_context) is not None
+
+    def compiled(self, dtype):
+        return handler(dtype, self.parallel)
+
+
+#: What ``python -m centerkern compile`` compiles of this module, beside the backend's entry points.
+ENTRIES = (HandlerEntry(parallel=False), HandlerEntry(parallel=True))
+
+
+def settings(rule: str, batch_size: int, feature_size: int) -> np.ndarray:
+    """The ``settings`` operand of a step of ``rule`` on a batch of these sizes."""
+    floats = step.float_scratch_guess(batch_size, feature_size, driver.MOST_THREADS)
+    return np.array([RULES.index(rule), step.int_scratch_size(batch_size), floats, driver.MOST_THREADS], np.int32)
+
+
+def parallel_regime(batch_size: int, feature_size: int) -> bool:
+    """Whether the numba backend runs a batch of these sizes on every thread."""
+    return batch_size * feature_size >= step.PARALLEL_ELEMENTS
