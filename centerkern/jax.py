@@ -288,21 +288,46 @@ def _batch_classes(labels, batch_size: int, num_classes: int):
 
 
 def _labels_checked_on_every_shard(labels, num_classes: int, axes: frozenset):
-    """``labels``, passed on once the shards over ``axes`` have counted their bad labels
-    together (one psum): if any shard holds one, every shard raises at this same point."""
+    """``labels``, passed on once the shards over ``axes`` have shared what they found (one
+    psum): if any shard holds a bad label, every shard fails at this same point, each with the
+    message of the first shard holding one (its number, the first bad label's position and
+    value, and the count over all shards), whichever shard's error JAX surfaces."""
     axes = tuple(sorted(axes, key=str))
     wide = labels.astype(_wide_int())  # uint64 labels past the int range turn negative: still caught
-    bad = jnp.sum((wide < 0) | (wide >= num_classes), dtype=jnp.int32)
-    bad_everywhere = jax.lax.psum(_as_varying(bad, frozenset(axes)), axes)
+    bad = (wide < 0) | (wide >= num_classes)
+    first = jnp.argmax(jnp.append(bad, True))  # padded: an empty batch finds nothing at position 0
+    finding = jnp.stack([jnp.sum(bad, dtype=wide.dtype), first.astype(wide.dtype), jnp.append(wide, 0)[first]])
+    # each shard's finding in its own row of a zero table: the psum adds zeros only, exactly
     shard = jax.lax.axis_index(axes)
+    records = jnp.zeros((_axis_size(axes), 3), wide.dtype).at[shard].set(finding)
+    records = jax.lax.psum(_as_varying(records, frozenset(axes)), axes)
+    shard_names = f" over mesh axes {axes}"
+    if _host_targets_serve():  # machine code on XLA's threads: nothing of Python's can stall it
+        target = _check_target()
+        settings = (jnp.asarray(num_classes, jnp.int32), jnp.asarray(np.frombuffer(shard_names.encode(), np.uint8)))
+        checked = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(labels.shape, labels.dtype), vmap_method="sequential",
+                                   input_output_aliases={0: 0})(labels, records, *settings)
+        return _typed_like((checked,), labels)[0]
 
-    def check(labels, bad_everywhere, shard):
-        return (check_labels_of_every_shard(labels, bad_everywhere, num_classes=num_classes,
-                                            shard=f"shard {int(shard)} over mesh axes {axes}"),)
+    def check(labels, records):
+        return (check_labels_of_every_shard(labels, records, num_classes=num_classes,
+                                            shard_names=shard_names),)
 
     checked, = _host_call(f"check_labels_{num_classes}_{axes}", check,
-                          (jax.ShapeDtypeStruct(labels.shape, labels.dtype),), labels, bad_everywhere, shard)
+                          (jax.ShapeDtypeStruct(labels.shape, labels.dtype),), labels, records)
     return _typed_like((checked,), labels)[0]
+
+
+def _check_target() -> str:
+    """The shards' label check as an FFI target (``xla_native``), registered on first use."""
+    name = "centerkern_check_labels"
+    if name not in _REGISTERED:
+        from ._adapters import xla_native
+
+        compiled = xla_native.label_check()
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(compiled.ctypes), platform="cpu")
+        _REGISTERED[name] = [compiled]
+    return name
 
 
 def _host_call(key: str, function, shapes: tuple, *operands) -> tuple:

@@ -201,18 +201,24 @@ def _replica_of_a_data_parallel_step():
 
 
 def _labels_checked_on_every_replica(labels, num_classes: int, replica):
-    """``labels``, passed on once the replicas have counted their bad labels together (one
-    all-reduce): if any replica holds one, every replica raises at this same point."""
+    """``labels``, passed on once the replicas have shared what they found (one all-reduce of
+    each replica's count, first bad position and its value): if any replica holds a bad label,
+    every replica raises at this same point, each naming the first replica's first bad label."""
     wide = tf.cast(labels, tf.int64)  # uint64 labels past the int64 range turn negative: still caught
-    bad = tf.reduce_sum(tf.cast((wide < 0) | (wide >= num_classes), tf.int64))
-    bad_everywhere = replica.all_reduce(tf.distribute.ReduceOp.SUM, bad)
+    bad = (wide < 0) | (wide >= num_classes)
+    # padded: an empty batch finds nothing at position 0
+    first = tf.argmax(tf.concat([tf.cast(bad, tf.int32), [1]], 0), output_type=tf.int64)
+    finding = tf.stack([tf.reduce_sum(tf.cast(bad, tf.int64)), first, tf.gather(tf.concat([wide, [0]], 0), first)])
     replicas = replica.num_replicas_in_sync
+    # each replica's finding in its own row of a zero table: the all-reduce adds zeros only, exactly
+    records = tf.scatter_nd([[replica.replica_id_in_sync_group]], finding[None], [replicas, 3])
+    records = replica.all_reduce(tf.distribute.ReduceOp.SUM, records)
 
-    def check(labels, bad_everywhere, replica_id):
-        return check_labels_of_every_shard(labels, bad_everywhere, num_classes=num_classes,
-                                           shard=f"replica {int(replica_id)} of {replicas}")
+    def check(labels, records, replica_id):
+        return check_labels_of_every_shard(labels, records, num_classes=num_classes, shard_names=f" of {replicas}",
+                                           unit="replica", shard=int(replica_id))
 
-    checked = tf.numpy_function(check, [labels, bad_everywhere, replica.replica_id_in_sync_group], labels.dtype,
+    checked = tf.numpy_function(check, [labels, records, replica.replica_id_in_sync_group], labels.dtype,
                                 stateful=False)
     checked.set_shape(labels.shape)
     return checked

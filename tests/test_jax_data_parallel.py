@@ -92,15 +92,28 @@ def test_without_axis_name_each_shard_moves_its_own_and_cannot_return_it_as_repl
     assert_matches(results["per_shard.grad"], whole.grad, features[0], centers)
 
 
-@pytest.mark.parametrize("update", ["global", "per_shard"])
+@pytest.mark.parametrize("update", ["global", "per_shard", "pmap.global"])
 def test_a_bad_label_on_one_shard_fails_every_shard_without_hanging(run, update):
     devices, results = run
     assert f"bad_label.{update}" not in results
     error = str(results[f"bad_label.{update}.error"])
     last = devices - 1  # the worker puts label K + 4 second to last in the batch: on the last shard
     position = 24 // devices - 2
-    assert (f"label 11 at position {position} is out of range" in error and f"shard {last} over mesh axes" in error) \
-        or ("PeerInputError" in error and "a peer's batch (this is shard" in error), error
+    # whichever shard's error JAX surfaces, it names the holder's finding
+    assert (f"label 11 at position {position} is out of range: labels must lie in [0, 7) for 7 classes (in the "
+            f"batch of shard {last} over mesh axes ('batch',); bad labels in all: 1; no centers moved anywhere)") \
+        in error, error
+
+
+def test_under_pmap_without_axis_name_the_shard_holding_a_bad_label_fails_alone(run):
+    """Without ``axis_name`` pmap gives no shard a collective to wait in: the holder's step fails
+    with SPEC's message, as on one device."""
+    devices, results = run
+    assert "bad_label.pmap.per_shard" not in results
+    error = str(results["bad_label.pmap.per_shard.error"])
+    position = 24 // devices - 2
+    assert f"OUT_OF_RANGE: label 11 at position {position} is out of range: labels must lie in [0, 7) for 7 classes" \
+        in error, error
 
 
 def test_on_the_cpu_no_step_goes_through_pure_callback():

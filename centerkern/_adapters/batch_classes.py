@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import _api
 from .._core import validation
-from .._core.errors import PeerInputError
+from .._core.errors import PeerInputError, label_out_of_range
 from .._core.rules import rule_coefficients
 
 
@@ -111,19 +111,35 @@ def host_combine(tables, position, rows, alpha, *, rule: str, backend: str):
     return (rows.astype(np.float64) + scale[:, None] * totals[:, 1:]).astype(rows.dtype)
 
 
-def check_labels_of_every_shard(labels, bad_labels_everywhere, *, num_classes: int, shard: str):
-    """``labels``, once every shard knows how many bad labels all of them hold
-    (``bad_labels_everywhere``, summed over the shards): if any, every shard raises here, the
-    shard holding one with SPEC's ``IndexError`` (its position and value), the others with
+FINDING = ("count", "first position", "its value")
+
+
+def bad_label_message(records, *, num_classes: int, shard_names: str, unit: str = "shard") -> str | None:
+    """The error of a data-parallel step in which some shard holds a bad label, the same on every
+    shard: the first such shard's first bad label, and the count over all shards; None if no
+    shard holds one. ``records``: one row per shard, its ``FINDING``; ``unit`` and
+    ``shard_names``: the words before and after a shard's number (``"replica"``, ``" of 4"``). ``centerkern._adapters.xla_native`` writes the same
+    words in machine code."""
+    records = np.asarray(records, dtype=np.int64).reshape(-1, len(FINDING))
+    total = int(records[:, 0].sum())
+    if not total:
+        return None
+    owner = int(np.flatnonzero(records[:, 0])[0])
+    found = label_out_of_range(int(records[owner, 1]), int(records[owner, 2]), num_classes)
+    return (f"{found} (in the batch of {unit} {owner}{shard_names}; bad labels in all: {total}; "
+            "no centers moved anywhere)")
+
+
+def check_labels_of_every_shard(labels, records, *, num_classes: int, shard_names: str, unit: str = "shard",
+                                shard: int | None = None):
+    """``labels``, once every shard knows what all of them found (``records``, see
+    ``bad_label_message``): if any shard holds a bad label, every shard raises here with the
+    same message, the shard holding it (``shard``, where known) ``IndexError``, the others
     ``PeerInputError``, and nothing moves anywhere."""
-    labels = np.asarray(labels)
-    if int(bad_labels_everywhere):
-        try:
-            validation.check_labels(labels, labels.size, num_classes, f"the batch of {shard}")
-        except IndexError as error:
-            raise IndexError(f"{error} (in the batch of {shard}; no centers moved anywhere)") from None
-        raise PeerInputError(
-            f"{int(bad_labels_everywhere)} label(s) out of range for {num_classes} classes in a peer's batch (this is "
-            f"{shard}); no centers moved anywhere"
-        )
-    return labels
+    message = bad_label_message(records, num_classes=num_classes, shard_names=shard_names, unit=unit)
+    if message is None:
+        return np.asarray(labels)
+    owner = int(np.flatnonzero(np.asarray(records).reshape(-1, len(FINDING))[:, 0])[0])
+    if shard is None or shard == owner:
+        raise IndexError(message)
+    raise PeerInputError(f"a peer's batch: {message}")

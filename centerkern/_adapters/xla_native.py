@@ -178,9 +178,8 @@ def _error(frame, message, length, code):
 
 
 @numba.njit(cache=False)
-def _bad_label_error(frame, position, value, num_classes):
-    message = np.empty(200, np.uint8)
-    at = _put_text(message, 0, _LABEL)
+def _put_bad_label(message, at, position, value, num_classes):
+    at = _put_text(message, at, _LABEL)
     at = _put_int(message, at, value)
     at = _put_text(message, at, _AT_POSITION)
     at = _put_int(message, at, position)
@@ -188,8 +187,13 @@ def _bad_label_error(frame, position, value, num_classes):
     at = _put_int(message, at, num_classes)
     at = _put_text(message, at, _FOR)
     at = _put_int(message, at, num_classes)
-    at = _put_text(message, at, _CLASSES)
-    return _error(frame, message, at, _OUT_OF_RANGE)
+    return _put_text(message, at, _CLASSES)
+
+
+@numba.njit(cache=False)
+def _bad_label_error(frame, position, value, num_classes):
+    message = np.empty(200, np.uint8)
+    return _error(frame, message, _put_bad_label(message, 0, position, value, num_classes), _OUT_OF_RANGE)
 
 
 @numba.njit(cache=False)
@@ -301,6 +305,56 @@ def _handle(frame):
     return 0
 
 
+# --------------------------------------------------------------------------- the shards' label check
+
+# centerkern._adapters.batch_classes.bad_label_message's words around its numbers
+_IN_THE_BATCH_OF_SHARD, _BAD_IN_ALL, _NOTHING_MOVED = (
+    _text(" (in the batch of shard "), _text("; bad labels in all: "), _text("; no centers moved anywhere)"))
+
+
+@numba.njit(cache=False)
+def _record(buffers, index, shards):
+    """The shards' records of bad labels, (shards, 3) of (count, first position, its value), as int64."""
+    code = _load(_load(buffers + 8 * index, types.intp) + _BUFFER_DTYPE, types.int32)
+    address = _data(buffers, index)
+    if code == _INT64:
+        return numba.carray(_pointer(address, types.int64), (shards, 3)).copy()
+    record = np.empty((shards, 3), np.int64)
+    record[:] = numba.carray(_pointer(address, types.int32), (shards, 3))
+    return record
+
+
+def _check_labels(frame):
+    """Arguments ``(labels, records, num_classes, shard_names)``, result the labels (aliased): an
+    error naming the first shard's first bad label if any shard holds one (``records``, summed
+    over the shards, see ``centerkern.jax``), on every shard alike. ``shard_names``: the text
+    after each shard's number (``" over mesh axes ('batch',)"``), as bytes."""
+    if _answered_metadata(frame) or _load(frame + _FRAME_STAGE, types.int32) != xla_ffi.EXECUTE_STAGE:
+        return 0
+    arguments = _load(frame + _FRAME_ARGUMENTS, types.intp)
+    shards = _dim(arguments, 1, 0)
+    records = _record(arguments, 1, shards)
+    num_classes = _load(_data(arguments, 2), types.int32)
+    total = 0
+    for shard in range(shards):
+        total += records[shard, 0]
+    if total == 0:
+        return 0
+    owner = 0
+    while records[owner, 0] == 0:
+        owner += 1
+    names = numba.carray(_pointer(_data(arguments, 3), types.uint8), _dim(arguments, 3, 0))
+    message = np.empty(300 + names.size, np.uint8)
+    at = _put_bad_label(message, 0, records[owner, 1], records[owner, 2], num_classes)
+    at = _put_text(message, at, _IN_THE_BATCH_OF_SHARD)
+    at = _put_int(message, at, owner)
+    at = _put_text(message, at, names)
+    at = _put_text(message, at, _BAD_IN_ALL)
+    at = _put_int(message, at, total)
+    at = _put_text(message, at, _NOTHING_MOVED)
+    return _error(frame, message, at, _OUT_OF_RANGE)
+
+
 _compile_lock = threading.Lock()
 _HANDLERS: dict = {}  # (dtype, parallel) -> CFunc, kept for the process (XLA holds their addresses)
 
@@ -319,6 +373,28 @@ def handler(dtype, parallel: bool):
     return _HANDLERS[key]
 
 
+def label_check():
+    """The compiled label check of the shards (``_check_labels``), compiled on first use."""
+    with _compile_lock:
+        if "check" not in _HANDLERS:
+            compiled = _as_cfunc(_check_labels, "xla_check_labels")
+            compiled.compile()
+            _HANDLERS["check"] = compiled
+    return _HANDLERS["check"]
+
+
+def _as_cfunc(function, name: str):
+    """``function(frame) -> error`` as an uncompiled cfunc named ``name``, with the kernel cache."""
+    function = types_module.FunctionType(function.__code__, function.__globals__, name)
+    function.__qualname__ = name
+    compiled = ccallback.CFunc(function, sigutils.normalize_signature(types.intp(types.intp)), locals={}, options={})
+    try:
+        compiled._cache = _Cache(function)
+    except RuntimeError:  # no directory can be written: compiled in memory
+        _report_cache_problem("no kernel cache directory can be written")
+    return compiled
+
+
 def _compile(dtype: np.dtype, parallel: bool):
     if parallel:
         # a cached parallel function calls into the threading layer by symbol: started first
@@ -334,15 +410,9 @@ def _uncompiled(dtype: np.dtype, parallel: bool):
     """The handler for ``dtype`` and the regime, not yet compiled, with the kernel cache."""
     name = f"xla_center_loss_{dtype.name}_{'parallel' if parallel else 'serial'}"
     step_function = numba.njit(step._named(f"{name}_step"), parallel=parallel)
-    function = types_module.FunctionType(_handle.__code__, {**_handle.__globals__, "_STEP": step_function,
-                                                           "_FLOAT": numba.from_dtype(dtype)}, name)
-    function.__qualname__ = name
-    compiled = ccallback.CFunc(function, sigutils.normalize_signature(types.intp(types.intp)), locals={}, options={})
-    try:
-        compiled._cache = _Cache(function)
-    except RuntimeError:  # no directory can be written: compiled in memory
-        _report_cache_problem("no kernel cache directory can be written")
-    return compiled
+    handle = types_module.FunctionType(_handle.__code__, {**_handle.__globals__, "_STEP": step_function,
+                                                         "_FLOAT": numba.from_dtype(dtype)}, name)
+    return _as_cfunc(handle, name)
 
 
 class HandlerEntry:

@@ -101,6 +101,14 @@ def main(devices: int, out: str) -> None:
             return jax.lax.pmean(loss, "batch"), new_centers[None]
         record(f"bad_label.{'global' if global_update else 'per_shard'}", lambda bad_step=bad_step: jax.block_until_ready(
             sharded(bad_step, (P(), P("batch")))(features[0], bad, centers)))
+    for global_update in (True, False):  # and under pmap
+        def bad_pmapped(global_update=global_update):
+            step = jax.pmap(lambda f, y, c: center_jax.center_loss(
+                f, y, c, ALPHA, rule="facenet", axis_name="batch" if global_update else None)[1],
+                axis_name="batch", in_axes=(0, 0, None))
+            return jax.block_until_ready(step(features[0].reshape(devices, BATCH // devices, WIDTH),
+                                              bad.reshape(devices, BATCH // devices), centers))
+        record(f"bad_label.pmap.{'global' if global_update else 'per_shard'}", bad_pmapped)
     np.savez(out, **results)
 
 
