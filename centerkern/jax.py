@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero, zero_from_primal
 
-from ._adapters.batch_classes import (check_labels_of_every_shard, check_shapes_and_dtypes, host_combine,
-                                      host_partials, host_step, table_width)
+from ._adapters.batch_classes import (EXCHANGES, check_labels_of_every_shard, check_shapes_and_dtypes, exchange_for,
+                                      host_combine, host_partials, host_step, table_width)
 from ._adapters.settings import computed_dtype, host_backend
 from ._core.rules import RULES, moves_centers, rule_coefficients
 from ._core.validation import check_choice, check_labels
@@ -45,7 +45,8 @@ from ._core.validation import check_choice, check_labels
 __all__ = ["GPU_CUSTOM_CALL_SWITCH", "center_loss", "ffi_path_available", "step_path"]
 
 
-def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, backend: str = "auto", axis_name=None):
+def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, backend: str = "auto", axis_name=None,
+                exchange: str = "auto"):
     """One center-loss step on JAX arrays: ``(loss, new_centers)``.
 
     The rules are those of ``centerkern.center_loss``. The function is pure: ``centers`` is
@@ -166,6 +167,7 @@ def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, back
     """
     rule = check_choice(rule, "rule", RULES)
     backend = host_backend(backend)
+    exchange = check_choice(exchange, "exchange", EXCHANGES)
     features, centers = jnp.asarray(features), jnp.asarray(centers)
     computed = computed_dtype(features.dtype, centers.dtype)  # the centers' for half-precision features
     features = features if computed == features.dtype else features.astype(computed)
@@ -182,7 +184,7 @@ def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, back
     if shard_axes:  # a shard must not raise alone while the others wait for it in a collective
         labels = _labels_checked_on_every_shard(labels, num_classes, shard_axes)
     if axis_name is not None and moves_centers(rule):
-        return _global_step(features, labels, centers, alpha, rule, backend, axis_name)
+        return _global_step(features, labels, centers, alpha, rule, backend, axis_name, exchange)
     # inside shard_map: every operand varies as the most varying one does, so that the results,
     # typed alike, vary too, and the gradient of replicated centers is summed over the shards
     replicated_centers = centers
@@ -244,33 +246,70 @@ def _axis_size(axis_name) -> int:
     return int(jax.lax.psum(1, axis_name))
 
 
-def _global_step(features, labels, centers, alpha, rule, backend, axis_name):
-    """The data-parallel step (``axis_name``): see ``centerkern._adapters.batch_classes``. Each shard's table
-    of per-class partials is placed in its own block of a zero table and the tables are summed
-    over the axis: one psum, whose result JAX types as replicated, so the new centers are."""
+def _global_step(features, labels, centers, alpha, rule, backend, axis_name, exchange):
+    """The data-parallel step (``axis_name``): see ``centerkern._adapters.batch_classes``. The
+    shards' per-class partials are added up by one psum, whose result JAX types as replicated, so
+    the new centers are: sparse (each shard's table of the classes it saw, in its own block of a
+    zero table) or dense (every class's sums and counts), whichever ``exchange_for`` picks."""
     num_classes, batch_size = centers.shape[0], features.shape[0]
+    shards = _axis_size(axis_name)
+    native = backend == "numba" and _host_targets_serve()  # machine code, as the one-device step
+    if exchange_for(exchange, shards, batch_size, num_classes) == "dense" and native:
+        return _dense_global_step(features, labels, centers, alpha, rule, axis_name)
     width = table_width(features.shape[1])
     classes, index = _batch_classes(labels, batch_size, num_classes)
     rows = centers.at[classes].get(mode="fill", fill_value=0)
     features, rows, index, classes, alpha = _vary_alike(features, rows, index, classes, alpha)
-    loss, table = _partials_step(rule, backend)(features, rows, index, classes, alpha)
+    loss, table = _partials_step(rule, backend, native)(features, rows, index, classes, alpha)
 
-    shards = _axis_size(axis_name)
     blocks = jnp.zeros((shards, batch_size, width), jnp.uint32)
     tables = jax.lax.psum(blocks.at[jax.lax.axis_index(axis_name)].set(table), axis_name)
     tables = tables.reshape(shards * batch_size, width)
     touched, position = jnp.unique(tables[:, 0].astype(_wide_int()), return_inverse=True, size=shards * batch_size,
                                    fill_value=num_classes)
-    # the new centers are the rule's update, not differentiated: the callback sees plain values
+    # the new centers are the rule's update, not differentiated: the host call sees plain values
     centers, alpha = jax.lax.stop_gradient(centers), jax.lax.stop_gradient(alpha)
     rows = centers.at[touched].get(mode="fill", fill_value=0)
+    shape = (jax.ShapeDtypeStruct(rows.shape, rows.dtype),)
+    if native:
+        new_rows, = _native_call("combine", shape, tables, position.reshape(-1), rows, alpha, _rule_index(rule))
+    else:
+        def combine(tables, position, rows, alpha):
+            return (host_combine(tables, position, rows, alpha, rule=rule, backend=backend),)
 
-    def combine(tables, position, rows, alpha):
-        return (host_combine(tables, position, rows, alpha, rule=rule, backend=backend),)
-
-    new_rows, = _host_call(f"combine_{rule}_{backend}", combine, (jax.ShapeDtypeStruct(rows.shape, rows.dtype),),
-                           tables, position.reshape(-1), rows, alpha)
+        new_rows, = _host_call(f"combine_{rule}_{backend}", combine, shape, tables, position.reshape(-1), rows, alpha)
     return loss, centers.at[touched].set(new_rows, mode="drop")
+
+
+def _dense_global_step(features, labels, centers, alpha, rule, axis_name):
+    """The dense exchange: every shard's sums and counts over all K classes, added by one psum,
+    and the rule applied to every class counted, in place (``xla_native``)."""
+    features, index, rows, alpha = _vary_alike(features, labels, centers, alpha)
+    loss, (sums, counts) = _dense_partials_step(rule)(features, rows, index, alpha)
+    sums, counts = jax.lax.psum((sums, counts), axis_name)
+    centers, alpha = jax.lax.stop_gradient(centers), jax.lax.stop_gradient(alpha)
+    new_centers, = _native_call("dense_update", (jax.ShapeDtypeStruct(centers.shape, centers.dtype),), centers, sums,
+                                counts, alpha, _rule_index(rule), aliases={0: 0})
+    return loss, new_centers
+
+
+def _rule_index(rule: str):
+    return jnp.asarray(RULES.index(rule), jnp.int32)
+
+
+def _native_call(name: str, shapes: tuple, *operands, aliases=None) -> tuple:
+    """The data-parallel handler ``name`` of ``xla_native`` (compiled for the first operand's
+    float type, or the third's where the first holds tables) on ``operands``, typed as ``shapes``."""
+    dtype = next(np.dtype(o.dtype) for o in operands if np.dtype(o.dtype) in (np.float32, np.float64))
+    target = f"centerkern_{name}_{dtype.name}"
+    if target not in _REGISTERED:
+        from ._adapters import xla_native
+
+        compiled = xla_native.data_parallel_handler(name, dtype)
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(compiled.ctypes), platform="cpu")
+        _REGISTERED[target] = [compiled]
+    call = jax.ffi.ffi_call(target, shapes, vmap_method="sequential", input_output_aliases=aliases)
+    return tuple(call(*operands))
 
 
 def _wide_int():
@@ -358,16 +397,35 @@ def _host_targets_serve() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _partials_step(rule: str, backend: str):
+def _partials_step(rule: str, backend: str, native: bool):
     """``(features, rows, index, classes, alpha) -> (loss, table)`` of one shard: its loss, and
-    its per-class partials for the exchange."""
+    its per-class partials for the exchange, in machine code (``native``) or a host call."""
     callback = functools.partial(host_partials, rule=rule, backend=backend)
 
     def run(features, rows, index, classes, alpha):
         shapes = (jax.ShapeDtypeStruct((), features.dtype), jax.ShapeDtypeStruct(features.shape, features.dtype),
                   jax.ShapeDtypeStruct((features.shape[0], table_width(features.shape[1])), jnp.uint32))
-        results = _host_call(f"partials_{rule}_{backend}", callback, shapes, features, classes, index, rows, alpha)
+        if native:
+            results = _native_call("partials", shapes, features, index, rows, classes, alpha, _rule_index(rule))
+        else:
+            results = _host_call(f"partials_{rule}_{backend}", callback, shapes, features, classes, index, rows, alpha)
         return _typed_like(results, features)
+
+    return _with_the_kernels_derivatives(run, rule)
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_partials_step(rule: str):
+    """``(features, centers, labels, alpha) -> (loss, (sums, counts))`` of one shard: its loss,
+    and its sums and counts over all K classes for the dense exchange."""
+
+    def run(features, centers, labels, alpha):
+        num_classes = centers.shape[0]
+        shapes = (jax.ShapeDtypeStruct((), features.dtype), jax.ShapeDtypeStruct(features.shape, features.dtype),
+                  jax.ShapeDtypeStruct(centers.shape, features.dtype), jax.ShapeDtypeStruct((num_classes,), features.dtype))
+        loss, grad, sums, counts = _typed_like(
+            _native_call("dense_partials", shapes, features, labels, centers, alpha, _rule_index(rule)), features)
+        return loss, grad, (sums, counts)
 
     return _with_the_kernels_derivatives(run, rule)
 

@@ -40,19 +40,23 @@ def _reference_steps(rule, devices):
     return features, labels, steps
 
 
+@pytest.mark.parametrize("exchange", ["auto", "sparse"])
 @pytest.mark.parametrize("rule", ["facenet", "wen"])
-def test_shard_map_moves_the_centers_by_the_whole_batch_identically_on_every_shard(run, rule):
+def test_shard_map_moves_the_centers_by_the_whole_batch_identically_on_every_shard(run, rule, exchange):
+    """Either exchange (``auto`` picks dense here, where R·B >= K) gives every shard the same bits,
+    the whole batch's update."""
     devices, results = run
     features, _, steps = _reference_steps(rule, devices)
-    copies = results[f"shard_map.{rule}.copies"]
+    scenario = rule if exchange == "auto" else f"{rule}.{exchange}"
+    copies = results[f"shard_map.{scenario}.copies"]
     assert copies.shape[1] == devices
     for s, expected in enumerate(steps):
         for shard in range(1, devices):
             np.testing.assert_array_equal(copies[s, shard], copies[s, 0])  # the same bits everywhere
         assert_matches(copies[s, 0], expected.centers, features[s], expected.centers)
         # the mean of equal shards' losses is the whole batch's loss, and its gradient the whole batch's
-        assert float(results[f"shard_map.{rule}.loss"][s]) == pytest.approx(expected.loss, rel=1e-5)
-        assert_matches(results[f"shard_map.{rule}.grad_features"][s], expected.grad, features[s])
+        assert float(results[f"shard_map.{scenario}.loss"][s]) == pytest.approx(expected.loss, rel=1e-5)
+        assert_matches(results[f"shard_map.{scenario}.grad_features"][s], expected.grad, features[s])
 
 
 def test_rule_pytorch_leaves_the_centers_and_sums_their_gradient_over_the_shards(run):

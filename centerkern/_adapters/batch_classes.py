@@ -70,6 +70,22 @@ def host_step(features, labels, index, rows, alpha, *, num_classes: int, rule: s
 
 TABLE_HEADER = 2
 
+# How the shards' partials are exchanged: the tables of the classes each shard saw (``sparse``,
+# R·B rows of 2 + 2D words, whatever K), or every class's sums and counts (``dense``, K rows of
+# D + 1 words), as JAX's and TensorFlow's ``exchange=`` name them; ``auto`` takes the sparse
+# exchange while R·B < SPARSE_BELOW_FRACTION · K (measured: benchmarks/data_parallel.py).
+EXCHANGES = ("auto", "sparse", "dense")
+SPARSE_BELOW_FRACTION = 1.0
+
+
+def exchange_for(exchange: str, replicas: int, batch_size: int, num_classes: int) -> str:
+    """``sparse`` or ``dense``: ``exchange``, or for ``auto`` the cheaper one for ``replicas``
+    shards of ``batch_size`` rows each and ``num_classes`` classes (known when the step is
+    traced: every shard makes the same choice)."""
+    if exchange != "auto":
+        return exchange
+    return "sparse" if replicas * batch_size < SPARSE_BELOW_FRACTION * num_classes else "dense"
+
 
 def table_width(feature_size: int) -> int:
     """Columns of one shard's table of per-class partials, for features of ``feature_size``."""

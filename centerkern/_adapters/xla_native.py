@@ -355,6 +355,179 @@ def _check_labels(frame):
     return _error(frame, message, at, _OUT_OF_RANGE)
 
 
+# --------------------------------------------------------------------------- the data-parallel step
+#
+# See ``centerkern._adapters.batch_classes``: each shard reduces its batch to per-class counts
+# and sums, the shards add them up (a psum), and every shard applies the rule to the same
+# numbers. Here in machine code, serial: each shard is already one of XLA's threads. The
+# shard's loss and grad are computed in the same pass as its sums.
+
+
+@numba.njit(cache=False)
+def _shard_pass(features, rows, index, grad_scale, grad, sums, counts):
+    """Sample i against ``rows[index[i]]``: its grad row, and its ``d_i`` added (float64) to
+    ``sums[index[i]]`` and counted; returns ``sum_i ||d_i||^2``."""
+    squares = 0.0
+    for i in range(features.shape[0]):
+        j = index[i]
+        counts[j] += 1
+        for k in range(features.shape[1]):
+            difference = np.float64(features[i, k]) - np.float64(rows[j, k])
+            grad[i, k] = grad_scale * difference
+            squares += difference * difference
+            sums[j, k] += difference
+    return squares
+
+
+def _partials(frame):
+    """Arguments ``(features, index, rows, classes, alpha, settings)``, results ``(loss, grad,
+    table)``: the shard's loss and grad, and its table of per-class partials (``batch_classes``:
+    per row of ``classes``, the class, its count, and the float64 sums of ``d_i`` as uint32 pairs)."""
+    if _answered_metadata(frame) or _load(frame + _FRAME_STAGE, types.int32) != xla_ffi.EXECUTE_STAGE:
+        return 0
+    arguments = _load(frame + _FRAME_ARGUMENTS, types.intp)
+    results = _load(frame + _FRAME_RESULTS, types.intp)
+    batch_size, width, rows_held = _dim(arguments, 0, 0), _dim(arguments, 0, 1), _dim(arguments, 2, 0)
+    features = numba.carray(_pointer(_data(arguments, 0), _FLOAT), (batch_size, width))
+    index = _labels_as_int64(arguments, 1, batch_size)
+    rows = numba.carray(_pointer(_data(arguments, 2), _FLOAT), (rows_held, width))
+    classes = _labels_as_int64(arguments, 3, rows_held)
+    alpha = np.float64(_load(_data(arguments, 4), _FLOAT))
+    rule = _coefficients_of(_load(_data(arguments, 5), types.int32), alpha, batch_size, width)
+    grad = numba.carray(_pointer(_data(results, 1), _FLOAT), (batch_size, width))
+    # a row of the table is 2 + 2D uint32 words: the class and the count, then D float64 words
+    table = numba.carray(_pointer(_data(results, 2), types.uint32), (rows_held, 2 + 2 * width))
+    table_sums = numba.carray(_pointer(_data(results, 2), types.float64), (rows_held, 1 + width))
+    sums = np.zeros((rows_held, width), np.float64)
+    counts = np.zeros(rows_held, np.int64)
+    squares = _shard_pass(features, rows, index, rule.grad_scale, grad, sums, counts)
+    for j in range(rows_held):
+        table[j, 0] = classes[j]
+        table[j, 1] = counts[j]
+        table_sums[j, 1:] = sums[j]
+    _store(_data(results, 0), _FLOAT(rule.loss_scale * squares))
+    return 0
+
+
+def _combine(frame):
+    """Arguments ``(tables, position, rows, alpha, settings)``, result the new rows: every
+    shard's table (stacked in shard order) added up per class in table order, which is the same
+    on every shard, and the rule applied to ``rows`` (those classes' centers as they were, one
+    per value of ``position``) with those sums and counts."""
+    if _answered_metadata(frame) or _load(frame + _FRAME_STAGE, types.int32) != xla_ffi.EXECUTE_STAGE:
+        return 0
+    arguments = _load(frame + _FRAME_ARGUMENTS, types.intp)
+    results = _load(frame + _FRAME_RESULTS, types.intp)
+    entries, columns, width = _dim(arguments, 0, 0), _dim(arguments, 0, 1), _dim(arguments, 2, 1)
+    tables = numba.carray(_pointer(_data(arguments, 0), types.uint32), (entries, columns))
+    table_sums = numba.carray(_pointer(_data(arguments, 0), types.float64), (entries, columns // 2))
+    position = _labels_as_int64(arguments, 1, entries)
+    rows = numba.carray(_pointer(_data(arguments, 2), _FLOAT), (entries, width))
+    alpha = np.float64(_load(_data(arguments, 3), _FLOAT))
+    rule = _coefficients_of(_load(_data(arguments, 4), types.int32), alpha, 1, width)
+    new_rows = numba.carray(_pointer(_data(results, 0), _FLOAT), (entries, width))
+    sums = np.zeros((entries, width), np.float64)
+    counts = np.zeros(entries, np.float64)
+    for entry in range(entries):
+        j = position[entry]
+        counts[j] += tables[entry, 1]
+        sums[j] += table_sums[entry, 1:]
+    for j in range(entries):
+        scale = rule.step / (1.0 + rule.count_weight * counts[j])
+        for k in range(width):
+            new_rows[j, k] = np.float64(rows[j, k]) + scale * sums[j, k]
+    return 0
+
+
+def _dense_partials(frame):
+    """Arguments ``(features, labels, centers, alpha, settings)``, results ``(loss, grad, sums,
+    counts)``: the shard's loss and grad, and its per-class sums of ``d_i`` (float64, rounded
+    once to the features' type) and counts over all K classes, for a dense all-reduce."""
+    if _answered_metadata(frame) or _load(frame + _FRAME_STAGE, types.int32) != xla_ffi.EXECUTE_STAGE:
+        return 0
+    arguments = _load(frame + _FRAME_ARGUMENTS, types.intp)
+    results = _load(frame + _FRAME_RESULTS, types.intp)
+    batch_size, width, num_classes = _dim(arguments, 0, 0), _dim(arguments, 0, 1), _dim(arguments, 2, 0)
+    features = numba.carray(_pointer(_data(arguments, 0), _FLOAT), (batch_size, width))
+    labels = _labels_as_int64(arguments, 1, batch_size)
+    centers = numba.carray(_pointer(_data(arguments, 2), _FLOAT), (num_classes, width))
+    alpha = np.float64(_load(_data(arguments, 3), _FLOAT))
+    rule = _coefficients_of(_load(_data(arguments, 4), types.int32), alpha, batch_size, width)
+    grad = numba.carray(_pointer(_data(results, 1), _FLOAT), (batch_size, width))
+    dense_sums = numba.carray(_pointer(_data(results, 2), _FLOAT), (num_classes, width))
+    dense_counts = numba.carray(_pointer(_data(results, 3), _FLOAT), num_classes)
+    # the batch's classes, each once, so that the float64 sums take B rows, not K
+    order = np.argsort(labels, kind="mergesort")
+    classes = np.empty(batch_size, np.int64)
+    index = np.empty(batch_size, np.int64)
+    seen = 0
+    for at in range(batch_size):
+        i = order[at]
+        if at == 0 or labels[i] != classes[seen - 1]:
+            classes[seen] = labels[i]
+            seen += 1
+        index[i] = seen - 1
+    rows = np.empty((seen, width), centers.dtype)
+    for j in range(seen):
+        rows[j] = centers[classes[j]]
+    sums = np.zeros((seen, width), np.float64)
+    counts = np.zeros(seen, np.int64)
+    squares = _shard_pass(features, rows, index, rule.grad_scale, grad, sums, counts)
+    dense_sums[:] = 0
+    dense_counts[:] = 0
+    for j in range(seen):
+        dense_counts[classes[j]] = counts[j]
+        for k in range(width):
+            dense_sums[classes[j], k] = sums[j, k]
+    _store(_data(results, 0), _FLOAT(rule.loss_scale * squares))
+    return 0
+
+
+def _dense_update(frame):
+    """Arguments ``(centers, sums, counts, alpha, settings)``, result the new centers (aliased
+    to the centers): the rule applied to every class counted (the sums and counts of every shard,
+    added by the all-reduce)."""
+    if _answered_metadata(frame) or _load(frame + _FRAME_STAGE, types.int32) != xla_ffi.EXECUTE_STAGE:
+        return 0
+    arguments = _load(frame + _FRAME_ARGUMENTS, types.intp)
+    results = _load(frame + _FRAME_RESULTS, types.intp)
+    num_classes, width = _dim(arguments, 0, 0), _dim(arguments, 0, 1)
+    centers = numba.carray(_pointer(_data(arguments, 0), _FLOAT), (num_classes, width))
+    sums = numba.carray(_pointer(_data(arguments, 1), _FLOAT), (num_classes, width))
+    counts = numba.carray(_pointer(_data(arguments, 2), _FLOAT), num_classes)
+    alpha = np.float64(_load(_data(arguments, 3), _FLOAT))
+    rule = _coefficients_of(_load(_data(arguments, 4), types.int32), alpha, 1, width)
+    new_centers = numba.carray(_pointer(_data(results, 0), _FLOAT), (num_classes, width))
+    if _data(results, 0) != _data(arguments, 0):  # not aliased after all
+        new_centers[:] = centers
+    for j in range(num_classes):
+        if counts[j] != 0:
+            scale = rule.step / (1.0 + rule.count_weight * np.float64(counts[j]))
+            for k in range(width):
+                new_centers[j, k] = np.float64(centers[j, k]) + scale * np.float64(sums[j, k])
+    return 0
+
+
+#: The data-parallel step's handlers, each compiled per float type.
+DATA_PARALLEL = {"partials": _partials, "combine": _combine, "dense_partials": _dense_partials,
+                 "dense_update": _dense_update}
+
+
+def data_parallel_handler(name: str, dtype):
+    """The compiled handler ``name`` of ``DATA_PARALLEL`` for ``dtype``, compiled on first use."""
+    dtype = np.dtype(dtype)
+    key = (name, dtype)
+    with _compile_lock:
+        if key not in _HANDLERS:
+            function = DATA_PARALLEL[name]
+            typed = types_module.FunctionType(function.__code__, {**function.__globals__,
+                                                                  "_FLOAT": numba.from_dtype(dtype)}, name)
+            compiled = _as_cfunc(typed, f"xla_{name}_{dtype.name}")
+            compiled.compile()
+            _HANDLERS[key] = compiled
+    return _HANDLERS[key]
+
+
 _compile_lock = threading.Lock()
 _HANDLERS: dict = {}  # (dtype, parallel) -> CFunc, kept for the process (XLA holds their addresses)
 

@@ -48,9 +48,11 @@ def main(devices: int, out: str) -> None:
                                      out_specs=out_specs))
 
     features, labels, centers = batches(devices)
-    for rule in RULES:
-        def objective(f, y, c, rule=rule):
-            loss, new_centers = center_jax.center_loss(f, y, c, ALPHA, rule=rule, axis_name="batch")
+    # each rule with the exchange auto picks (here, R·B >= K: dense), and facenet and wen with the other
+    scenarios = [(rule, "auto") for rule in RULES] + [("facenet", "sparse"), ("wen", "sparse")]
+    for rule, exchange in scenarios:
+        def objective(f, y, c, rule=rule, exchange=exchange):
+            loss, new_centers = center_jax.center_loss(f, y, c, ALPHA, rule=rule, axis_name="batch", exchange=exchange)
             return jax.lax.pmean(loss, "batch"), new_centers
 
         step = jax.value_and_grad(objective, argnums=(0, 2), has_aux=True)
@@ -67,8 +69,9 @@ def main(devices: int, out: str) -> None:
             return out
 
         trained = train()
+        scenario = rule if exchange == "auto" else f"{rule}.{exchange}"
         for index, name in enumerate(("loss", "copies", "grad_features", "grad_centers")):
-            results[f"shard_map.{rule}.{name}"] = np.stack([np.asarray(r[index]) for r in trained])
+            results[f"shard_map.{scenario}.{name}"] = np.stack([np.asarray(r[index]) for r in trained])
 
         # pmap: the same global update, one copy per device
         def pmapped(rule=rule):
