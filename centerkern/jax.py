@@ -282,14 +282,14 @@ def _global_step(features, labels, centers, alpha, rule, backend, axis_name, exc
 
 
 def _dense_global_step(features, labels, centers, alpha, rule, axis_name):
-    """The dense exchange: every shard's sums and counts over all K classes, added by one psum,
-    and the rule applied to every class counted, in place (``xla_native``)."""
+    """The dense exchange: every shard's counts and sums over all K classes in one table, added
+    by one psum, and the rule applied to every class counted, in place (``xla_native``)."""
     features, index, rows, alpha = _vary_alike(features, labels, centers, alpha)
-    loss, (sums, counts) = _dense_partials_step(rule)(features, rows, index, alpha)
-    sums, counts = jax.lax.psum((sums, counts), axis_name)
+    loss, table = _dense_partials_step(rule)(features, rows, index, alpha)
+    table = jax.lax.psum(table, axis_name)
     centers, alpha = jax.lax.stop_gradient(centers), jax.lax.stop_gradient(alpha)
-    new_centers, = _native_call("dense_update", (jax.ShapeDtypeStruct(centers.shape, centers.dtype),), centers, sums,
-                                counts, alpha, _rule_index(rule), aliases={0: 0})
+    new_centers, = _native_call("dense_update", (jax.ShapeDtypeStruct(centers.shape, centers.dtype),), centers, table,
+                                alpha, _rule_index(rule), aliases={0: 0})
     return loss, new_centers
 
 
@@ -416,16 +416,14 @@ def _partials_step(rule: str, backend: str, native: bool):
 
 @functools.lru_cache(maxsize=None)
 def _dense_partials_step(rule: str):
-    """``(features, centers, labels, alpha) -> (loss, (sums, counts))`` of one shard: its loss,
-    and its sums and counts over all K classes for the dense exchange."""
+    """``(features, centers, labels, alpha) -> (loss, table)`` of one shard: its loss, and its
+    counts and sums over all K classes, (K, 1 + D), for the dense exchange."""
 
     def run(features, centers, labels, alpha):
-        num_classes = centers.shape[0]
         shapes = (jax.ShapeDtypeStruct((), features.dtype), jax.ShapeDtypeStruct(features.shape, features.dtype),
-                  jax.ShapeDtypeStruct(centers.shape, features.dtype), jax.ShapeDtypeStruct((num_classes,), features.dtype))
-        loss, grad, sums, counts = _typed_like(
-            _native_call("dense_partials", shapes, features, labels, centers, alpha, _rule_index(rule)), features)
-        return loss, grad, (sums, counts)
+                  jax.ShapeDtypeStruct((centers.shape[0], 1 + centers.shape[1]), features.dtype))
+        return _typed_like(_native_call("dense_partials", shapes, features, labels, centers, alpha, _rule_index(rule)),
+                           features)
 
     return _with_the_kernels_derivatives(run, rule)
 

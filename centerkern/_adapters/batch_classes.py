@@ -75,7 +75,7 @@ TABLE_HEADER = 2
 # D + 1 words), as JAX's and TensorFlow's ``exchange=`` name them; ``auto`` takes the sparse
 # exchange while R·B < SPARSE_BELOW_FRACTION · K (measured: benchmarks/data_parallel.py).
 EXCHANGES = ("auto", "sparse", "dense")
-SPARSE_BELOW_FRACTION = 1.0
+SPARSE_BELOW_FRACTION = 0.25
 
 
 def exchange_for(exchange: str, replicas: int, batch_size: int, num_classes: int) -> str:

@@ -364,15 +364,15 @@ def _check_labels(frame):
 
 
 @numba.njit(cache=False)
-def _shard_pass(features, rows, index, grad_scale, grad, sums, counts):
-    """Sample i against ``rows[index[i]]``: its grad row, and its ``d_i`` added (float64) to
-    ``sums[index[i]]`` and counted; returns ``sum_i ||d_i||^2``."""
+def _shard_pass(features, rows, row_of, grad_scale, grad, sums, sum_of, counts):
+    """Sample i against ``rows[row_of[i]]``: its grad row, and its ``d_i`` added (float64) to
+    ``sums[sum_of[i]]`` and counted; returns ``sum_i ||d_i||^2``."""
     squares = 0.0
     for i in range(features.shape[0]):
-        j = index[i]
+        row, j = row_of[i], sum_of[i]
         counts[j] += 1
         for k in range(features.shape[1]):
-            difference = np.float64(features[i, k]) - np.float64(rows[j, k])
+            difference = np.float64(features[i, k]) - np.float64(rows[row, k])
             grad[i, k] = grad_scale * difference
             squares += difference * difference
             sums[j, k] += difference
@@ -400,7 +400,7 @@ def _partials(frame):
     table_sums = numba.carray(_pointer(_data(results, 2), types.float64), (rows_held, 1 + width))
     sums = np.zeros((rows_held, width), np.float64)
     counts = np.zeros(rows_held, np.int64)
-    squares = _shard_pass(features, rows, index, rule.grad_scale, grad, sums, counts)
+    squares = _shard_pass(features, rows, index, rule.grad_scale, grad, sums, index, counts)
     for j in range(rows_held):
         table[j, 0] = classes[j]
         table[j, 1] = counts[j]
@@ -440,9 +440,11 @@ def _combine(frame):
 
 
 def _dense_partials(frame):
-    """Arguments ``(features, labels, centers, alpha, settings)``, results ``(loss, grad, sums,
-    counts)``: the shard's loss and grad, and its per-class sums of ``d_i`` (float64, rounded
-    once to the features' type) and counts over all K classes, for a dense all-reduce."""
+    """Arguments ``(features, labels, centers, alpha, settings)``, results ``(loss, grad,
+    table)``: the shard's loss and grad, and a (K, 1 + D) table of every class's count and sums
+    of ``d_i`` (float64, rounded once to the features' type), for one dense all-reduce. (The
+    labels were checked on every shard before: one out of range is read as class 0 all the
+    same, never outside the centers.)"""
     if _answered_metadata(frame) or _load(frame + _FRAME_STAGE, types.int32) != xla_ffi.EXECUTE_STAGE:
         return 0
     arguments = _load(frame + _FRAME_ARGUMENTS, types.intp)
@@ -454,57 +456,58 @@ def _dense_partials(frame):
     alpha = np.float64(_load(_data(arguments, 3), _FLOAT))
     rule = _coefficients_of(_load(_data(arguments, 4), types.int32), alpha, batch_size, width)
     grad = numba.carray(_pointer(_data(results, 1), _FLOAT), (batch_size, width))
-    dense_sums = numba.carray(_pointer(_data(results, 2), _FLOAT), (num_classes, width))
-    dense_counts = numba.carray(_pointer(_data(results, 3), _FLOAT), num_classes)
-    # the batch's classes, each once, so that the float64 sums take B rows, not K
-    order = np.argsort(labels, kind="mergesort")
+    table = numba.carray(_pointer(_data(results, 2), _FLOAT), (num_classes, 1 + width))
+    # the batch's classes, each given a slot of float64 sums on first sight: B rows, not K (the
+    # dense exchange serves where K is small, so a K-sized index costs little)
+    slot_of_class = np.full(num_classes, -1, np.int64)
     classes = np.empty(batch_size, np.int64)
-    index = np.empty(batch_size, np.int64)
+    slots = np.empty(batch_size, np.int64)
     seen = 0
-    for at in range(batch_size):
-        i = order[at]
-        if at == 0 or labels[i] != classes[seen - 1]:
-            classes[seen] = labels[i]
+    for i in range(batch_size):
+        label = labels[i]
+        if label < 0 or label >= num_classes:
+            label = 0  # read as class 0 all the same (the step fails everywhere before any write)
+        labels[i] = label
+        if slot_of_class[label] < 0:
+            slot_of_class[label] = seen
+            classes[seen] = label
             seen += 1
-        index[i] = seen - 1
-    rows = np.empty((seen, width), centers.dtype)
-    for j in range(seen):
-        rows[j] = centers[classes[j]]
+        slots[i] = slot_of_class[label]
     sums = np.zeros((seen, width), np.float64)
     counts = np.zeros(seen, np.int64)
-    squares = _shard_pass(features, rows, index, rule.grad_scale, grad, sums, counts)
-    dense_sums[:] = 0
-    dense_counts[:] = 0
+    squares = _shard_pass(features, centers, labels, rule.grad_scale, grad, sums, slots, counts)
+    table[:] = 0
     for j in range(seen):
-        dense_counts[classes[j]] = counts[j]
-        for k in range(width):
-            dense_sums[classes[j], k] = sums[j, k]
+        table[classes[j], 0] = counts[j]
+        table[classes[j], 1:] = sums[j]
     _store(_data(results, 0), _FLOAT(rule.loss_scale * squares))
     return 0
 
 
 def _dense_update(frame):
-    """Arguments ``(centers, sums, counts, alpha, settings)``, result the new centers (aliased
-    to the centers): the rule applied to every class counted (the sums and counts of every shard,
-    added by the all-reduce)."""
+    """Arguments ``(centers, table, alpha, settings)``, result the new centers (aliased to the
+    centers): the rule applied to every class counted in ``table`` (every shard's, added by the
+    all-reduce)."""
     if _answered_metadata(frame) or _load(frame + _FRAME_STAGE, types.int32) != xla_ffi.EXECUTE_STAGE:
         return 0
     arguments = _load(frame + _FRAME_ARGUMENTS, types.intp)
     results = _load(frame + _FRAME_RESULTS, types.intp)
     num_classes, width = _dim(arguments, 0, 0), _dim(arguments, 0, 1)
     centers = numba.carray(_pointer(_data(arguments, 0), _FLOAT), (num_classes, width))
-    sums = numba.carray(_pointer(_data(arguments, 1), _FLOAT), (num_classes, width))
-    counts = numba.carray(_pointer(_data(arguments, 2), _FLOAT), num_classes)
-    alpha = np.float64(_load(_data(arguments, 3), _FLOAT))
-    rule = _coefficients_of(_load(_data(arguments, 4), types.int32), alpha, 1, width)
+    table = numba.carray(_pointer(_data(arguments, 1), _FLOAT), (num_classes, 1 + width))
+    alpha = np.float64(_load(_data(arguments, 2), _FLOAT))
+    rule = _coefficients_of(_load(_data(arguments, 3), types.int32), alpha, 1, width)
     new_centers = numba.carray(_pointer(_data(results, 0), _FLOAT), (num_classes, width))
     if _data(results, 0) != _data(arguments, 0):  # not aliased after all
         new_centers[:] = centers
+    # read and written through one name, so that LLVM vectorizes the loop (two names for one
+    # buffer fail its overlap check)
     for j in range(num_classes):
-        if counts[j] != 0:
-            scale = rule.step / (1.0 + rule.count_weight * np.float64(counts[j]))
+        if table[j, 0] != 0:
+            scale = rule.step / (1.0 + rule.count_weight * np.float64(table[j, 0]))
+            row, sums = new_centers[j], table[j, 1:]
             for k in range(width):
-                new_centers[j, k] = np.float64(centers[j, k]) + scale * np.float64(sums[j, k])
+                row[k] = np.float64(row[k]) + scale * np.float64(sums[k])
     return 0
 
 
