@@ -78,7 +78,7 @@ def _jax_steps(features, labels, start):
         arguments = (jnp.asarray(features), jnp.asarray(labels))
         state = {"centers": jnp.asarray(start)}
 
-        def run():
+        def run(read_centers=False):  # the new centers stay on the device either way
             loss, grad, state["centers"] = jax.block_until_ready(sharded(*arguments, state["centers"]))
             return loss, grad, (state["centers"],)
         return run
@@ -87,14 +87,27 @@ def _jax_steps(features, labels, start):
             "centerkern, dense exchange": runner(ours("dense")), "jax.numpy, whole batch": runner(native)}
 
 
+_STRATEGY = []
+
+
+def _mirrored_strategy():
+    """One MirroredStrategy over two logical CPUs for the whole process: TensorFlow makes its
+    logical devices once, and a second strategy's collectives would meet the first's keys."""
+    import tensorflow as tf
+
+    if not _STRATEGY:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * REPLICAS)
+        _STRATEGY.append(tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(REPLICAS)]))
+    return _STRATEGY[0]
+
+
 def _tensorflow_steps(features, labels, start):
     import tensorflow as tf
 
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * REPLICAS)
     import centerkern.tensorflow as center_tf
 
-    strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(REPLICAS)])
+    strategy = _mirrored_strategy()
     num_classes = start.shape[0]
     dataset = tf.data.Dataset.from_tensors((features, labels)).repeat()
     batches = iter(strategy.experimental_distribute_dataset(dataset))
@@ -108,16 +121,20 @@ def _tensorflow_steps(features, labels, start):
         def step(batch):
             return strategy.run(replica_step, args=(centers, *batch))
 
-        def run():
-            step(batch)
-            return [copy.numpy() for copy in centers.values]
+        def run(read_centers=False):
+            losses, _ = step(batch)
+            if read_centers:  # for the check only: a training loop reads no K x D copy per step
+                return [copy.numpy() for copy in centers.values]
+            return [loss.numpy() for loss in losses.values]  # the step has run
         return run
 
-    def ours(centers, f, y):
-        with tf.GradientTape() as tape:
-            tape.watch(f)
-            loss = center_tf.center_loss(f, y, centers, ALPHA, rule="wen")
-        return loss, tape.gradient(loss, f)
+    def ours(exchange):
+        def replica_step(centers, f, y):
+            with tf.GradientTape() as tape:
+                tape.watch(f)
+                loss = center_tf.center_loss(f, y, centers, ALPHA, rule="wen", exchange=exchange)
+            return loss, tape.gradient(loss, f)
+        return replica_step
 
     def native(centers, f, y):  # wen's rule in TensorFlow ops, the sums over every replica by one all-reduce
         replica = tf.distribute.get_replica_context()
@@ -134,7 +151,8 @@ def _tensorflow_steps(features, labels, start):
             centers, lambda copy, value: copy.assign(value), args=(new,), group=True), args=(new,))
         return loss, grad
 
-    return {"centerkern, whole batch": runner(ours), "TensorFlow ops, whole batch": runner(native)}
+    return {"centerkern, whole batch": runner(ours("auto")), "centerkern, sparse exchange": runner(ours("sparse")),
+            "centerkern, dense exchange": runner(ours("dense")), "TensorFlow ops, whole batch": runner(native)}
 
 
 def _check_same(group, runs, start, features, labels):
@@ -142,7 +160,7 @@ def _check_same(group, runs, start, features, labels):
 
     expected = centerkern.center_loss(features, labels, start, ALPHA, rule="wen", backend="numpy").centers
     for name, run in runs.items():
-        output = run()
+        output = run(read_centers=True)
         copies = output[2] if isinstance(output, tuple) else output
         for copy in copies:
             np.testing.assert_allclose(np.asarray(copy), expected, rtol=1e-4, atol=1e-5, err_msg=f"{group}: {name}")

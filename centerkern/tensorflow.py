@@ -32,10 +32,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ._adapters.batch_classes import (check_labels_of_every_shard, check_shapes_and_dtypes, host_combine,
-                                      host_partials, host_step, table_width)
+from ._adapters.batch_classes import (EXCHANGES, TABLE_HEADER, bad_label_template, check_shapes_and_dtypes,
+                                      exchange_for, host_step)
 from ._adapters.settings import HOST_CHOICES, computed_dtype, host_backend
-from ._core.rules import RULES, moves_centers, rule_coefficients
+from ._core.rules import RULES, coefficients_of, moves_centers, rule_coefficients
 from ._core.validation import check_alpha, check_choice, check_labels
 
 __all__ = ["CenterLoss", "center_loss"]
@@ -43,6 +43,7 @@ __all__ = ["CenterLoss", "center_loss"]
 
 def center_loss(
     features, labels, centers, alpha, rule: str = "facenet", *, training: bool = True, backend: str = "auto",
+    exchange: str = "auto",
 ):
     """One center-loss step in TensorFlow: the loss, and the centers moved in training mode.
 
@@ -67,6 +68,14 @@ def center_loss(
     backend : {"auto", "numba", "numpy"}
         The host kernels the ``tf.numpy_function`` runs; ``auto`` is ``numba``, as
         ``centerkern.center_loss`` takes for host arrays.
+    exchange : {"auto", "sparse", "dense"}
+        Under ``tf.distribute`` with several replicas: how the replicas' per-class partials are
+        exchanged. ``sparse`` gathers the rows of the classes each replica saw (R·B rows of
+        2 + 2D words, whatever K); ``dense`` all-reduces every class's count and sums (K rows of
+        1 + D); ``auto`` takes ``sparse`` while R·B < K / 4 (measured in
+        ``benchmarks/data_parallel.py``; B unknown when traced counts as small). Either gives
+        every replica the same bits. The replica step runs in TensorFlow's own ops (float64
+        sums), not the kernels: host calls on every replica at once wait for each other.
 
     Returns
     -------
@@ -88,11 +97,12 @@ def center_loss(
         For a label outside [0, K), before anything moves. Inside a ``tf.function`` the kernel
         call finds it, and TensorFlow raises it as ``tf.errors.UnknownError`` carrying this
         message.
-    PeerInputError
-        Under ``tf.distribute.MirroredStrategy`` with several replicas: on every replica whose
-        own labels are in range when another replica holds a bad one (which raises the
-        ``IndexError``); no replica moves its centers. Inside a ``tf.function``, raised as a
-        ``tf.errors.OpError`` carrying this message.
+    tf.errors.InvalidArgumentError
+        Under ``tf.distribute.MirroredStrategy`` with several replicas, for a bad label on any
+        replica: every replica fails at once, before any moves its centers, with the
+        ``IndexError``'s message of the first replica holding one, its number and the count
+        over all replicas (``label 8 at position 5 is out of range: ... (in the batch of
+        replica 1 of 2; bad labels in all: 1; no centers moved anywhere)``).
     RuntimeError
         Under a ``tf.distribute`` strategy other than ``MirroredStrategy``,
         ``MultiWorkerMirroredStrategy`` and ``OneDeviceStrategy``.
@@ -136,6 +146,7 @@ def center_loss(
     """
     rule = check_choice(rule, "rule", RULES)
     backend = host_backend(backend)
+    exchange = check_choice(exchange, "exchange", EXCHANGES)
     if not tf.is_tensor(alpha):  # a tensor alpha (a schedule) is checked by the kernel call
         alpha = check_alpha(alpha)
     variable = _as_variable(centers)
@@ -151,7 +162,8 @@ def center_loss(
     check_shapes_and_dtypes(features, variable, labels.shape[0], labels.dtype.as_numpy_dtype)
     num_classes = int(variable.shape[0])
     replica = _replica_of_a_data_parallel_step()
-    if replica is not None:  # a replica must not raise alone while the others wait for it in the exchange
+    exchanged = updates and replica is not None and _exchange(exchange, replica, features, num_classes) == "sparse"
+    if replica is not None and not exchanged:  # a replica must not raise alone while the others wait for it
         labels = _labels_checked_on_every_replica(labels, num_classes, replica)
     elif tf.executing_eagerly():  # SPEC's IndexError before the gather; in a graph, tf.gather's own error
         check_labels(labels.numpy(), int(features.shape[0]), num_classes, f"features of shape {tuple(features.shape)}")
@@ -160,12 +172,13 @@ def center_loss(
     # a bad label is reported by the kernel call, with its position and value (SPEC's message):
     # the gather before it must not fail first, with an index into the batch's classes
     in_range = tf.clip_by_value(tf.cast(classes, tf.int64), 0, max(num_classes - 1, 0))
-    rows = tf.gather(variable, in_range)  # differentiable into the variable, sparsely
     alpha = tf.cast(alpha, variable.dtype)
     if updates and replica is not None:
-        loss, table = _step(features, labels, index, rows, alpha, num_classes, rule, backend, exchange_classes=classes)
-        _move_by_every_replica(variable, table, alpha, rule, backend, replica)
-        return loss
+        rows = _sparse_read(variable, in_range)
+        if exchanged:  # the labels are checked with the exchange itself, before any copy moves
+            return _sparse_step(features, labels, classes, index, rows, alpha, variable, rule, replica)
+        return _dense_step(features, classes, index, rows, alpha, variable, rule, replica)
+    rows = tf.gather(variable, in_range)  # differentiable into the variable, sparsely
     loss, new_rows = _step(features, labels, index, rows, alpha, num_classes, rule, backend)
     if updates:
         variable.scatter_update(tf.IndexedSlices(new_rows, tf.cast(classes, tf.int64)))  # any integer labels
@@ -202,44 +215,136 @@ def _replica_of_a_data_parallel_step():
 
 def _labels_checked_on_every_replica(labels, num_classes: int, replica):
     """``labels``, passed on once the replicas have shared what they found (one all-reduce of
-    each replica's count, first bad position and its value): if any replica holds a bad label,
-    every replica raises at this same point, each naming the first replica's first bad label."""
+    their ``_label_findings``): if any replica holds a bad label, every replica fails at this
+    same point (``_failing_if_any_bad``)."""
+    replicas = replica.num_replicas_in_sync
+    # each replica's finding in its own row of a zero table: the all-reduce adds zeros only, exactly
+    records = tf.scatter_nd([[replica.replica_id_in_sync_group]], _label_findings(labels, num_classes)[None],
+                            [replicas, 3])
+    records = replica.all_reduce(tf.distribute.ReduceOp.SUM, records)
+    with tf.control_dependencies([_failing_if_any_bad(records, num_classes, replicas)]):
+        return tf.identity(labels)
+
+
+def _label_findings(labels, num_classes: int):
+    """This replica's (count, first position, its value) of bad labels, int64."""
     wide = tf.cast(labels, tf.int64)  # uint64 labels past the int64 range turn negative: still caught
     bad = (wide < 0) | (wide >= num_classes)
     # padded: an empty batch finds nothing at position 0
     first = tf.argmax(tf.concat([tf.cast(bad, tf.int32), [1]], 0), output_type=tf.int64)
-    finding = tf.stack([tf.reduce_sum(tf.cast(bad, tf.int64)), first, tf.gather(tf.concat([wide, [0]], 0), first)])
-    replicas = replica.num_replicas_in_sync
-    # each replica's finding in its own row of a zero table: the all-reduce adds zeros only, exactly
-    records = tf.scatter_nd([[replica.replica_id_in_sync_group]], finding[None], [replicas, 3])
-    records = replica.all_reduce(tf.distribute.ReduceOp.SUM, records)
-
-    def check(labels, records, replica_id):
-        return check_labels_of_every_shard(labels, records, num_classes=num_classes, shard_names=f" of {replicas}",
-                                           unit="replica", shard=int(replica_id))
-
-    checked = tf.numpy_function(check, [labels, records, replica.replica_id_in_sync_group], labels.dtype,
-                                stateful=False)
-    checked.set_shape(labels.shape)
-    return checked
+    return tf.stack([tf.reduce_sum(tf.cast(bad, tf.int64)), first, tf.gather(tf.concat([wide, [0]], 0), first)])
 
 
-def _move_by_every_replica(variable, table, alpha, rule: str, backend: str, replica) -> None:
-    """The data-parallel update (see ``centerkern._adapters.batch_classes``): every replica's table of per-class
-    partials gathered in replica order, the same new rows computed on every replica, and each
-    written into that replica's copy of the centers."""
-    tables = replica.all_gather(tf.bitcast(table, tf.int32), axis=0)  # the collectives take no uint32
-    classes = tf.cast(tf.bitcast(tables[:, 0], tf.uint32), tf.int64)
-    touched, position = tf.unique(classes, out_idx=tf.int64)
-    rows = tf.gather(variable, touched)
-    new_rows = tf.numpy_function(functools.partial(host_combine, rule=rule, backend=backend),
-                                 [tables, position, rows, alpha], variable.dtype, stateful=False)
-    new_rows.set_shape(rows.shape)
+def _failing_if_any_bad(records, num_classes: int, replicas: int):
+    """An ``Assert`` that fails, on every replica alike, if any of ``records`` (one row of
+    ``_label_findings`` per replica, in replica order) counts a bad label: with
+    ``bad_label_message``'s words, naming the first replica's first bad label. In TensorFlow's
+    own ops, as the rest of the replica step: no host call."""
+    total = tf.reduce_sum(records[:, 0])
+    owner = tf.argmax(tf.cast(records[:, 0] > 0, tf.int32), output_type=tf.int64)
+    template = bad_label_template(num_classes=num_classes, shard_names=f" of {replicas}", unit="replica")
+    message = tf.strings.format(template, [records[owner, 2], records[owner, 1], owner, total])
+    return tf.debugging.Assert(tf.equal(total, 0), [message], summarize=1)
 
+
+# --------------------------------------------------------------------------- the data-parallel step
+#
+# See ``centerkern._adapters.batch_classes``: each replica's own loss (differentiable), and the
+# centers moved by every replica's batch, the same bits in every replica's copy, the partials
+# exchanged sparse or dense (``exchange_for``). In TensorFlow's own ops, not in host calls: a
+# ``tf.numpy_function`` on every replica at once measured 10 ms a step for 0.2 ms of work (the
+# replicas' Python calls wait for the GIL and for each other's threads). The sums are float64,
+# as the kernels keep them; TensorFlow's CPU ``unsorted_segment_sum`` adds the rows of each
+# class in order, so that every replica adds the gathered partials in replica order.
+
+
+def _exchange(exchange: str, replica, features, num_classes: int) -> str:
+    """``exchange_for`` with this step's numbers (a batch size unknown when traced, as in
+    ``fit``, is taken as small)."""
+    batch_size = features.shape[0] if features.shape[0] is not None else 0
+    return exchange_for(exchange, replica.num_replicas_in_sync, batch_size, num_classes)
+
+
+def _coefficients(rule: str, alpha, width: int):
+    """The rule's step and count weight (which need no B) as float64 tensors."""
+    return coefficients_of(RULES.index(rule), tf.cast(alpha, tf.float64), 1, width)
+
+
+def _dense_step(features, classes, index, rows, alpha, variable, rule: str, replica):
+    """Every class's count and sums, in the centers' dtype, added by one all-reduce, and the rule
+    applied in that dtype too (where K is small, K x D float64 passes would cost more than the
+    exchange; the sums' rounding is that of the exchange already)."""
+    num_classes, width = (int(n) for n in variable.shape)
+    sums, counts, loss = _replica_partials(features, index, rows, rule)
+    dtype = variable.dtype
+    table = tf.scatter_nd(tf.cast(classes, tf.int64)[:, None],
+                          tf.concat([tf.cast(counts, dtype)[:, None], tf.cast(sums, dtype)], 1), [num_classes, 1 + width])
+    table = replica.all_reduce(tf.distribute.ReduceOp.SUM, table)
+    coefficients = _coefficients(rule, alpha, width)
+    scale = tf.cast(coefficients.step, dtype) / (1.0 + tf.cast(coefficients.count_weight, dtype) * table[:, :1])
+    # a class no replica saw has sums of 0 and a finite scale: it moves by exactly 0
+    variable.assign_add(scale * table[:, 1:])  # the replica's own copy
+    return loss
+
+
+def _sparse_step(features, labels, classes, index, rows, alpha, variable, rule: str, replica):
+    """The rows of the classes this replica saw (the class, its count and its float64 sums as
+    int32 words: the collectives take no uint32 and no pairs), and a first row of its label
+    findings, gathered in replica order: one collective for the check and the exchange. A bad
+    label fails every replica there, before any copy moves (``classes`` and ``rows`` were read
+    in range all the same)."""
+    width = int(variable.shape[1])
+    sums, counts, loss = _replica_partials(features, index, rows, rule)
+    count, position, value = tf.unstack(_label_findings(labels, int(variable.shape[0])))
+    # the findings' row: -1 - position in the class column marks it, then the count and the value's two words
+    findings = tf.concat([tf.cast(tf.stack([-1 - position, count]), tf.int32), tf.bitcast(value, tf.int32),
+                          tf.zeros([TABLE_HEADER + 2 * width - 4], tf.int32)], 0)
+    class_rows = tf.concat([tf.cast(classes, tf.int32)[:, None], counts[:, None],
+                            tf.reshape(tf.bitcast(sums, tf.int32), [-1, 2 * width])], 1)
+    table = tf.concat([findings[None], class_rows], 0)
+    tables = replica.all_gather(table, axis=0)
+    is_findings = tables[:, 0] < 0
+    found = tf.boolean_mask(tables, is_findings)  # one row per replica, in replica order
+    records = tf.stack([tf.cast(found[:, 1], tf.int64), tf.cast(-1 - found[:, 0], tf.int64),
+                        tf.bitcast(found[:, 2:4], tf.int64)], 1)
+    with tf.control_dependencies([_failing_if_any_bad(records, int(variable.shape[0]), replica.num_replicas_in_sync)]):
+        tables = tf.boolean_mask(tables, tf.logical_not(is_findings))
+    touched, position = tf.unique(tf.cast(tables[:, 0], tf.int64), out_idx=tf.int64)
+    touched_count = tf.shape(touched, out_type=tf.int64)[0]
+    counts = tf.math.unsorted_segment_sum(tf.cast(tables[:, 1], tf.float64), position, touched_count)
+    sums = tf.bitcast(tf.reshape(tables[:, TABLE_HEADER:], [-1, width, 2]), tf.float64)
+    totals = tf.math.unsorted_segment_sum(sums, position, touched_count)
+    coefficients = _coefficients(rule, alpha, width)
+    scale = coefficients.step / (1.0 + coefficients.count_weight * counts)
+    new_rows = tf.cast(tf.cast(_sparse_read(variable, touched), tf.float64) + scale[:, None] * totals, variable.dtype)
     # every replica writes the same rows into its own copy (a mirrored variable's update in a
     # replica context goes to the replica's copy); a merge_call updating every copy from one
     # context measured 10 ms a step more at K = 10^5, D = 128
     variable.scatter_update(tf.IndexedSlices(new_rows, touched))
+    return loss
+
+
+def _sparse_read(variable, indices):
+    """``variable``'s rows ``indices``, read as rows (not differentiated: the centers of a rule
+    that moves them). ``tf.gather`` on a mirrored variable reads the replica's whole copy, whose
+    buffer the ``scatter_update`` of the same step must then copy before writing: K x D a step,
+    measured 10 ms at K = 10^5, D = 128. Here the replica's copy is read through its handle."""
+    return tf.raw_ops.ResourceGather(resource=variable.handle, indices=indices, dtype=variable.dtype)
+
+
+def _replica_partials(features, index, rows, rule: str):
+    """``(sums, counts, loss)`` of one replica's batch: per class of ``rows``, the float64 sums of
+    ``d_i = f_i - rows[index_i]`` and the counts (not differentiated), and the replica's loss,
+    differentiable to any order by TensorFlow itself. Every rule's loss and grad scales are their
+    values at B = 1 divided by B."""
+    per_sample = rule_coefficients(rule, 0.0, 1, int(features.shape[1]))
+    batch_size = tf.cast(tf.maximum(tf.shape(features)[0], 1), tf.float64)
+    difference = tf.cast(features, tf.float64) - tf.gather(tf.cast(rows, tf.float64), index)
+    loss = tf.cast(per_sample.loss_scale / batch_size * tf.reduce_sum(tf.square(difference)), features.dtype)
+    held = tf.shape(rows, out_type=tf.int64)[0]
+    sums = tf.math.unsorted_segment_sum(tf.stop_gradient(difference), index, held)
+    counts = tf.math.unsorted_segment_sum(tf.ones_like(index, tf.int32), index, held)
+    return sums, counts, loss
 
 
 def _as_variable(centers):
@@ -250,18 +355,12 @@ def _as_variable(centers):
     return value if isinstance(value, tf.Variable) else tf.convert_to_tensor(centers)
 
 
-def _step(features, labels, index, rows, alpha, num_classes, rule, backend, exchange_classes=None):
-    """``(loss, new_rows)``, differentiable in ``features`` and ``rows``. Given the batch's
-    classes (``exchange_classes``, whose labels every replica has checked), ``(loss, table)``:
-    the replica's per-class partials for the exchange instead of new rows."""
-    exchange = exchange_classes is not None
-    if exchange:
-        step_on_host = functools.partial(host_partials, rule=rule, backend=backend)
-    else:
-        step_on_host = functools.partial(host_step, num_classes=num_classes, rule=rule, backend=backend)
+def _step(features, labels, index, rows, alpha, num_classes, rule, backend):
+    """``(loss, new_rows)``, differentiable in ``features`` and ``rows``."""
+    step_on_host = functools.partial(host_step, num_classes=num_classes, rule=rule, backend=backend)
 
-    def callback(features, labels_or_classes, index, rows, alpha):
-        loss, grad, second = step_on_host(features, labels_or_classes, index, rows, alpha)
+    def callback(features, labels, index, rows, alpha):
+        loss, grad, second = step_on_host(features, labels, index, rows, alpha)
         # the rule's d grad / d features, for the second-order term below (B is known here even
         # where the graph knows it only at run time)
         grad_scale = rule_coefficients(rule, 0.0, *np.shape(features)).grad_scale
@@ -271,13 +370,12 @@ def _step(features, labels, index, rows, alpha, num_classes, rule, backend, exch
     def step(features, rows):
         dtype = features.dtype
         loss, grad, second, grad_scale = tf.numpy_function(
-            callback, [features, exchange_classes if exchange else labels, index, rows, alpha],
-            [dtype, dtype, tf.uint32 if exchange else dtype, dtype],
+            callback, [features, labels, index, rows, alpha], [dtype, dtype, dtype, dtype],
             stateful=False,
         )
         loss.set_shape(())
         grad.set_shape(features.shape)
-        second.set_shape([rows.shape[0], table_width(features.shape[1])] if exchange else rows.shape)
+        second.set_shape(rows.shape)
         grad_scale.set_shape(())
 
         @tf.custom_gradient
@@ -290,7 +388,7 @@ def _step(features, labels, index, rows, alpha, num_classes, rule, backend, exch
                         -grad_scale * tf.math.unsorted_segment_sum(upstream, index, tf.shape(rows)[0]))
             return tf.identity(grad), second_order
 
-        def backward(grad_loss, grad_second):  # the rule's update (or the partials): not differentiated
+        def backward(grad_loss, grad_second):  # the rule's update: not differentiated
             per_sample = kernel_grad(features, rows)
             grad_rows = -grad_loss * tf.math.unsorted_segment_sum(per_sample, index, tf.shape(rows)[0])
             return grad_loss * per_sample, grad_rows
@@ -326,6 +424,8 @@ class CenterLoss(keras.layers.Layer):
         ``random_normal`` for ``pytorch``.
     backend : {"auto", "numba", "numpy"}
         The host kernels each step runs; ``auto`` is ``numba`` (see ``center_loss``).
+    exchange : {"auto", "sparse", "dense"}
+        Under ``tf.distribute``: how the replicas' partials are exchanged (see ``center_loss``).
     **kwargs
         Passed on to ``keras.layers.Layer`` (``name``, ``dtype``, ...); ``dtype`` defaults to
         the dtype policy's variable dtype.
@@ -364,7 +464,8 @@ class CenterLoss(keras.layers.Layer):
     [0.6667 1.    ]
     """
 
-    def __init__(self, num_classes: int, alpha: float = 0.5, rule: str = "facenet", backend: str = "auto", **kwargs):
+    def __init__(self, num_classes: int, alpha: float = 0.5, rule: str = "facenet", backend: str = "auto",
+                 exchange: str = "auto", **kwargs):
         backend_name = keras.backend.backend()
         if backend_name != "tensorflow":
             raise RuntimeError(
@@ -382,6 +483,7 @@ class CenterLoss(keras.layers.Layer):
         self.rule = check_choice(rule, "rule", RULES)
         # kept as given, so that get_config gives back what the layer was made with
         self.backend = check_choice(backend, "backend", HOST_CHOICES)
+        self.exchange = check_choice(exchange, "exchange", EXCHANGES)
         self.supports_jit = False  # a tf.numpy_function inside: Keras must not compile it with XLA
 
     def build(self, input_shape):
@@ -438,7 +540,7 @@ class CenterLoss(keras.layers.Layer):
         writable = isinstance(self.centers.value, tf.Variable)
         return center_loss(
             features, labels, self.centers, self.alpha, self.rule, training=bool(training) and writable,
-            backend=self.backend,
+            backend=self.backend, exchange=self.exchange,
         )
 
     def compute_output_shape(self, input_shape):
@@ -446,4 +548,4 @@ class CenterLoss(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes, "alpha": self.alpha,
-                "rule": self.rule, "backend": self.backend}
+                "rule": self.rule, "backend": self.backend, "exchange": self.exchange}

@@ -36,14 +36,17 @@ def _assert_identical_copies(copies):
         np.testing.assert_array_equal(copies[replica], copies[0])
 
 
-@pytest.mark.parametrize("rule", ["facenet", "wen"])
-def test_fit_under_mirrored_strategy_moves_every_copy_by_the_whole_batch(results, rule):
+@pytest.mark.parametrize("scenario", ["facenet", "wen", "facenet.dense", "wen.dense"])
+def test_fit_under_mirrored_strategy_moves_every_copy_by_the_whole_batch(results, scenario):
+    """Either exchange (sparse where ``auto`` picks it, dense asked for) gives every copy the
+    same bits, the whole batch's update."""
+    rule = scenario.split(".")[0]
     features, labels = data(0, 25)
-    centers = results[f"fit.{rule}.start"][0]
+    centers = results[f"fit.{scenario}.start"][0]
     for start in range(0, 25, BATCH):  # the batches fit took, in order; the last one split 5 + 4
         centers = centerkern.center_loss(features[start:start + BATCH], labels[start:start + BATCH], centers, ALPHA,
                                          rule=rule, backend="numpy").centers
-    copies = results[f"fit.{rule}.copies"]
+    copies = results[f"fit.{scenario}.copies"]
     _assert_identical_copies(copies)
     assert_matches(copies[0], centers, features, centers)
 
