@@ -162,8 +162,10 @@ def center_loss(
     check_shapes_and_dtypes(features, variable, labels.shape[0], labels.dtype.as_numpy_dtype)
     num_classes = int(variable.shape[0])
     replica = _replica_of_a_data_parallel_step()
-    exchanged = updates and replica is not None and _exchange(exchange, replica, features, num_classes) == "sparse"
-    if replica is not None and not exchanged:  # a replica must not raise alone while the others wait for it
+    alpha = tf.cast(alpha, variable.dtype)
+    if replica is not None and updates:  # the exchange checks the labels with the same collective
+        return _data_parallel_step(features, labels, variable, alpha, rule, replica, exchange)
+    if replica is not None:  # a replica must not raise alone while the others wait for it
         labels = _labels_checked_on_every_replica(labels, num_classes, replica)
     elif tf.executing_eagerly():  # SPEC's IndexError before the gather; in a graph, tf.gather's own error
         check_labels(labels.numpy(), int(features.shape[0]), num_classes, f"features of shape {tuple(features.shape)}")
@@ -172,12 +174,6 @@ def center_loss(
     # a bad label is reported by the kernel call, with its position and value (SPEC's message):
     # the gather before it must not fail first, with an index into the batch's classes
     in_range = tf.clip_by_value(tf.cast(classes, tf.int64), 0, max(num_classes - 1, 0))
-    alpha = tf.cast(alpha, variable.dtype)
-    if updates and replica is not None:
-        rows = _sparse_read(variable, in_range)
-        if exchanged:  # the labels are checked with the exchange itself, before any copy moves
-            return _sparse_step(features, labels, classes, index, rows, alpha, variable, rule, replica)
-        return _dense_step(features, classes, index, rows, alpha, variable, rule, replica)
     rows = tf.gather(variable, in_range)  # differentiable into the variable, sparsely
     loss, new_rows = _step(features, labels, index, rows, alpha, num_classes, rule, backend)
     if updates:
@@ -258,11 +254,18 @@ def _failing_if_any_bad(records, num_classes: int, replicas: int):
 # class in order, so that every replica adds the gathered partials in replica order.
 
 
-def _exchange(exchange: str, replica, features, num_classes: int) -> str:
-    """``exchange_for`` with this step's numbers (a batch size unknown when traced, as in
-    ``fit``, is taken as small)."""
+def _data_parallel_step(features, labels, variable, alpha, rule: str, replica, exchange: str):
+    """The replica's loss, and every replica's copy moved by the whole batch, the exchange
+    ``exchange_for`` picks (a batch size unknown when traced, as in ``fit``, taken as small). Each
+    replica's label findings travel with its partials: a bad label anywhere fails every replica
+    after the one collective, before any copy moves. Labels are read in range all the same."""
+    num_classes, width = (int(n) for n in variable.shape)
+    findings = _label_findings(labels, num_classes)
+    labels = tf.clip_by_value(tf.cast(labels, tf.int64), 0, max(num_classes - 1, 0))
     batch_size = features.shape[0] if features.shape[0] is not None else 0
-    return exchange_for(exchange, replica.num_replicas_in_sync, batch_size, num_classes)
+    if exchange_for(exchange, replica.num_replicas_in_sync, batch_size, num_classes) == "dense":
+        return _dense_step(features, labels, findings, variable, alpha, rule, replica)
+    return _sparse_step(features, labels, findings, variable, alpha, rule, replica)
 
 
 def _coefficients(rule: str, alpha, width: int):
@@ -270,39 +273,65 @@ def _coefficients(rule: str, alpha, width: int):
     return coefficients_of(RULES.index(rule), tf.cast(alpha, tf.float64), 1, width)
 
 
-def _dense_step(features, classes, index, rows, alpha, variable, rule: str, replica):
-    """Every class's count and sums, in the centers' dtype, added by one all-reduce, and the rule
-    applied in that dtype too (where K is small, K x D float64 passes would cost more than the
-    exchange; the sums' rounding is that of the exchange already)."""
+# A replica's findings as float words that an all-reduce of zeros elsewhere carries exactly: the
+# count, the position, and the value's 64 bits in three pieces of 22 (each below 2^24).
+_FINDING_WORDS = 5
+_PIECE = 22
+
+
+def _dense_step(features, labels, findings, variable, alpha, rule: str, replica):
+    """Every class's count and sums (K rows of 1 + D, in the centers' dtype, as the framework's
+    own dense code keeps them) and every replica's findings (a row each, below them), added by
+    one all-reduce; the rule applied in the centers' dtype (where K is small, K x D float64
+    passes would cost more than the exchange)."""
     num_classes, width = (int(n) for n in variable.shape)
-    sums, counts, loss = _replica_partials(features, index, rows, rule)
-    dtype = variable.dtype
-    table = tf.scatter_nd(tf.cast(classes, tf.int64)[:, None],
-                          tf.concat([tf.cast(counts, dtype)[:, None], tf.cast(sums, dtype)], 1), [num_classes, 1 + width])
-    table = replica.all_reduce(tf.distribute.ReduceOp.SUM, table)
+    dtype, replicas = variable.dtype, replica.num_replicas_in_sync
+    difference, loss = _differences_and_loss(features, _sparse_read(variable, labels), rule)
+    table = tf.math.unsorted_segment_sum(
+        tf.concat([tf.ones_like(difference[:, :1], dtype), tf.cast(tf.stop_gradient(difference), dtype)], 1), labels,
+        num_classes)
+    if 1 + width >= _FINDING_WORDS:
+        bits = tf.bitcast(findings[2], tf.uint64)
+        pieces = [tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, tf.constant(_PIECE * k, tf.uint64)),
+                                         tf.constant((1 << _PIECE) - 1, tf.uint64)) for k in range(3)]
+        words = tf.cast(tf.stack([tf.bitcast(findings[0], tf.uint64), tf.bitcast(findings[1], tf.uint64), *pieces]), dtype)
+        row = tf.pad(words, [[0, 1 + width - _FINDING_WORDS]])
+        table = tf.concat([table, tf.scatter_nd([[replica.replica_id_in_sync_group]], row[None], [replicas, 1 + width])], 0)
+        table = replica.all_reduce(tf.distribute.ReduceOp.SUM, table)
+        found = tf.cast(table[num_classes:, :_FINDING_WORDS], tf.int64)
+        value = tf.bitcast(sum(tf.bitwise.left_shift(tf.cast(found[:, 2 + k], tf.uint64), tf.constant(_PIECE * k, tf.uint64))
+                               for k in range(3)), tf.int64)
+        check = _failing_if_any_bad(tf.stack([found[:, 0], found[:, 1], value], 1), num_classes, replicas)
+    else:  # too narrow a row for the findings: they have an all-reduce of their own, first
+        records = tf.scatter_nd([[replica.replica_id_in_sync_group]], findings[None], [replicas, 3])
+        check = _failing_if_any_bad(replica.all_reduce(tf.distribute.ReduceOp.SUM, records), num_classes, replicas)
+        with tf.control_dependencies([check]):
+            table = replica.all_reduce(tf.distribute.ReduceOp.SUM, table)
     coefficients = _coefficients(rule, alpha, width)
-    scale = tf.cast(coefficients.step, dtype) / (1.0 + tf.cast(coefficients.count_weight, dtype) * table[:, :1])
-    # a class no replica saw has sums of 0 and a finite scale: it moves by exactly 0
-    variable.assign_add(scale * table[:, 1:])  # the replica's own copy
+    scale = tf.cast(coefficients.step, dtype) / (1.0 + tf.cast(coefficients.count_weight, dtype) * table[:num_classes, :1])
+    with tf.control_dependencies([check]):
+        # a class no replica saw has sums of 0 and a finite scale: it moves by exactly 0
+        variable.assign_add(scale * table[:num_classes, 1:])  # the replica's own copy
     return loss
 
 
-def _sparse_step(features, labels, classes, index, rows, alpha, variable, rule: str, replica):
+def _sparse_step(features, labels, findings, variable, alpha, rule: str, replica):
     """The rows of the classes this replica saw (the class, its count and its float64 sums as
-    int32 words: the collectives take no uint32 and no pairs), and a first row of its label
-    findings, gathered in replica order: one collective for the check and the exchange. A bad
-    label fails every replica there, before any copy moves (``classes`` and ``rows`` were read
-    in range all the same)."""
+    int32 words: the collectives take no uint32 and no pairs) below a first row of its findings,
+    gathered in replica order."""
     width = int(variable.shape[1])
-    sums, counts, loss = _replica_partials(features, index, rows, rule)
-    count, position, value = tf.unstack(_label_findings(labels, int(variable.shape[0])))
+    classes, index = tf.unique(labels, out_idx=tf.int64)
+    difference, loss = _differences_and_loss(features, tf.gather(_sparse_read(variable, classes), index), rule)
+    held = tf.shape(classes, out_type=tf.int64)[0]
+    sums = tf.math.unsorted_segment_sum(tf.stop_gradient(difference), index, held)
+    counts = tf.math.unsorted_segment_sum(tf.ones_like(index, tf.int32), index, held)
+    count, position, value = tf.unstack(findings)
     # the findings' row: -1 - position in the class column marks it, then the count and the value's two words
-    findings = tf.concat([tf.cast(tf.stack([-1 - position, count]), tf.int32), tf.bitcast(value, tf.int32),
-                          tf.zeros([TABLE_HEADER + 2 * width - 4], tf.int32)], 0)
+    findings_row = tf.concat([tf.cast(tf.stack([-1 - position, count]), tf.int32), tf.bitcast(value, tf.int32),
+                              tf.zeros([TABLE_HEADER + 2 * width - 4], tf.int32)], 0)
     class_rows = tf.concat([tf.cast(classes, tf.int32)[:, None], counts[:, None],
                             tf.reshape(tf.bitcast(sums, tf.int32), [-1, 2 * width])], 1)
-    table = tf.concat([findings[None], class_rows], 0)
-    tables = replica.all_gather(table, axis=0)
+    tables = replica.all_gather(tf.concat([findings_row[None], class_rows], 0), axis=0)
     is_findings = tables[:, 0] < 0
     found = tf.boolean_mask(tables, is_findings)  # one row per replica, in replica order
     records = tf.stack([tf.cast(found[:, 1], tf.int64), tf.cast(-1 - found[:, 0], tf.int64),
@@ -332,19 +361,15 @@ def _sparse_read(variable, indices):
     return tf.raw_ops.ResourceGather(resource=variable.handle, indices=indices, dtype=variable.dtype)
 
 
-def _replica_partials(features, index, rows, rule: str):
-    """``(sums, counts, loss)`` of one replica's batch: per class of ``rows``, the float64 sums of
-    ``d_i = f_i - rows[index_i]`` and the counts (not differentiated), and the replica's loss,
-    differentiable to any order by TensorFlow itself. Every rule's loss and grad scales are their
-    values at B = 1 divided by B."""
+def _differences_and_loss(features, centers_of_samples, rule: str):
+    """``(d, loss)``: ``d_i = f_i - centers_of_samples[i]`` in float64 (the kernels' arithmetic),
+    and the replica's loss, differentiable in ``features`` to any order by TensorFlow itself.
+    Every rule's loss scale is its value at B = 1 divided by B."""
     per_sample = rule_coefficients(rule, 0.0, 1, int(features.shape[1]))
     batch_size = tf.cast(tf.maximum(tf.shape(features)[0], 1), tf.float64)
-    difference = tf.cast(features, tf.float64) - tf.gather(tf.cast(rows, tf.float64), index)
+    difference = tf.cast(features, tf.float64) - tf.cast(centers_of_samples, tf.float64)
     loss = tf.cast(per_sample.loss_scale / batch_size * tf.reduce_sum(tf.square(difference)), features.dtype)
-    held = tf.shape(rows, out_type=tf.int64)[0]
-    sums = tf.math.unsorted_segment_sum(tf.stop_gradient(difference), index, held)
-    counts = tf.math.unsorted_segment_sum(tf.ones_like(index, tf.int32), index, held)
-    return sums, counts, loss
+    return difference, loss
 
 
 def _as_variable(centers):

@@ -60,15 +60,31 @@ def test_rule_pytorch_under_mirrored_strategy_steps_the_centers_by_the_averaged_
     assert_matches(copies[0], start - LEARNING_RATE * expected.grad_centers, features, start)
 
 
-def test_a_bad_label_on_one_replica_fails_the_step_everywhere_and_moves_nothing(results):
-    error = str(results["bad_label.error"])
+@pytest.mark.parametrize("exchange", ["sparse", "dense"])
+def test_a_bad_label_on_one_replica_fails_the_step_everywhere_and_moves_nothing(results, exchange):
+    error = str(results[f"bad_label.{exchange}.error"])
     # whichever replica's error TensorFlow reports (the one holding the label, or the other),
     # it names the holder's finding
     assert ("label 8 at position 5 is out of range: labels must lie in [0, 6) for 6 classes (in the batch of "
             "replica 1 of 2; bad labels in all: 1; no centers moved anywhere)") in error, error
-    copies = results["bad_label.copies"]
+    copies = results[f"bad_label.{exchange}.copies"]
     _assert_identical_copies(copies)
     np.testing.assert_array_equal(copies[0], np.zeros_like(copies[0]))  # wen's centers start at zero
+
+
+def test_the_dense_exchange_of_narrow_features_checks_the_labels_apart(results):
+    """At D = 2 a replica's label findings do not fit a row of the dense table: they have an
+    all-reduce of their own, with the same outcome in a custom training loop."""
+    features, labels = data(0, 25)
+    expected = centerkern.center_loss(features[:BATCH, :2], labels[:BATCH], np.zeros((6, 2), np.float32), ALPHA,
+                                      rule="wen", backend="numpy").centers
+    copies = results["narrow_dense.good.copies"]
+    _assert_identical_copies(copies)
+    assert_matches(copies[0], expected, features[:BATCH, :2], expected)
+    error = str(results["narrow_dense.bad.error"])
+    assert ("label 8 at position 5 is out of range: labels must lie in [0, 6) for 6 classes (in the batch of "
+            "replica 1 of 2; bad labels in all: 1; no centers moved anywhere)") in error, error
+    np.testing.assert_array_equal(results["narrow_dense.bad.copies"], 0)
 
 
 def test_a_strategy_centerkern_cannot_serve_is_refused_by_name():

@@ -66,16 +66,36 @@ def main(out: str) -> None:
         results[f"fit.{scenario}.copies"] = copies(layer)
 
     # a bad label on the second replica: every replica raises, no copy moves, nothing hangs
-    with strategy.scope():
-        layer = center_tf.CenterLoss(NUM_CLASSES, alpha=ALPHA, rule="wen")
-        model = model_with(layer)
     bad = labels[:BATCH].copy()
     bad[-3] = NUM_CLASSES + 2
-    try:
-        model.fit([features[:BATCH], bad], epochs=1, batch_size=BATCH, shuffle=False, verbose=0)
-    except Exception as error:  # noqa: BLE001 - the test reads it
-        results["bad_label.error"] = np.array(f"{type(error).__name__}: {error}")
-    results["bad_label.copies"] = copies(layer)
+    for exchange in ("sparse", "dense"):
+        with strategy.scope():
+            layer = center_tf.CenterLoss(NUM_CLASSES, alpha=ALPHA, rule="wen", exchange=exchange)
+            model = model_with(layer)
+        try:
+            model.fit([features[:BATCH], bad], epochs=1, batch_size=BATCH, shuffle=False, verbose=0)
+        except Exception as error:  # noqa: BLE001 - the test reads it
+            results[f"bad_label.{exchange}.error"] = np.array(f"{type(error).__name__}: {error}")
+        results[f"bad_label.{exchange}.copies"] = copies(layer)
+
+    # a custom training loop (strategy.run) with features too narrow (D = 2) for the dense
+    # exchange's findings row: they have an all-reduce of their own
+    narrow = features[:BATCH, :2]
+    for name, batch_labels in (("good", labels[:BATCH]), ("bad", bad)):
+        with strategy.scope():
+            centers = tf.Variable(np.zeros((NUM_CLASSES, 2), np.float32))
+        dataset = tf.data.Dataset.from_tensors((narrow, batch_labels.astype(np.int64)))
+        per_replica = next(iter(strategy.experimental_distribute_dataset(dataset)))
+
+        @tf.function
+        def step(batch, centers=centers):
+            return strategy.run(lambda f, y: center_tf.center_loss(f, y, centers, ALPHA, rule="wen", exchange="dense"),
+                                args=batch)
+        try:
+            step(per_replica)
+        except Exception as error:  # noqa: BLE001 - the test reads it
+            results[f"narrow_dense.{name}.error"] = np.array(f"{type(error).__name__}: {error}")
+        results[f"narrow_dense.{name}.copies"] = np.stack([np.asarray(copy) for copy in centers.values])
     np.savez(out, **results)
 
 
