@@ -36,10 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero, zero_from_primal
 
-from ._adapters.batch_classes import (EXCHANGES, check_labels_of_every_shard, check_shapes_and_dtypes, exchange_for,
-                                      host_combine, host_partials, host_step, table_width)
+from ._adapters.batch_classes import (EXCHANGES, bad_label_template, check_labels_of_every_shard,
+                                      check_shapes_and_dtypes, exchange_for, host_combine, host_partials, host_step,
+                                      table_width)
 from ._adapters.settings import computed_dtype, host_backend
-from ._core.rules import RULES, moves_centers, rule_coefficients
+from ._core.rules import RULES, coefficients_of, moves_centers, rule_coefficients
 from ._core.validation import check_choice, check_labels
 
 __all__ = ["GPU_CUSTOM_CALL_SWITCH", "center_loss", "ffi_path_available", "step_path"]
@@ -189,7 +190,7 @@ def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, back
     # typed alike, vary too, and the gradient of replicated centers is summed over the shards
     replicated_centers = centers
     features, labels, centers, alpha = _vary_alike(features, labels, centers, alpha)
-    step = _ffi_step_or_none(rule, backend, features)
+    step = _ffi_step_or_none(rule, backend, features, centers)
     if step is not None:  # the kernels read centers[labels] and write the new centers
         loss, new_centers = step(features, centers, labels, alpha)
         return loss, jax.lax.stop_gradient(new_centers)
@@ -282,15 +283,16 @@ def _global_step(features, labels, centers, alpha, rule, backend, axis_name, exc
 
 
 def _dense_global_step(features, labels, centers, alpha, rule, axis_name):
-    """The dense exchange: every shard's counts and sums over all K classes in one table, added
-    by one psum, and the rule applied to every class counted, in place (``xla_native``)."""
-    features, index, rows, alpha = _vary_alike(features, labels, centers, alpha)
-    loss, table = _dense_partials_step(rule)(features, rows, index, alpha)
-    table = jax.lax.psum(table, axis_name)
+    """The dense exchange: every shard's counts and sums over all K classes in one table
+    (``xla_native``), added by one psum, and the rule applied to every class in XLA's own fused
+    loop (in place with the centers donated): a class no shard saw has sums of 0 and a finite
+    scale, so it moves by exactly 0."""
+    loss, table = _dense_partials_step(rule)(*_vary_alike(features, centers, labels, alpha))
+    table = jax.lax.psum(table, axis_name)  # typed as replicated: the new centers are, as the centers and alpha
     centers, alpha = jax.lax.stop_gradient(centers), jax.lax.stop_gradient(alpha)
-    new_centers, = _native_call("dense_update", (jax.ShapeDtypeStruct(centers.shape, centers.dtype),), centers, table,
-                                alpha, _rule_index(rule), aliases={0: 0})
-    return loss, new_centers
+    coefficients = coefficients_of(RULES.index(rule), alpha, 1, centers.shape[1])  # step, count weight
+    scale = coefficients.step / (1 + coefficients.count_weight * table[:, :1])
+    return loss, centers + (scale * table[:, 1:]).astype(centers.dtype)
 
 
 def _rule_index(rule: str):
@@ -342,10 +344,12 @@ def _labels_checked_on_every_shard(labels, num_classes: int, axes: frozenset):
     records = jax.lax.psum(_as_varying(records, frozenset(axes)), axes)
     shard_names = f" over mesh axes {axes}"
     if _host_targets_serve():  # machine code on XLA's threads: nothing of Python's can stall it
-        target = _check_target()
-        settings = (jnp.asarray(num_classes, jnp.int32), jnp.asarray(np.frombuffer(shard_names.encode(), np.uint8)))
-        checked = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(labels.shape, labels.dtype), vmap_method="sequential",
-                                   input_output_aliases={0: 0})(labels, records, *settings)
+        from ._adapters import xla_native
+
+        template = bad_label_template(num_classes=num_classes, shard_names=shard_names).format(*xla_native.MARKERS)
+        checked = jax.ffi.ffi_call(_check_target(), jax.ShapeDtypeStruct(labels.shape, labels.dtype),
+                                   vmap_method="sequential", input_output_aliases={0: 0})(
+            labels, records, jnp.asarray(np.frombuffer(template.encode("utf-8"), np.uint8)))
         return _typed_like((checked,), labels)[0]
 
     def check(labels, records):
@@ -422,8 +426,8 @@ def _dense_partials_step(rule: str):
     def run(features, centers, labels, alpha):
         shapes = (jax.ShapeDtypeStruct((), features.dtype), jax.ShapeDtypeStruct(features.shape, features.dtype),
                   jax.ShapeDtypeStruct((centers.shape[0], 1 + centers.shape[1]), features.dtype))
-        return _typed_like(_native_call("dense_partials", shapes, features, labels, centers, alpha, _rule_index(rule)),
-                           features)
+        return _typed_like(_native_call("dense_partials", shapes, features, labels.astype(_wide_int()), centers, alpha,
+                                        _rule_index(rule)), features)
 
     return _with_the_kernels_derivatives(run, rule)
 
@@ -562,27 +566,28 @@ def step_path() -> str:
 _REGISTERED: dict = globals().get("_REGISTERED", {})
 
 
-def _ffi_step_or_none(rule: str, backend: str, features):
+def _ffi_step_or_none(rule: str, backend: str, features, centers):
     """The custom-call step, or None where the host callback must serve: jax.ffi missing, JAX on
     a GPU without the switch, or XLA refusing the registration (its reason kept for ``info``).
-    Its target is registered here, for the ``features``' dtype and shape."""
+    Its target is registered here, for the ``features``' dtype and shape and the ``centers``'."""
     if not ffi_path_available():
         return None
     try:
-        _ffi_target(rule, backend, features.dtype, *features.shape)
+        _ffi_target(rule, backend, features.dtype, *features.shape, centers.shape[0])
         return _ffi_step(rule, backend)
     except Exception as error:  # e.g. a jaxlib that no longer accepts this API version
         _ffi_state.update(available=False, refused=f"{type(error).__name__}: {error}")
         return None
 
 
-def _ffi_target(rule: str, backend: str, dtype, batch_size: int, feature_size: int) -> tuple[str, tuple]:
+def _ffi_target(rule: str, backend: str, dtype, batch_size: int, feature_size: int,
+                num_classes: int) -> tuple[str, tuple]:
     """``(name, settings)``: the FFI target of a step of ``rule`` on a batch of these sizes,
     registered with XLA on first use, and the operands it takes after the four of the step.
 
     On the CPU with the numba backend: the compiled handler (``xla_native``) for the dtype and
-    the regime, taking the shape-derived ``settings``, compiled or loaded here, while the step is
-    traced, so that XLA's threads run machine code only. With ``numpy``: the reference in a
+    the regime, taking the shape-derived ``settings`` and its messages' templates, compiled or
+    loaded here, while the step is traced, so that XLA's threads run machine code only. With ``numpy``: the reference in a
     Python handler (``xla_targets.host_center_loss``). On a GPU: the cuda kernels."""
     if backend == "numba" and jax.default_backend() == "cpu":
         from ._adapters import xla_native
@@ -593,7 +598,8 @@ def _ffi_target(rule: str, backend: str, dtype, batch_size: int, feature_size: i
             compiled = xla_native.handler(dtype, parallel)
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(compiled.ctypes), platform="cpu")
             _REGISTERED[name] = [compiled]
-        return name, (jnp.asarray(xla_native.settings(rule, batch_size, feature_size)),)
+        settings = xla_native.settings(rule, batch_size, feature_size)
+        return name, tuple(jnp.asarray(operand) for operand in (settings, *xla_native.templates(num_classes)))
     name = f"centerkern_center_loss_{rule}_{backend}"
     if name not in _REGISTERED:
         from ._adapters import xla_targets
@@ -623,8 +629,10 @@ def _ffi_step(rule: str, backend: str):
     derivatives."""
 
     def run(features, centers, labels, alpha):
-        target, settings = _ffi_target(rule, backend, features.dtype, *features.shape)
-        operands = (features, labels, centers, alpha, *_typed_like(settings, features))
+        target, settings = _ffi_target(rule, backend, features.dtype, *features.shape, centers.shape[0])
+        # the widest integer type JAX has, the one the handlers take (a wider label wraps
+        # negative, which is still out of range)
+        operands = (features, labels.astype(_wide_int()), centers, alpha, *_typed_like(settings, features))
         shapes = (jax.ShapeDtypeStruct((), features.dtype), jax.ShapeDtypeStruct(features.shape, features.dtype))
         if not moves_centers(rule):  # pytorch: the centers stay as they are, and no buffer is written
             loss, grad = jax.ffi.ffi_call(target, shapes, vmap_method="sequential")(*operands)

@@ -1,6 +1,8 @@
 """centerkern.jax.center_loss: values against the numpy backend, gradients against jax.grad of
 the SPEC formulas, under jax.jit, value_and_grad(has_aux=True) and vmap."""
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -157,6 +159,34 @@ def test_a_bad_label_inside_jit_names_its_position_and_value(step_path):
     with pytest.raises(Exception, match=r"label 9 at position 4 is out of range: labels must lie in \[0, 8\)"):
         jax.block_until_ready(step(features, bad, held))
     np.testing.assert_array_equal(np.asarray(held), centers)  # nothing written
+
+
+@pytest.mark.parametrize("alpha", [np.nan, np.inf, -np.inf])
+def test_an_alpha_that_is_not_finite_inside_jit_is_refused_in_the_validations_words(alpha):
+    """The traced alpha is checked by the handler, which writes the Python validation's own
+    message (``check_alpha``'s), and nothing moves."""
+    features, labels, centers = _batch(14)
+    with pytest.raises(ValueError) as expected:
+        centerkern.center_loss(features, labels, centers, alpha)
+    assert str(expected.value) == f"alpha must be finite, got {float(alpha)!r}"
+    held = jnp.asarray(centers)
+    step = jax.jit(lambda f, l, c, a: center_jax.center_loss(f, l, c, a, rule="wen"))
+    # the handler's words exactly; the host callback's name the float32 it got
+    with pytest.raises(Exception, match=rf"alpha must be finite, got (np\.float32\()?{re.escape(repr(float(alpha)))}"):
+        jax.block_until_ready(step(features, labels, held, np.float32(alpha)))
+    np.testing.assert_array_equal(np.asarray(held), centers)
+
+
+def test_the_cpu_steps_handler_is_compiled_code_that_needs_no_python():
+    """The handler XLA calls for the numba backend is a Numba cfunc (no GIL, nothing to import),
+    compiled when the step was traced."""
+    from numba.core.ccallback import CFunc
+
+    features, labels, centers = _batch(15)
+    jax.block_until_ready(jax.jit(lambda f, l, c: center_jax.center_loss(f, l, c, 0.5, rule="wen"))(
+        features, labels, centers))
+    handlers = {name: kept for name, kept in center_jax._REGISTERED.items() if name.startswith("centerkern_center_loss_numba")}
+    assert handlers and all(isinstance(kept[0], CFunc) for kept in handlers.values()), handlers
 
 
 # the path fixture holds for every example of the test: it is the same on each

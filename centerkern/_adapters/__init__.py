@@ -5,6 +5,8 @@
   host, the dtype half-precision features are computed in);
 - ``batch_classes``: the step rewritten on the batch's own classes, so that a host callback or an
   exchange between ranks moves B rows, never the K centers;
-- ``xla_ffi``: the XLA FFI handler through which JAX calls the kernels without a callback, and
-  ``xla_targets``: what those handlers run on XLA's buffers.
+- ``xla_ffi``: XLA's FFI call frame, and a Python function as an FFI handler;
+- ``xla_native``: the handlers JAX runs on the CPU, compiled Numba ``cfunc``s that need no
+  Python per call (the step, and the data-parallel step's partials, sums and label check);
+- ``xla_targets``: the Python handlers (the ``numpy`` reference, the cuda step on a GPU).
 """

@@ -8,7 +8,7 @@ for a lock held by a thread that is gone (an import, a compile), so that the pro
 exits. Here the handler is compiled: it reads XLA's call frame (``xla/ffi/api/c_api.h``, whose
 layout ``xla_ffi`` declares) with loads at fixed offsets, runs the numba backend's step on the
 buffers where they are, and makes XLA's errors itself (``XLA_FFI_Error_Create``, a function
-pointer of the frame's API) with the messages of SPEC.
+pointer of the frame's API) with the messages of SPEC, which the Python code makes (``templates``).
 
 What a call could still need of Python is done when the step is traced: the handler is
 compiled (or loaded from the kernel cache) for the features' dtype and the regime (``serial``
@@ -16,8 +16,8 @@ or ``parallel``, as the numba backend picks by B x D), Numba's threads are start
 numbers that depend on the shapes only (the rule, the integer scratch's size, a first guess at
 the float scratch, the thread count) travel as a small int32 operand, ``settings``.
 
-Arguments ``(features, labels, centers, alpha, settings)``, results ``(loss, grad[,
-new_centers])``: the new centers, for rules that move them, in the buffer XLA aliases to the
+Arguments ``(features, labels, centers, alpha, settings, bad_label, alpha_not_finite)``, the last
+two the messages' ``templates``, results ``(loss, grad[, new_centers])``: the new centers, for rules that move them, in the buffer XLA aliases to the
 centers' (``input_output_aliases``), which is then the centers' own.
 """
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import threading
 import types as types_module
 
@@ -39,7 +40,9 @@ from .._backends.numba_cpu.jit import _Cache, _report_cache_problem
 from .._backends.numba_cpu.rows import Batch
 from .._core.interop import FLOAT_DTYPES
 from .._core import rules
+from .._core.errors import label_out_of_range
 from .._core.rules import RULES
+from .._core.validation import check_alpha
 from . import xla_ffi
 
 # --------------------------------------------------------------------------- the frame's layout
@@ -61,10 +64,8 @@ _MINOR = _METADATA_VERSION + xla_ffi._ApiVersion.minor_version.offset
 _TRAITS = xla_ffi._Metadata.traits.offset
 _ERROR_ARGS_SIZE = ctypes.sizeof(xla_ffi._ErrorCreateArgs)
 
-# XLA's dtype codes of the integer labels, as xla_ffi._DTYPES numbers them
-_LABEL_DTYPES = {code: np.dtype(dtype) for code, dtype in xla_ffi._DTYPES.items() if np.dtype(dtype).kind in "iu"}
-_INT8, _INT16, _INT32, _INT64, _UINT8, _UINT16, _UINT32, _UINT64 = (
-    code for code, _ in sorted(_LABEL_DTYPES.items(), key=lambda item: item[0]))
+# XLA's dtype code of int64, as xla_ffi._DTYPES numbers them
+_INT64 = next(code for code, dtype in xla_ffi._DTYPES.items() if dtype is np.int64)
 
 # settings: what the trace knows and the handler takes as data
 SETTINGS = ("rule", "int_scratch", "float_scratch", "threads")
@@ -131,22 +132,27 @@ _OUT_OF_RANGE = xla_ffi.ERROR_OUT_OF_RANGE
 _INVALID_ARGUMENT = xla_ffi.ERROR_INVALID_ARGUMENT
 
 
-def _text(words: str) -> np.ndarray:
-    return np.frombuffer(words.encode("ascii"), np.uint8)
+# The messages are the Python ones (``templates``), made when the step is traced with a marker
+# byte where each runtime number goes, and passed to the handler as operands: the handler only
+# writes the numbers in. Marker k (1 to 4) stands for the k-th number a handler has.
+MARKERS = tuple(chr(k) for k in range(1, 5))
+_NAN, _INFINITY = np.frombuffer(b"nan", np.uint8), np.frombuffer(b"inf", np.uint8)
 
 
-# centerkern._core.errors.label_out_of_range, in pieces around its numbers
-_LABEL, _AT_POSITION, _OUT_OF_RANGE_TEXT, _FOR, _CLASSES = (
-    _text("label "), _text(" at position "), _text(" is out of range: labels must lie in [0, "), _text(") for "),
-    _text(" classes"))
-# centerkern._core.validation.check_alpha's, for the three values that are not finite
-_ALPHA_NOT_FINITE, _NAN, _INFINITY, _MINUS = _text("alpha must be finite, got "), _text("nan"), _text("inf"), _text("-")
+def templates(num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The step handler's messages as uint8 templates: a bad label (marker 1 its value, 2 its
+    position: ``label_out_of_range``'s words) and an alpha that is not finite (marker 1 the
+    value: ``check_alpha``'s words)."""
+    bad_label = str(label_out_of_range(MARKERS[1], MARKERS[0], num_classes))  # position, value
+    try:
+        check_alpha(math.nan)
+    except ValueError as error:
+        alpha = str(error).removesuffix("nan") + MARKERS[0]
+    return _as_bytes(bad_label), _as_bytes(alpha)
 
 
-@numba.njit(cache=False)
-def _put_text(message, at, text):
-    message[at:at + text.size] = text
-    return at + text.size
+def _as_bytes(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-8"), np.uint8)
 
 
 @numba.njit(cache=False)
@@ -166,9 +172,24 @@ def _put_int(message, at, value):
 
 
 @numba.njit(cache=False)
-def _error(frame, message, length, code):
-    """XLA's error with ``message[:length]`` and ``code``, made by the frame's API."""
-    message[length] = 0  # a C string
+def _rendered(template, numbers):
+    """``template`` with each marker byte k replaced by ``numbers[k - 1]`` in decimal, as a C
+    string, and its length."""
+    message = np.empty(template.size + 21 * numbers.size + 1, np.uint8)
+    at = 0
+    for byte in template:
+        if 1 <= byte <= numbers.size:
+            at = _put_int(message, at, numbers[byte - 1])
+        else:
+            message[at] = byte
+            at += 1
+    message[at] = 0
+    return message, at
+
+
+@numba.njit(cache=False)
+def _error(frame, message, code):
+    """XLA's error with the C string ``message`` and ``code``, made by the frame's API."""
     arguments = np.zeros(4, np.int64)  # XLA_FFI_Error_Create_Args
     arguments[0] = _ERROR_ARGS_SIZE
     arguments[2] = message.ctypes.data
@@ -178,35 +199,30 @@ def _error(frame, message, length, code):
 
 
 @numba.njit(cache=False)
-def _put_bad_label(message, at, position, value, num_classes):
-    at = _put_text(message, at, _LABEL)
-    at = _put_int(message, at, value)
-    at = _put_text(message, at, _AT_POSITION)
-    at = _put_int(message, at, position)
-    at = _put_text(message, at, _OUT_OF_RANGE_TEXT)
-    at = _put_int(message, at, num_classes)
-    at = _put_text(message, at, _FOR)
-    at = _put_int(message, at, num_classes)
-    return _put_text(message, at, _CLASSES)
-
-
-@numba.njit(cache=False)
-def _bad_label_error(frame, position, value, num_classes):
-    message = np.empty(200, np.uint8)
-    return _error(frame, message, _put_bad_label(message, 0, position, value, num_classes), _OUT_OF_RANGE)
-
-
-@numba.njit(cache=False)
-def _alpha_error(frame, alpha):
-    message = np.empty(64, np.uint8)
-    at = _put_text(message, 0, _ALPHA_NOT_FINITE)
-    if alpha != alpha:
-        at = _put_text(message, at, _NAN)
-    else:
+def _alpha_error(frame, template, alpha):
+    """``template`` (``templates``' second) with ``nan``, ``inf`` or ``-inf`` for its marker."""
+    message = np.empty(template.size + 5, np.uint8)
+    at = 0
+    for byte in template:
+        if byte != 1:
+            message[at] = byte
+            at += 1
+            continue
         if alpha < 0:
-            at = _put_text(message, at, _MINUS)
-        at = _put_text(message, at, _INFINITY)
-    return _error(frame, message, at, _INVALID_ARGUMENT)
+            message[at] = 45  # '-'
+            at += 1
+        word = _NAN if alpha != alpha else _INFINITY
+        for k in range(word.size):
+            message[at] = word[k]
+            at += 1
+    message[at] = 0
+    return _error(frame, message, _INVALID_ARGUMENT)
+
+
+@numba.njit(cache=False)
+def _bytes(buffers, index):
+    """Argument ``index``, a uint8 vector (a message template), as an array."""
+    return numba.carray(_pointer(_data(buffers, index), types.uint8), _dim(buffers, index, 0))
 
 
 # --------------------------------------------------------------------------- the handler
@@ -239,26 +255,16 @@ def _dim(buffers, index, axis):
 
 @numba.njit(cache=False)
 def _labels_as_int64(buffers, index, batch_size):
-    """The labels as the kernels take them: int64, converted from XLA's dtype where it differs."""
-    code = _load(_load(buffers + 8 * index, types.intp) + _BUFFER_DTYPE, types.int32)
+    """The labels as the kernels take them, int64: XLA's int64 buffer itself, or its int32 one
+    widened (``centerkern.jax`` hands over labels of the widest integer type JAX has, and only
+    those: each dtype more would be one more conversion to compile)."""
     address = _data(buffers, index)
-    if code == _INT64:
-        return numba.carray(_pointer(address, types.int64), batch_size).copy()
+    if _load(_load(buffers + 8 * index, types.intp) + _BUFFER_DTYPE, types.int32) == _INT64:
+        return numba.carray(_pointer(address, types.int64), batch_size)
+    narrow = numba.carray(_pointer(address, types.int32), batch_size)
     labels = np.empty(batch_size, np.int64)
-    if code == _INT32:
-        labels[:] = numba.carray(_pointer(address, types.int32), batch_size)
-    elif code == _UINT32:
-        labels[:] = numba.carray(_pointer(address, types.uint32), batch_size)
-    elif code == _INT16:
-        labels[:] = numba.carray(_pointer(address, types.int16), batch_size)
-    elif code == _UINT16:
-        labels[:] = numba.carray(_pointer(address, types.uint16), batch_size)
-    elif code == _INT8:
-        labels[:] = numba.carray(_pointer(address, types.int8), batch_size)
-    elif code == _UINT8:
-        labels[:] = numba.carray(_pointer(address, types.uint8), batch_size)
-    else:  # uint64: values past int64's range turn negative, which the sort reports as out of range
-        labels[:] = numba.carray(_pointer(address, types.uint64), batch_size).view(np.int64)
+    for i in range(batch_size):
+        labels[i] = narrow[i]
     return labels
 
 
@@ -281,7 +287,7 @@ def _handle(frame):
     settings = numba.carray(_pointer(_data(arguments, 4), types.int32), len(SETTINGS))
     grad = numba.carray(_pointer(_data(results, 1), _FLOAT), (batch_size, width))
     if not np.isfinite(alpha):
-        return _alpha_error(frame, alpha)
+        return _alpha_error(frame, _bytes(arguments, 6), alpha)
     rule = _coefficients_of(settings[_RULE], alpha, batch_size, width)
     if rule.moves_centers:  # the new centers' buffer, which XLA aliases to the centers'
         written = numba.carray(_pointer(_data(results, 2), _FLOAT), (num_classes, width))
@@ -297,7 +303,8 @@ def _handle(frame):
                         np.int64(settings[_THREADS]))
         if ints[step.BAD_POSITION] >= 0:
             position = ints[step.BAD_POSITION]
-            return _bad_label_error(frame, position, labels[position], num_classes)
+            message, _ = _rendered(_bytes(arguments, 5), np.array([labels[position], position]))
+            return _error(frame, message, _OUT_OF_RANGE)
         if ints[step.LAYOUT_RUN] != 0:
             break
         floats = np.empty(ints[step.FLOATS_NEEDED] * 5 // 4, np.float64)  # nothing was written: again
@@ -306,11 +313,6 @@ def _handle(frame):
 
 
 # --------------------------------------------------------------------------- the shards' label check
-
-# centerkern._adapters.batch_classes.bad_label_message's words around its numbers
-_IN_THE_BATCH_OF_SHARD, _BAD_IN_ALL, _NOTHING_MOVED = (
-    _text(" (in the batch of shard "), _text("; bad labels in all: "), _text("; no centers moved anywhere)"))
-
 
 @numba.njit(cache=False)
 def _record(buffers, index, shards):
@@ -325,16 +327,16 @@ def _record(buffers, index, shards):
 
 
 def _check_labels(frame):
-    """Arguments ``(labels, records, num_classes, shard_names)``, result the labels (aliased): an
-    error naming the first shard's first bad label if any shard holds one (``records``, summed
-    over the shards, see ``centerkern.jax``), on every shard alike. ``shard_names``: the text
-    after each shard's number (``" over mesh axes ('batch',)"``), as bytes."""
+    """Arguments ``(labels, records, template)``, result the labels (aliased): an error naming
+    the first shard's first bad label if any shard holds one (``records``, summed over the
+    shards, see ``centerkern.jax``), on every shard alike. ``template``: the message, markers 1
+    to 4 for the label's value, its position, the shard and the count
+    (``batch_classes.bad_label_template``)."""
     if _answered_metadata(frame) or _load(frame + _FRAME_STAGE, types.int32) != xla_ffi.EXECUTE_STAGE:
         return 0
     arguments = _load(frame + _FRAME_ARGUMENTS, types.intp)
     shards = _dim(arguments, 1, 0)
     records = _record(arguments, 1, shards)
-    num_classes = _load(_data(arguments, 2), types.int32)
     total = 0
     for shard in range(shards):
         total += records[shard, 0]
@@ -343,16 +345,8 @@ def _check_labels(frame):
     owner = 0
     while records[owner, 0] == 0:
         owner += 1
-    names = numba.carray(_pointer(_data(arguments, 3), types.uint8), _dim(arguments, 3, 0))
-    message = np.empty(300 + names.size, np.uint8)
-    at = _put_bad_label(message, 0, records[owner, 1], records[owner, 2], num_classes)
-    at = _put_text(message, at, _IN_THE_BATCH_OF_SHARD)
-    at = _put_int(message, at, owner)
-    at = _put_text(message, at, names)
-    at = _put_text(message, at, _BAD_IN_ALL)
-    at = _put_int(message, at, total)
-    at = _put_text(message, at, _NOTHING_MOVED)
-    return _error(frame, message, at, _OUT_OF_RANGE)
+    message, _ = _rendered(_bytes(arguments, 2), np.array([records[owner, 2], records[owner, 1], owner, total]))
+    return _error(frame, message, _OUT_OF_RANGE)
 
 
 # --------------------------------------------------------------------------- the data-parallel step
@@ -462,12 +456,13 @@ def _dense_partials(frame):
     slot_of_class = np.full(num_classes, -1, np.int64)
     classes = np.empty(batch_size, np.int64)
     slots = np.empty(batch_size, np.int64)
+    rows_read = np.empty(batch_size, np.int64)
     seen = 0
     for i in range(batch_size):
         label = labels[i]
         if label < 0 or label >= num_classes:
             label = 0  # read as class 0 all the same (the step fails everywhere before any write)
-        labels[i] = label
+        rows_read[i] = label
         if slot_of_class[label] < 0:
             slot_of_class[label] = seen
             classes[seen] = label
@@ -475,7 +470,7 @@ def _dense_partials(frame):
         slots[i] = slot_of_class[label]
     sums = np.zeros((seen, width), np.float64)
     counts = np.zeros(seen, np.int64)
-    squares = _shard_pass(features, centers, labels, rule.grad_scale, grad, sums, slots, counts)
+    squares = _shard_pass(features, centers, rows_read, rule.grad_scale, grad, sums, slots, counts)
     table[:] = 0
     for j in range(seen):
         table[classes[j], 0] = counts[j]
@@ -484,36 +479,8 @@ def _dense_partials(frame):
     return 0
 
 
-def _dense_update(frame):
-    """Arguments ``(centers, table, alpha, settings)``, result the new centers (aliased to the
-    centers): the rule applied to every class counted in ``table`` (every shard's, added by the
-    all-reduce)."""
-    if _answered_metadata(frame) or _load(frame + _FRAME_STAGE, types.int32) != xla_ffi.EXECUTE_STAGE:
-        return 0
-    arguments = _load(frame + _FRAME_ARGUMENTS, types.intp)
-    results = _load(frame + _FRAME_RESULTS, types.intp)
-    num_classes, width = _dim(arguments, 0, 0), _dim(arguments, 0, 1)
-    centers = numba.carray(_pointer(_data(arguments, 0), _FLOAT), (num_classes, width))
-    table = numba.carray(_pointer(_data(arguments, 1), _FLOAT), (num_classes, 1 + width))
-    alpha = np.float64(_load(_data(arguments, 2), _FLOAT))
-    rule = _coefficients_of(_load(_data(arguments, 3), types.int32), alpha, 1, width)
-    new_centers = numba.carray(_pointer(_data(results, 0), _FLOAT), (num_classes, width))
-    if _data(results, 0) != _data(arguments, 0):  # not aliased after all
-        new_centers[:] = centers
-    # read and written through one name, so that LLVM vectorizes the loop (two names for one
-    # buffer fail its overlap check)
-    for j in range(num_classes):
-        if table[j, 0] != 0:
-            scale = rule.step / (1.0 + rule.count_weight * np.float64(table[j, 0]))
-            row, sums = new_centers[j], table[j, 1:]
-            for k in range(width):
-                row[k] = np.float64(row[k]) + scale * np.float64(sums[k])
-    return 0
-
-
 #: The data-parallel step's handlers, each compiled per float type.
-DATA_PARALLEL = {"partials": _partials, "combine": _combine, "dense_partials": _dense_partials,
-                 "dense_update": _dense_update}
+DATA_PARALLEL = {"partials": _partials, "combine": _combine, "dense_partials": _dense_partials}
 
 
 def data_parallel_handler(name: str, dtype):
@@ -522,13 +489,17 @@ def data_parallel_handler(name: str, dtype):
     key = (name, dtype)
     with _compile_lock:
         if key not in _HANDLERS:
-            function = DATA_PARALLEL[name]
-            typed = types_module.FunctionType(function.__code__, {**function.__globals__,
-                                                                  "_FLOAT": numba.from_dtype(dtype)}, name)
-            compiled = _as_cfunc(typed, f"xla_{name}_{dtype.name}")
+            compiled = _data_parallel_uncompiled(name, dtype)
             compiled.compile()
             _HANDLERS[key] = compiled
     return _HANDLERS[key]
+
+
+def _data_parallel_uncompiled(name: str, dtype: np.dtype):
+    function = DATA_PARALLEL[name]
+    typed = types_module.FunctionType(function.__code__, {**function.__globals__, "_FLOAT": numba.from_dtype(dtype)},
+                                      name)
+    return _as_cfunc(typed, f"xla_{name}_{dtype.name}")
 
 
 _compile_lock = threading.Lock()
@@ -577,38 +548,59 @@ def _compile(dtype: np.dtype, parallel: bool):
         from numba.np.ufunc.parallel import _launch_threads
 
         _launch_threads()
+    _step_entry(parallel).compiled(dtype)  # the handler calls the entry as it is, compiled or cached
     compiled = _uncompiled(dtype, parallel)
     compiled.compile()
     return compiled
 
 
+def _step_entry(parallel: bool):
+    return step.step_parallel if parallel else step.step_serial
+
+
 def _uncompiled(dtype: np.dtype, parallel: bool):
-    """The handler for ``dtype`` and the regime, not yet compiled, with the kernel cache."""
+    """The handler for ``dtype`` and the regime, not yet compiled, with the kernel cache. It calls
+    the numba backend's entry point of the regime, whose compiled code (for this dtype's
+    signature, which the handler's arrays convert to) it links in: compiling the handler
+    compiles none of the step again."""
     name = f"xla_center_loss_{dtype.name}_{'parallel' if parallel else 'serial'}"
-    step_function = numba.njit(step._named(f"{name}_step"), parallel=parallel)
-    handle = types_module.FunctionType(_handle.__code__, {**_handle.__globals__, "_STEP": step_function,
+    handle = types_module.FunctionType(_handle.__code__, {**_handle.__globals__, "_STEP": _step_entry(parallel).dispatcher,
                                                          "_FLOAT": numba.from_dtype(dtype)}, name)
     return _as_cfunc(handle, name)
 
 
 class HandlerEntry:
-    """The handlers of one regime as ``python -m centerkern compile`` takes an entry point."""
+    """A handler as ``python -m centerkern compile`` takes an entry point: ``uncompiled(dtype)``
+    (with the kernel cache attached) and ``compiled(dtype)``, which compiles it or loads it."""
 
-    def __init__(self, parallel: bool):
-        self.parallel = parallel
-        self.name = f"xla_center_loss_{'parallel' if parallel else 'serial'}"
+    def __init__(self, name: str, uncompiled, compiled):
+        self.name = name
+        self._uncompiled, self._compiled = uncompiled, compiled
 
     def is_cached(self, dtype) -> bool:
         """Whether the cache holds this handler for ``dtype``, without compiling it."""
-        compiled = _uncompiled(np.dtype(dtype), self.parallel)
-        return compiled._cache.load_overload(compiled._sig, compiled._targetdescr.target_context) is not None
+        if self.name.startswith("xla_center_loss_") and not _step_entry(self.name.endswith("parallel")).is_cached(dtype):
+            return False  # it calls an entry point, which must be there first
+        handler_function = self._uncompiled(np.dtype(dtype))
+        target = handler_function._targetdescr.target_context
+        return handler_function._cache.load_overload(handler_function._sig, target) is not None
 
     def compiled(self, dtype):
-        return handler(dtype, self.parallel)
+        return self._compiled(np.dtype(dtype))
 
 
-#: What ``python -m centerkern compile`` compiles of this module, beside the backend's entry points.
-ENTRIES = (HandlerEntry(parallel=False), HandlerEntry(parallel=True))
+#: What ``python -m centerkern compile`` compiles of this module, beside the backend's entry
+#: points: the step in each regime, the data-parallel step's handlers, the label check (the
+#: same for every dtype).
+ENTRIES = (
+    *(HandlerEntry(f"xla_center_loss_{regime}", functools.partial(_uncompiled, parallel=parallel),
+                   functools.partial(handler, parallel=parallel))
+      for regime, parallel in (("serial", False), ("parallel", True))),
+    *(HandlerEntry(f"xla_{name}", functools.partial(_data_parallel_uncompiled, name),
+                   functools.partial(data_parallel_handler, name)) for name in DATA_PARALLEL),
+    HandlerEntry("xla_check_labels", lambda dtype: _as_cfunc(_check_labels, "xla_check_labels"),
+                 lambda dtype: label_check()),
+)
 
 
 def settings(rule: str, batch_size: int, feature_size: int) -> np.ndarray:

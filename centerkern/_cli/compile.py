@@ -26,7 +26,7 @@ BACKENDS = ("numba", "cuda")
 def _compile_entry(name: str, dtypes: tuple[str, ...]) -> list[tuple[str, float, bool]]:
     """Compile (or find in the cache) one numba entry point for each dtype: (dtype, seconds,
     whether it was cached already) each. Runs in a worker process."""
-    entry = next(entry for entry in _entries() if entry.name == name)
+    entry = next(entry for entries in _entries() for entry in entries if entry.name == name)
     done = []
     for dtype in dtypes:
         start = time.perf_counter()
@@ -37,13 +37,13 @@ def _compile_entry(name: str, dtypes: tuple[str, ...]) -> list[tuple[str, float,
     return done
 
 
-def _entries() -> tuple:
-    """The numba backend's entry points, and the XLA handlers that compile its step
-    (``centerkern.jax`` on the CPU)."""
+def _entries() -> tuple[tuple, tuple]:
+    """The numba backend's entry points, then the XLA handlers (``centerkern.jax`` on the CPU),
+    which call them."""
     from .._adapters import xla_native
     from .._backends import numba_cpu
 
-    return (*numba_cpu.ENTRIES, *xla_native.ENTRIES)
+    return numba_cpu.ENTRIES, xla_native.ENTRIES
 
 
 def _compile_cuda(dtypes: tuple[str, ...]) -> str:
@@ -94,18 +94,21 @@ def compile_kernels(dtypes: tuple[str, ...], backends: tuple[str, ...], jobs: in
     if "numba" in backends:
         where, how = kernel_cache()
         print(f"numba kernels for {', '.join(dtypes)} -> {where or 'no cache'} ({how})")
-        names = [entry.name for entry in _entries()]
-        progress = _Progress(len(names))
-        if jobs > 1:
-            # "spawn": a fresh interpreter per worker, never a fork of one that holds Numba's threads
-            context = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(min(jobs, len(names)), mp_context=context) as pool:
-                futures = {pool.submit(_compile_entry, name, dtypes): name for name in names}
-                for future in concurrent.futures.as_completed(futures):
-                    progress.step(_described(futures[future], future.result()))
-        else:
-            for name in names:
-                progress.step(_described(name, _compile_entry(name, dtypes)))
+        # in two rounds: the XLA handlers link in the backend's entry points, which must be in the
+        # cache first (else two processes would compile and save one entry's files at once)
+        rounds = [[entry.name for entry in entries] for entries in _entries()]
+        progress = _Progress(sum(len(names) for names in rounds))
+        for names in rounds:
+            if jobs > 1:
+                # "spawn": a fresh interpreter per worker, never a fork of one that holds Numba's threads
+                context = multiprocessing.get_context("spawn")
+                with concurrent.futures.ProcessPoolExecutor(min(jobs, len(names)), mp_context=context) as pool:
+                    futures = {pool.submit(_compile_entry, name, dtypes): name for name in names}
+                    for future in concurrent.futures.as_completed(futures):
+                        progress.step(_described(futures[future], future.result()))
+            else:
+                for name in names:
+                    progress.step(_described(name, _compile_entry(name, dtypes)))
     if "cuda" in backends:
         print(f"cuda kernels: {_compile_cuda(dtypes)}")
     print(f"done in {time.perf_counter() - start:.1f} s")

@@ -983,8 +983,36 @@ def sharded_command(result: Result) -> str:
 
 
 def data_parallel_table(results: list[Result], page: Page) -> list[nodes.Node]:
-    """One row per file (they differ by their size), one column per implementation of each
-    framework, the framework's own against centerkern's."""
+    """Files measuring every K (``--classes``): a table per framework, a row per K, a column per
+    step, each compared with centerkern's whole-batch step. Earlier files (one K each): one row
+    per file, one column per implementation of each framework."""
+    by_class_count = [result for result in results if "K" not in result.data["size"]]
+    shown = [node for result in by_class_count for node in _data_parallel_by_class_count(result)]
+    one_each = [result for result in results if "K" in result.data["size"]]
+    return shown + (_data_parallel_one_size_each(one_each) if one_each else [])
+
+
+def _data_parallel_by_class_count(result: Result) -> list[nodes.Node]:
+    shown = []
+    for group, by_k in result.data["groups"].items():
+        names = list(dict.fromkeys(name for steps in by_k.values() for name in steps))
+        ours = next(name for name in names if name.startswith("centerkern"))
+        rows = []
+        for k, steps in by_k.items():
+            row = [f"{int(k.removeprefix('K=')):,}"]
+            for name in names:
+                if name not in steps:
+                    row.append(DASH)
+                    continue
+                comparison = "" if name == ours else f" ({faster_or_slower(steps[name], steps[ours])})"
+                row.append(milliseconds(steps[name]) + comparison)
+            rows.append(row)
+        caption = f"{group}: {result.data.get('what', 'median ms')}; {_size_text(result.data['size'])}"
+        shown.append(table(["K", *names], rows, caption=caption))
+    return shown
+
+
+def _data_parallel_one_size_each(results: list[Result]) -> list[nodes.Node]:
     sizes = [result.data["size"] for result in results]
     varying = [key for key in sizes[0] if len({size.get(key) for size in sizes}) > 1] or ["K"]
     fixed = {key: value for key, value in sizes[0].items() if key not in varying}
@@ -1008,7 +1036,10 @@ def data_parallel_table(results: list[Result], page: Page) -> list[nodes.Node]:
 
 def data_parallel_command(result: Result) -> str:
     size = result.data["size"]
-    return f"python benchmarks/data_parallel.py --size {size['B']},{size['D']},{size['K']}"
+    if "K" in size:  # an earlier file, of one K
+        return f"python benchmarks/data_parallel.py --size {size['B']},{size['D']},{size['K']}"
+    classes = ",".join(k.removeprefix("K=") for k in next(iter(result.data["groups"].values())))
+    return f"python benchmarks/data_parallel.py --size {size['B']},{size['D']} --classes {classes}"
 
 
 # --------------------------------------------------------------------------- gpu-*.json
@@ -1113,7 +1144,8 @@ KINDS = {kind.name: kind for kind in [
          distributed_command),
     Kind("distributed-sharded", {"table": sharded_table, "goals": sharded_goals, "provenance": provenance},
          sharded_command),
-    Kind("data-parallel", {"table": data_parallel_table, "provenance": provenance}, data_parallel_command),
+    Kind("data-parallel", {"table": data_parallel_table, "goals": recorded_goals, "provenance": provenance},
+         data_parallel_command),
     Kind("gpu-host", {"table": gpu_host_table, "provenance": provenance}, lambda result: "python benchmarks/gpu_host_time.py"),
     Kind("gpu", {"timings": gpu_timings, "ratios": gpu_ratios, "checks": gpu_checks,
                  "launch-shapes": gpu_launch_shapes, "provenance": provenance}, gpu_command),
