@@ -273,45 +273,28 @@ def _coefficients(rule: str, alpha, width: int):
     return coefficients_of(RULES.index(rule), tf.cast(alpha, tf.float64), 1, width)
 
 
-# A replica's findings as float words that an all-reduce of zeros elsewhere carries exactly: the
-# count, the position, and the value's 64 bits in three pieces of 22 (each below 2^24).
-_FINDING_WORDS = 5
-_PIECE = 22
-
-
 def _dense_step(features, labels, findings, variable, alpha, rule: str, replica):
-    """Every class's count and sums (K rows of 1 + D, in the centers' dtype, as the framework's
-    own dense code keeps them) and every replica's findings (a row each, below them), added by
-    one all-reduce; the rule applied in the centers' dtype (where K is small, K x D float64
-    passes would cost more than the exchange)."""
+    """Every class's count and sums, K rows of 1 + D in the centers' dtype, added by one
+    all-reduce once the replicas' findings have been (one all-reduce of their own, cheaper here
+    than carrying them in the table); the rule applied in the centers' dtype. All of it as the
+    framework's own dense code computes: where K is small, float64 passes over the batch or
+    K x D would cost more than the exchange, whose sums are in the centers' dtype anyway."""
     num_classes, width = (int(n) for n in variable.shape)
     dtype, replicas = variable.dtype, replica.num_replicas_in_sync
-    difference, loss = _differences_and_loss(features, _sparse_read(variable, labels), rule)
+    records = tf.scatter_nd([[replica.replica_id_in_sync_group]], findings[None], [replicas, 3])
+    check = _failing_if_any_bad(replica.all_reduce(tf.distribute.ReduceOp.SUM, records), num_classes, replicas)
+    difference = features - _sparse_read(variable, labels)
+    per_sample = rule_coefficients(rule, 0.0, 1, width)
+    batch_size = tf.cast(tf.maximum(tf.shape(features)[0], 1), dtype)
+    loss = per_sample.loss_scale / batch_size * tf.reduce_sum(tf.square(difference))
     table = tf.math.unsorted_segment_sum(
-        tf.concat([tf.ones_like(difference[:, :1], dtype), tf.cast(tf.stop_gradient(difference), dtype)], 1), labels,
-        num_classes)
-    if 1 + width >= _FINDING_WORDS:
-        bits = tf.bitcast(findings[2], tf.uint64)
-        pieces = [tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, tf.constant(_PIECE * k, tf.uint64)),
-                                         tf.constant((1 << _PIECE) - 1, tf.uint64)) for k in range(3)]
-        words = tf.cast(tf.stack([tf.bitcast(findings[0], tf.uint64), tf.bitcast(findings[1], tf.uint64), *pieces]), dtype)
-        row = tf.pad(words, [[0, 1 + width - _FINDING_WORDS]])
-        table = tf.concat([table, tf.scatter_nd([[replica.replica_id_in_sync_group]], row[None], [replicas, 1 + width])], 0)
-        table = replica.all_reduce(tf.distribute.ReduceOp.SUM, table)
-        found = tf.cast(table[num_classes:, :_FINDING_WORDS], tf.int64)
-        value = tf.bitcast(sum(tf.bitwise.left_shift(tf.cast(found[:, 2 + k], tf.uint64), tf.constant(_PIECE * k, tf.uint64))
-                               for k in range(3)), tf.int64)
-        check = _failing_if_any_bad(tf.stack([found[:, 0], found[:, 1], value], 1), num_classes, replicas)
-    else:  # too narrow a row for the findings: they have an all-reduce of their own, first
-        records = tf.scatter_nd([[replica.replica_id_in_sync_group]], findings[None], [replicas, 3])
-        check = _failing_if_any_bad(replica.all_reduce(tf.distribute.ReduceOp.SUM, records), num_classes, replicas)
-        with tf.control_dependencies([check]):
-            table = replica.all_reduce(tf.distribute.ReduceOp.SUM, table)
-    coefficients = _coefficients(rule, alpha, width)
-    scale = tf.cast(coefficients.step, dtype) / (1.0 + tf.cast(coefficients.count_weight, dtype) * table[:num_classes, :1])
+        tf.concat([tf.ones_like(difference[:, :1]), tf.stop_gradient(difference)], 1), labels, num_classes)
     with tf.control_dependencies([check]):
-        # a class no replica saw has sums of 0 and a finite scale: it moves by exactly 0
-        variable.assign_add(scale * table[:num_classes, 1:])  # the replica's own copy
+        table = replica.all_reduce(tf.distribute.ReduceOp.SUM, table)
+    coefficients = _coefficients(rule, alpha, width)
+    scale = tf.cast(coefficients.step, dtype) / (1.0 + tf.cast(coefficients.count_weight, dtype) * table[:, :1])
+    # a class no replica saw has sums of 0 and a finite scale: it moves by exactly 0
+    variable.assign_add(scale * table[:, 1:])  # the replica's own copy
     return loss
 
 
