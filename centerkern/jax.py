@@ -9,11 +9,13 @@
 
     (loss, centers), grads = jax.value_and_grad(objective, has_aux=True)(params, centers, images, labels)
 
-On the CPU the step is one XLA FFI custom call (``centerkern._adapters.xla_ffi``, running
-``centerkern._adapters.xla_targets``): XLA hands the kernels its buffers in place, and the new
-centers are written over the centers' own buffer, so that a jitted step with the centers donated
-(``donate_argnums``) copies nothing of size K x D and never leaves compiled code for a host
-callback. Without ``jax.ffi``, or with JAX on a GPU (unless
+On the CPU the step is one XLA FFI custom call whose handler is machine code
+(``centerkern._adapters.xla_native``, a Numba ``cfunc`` compiled when the step is traced): XLA
+hands the kernels its buffers in place, no Python runs per step, and the new centers are
+written over the centers' own buffer, so that a jitted step with the centers donated
+(``donate_argnums``) copies nothing of size K x D and costs what the kernel call costs. With
+``backend="numpy"`` the reference runs in a Python handler (``centerkern._adapters.xla_targets``).
+Without ``jax.ffi``, or with JAX on a GPU (unless
 ``CENTERKERN_JAX_GPU_CUSTOM_CALL=1``), the kernels run as a ``jax.pure_callback`` on the batch's
 classes only (see ``centerkern._adapters.batch_classes``): B rows cross to the host and back, never K.
 
@@ -23,7 +25,11 @@ the rule's update, like an optimizer step: no gradient flows through it. The der
 given as a JVP (``jax.custom_jvp``), so forward mode (``jvp``, ``jacfwd``) works as well as
 reverse mode, and to any order (``hessian``, grad of grad), as in the torch and TensorFlow
 adapters. Inside ``shard_map`` and ``pmap``, ``axis_name=`` makes the update the whole batch's
-(see ``center_loss``). Costs are in ``benchmarks/jax_ffi.py`` and the README.
+(see ``center_loss``). Costs are in ``benchmarks/jax_ffi.py`` and ``benchmarks/data_parallel.py``.
+
+Longer than 600 lines because the one public function stands on three paths that must agree
+(the custom call, the host callback, the data-parallel step with either exchange) and on one
+derivative rule for all of them; each is short, and they share the typing of shards.
 """
 
 from __future__ import annotations
@@ -75,12 +81,19 @@ def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, back
     axis_name : hashable or tuple, optional
         Data parallelism, inside ``jax.shard_map`` or ``jax.pmap`` with the centers replicated
         and the batch split over this mesh axis (or axes): the centers move as if one device had
-        seen the whole batch, identical on every shard (each shard's per-class float64 sums and
-        counts are exchanged by one ``psum``, and every shard adds them in shard order).
-        ``loss`` and its gradient stay the shard's own, as in ``jax.numpy`` code. Rule
+        seen the whole batch, identical on every shard (each shard's per-class sums and counts
+        are exchanged by one ``psum``, see ``exchange``, and every shard applies the rule to
+        the same numbers). ``loss`` and its gradient stay the shard's own, as in ``jax.numpy``
+        code. Rule
         ``pytorch`` moves no center, so it exchanges nothing: its ``grad_centers`` is what
         JAX's autodiff makes of any replicated parameter (summed over the shards under
         ``shard_map``, the device's own under ``pmap``, where the caller averages it).
+    exchange : {"auto", "sparse", "dense"}
+        With ``axis_name``: ``sparse`` exchanges the rows of the classes each shard saw (R·B
+        rows of 2 + 2D words, float64 sums carried as their bits, whatever K); ``dense`` every
+        class's count and sums (K rows of 1 + D, in the centers' dtype: what ``jax.numpy`` code
+        would psum); ``auto`` takes ``sparse`` while R·B < K / 4, where it measured cheaper
+        (``benchmarks/data_parallel.py``). Every shard gets the same bits either way.
 
     Returns
     -------
@@ -93,8 +106,8 @@ def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, back
     Raises
     ------
     ValueError
-        For an unknown ``rule`` or ``backend``, features or centers that are not 2-D, features
-        and centers of different D, or a number of labels other than B.
+        For an unknown ``rule``, ``backend`` or ``exchange``, features or centers that are not
+        2-D, features and centers of different D, or a number of labels other than B.
     TypeError
         For features and centers of different dtypes, or labels that are not integers.
     IndexError
@@ -103,9 +116,10 @@ def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, back
     jax.errors.JaxRuntimeError
         When the computation runs, for what only the kernels can see: a traced label outside
         [0, K) (under ``jax.jit``, with the ``IndexError``'s message), an alpha that is not
-        finite, or features neither float32 nor float64. Inside ``shard_map`` and ``pmap`` a
-        bad label fails every shard alike, nothing moved anywhere: the shard holding it with
-        the ``IndexError``'s message, the others with ``PeerInputError``'s.
+        finite, or features neither float32 nor float64. Inside ``shard_map`` (and ``pmap``
+        with ``axis_name``) a bad label fails every shard alike, nothing moved anywhere, each
+        with the message of the first shard holding one: its number, the label's position and
+        value, and the count over all shards.
 
     Notes
     -----
@@ -587,8 +601,9 @@ def _ffi_target(rule: str, backend: str, dtype, batch_size: int, feature_size: i
 
     On the CPU with the numba backend: the compiled handler (``xla_native``) for the dtype and
     the regime, taking the shape-derived ``settings`` and its messages' templates, compiled or
-    loaded here, while the step is traced, so that XLA's threads run machine code only. With ``numpy``: the reference in a
-    Python handler (``xla_targets.host_center_loss``). On a GPU: the cuda kernels."""
+    loaded here, while the step is traced, so that XLA's threads run machine code only. With
+    ``numpy``: the reference in a Python handler (``xla_targets.host_center_loss``). On a GPU:
+    the cuda kernels."""
     if backend == "numba" and jax.default_backend() == "cpu":
         from ._adapters import xla_native
 

@@ -11,9 +11,6 @@ duplicates, and the kernels still see every duplicate label of the batch through
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
-import numba
 import numpy as np
 
 from .. import _api
@@ -95,32 +92,15 @@ def table_width(feature_size: int) -> int:
     return TABLE_HEADER + 2 * feature_size
 
 
-@contextmanager
-def _on_this_thread_only():
-    """The numba kernels run on the calling thread alone (``numba.set_num_threads`` is per
-    thread). In a data-parallel step every replica is already a thread of the framework's, and
-    each would otherwise wake a team of Numba's threads at once: on a machine with as many cores
-    as replicas the teams' spinning threads take the cores from each other (measured: a
-    TensorFlow MirroredStrategy step at B=1024, D=128, K=10^4 on 2 cores spent 11 ms in a host
-    call that takes 0.2 ms alone)."""
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(threads)
-
-
 def host_partials(features, classes, index, rows, alpha, *, rule: str, backend: str):
     """``(loss, grad, table)`` of one shard, whose labels are checked: its own loss and gradient,
     and its partial sums and counts per class, one row per entry of ``classes`` (the batch's
     classes, ``labels == classes[index]``, padded or not), as ``table_width(D)`` uint32 columns."""
     features, classes, index, rows = (np.asarray(x) for x in (features, classes, index, rows))
-    with _on_this_thread_only():
-        result = _api.center_loss(features, index, rows, float(alpha), rule=rule, backend=backend)
-        # float64 sums, as the kernels keep them: -(rows[index] - features) summed per class
-        sums = np.zeros((classes.size, features.shape[1]), np.float64)
-        _api.scatter_sub_update(sums, index, rows[index].astype(np.float64) - features, out=sums, backend=backend)
+    result = _api.center_loss(features, index, rows, float(alpha), rule=rule, backend=backend)
+    # float64 sums, as the kernels keep them: -(rows[index] - features) summed per class
+    sums = np.zeros((classes.size, features.shape[1]), np.float64)
+    _api.scatter_sub_update(sums, index, rows[index].astype(np.float64) - features, out=sums, backend=backend)
     table = np.zeros((classes.size, table_width(features.shape[1])), np.uint32)
     table[:, 0] = classes
     table[:, 1] = np.bincount(index, minlength=classes.size)[:classes.size]
@@ -141,8 +121,7 @@ def host_combine(tables, position, rows, alpha, *, rule: str, backend: str):
     partials[:, 1:] = np.ascontiguousarray(tables[:, TABLE_HEADER:]).view(np.float64)
     totals = np.zeros((rows.shape[0], 1 + feature_size), np.float64)
     # the scatter kernel adds duplicates in table order, that is shard order: the same bits everywhere
-    with _on_this_thread_only():
-        _api.scatter_sub_update(totals, position, -partials, out=totals, backend=backend, deterministic=True)
+    _api.scatter_sub_update(totals, position, -partials, out=totals, backend=backend, deterministic=True)
     coefficients = rule_coefficients(rule, float(alpha), 1, feature_size)  # step and count weight need no B
     scale = coefficients.step / (1.0 + coefficients.count_weight * totals[:, 0])
     return (rows.astype(np.float64) + scale[:, None] * totals[:, 1:]).astype(rows.dtype)

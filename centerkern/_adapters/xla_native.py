@@ -2,13 +2,14 @@
 threads with no Python, no GIL and no lock of the interpreter's.
 
 ``xla_ffi.handler`` wraps a Python function: each call takes the GIL, builds NumPy views and
-goes through ``centerkern.center_loss``'s checks (measured: about 40 us of a 200 us step at
-B=1024, D=512), and a call that reaches Python while the interpreter finalizes can wait forever
-for a lock held by a thread that is gone (an import, a compile), so that the process never
-exits. Here the handler is compiled: it reads XLA's call frame (``xla/ffi/api/c_api.h``, whose
-layout ``xla_ffi`` declares) with loads at fixed offsets, runs the numba backend's step on the
-buffers where they are, and makes XLA's errors itself (``XLA_FFI_Error_Create``, a function
-pointer of the frame's API) with the messages of SPEC, which the Python code makes (``templates``).
+goes through ``centerkern.center_loss``'s checks (measured: the jitted step at B=1024, D=512,
+K=10^4 cost 2.2x the plain kernel call through it), and a call that reaches Python while the
+interpreter finalizes can wait forever for a lock held by a thread that is gone (an import, a
+compile), so that the process never exits. Here the handler is compiled: it reads XLA's call
+frame (``xla/ffi/api/c_api.h``, whose layout ``xla_ffi`` declares) with loads at fixed offsets,
+runs the numba backend's step on the buffers where they are, and makes XLA's errors itself
+(``XLA_FFI_Error_Create``, a function pointer of the frame's API) with the messages of SPEC,
+which the Python code makes (``templates``).
 
 What a call could still need of Python is done when the step is traced: the handler is
 compiled (or loaded from the kernel cache) for the features' dtype and the regime (``serial``
@@ -17,8 +18,14 @@ numbers that depend on the shapes only (the rule, the integer scratch's size, a 
 the float scratch, the thread count) travel as a small int32 operand, ``settings``.
 
 Arguments ``(features, labels, centers, alpha, settings, bad_label, alpha_not_finite)``, the last
-two the messages' ``templates``, results ``(loss, grad[, new_centers])``: the new centers, for rules that move them, in the buffer XLA aliases to the
-centers' (``input_output_aliases``), which is then the centers' own.
+two the messages' ``templates``; results ``(loss, grad[, new_centers])``: the new centers, for
+rules that move them, in the buffer XLA aliases to the centers' (``input_output_aliases``),
+which is then the centers' own. The data-parallel step's handlers (``DATA_PARALLEL``) and the
+shards' label check (``_check_labels``) follow, each with its arguments in its docstring.
+
+Longer than 600 lines because every handler XLA runs on the CPU is here, beside what they all
+need and nothing else may touch: the call frame's readers, the errors, and their compilation
+into the kernel cache.
 """
 
 from __future__ import annotations
@@ -37,7 +44,6 @@ from numba.extending import intrinsic
 
 from .._backends.numba_cpu import driver, step
 from .._backends.numba_cpu.jit import _Cache, _report_cache_problem
-from .._backends.numba_cpu.rows import Batch
 from .._core.interop import FLOAT_DTYPES
 from .._core import rules
 from .._core.errors import label_out_of_range
@@ -244,6 +250,21 @@ def _answered_metadata(frame):
 
 
 @numba.njit(cache=False)
+def _buffers(frame):
+    """``(arguments, results)``, the addresses of the call's buffer lists, for a call at the
+    execute stage; ``(0, 0)`` for any other (XLA's question of the version, answered here)."""
+    if _answered_metadata(frame) or _load(frame + _FRAME_STAGE, types.int32) != xla_ffi.EXECUTE_STAGE:
+        return 0, 0
+    return _load(frame + _FRAME_ARGUMENTS, types.intp), _load(frame + _FRAME_RESULTS, types.intp)
+
+
+@numba.njit(cache=False)
+def _array(buffers, index, shape, dtype):
+    """Buffer ``index`` of ``buffers`` as an array of ``dtype`` and ``shape`` (no copy)."""
+    return numba.carray(_pointer(_data(buffers, index), dtype), shape)
+
+
+@numba.njit(cache=False)
 def _data(buffers, index):
     return _load(_load(buffers + 8 * index, types.intp) + _BUFFER_DATA, types.intp)
 
@@ -276,21 +297,20 @@ def _handle(frame):
     """The handler, whose globals ``_STEP`` (the step, compiled for one regime) and ``_FLOAT``
     (the features' type) each compiled copy sets (globals rather than a closure: the cache keys a
     closure by its pickled cells)."""
-    if _answered_metadata(frame) or _load(frame + _FRAME_STAGE, types.int32) != xla_ffi.EXECUTE_STAGE:
+    arguments, results = _buffers(frame)
+    if arguments == 0:
         return 0
-    arguments = _load(frame + _FRAME_ARGUMENTS, types.intp)
-    results = _load(frame + _FRAME_RESULTS, types.intp)
     batch_size, width, num_classes = _dim(arguments, 0, 0), _dim(arguments, 0, 1), _dim(arguments, 2, 0)
-    features = numba.carray(_pointer(_data(arguments, 0), _FLOAT), (batch_size, width))
-    centers = numba.carray(_pointer(_data(arguments, 2), _FLOAT), (num_classes, width))
+    features = _array(arguments, 0, (batch_size, width), _FLOAT)
+    centers = _array(arguments, 2, (num_classes, width), _FLOAT)
     alpha = np.float64(_load(_data(arguments, 3), _FLOAT))
-    settings = numba.carray(_pointer(_data(arguments, 4), types.int32), len(SETTINGS))
-    grad = numba.carray(_pointer(_data(results, 1), _FLOAT), (batch_size, width))
+    settings = _array(arguments, 4, len(SETTINGS), types.int32)
+    grad = _array(results, 1, (batch_size, width), _FLOAT)
     if not np.isfinite(alpha):
         return _alpha_error(frame, _bytes(arguments, 6), alpha)
     rule = _coefficients_of(settings[_RULE], alpha, batch_size, width)
     if rule.moves_centers:  # the new centers' buffer, which XLA aliases to the centers'
-        written = numba.carray(_pointer(_data(results, 2), _FLOAT), (num_classes, width))
+        written = _array(results, 2, (num_classes, width), _FLOAT)
         if _data(results, 2) != _data(arguments, 2):  # not aliased after all: the kernels add to a copy
             written[:] = centers
     else:  # pytorch: grad_centers, which JAX's autodiff computes itself; only touched rows are written
@@ -332,9 +352,9 @@ def _check_labels(frame):
     shards, see ``centerkern.jax``), on every shard alike. ``template``: the message, markers 1
     to 4 for the label's value, its position, the shard and the count
     (``batch_classes.bad_label_template``)."""
-    if _answered_metadata(frame) or _load(frame + _FRAME_STAGE, types.int32) != xla_ffi.EXECUTE_STAGE:
+    arguments, _ = _buffers(frame)
+    if arguments == 0:
         return 0
-    arguments = _load(frame + _FRAME_ARGUMENTS, types.intp)
     shards = _dim(arguments, 1, 0)
     records = _record(arguments, 1, shards)
     total = 0
@@ -377,21 +397,20 @@ def _partials(frame):
     """Arguments ``(features, index, rows, classes, alpha, settings)``, results ``(loss, grad,
     table)``: the shard's loss and grad, and its table of per-class partials (``batch_classes``:
     per row of ``classes``, the class, its count, and the float64 sums of ``d_i`` as uint32 pairs)."""
-    if _answered_metadata(frame) or _load(frame + _FRAME_STAGE, types.int32) != xla_ffi.EXECUTE_STAGE:
+    arguments, results = _buffers(frame)
+    if arguments == 0:
         return 0
-    arguments = _load(frame + _FRAME_ARGUMENTS, types.intp)
-    results = _load(frame + _FRAME_RESULTS, types.intp)
     batch_size, width, rows_held = _dim(arguments, 0, 0), _dim(arguments, 0, 1), _dim(arguments, 2, 0)
-    features = numba.carray(_pointer(_data(arguments, 0), _FLOAT), (batch_size, width))
+    features = _array(arguments, 0, (batch_size, width), _FLOAT)
     index = _labels_as_int64(arguments, 1, batch_size)
-    rows = numba.carray(_pointer(_data(arguments, 2), _FLOAT), (rows_held, width))
+    rows = _array(arguments, 2, (rows_held, width), _FLOAT)
     classes = _labels_as_int64(arguments, 3, rows_held)
     alpha = np.float64(_load(_data(arguments, 4), _FLOAT))
     rule = _coefficients_of(_load(_data(arguments, 5), types.int32), alpha, batch_size, width)
-    grad = numba.carray(_pointer(_data(results, 1), _FLOAT), (batch_size, width))
+    grad = _array(results, 1, (batch_size, width), _FLOAT)
     # a row of the table is 2 + 2D uint32 words: the class and the count, then D float64 words
-    table = numba.carray(_pointer(_data(results, 2), types.uint32), (rows_held, 2 + 2 * width))
-    table_sums = numba.carray(_pointer(_data(results, 2), types.float64), (rows_held, 1 + width))
+    table = _array(results, 2, (rows_held, 2 + 2 * width), types.uint32)
+    table_sums = _array(results, 2, (rows_held, 1 + width), types.float64)
     sums = np.zeros((rows_held, width), np.float64)
     counts = np.zeros(rows_held, np.int64)
     squares = _shard_pass(features, rows, index, rule.grad_scale, grad, sums, index, counts)
@@ -408,18 +427,17 @@ def _combine(frame):
     shard's table (stacked in shard order) added up per class in table order, which is the same
     on every shard, and the rule applied to ``rows`` (those classes' centers as they were, one
     per value of ``position``) with those sums and counts."""
-    if _answered_metadata(frame) or _load(frame + _FRAME_STAGE, types.int32) != xla_ffi.EXECUTE_STAGE:
+    arguments, results = _buffers(frame)
+    if arguments == 0:
         return 0
-    arguments = _load(frame + _FRAME_ARGUMENTS, types.intp)
-    results = _load(frame + _FRAME_RESULTS, types.intp)
     entries, columns, width = _dim(arguments, 0, 0), _dim(arguments, 0, 1), _dim(arguments, 2, 1)
-    tables = numba.carray(_pointer(_data(arguments, 0), types.uint32), (entries, columns))
-    table_sums = numba.carray(_pointer(_data(arguments, 0), types.float64), (entries, columns // 2))
+    tables = _array(arguments, 0, (entries, columns), types.uint32)
+    table_sums = _array(arguments, 0, (entries, columns // 2), types.float64)
     position = _labels_as_int64(arguments, 1, entries)
-    rows = numba.carray(_pointer(_data(arguments, 2), _FLOAT), (entries, width))
+    rows = _array(arguments, 2, (entries, width), _FLOAT)
     alpha = np.float64(_load(_data(arguments, 3), _FLOAT))
     rule = _coefficients_of(_load(_data(arguments, 4), types.int32), alpha, 1, width)
-    new_rows = numba.carray(_pointer(_data(results, 0), _FLOAT), (entries, width))
+    new_rows = _array(results, 0, (entries, width), _FLOAT)
     sums = np.zeros((entries, width), np.float64)
     counts = np.zeros(entries, np.float64)
     for entry in range(entries):
@@ -439,18 +457,17 @@ def _dense_partials(frame):
     of ``d_i`` (float64, rounded once to the features' type), for one dense all-reduce. (The
     labels were checked on every shard before: one out of range is read as class 0 all the
     same, never outside the centers.)"""
-    if _answered_metadata(frame) or _load(frame + _FRAME_STAGE, types.int32) != xla_ffi.EXECUTE_STAGE:
+    arguments, results = _buffers(frame)
+    if arguments == 0:
         return 0
-    arguments = _load(frame + _FRAME_ARGUMENTS, types.intp)
-    results = _load(frame + _FRAME_RESULTS, types.intp)
     batch_size, width, num_classes = _dim(arguments, 0, 0), _dim(arguments, 0, 1), _dim(arguments, 2, 0)
-    features = numba.carray(_pointer(_data(arguments, 0), _FLOAT), (batch_size, width))
+    features = _array(arguments, 0, (batch_size, width), _FLOAT)
     labels = _labels_as_int64(arguments, 1, batch_size)
-    centers = numba.carray(_pointer(_data(arguments, 2), _FLOAT), (num_classes, width))
+    centers = _array(arguments, 2, (num_classes, width), _FLOAT)
     alpha = np.float64(_load(_data(arguments, 3), _FLOAT))
     rule = _coefficients_of(_load(_data(arguments, 4), types.int32), alpha, batch_size, width)
-    grad = numba.carray(_pointer(_data(results, 1), _FLOAT), (batch_size, width))
-    table = numba.carray(_pointer(_data(results, 2), _FLOAT), (num_classes, 1 + width))
+    grad = _array(results, 1, (batch_size, width), _FLOAT)
+    table = _array(results, 2, (num_classes, 1 + width), _FLOAT)
     # the batch's classes, each given a slot of float64 sums on first sight: B rows, not K (the
     # dense exchange serves where K is small, so a K-sized index costs little)
     slot_of_class = np.full(num_classes, -1, np.int64)
@@ -564,8 +581,8 @@ def _uncompiled(dtype: np.dtype, parallel: bool):
     signature, which the handler's arrays convert to) it links in: compiling the handler
     compiles none of the step again."""
     name = f"xla_center_loss_{dtype.name}_{'parallel' if parallel else 'serial'}"
-    handle = types_module.FunctionType(_handle.__code__, {**_handle.__globals__, "_STEP": _step_entry(parallel).dispatcher,
-                                                         "_FLOAT": numba.from_dtype(dtype)}, name)
+    globals_ = {**_handle.__globals__, "_STEP": _step_entry(parallel).dispatcher, "_FLOAT": numba.from_dtype(dtype)}
+    handle = types_module.FunctionType(_handle.__code__, globals_, name)
     return _as_cfunc(handle, name)
 
 
@@ -579,8 +596,9 @@ class HandlerEntry:
 
     def is_cached(self, dtype) -> bool:
         """Whether the cache holds this handler for ``dtype``, without compiling it."""
-        if self.name.startswith("xla_center_loss_") and not _step_entry(self.name.endswith("parallel")).is_cached(dtype):
-            return False  # it calls an entry point, which must be there first
+        calls_an_entry = self.name.startswith("xla_center_loss_")
+        if calls_an_entry and not _step_entry(self.name.endswith("parallel")).is_cached(dtype):
+            return False  # the entry point must be there first
         handler_function = self._uncompiled(np.dtype(dtype))
         target = handler_function._targetdescr.target_context
         return handler_function._cache.load_overload(handler_function._sig, target) is not None
