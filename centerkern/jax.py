@@ -93,7 +93,8 @@ def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, back
         rows of 2 + 2D words, float64 sums carried as their bits, whatever K); ``dense`` every
         class's count and sums (K rows of 1 + D, in the centers' dtype: what ``jax.numpy`` code
         would psum); ``auto`` takes ``sparse`` while R·B < K / 4, where it measured cheaper
-        (``benchmarks/data_parallel.py``). Every shard gets the same bits either way.
+        (``benchmarks/data_parallel.py``). Every shard gets the same bits either way. The dense
+        exchange is the numba backend's on the CPU: elsewhere the sparse one serves.
 
     Returns
     -------
@@ -268,7 +269,8 @@ def _global_step(features, labels, centers, alpha, rule, backend, axis_name, exc
     zero table) or dense (every class's sums and counts), whichever ``exchange_for`` picks."""
     num_classes, batch_size = centers.shape[0], features.shape[0]
     shards = _axis_size(axis_name)
-    native = backend == "numba" and _host_targets_serve()  # machine code, as the one-device step
+    # machine code, as the one-device step (the Python host calls refuse other dtypes when run)
+    native = backend == "numba" and _host_targets_serve() and np.dtype(features.dtype) in (np.float32, np.float64)
     if exchange_for(exchange, shards, batch_size, num_classes) == "dense" and native:
         return _dense_global_step(features, labels, centers, alpha, rule, axis_name)
     width = table_width(features.shape[1])
@@ -307,6 +309,13 @@ def _dense_global_step(features, labels, centers, alpha, rule, axis_name):
     coefficients = coefficients_of(RULES.index(rule), alpha, 1, centers.shape[1])  # step, count weight
     scale = coefficients.step / (1 + coefficients.count_weight * table[:, :1])
     return loss, centers + (scale * table[:, 1:]).astype(centers.dtype)
+
+
+def _alpha_template():
+    """The message of an alpha that is not finite, for the data-parallel handlers (``xla_native``)."""
+    from ._adapters import xla_native
+
+    return jnp.asarray(xla_native.templates(0)[1])
 
 
 def _rule_index(rule: str):
@@ -424,7 +433,8 @@ def _partials_step(rule: str, backend: str, native: bool):
         shapes = (jax.ShapeDtypeStruct((), features.dtype), jax.ShapeDtypeStruct(features.shape, features.dtype),
                   jax.ShapeDtypeStruct((features.shape[0], table_width(features.shape[1])), jnp.uint32))
         if native:
-            results = _native_call("partials", shapes, features, index, rows, classes, alpha, _rule_index(rule))
+            results = _native_call("partials", shapes, features, index, rows, classes, alpha, _rule_index(rule),
+                                   _alpha_template())
         else:
             results = _host_call(f"partials_{rule}_{backend}", callback, shapes, features, classes, index, rows, alpha)
         return _typed_like(results, features)
@@ -441,7 +451,7 @@ def _dense_partials_step(rule: str):
         shapes = (jax.ShapeDtypeStruct((), features.dtype), jax.ShapeDtypeStruct(features.shape, features.dtype),
                   jax.ShapeDtypeStruct((centers.shape[0], 1 + centers.shape[1]), features.dtype))
         return _typed_like(_native_call("dense_partials", shapes, features, labels.astype(_wide_int()), centers, alpha,
-                                        _rule_index(rule)), features)
+                                        _rule_index(rule), _alpha_template()), features)
 
     return _with_the_kernels_derivatives(run, rule)
 
@@ -602,9 +612,10 @@ def _ffi_target(rule: str, backend: str, dtype, batch_size: int, feature_size: i
     On the CPU with the numba backend: the compiled handler (``xla_native``) for the dtype and
     the regime, taking the shape-derived ``settings`` and its messages' templates, compiled or
     loaded here, while the step is traced, so that XLA's threads run machine code only. With
-    ``numpy``: the reference in a Python handler (``xla_targets.host_center_loss``). On a GPU:
-    the cuda kernels."""
-    if backend == "numba" and jax.default_backend() == "cpu":
+    ``numpy`` (or features of a dtype the kernels do not take, which it refuses when the step
+    runs): the reference in a Python handler (``xla_targets.host_center_loss``). On a GPU: the
+    cuda kernels."""
+    if backend == "numba" and jax.default_backend() == "cpu" and np.dtype(dtype) in (np.float32, np.float64):
         from ._adapters import xla_native
 
         parallel = xla_native.parallel_regime(batch_size, feature_size)
@@ -613,7 +624,7 @@ def _ffi_target(rule: str, backend: str, dtype, batch_size: int, feature_size: i
             compiled = xla_native.handler(dtype, parallel)
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(compiled.ctypes), platform="cpu")
             _REGISTERED[name] = [compiled]
-        settings = xla_native.settings(rule, batch_size, feature_size)
+        settings = xla_native.settings(rule, batch_size, feature_size, parallel)
         return name, tuple(jnp.asarray(operand) for operand in (settings, *xla_native.templates(num_classes)))
     name = f"centerkern_center_loss_{rule}_{backend}"
     if name not in _REGISTERED:

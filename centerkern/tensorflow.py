@@ -36,7 +36,7 @@ from ._adapters.batch_classes import (EXCHANGES, TABLE_HEADER, bad_label_templat
                                       exchange_for, host_step)
 from ._adapters.settings import HOST_CHOICES, computed_dtype, host_backend
 from ._core.rules import RULES, coefficients_of, moves_centers, rule_coefficients
-from ._core.validation import check_alpha, check_choice, check_labels
+from ._core.validation import ALPHA_NOT_FINITE, check_alpha, check_choice, check_labels
 
 __all__ = ["CenterLoss", "center_loss"]
 
@@ -262,6 +262,10 @@ def _data_parallel_step(features, labels, variable, alpha, rule: str, replica, e
     num_classes, width = (int(n) for n in variable.shape)
     findings = _label_findings(labels, num_classes)
     labels = tf.clip_by_value(tf.cast(labels, tf.int64), 0, max(num_classes - 1, 0))
+    if tf.is_tensor(alpha):  # a schedule: the same on every replica, so every replica fails alike
+        message = tf.strings.format(ALPHA_NOT_FINITE, [alpha])
+        with tf.control_dependencies([tf.debugging.Assert(tf.math.is_finite(alpha), [message])]):
+            alpha = tf.identity(alpha)
     batch_size = features.shape[0] if features.shape[0] is not None else 0
     if exchange_for(exchange, replica.num_replicas_in_sync, batch_size, num_classes) == "dense":
         return _dense_step(features, labels, findings, variable, alpha, rule, replica)
@@ -321,11 +325,14 @@ def _sparse_step(features, labels, findings, variable, alpha, rule: str, replica
                         tf.bitcast(found[:, 2:4], tf.int64)], 1)
     with tf.control_dependencies([_failing_if_any_bad(records, int(variable.shape[0]), replica.num_replicas_in_sync)]):
         tables = tf.boolean_mask(tables, tf.logical_not(is_findings))
-    touched, position = tf.unique(tf.cast(tables[:, 0], tf.int64), out_idx=tf.int64)
-    touched_count = tf.shape(touched, out_type=tf.int64)[0]
-    counts = tf.math.unsorted_segment_sum(tf.cast(tables[:, 1], tf.float64), position, touched_count)
-    sums = tf.bitcast(tf.reshape(tables[:, TABLE_HEADER:], [-1, width, 2]), tf.float64)
-    totals = tf.math.unsorted_segment_sum(sums, position, touched_count)
+    # on the host: a GPU's unsorted_segment_sum adds in no fixed order, which would let the
+    # replicas' copies part by a rounding; the CPU's adds each class's rows in table order
+    with tf.device("CPU:0"):
+        touched, position = tf.unique(tf.cast(tables[:, 0], tf.int64), out_idx=tf.int64)
+        touched_count = tf.shape(touched, out_type=tf.int64)[0]
+        counts = tf.math.unsorted_segment_sum(tf.cast(tables[:, 1], tf.float64), position, touched_count)
+        sums = tf.bitcast(tf.reshape(tables[:, TABLE_HEADER:], [-1, width, 2]), tf.float64)
+        totals = tf.math.unsorted_segment_sum(sums, position, touched_count)
     coefficients = _coefficients(rule, alpha, width)
     scale = coefficients.step / (1.0 + coefficients.count_weight * counts)
     new_rows = tf.cast(tf.cast(_sparse_read(variable, touched), tf.float64) + scale[:, None] * totals, variable.dtype)

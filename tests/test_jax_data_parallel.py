@@ -109,6 +109,13 @@ def test_a_bad_label_on_one_shard_fails_every_shard_without_hanging(run, update)
         in error, error
 
 
+@pytest.mark.parametrize("exchange", ["sparse", "dense"])
+def test_an_alpha_that_is_not_finite_fails_every_shard_in_the_validations_words(run, exchange):
+    _, results = run
+    assert f"nan_alpha.{exchange}" not in results
+    assert "alpha must be finite, got nan" in str(results[f"nan_alpha.{exchange}.error"])
+
+
 def test_under_pmap_without_axis_name_the_shard_holding_a_bad_label_fails_alone(run):
     """Without ``axis_name`` pmap gives no shard a collective to wait in: the holder's step fails
     with SPEC's message, as on one device."""

@@ -38,7 +38,11 @@ def workers(tmp_path_factory):
     script = os.path.join(HERE, "workers", "tensorflow_multiworker_worker.py")
     processes = [subprocess.Popen([sys.executable, script, str(index), *map(str, ports), str(outs[index])],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for index in range(2)]
-    logs = [process.communicate(timeout=300)[0] for process in processes]
+    try:
+        logs = [process.communicate(timeout=300)[0] for process in processes]
+    finally:
+        for process in processes:  # a worker left waiting for its peer must not outlive the test
+            process.kill()
     for process, log in zip(processes, logs):
         assert process.returncode == 0, log[-3000:]
     return [dict(np.load(out)) for out in outs]
@@ -59,9 +63,10 @@ def test_both_workers_move_the_centers_by_the_whole_global_batch(workers, exchan
         assert worker[f"{exchange}.losses"].shape == (STEPS,)
 
 
-def test_a_bad_label_on_one_worker_fails_both_and_moves_nothing(workers):
+@pytest.mark.parametrize("exchange", ["sparse", "dense"])
+def test_a_bad_label_on_one_worker_fails_both_and_moves_nothing(workers, exchange):
     for worker in workers:
-        error = str(worker["bad_label.error"])
+        error = str(worker[f"bad_label.{exchange}.error"])
         assert ("label 8 at position 5 is out of range: labels must lie in [0, 6) for 6 classes (in the batch of "
                 "replica 1 of 2; bad labels in all: 1; no centers moved anywhere)") in error, error
-        np.testing.assert_array_equal(worker["bad_label.centers"], 0)
+        np.testing.assert_array_equal(worker[f"bad_label.{exchange}.centers"], 0)

@@ -72,9 +72,9 @@ def test_a_bad_label_on_one_replica_fails_the_step_everywhere_and_moves_nothing(
     np.testing.assert_array_equal(copies[0], np.zeros_like(copies[0]))  # wen's centers start at zero
 
 
-def test_the_dense_exchange_of_narrow_features_checks_the_labels_apart(results):
-    """At D = 2 a replica's label findings do not fit a row of the dense table: they have an
-    all-reduce of their own, with the same outcome in a custom training loop."""
+def test_the_dense_exchange_in_a_custom_training_loop(results):
+    """``strategy.run`` with the dense exchange at D = 2: the whole batch's update on every copy;
+    a bad label, and a traced alpha that is not finite, fail every replica and move nothing."""
     features, labels = data(0, 25)
     expected = centerkern.center_loss(features[:BATCH, :2], labels[:BATCH], np.zeros((6, 2), np.float32), ALPHA,
                                       rule="wen", backend="numpy").centers
@@ -85,6 +85,8 @@ def test_the_dense_exchange_of_narrow_features_checks_the_labels_apart(results):
     assert ("label 8 at position 5 is out of range: labels must lie in [0, 6) for 6 classes (in the batch of "
             "replica 1 of 2; bad labels in all: 1; no centers moved anywhere)") in error, error
     np.testing.assert_array_equal(results["narrow_dense.bad.copies"], 0)
+    assert "alpha must be finite, got nan" in str(results["narrow_dense.nan_alpha.error"])
+    np.testing.assert_array_equal(results["narrow_dense.nan_alpha.copies"], 0)
 
 
 def test_a_strategy_centerkern_cannot_serve_is_refused_by_name():

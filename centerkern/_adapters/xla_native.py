@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import math
 import threading
 import types as types_module
 
@@ -48,7 +47,7 @@ from .._core.interop import FLOAT_DTYPES
 from .._core import rules
 from .._core.errors import label_out_of_range
 from .._core.rules import RULES
-from .._core.validation import check_alpha
+from .._core.validation import ALPHA_NOT_FINITE
 from . import xla_ffi
 
 # --------------------------------------------------------------------------- the frame's layout
@@ -148,13 +147,9 @@ _NAN, _INFINITY = np.frombuffer(b"nan", np.uint8), np.frombuffer(b"inf", np.uint
 def templates(num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """The step handler's messages as uint8 templates: a bad label (marker 1 its value, 2 its
     position: ``label_out_of_range``'s words) and an alpha that is not finite (marker 1 the
-    value: ``check_alpha``'s words)."""
+    value: ``check_alpha``'s words, ``ALPHA_NOT_FINITE``)."""
     bad_label = str(label_out_of_range(MARKERS[1], MARKERS[0], num_classes))  # position, value
-    try:
-        check_alpha(math.nan)
-    except ValueError as error:
-        alpha = str(error).removesuffix("nan") + MARKERS[0]
-    return _as_bytes(bad_label), _as_bytes(alpha)
+    return _as_bytes(bad_label), _as_bytes(ALPHA_NOT_FINITE.format(MARKERS[0]))
 
 
 def _as_bytes(text: str) -> np.ndarray:
@@ -394,9 +389,10 @@ def _shard_pass(features, rows, row_of, grad_scale, grad, sums, sum_of, counts):
 
 
 def _partials(frame):
-    """Arguments ``(features, index, rows, classes, alpha, settings)``, results ``(loss, grad,
-    table)``: the shard's loss and grad, and its table of per-class partials (``batch_classes``:
-    per row of ``classes``, the class, its count, and the float64 sums of ``d_i`` as uint32 pairs)."""
+    """Arguments ``(features, index, rows, classes, alpha, rule, alpha_not_finite)``, results
+    ``(loss, grad, table)``: the shard's loss and grad, and its table of per-class partials
+    (``batch_classes``: per row of ``classes``, the class, its count, and the float64 sums of
+    ``d_i`` as uint32 pairs). An alpha that is not finite fails every shard alike here."""
     arguments, results = _buffers(frame)
     if arguments == 0:
         return 0
@@ -406,6 +402,8 @@ def _partials(frame):
     rows = _array(arguments, 2, (rows_held, width), _FLOAT)
     classes = _labels_as_int64(arguments, 3, rows_held)
     alpha = np.float64(_load(_data(arguments, 4), _FLOAT))
+    if not np.isfinite(alpha):
+        return _alpha_error(frame, _bytes(arguments, 6), alpha)
     rule = _coefficients_of(_load(_data(arguments, 5), types.int32), alpha, batch_size, width)
     grad = _array(results, 1, (batch_size, width), _FLOAT)
     # a row of the table is 2 + 2D uint32 words: the class and the count, then D float64 words
@@ -423,7 +421,8 @@ def _partials(frame):
 
 
 def _combine(frame):
-    """Arguments ``(tables, position, rows, alpha, settings)``, result the new rows: every
+    """Arguments ``(tables, position, rows, alpha, rule)``, result the new rows (alpha was
+    checked by ``_partials``, before the exchange): every
     shard's table (stacked in shard order) added up per class in table order, which is the same
     on every shard, and the rule applied to ``rows`` (those classes' centers as they were, one
     per value of ``position``) with those sums and counts."""
@@ -452,8 +451,8 @@ def _combine(frame):
 
 
 def _dense_partials(frame):
-    """Arguments ``(features, labels, centers, alpha, settings)``, results ``(loss, grad,
-    table)``: the shard's loss and grad, and a (K, 1 + D) table of every class's count and sums
+    """Arguments ``(features, labels, centers, alpha, rule, alpha_not_finite)``, results ``(loss,
+    grad, table)``: the shard's loss and grad, and a (K, 1 + D) table of every class's count and sums
     of ``d_i`` (float64, rounded once to the features' type), for one dense all-reduce. (The
     labels were checked on every shard before: one out of range is read as class 0 all the
     same, never outside the centers.)"""
@@ -465,6 +464,8 @@ def _dense_partials(frame):
     labels = _labels_as_int64(arguments, 1, batch_size)
     centers = _array(arguments, 2, (num_classes, width), _FLOAT)
     alpha = np.float64(_load(_data(arguments, 3), _FLOAT))
+    if not np.isfinite(alpha):
+        return _alpha_error(frame, _bytes(arguments, 5), alpha)
     rule = _coefficients_of(_load(_data(arguments, 4), types.int32), alpha, batch_size, width)
     grad = _array(results, 1, (batch_size, width), _FLOAT)
     table = _array(results, 2, (num_classes, 1 + width), _FLOAT)
@@ -621,12 +622,25 @@ ENTRIES = (
 )
 
 
-def settings(rule: str, batch_size: int, feature_size: int) -> np.ndarray:
-    """The ``settings`` operand of a step of ``rule`` on a batch of these sizes."""
-    floats = step.float_scratch_guess(batch_size, feature_size, driver.MOST_THREADS)
-    return np.array([RULES.index(rule), step.int_scratch_size(batch_size), floats, driver.MOST_THREADS], np.int32)
+def settings(rule: str, batch_size: int, feature_size: int, parallel: bool) -> np.ndarray:
+    """The ``settings`` operand of a step of ``rule`` on a batch of these sizes, in the regime
+    ``parallel_regime`` chose (a set of local slots per thread that may run, as the backend's)."""
+    threads = driver.MOST_THREADS if parallel else 1
+    # int32 (JAX's widest integer outside x64 mode): the float scratch is a first guess, which a
+    # call that needs more grows, so it may be cut to fit
+    floats = min(step.float_scratch_guess(batch_size, feature_size, threads), np.iinfo(np.int32).max)
+    return np.array([RULES.index(rule), step.int_scratch_size(batch_size), floats, threads], np.int32)
 
 
 def parallel_regime(batch_size: int, feature_size: int) -> bool:
-    """Whether the numba backend runs a batch of these sizes on every thread."""
-    return batch_size * feature_size >= step.PARALLEL_ELEMENTS
+    """Whether the handler runs a batch of these sizes on every thread: where the numba backend
+    would, and the threading layer lets several of XLA's threads launch parallel kernels at once
+    (``omp``, ``tbb``). Numba's fallback layer, ``workqueue``, aborts the process when two threads
+    launch at once, which XLA's threads do (one per shard), and the backend's turn-taking lock
+    is Python's: the handler runs the serial regime there."""
+    if batch_size * feature_size < step.PARALLEL_ELEMENTS:
+        return False
+    from numba.np.ufunc.parallel import _launch_threads
+
+    _launch_threads()  # chooses the layer
+    return numba.threading_layer() in ("omp", "tbb")

@@ -31,6 +31,11 @@ def check_choice(value: Any, what: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+#: ``check_alpha``'s message for an alpha that is not finite, ``{}`` for its repr (the XLA
+#: handlers and TensorFlow's data-parallel step, which see a traced alpha, write it too).
+ALPHA_NOT_FINITE = "alpha must be finite, got {}"
+
+
 def check_alpha(alpha: Any) -> float:
     if isinstance(alpha, np.ndarray) and alpha.ndim == 0:
         alpha = alpha[()]
@@ -42,7 +47,7 @@ def check_alpha(alpha: Any) -> float:
     except OverflowError:  # an int beyond float range, 10**400
         value = math.inf
     if not math.isfinite(value):
-        raise ValueError(f"alpha must be finite, got {alpha!r}")
+        raise ValueError(ALPHA_NOT_FINITE.format(repr(alpha)))
     return value
 
 

@@ -29,6 +29,7 @@ def batches(seed: int):
 def main(devices: int, out: str) -> None:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     import jax
+    import jax.numpy as jnp
     from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
 
@@ -104,6 +105,14 @@ def main(devices: int, out: str) -> None:
             return jax.lax.pmean(loss, "batch"), new_centers[None]
         record(f"bad_label.{'global' if global_update else 'per_shard'}", lambda bad_step=bad_step: jax.block_until_ready(
             sharded(bad_step, (P(), P("batch")))(features[0], bad, centers)))
+    # an alpha that is not finite, traced: every shard fails alike, with either exchange
+    for exchange in ("sparse", "dense"):
+        def nan_alpha_step(f, y, c, exchange=exchange):
+            loss, new_centers = center_jax.center_loss(f, y, c, jnp.float32(np.nan), rule="wen", axis_name="batch",
+                                                       exchange=exchange)
+            return jax.lax.pmean(loss, "batch"), new_centers[None]
+        record(f"nan_alpha.{exchange}", lambda nan_alpha_step=nan_alpha_step: jax.block_until_ready(
+            sharded(nan_alpha_step, (P(), P("batch")))(features[0], labels[0], centers)))
     for global_update in (True, False):  # and under pmap
         def bad_pmapped(global_update=global_update):
             step = jax.pmap(lambda f, y, c: center_jax.center_loss(

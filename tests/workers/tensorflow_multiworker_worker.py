@@ -62,7 +62,8 @@ def main(index: int, ports: list[int], out: str) -> None:
         train(exchange, exchange, zip(features, labels))
     bad = labels[0].copy()
     bad[half + 5] = NUM_CLASSES + 2  # in worker 1's half, its position 5
-    train("bad_label", "sparse", [(features[0], bad)])
+    for exchange in ("sparse", "dense"):
+        train(f"bad_label.{exchange}", exchange, [(features[0], bad)])
     np.savez(out, **results)
 
 

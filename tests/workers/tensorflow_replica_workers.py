@@ -78,18 +78,19 @@ def main(out: str) -> None:
             results[f"bad_label.{exchange}.error"] = np.array(f"{type(error).__name__}: {error}")
         results[f"bad_label.{exchange}.copies"] = copies(layer)
 
-    # a custom training loop (strategy.run) with features too narrow (D = 2) for the dense
-    # exchange's findings row: they have an all-reduce of their own
+    # a custom training loop (strategy.run), the dense exchange at D = 2: good labels, a bad
+    # one, and a traced alpha that is not finite
     narrow = features[:BATCH, :2]
-    for name, batch_labels in (("good", labels[:BATCH]), ("bad", bad)):
+    for name, batch_labels, alpha in (("good", labels[:BATCH], ALPHA), ("bad", bad, ALPHA),
+                                      ("nan_alpha", labels[:BATCH], np.nan)):
         with strategy.scope():
             centers = tf.Variable(np.zeros((NUM_CLASSES, 2), np.float32))
         dataset = tf.data.Dataset.from_tensors((narrow, batch_labels.astype(np.int64)))
         per_replica = next(iter(strategy.experimental_distribute_dataset(dataset)))
 
         @tf.function
-        def step(batch, centers=centers):
-            return strategy.run(lambda f, y: center_tf.center_loss(f, y, centers, ALPHA, rule="wen", exchange="dense"),
+        def step(batch, centers=centers, alpha=tf.constant(alpha, tf.float32)):
+            return strategy.run(lambda f, y: center_tf.center_loss(f, y, centers, alpha, rule="wen", exchange="dense"),
                                 args=batch)
         try:
             step(per_replica)
