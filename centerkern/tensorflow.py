@@ -17,11 +17,13 @@ and writes B rows of the variable, never all K. For the same reason a ``tf.funct
 cannot be compiled with XLA (``jit_compile=True``); the layer says so (``supports_jit = False``),
 so that Keras's default ``jit_compile="auto"`` leaves XLA off for a model holding it.
 
-Under ``tf.distribute.MirroredStrategy`` (``fit``, or ``strategy.run``) each replica's loss and
-gradient are its own, and the centers move by the whole batch: every replica's per-class float64
-sums and counts are gathered (the replica context's ``all_gather``), every replica computes the
+Under ``tf.distribute.MirroredStrategy`` and ``MultiWorkerMirroredStrategy`` (``fit``, or
+``strategy.run``) each replica's loss and gradient are its own, and the centers move by the whole
+batch: every replica's per-class sums and counts are exchanged (``exchange``: the rows of the
+classes each replica saw, gathered, or every class's, all-reduced), every replica computes the
 same new rows from them and writes them into its own copy of the centers (see
-``centerkern._adapters.batch_classes``). Strategies this cannot serve are refused by name.
+``centerkern._adapters.batch_classes``), all in TensorFlow's own ops. Strategies this cannot
+serve are refused by name.
 """
 
 from __future__ import annotations
@@ -74,8 +76,9 @@ def center_loss(
         2 + 2D words, whatever K); ``dense`` all-reduces every class's count and sums (K rows of
         1 + D); ``auto`` takes ``sparse`` while R·B < K / 4 (measured in
         ``benchmarks/data_parallel.py``; B unknown when traced counts as small). Either gives
-        every replica the same bits. The replica step runs in TensorFlow's own ops (float64
-        sums), not the kernels: host calls on every replica at once wait for each other.
+        every replica the same bits. The replica step runs in TensorFlow's own ops, not the
+        kernels (host calls on every replica at once wait for each other): the sparse
+        exchange's sums are float64, the dense one's in the centers' dtype.
 
     Returns
     -------
