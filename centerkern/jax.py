@@ -46,6 +46,7 @@ from ._adapters.batch_classes import (EXCHANGES, bad_label_template, check_label
                                       check_shapes_and_dtypes, exchange_for, host_combine, host_partials, host_step,
                                       table_width)
 from ._adapters.settings import computed_dtype, host_backend
+from ._core.interop import FLOAT_DTYPES
 from ._core.rules import RULES, coefficients_of, moves_centers, rule_coefficients
 from ._core.validation import check_choice, check_labels
 
@@ -270,7 +271,7 @@ def _global_step(features, labels, centers, alpha, rule, backend, axis_name, exc
     num_classes, batch_size = centers.shape[0], features.shape[0]
     shards = _axis_size(axis_name)
     # machine code, as the one-device step (the Python host calls refuse other dtypes when run)
-    native = backend == "numba" and _host_targets_serve() and np.dtype(features.dtype) in (np.float32, np.float64)
+    native = backend == "numba" and _host_targets_serve() and np.dtype(features.dtype) in FLOAT_DTYPES
     if exchange_for(exchange, shards, batch_size, num_classes) == "dense" and native:
         return _dense_global_step(features, labels, centers, alpha, rule, axis_name)
     width = table_width(features.shape[1])
@@ -315,7 +316,7 @@ def _alpha_template():
     """The message of an alpha that is not finite, for the data-parallel handlers (``xla_native``)."""
     from ._adapters import xla_native
 
-    return jnp.asarray(xla_native.templates(0)[1])
+    return jnp.asarray(xla_native.ALPHA_TEMPLATE)
 
 
 def _rule_index(rule: str):
@@ -325,14 +326,11 @@ def _rule_index(rule: str):
 def _native_call(name: str, shapes: tuple, *operands, aliases=None) -> tuple:
     """The data-parallel handler ``name`` of ``xla_native`` (compiled for the first operand's
     float type, or the third's where the first holds tables) on ``operands``, typed as ``shapes``."""
-    dtype = next(np.dtype(o.dtype) for o in operands if np.dtype(o.dtype) in (np.float32, np.float64))
-    target = f"centerkern_{name}_{dtype.name}"
-    if target not in _REGISTERED:
-        from ._adapters import xla_native
+    from ._adapters import xla_native
 
-        compiled = xla_native.data_parallel_handler(name, dtype)
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(compiled.ctypes), platform="cpu")
-        _REGISTERED[target] = [compiled]
+    dtype = next(np.dtype(o.dtype) for o in operands if np.dtype(o.dtype) in FLOAT_DTYPES)
+    target = _registered_compiled(f"centerkern_{name}_{dtype.name}",
+                                  lambda: xla_native.data_parallel_handler(name, dtype))
     call = jax.ffi.ffi_call(target, shapes, vmap_method="sequential", input_output_aliases=aliases)
     return tuple(call(*operands))
 
@@ -370,9 +368,10 @@ def _labels_checked_on_every_shard(labels, num_classes: int, axes: frozenset):
         from ._adapters import xla_native
 
         template = bad_label_template(num_classes=num_classes, shard_names=shard_names).format(*xla_native.MARKERS)
-        checked = jax.ffi.ffi_call(_check_target(), jax.ShapeDtypeStruct(labels.shape, labels.dtype),
-                                   vmap_method="sequential", input_output_aliases={0: 0})(
-            labels, records, jnp.asarray(np.frombuffer(template.encode("utf-8"), np.uint8)))
+        target = _registered_compiled("centerkern_check_labels", xla_native.label_check)
+        checked = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(labels.shape, labels.dtype), vmap_method="sequential",
+                                   input_output_aliases={0: 0})(
+            labels, records, jnp.asarray(xla_native.as_bytes(template)))
         return _typed_like((checked,), labels)[0]
 
     def check(labels, records):
@@ -384,15 +383,13 @@ def _labels_checked_on_every_shard(labels, num_classes: int, axes: frozenset):
     return _typed_like((checked,), labels)[0]
 
 
-def _check_target() -> str:
-    """The shards' label check as an FFI target (``xla_native``), registered on first use."""
-    name = "centerkern_check_labels"
+def _registered_compiled(name: str, compiled) -> str:
+    """``name``, registered on first use as the FFI target of the handler ``compiled()`` gives
+    (``xla_native``: machine code, compiled or loaded from the kernel cache), kept for the process."""
     if name not in _REGISTERED:
-        from ._adapters import xla_native
-
-        compiled = xla_native.label_check()
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(compiled.ctypes), platform="cpu")
-        _REGISTERED[name] = [compiled]
+        handler = compiled()
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler.ctypes), platform="cpu")
+        _REGISTERED[name] = [handler]
     return name
 
 
@@ -615,17 +612,16 @@ def _ffi_target(rule: str, backend: str, dtype, batch_size: int, feature_size: i
     ``numpy`` (or features of a dtype the kernels do not take, which it refuses when the step
     runs): the reference in a Python handler (``xla_targets.host_center_loss``). On a GPU: the
     cuda kernels."""
-    if backend == "numba" and jax.default_backend() == "cpu" and np.dtype(dtype) in (np.float32, np.float64):
+    if backend == "numba" and jax.default_backend() == "cpu" and np.dtype(dtype) in FLOAT_DTYPES:
         from ._adapters import xla_native
 
         parallel = xla_native.parallel_regime(batch_size, feature_size)
-        name = f"centerkern_center_loss_numba_{np.dtype(dtype).name}_{'parallel' if parallel else 'serial'}"
-        if name not in _REGISTERED:
-            compiled = xla_native.handler(dtype, parallel)
-            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(compiled.ctypes), platform="cpu")
-            _REGISTERED[name] = [compiled]
-        settings = xla_native.settings(rule, batch_size, feature_size, parallel)
-        return name, tuple(jnp.asarray(operand) for operand in (settings, *xla_native.templates(num_classes)))
+        regime = "parallel" if parallel else "serial"
+        name = _registered_compiled(f"centerkern_center_loss_numba_{np.dtype(dtype).name}_{regime}",
+                                    lambda: xla_native.handler(dtype, parallel))
+        operands = (xla_native.settings(rule, batch_size, feature_size, parallel),
+                    xla_native.bad_label_template(num_classes), xla_native.ALPHA_TEMPLATE)
+        return name, tuple(jnp.asarray(operand) for operand in operands)
     name = f"centerkern_center_loss_{rule}_{backend}"
     if name not in _REGISTERED:
         from ._adapters import xla_targets

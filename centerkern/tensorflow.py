@@ -216,13 +216,18 @@ def _labels_checked_on_every_replica(labels, num_classes: int, replica):
     """``labels``, passed on once the replicas have shared what they found (one all-reduce of
     their ``_label_findings``): if any replica holds a bad label, every replica fails at this
     same point (``_failing_if_any_bad``)."""
-    replicas = replica.num_replicas_in_sync
-    # each replica's finding in its own row of a zero table: the all-reduce adds zeros only, exactly
-    records = tf.scatter_nd([[replica.replica_id_in_sync_group]], _label_findings(labels, num_classes)[None],
-                            [replicas, 3])
-    records = replica.all_reduce(tf.distribute.ReduceOp.SUM, records)
-    with tf.control_dependencies([_failing_if_any_bad(records, num_classes, replicas)]):
+    with tf.control_dependencies([_failing_if_any_bad_anywhere(_label_findings(labels, num_classes), num_classes,
+                                                               replica)]):
         return tf.identity(labels)
+
+
+def _failing_if_any_bad_anywhere(findings, num_classes: int, replica):
+    """``_failing_if_any_bad`` on every replica's ``findings`` (``_label_findings``), shared by one
+    all-reduce: each replica's in its own row of a zero table, which the all-reduce adds zeros
+    to only, exactly."""
+    replicas = replica.num_replicas_in_sync
+    records = tf.scatter_nd([[replica.replica_id_in_sync_group]], findings[None], [replicas, 3])
+    return _failing_if_any_bad(replica.all_reduce(tf.distribute.ReduceOp.SUM, records), num_classes, replicas)
 
 
 def _label_findings(labels, num_classes: int):
@@ -259,9 +264,10 @@ def _failing_if_any_bad(records, num_classes: int, replicas: int):
 
 def _data_parallel_step(features, labels, variable, alpha, rule: str, replica, exchange: str):
     """The replica's loss, and every replica's copy moved by the whole batch, the exchange
-    ``exchange_for`` picks (a batch size unknown when traced, as in ``fit``, taken as small). Each
-    replica's label findings travel with its partials: a bad label anywhere fails every replica
-    after the one collective, before any copy moves. Labels are read in range all the same."""
+    ``exchange_for`` picks (a batch size unknown when traced, as in ``fit``, taken as small). The
+    replicas share their label findings (with the sparse exchange's partials, or in an
+    all-reduce of their own before the dense one): a bad label anywhere fails every replica
+    before any copy moves. Labels are read in range all the same."""
     num_classes, width = (int(n) for n in variable.shape)
     findings = _label_findings(labels, num_classes)
     labels = tf.clip_by_value(tf.cast(labels, tf.int64), 0, max(num_classes - 1, 0))
@@ -287,13 +293,9 @@ def _dense_step(features, labels, findings, variable, alpha, rule: str, replica)
     framework's own dense code computes: where K is small, float64 passes over the batch or
     K x D would cost more than the exchange, whose sums are in the centers' dtype anyway."""
     num_classes, width = (int(n) for n in variable.shape)
-    dtype, replicas = variable.dtype, replica.num_replicas_in_sync
-    records = tf.scatter_nd([[replica.replica_id_in_sync_group]], findings[None], [replicas, 3])
-    check = _failing_if_any_bad(replica.all_reduce(tf.distribute.ReduceOp.SUM, records), num_classes, replicas)
-    difference = features - _sparse_read(variable, labels)
-    per_sample = rule_coefficients(rule, 0.0, 1, width)
-    batch_size = tf.cast(tf.maximum(tf.shape(features)[0], 1), dtype)
-    loss = per_sample.loss_scale / batch_size * tf.reduce_sum(tf.square(difference))
+    dtype = variable.dtype
+    check = _failing_if_any_bad_anywhere(findings, num_classes, replica)
+    difference, loss = _differences_and_loss(features, _sparse_read(variable, labels), rule, dtype)
     table = tf.math.unsorted_segment_sum(
         tf.concat([tf.ones_like(difference[:, :1]), tf.stop_gradient(difference)], 1), labels, num_classes)
     with tf.control_dependencies([check]):
@@ -354,13 +356,13 @@ def _sparse_read(variable, indices):
     return tf.raw_ops.ResourceGather(resource=variable.handle, indices=indices, dtype=variable.dtype)
 
 
-def _differences_and_loss(features, centers_of_samples, rule: str):
-    """``(d, loss)``: ``d_i = f_i - centers_of_samples[i]`` in float64 (the kernels' arithmetic),
-    and the replica's loss, differentiable in ``features`` to any order by TensorFlow itself.
-    Every rule's loss scale is its value at B = 1 divided by B."""
+def _differences_and_loss(features, centers_of_samples, rule: str, dtype=tf.float64):
+    """``(d, loss)``: ``d_i = f_i - centers_of_samples[i]`` computed in ``dtype`` (float64: the
+    kernels' arithmetic), and the replica's loss, differentiable in ``features`` to any order by
+    TensorFlow itself. Every rule's loss scale is its value at B = 1 divided by B."""
     per_sample = rule_coefficients(rule, 0.0, 1, int(features.shape[1]))
-    batch_size = tf.cast(tf.maximum(tf.shape(features)[0], 1), tf.float64)
-    difference = tf.cast(features, tf.float64) - tf.cast(centers_of_samples, tf.float64)
+    batch_size = tf.cast(tf.maximum(tf.shape(features)[0], 1), dtype)
+    difference = tf.cast(features, dtype) - tf.cast(centers_of_samples, dtype)
     loss = tf.cast(per_sample.loss_scale / batch_size * tf.reduce_sum(tf.square(difference)), features.dtype)
     return difference, loss
 

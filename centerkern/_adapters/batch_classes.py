@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import _api
 from .._core import validation
-from .._core.errors import PeerInputError, label_out_of_range
+from .._core.errors import label_out_of_range
 from .._core.rules import rule_coefficients
 
 
@@ -139,31 +139,26 @@ def bad_label_template(*, num_classes: int, shard_names: str, unit: str = "shard
     return f"{found} (in the batch of {unit} {{}}{names}; bad labels in all: {{}}; no centers moved anywhere)"
 
 
-def bad_label_message(records, *, num_classes: int, shard_names: str, unit: str = "shard") -> str | None:
+def bad_label_message(records, *, num_classes: int, shard_names: str) -> str | None:
     """The error of a data-parallel step in which some shard holds a bad label, the same on every
     shard: the first such shard's first bad label, and the count over all shards; None if no
-    shard holds one. ``records``: one row per shard, its ``FINDING``; ``unit`` and
-    ``shard_names``: the words before and after a shard's number (``"replica"``, ``" of 4"``).
-    ``centerkern._adapters.xla_native`` writes the same words in machine code."""
+    shard holds one. ``records``: one row per shard, its ``FINDING``; ``shard_names``: the words
+    after a shard's number (``" over mesh axes ('batch',)"``). ``centerkern._adapters.xla_native``
+    and TensorFlow's replica step write the same words (``bad_label_template``)."""
     records = np.asarray(records, dtype=np.int64).reshape(-1, len(FINDING))
     total = int(records[:, 0].sum())
     if not total:
         return None
     owner = int(np.flatnonzero(records[:, 0])[0])
-    template = bad_label_template(num_classes=num_classes, shard_names=shard_names, unit=unit)
+    template = bad_label_template(num_classes=num_classes, shard_names=shard_names)
     return template.format(int(records[owner, 2]), int(records[owner, 1]), owner, total)
 
 
-def check_labels_of_every_shard(labels, records, *, num_classes: int, shard_names: str, unit: str = "shard",
-                                shard: int | None = None):
+def check_labels_of_every_shard(labels, records, *, num_classes: int, shard_names: str):
     """``labels``, once every shard knows what all of them found (``records``, see
-    ``bad_label_message``): if any shard holds a bad label, every shard raises here with the
-    same message, the shard holding it (``shard``, where known) ``IndexError``, the others
-    ``PeerInputError``, and nothing moves anywhere."""
-    message = bad_label_message(records, num_classes=num_classes, shard_names=shard_names, unit=unit)
-    if message is None:
-        return np.asarray(labels)
-    owner = int(np.flatnonzero(np.asarray(records).reshape(-1, len(FINDING))[:, 0])[0])
-    if shard is None or shard == owner:
+    ``bad_label_message``): if any shard holds a bad label, every shard raises here the same
+    ``IndexError``, naming it, and nothing moves anywhere."""
+    message = bad_label_message(records, num_classes=num_classes, shard_names=shard_names)
+    if message is not None:
         raise IndexError(message)
-    raise PeerInputError(f"a peer's batch: {message}")
+    return np.asarray(labels)

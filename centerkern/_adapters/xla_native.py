@@ -9,7 +9,7 @@ compile), so that the process never exits. Here the handler is compiled: it read
 frame (``xla/ffi/api/c_api.h``, whose layout ``xla_ffi`` declares) with loads at fixed offsets,
 runs the numba backend's step on the buffers where they are, and makes XLA's errors itself
 (``XLA_FFI_Error_Create``, a function pointer of the frame's API) with the messages of SPEC,
-which the Python code makes (``templates``).
+which the Python code makes (``bad_label_template``, ``ALPHA_TEMPLATE``).
 
 What a call could still need of Python is done when the step is traced: the handler is
 compiled (or loaded from the kernel cache) for the features' dtype and the regime (``serial``
@@ -18,7 +18,7 @@ numbers that depend on the shapes only (the rule, the integer scratch's size, a 
 the float scratch, the thread count) travel as a small int32 operand, ``settings``.
 
 Arguments ``(features, labels, centers, alpha, settings, bad_label, alpha_not_finite)``, the last
-two the messages' ``templates``; results ``(loss, grad[, new_centers])``: the new centers, for
+two the messages' templates; results ``(loss, grad[, new_centers])``: the new centers, for
 rules that move them, in the buffer XLA aliases to the centers' (``input_output_aliases``),
 which is then the centers' own. The data-parallel step's handlers (``DATA_PARALLEL``) and the
 shards' label check (``_check_labels``) follow, each with its arguments in its docstring.
@@ -43,7 +43,6 @@ from numba.extending import intrinsic
 
 from .._backends.numba_cpu import driver, step
 from .._backends.numba_cpu.jit import _Cache, _report_cache_problem
-from .._core.interop import FLOAT_DTYPES
 from .._core import rules
 from .._core.errors import label_out_of_range
 from .._core.rules import RULES
@@ -137,23 +136,28 @@ _OUT_OF_RANGE = xla_ffi.ERROR_OUT_OF_RANGE
 _INVALID_ARGUMENT = xla_ffi.ERROR_INVALID_ARGUMENT
 
 
-# The messages are the Python ones (``templates``), made when the step is traced with a marker
-# byte where each runtime number goes, and passed to the handler as operands: the handler only
-# writes the numbers in. Marker k (1 to 4) stands for the k-th number a handler has.
+# The messages are the Python ones (``bad_label_template``, ``ALPHA_TEMPLATE``), made when the
+# step is traced with a marker byte where each runtime number goes, and passed to the handler
+# as operands: the handler only writes the numbers in. Marker k (1 to 4) stands for the k-th
+# number a handler has.
 MARKERS = tuple(chr(k) for k in range(1, 5))
 _NAN, _INFINITY = np.frombuffer(b"nan", np.uint8), np.frombuffer(b"inf", np.uint8)
 
 
-def templates(num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """The step handler's messages as uint8 templates: a bad label (marker 1 its value, 2 its
-    position: ``label_out_of_range``'s words) and an alpha that is not finite (marker 1 the
-    value: ``check_alpha``'s words, ``ALPHA_NOT_FINITE``)."""
-    bad_label = str(label_out_of_range(MARKERS[1], MARKERS[0], num_classes))  # position, value
-    return _as_bytes(bad_label), _as_bytes(ALPHA_NOT_FINITE.format(MARKERS[0]))
-
-
-def _as_bytes(text: str) -> np.ndarray:
+def as_bytes(text: str) -> np.ndarray:
+    """``text`` as the uint8 operand a handler reads a message template from."""
     return np.frombuffer(text.encode("utf-8"), np.uint8)
+
+
+def bad_label_template(num_classes: int) -> np.ndarray:
+    """The step handler's message for a bad label (``label_out_of_range``'s words), marker 1 for
+    the label's value and 2 for its position."""
+    return as_bytes(str(label_out_of_range(MARKERS[1], MARKERS[0], num_classes)))
+
+
+#: Every handler's message for an alpha that is not finite (``check_alpha``'s words), marker 1
+#: for the value.
+ALPHA_TEMPLATE = as_bytes(ALPHA_NOT_FINITE.format(MARKERS[0]))
 
 
 @numba.njit(cache=False)
@@ -201,7 +205,7 @@ def _error(frame, message, code):
 
 @numba.njit(cache=False)
 def _alpha_error(frame, template, alpha):
-    """``template`` (``templates``' second) with ``nan``, ``inf`` or ``-inf`` for its marker."""
+    """``template`` (``ALPHA_TEMPLATE``) with ``nan``, ``inf`` or ``-inf`` for its marker."""
     message = np.empty(template.size + 5, np.uint8)
     at = 0
     for byte in template:
@@ -270,18 +274,19 @@ def _dim(buffers, index, axis):
 
 
 @numba.njit(cache=False)
-def _labels_as_int64(buffers, index, batch_size):
-    """The labels as the kernels take them, int64: XLA's int64 buffer itself, or its int32 one
-    widened (``centerkern.jax`` hands over labels of the widest integer type JAX has, and only
-    those: each dtype more would be one more conversion to compile)."""
+def _int64s(buffers, index, size):
+    """Buffer ``index``, ``size`` integers (labels, positions, records), as int64 as the kernels
+    take them: XLA's int64 buffer itself, or its int32 one widened (``centerkern.jax`` hands over
+    integers of the widest type JAX has, and only those: each dtype more would be one more
+    conversion to compile)."""
     address = _data(buffers, index)
     if _load(_load(buffers + 8 * index, types.intp) + _BUFFER_DTYPE, types.int32) == _INT64:
-        return numba.carray(_pointer(address, types.int64), batch_size)
-    narrow = numba.carray(_pointer(address, types.int32), batch_size)
-    labels = np.empty(batch_size, np.int64)
-    for i in range(batch_size):
-        labels[i] = narrow[i]
-    return labels
+        return numba.carray(_pointer(address, types.int64), size)
+    narrow = numba.carray(_pointer(address, types.int32), size)
+    wide = np.empty(size, np.int64)
+    for i in range(size):
+        wide[i] = narrow[i]
+    return wide
 
 
 # Each compiled copy of ``_handle`` has these of its own (see ``_compile``).
@@ -310,7 +315,7 @@ def _handle(frame):
             written[:] = centers
     else:  # pytorch: grad_centers, which JAX's autodiff computes itself; only touched rows are written
         written = np.empty((num_classes, width), centers.dtype)
-    labels = _labels_as_int64(arguments, 1, batch_size)
+    labels = _int64s(arguments, 1, batch_size)
     ints = np.empty(settings[_INT_SCRATCH], np.int64)
     floats = np.empty(settings[_FLOAT_SCRATCH], np.float64)
     while True:
@@ -329,18 +334,6 @@ def _handle(frame):
 
 # --------------------------------------------------------------------------- the shards' label check
 
-@numba.njit(cache=False)
-def _record(buffers, index, shards):
-    """The shards' records of bad labels, (shards, 3) of (count, first position, its value), as int64."""
-    code = _load(_load(buffers + 8 * index, types.intp) + _BUFFER_DTYPE, types.int32)
-    address = _data(buffers, index)
-    if code == _INT64:
-        return numba.carray(_pointer(address, types.int64), (shards, 3)).copy()
-    record = np.empty((shards, 3), np.int64)
-    record[:] = numba.carray(_pointer(address, types.int32), (shards, 3))
-    return record
-
-
 def _check_labels(frame):
     """Arguments ``(labels, records, template)``, result the labels (aliased): an error naming
     the first shard's first bad label if any shard holds one (``records``, summed over the
@@ -351,7 +344,7 @@ def _check_labels(frame):
     if arguments == 0:
         return 0
     shards = _dim(arguments, 1, 0)
-    records = _record(arguments, 1, shards)
+    records = _int64s(arguments, 1, shards * 3).reshape((shards, 3))
     total = 0
     for shard in range(shards):
         total += records[shard, 0]
@@ -398,9 +391,9 @@ def _partials(frame):
         return 0
     batch_size, width, rows_held = _dim(arguments, 0, 0), _dim(arguments, 0, 1), _dim(arguments, 2, 0)
     features = _array(arguments, 0, (batch_size, width), _FLOAT)
-    index = _labels_as_int64(arguments, 1, batch_size)
+    index = _int64s(arguments, 1, batch_size)
     rows = _array(arguments, 2, (rows_held, width), _FLOAT)
-    classes = _labels_as_int64(arguments, 3, rows_held)
+    classes = _int64s(arguments, 3, rows_held)
     alpha = np.float64(_load(_data(arguments, 4), _FLOAT))
     if not np.isfinite(alpha):
         return _alpha_error(frame, _bytes(arguments, 6), alpha)
@@ -432,7 +425,7 @@ def _combine(frame):
     entries, columns, width = _dim(arguments, 0, 0), _dim(arguments, 0, 1), _dim(arguments, 2, 1)
     tables = _array(arguments, 0, (entries, columns), types.uint32)
     table_sums = _array(arguments, 0, (entries, columns // 2), types.float64)
-    position = _labels_as_int64(arguments, 1, entries)
+    position = _int64s(arguments, 1, entries)
     rows = _array(arguments, 2, (entries, width), _FLOAT)
     alpha = np.float64(_load(_data(arguments, 3), _FLOAT))
     rule = _coefficients_of(_load(_data(arguments, 4), types.int32), alpha, 1, width)
@@ -461,7 +454,7 @@ def _dense_partials(frame):
         return 0
     batch_size, width, num_classes = _dim(arguments, 0, 0), _dim(arguments, 0, 1), _dim(arguments, 2, 0)
     features = _array(arguments, 0, (batch_size, width), _FLOAT)
-    labels = _labels_as_int64(arguments, 1, batch_size)
+    labels = _int64s(arguments, 1, batch_size)
     centers = _array(arguments, 2, (num_classes, width), _FLOAT)
     alpha = np.float64(_load(_data(arguments, 3), _FLOAT))
     if not np.isfinite(alpha):
@@ -504,13 +497,7 @@ DATA_PARALLEL = {"partials": _partials, "combine": _combine, "dense_partials": _
 def data_parallel_handler(name: str, dtype):
     """The compiled handler ``name`` of ``DATA_PARALLEL`` for ``dtype``, compiled on first use."""
     dtype = np.dtype(dtype)
-    key = (name, dtype)
-    with _compile_lock:
-        if key not in _HANDLERS:
-            compiled = _data_parallel_uncompiled(name, dtype)
-            compiled.compile()
-            _HANDLERS[key] = compiled
-    return _HANDLERS[key]
+    return _compiled_once((name, dtype), lambda: _data_parallel_uncompiled(name, dtype))
 
 
 def _data_parallel_uncompiled(name: str, dtype: np.dtype):
@@ -521,31 +508,42 @@ def _data_parallel_uncompiled(name: str, dtype: np.dtype):
 
 
 _compile_lock = threading.Lock()
-_HANDLERS: dict = {}  # (dtype, parallel) -> CFunc, kept for the process (XLA holds their addresses)
+_HANDLERS: dict = {}  # compiled handlers, kept for the process (XLA holds their addresses)
+
+
+def _compiled_once(key, uncompiled):
+    """The handler under ``key``, compiled (or loaded from the kernel cache) from
+    ``uncompiled()`` on first use, once for every thread."""
+    with _compile_lock:
+        if key not in _HANDLERS:
+            compiled = uncompiled()
+            compiled.compile()
+            _HANDLERS[key] = compiled
+    return _HANDLERS[key]
 
 
 def handler(dtype, parallel: bool):
     """The compiled handler for features of ``dtype`` in the given regime: compiled on first use
-    (or loaded from the kernel cache), with Numba's threads started, so that nothing is left to
-    do on XLA's threads."""
-    dtype = np.dtype(dtype)
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"the numba kernels take float32 or float64, got {dtype}")
-    key = (dtype, bool(parallel))
-    with _compile_lock:
-        if key not in _HANDLERS:
-            _HANDLERS[key] = _compile(dtype, bool(parallel))
-    return _HANDLERS[key]
+    (or loaded from the kernel cache), with Numba's threads started and the backend's entry point
+    it calls compiled first (which refuses a dtype the kernels do not take), so that nothing is
+    left to do on XLA's threads."""
+    dtype, parallel = np.dtype(dtype), bool(parallel)
+    if parallel:
+        # a cached parallel function calls into the threading layer by symbol: started first
+        from numba.np.ufunc.parallel import _launch_threads
+
+        _launch_threads()
+    _step_entry(parallel).compiled(dtype)  # the handler calls the entry as it is, compiled or cached
+    return _compiled_once((dtype, parallel), lambda: _uncompiled(dtype, parallel))
 
 
 def label_check():
     """The compiled label check of the shards (``_check_labels``), compiled on first use."""
-    with _compile_lock:
-        if "check" not in _HANDLERS:
-            compiled = _as_cfunc(_check_labels, "xla_check_labels")
-            compiled.compile()
-            _HANDLERS["check"] = compiled
-    return _HANDLERS["check"]
+    return _compiled_once("check", _uncompiled_label_check)
+
+
+def _uncompiled_label_check():
+    return _as_cfunc(_check_labels, "xla_check_labels")
 
 
 def _as_cfunc(function, name: str):
@@ -557,18 +555,6 @@ def _as_cfunc(function, name: str):
         compiled._cache = _Cache(function)
     except RuntimeError:  # no directory can be written: compiled in memory
         _report_cache_problem("no kernel cache directory can be written")
-    return compiled
-
-
-def _compile(dtype: np.dtype, parallel: bool):
-    if parallel:
-        # a cached parallel function calls into the threading layer by symbol: started first
-        from numba.np.ufunc.parallel import _launch_threads
-
-        _launch_threads()
-    _step_entry(parallel).compiled(dtype)  # the handler calls the entry as it is, compiled or cached
-    compiled = _uncompiled(dtype, parallel)
-    compiled.compile()
     return compiled
 
 
@@ -589,16 +575,16 @@ def _uncompiled(dtype: np.dtype, parallel: bool):
 
 class HandlerEntry:
     """A handler as ``python -m centerkern compile`` takes an entry point: ``uncompiled(dtype)``
-    (with the kernel cache attached) and ``compiled(dtype)``, which compiles it or loads it."""
+    (with the kernel cache attached) and ``compiled(dtype)``, which compiles it or loads it;
+    ``calls``: the backend's entry point it links in, if any."""
 
-    def __init__(self, name: str, uncompiled, compiled):
+    def __init__(self, name: str, uncompiled, compiled, calls=None):
         self.name = name
-        self._uncompiled, self._compiled = uncompiled, compiled
+        self._uncompiled, self._compiled, self._calls = uncompiled, compiled, calls
 
     def is_cached(self, dtype) -> bool:
         """Whether the cache holds this handler for ``dtype``, without compiling it."""
-        calls_an_entry = self.name.startswith("xla_center_loss_")
-        if calls_an_entry and not _step_entry(self.name.endswith("parallel")).is_cached(dtype):
+        if self._calls is not None and not self._calls.is_cached(dtype):
             return False  # the entry point must be there first
         handler_function = self._uncompiled(np.dtype(dtype))
         target = handler_function._targetdescr.target_context
@@ -613,12 +599,11 @@ class HandlerEntry:
 #: same for every dtype).
 ENTRIES = (
     *(HandlerEntry(f"xla_center_loss_{regime}", functools.partial(_uncompiled, parallel=parallel),
-                   functools.partial(handler, parallel=parallel))
+                   functools.partial(handler, parallel=parallel), calls=_step_entry(parallel))
       for regime, parallel in (("serial", False), ("parallel", True))),
     *(HandlerEntry(f"xla_{name}", functools.partial(_data_parallel_uncompiled, name),
                    functools.partial(data_parallel_handler, name)) for name in DATA_PARALLEL),
-    HandlerEntry("xla_check_labels", lambda dtype: _as_cfunc(_check_labels, "xla_check_labels"),
-                 lambda dtype: label_check()),
+    HandlerEntry("xla_check_labels", lambda dtype: _uncompiled_label_check(), lambda dtype: label_check()),
 )
 
 
