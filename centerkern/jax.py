@@ -206,7 +206,7 @@ def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, back
     # typed alike, vary too, and the gradient of replicated centers is summed over the shards
     replicated_centers = centers
     features, labels, centers, alpha = _vary_alike(features, labels, centers, alpha)
-    step = _ffi_step_or_none(rule, backend, features, centers)
+    step = _ffi_step_or_none(rule, backend, features, centers, sharded=bool(shard_axes))
     if step is not None:  # the kernels read centers[labels] and write the new centers
         loss, new_centers = step(features, centers, labels, alpha)
         return loss, jax.lax.stop_gradient(new_centers)
@@ -587,22 +587,22 @@ def step_path() -> str:
 _REGISTERED: dict = globals().get("_REGISTERED", {})
 
 
-def _ffi_step_or_none(rule: str, backend: str, features, centers):
+def _ffi_step_or_none(rule: str, backend: str, features, centers, sharded: bool):
     """The custom-call step, or None where the host callback must serve: jax.ffi missing, JAX on
     a GPU without the switch, or XLA refusing the registration (its reason kept for ``info``).
     Its target is registered here, for the ``features``' dtype and shape and the ``centers``'."""
     if not ffi_path_available():
         return None
     try:
-        _ffi_target(rule, backend, features.dtype, *features.shape, centers.shape[0])
-        return _ffi_step(rule, backend)
+        _ffi_target(rule, backend, features.dtype, *features.shape, centers.shape[0], sharded)
+        return _ffi_step(rule, backend, sharded)
     except Exception as error:  # e.g. a jaxlib that no longer accepts this API version
         _ffi_state.update(available=False, refused=f"{type(error).__name__}: {error}")
         return None
 
 
-def _ffi_target(rule: str, backend: str, dtype, batch_size: int, feature_size: int,
-                num_classes: int) -> tuple[str, tuple]:
+def _ffi_target(rule: str, backend: str, dtype, batch_size: int, feature_size: int, num_classes: int,
+                sharded: bool) -> tuple[str, tuple]:
     """``(name, settings)``: the FFI target of a step of ``rule`` on a batch of these sizes,
     registered with XLA on first use, and the operands it takes after the four of the step.
 
@@ -615,7 +615,10 @@ def _ffi_target(rule: str, backend: str, dtype, batch_size: int, feature_size: i
     if backend == "numba" and jax.default_backend() == "cpu" and np.dtype(dtype) in FLOAT_DTYPES:
         from ._adapters import xla_native
 
-        parallel = xla_native.parallel_regime(batch_size, feature_size)
+        # a shard of shard_map is one of XLA's threads already, as the data-parallel handlers are:
+        # the serial regime (measured: Numba's parallel regions on several of XLA's threads at
+        # once let a script that ends during its first step hang at exit, 1 run in 12 on 4 devices)
+        parallel = not sharded and xla_native.parallel_regime(batch_size, feature_size)
         regime = "parallel" if parallel else "serial"
         name = _registered_compiled(f"centerkern_center_loss_numba_{np.dtype(dtype).name}_{regime}",
                                     lambda: xla_native.handler(dtype, parallel))
@@ -646,12 +649,12 @@ def _register(name: str, calls: dict) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _ffi_step(rule: str, backend: str):
+def _ffi_step(rule: str, backend: str, sharded: bool):
     """``(features, centers, labels, alpha) -> (loss, new_centers)`` as one custom call, with its
     derivatives."""
 
     def run(features, centers, labels, alpha):
-        target, settings = _ffi_target(rule, backend, features.dtype, *features.shape, centers.shape[0])
+        target, settings = _ffi_target(rule, backend, features.dtype, *features.shape, centers.shape[0], sharded)
         # the widest integer type JAX has, the one the handlers take (a wider label wraps
         # negative, which is still out of range)
         operands = (features, labels.astype(_wide_int()), centers, alpha, *_typed_like(settings, features))
