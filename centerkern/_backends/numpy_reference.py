@@ -73,3 +73,78 @@ def center_loss_step(
     else:
         written[touched] = row_update
     return float(rule.loss_scale * np.sum(differences * differences))
+
+
+# Codebooks (``centerkern.codebooks``): the per-code sums of a batch and the updates built on
+# them. Every sum is taken in float64 with ``np.add.at`` (duplicates add up) and the state is
+# read whole before any of it is written.
+
+
+def assign_codes(features: np.ndarray, codebook: np.ndarray, codes: np.ndarray, distances: np.ndarray) -> None:
+    """Write each row's nearest code (squared Euclidean distance, the lowest index on a tie) and
+    its distance, computed a tile of rows at a time, in float64: never an N x K matrix."""
+    codebook_wide = codebook.astype(np.float64)
+    code_norms = np.einsum("kd,kd->k", codebook_wide, codebook_wide)
+    rows_per_tile = max(1, ASSIGN_TILE_ELEMENTS // max(1, codebook.shape[0]))
+    for start in range(0, features.shape[0], rows_per_tile):
+        rows = features[start:start + rows_per_tile].astype(np.float64)
+        # |x - e|^2 less the row's own |x|^2, which does not change which code is nearest
+        scores = code_norms[None, :] - 2.0 * (rows @ codebook_wide.T)
+        nearest = np.argmin(scores, axis=1)  # argmin: the first of equal minima
+        codes[start:start + rows.shape[0]] = nearest
+        differences = rows - codebook_wide[nearest]
+        distances[start:start + rows.shape[0]] = np.einsum("nd,nd->n", differences, differences)
+
+
+# How many distances one tile holds (rows x codes): 2^20 float64 values, 8 MB.
+ASSIGN_TILE_ELEMENTS = 1 << 20
+
+
+def _batch_sums(features, codes, weights, num_codes):
+    """(per-code weight sums, per-code weighted feature sums), float64, duplicates added."""
+    weight = np.ones(codes.size) if weights is None else weights.astype(np.float64)
+    counts = np.zeros(num_codes, dtype=np.float64)
+    np.add.at(counts, codes, weight)
+    sums = np.zeros((num_codes, features.shape[1]), dtype=np.float64)
+    np.add.at(sums, codes, features.astype(np.float64) * weight[:, None])
+    return counts, sums
+
+
+def class_sums(features, codes, weights, counts, sums) -> None:
+    """Write the per-code weight sums (``counts``) and weighted feature sums (``sums``) of the
+    batch, float64, every code's row (zero where no row has the code)."""
+    counts[...], sums[...] = _batch_sums(features, codes, weights, counts.size)
+
+
+def ema_apply(counts, sums, cluster_size, embed_avg, embed, settings) -> None:
+    """The EMA update of ``settings`` (``centerkern._core.codebooks.EMASettings``) from a
+    batch's per-code ``counts`` and ``sums``, in place on the three state arrays."""
+    decay = settings.decay
+    size = decay * cluster_size.astype(np.float64) + (1.0 - decay) * counts
+    average = decay * embed_avg.astype(np.float64) + (1.0 - decay) * sums
+    if settings.laplace:
+        total = size.sum()
+        smoothed = (size + settings.eps) / (total + size.size * settings.eps) * total
+        code = average / smoothed[:, None]
+    else:
+        code = (average + settings.eps * embed.astype(np.float64)) / (size + settings.eps)[:, None]
+    cluster_size[...] = size
+    embed_avg[...] = average
+    embed[...] = code
+
+
+def ema_step(features, codes, weights, cluster_size, embed_avg, embed, settings) -> None:
+    """``class_sums`` and ``ema_apply`` in one call."""
+    ema_apply(*_batch_sums(features, codes, weights, cluster_size.size), cluster_size, embed_avg, embed, settings)
+
+
+def kmeans_update(features, codes, weights, centers, weight_sums) -> None:
+    """Mini-batch k-means (scikit-learn's ``_mini_batch_step``): each code that the batch holds
+    moves to the weighted mean of its old center, weighted by ``weight_sums``, and its rows;
+    ``weight_sums`` grows by the batch's weights. Codes the batch does not hold stay as they are."""
+    counts, sums = _batch_sums(features, codes, weights, centers.shape[0])
+    moved = counts > 0
+    old_weight = weight_sums[moved].astype(np.float64)
+    new_weight = old_weight + counts[moved]
+    centers[moved] = (centers[moved].astype(np.float64) * old_weight[:, None] + sums[moved]) / new_weight[:, None]
+    weight_sums[moved] = new_weight

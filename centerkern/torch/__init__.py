@@ -47,8 +47,9 @@ from .._adapters.settings import HALF_PRECISION
 from .._core.rules import RULES, moves_centers, rule_coefficients
 from .._core.validation import check_same_dtype, check_alpha, check_choice
 from . import _operators
+from .codebooks import CodebookOutput, EMACodebook
 
-__all__ = ["CenterLoss"]
+__all__ = ["CenterLoss", "CodebookOutput", "EMACodebook"]
 
 # _adapters.settings.computed_dtype's rule, as torch dtypes: a set that torch.compile reads as a
 # constant, where the function's NumPy dtype lookup cannot be traced

@@ -12,10 +12,12 @@ its own, each importing only those above it:
 - ``step``: one call, sort to last pass, as the two entry points ``step_serial`` and
   ``step_parallel``;
 - ``memory``: the gather and the parallel zeros;
+- ``codebooks``: the codebook kernels (per-code sums, the EMA and k-means updates, the nearest code);
 - ``driver``: what Python does around an entry point (scratch, threading layer, copies).
 """
 
-from .driver import ENTRIES, center_loss_step, gather_centers, kernel_cache, last_layout, scatter_sub_update, zeros
+from .driver import (ENTRIES, assign_codes, center_loss_step, class_sums, ema_apply, ema_step, gather_centers,
+                     kernel_cache, kmeans_update, last_layout, scatter_sub_update, zeros)
 
-__all__ = ["ENTRIES", "center_loss_step", "gather_centers", "kernel_cache", "last_layout", "scatter_sub_update",
-           "zeros"]
+__all__ = ["ENTRIES", "assign_codes", "center_loss_step", "class_sums", "ema_apply", "ema_step", "gather_centers",
+           "kernel_cache", "kmeans_update", "last_layout", "scatter_sub_update", "zeros"]

@@ -23,6 +23,7 @@ from contextlib import nullcontext
 import numba
 import numpy as np
 
+from . import codebooks
 from . import memory
 from . import step
 from .jit import cache_location
@@ -31,7 +32,7 @@ from ..._core.errors import label_out_of_range
 from ..._core.rules import SCATTER_SUB, RuleCoefficients
 
 # Every entry point a call can reach: what ``python -m centerkern compile`` compiles.
-ENTRIES = (step.step_serial, step.step_parallel, memory.gather_rows, memory.fill_zeros)
+ENTRIES = (step.step_serial, step.step_parallel, memory.gather_rows, memory.fill_zeros, *codebooks.ENTRIES)
 
 
 def kernel_cache() -> tuple[str | None, str]:
@@ -203,3 +204,86 @@ def center_loss_step(
         np.copyto(centers, copy_from)
     squares = _run(labels, features, centers, written, grad, True, rule, layout)
     return float(rule.loss_scale * squares)
+
+
+# Codebooks (``centerkern.codebooks``): the kernels of ``codebooks`` on C-contiguous arrays. A
+# state array laid out otherwise is updated in a C-contiguous copy, copied back once the call
+# has succeeded, as ``_run_on_copies`` does for the center-loss step.
+
+_NO_WEIGHTS = np.empty(0, np.float64)
+
+
+def _order_scratch(batch_size: int, num_codes: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.empty(num_codes + 1, np.int64), np.empty(batch_size, np.int64)
+
+
+def _item_rows(num_codes: int, width: int) -> np.ndarray:
+    """One float64 row per parallel work item, where its thread sums a code's rows."""
+    return np.empty(((num_codes + codebooks.CODES_PER_ITEM - 1) // codebooks.CODES_PER_ITEM, width), np.float64)
+
+
+def _in_place(entry, dtype, inputs: tuple, states: tuple, after: tuple) -> None:
+    """Run ``entry`` (compiled for ``dtype``) on read-only ``inputs`` and on ``states`` updated in
+    place (through C-contiguous copies where they are not), the settings and scratch ``after`` them."""
+    computed = [state if state.flags.carray else np.array(state, order="C") for state in states]
+    with _one_launch_at_a_time():
+        entry.compiled(dtype)(*(_readable(x) for x in inputs), *computed, *after)
+    for state, result in zip(states, computed):
+        if result is not state:
+            np.copyto(state, result)
+
+
+def _weights(weights):
+    return _NO_WEIGHTS if weights is None else weights
+
+
+def assign_codes(features, codebook, codes, distances) -> None:
+    """Write each row's nearest code (squared Euclidean distance, the lowest index on a tie) and
+    its distance. A tile of rows at a time is multiplied by the codebook with NumPy's BLAS, in
+    the features' dtype, and ``codebooks.nearest_codes`` picks each row's code: never an N x K matrix."""
+    features, codebook = _readable(features), _readable(codebook)
+    wide = codebook.astype(np.float64)
+    code_norms = _readable(np.einsum("kd,kd->k", wide, wide))
+    kernel = codebooks.nearest_codes.compiled(features.dtype)
+    rows_per_tile = max(1, ASSIGN_TILE_ELEMENTS // max(1, codebook.shape[0]))
+    scores = np.empty((min(rows_per_tile, features.shape[0]), codebook.shape[0]), features.dtype)
+    for start in range(0, features.shape[0], rows_per_tile):
+        rows = features[start:start + rows_per_tile]
+        tile = scores[:rows.shape[0]]
+        np.matmul(rows, codebook.T, out=tile)
+        with _one_launch_at_a_time():
+            kernel(_readable(tile), code_norms, features, codebook, start, codes, distances)
+
+
+# distances in one tile (rows x codes): 2^20 values, 4 MB in float32, resident in L2/L3
+ASSIGN_TILE_ELEMENTS = 1 << 20
+
+
+def class_sums(features, codes, weights, counts, sums) -> None:
+    """Write the per-code weight sums and weighted feature sums of the batch (float64)."""
+    starts, order = _order_scratch(codes.size, counts.size)
+    with _one_launch_at_a_time():
+        codebooks.class_sums.compiled(features.dtype)(_readable(features), _readable(codes),
+                                                      _readable(_weights(weights)), counts, sums, starts, order)
+
+
+def ema_step(features, codes, weights, cluster_size, embed_avg, embed, settings) -> None:
+    """The EMA codebook update of ``settings`` in place, the batch's sums taken on the way."""
+    num_codes = cluster_size.size
+    starts, order = _order_scratch(codes.size, num_codes)
+    _in_place(codebooks.ema_step, features.dtype, (features, codes, _weights(weights)), (cluster_size, embed_avg, embed),
+              (settings.decay, settings.eps, settings.laplace,
+               starts, order, np.empty(num_codes, np.float64), _item_rows(num_codes, features.shape[1])))
+
+
+def ema_apply(counts, sums, cluster_size, embed_avg, embed, settings) -> None:
+    """The EMA codebook update of ``settings`` from per-code ``counts`` and ``sums`` (float64)."""
+    _in_place(codebooks.ema_apply, embed.dtype, (counts, sums), (cluster_size, embed_avg, embed),
+              (settings.decay, settings.eps, settings.laplace, np.empty(cluster_size.size, np.float64)))
+
+
+def kmeans_update(features, codes, weights, centers, weight_sums) -> None:
+    """Mini-batch k-means' update (scikit-learn's ``_mini_batch_step``) in place."""
+    starts, order = _order_scratch(codes.size, centers.shape[0])
+    _in_place(codebooks.kmeans_update, features.dtype, (features, codes, _weights(weights)), (centers, weight_sums),
+              (starts, order, _item_rows(centers.shape[0], features.shape[1])))

@@ -1,0 +1,205 @@
+"""Codebook kernels: per-code sums of a batch, and the EMA and k-means updates built on them.
+
+Why this layout: the batch is first ordered by code with a stable counting sort (O(N + K),
+serial: it is a fraction of the work), so that each code's rows are a run of ``order``. The
+codes are then split between the threads, and each thread sums the rows of its own codes, in
+batch order, into a float64 row of its own: no two threads ever write one row, so duplicate
+codes are race-free by construction, and the sums are the same bits for any thread count. The
+update of a code is written in the same loop, right after its sum, so that neither the K x D
+sums nor a one-hot N x K matrix ever exist.
+
+The assignment multiplies a tile of rows by the codebook with NumPy's BLAS (``driver``) and
+picks each row's nearest code here, with its exact distance.
+"""
+
+from __future__ import annotations
+
+import numba
+from numba import prange, types
+
+from .jit import FAST_MATH, Entry, helper
+
+# Codes per parallel work item: enough to pay for the item, few enough to balance skewed codes.
+CODES_PER_ITEM = 64
+
+
+@helper
+def order_by_code(codes, num_codes, starts, order):
+    """Stable counting sort: ``order[starts[k]:starts[k + 1]]`` are the rows of code k, in batch order."""
+    for k in range(num_codes + 1):
+        starts[k] = 0
+    for i in range(codes.size):
+        starts[codes[i] + 1] += 1
+    for k in range(num_codes):
+        starts[k + 1] += starts[k]
+    for i in range(codes.size):  # starts[k] is code k's cursor here, and ends as its end
+        order[starts[codes[i]]] = i
+        starts[codes[i]] += 1
+    for k in range(num_codes, 0, -1):
+        starts[k] = starts[k - 1]
+    starts[0] = 0
+
+
+@helper(inline="always")
+def _weight(weights, row):
+    return 1.0 if weights.size == 0 else weights[row]
+
+
+@helper(inline="always")
+def _code_count(weights, order, begin, end):
+    count = 0.0
+    for j in range(begin, end):
+        count += _weight(weights, order[j])
+    return count
+
+
+@helper(inline="always", fastmath=FAST_MATH)
+def _code_sum(features, weights, order, begin, end, total):
+    """Write into ``total`` (float64) the weighted sum of the rows ``order[begin:end]``."""
+    for d in range(total.size):
+        total[d] = 0.0
+    for j in range(begin, end):
+        row = order[j]
+        weight = _weight(weights, row)
+        for d in range(total.size):
+            total[d] += weight * features[row, d]
+
+
+@helper(inline="always")
+def _ema_code(k, total, new_sizes, size_total, embed_avg, embed, decay, eps, laplace):
+    """Write code k's EMA average and code from its batch sum ``total`` and its new cluster size."""
+    if laplace:
+        count = embed_avg.shape[0]
+        divisor = (new_sizes[k] + eps) / (size_total + count * eps) * size_total
+    else:
+        divisor = new_sizes[k] + eps
+    for d in range(total.size):
+        average = decay * embed_avg[k, d] + (1.0 - decay) * total[d]
+        embed_avg[k, d] = average
+        if laplace:
+            embed[k, d] = average / divisor
+        else:
+            embed[k, d] = (average + eps * embed[k, d]) / divisor
+
+
+@helper(inline="always")
+def _new_sizes(counts, cluster_size, new_sizes, decay):
+    """The EMA cluster sizes in float64 (kept apart until every code is written) and their total."""
+    size_total = 0.0
+    for k in range(cluster_size.size):
+        new_sizes[k] = decay * cluster_size[k] + (1.0 - decay) * counts[k]
+        size_total += new_sizes[k]
+    return size_total
+
+
+def _class_sums(features, codes, weights, counts, sums, starts, order):
+    order_by_code(codes, counts.size, starts, order)
+    for item in prange((counts.size + CODES_PER_ITEM - 1) // CODES_PER_ITEM):
+        for k in range(item * CODES_PER_ITEM, min(counts.size, (item + 1) * CODES_PER_ITEM)):
+            counts[k] = _code_count(weights, order, starts[k], starts[k + 1])
+            _code_sum(features, weights, order, starts[k], starts[k + 1], sums[k])
+
+
+def _ema_step(features, codes, weights, cluster_size, embed_avg, embed, decay, eps, laplace, starts, order,
+              new_sizes, rows):
+    num_codes = cluster_size.size
+    order_by_code(codes, num_codes, starts, order)
+    for k in range(num_codes):  # the batch's counts, kept in new_sizes until the EMA replaces them
+        new_sizes[k] = _code_count(weights, order, starts[k], starts[k + 1])
+    size_total = _new_sizes(new_sizes, cluster_size, new_sizes, decay)
+    for item in prange((num_codes + CODES_PER_ITEM - 1) // CODES_PER_ITEM):
+        total = rows[item]
+        for k in range(item * CODES_PER_ITEM, min(num_codes, (item + 1) * CODES_PER_ITEM)):
+            _code_sum(features, weights, order, starts[k], starts[k + 1], total)
+            _ema_code(k, total, new_sizes, size_total, embed_avg, embed, decay, eps, laplace)
+            cluster_size[k] = new_sizes[k]
+
+
+def _ema_apply(counts, sums, cluster_size, embed_avg, embed, decay, eps, laplace, new_sizes):
+    num_codes = cluster_size.size
+    size_total = _new_sizes(counts, cluster_size, new_sizes, decay)
+    for item in prange((num_codes + CODES_PER_ITEM - 1) // CODES_PER_ITEM):
+        for k in range(item * CODES_PER_ITEM, min(num_codes, (item + 1) * CODES_PER_ITEM)):
+            _ema_code(k, sums[k], new_sizes, size_total, embed_avg, embed, decay, eps, laplace)
+            cluster_size[k] = new_sizes[k]
+
+
+def _kmeans_update(features, codes, weights, centers, weight_sums, starts, order, rows):
+    num_codes = centers.shape[0]
+    order_by_code(codes, num_codes, starts, order)
+    for item in prange((num_codes + CODES_PER_ITEM - 1) // CODES_PER_ITEM):
+        total = rows[item]
+        for k in range(item * CODES_PER_ITEM, min(num_codes, (item + 1) * CODES_PER_ITEM)):
+            count = _code_count(weights, order, starts[k], starts[k + 1])
+            if count > 0.0:  # scikit-learn leaves a center its batch does not hold as it is
+                _code_sum(features, weights, order, starts[k], starts[k + 1], total)
+                old_weight = weight_sums[k] * 1.0  # in float64
+                new_weight = old_weight + count
+                for d in range(total.size):
+                    centers[k, d] = (centers[k, d] * old_weight + total[d]) / new_weight
+                weight_sums[k] = new_weight
+
+
+def _nearest_codes(scores, code_norms, features, codebook, first_row, codes, distances):
+    """For each row of the tile ``scores`` (its products with every code), the code of least
+    ``|e|^2 - 2 x.e`` (the first of equal ones, as argmin) and the row's exact squared distance to it."""
+    for r in prange(scores.shape[0]):
+        best, best_score = 0, code_norms[0] - 2.0 * scores[r, 0]
+        for k in range(1, scores.shape[1]):
+            score = code_norms[k] - 2.0 * scores[r, k]
+            if score < best_score:
+                best, best_score = k, score
+        row = first_row + r
+        squares = 0.0
+        for d in range(features.shape[1]):
+            difference = features[row, d] * 1.0 - codebook[best, d]
+            squares += difference * difference
+        codes[row] = best
+        distances[row] = squares
+
+
+_MATRIX_IN = lambda data: types.Array(data, 2, "C", readonly=True)  # noqa: E731
+_MATRIX = lambda data: types.Array(data, 2, "C")  # noqa: E731
+_VECTOR = lambda data: types.Array(data, 1, "C")  # noqa: E731
+_CODES = types.Array(types.int64, 1, "C", readonly=True)
+_WEIGHTS = types.Array(types.float64, 1, "C", readonly=True)
+_INTS, _FLOATS = _VECTOR(types.int64), _VECTOR(types.float64)
+
+
+def _class_sums_signature(dtype):
+    data = numba.from_dtype(dtype)
+    return types.void(_MATRIX_IN(data), _CODES, _WEIGHTS, _FLOATS, _MATRIX(types.float64), _INTS, _INTS)
+
+
+def _ema_step_signature(dtype):
+    data = numba.from_dtype(dtype)
+    return types.void(_MATRIX_IN(data), _CODES, _WEIGHTS, _VECTOR(data), _MATRIX(data), _MATRIX(data),
+                      types.float64, types.float64, types.boolean, _INTS, _INTS, _FLOATS, _MATRIX(types.float64))
+
+
+def _ema_apply_signature(dtype):
+    data = numba.from_dtype(dtype)
+    readonly_floats = types.Array(types.float64, 1, "C", readonly=True)
+    return types.void(readonly_floats, types.Array(types.float64, 2, "C", readonly=True), _VECTOR(data),
+                      _MATRIX(data), _MATRIX(data), types.float64, types.float64, types.boolean, _FLOATS)
+
+
+def _kmeans_signature(dtype):
+    data = numba.from_dtype(dtype)
+    return types.void(_MATRIX_IN(data), _CODES, _WEIGHTS, _MATRIX(data), _VECTOR(data), _INTS, _INTS,
+                      _MATRIX(types.float64))
+
+
+def _nearest_signature(dtype):
+    data = numba.from_dtype(dtype)
+    return types.void(_MATRIX_IN(data), types.Array(types.float64, 1, "C", readonly=True), _MATRIX_IN(data),
+                      _MATRIX_IN(data), types.int64, _INTS, _VECTOR(data))
+
+
+class_sums = Entry("codebook_class_sums", _class_sums, _class_sums_signature, parallel=True)
+ema_step = Entry("codebook_ema_step", _ema_step, _ema_step_signature, parallel=True)
+ema_apply = Entry("codebook_ema_apply", _ema_apply, _ema_apply_signature, parallel=True)
+kmeans_update = Entry("codebook_kmeans_update", _kmeans_update, _kmeans_signature, parallel=True)
+nearest_codes = Entry("codebook_nearest_codes", _nearest_codes, _nearest_signature, parallel=True)
+
+ENTRIES = (class_sums, ema_step, ema_apply, kmeans_update, nearest_codes)

@@ -1,0 +1,161 @@
+"""A VQ codebook with EMA updates as a PyTorch module: ``centerkern.torch.EMACodebook``.
+
+It keeps vector-quantize-pytorch's state (buffers ``cluster_size`` (h, K), ``embed_avg`` and
+``embed`` (h, K, D), h the number of codebooks), so that a ``state_dict`` moves between the two,
+and replaces the layer's one-hot work: the nearest codes are found a tile of rows at a time,
+the quantized rows are a gather, and the EMA update a scatter of each code's rows
+(``centerkern.codebooks``), in float64, with duplicates added. No N x K matrix is made.
+
+Under ``torch.distributed`` (``process_group=``, or ``distributed=True`` for the default group)
+every rank moves its codebook by the whole batch of all ranks, so that the codebooks stay
+identical:
+
+- ``sparse``: the ranks' rows, codes and weights are all-gathered and every rank applies the
+  whole batch in rank order (the same bits as one process on the concatenated batch);
+- ``dense``: each rank's per-code counts and sums (K x (1 + D), float64) are all-reduced, then
+  applied (``ema_apply``);
+- ``auto``: sparse while (ranks x rows) < K / 4, the measured crossover of the center-loss exchanges.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import codebooks
+from .._adapters.batch_classes import EXCHANGES, exchange_for
+from .._core import codebooks as checks
+from .._core.validation import check_choice
+
+__all__ = ["EMACodebook", "CodebookOutput"]
+
+
+class CodebookOutput(NamedTuple):
+    """What ``EMACodebook`` returns: the quantized rows (the codes before the update, shaped as
+    the input), each row's code (the input's shape without D), and how many rows each code got
+    in the batch, (h, K) int64 (all ranks' rows when distributed: zero marks a dead code)."""
+
+    quantize: torch.Tensor
+    codes: torch.Tensor
+    counts: torch.Tensor
+
+
+class EMACodebook(nn.Module):
+    """A Euclidean VQ codebook whose codes follow an EMA of their rows.
+
+    Parameters
+    ----------
+    dim : int
+        D, the size of a row.
+    codebook_size : int
+        K, the number of codes.
+    num_codebooks : int, optional
+        h, codebooks side by side (vector-quantize-pytorch's ``num_codebooks``); an input of
+        shape (h, ..., D) is quantized by codebook i along its first axis.
+    decay : float, optional
+        γ; 0.8 as vector-quantize-pytorch.
+    eps : float, optional
+        ε of the smoothing.
+    smoothing : {"current_code", "laplace"}, optional
+        ``current_code`` (the default) as vector-quantize-pytorch 1.34; ``laplace`` as EnCodec
+        (see ``centerkern.codebooks``).
+    process_group : ProcessGroup, optional
+        The ranks whose batches move the codebook together.
+    distributed : bool, optional
+        True: the default process group (when ``process_group`` is not given).
+    exchange : {"auto", "sparse", "dense"}, optional
+        How the ranks combine their batches (module docstring).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from centerkern.torch import EMACodebook
+    >>> torch.manual_seed(0) and None
+    >>> codebook = EMACodebook(dim=4, codebook_size=16)
+    >>> quantize, codes, counts = codebook(torch.randn(2, 8, 4))
+    >>> quantize.shape, codes.shape, counts.shape, int(counts.sum())
+    (torch.Size([2, 8, 4]), torch.Size([2, 8]), torch.Size([1, 16]), 16)
+    """
+
+    def __init__(self, dim: int, codebook_size: int, *, num_codebooks: int = 1, decay: float = 0.8,
+                 eps: float = 1e-5, smoothing: str = "current_code", process_group: Any = None,
+                 distributed: bool = False, exchange: str = "auto"):
+        super().__init__()
+        self.settings = checks.ema_settings(decay, eps, smoothing)
+        self.decay, self.eps, self.smoothing = decay, eps, smoothing
+        self.exchange = check_choice(exchange, "exchange", EXCHANGES)
+        self.process_group = process_group
+        self.distributed = distributed or process_group is not None
+        self.codebook_size, self.num_codebooks = codebook_size, num_codebooks
+        embed = torch.empty(num_codebooks, codebook_size, dim)
+        nn.init.kaiming_uniform_(embed)
+        self.register_buffer("cluster_size", torch.zeros(num_codebooks, codebook_size))
+        self.register_buffer("embed_avg", torch.zeros(num_codebooks, codebook_size, dim))
+        self.register_buffer("embed", embed)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> CodebookOutput:
+        """Quantize ``x`` (..., D), or (h, ..., D) with h codebooks, and in training mode move
+        the codes. ``mask``: rows to leave out of the update (False), shaped as ``x`` without D."""
+        rows_shape = x.shape[:-1]
+        flat = x.detach().reshape(self.num_codebooks, -1, x.shape[-1]).to(self.embed.dtype)
+        weights = None if mask is None else mask.reshape(self.num_codebooks, -1).to(torch.float64)
+        quantized, codes, counts = [], [], []
+        for index in range(self.num_codebooks):
+            rows = flat[index].contiguous()
+            state = (self.cluster_size[index], self.embed_avg[index], self.embed[index])
+            row_weights = None if weights is None else weights[index]
+            if self.training and self.distributed:
+                result = self._distributed_step(rows, row_weights, *state)
+            else:
+                result = codebooks.quantize(rows, *state, decay=self.decay, eps=self.eps, smoothing=self.smoothing,
+                                            weights=row_weights, update=self.training)
+            quantized.append(result.quantized)
+            codes.append(result.codes)
+            counts.append(result.counts)
+        return CodebookOutput(torch.stack(quantized).reshape(*rows_shape, x.shape[-1]).to(x.dtype),
+                              torch.stack(codes).reshape(rows_shape), torch.stack(counts))
+
+    def _distributed_step(self, rows, weights, cluster_size, embed_avg, embed) -> codebooks.Quantized:
+        import torch.distributed as dist
+
+        group = self.process_group
+        ranks = dist.get_world_size(group)
+        assignment = codebooks.assign_codes(rows, embed)
+        quantized = embed[assignment.codes]  # the codes before the update
+        options = dict(decay=self.decay, eps=self.eps, smoothing=self.smoothing)
+        if exchange_for(self.exchange, ranks, rows.shape[0], self.codebook_size) == "sparse":
+            all_rows, all_codes, all_weights = _all_gathered(group, ranks, rows, assignment.codes, weights)
+            counts = codebooks.ema_update(all_rows, all_codes, cluster_size, embed_avg, embed,
+                                          weights=all_weights, **options)
+        else:
+            sums = codebooks.class_sums(rows, assignment.codes, self.codebook_size, weights=weights)
+            table = torch.cat([sums.counts[:, None], sums.sums], dim=1)
+            row_counts = torch.bincount(assignment.codes, minlength=self.codebook_size)
+            dist.all_reduce(table, group=group)
+            dist.all_reduce(row_counts, group=group)
+            codebooks.ema_apply(table[:, 0], table[:, 1:], cluster_size, embed_avg, embed, **options)
+            counts = row_counts
+        return codebooks.Quantized(assignment.codes, assignment.distances, quantized, counts)
+
+
+def _all_gathered(group, ranks: int, rows: torch.Tensor, codes: torch.Tensor, weights: torch.Tensor | None):
+    """Every rank's rows, codes and weights, concatenated in rank order (batches may differ in size)."""
+    import torch.distributed as dist
+
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(ranks)]
+    dist.all_gather(sizes, torch.tensor([rows.shape[0]], dtype=torch.int64), group=group)
+    largest = int(max(size.item() for size in sizes))
+    # one message: each row with its code and weight as float64 columns (exact for codes < 2^53)
+    table = torch.zeros(largest, rows.shape[1] + 2, dtype=torch.float64)
+    table[:rows.shape[0], :-2] = rows
+    table[:rows.shape[0], -2] = codes.to(torch.float64)
+    table[:rows.shape[0], -1] = 1.0 if weights is None else weights
+    gathered = [torch.empty_like(table) for _ in range(ranks)]
+    dist.all_gather(gathered, table, group=group)
+    whole = torch.cat([part[:int(size.item())] for part, size in zip(gathered, sizes)])
+    all_weights = None if weights is None else whole[:, -1].contiguous()
+    return whole[:, :-2].to(rows.dtype).contiguous(), whole[:, -2].to(torch.int64), all_weights
