@@ -14,7 +14,8 @@ identical:
   whole batch in rank order (the same bits as one process on the concatenated batch);
 - ``dense``: each rank's per-code counts and sums (K x (1 + D), float64) are all-reduced, then
   applied (``ema_apply``);
-- ``auto``: sparse while (ranks x rows) < K / 4, the measured crossover of the center-loss exchanges.
+- ``auto``: sparse while all ranks' rows together are fewer than K / 4 (the measured crossover
+  of the center-loss exchanges); the ranks first share their batch sizes, so that they choose alike.
 """
 
 from __future__ import annotations
@@ -127,8 +128,9 @@ class EMACodebook(nn.Module):
         assignment = codebooks.assign_codes(rows, embed)
         quantized = embed[assignment.codes]  # the codes before the update
         options = dict(decay=self.decay, eps=self.eps, smoothing=self.smoothing)
-        if exchange_for(self.exchange, ranks, rows.shape[0], self.codebook_size) == "sparse":
-            all_rows, all_codes, all_weights = _all_gathered(group, ranks, rows, assignment.codes, weights)
+        sizes = _batch_sizes(group, ranks, rows.shape[0])
+        if exchange_for(self.exchange, 1, sum(sizes), self.codebook_size) == "sparse":
+            all_rows, all_codes, all_weights = _all_gathered(group, sizes, rows, assignment.codes, weights)
             counts = codebooks.ema_update(all_rows, all_codes, cluster_size, embed_avg, embed,
                                           weights=all_weights, **options)
         else:
@@ -142,20 +144,27 @@ class EMACodebook(nn.Module):
         return codebooks.Quantized(assignment.codes, assignment.distances, quantized, counts)
 
 
-def _all_gathered(group, ranks: int, rows: torch.Tensor, codes: torch.Tensor, weights: torch.Tensor | None):
-    """Every rank's rows, codes and weights, concatenated in rank order (batches may differ in size)."""
+def _batch_sizes(group, ranks: int, batch_size: int) -> list[int]:
+    """Every rank's number of rows."""
     import torch.distributed as dist
 
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(ranks)]
-    dist.all_gather(sizes, torch.tensor([rows.shape[0]], dtype=torch.int64), group=group)
-    largest = int(max(size.item() for size in sizes))
+    dist.all_gather(sizes, torch.tensor([batch_size], dtype=torch.int64), group=group)
+    return [int(size.item()) for size in sizes]
+
+
+def _all_gathered(group, sizes: list[int], rows: torch.Tensor, codes: torch.Tensor, weights: torch.Tensor | None):
+    """Every rank's rows, codes and weights, concatenated in rank order (batches may differ in size)."""
+    import torch.distributed as dist
+
+    largest = max(sizes)
     # one message: each row with its code and weight as float64 columns (exact for codes < 2^53)
     table = torch.zeros(largest, rows.shape[1] + 2, dtype=torch.float64)
     table[:rows.shape[0], :-2] = rows
     table[:rows.shape[0], -2] = codes.to(torch.float64)
     table[:rows.shape[0], -1] = 1.0 if weights is None else weights
-    gathered = [torch.empty_like(table) for _ in range(ranks)]
+    gathered = [torch.empty_like(table) for _ in sizes]
     dist.all_gather(gathered, table, group=group)
-    whole = torch.cat([part[:int(size.item())] for part, size in zip(gathered, sizes)])
+    whole = torch.cat([part[:size] for part, size in zip(gathered, sizes)])
     all_weights = None if weights is None else whole[:, -1].contiguous()
     return whole[:, :-2].to(rows.dtype).contiguous(), whole[:, -2].to(torch.int64), all_weights
