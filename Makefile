@@ -12,6 +12,7 @@ PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 LOCK := requirements/test.lock
 LOCK_INPUT := requirements/lock-input.txt
+NO_DEPS := requirements/no-deps.txt
 LOCK_VENV := .venv-lock
 OLDEST := requirements/oldest.txt
 OLDEST_VENV := .venv-oldest
@@ -21,10 +22,11 @@ OLDEST_VENV := .venv-oldest
 # PIP_CONSTRAINT, unlike --constraint, reaches the isolated environment in which pip builds the
 # package, so that its build backend (setuptools) is the lock's too
 $(INSTALLED): export PIP_CONSTRAINT = $(abspath $(LOCK))
-$(INSTALLED): pyproject.toml $(LOCK)
+$(INSTALLED): pyproject.toml $(LOCK) $(NO_DEPS)
 	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --constraint $(LOCK) pip
 	$(PYTHON) -m pip install --quiet --constraint $(LOCK) -e ".[test]"
+	$(PYTHON) -m pip install --quiet --constraint $(LOCK) --no-deps -r $(NO_DEPS)
 	$(PYTHON) -m centerkern compile
 	touch $@
 
@@ -38,6 +40,7 @@ lock:
 	$(PYTHON_BOOTSTRAP) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(LOCK_VENV)/bin/python -m pip install --quiet --constraint $(LOCK_INPUT) ".[test]"
+	$(LOCK_VENV)/bin/python -m pip install --quiet --no-deps -r $(NO_DEPS)
 	$(LOCK_VENV)/bin/python -c 'import subprocess, sys, tomllib; subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--upgrade", *tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]], check=True)'
 	{ echo "# Exact versions of every package the tests install: \`make lock\` writes this file from a"; \
 	  echo "# fresh resolution of pyproject.toml's ranges (with $(LOCK_INPUT)); do not edit it."; \
