@@ -27,6 +27,9 @@ reverse mode, and to any order (``hessian``, grad of grad), as in the torch and 
 adapters. Inside ``shard_map`` and ``pmap``, ``axis_name=`` makes the update the whole batch's
 (see ``center_loss``). Costs are in ``benchmarks/jax_ffi.py`` and ``benchmarks/data_parallel.py``.
 
+The codebook updates (``codebook_step``, ``ema_update``: VQ layers' EMA codebooks, see
+``centerkern.codebooks``) live in ``centerkern._adapters.jax_codebooks``.
+
 Longer than 600 lines because the one public function stands on three paths that must agree
 (the custom call, the host callback, the data-parallel step with either exchange) and on one
 derivative rule for all of them; each is short, and they share the typing of shards.
@@ -45,12 +48,14 @@ from jax.custom_derivatives import SymbolicZero, zero_from_primal
 from ._adapters.batch_classes import (EXCHANGES, bad_label_template, check_labels_of_every_shard,
                                       check_shapes_and_dtypes, exchange_for, host_combine, host_partials, host_step,
                                       table_width)
+from ._adapters.jax_codebooks import CodebookState, CodebookStep, codebook_step, ema_update
 from ._adapters.settings import computed_dtype, host_backend
 from ._core.interop import FLOAT_DTYPES
 from ._core.rules import RULES, coefficients_of, moves_centers, rule_coefficients
 from ._core.validation import check_choice, check_labels
 
-__all__ = ["GPU_CUSTOM_CALL_SWITCH", "center_loss", "ffi_path_available", "step_path"]
+__all__ = ["GPU_CUSTOM_CALL_SWITCH", "CodebookState", "CodebookStep", "center_loss", "codebook_step", "ema_update",
+           "ffi_path_available", "step_path"]
 
 
 def center_loss(features, labels, centers, alpha, rule: str = "facenet", *, backend: str = "auto", axis_name=None,
