@@ -91,6 +91,7 @@ numpydoc_validation_exclude = {r"\.[A-Z][A-Z0-9_]+$",
 # examples of the last ones use Numba device arrays and run under Numba's CUDA simulator
 executed_examples_public_modules = (
     "centerkern",
+    "centerkern.codebooks",
     "centerkern.cuda",
     "centerkern.torch",
     "centerkern.jax",
