@@ -17,7 +17,7 @@ LOCK_VENV := .venv-lock
 OLDEST := requirements/oldest.txt
 OLDEST_VENV := .venv-oldest
 
-.PHONY: install lock test-oldest compile test test-cpu test-cudasim docs docs-linkcheck demo info bench bench-first-call bench-distributed bench-data-parallel bench-gpu-host fuzz clean
+.PHONY: install lock test-oldest compile test test-cpu test-cudasim docs docs-linkcheck demo info bench bench-first-call bench-distributed bench-data-parallel bench-codebooks bench-gpu-host fuzz clean
 
 # PIP_CONSTRAINT, unlike --constraint, reaches the isolated environment in which pip builds the
 # package, so that its build backend (setuptools) is the lock's too
@@ -122,6 +122,11 @@ bench-distributed: $(INSTALLED)
 # the whole-batch center update under JAX's shard_map and TensorFlow's MirroredStrategy, 2 CPU replicas
 bench-data-parallel: $(INSTALLED)
 	$(PYTHON) benchmarks/data_parallel.py
+
+# the EMA codebook against vector-quantize-pytorch's one-hot Codebook (forward + update, the update
+# alone, peak memory, each memory case in a fresh process) and mini-batch k-means against scikit-learn
+bench-codebooks: $(INSTALLED)
+	$(PYTHON) benchmarks/codebooks.py
 
 # the cuda backend's host time per call, without a GPU: the real path, the CUDA driver stubbed
 bench-gpu-host: $(INSTALLED)

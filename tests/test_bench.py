@@ -90,3 +90,29 @@ def test_adapter_benchmark_runs_and_its_pairs_agree(tmp_path):
     assert set(groups) == {"torch wen step", "torch pytorch-rule step", "JAX wen step (jit)",
                            "TensorFlow facenet step (tf.function)"}
     assert all(len(timed) >= 2 for timed in groups.values())
+
+
+def test_codebook_benchmark_runs_and_records_the_skipped_peer(tmp_path):
+    """benchmarks/codebooks.py --quick: every case checks that both sides compute the same codes,
+    quantized rows and codebook before timing; a case over --peer-memory-limit runs ours only and
+    says why the peer was not run. Timings not asserted."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("vector_quantize_pytorch")
+    pytest.importorskip("sklearn")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "codebooks.py"
+    out = tmp_path / "codebooks.json"
+    # 0.0003 GiB: the one-hot of N=512, K=256 (0.5 MiB) is over it, that of K=64 under
+    completed = subprocess.run([sys.executable, str(script), "--quick", "--no-memory", "--peer-memory-limit", "0.0003",
+                                "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(out.read_text())
+    run, skipped = report["ema"]["ema N=512 K=64 D=16"], report["ema"]["ema N=512 K=256 D=16"]
+    assert set(run["peer / centerkern"]) == {"update", "forward+update"}
+    assert skipped["vector-quantize-pytorch"].startswith("not run: the one-hot would be")
+    assert set(skipped["median_ms"]) == {"centerkern forward+update", "centerkern update"}
+    assert {case.split()[-1] for case in report["kmeans"]} == {"float32", "float64"}
+    assert all("update" in case["scikit-learn / centerkern"] for case in report["kmeans"].values())
+    assert report["goals"] and all(set(goal) >= {"value", "target", "met"} for goal in report["goals"].values())
