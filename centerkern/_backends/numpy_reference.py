@@ -80,24 +80,34 @@ def center_loss_step(
 # read whole before any of it is written.
 
 
+# How many scores one tile holds (rows x codes): 2^20, 4 MB in float32, 8 MB in float64.
+ASSIGN_TILE_ELEMENTS = 1 << 20
+
+
 def assign_codes(features: np.ndarray, codebook: np.ndarray, codes: np.ndarray, distances: np.ndarray) -> None:
     """Write each row's nearest code (squared Euclidean distance, the lowest index on a tie) and
-    its distance, computed a tile of rows at a time, in float64: never an N x K matrix."""
-    codebook_wide = codebook.astype(np.float64)
-    code_norms = np.einsum("kd,kd->k", codebook_wide, codebook_wide)
+    its distance, in float64."""
+    assign_in_tiles(features, codebook, codes, distances, np.float64)
+
+
+def assign_in_tiles(features, codebook, codes, distances, dtype) -> None:
+    """``assign_codes`` with the products taken in ``dtype``: a tile of rows at a time (at most
+    ``ASSIGN_TILE_ELEMENTS`` scores), so never an N x K matrix. The code of least
+    ``|e|^2 - 2 x.e`` (the row's own ``|x|^2`` does not change which is least) is ``argmin``'s,
+    the first of equal ones; each row's distance to it is then computed exactly, in float64."""
+    codebook_in_dtype = codebook.astype(dtype, copy=False)
+    code_norms = np.einsum("kd,kd->k", codebook, codebook, dtype=np.float64).astype(dtype)
     rows_per_tile = max(1, ASSIGN_TILE_ELEMENTS // max(1, codebook.shape[0]))
+    scores = np.empty((min(rows_per_tile, features.shape[0]), codebook.shape[0]), dtype)
     for start in range(0, features.shape[0], rows_per_tile):
-        rows = features[start:start + rows_per_tile].astype(np.float64)
-        # |x - e|^2 less the row's own |x|^2, which does not change which code is nearest
-        scores = code_norms[None, :] - 2.0 * (rows @ codebook_wide.T)
-        nearest = np.argmin(scores, axis=1)  # argmin: the first of equal minima
-        codes[start:start + rows.shape[0]] = nearest
-        differences = rows - codebook_wide[nearest]
+        rows = features[start:start + rows_per_tile]
+        tile, nearest = scores[:rows.shape[0]], codes[start:start + rows.shape[0]]
+        np.matmul(rows.astype(dtype, copy=False), codebook_in_dtype.T, out=tile)
+        tile *= -2.0
+        tile += code_norms
+        np.argmin(tile, axis=1, out=nearest)
+        differences = rows.astype(np.float64) - codebook[nearest]
         distances[start:start + rows.shape[0]] = np.einsum("nd,nd->n", differences, differences)
-
-
-# How many distances one tile holds (rows x codes): 2^20 float64 values, 8 MB.
-ASSIGN_TILE_ELEMENTS = 1 << 20
 
 
 def _batch_sums(features, codes, weights, num_codes):

@@ -8,8 +8,7 @@ codes are race-free by construction, and the sums are the same bits for any thre
 update of a code is written in the same loop, right after its sum, so that neither the K x D
 sums nor a one-hot N x K matrix ever exist.
 
-The assignment multiplies a tile of rows by the codebook with NumPy's BLAS (``driver``) and
-picks each row's nearest code here, with its exact distance.
+The assignment is NumPy's, tile by tile with BLAS (``driver.assign_codes`` says why).
 """
 
 from __future__ import annotations
@@ -140,24 +139,6 @@ def _kmeans_update(features, codes, weights, centers, weight_sums, starts, order
                 weight_sums[k] = new_weight
 
 
-def _nearest_codes(scores, code_norms, features, codebook, first_row, codes, distances):
-    """For each row of the tile ``scores`` (its products with every code), the code of least
-    ``|e|^2 - 2 x.e`` (the first of equal ones, as argmin) and the row's exact squared distance to it."""
-    for r in prange(scores.shape[0]):
-        best, best_score = 0, code_norms[0] - 2.0 * scores[r, 0]
-        for k in range(1, scores.shape[1]):
-            score = code_norms[k] - 2.0 * scores[r, k]
-            if score < best_score:
-                best, best_score = k, score
-        row = first_row + r
-        squares = 0.0
-        for d in range(features.shape[1]):
-            difference = features[row, d] * 1.0 - codebook[best, d]
-            squares += difference * difference
-        codes[row] = best
-        distances[row] = squares
-
-
 _MATRIX_IN = lambda data: types.Array(data, 2, "C", readonly=True)  # noqa: E731
 _MATRIX = lambda data: types.Array(data, 2, "C")  # noqa: E731
 _VECTOR = lambda data: types.Array(data, 1, "C")  # noqa: E731
@@ -190,16 +171,8 @@ def _kmeans_signature(dtype):
                       _MATRIX(types.float64))
 
 
-def _nearest_signature(dtype):
-    data = numba.from_dtype(dtype)
-    return types.void(_MATRIX_IN(data), types.Array(types.float64, 1, "C", readonly=True), _MATRIX_IN(data),
-                      _MATRIX_IN(data), types.int64, _INTS, _VECTOR(data))
-
-
 class_sums = Entry("codebook_class_sums", _class_sums, _class_sums_signature, parallel=True)
 ema_step = Entry("codebook_ema_step", _ema_step, _ema_step_signature, parallel=True)
 ema_apply = Entry("codebook_ema_apply", _ema_apply, _ema_apply_signature, parallel=True)
 kmeans_update = Entry("codebook_kmeans_update", _kmeans_update, _kmeans_signature, parallel=True)
-nearest_codes = Entry("codebook_nearest_codes", _nearest_codes, _nearest_signature, parallel=True)
-
-ENTRIES = (class_sums, ema_step, ema_apply, kmeans_update, nearest_codes)
+ENTRIES = (class_sums, ema_step, ema_apply, kmeans_update)
