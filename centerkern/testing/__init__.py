@@ -21,27 +21,40 @@ the step is checked in (it "agrees" only if it agrees on all of them), the known
 mistake, several at once, or none known. It never names a mistake the step did not make, and never
 calls a quantity right that differs somewhere. The cases are data (``Case``): ``save_cases`` and
 ``load_cases`` turn a report's evidence into a regression test.
+
+``check_codebook_update`` does the same for a VQ-VAE layer's EMA codebook update,
+``step(features, codes, cluster_size, embed_avg, embed) -> (cluster_size, embed_avg, embed)``,
+against ``centerkern.codebooks.ema_update``: on built cases (heavy duplicate codes, dead codes,
+one code, an empty batch, several steps), in each dtype, and with ``shards=`` on simulated
+data-parallel ranks that sum through an ``all_reduce`` they are handed. It raises a
+``CodebookMismatch`` (an ``AssertionError``) whose ``CodebookDiagnosis`` names the known mistake
+of that family (``CODEBOOK_MISTAKES``) which reproduces the step on every call: duplicate codes
+not accumulated, the smoothing left out, the EMA applied to the codes instead of the counts and
+sums, the counts or sums not all-reduced across ranks.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
+from .._core.codebooks import ema_settings
 from .._core.rules import RULES
 from .._core.validation import check_choice
 from . import _mistakes
-from . import _comparison
+from . import _codebooks, _comparison, _frameworks
 from ._cases import Case, as_case, load_cases, save_cases
-from ._comparison import checked_dtype, close_within, smallest_normal, tolerance_of
+from ._codebooks import CodebookDiagnosis
+from ._comparison import checked_dtype, close_within, difference, smallest_normal, tolerance_of
 from ._diagnosis import Diagnosis, comparable, diagnose, form_mistakes, third_name
+from ._frameworks import to_framework as _to_framework, to_numpy as _to_numpy
 from ._mistakes import Quantities, reference
 
 __all__ = ["check_center_loss", "CenterLossMismatch", "Diagnosis", "Case", "save_cases", "load_cases", "close_within",
-           "difference", "FRAMEWORKS", "BACKEND_TOLERANCE", "TOLERANCE", "KNOWN_MISTAKES"]
+           "difference", "FRAMEWORKS", "BACKEND_TOLERANCE", "TOLERANCE", "KNOWN_MISTAKES",
+           "check_codebook_update", "CodebookMismatch", "CodebookDiagnosis", "CODEBOOK_MISTAKES"]
 
 #: The known mistakes of center-loss code that ``check_center_loss`` can name, as records whose
 #: ``explanation`` is what the report says (unique, so that a test can look for it) and whose
@@ -51,9 +64,18 @@ __all__ = ["check_center_loss", "CenterLossMismatch", "Diagnosis", "Case", "save
 #: label; use index_add_ / scatter_add / np.add.at)``.
 KNOWN_MISTAKES = _mistakes.KNOWN_MISTAKES
 
-#: The array frameworks ``check_center_loss`` can hand a step its inputs in (its ``framework=``):
-#: ``numpy``, ``torch``, ``jax`` and ``tensorflow``.
-FRAMEWORKS = ("numpy", "torch", "jax", "tensorflow")
+#: The known mistakes of EMA codebook updates that ``check_codebook_update`` can name, each a
+#: record whose ``explanation`` is what the report says (unique) and whose ``variants`` are the
+#: wrong steps that make it, in NumPy: duplicate codes not accumulated (``sums[codes] = x``), the
+#: smoothing left out (``embed = embed_avg / cluster_size``), the EMA applied to the codes instead
+#: of the counts and sums, and, with ``shards`` > 1, the counts, the sums or both not all-reduced
+#: across ranks. A variant is called as a step, with ``decay``, ``eps`` and ``smoothing`` as
+#: keywords.
+CODEBOOK_MISTAKES = _codebooks.CODEBOOK_MISTAKES
+
+#: The array frameworks ``check_center_loss`` and ``check_codebook_update`` can hand a step its
+#: inputs in (their ``framework=``): ``numpy``, ``torch``, ``jax`` and ``tensorflow``.
+FRAMEWORKS = _frameworks.FRAMEWORKS
 #: The relative tolerance, per input dtype (``np.dtype(np.float32)``: 1e-5,
 #: ``np.dtype(np.float64)``: 1e-12), to within which every centerkern backend equals the
 #: ``numpy`` reference, whatever its summation order; for use with ``close_within``.
@@ -62,83 +84,6 @@ BACKEND_TOLERANCE = _comparison.BACKEND_TOLERANCE
 #: project's step to agree with the reference (its own summation order, float32 intermediates):
 #: float16 2e-2, bfloat16 1e-1 (where ml_dtypes is installed), float32 1e-4, float64 1e-9.
 TOLERANCE = _comparison.TOLERANCE
-
-
-# --------------------------------------------------------------------------- frameworks
-
-
-def _to_framework(framework: str, array: np.ndarray, variable: bool = False):
-    if framework == "numpy":
-        return array.copy(order="K")
-    if framework == "torch":
-        import torch
-
-        if array.dtype.name == "bfloat16":  # NumPy's bfloat16 is ml_dtypes', which torch does not read
-            return torch.from_numpy(array.astype(np.float32)).to(torch.bfloat16)
-        return torch.from_numpy(np.array(array))
-    if framework == "jax":
-        import jax.numpy as jnp
-
-        return jnp.asarray(array)
-    import tensorflow as tf
-
-    # centers as a Variable, as facenet keeps them, so that a step may scatter_sub into them
-    return tf.Variable(array) if variable else tf.constant(array)
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # torch
-        value = value.detach().cpu()
-        if str(value.dtype) == "torch.bfloat16":
-            return value.float().numpy().astype(checked_dtype("bfloat16"))
-    if hasattr(value, "numpy") and not isinstance(value, np.ndarray):  # torch, TensorFlow
-        value = value.numpy()
-    return np.asarray(value)
-
-
-def difference(got, expected) -> str:
-    """Where and by how much ``got`` differs from ``expected``, in words.
-
-    The sentence the reports of ``check_center_loss`` use for a quantity that differs.
-
-    Parameters
-    ----------
-    got : array_like
-        The values to check.
-    expected : array_like
-        The reference values.
-
-    Returns
-    -------
-    str
-        The largest absolute difference, where it is and the two values there; or the two
-        shapes, where they differ.
-
-    Raises
-    ------
-    ValueError, TypeError
-        NumPy's own, where ``got`` or ``expected`` cannot be read as an array of floats.
-
-    See Also
-    --------
-    close_within : Whether two arrays agree.
-
-    Examples
-    --------
-    >>> from centerkern.testing import difference
-    >>> difference([[1.0, 2.0], [3.0, 4.0]], [[1.0, 2.0], [3.0, 4.5]])
-    'max abs difference 0.5 at (1, 1) (got 4, expected 4.5)'
-    >>> difference([1.0, 2.0], [1.0, 2.0, 3.0])
-    'shape (2,) instead of (3,)'
-    """
-    got, expected = np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64)
-    if got.shape != expected.shape:
-        return f"shape {got.shape} instead of {expected.shape}"
-    error = np.abs(got - expected)
-    worst = np.unravel_index(int(np.argmax(error)), error.shape) if error.size else ()
-    return (f"max abs difference {float(np.max(error, initial=0.0)):.3g}"
-            + (f" at {tuple(int(i) for i in worst)} (got {got[worst]:.6g}, expected {expected[worst]:.6g})"
-               if error.size else ""))
 
 
 # --------------------------------------------------------------------------- the check
@@ -430,3 +375,179 @@ def check_center_loss(step: Callable, rule: str = "facenet", *, framework: str =
             raise min(form_found, key=lambda found: found.case[0].size + found.case[2].size)
     except _Disagreement as disagreement:
         raise _report(disagreement, step, rule, framework, dtypes, form_found) from None
+
+
+# --------------------------------------------------------------------------- codebooks
+
+
+class CodebookMismatch(AssertionError):
+    """What ``check_codebook_update`` raises: an ``AssertionError`` whose message is the report,
+    and whose ``diagnosis`` (a ``CodebookDiagnosis``) holds the same findings as data.
+
+    Parameters
+    ----------
+    report : str
+        The message: the first call that disagrees, each quantity over every call, the diagnosis.
+    diagnosis : CodebookDiagnosis
+        The same findings as data.
+
+    Attributes
+    ----------
+    diagnosis : CodebookDiagnosis
+        The findings, as data.
+
+    See Also
+    --------
+    check_codebook_update : What raises it.
+
+    Examples
+    --------
+    A step that scatters each batch row into its code's sum, so that a repeated code keeps one:
+
+    >>> import numpy as np
+    >>> from centerkern.testing import CodebookMismatch, check_codebook_update
+    >>> def step(features, codes, cluster_size, embed_avg, embed):
+    ...     counts = np.bincount(codes, minlength=embed.shape[0])
+    ...     sums = np.zeros(embed.shape)
+    ...     sums[codes] = features
+    ...     cluster_size[:] = 0.99 * cluster_size + 0.01 * counts
+    ...     embed_avg[:] = 0.99 * embed_avg + 0.01 * sums
+    ...     total = cluster_size.sum()
+    ...     smoothed = (cluster_size + 1e-5) / (total + embed.shape[0] * 1e-5) * total
+    ...     embed[:] = embed_avg / smoothed[:, None]
+    ...     return cluster_size, embed_avg, embed
+    >>> try:
+    ...     check_codebook_update(step)
+    ... except CodebookMismatch as error:
+    ...     mismatch = error
+    >>> print(str(mismatch).splitlines()[0])
+    codebook update disagrees with centerkern's reference (smoothing 'laplace', decay 0.99, eps 1e-05, 1 rank):
+    >>> print(str(mismatch).splitlines()[-1])
+    diagnosis: duplicate codes are not accumulated: a code's batch sum is one of its rows ...
+    """
+
+    def __init__(self, report: str, diagnosis: CodebookDiagnosis):
+        super().__init__(report)
+        self.diagnosis = diagnosis
+
+
+def check_codebook_update(step: Callable, *, decay: float = 0.99, eps: float = 1e-5, smoothing: str = "laplace",
+                          shards: int = 1, framework: str = "numpy",
+                          dtypes: tuple = (np.float32, np.float64)) -> None:
+    """Check an EMA codebook update (a VQ-VAE layer's) against ``centerkern.codebooks.ema_update``.
+
+    The step runs on built cases (``CodebookDiagnosis`` lists them): a fresh codebook as EnCodec
+    and vector-quantize-pytorch start one (counts zero, ``embed_avg`` a copy of ``embed``) under
+    heavy duplicate codes, then an empty batch; one code only; one row on the last code; dead codes
+    (absent from a batch) in all but the case of one code; several steps per case. Each call is
+    handed the state the reference reached before it, so every call is judged on its own. A step
+    that agrees with the reference (``ema_update`` with ``backend="numpy"``) on every call, in
+    every dtype, passes: the function returns None. Otherwise it raises a ``CodebookMismatch`` that
+    says where each quantity differs and which known mistake (``CODEBOOK_MISTAKES``) reproduces
+    it.
+
+    Parameters
+    ----------
+    step : callable ``(features, codes, cluster_size, embed_avg, embed) -> (cluster_size, embed_avg, embed)``
+        Arrays of ``framework`` in and out: ``features`` (N, D), ``codes`` (N,) int64 in [0, K)
+        (N may be 0), and the state, ``cluster_size`` (K,) and ``embed_avg`` and ``embed`` (K, D),
+        in the features' dtype. The step may update the state in place (it receives fresh copies
+        every call; a TensorFlow step receives ``tf.Variable`` s) and returns the three arrays.
+        With ``shards`` > 1 it is also given ``all_reduce=`` (below). Its own settings (decay,
+        eps) are its own: pass the same ones to this check.
+    decay : float
+        γ, in [0, 1], the reference's decay.
+    eps : float
+        ε, the reference's smoothing constant (>= 0).
+    smoothing : {"laplace", "current_code"}
+        The reference's smoothing: Laplace's (EnCodec, Sonnet) or vector-quantize-pytorch's (see
+        ``centerkern.codebooks``).
+    shards : int
+        The number of data-parallel ranks to simulate. With 1 (the default) the step is called on
+        each whole batch. With more, each batch is split into that many contiguous shards (some
+        may be empty) and the step is called once per rank, each in a thread of this process, with
+        its shard, its own copy of the state and a keyword argument ``all_reduce``: a function
+        that sums an array of ``framework`` over the ranks, writes the sum into it where it can
+        (as ``torch.distributed.all_reduce`` does with ``SUM``) and returns it. Every rank must
+        call it alike (it is a collective), and must end with the state the reference reaches on
+        the whole batch. The ranks are threads, not processes: this checks what the step reduces
+        and what it leaves out, not a communication backend.
+    framework : {"numpy", "torch", "jax", "tensorflow"}
+        The arrays the step takes and returns (see ``FRAMEWORKS``).
+    dtypes : tuple of dtypes
+        The dtypes the cases are built in: float32 and float64 by default, or either alone. A
+        quantity agrees only if it agrees in each (float32 values at float32's tolerance,
+        ``TOLERANCE``).
+
+    Returns
+    -------
+    None
+        The step agrees with the reference on every call.
+
+    Raises
+    ------
+    CodebookMismatch
+        An ``AssertionError``: the first call that disagrees and how; the outputs' form problems
+        (a shape, or a dtype coarser than the inputs'); each quantity over every call, with the
+        known mistakes that reproduce it on every one; and the diagnosis: one mistake, several
+        (one per quantity), or none known. Its ``diagnosis`` holds the same as data.
+    AssertionError
+        If the step does not return three arrays, or its ranks do not call ``all_reduce`` alike.
+    ValueError, TypeError
+        If a setting is out of range or of the wrong type, ``framework`` is not one of the names
+        above, or ``dtypes`` is empty or names another dtype than float32 and float64.
+    ImportError
+        If ``framework`` is not installed.
+
+    See Also
+    --------
+    CODEBOOK_MISTAKES : The mistakes the diagnosis can name.
+    centerkern.codebooks.ema_update : The reference.
+
+    Examples
+    --------
+    The update as EnCodec writes it (one-hot counts and sums, Laplace's smoothing), in NumPy,
+    passes silently:
+
+    >>> import numpy as np
+    >>> from centerkern.testing import CodebookMismatch, check_codebook_update
+    >>> def step(features, codes, cluster_size, embed_avg, embed, decay=0.99, eps=1e-5):
+    ...     onehot = np.eye(embed.shape[0], dtype=features.dtype)[codes]
+    ...     cluster_size[:] = decay * cluster_size + (1 - decay) * onehot.sum(0)
+    ...     embed_avg[:] = decay * embed_avg + (1 - decay) * (onehot.T @ features)
+    ...     total = cluster_size.sum()
+    ...     smoothed = (cluster_size + eps) / (total + embed.shape[0] * eps) * total
+    ...     embed[:] = embed_avg / smoothed[:, None]
+    ...     return cluster_size, embed_avg, embed
+    >>> check_codebook_update(step)
+
+    Under data parallelism the counts and sums must be summed over the ranks before the EMA; a
+    step that leaves them to each rank is found out:
+
+    >>> def sharded_step(features, codes, cluster_size, embed_avg, embed, all_reduce):
+    ...     return step(features, codes, cluster_size, embed_avg, embed)   # all_reduce never called
+    >>> try:
+    ...     check_codebook_update(sharded_step, shards=2)
+    ... except CodebookMismatch as error:
+    ...     print(error.diagnosis.verdict)
+    diagnosis: neither the batch's per-code counts nor its sums are all-reduced across ranks: ...
+    """
+    settings = {"decay": decay, "eps": eps, "smoothing": smoothing}
+    ema_settings(**settings)  # the reference's own checks, before any call
+    check_choice(framework, "framework", FRAMEWORKS)
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise ValueError(f"shards must be an integer >= 1, got {shards!r}")
+    dtypes = tuple(dict.fromkeys(np.dtype(dtype) for dtype in dtypes))
+    if not dtypes or any(dtype not in _codebooks.DTYPES for dtype in dtypes):
+        raise ValueError(f"dtypes must name float32, float64 or both, got {dtypes!r}")
+    if framework != "numpy":
+        try:
+            importlib.import_module(framework)
+        except ImportError as error:
+            raise ImportError(f"framework {framework!r} is not installed: {error}") from error
+    cases = [case for dtype in dtypes for case in _codebooks.codebook_cases(dtype)]
+    calls = _codebooks.observe(step, framework, cases, settings, shards)
+    if not any(call.form() or call.differing() for call in calls):
+        return None
+    diagnosis = _codebooks.diagnose(calls, cases, {**settings, "shards": shards, "framework": framework})
+    raise CodebookMismatch(_codebooks.report(calls, diagnosis), diagnosis)

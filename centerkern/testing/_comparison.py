@@ -125,3 +125,48 @@ def close_within(got, expected, tolerance, *magnitudes) -> bool:
         return False
     scale = max([1e-300] + [float(np.max(np.abs(m), initial=0.0)) for m in (expected, *magnitudes)])
     return bool(np.allclose(got, expected, rtol=tolerance, atol=tolerance * scale, equal_nan=True))
+
+
+def difference(got, expected) -> str:
+    """Where and by how much ``got`` differs from ``expected``, in words.
+
+    The sentence the reports of ``check_center_loss`` use for a quantity that differs.
+
+    Parameters
+    ----------
+    got : array_like
+        The values to check.
+    expected : array_like
+        The reference values.
+
+    Returns
+    -------
+    str
+        The largest absolute difference, where it is and the two values there; or the two
+        shapes, where they differ.
+
+    Raises
+    ------
+    ValueError, TypeError
+        NumPy's own, where ``got`` or ``expected`` cannot be read as an array of floats.
+
+    See Also
+    --------
+    close_within : Whether two arrays agree.
+
+    Examples
+    --------
+    >>> from centerkern.testing import difference
+    >>> difference([[1.0, 2.0], [3.0, 4.0]], [[1.0, 2.0], [3.0, 4.5]])
+    'max abs difference 0.5 at (1, 1) (got 4, expected 4.5)'
+    >>> difference([1.0, 2.0], [1.0, 2.0, 3.0])
+    'shape (2,) instead of (3,)'
+    """
+    got, expected = np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    if got.shape != expected.shape:
+        return f"shape {got.shape} instead of {expected.shape}"
+    error = np.abs(got - expected)
+    worst = np.unravel_index(int(np.argmax(error)), error.shape) if error.size else ()
+    return (f"max abs difference {float(np.max(error, initial=0.0)):.3g}"
+            + (f" at {tuple(int(i) for i in worst)} (got {got[worst]:.6g}, expected {expected[worst]:.6g})"
+               if error.size else ""))
