@@ -25,7 +25,12 @@ count and sum of code k (weighted by ``weights`` where given)::
     k-means:       c_k ← (W_k c_k + s_k) / (W_k + n_k),  W_k ← W_k + n_k   (codes with n_k > 0)
 
 Host arrays (NumPy, torch CPU tensors, anything DLPack exports) run the ``numba`` kernels by
-default; ``backend="numpy"`` runs the reference.
+default; ``backend="numpy"`` runs the reference. Device arrays (torch CUDA tensors, CuPy and
+Numba arrays) run the ``cuda`` kernels (``centerkern.cuda.codebooks``) on the caller's stream:
+results are arrays of the caller's framework on the same device, state arrays are updated in
+place, and codes and weights are checked on the device before anything is written. Its sums
+are float64 atomics by default, whose order (and so last bits) may change from run to run;
+``deterministic=True`` adds each code's rows in batch order instead, as the host backends do.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import numpy as np
 
 from . import _backends
 from ._core import codebooks as checks
-from ._core.interop import converter_like
+from ._core.interop import converter_like, exportable, is_device_array, mark_written
 from ._core.validation import check_choice
 
 __all__ = ["Assignment", "ClassSums", "MiniBatchKMeans", "Quantized", "SMOOTHINGS", "assign_codes", "class_sums",
@@ -86,8 +91,8 @@ def assign_codes(features: Any, codebook: Any, *, backend: str = "auto") -> Assi
     ----------
     features : array, shape (N, D), float32 or float64
     codebook : array, shape (K, D), the dtype of features
-    backend : {"auto", "numpy", "numba"}, optional
-        ``"auto"`` (the default) takes ``numba``.
+    backend : {"auto", "numpy", "numba", "cuda"}, optional
+        ``"auto"`` (the default) takes ``cuda`` where an input is a device array, else ``numba``.
 
     Returns
     -------
@@ -110,6 +115,9 @@ def assign_codes(features: Any, codebook: Any, *, backend: str = "auto") -> Assi
     >>> assign_codes(np.array([[0.9, 1.2], [0.1, -0.1], [0.5, 0.5]]), codebook)
     Assignment(codes=array([1, 0, 0]), distances=array([0.05, 0.02, 0.5 ]))
     """
+    device = _on_device(backend, features, codebook)
+    if device is not None:
+        return _assign_codes_on_device(device, features, codebook)
     module = _backend(backend)
     rows, codebook = checks.features_and_codebook(features, codebook, "codebook")
     if codebook.shape[0] == 0 and rows.shape[0] > 0:
@@ -121,8 +129,8 @@ def assign_codes(features: Any, codebook: Any, *, backend: str = "auto") -> Assi
     return Assignment(convert(codes), convert(distances))
 
 
-def class_sums(features: Any, codes: Any, num_codes: int, *, weights: Any = None,
-               backend: str = "auto") -> ClassSums:
+def class_sums(features: Any, codes: Any, num_codes: int, *, weights: Any = None, backend: str = "auto",
+               deterministic: bool = False) -> ClassSums:
     """Each code's count and sum of rows, duplicates added, in float64.
 
     Parameters
@@ -133,7 +141,10 @@ def class_sums(features: Any, codes: Any, num_codes: int, *, weights: Any = None
         K.
     weights : array, shape (N,), optional
         Each row's weight (finite, >= 0); a 0/1 mask leaves rows out. Default: 1.
-    backend : {"auto", "numpy", "numba"}, optional
+    backend : {"auto", "numpy", "numba", "cuda"}, optional
+    deterministic : bool, optional
+        ``cuda`` only: each code's rows added in batch order, without atomics, the same bits on
+        every run (the host backends always add so).
 
     Returns
     -------
@@ -153,6 +164,9 @@ def class_sums(features: Any, codes: Any, num_codes: int, *, weights: Any = None
            [0., 0.],
            [6., 8.]])
     """
+    device = _on_device(backend, features, codes, weights)
+    if device is not None:
+        return _class_sums_on_device(device, features, codes, _num_codes(num_codes), weights, deterministic)
     module = _backend(backend)
     num_codes = _num_codes(num_codes)
     rows = np.ascontiguousarray(checks.float_matrix(features, "features"))
@@ -166,7 +180,8 @@ def class_sums(features: Any, codes: Any, num_codes: int, *, weights: Any = None
 
 
 def ema_update(features: Any, codes: Any, cluster_size: Any, embed_avg: Any, embed: Any, *, decay: float = 0.99,
-               eps: float = 1e-5, smoothing: str = "laplace", weights: Any = None, backend: str = "auto") -> Any:
+               eps: float = 1e-5, smoothing: str = "laplace", weights: Any = None, backend: str = "auto",
+               deterministic: bool = False) -> Any:
     """The EMA codebook update of a batch whose codes are known, in place.
 
     Parameters
@@ -187,7 +202,9 @@ def ema_update(features: Any, codes: Any, cluster_size: Any, embed_avg: Any, emb
         How counts near zero are smoothed; see the module's formulas (``SMOOTHINGS``).
     weights : array, shape (N,), optional
         Each row's weight; a 0/1 mask leaves rows out (vector-quantize-pytorch's ``mask``).
-    backend : {"auto", "numpy", "numba"}, optional
+    backend : {"auto", "numpy", "numba", "cuda"}, optional
+    deterministic : bool, optional
+        As for ``class_sums``.
 
     Returns
     -------
@@ -210,6 +227,10 @@ def ema_update(features: Any, codes: Any, cluster_size: Any, embed_avg: Any, emb
     >>> cluster_size, embed[1]
     (array([0.5, 1.5]), array([2.33333333, 2.33333333]))
     """
+    device = _on_device(backend, features, codes, cluster_size, embed_avg, embed, weights)
+    if device is not None:
+        return _ema_update_on_device(device, features, codes, (cluster_size, embed_avg, embed),
+                                     checks.ema_settings(decay, eps, smoothing), weights, deterministic)
     module = _backend(backend)
     settings = checks.ema_settings(decay, eps, smoothing)
     rows, embed_checked = checks.features_and_codebook(features, embed, "embed")
@@ -248,6 +269,10 @@ def ema_apply(counts: Any, sums: Any, cluster_size: Any, embed_avg: Any, embed: 
     >>> embed[1]
     array([2.33333333, 2.33333333])
     """
+    device = _on_device(backend, counts, sums, cluster_size, embed_avg, embed)
+    if device is not None:
+        return _ema_apply_on_device(device, counts, sums, (cluster_size, embed_avg, embed),
+                                    checks.ema_settings(decay, eps, smoothing))
     module = _backend(backend)
     settings = checks.ema_settings(decay, eps, smoothing)
     embed_checked = checks.float_matrix(embed, "embed")
@@ -260,7 +285,7 @@ def ema_apply(counts: Any, sums: Any, cluster_size: Any, embed_avg: Any, embed: 
 
 def quantize(features: Any, cluster_size: Any, embed_avg: Any, embed: Any, *, decay: float = 0.99,
              eps: float = 1e-5, smoothing: str = "laplace", weights: Any = None, update: bool = True,
-             backend: str = "auto") -> Quantized:
+             backend: str = "auto", deterministic: bool = False) -> Quantized:
     """A VQ layer's forward and its EMA codebook update: each row's nearest code, the quantized
     rows (the codes before the update), then ``ema_update`` on those codes.
 
@@ -269,7 +294,7 @@ def quantize(features: Any, cluster_size: Any, embed_avg: Any, embed: Any, *, de
     features : array, shape (N, D)
     cluster_size, embed_avg, embed : arrays
         The codebook's state, as for ``ema_update``; updated in place when ``update``.
-    decay, eps, smoothing, weights, backend
+    decay, eps, smoothing, weights, backend, deterministic
         As for ``ema_update``.
     update : bool, optional
         False: the forward only (evaluation), nothing written.
@@ -292,6 +317,10 @@ def quantize(features: Any, cluster_size: Any, embed_avg: Any, embed: Any, *, de
     array([[1., 1.],
            [1., 1.]])
     """
+    device = _on_device(backend, features, cluster_size, embed_avg, embed, weights)
+    if device is not None:
+        return _quantize_on_device(device, features, (cluster_size, embed_avg, embed),
+                                   checks.ema_settings(decay, eps, smoothing), weights, update, deterministic)
     module = _backend(backend)
     settings = checks.ema_settings(decay, eps, smoothing)
     rows, codebook = checks.features_and_codebook(features, embed, "embed")
@@ -312,7 +341,7 @@ def quantize(features: Any, cluster_size: Any, embed_avg: Any, embed: Any, *, de
 
 
 def kmeans_update(features: Any, codes: Any, centers: Any, weight_sums: Any, *, weights: Any = None,
-                  backend: str = "auto") -> Any:
+                  backend: str = "auto", deterministic: bool = False) -> Any:
     """Mini-batch k-means' update of a batch whose codes are known, in place (scikit-learn's
     ``MiniBatchKMeans``, its ``_mini_batch_step`` without the random reassignment).
 
@@ -327,7 +356,9 @@ def kmeans_update(features: Any, codes: Any, centers: Any, weight_sums: Any, *, 
     weight_sums : array, shape (K,), the features' dtype; updated in place
     weights : array, shape (N,), optional
         ``sample_weight``. Default: 1.
-    backend : {"auto", "numpy", "numba"}, optional
+    backend : {"auto", "numpy", "numba", "cuda"}, optional
+    deterministic : bool, optional
+        As for ``class_sums``.
 
     Returns
     -------
@@ -345,6 +376,9 @@ def kmeans_update(features: Any, codes: Any, centers: Any, weight_sums: Any, *, 
     (array([[ 2.],
            [10.]]), array([3., 0.]))
     """
+    device = _on_device(backend, features, codes, centers, weight_sums, weights)
+    if device is not None:
+        return _kmeans_update_on_device(device, features, codes, (centers, weight_sums), weights, deterministic)
     module = _backend(backend)
     rows, centers_checked = checks.features_and_codebook(features, centers, "centers")
     checked_codes = checks.codes_of(codes, rows, centers_checked.shape[0])
@@ -414,3 +448,138 @@ def _num_codes(num_codes: Any) -> int:
     if num_codes < 0:
         raise ValueError(f"num_codes must be >= 0, got {num_codes}")
     return int(num_codes)
+
+
+# --------------------------------------------------------------------------- device arrays
+#
+# backend="cuda", or "auto" with a device array among the inputs: the same checks through the
+# call's ``CodebookArrays`` (``checks.features_and_codebook`` and the ``device_*`` checks), the
+# ``cuda`` backend's codebook functions on the caller's stream, and results of the framework of
+# the first device input (host arrays where there is none: backend="cuda" on host arrays).
+
+
+class _Device(NamedTuple):
+    module: Any  # centerkern.cuda.codebooks
+    arrays: Any  # the call's CodebookArrays
+    like: Any  # the device input whose framework the results take; None where all are host arrays
+
+    def results(self, host_like: Any, *views: Any) -> tuple:
+        if self.like is None:
+            convert = converter_like(host_like, host=True)
+            return tuple(convert(self.arrays.to_host(view)) for view in views)
+        convert = converter_like(self.like)
+        return tuple(convert(view) for view in views)
+
+
+def _on_device(backend: Any, *inputs: Any) -> _Device | None:
+    """The call's device: for backend "cuda", and for "auto" where an input is a device array;
+    None where the call runs on the host."""
+    name = check_choice(backend, "backend", _backends.CHOICES)
+    like = next((x for x in inputs if x is not None and is_device_array(x)), None)
+    if name == "cuda" or (name == "auto" and like is not None):
+        module = _backends.cuda().codebooks
+        like = None if like is None else exportable(like)
+        return _Device(module, module.CodebookArrays(like), like)
+    if like is not None:
+        raise ValueError(f"backend {name!r} computes in host memory but got a device array; "
+                         "use backend='cuda' or backend='auto'")
+    return None
+
+
+def _exportable(*arrays: Any) -> tuple:
+    return tuple(exportable(x) for x in arrays)
+
+
+def _written(*states: Any) -> None:
+    for state in states:
+        mark_written(state)
+
+
+def _assign_codes_on_device(device: _Device, features: Any, codebook: Any) -> Assignment:
+    arrays = device.arrays
+    rows, codebook = checks.features_and_codebook(*_exportable(features, codebook), "codebook", arrays)
+    if codebook.shape[0] == 0 and rows.shape[0] > 0:
+        raise ValueError("codebook has no codes to assign rows to")
+    codes, distances = arrays.empty((rows.shape[0],), np.int64), arrays.empty((rows.shape[0],), rows.dtype)
+    arrays.run(device.module.assign_codes, rows, codebook, codes, distances)
+    return Assignment(*device.results(features, codes, distances))
+
+
+def _class_sums_on_device(device: _Device, features: Any, codes: Any, num_codes: int, weights: Any,
+                          deterministic: bool) -> ClassSums:
+    arrays = device.arrays
+    rows = checks.float_matrix(exportable(features), "features", arrays)
+    checked_codes, weights, _ = checks.device_codes(exportable(codes), rows, num_codes, exportable(weights), arrays,
+                                                    count=False)
+    counts, sums = arrays.empty((num_codes,), np.float64), arrays.empty((num_codes, rows.shape[1]), np.float64)
+    arrays.run(device.module.class_sums, rows, checked_codes, weights, counts, sums, deterministic=deterministic)
+    return ClassSums(*device.results(features, counts, sums))
+
+
+def _ema_update_on_device(device: _Device, features: Any, codes: Any, states: tuple, settings, weights: Any,
+                          deterministic: bool) -> Any:
+    arrays = device.arrays
+    cluster_size, embed_avg, embed = _exportable(*states)
+    rows, embed_checked = checks.features_and_codebook(exportable(features), embed, "embed", arrays)
+    checked_codes, weights, counts = checks.device_codes(exportable(codes), rows, embed_checked.shape[0],
+                                                         exportable(weights), arrays)
+    checked_states = checks.ema_states(cluster_size, embed_avg, embed, embed_checked, {"features": rows}, arrays)
+    arrays.run(device.module.ema_step, rows, checked_codes, weights, *checked_states, settings,
+               deterministic=deterministic)
+    _written(*states)
+    return device.results(features, counts)[0]
+
+
+def _ema_apply_on_device(device: _Device, counts: Any, sums: Any, states: tuple, settings) -> None:
+    arrays = device.arrays
+    cluster_size, embed_avg, embed = _exportable(*states)
+    embed_checked = checks.float_matrix(embed, "embed", arrays)
+    num_codes, width = embed_checked.shape
+    counts = checks.device_float64_input(exportable(counts), "counts", (num_codes,), arrays)
+    sums = checks.device_float64_input(exportable(sums), "sums", (num_codes, width), arrays)
+    checked_states = checks.ema_states(cluster_size, embed_avg, embed, embed_checked, {"counts": counts, "sums": sums},
+                                       arrays)
+    arrays.run(device.module.ema_apply, counts, sums, *checked_states, settings)
+    _written(*states)
+
+
+def _quantize_on_device(device: _Device, features: Any, states: tuple, settings, weights: Any, update: bool,
+                        deterministic: bool) -> Quantized:
+    arrays, module = device.arrays, device.module
+    cluster_size, embed_avg, embed = _exportable(*states)
+    rows, codebook = checks.features_and_codebook(exportable(features), embed, "embed", arrays)
+    num_codes, batch_size = codebook.shape[0], rows.shape[0]
+    if num_codes == 0 and batch_size > 0:
+        raise ValueError("embed has no codes to assign rows to")
+    weights = checks.device_weights(exportable(weights), rows, arrays) if update else None
+    if update:  # every check of the arrays before the first write
+        checked_states = checks.ema_states(cluster_size, embed_avg, embed, codebook,
+                                           {"features": rows, "weights": weights}, arrays)
+    codes, distances = arrays.empty((batch_size,), np.int64), arrays.empty((batch_size,), rows.dtype)
+    arrays.run(module.assign_codes, rows, codebook, codes, distances)
+    quantized = arrays.empty(tuple(rows.shape), rows.dtype)
+    arrays.run(module.gather_codes, codebook, codes, quantized)  # gathered before the update moves the codes
+    checked_codes, weights, counts = checks.device_codes(codes, rows, num_codes, weights, arrays)  # (the weights)
+    if update:
+        arrays.run(module.ema_step, rows, checked_codes, weights, *checked_states, settings,
+                   deterministic=deterministic)
+        _written(*states)
+    return Quantized(*device.results(features, codes, distances, quantized, counts))
+
+
+def _kmeans_update_on_device(device: _Device, features: Any, codes: Any, states: tuple, weights: Any,
+                             deterministic: bool) -> Any:
+    arrays = device.arrays
+    centers, weight_sums = _exportable(*states)
+    rows, centers_checked = checks.features_and_codebook(exportable(features), centers, "centers", arrays)
+    num_codes = centers_checked.shape[0]
+    checked_codes, weights, counts = checks.device_codes(exportable(codes), rows, num_codes, exportable(weights),
+                                                         arrays)
+    inputs = {"features": rows}
+    checked_states = (checks.state_array(centers, "centers", tuple(centers_checked.shape), rows.dtype, inputs, arrays),
+                      checks.state_array(weight_sums, "weight_sums", (num_codes,), rows.dtype, inputs, arrays))
+    checks.distinct_states(arrays, centers=checked_states[0], weight_sums=checked_states[1])
+    arrays.run(device.module.kmeans_update, rows, checked_codes, weights, *checked_states,
+               deterministic=deterministic)
+    _written(*states)
+    return device.results(features, counts)[0]

@@ -1,7 +1,8 @@
 """Every CUDA kernel, for every signature the launcher compiles it with (arrays of layout "A",
 int64/float64/bool scalars, the named tuples ``RuleCoefficients`` and ``StepSettings``, labels of
-every integer dtype), compiles to PTX for Hopper (sm_90) with the real NVVM compiler (no GPU
-needed). Runs in the ordinary test process."""
+every integer dtype), and every codebook kernel (``codebook_kernels.KERNELS``, for both float dtypes),
+compiles to PTX for Hopper (sm_90) with the real NVVM compiler (no GPU needed). Runs in the
+ordinary test process."""
 
 import ctypes
 import os
@@ -16,7 +17,7 @@ import numpy as np  # noqa: E402
 from numba import cuda, typeof, types  # noqa: E402
 
 from centerkern._core.rules import SCATTER_SUB, RuleCoefficients, rule_coefficients  # noqa: E402
-from centerkern.cuda import kernels  # noqa: E402
+from centerkern.cuda import codebook_kernels as codebooks, kernels  # noqa: E402
 from centerkern.cuda import launcher  # noqa: E402
 from centerkern.cuda.views import DeviceView  # noqa: E402
 
@@ -186,3 +187,37 @@ def test_launcher_flattens_named_tuples_as_numbas_own_launch_path():
     _assert_same_parameters(got, expected)
     assert len(got) == 9 + 5 + 1 + 5 + 5
     assert [value for _, value in got[9:14]] == [0.25, 0.5, -2.0, 1.0, True]
+
+
+def _codebook_signatures(float_dtype, code_dtype=np.int64):
+    """Each codebook kernel's argument types, as its host function launches it."""
+    matrix, vector = _array(float_dtype, 2), _array(float_dtype, 1)
+    wide_matrix, wide_vector, ints = _array(np.float64, 2), _array(np.float64, 1), _array(np.int64, 1)
+    return {
+        codebooks.nearest_codes: (matrix, matrix, ints, vector),
+        codebooks.check_codes: (_array(code_dtype, 1), INT, vector, ints, wide_vector, ints, ints),
+        codebooks.scatter_sums: (matrix, ints, wide_vector, wide_vector, wide_matrix),
+        codebooks.ordered_sums: (matrix, ints, ints, wide_vector, wide_vector, wide_matrix),
+        codebooks.ema_sizes: (vector, wide_vector, FLOAT, wide_vector, wide_vector),
+        codebooks.ema_codes: (wide_matrix, wide_vector, wide_vector, matrix, matrix, FLOAT, FLOAT, BOOL),
+        codebooks.kmeans_centers: (wide_vector, wide_matrix, matrix, vector),
+        codebooks.kmeans_weights: (wide_vector, vector),
+        codebooks.gather_rows: (matrix, ints, matrix),
+    }
+
+
+@pytest.mark.parametrize("float_dtype", FLOAT_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_ptx_codebook_kernels(float_dtype):
+    signatures = _codebook_signatures(float_dtype)
+    assert set(signatures) == set(codebooks.KERNELS)  # every kernel of the module, and only those
+    ptx = {kernel: _compile(kernel, *signature) for kernel, signature in signatures.items()}
+    float_atomics = set(re.findall(r"\b(?:atom|red)(?:\.global)?\.add\.(f\d+)", ptx[codebooks.scatter_sums]))
+    assert float_atomics == {"f64"}  # the default mode's sums, never rounded to float32
+    for kernel in (codebooks.ordered_sums, codebooks.ema_sizes, codebooks.ema_codes):  # the deterministic path
+        assert not re.search(r"\b(?:atom|red)(?:\.global)?\.add\.f", ptx[kernel])
+
+
+@pytest.mark.parametrize("code_dtype", LABEL_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_ptx_codebook_check_reads_every_integer_dtype(code_dtype):
+    signature = _codebook_signatures(np.float32, code_dtype)[codebooks.check_codes]
+    _compile(codebooks.check_codes, *signature)

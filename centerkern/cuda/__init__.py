@@ -1,8 +1,9 @@
 """The ``cuda`` backend: Numba CUDA kernels, run on the caller's stream without host waits.
 
 The same three functions as every backend (``gather_centers``, ``scatter_sub_update``,
-``center_loss_step``), and ``check_errors`` for calls made with ``sync=False``. Each concern has
-a module of its own:
+``center_loss_step``), its codebook functions (``assign_codes``, ``class_sums``, ``ema_apply``,
+``ema_step``, ``kmeans_update``), and ``check_errors`` for calls made with ``sync=False``. Each
+concern has a module of its own:
 
 * ``kernels``: the ``@cuda.jit`` kernels, and why they are laid out as they are;
 * ``views``: device arrays as the kernels see them;
@@ -12,7 +13,9 @@ a module of its own:
 * ``arrays``: one call's device arrays (``DeviceArrays``), checked and converted;
 * ``record``: the error record of each device, the one thing calls share;
 * ``driver``: what one call launches, in which order, on which parts of its temporary;
-* ``repeat``: a training loop's calls after its first, checked and planned once.
+* ``repeat``: a training loop's calls after its first, checked and planned once;
+* ``codebook_kernels``: the kernels of the codebook functions (``centerkern.codebooks``);
+* ``codebooks``: their host functions, and one call's arrays as the codebook functions check them.
 
 Each imports only those above it.
 """
@@ -26,11 +29,13 @@ from numba import cuda
 from .._core.errors import BackendUnavailableError
 from . import repeat
 from .arrays import DeviceArrays
+from .codebooks import assign_codes, class_sums, ema_apply, ema_step, kmeans_update
 from .driver import center_loss_step, check_errors, gather_centers, scatter_sub_update
 from .launcher import launch_path
 
-__all__ = ["DeviceArrays", "center_loss_step", "check_errors", "gather_centers", "is_available", "launch_path",
-           "require_available", "scatter_sub_update"]
+__all__ = ["DeviceArrays", "assign_codes", "center_loss_step", "check_errors", "class_sums", "ema_apply", "ema_step",
+           "gather_centers", "is_available", "kmeans_update", "launch_path", "require_available",
+           "scatter_sub_update"]
 
 
 def is_available() -> bool:
