@@ -407,7 +407,7 @@ class MiniBatchKMeans:
     counts_ : ndarray, shape (K,)
         The weight each center has gathered (scikit-learn's ``_counts``).
     labels_ : ndarray of int64
-        The codes of the last batch, before its update.
+        The last batch's nearest centers after its update, as scikit-learn's ``labels_``.
 
     Examples
     --------
@@ -429,11 +429,12 @@ class MiniBatchKMeans:
         self.backend = backend
 
     def partial_fit(self, X: Any, sample_weight: Any = None) -> "MiniBatchKMeans":
-        """Assign the batch to the current centers, then move them (``kmeans_update``)."""
+        """Assign the batch to the current centers, move them (``kmeans_update``), then label the
+        batch with the moved centers (``labels_``)."""
         rows = np.asarray(X, dtype=self.cluster_centers_.dtype)
-        self.labels_ = assign_codes(rows, self.cluster_centers_, backend=self.backend).codes
-        kmeans_update(rows, self.labels_, self.cluster_centers_, self.counts_, weights=sample_weight,
-                      backend=self.backend)
+        codes = assign_codes(rows, self.cluster_centers_, backend=self.backend).codes
+        kmeans_update(rows, codes, self.cluster_centers_, self.counts_, weights=sample_weight, backend=self.backend)
+        self.labels_ = self.predict(rows)
         return self
 
     def predict(self, X: Any) -> np.ndarray:
