@@ -47,6 +47,8 @@ from ._core.validation import check_choice
 __all__ = ["Assignment", "ClassSums", "MiniBatchKMeans", "Quantized", "SMOOTHINGS", "assign_codes", "class_sums",
            "ema_apply", "ema_update", "kmeans_update", "quantize"]
 
+#: The values ``smoothing=`` accepts: ``"laplace"`` (EnCodec, Sonnet) and ``"current_code"``
+#: (vector-quantize-pytorch 1.34); the formulas are in the module's docstring.
 SMOOTHINGS = checks.SMOOTHINGS
 
 _HOST_CHOICES = ("auto", *_backends.HOST)
@@ -58,25 +60,74 @@ def _backend(backend: Any):
 
 
 class Assignment(NamedTuple):
-    """What ``assign_codes`` returns: ``codes`` (int64, one per row) and ``distances`` (each
-    row's squared Euclidean distance to its code, in the features' dtype)."""
+    """What ``assign_codes`` returns, a named tuple.
+
+    Parameters
+    ----------
+    codes : array of int64, shape (N,)
+        Each row's nearest code.
+    distances : array, shape (N,)
+        Each row's squared Euclidean distance to its code, in the features' dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from centerkern.codebooks import assign_codes
+    >>> codes, distances = assign_codes(np.array([[0.0, 1.0]]), np.array([[0.0, 0.0], [0.0, 2.0]]))
+    >>> codes, distances
+    (array([0]), array([1.]))
+    """
 
     codes: Any
     distances: Any
 
 
 class ClassSums(NamedTuple):
-    """What ``class_sums`` returns: per code, the weight of its rows (``counts``, float64, K) and
-    their weighted sum (``sums``, float64, K x D)."""
+    """What ``class_sums`` returns, a named tuple.
+
+    Parameters
+    ----------
+    counts : array of float64, shape (K,)
+        The weight of each code's rows.
+    sums : array of float64, shape (K, D)
+        Their weighted sum.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from centerkern.codebooks import class_sums
+    >>> class_sums(np.ones((3, 1)), [1, 1, 0], 2)
+    ClassSums(counts=array([1., 2.]), sums=array([[1.],
+           [2.]]))
+    """
 
     counts: Any
     sums: Any
 
 
 class Quantized(NamedTuple):
-    """What ``quantize`` returns: each row's code, its squared distance, the quantized rows (the
-    codes' vectors before the update, as the layers return them) and how many rows each code
-    got in this batch (int64, K: zero for a dead code)."""
+    """What ``quantize`` returns, a named tuple.
+
+    Parameters
+    ----------
+    codes : array of int64, shape (N,)
+        Each row's nearest code.
+    distances : array, shape (N,)
+        Its squared distance to the code.
+    quantized : array, shape (N, D)
+        The codes' vectors before the update, as the VQ layers return them.
+    counts : array of int64, shape (K,)
+        How many rows each code got in this batch (zero: a dead code).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from centerkern.codebooks import quantize
+    >>> embed = np.array([[0.0], [5.0]])
+    >>> result = quantize(np.array([[1.0], [4.0], [6.0]]), np.ones(2), embed.copy(), embed, update=False)
+    >>> result.codes, result.counts
+    (array([0, 1, 1]), array([1, 2]))
+    """
 
     codes: Any
     distances: Any
@@ -106,6 +157,13 @@ def assign_codes(features: Any, codebook: Any, *, backend: str = "auto") -> Assi
     ``|e|^2 - 2 x.e``; the distance returned is computed again, exactly, from the row and its
     code. Codes whose distances differ by less than the rounding of that product may be told
     apart differently by another implementation.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32 or float64, or the dtypes differ (no silent cast).
+    ValueError
+        If a shape does not fit, or a setting is out of its range.
 
     Examples
     --------
@@ -151,6 +209,15 @@ def class_sums(features: Any, codes: Any, num_codes: int, *, weights: Any = None
     ClassSums
         ``counts`` (float64, K): the weight of each code's rows; ``sums`` (float64, K x D): their
         weighted sum. Every code has its row, zero where no row has the code.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32 or float64, or the dtypes differ (no silent cast).
+    ValueError
+        If a shape does not fit, or a setting is out of its range.
+    IndexError
+        If a code lies outside [0, num_codes).
 
     Examples
     --------
@@ -258,6 +325,15 @@ def ema_apply(counts: Any, sums: Any, cluster_size: Any, embed_avg: Any, embed: 
     decay, eps, smoothing, backend
         As for ``ema_update``.
 
+    Raises
+    ------
+    TypeError
+        If an array is not float32 or float64, or the dtypes differ (no silent cast).
+    ValueError
+        If a shape does not fit, or a setting is out of its range.
+        A state array that is read-only or shares memory with another is refused before anything
+        is written.
+
     Examples
     --------
     >>> import numpy as np
@@ -303,6 +379,14 @@ def quantize(features: Any, cluster_size: Any, embed_avg: Any, embed: Any, *, de
     -------
     Quantized
         ``codes``, ``distances``, ``quantized`` (N x D) and the batch's ``counts`` per code.
+
+    Raises
+    ------
+    TypeError
+        If an array is not float32 or float64, or the dtypes differ (no silent cast).
+    ValueError
+        If a shape does not fit, or a setting is out of its range.
+        Nothing is written when a check fails.
 
     Examples
     --------
@@ -365,6 +449,15 @@ def kmeans_update(features: Any, codes: Any, centers: Any, weight_sums: Any, *, 
     array of int64, shape (K,)
         How many rows each center got in this batch.
 
+    Raises
+    ------
+    TypeError
+        If an array is not float32 or float64, or the dtypes differ (no silent cast).
+    ValueError
+        If a shape does not fit, or a setting is out of its range.
+    IndexError
+        If a code lies outside [0, K); nothing is written.
+
     Examples
     --------
     >>> import numpy as np
@@ -401,6 +494,11 @@ class MiniBatchKMeans:
         The initial centers (copied).
     backend : {"auto", "numpy", "numba"}, optional
 
+    Raises
+    ------
+    TypeError
+        If ``init`` is not a float32 or float64 matrix.
+
     Attributes
     ----------
     cluster_centers_ : ndarray, shape (K, D)
@@ -430,7 +528,32 @@ class MiniBatchKMeans:
 
     def partial_fit(self, X: Any, sample_weight: Any = None) -> "MiniBatchKMeans":
         """Assign the batch to the current centers, move them (``kmeans_update``), then label the
-        batch with the moved centers (``labels_``)."""
+        batch with the moved centers (``labels_``).
+
+        Parameters
+        ----------
+        X : array, shape (N, D)
+            The batch, read in the centers' dtype.
+        sample_weight : array, shape (N,), optional
+            Each row's weight. Default: 1.
+
+        Returns
+        -------
+        MiniBatchKMeans
+            This estimator, moved.
+
+        Raises
+        ------
+        ValueError
+            If the batch's width is not the centers', or a weight is negative or not finite.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from centerkern.codebooks import MiniBatchKMeans
+        >>> MiniBatchKMeans(init=np.array([[0.0, 0.0]])).partial_fit(np.array([[2.0, 4.0]])).cluster_centers_
+        array([[2., 4.]])
+        """
         rows = np.asarray(X, dtype=self.cluster_centers_.dtype)
         codes = assign_codes(rows, self.cluster_centers_, backend=self.backend).codes
         kmeans_update(rows, codes, self.cluster_centers_, self.counts_, weights=sample_weight, backend=self.backend)
@@ -438,7 +561,30 @@ class MiniBatchKMeans:
         return self
 
     def predict(self, X: Any) -> np.ndarray:
-        """The nearest center of each row."""
+        """The nearest center of each row.
+
+        Parameters
+        ----------
+        X : array, shape (N, D)
+            Rows, read in the centers' dtype.
+
+        Returns
+        -------
+        ndarray of int64, shape (N,)
+            Each row's nearest center, the lowest index among equally near ones.
+
+        Raises
+        ------
+        ValueError
+            If the rows' width is not the centers'.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from centerkern.codebooks import MiniBatchKMeans
+        >>> MiniBatchKMeans(init=np.array([[0.0], [1.0]])).predict(np.array([[0.9], [0.5]]))
+        array([1, 0])
+        """
         rows = np.asarray(X, dtype=self.cluster_centers_.dtype)
         return assign_codes(rows, self.cluster_centers_, backend=self.backend).codes
 

@@ -25,7 +25,25 @@ from .._core import codebooks as checks
 
 
 class CodebookState(NamedTuple):
-    """An EMA codebook's state: ``cluster_size`` (K,), ``embed_avg`` (K, D), ``embed`` (K, D)."""
+    """An EMA codebook's state, a named tuple.
+
+    Parameters
+    ----------
+    cluster_size : jax.Array, shape (K,)
+        The EMA count of each code.
+    embed_avg : jax.Array, shape (K, D)
+        The EMA sum of each code's rows.
+    embed : jax.Array, shape (K, D)
+        The codes.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from centerkern.jax import CodebookState
+    >>> state = CodebookState(jnp.zeros(4), jnp.zeros((4, 2)), jnp.ones((4, 2)))
+    >>> state.embed.shape
+    (4, 2)
+    """
 
     cluster_size: Any
     embed_avg: Any
@@ -33,8 +51,28 @@ class CodebookState(NamedTuple):
 
 
 class CodebookStep(NamedTuple):
-    """What ``codebook_step`` returns: the quantized rows (the codes before the update), each
-    row's code, the batch's rows per code (all shards' with ``axis_name``) and the new state."""
+    """What ``codebook_step`` returns, a named tuple.
+
+    Parameters
+    ----------
+    quantized : jax.Array, shape (N, D)
+        The rows' codes before the update.
+    codes : jax.Array of int, shape (N,)
+        Each row's nearest code.
+    counts : jax.Array of int, shape (K,)
+        The batch's rows per code (every shard's with ``axis_name``).
+    state : CodebookState
+        The new state.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> import centerkern.jax
+    >>> embed = jnp.array([[0.0], [5.0]])
+    >>> result = centerkern.jax.codebook_step(jnp.array([[1.0], [4.0]]), jnp.ones(2), embed, embed, update=False)
+    >>> result.codes.tolist(), result.quantized.tolist()
+    ([0, 1], [[0.0], [5.0]])
+    """
 
     quantized: Any
     codes: Any
@@ -73,6 +111,12 @@ def ema_update(features, codes, cluster_size, embed_avg, embed, *, decay: float 
         The batch's rows per code.
     state : CodebookState
         The new ``cluster_size``, ``embed_avg`` and ``embed``.
+
+    Raises
+    ------
+    ValueError
+        If ``decay``, ``eps`` or ``smoothing`` is out of its range (when traced); a bad code or
+        shape fails the host call, as ``centerkern.codebooks`` says.
 
     Examples
     --------
@@ -122,6 +166,12 @@ def codebook_step(features, cluster_size, embed_avg, embed, *, decay: float = 0.
     -------
     CodebookStep
         ``quantized`` (N, D), ``codes`` (N,), ``counts`` (K,) and the new ``state``.
+
+    Raises
+    ------
+    ValueError
+        If ``decay``, ``eps`` or ``smoothing`` is out of its range (when traced); a bad code or
+        shape fails the host call, as ``centerkern.codebooks`` says.
 
     Examples
     --------

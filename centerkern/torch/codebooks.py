@@ -35,9 +35,27 @@ __all__ = ["EMACodebook", "CodebookOutput"]
 
 
 class CodebookOutput(NamedTuple):
-    """What ``EMACodebook`` returns: the quantized rows (the codes before the update, shaped as
-    the input), each row's code (the input's shape without D), and how many rows each code got
-    in the batch, (h, K) int64 (all ranks' rows when distributed: zero marks a dead code)."""
+    """What ``EMACodebook`` returns, a named tuple.
+
+    Parameters
+    ----------
+    quantize : torch.Tensor
+        The quantized rows (the codes before the update), shaped as the input.
+        No gradient flows through them.
+    codes : torch.Tensor
+        Each row's code, int64, the input's shape without D.
+    counts : torch.Tensor
+        How many rows each code got in the batch, (h, K) int64: all ranks' rows when
+        distributed; zero marks a dead code.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from centerkern.torch import EMACodebook
+    >>> output = EMACodebook(dim=2, codebook_size=4).eval()(torch.zeros(3, 2))
+    >>> output.codes.shape, output.counts.shape
+    (torch.Size([3]), torch.Size([1, 4]))
+    """
 
     quantize: torch.Tensor
     codes: torch.Tensor
@@ -70,6 +88,11 @@ class EMACodebook(nn.Module):
     exchange : {"auto", "sparse", "dense"}, optional
         How the ranks combine their batches (module docstring).
 
+    Raises
+    ------
+    ValueError
+        If ``decay``, ``eps``, ``smoothing`` or ``exchange`` is out of its range.
+
     Examples
     --------
     >>> import torch
@@ -99,8 +122,35 @@ class EMACodebook(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> CodebookOutput:
-        """Quantize ``x`` (..., D), or (h, ..., D) with h codebooks, and in training mode move
-        the codes. ``mask``: rows to leave out of the update (False), shaped as ``x`` without D."""
+        """Quantize ``x``, and in training mode move the codes.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Rows of D, shape (..., D); with h codebooks, (h, ..., D), codebook i taking
+            ``x[i]``.
+        mask : torch.Tensor of bool, optional
+            Rows to leave out of the update (False), shaped as ``x`` without D.
+
+        Returns
+        -------
+        CodebookOutput
+            The quantized rows, the codes and the batch's rows per code.
+
+        Raises
+        ------
+        IndexError, TypeError, ValueError
+            As ``centerkern.codebooks.quantize``: nothing is written when a check fails.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from centerkern.torch import EMACodebook
+        >>> codebook = EMACodebook(dim=3, codebook_size=8).eval()     # eval: the codes stay
+        >>> quantize, codes, counts = codebook(torch.randn(5, 3))
+        >>> codes.shape, bool((quantize == codebook.embed[0][codes]).all())
+        (torch.Size([5]), True)
+        """
         rows_shape = x.shape[:-1]
         flat = x.detach().reshape(self.num_codebooks, -1, x.shape[-1]).to(self.embed.dtype)
         weights = None if mask is None else mask.reshape(self.num_codebooks, -1).to(torch.float64)
