@@ -16,10 +16,11 @@ call each (the warm-up call is also the check that both sides compute the same t
   - the update alone, codes given: ``centerkern.codebooks.ema_update`` on NumPy arrays against
     the peer's ``Codebook.update_indices`` (its one-hot, the einsum of the rows by it, the EMA);
   - the peak memory of one forward + update call, each implementation and case in a fresh
-    process (``--memory-case``): the increase of the peak resident set (``ru_maxrss``) over its
-    value after the setup. The setup makes the inputs and the module and calls a second module
-    once at a tiny size, so that loading the kernels is not counted; the call measured is the
-    first at the case's size (a high-water mark cannot be measured again after a warm-up);
+    process (``--memory-case``): the peak resident set (``VmHWM``, reset by writing 5 to
+    ``/proc/self/clear_refs`` once the setup is done) less the resident set before the call.
+    The setup makes the inputs and the module and calls a second module once at a tiny size,
+    so that loading the kernels is not counted; the call measured is the first at the case's
+    size;
 
   the peer is not run where its N x K float32 one-hot would exceed ``--peer-memory-limit`` GiB
   (at N = K = 65536 it is 16 GiB); the output says so, the case is still run for ours.
@@ -51,7 +52,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -76,8 +76,8 @@ LONG_ROUND_S = 20.0  # a round longer than this: 2 timed calls
 MIB = 1 << 20
 GIB = 1 << 30
 RATIO = "ratio to the one-hot's 4 N K bytes"
-MEMORY_NOTE = ("peak memory: the increase of the peak resident set (ru_maxrss) of a fresh process over its value "
-               "after the setup, across one forward + update call (the first at the case's size)")
+MEMORY_NOTE = ("peak memory: the peak resident set (VmHWM, reset after the setup through /proc/self/clear_refs) of a "
+               "fresh process less its resident set before one forward + update call (the first at the case's size)")
 
 
 def _pin_threads():
@@ -144,8 +144,15 @@ def _peer_skip_reason(rows, codes, limit_gib):
 
 # --- the memory cases, each in a fresh process -----------------------------------------------
 
-def _peak_rss_bytes():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+def _status_bytes(field):
+    """``VmRSS`` (resident now) or ``VmHWM`` (its peak) of this process, from /proc (Linux)."""
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def _reset_peak_rss():
+    """Start the peak resident set (``VmHWM``) again from the resident set now: the setup's own
+    peak (imports, the inputs' temporaries) would otherwise hide every smaller call's."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def _memory_case(spec):
@@ -160,9 +167,10 @@ def _memory_case(spec):
     x = torch.from_numpy(features).reshape(1, rows, width)
     tiny_features, _, tiny_embed = _ema_inputs(8, 16, width)  # loads the kernels, at no size to speak of
     MODULES[name](tiny_embed)(torch.from_numpy(tiny_features).reshape(1, 8, width))
-    baseline = _peak_rss_bytes()
+    _reset_peak_rss()
+    baseline = _status_bytes("VmRSS")
     output = module(x)
-    peak = _peak_rss_bytes()
+    peak = _status_bytes("VmHWM")
     del output
     print(json.dumps({"baseline_mib": baseline / MIB, "peak_mib": peak / MIB,
                       "increase_mib": (peak - baseline) / MIB, "torch_threads": threads}))

@@ -1,4 +1,5 @@
-"""What the public functions return (``CenterLossResult``), and the words their docstrings share."""
+"""What the public functions return (``CenterLossResult``; the codebook functions' ``Assignment``,
+``ClassSums`` and ``Quantized``), and the words their docstrings share."""
 
 from __future__ import annotations
 
@@ -85,3 +86,79 @@ class CenterLossResult(NamedTuple):
     grad: Any
     centers: Any
     grad_centers: Any
+
+
+class Assignment(NamedTuple):
+    """What ``assign_codes`` returns, a named tuple.
+
+    Parameters
+    ----------
+    codes : array of int64, shape (N,)
+        Each row's nearest code.
+    distances : array, shape (N,)
+        Each row's squared Euclidean distance to its code, in the features' dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from centerkern.codebooks import assign_codes
+    >>> codes, distances = assign_codes(np.array([[0.0, 1.0]]), np.array([[0.0, 0.0], [0.0, 2.0]]))
+    >>> codes, distances
+    (array([0]), array([1.]))
+    """
+
+    codes: Any
+    distances: Any
+
+
+class ClassSums(NamedTuple):
+    """What ``class_sums`` returns, a named tuple.
+
+    Parameters
+    ----------
+    counts : array of float64, shape (K,)
+        The weight of each code's rows.
+    sums : array of float64, shape (K, D)
+        Their weighted sum.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from centerkern.codebooks import class_sums
+    >>> class_sums(np.ones((3, 1)), [1, 1, 0], 2)
+    ClassSums(counts=array([1., 2.]), sums=array([[1.],
+           [2.]]))
+    """
+
+    counts: Any
+    sums: Any
+
+
+class Quantized(NamedTuple):
+    """What ``quantize`` returns, a named tuple.
+
+    Parameters
+    ----------
+    codes : array of int64, shape (N,)
+        Each row's nearest code.
+    distances : array, shape (N,)
+        Its squared distance to the code.
+    quantized : array, shape (N, D)
+        The codes' vectors before the update, as the VQ layers return them.
+    counts : array of int64, shape (K,)
+        How many rows each code got in this batch (zero: a dead code).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from centerkern.codebooks import quantize
+    >>> embed = np.array([[0.0], [5.0]])
+    >>> result = quantize(np.array([[1.0], [4.0], [6.0]]), np.ones(2), embed.copy(), embed, update=False)
+    >>> result.codes, result.counts
+    (array([0, 1, 1]), array([1, 2]))
+    """
+
+    codes: Any
+    distances: Any
+    quantized: Any
+    counts: Any

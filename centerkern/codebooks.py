@@ -35,14 +35,16 @@ are float64 atomics by default, whose order (and so last bits) may change from r
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from . import _backends
+from . import _codebooks_on_device as on_device
 from ._core import codebooks as checks
-from ._core.interop import converter_like, exportable, is_device_array, mark_written
+from ._core.interop import converter_like
 from ._core.validation import check_choice
+from ._results import Assignment, ClassSums, Quantized
 
 __all__ = ["Assignment", "ClassSums", "MiniBatchKMeans", "Quantized", "SMOOTHINGS", "assign_codes", "class_sums",
            "ema_apply", "ema_update", "kmeans_update", "quantize"]
@@ -57,82 +59,6 @@ _HOST_CHOICES = ("auto", *_backends.HOST)
 def _backend(backend: Any):
     name = check_choice(backend, "backend", _HOST_CHOICES)
     return _backends.load("numba" if name == "auto" else name)
-
-
-class Assignment(NamedTuple):
-    """What ``assign_codes`` returns, a named tuple.
-
-    Parameters
-    ----------
-    codes : array of int64, shape (N,)
-        Each row's nearest code.
-    distances : array, shape (N,)
-        Each row's squared Euclidean distance to its code, in the features' dtype.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from centerkern.codebooks import assign_codes
-    >>> codes, distances = assign_codes(np.array([[0.0, 1.0]]), np.array([[0.0, 0.0], [0.0, 2.0]]))
-    >>> codes, distances
-    (array([0]), array([1.]))
-    """
-
-    codes: Any
-    distances: Any
-
-
-class ClassSums(NamedTuple):
-    """What ``class_sums`` returns, a named tuple.
-
-    Parameters
-    ----------
-    counts : array of float64, shape (K,)
-        The weight of each code's rows.
-    sums : array of float64, shape (K, D)
-        Their weighted sum.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from centerkern.codebooks import class_sums
-    >>> class_sums(np.ones((3, 1)), [1, 1, 0], 2)
-    ClassSums(counts=array([1., 2.]), sums=array([[1.],
-           [2.]]))
-    """
-
-    counts: Any
-    sums: Any
-
-
-class Quantized(NamedTuple):
-    """What ``quantize`` returns, a named tuple.
-
-    Parameters
-    ----------
-    codes : array of int64, shape (N,)
-        Each row's nearest code.
-    distances : array, shape (N,)
-        Its squared distance to the code.
-    quantized : array, shape (N, D)
-        The codes' vectors before the update, as the VQ layers return them.
-    counts : array of int64, shape (K,)
-        How many rows each code got in this batch (zero: a dead code).
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from centerkern.codebooks import quantize
-    >>> embed = np.array([[0.0], [5.0]])
-    >>> result = quantize(np.array([[1.0], [4.0], [6.0]]), np.ones(2), embed.copy(), embed, update=False)
-    >>> result.codes, result.counts
-    (array([0, 1, 1]), array([1, 2]))
-    """
-
-    codes: Any
-    distances: Any
-    quantized: Any
-    counts: Any
 
 
 def assign_codes(features: Any, codebook: Any, *, backend: str = "auto") -> Assignment:
@@ -173,13 +99,12 @@ def assign_codes(features: Any, codebook: Any, *, backend: str = "auto") -> Assi
     >>> assign_codes(np.array([[0.9, 1.2], [0.1, -0.1], [0.5, 0.5]]), codebook)
     Assignment(codes=array([1, 0, 0]), distances=array([0.05, 0.02, 0.5 ]))
     """
-    device = _on_device(backend, features, codebook)
+    device = on_device.on_device(backend, features, codebook)
     if device is not None:
-        return _assign_codes_on_device(device, features, codebook)
+        return on_device.assign_codes(device, features, codebook)
     module = _backend(backend)
     rows, codebook = checks.features_and_codebook(features, codebook, "codebook")
-    if codebook.shape[0] == 0 and rows.shape[0] > 0:
-        raise ValueError("codebook has no codes to assign rows to")
+    checks.check_has_codes(rows, codebook, "codebook")
     codes = np.empty(rows.shape[0], np.int64)
     distances = np.empty(rows.shape[0], rows.dtype)
     module.assign_codes(rows, codebook, codes, distances)
@@ -231,9 +156,9 @@ def class_sums(features: Any, codes: Any, num_codes: int, *, weights: Any = None
            [0., 0.],
            [6., 8.]])
     """
-    device = _on_device(backend, features, codes, weights)
+    device = on_device.on_device(backend, features, codes, weights)
     if device is not None:
-        return _class_sums_on_device(device, features, codes, _num_codes(num_codes), weights, deterministic)
+        return on_device.class_sums(device, features, codes, _num_codes(num_codes), weights, deterministic)
     module = _backend(backend)
     num_codes = _num_codes(num_codes)
     rows = np.ascontiguousarray(checks.float_matrix(features, "features"))
@@ -266,7 +191,9 @@ def ema_update(features: Any, codes: Any, cluster_size: Any, embed_avg: Any, emb
     eps : float, optional
         ε, the smoothing constant (>= 0).
     smoothing : {"laplace", "current_code"}, optional
-        How counts near zero are smoothed; see the module's formulas (``SMOOTHINGS``).
+        How counts near zero are smoothed; see the module's formulas (``SMOOTHINGS``). Laplace's
+        divides by ``Σ N``: while every cluster size is zero (a fresh codebook's first batch
+        empty), the codes become NaN, as in EnCodec.
     weights : array, shape (N,), optional
         Each row's weight; a 0/1 mask leaves rows out (vector-quantize-pytorch's ``mask``).
     backend : {"auto", "numpy", "numba", "cuda"}, optional
@@ -294,9 +221,9 @@ def ema_update(features: Any, codes: Any, cluster_size: Any, embed_avg: Any, emb
     >>> cluster_size, embed[1]
     (array([0.5, 1.5]), array([2.33333333, 2.33333333]))
     """
-    device = _on_device(backend, features, codes, cluster_size, embed_avg, embed, weights)
+    device = on_device.on_device(backend, features, codes, cluster_size, embed_avg, embed, weights)
     if device is not None:
-        return _ema_update_on_device(device, features, codes, (cluster_size, embed_avg, embed),
+        return on_device.ema_update(device, features, codes, (cluster_size, embed_avg, embed),
                                      checks.ema_settings(decay, eps, smoothing), weights, deterministic)
     module = _backend(backend)
     settings = checks.ema_settings(decay, eps, smoothing)
@@ -345,9 +272,9 @@ def ema_apply(counts: Any, sums: Any, cluster_size: Any, embed_avg: Any, embed: 
     >>> embed[1]
     array([2.33333333, 2.33333333])
     """
-    device = _on_device(backend, counts, sums, cluster_size, embed_avg, embed)
+    device = on_device.on_device(backend, counts, sums, cluster_size, embed_avg, embed)
     if device is not None:
-        return _ema_apply_on_device(device, counts, sums, (cluster_size, embed_avg, embed),
+        return on_device.ema_apply(device, counts, sums, (cluster_size, embed_avg, embed),
                                     checks.ema_settings(decay, eps, smoothing))
     module = _backend(backend)
     settings = checks.ema_settings(decay, eps, smoothing)
@@ -401,15 +328,14 @@ def quantize(features: Any, cluster_size: Any, embed_avg: Any, embed: Any, *, de
     array([[1., 1.],
            [1., 1.]])
     """
-    device = _on_device(backend, features, cluster_size, embed_avg, embed, weights)
+    device = on_device.on_device(backend, features, cluster_size, embed_avg, embed, weights)
     if device is not None:
-        return _quantize_on_device(device, features, (cluster_size, embed_avg, embed),
+        return on_device.quantize(device, features, (cluster_size, embed_avg, embed),
                                    checks.ema_settings(decay, eps, smoothing), weights, update, deterministic)
     module = _backend(backend)
     settings = checks.ema_settings(decay, eps, smoothing)
     rows, codebook = checks.features_and_codebook(features, embed, "embed")
-    if codebook.shape[0] == 0 and rows.shape[0] > 0:
-        raise ValueError("embed has no codes to assign rows to")
+    checks.check_has_codes(rows, codebook, "embed")
     codes = np.empty(rows.shape[0], np.int64)
     distances = np.empty(rows.shape[0], rows.dtype)
     if update:  # every check before the first write
@@ -469,17 +395,15 @@ def kmeans_update(features: Any, codes: Any, centers: Any, weight_sums: Any, *, 
     (array([[ 2.],
            [10.]]), array([3., 0.]))
     """
-    device = _on_device(backend, features, codes, centers, weight_sums, weights)
+    device = on_device.on_device(backend, features, codes, centers, weight_sums, weights)
     if device is not None:
-        return _kmeans_update_on_device(device, features, codes, (centers, weight_sums), weights, deterministic)
+        return on_device.kmeans_update(device, features, codes, (centers, weight_sums), weights, deterministic)
     module = _backend(backend)
     rows, centers_checked = checks.features_and_codebook(features, centers, "centers")
     checked_codes = checks.codes_of(codes, rows, centers_checked.shape[0])
     weights = checks.sample_weights(weights, rows)
     inputs = {"features": rows, "codes": checked_codes, "weights": weights}
-    states = (checks.state_array(centers, "centers", centers_checked.shape, rows.dtype, inputs),
-              checks.state_array(weight_sums, "weight_sums", (centers_checked.shape[0],), rows.dtype, inputs))
-    checks.distinct_states(centers=states[0], weight_sums=states[1])
+    states = checks.kmeans_states(centers, weight_sums, centers_checked, inputs)
     module.kmeans_update(rows, checked_codes, weights, *states)
     return converter_like(features, host=True)(np.bincount(checked_codes, minlength=centers_checked.shape[0]))
 
@@ -520,8 +444,8 @@ class MiniBatchKMeans:
     """
 
     def __init__(self, init: Any, *, backend: str = "auto"):
-        self.cluster_centers_ = np.array(init, order="C", copy=True)
-        checks.features_and_codebook(self.cluster_centers_, self.cluster_centers_, "init")
+        self.cluster_centers_ = np.array(checks.float_matrix(init, "init"), order="C", copy=True)
+        _backend(backend)  # an unknown backend fails here, not in the first partial_fit
         self.counts_ = np.zeros(self.cluster_centers_.shape[0], self.cluster_centers_.dtype)
         self.labels_ = np.empty(0, np.int64)
         self.backend = backend
@@ -595,138 +519,3 @@ def _num_codes(num_codes: Any) -> int:
     if num_codes < 0:
         raise ValueError(f"num_codes must be >= 0, got {num_codes}")
     return int(num_codes)
-
-
-# --------------------------------------------------------------------------- device arrays
-#
-# backend="cuda", or "auto" with a device array among the inputs: the same checks through the
-# call's ``CodebookArrays`` (``checks.features_and_codebook`` and the ``device_*`` checks), the
-# ``cuda`` backend's codebook functions on the caller's stream, and results of the framework of
-# the first device input (host arrays where there is none: backend="cuda" on host arrays).
-
-
-class _Device(NamedTuple):
-    module: Any  # centerkern.cuda.codebooks
-    arrays: Any  # the call's CodebookArrays
-    like: Any  # the device input whose framework the results take; None where all are host arrays
-
-    def results(self, host_like: Any, *views: Any) -> tuple:
-        if self.like is None:
-            convert = converter_like(host_like, host=True)
-            return tuple(convert(self.arrays.to_host(view)) for view in views)
-        convert = converter_like(self.like)
-        return tuple(convert(view) for view in views)
-
-
-def _on_device(backend: Any, *inputs: Any) -> _Device | None:
-    """The call's device: for backend "cuda", and for "auto" where an input is a device array;
-    None where the call runs on the host."""
-    name = check_choice(backend, "backend", _backends.CHOICES)
-    like = next((x for x in inputs if x is not None and is_device_array(x)), None)
-    if name == "cuda" or (name == "auto" and like is not None):
-        module = _backends.cuda().codebooks
-        like = None if like is None else exportable(like)
-        return _Device(module, module.CodebookArrays(like), like)
-    if like is not None:
-        raise ValueError(f"backend {name!r} computes in host memory but got a device array; "
-                         "use backend='cuda' or backend='auto'")
-    return None
-
-
-def _exportable(*arrays: Any) -> tuple:
-    return tuple(exportable(x) for x in arrays)
-
-
-def _written(*states: Any) -> None:
-    for state in states:
-        mark_written(state)
-
-
-def _assign_codes_on_device(device: _Device, features: Any, codebook: Any) -> Assignment:
-    arrays = device.arrays
-    rows, codebook = checks.features_and_codebook(*_exportable(features, codebook), "codebook", arrays)
-    if codebook.shape[0] == 0 and rows.shape[0] > 0:
-        raise ValueError("codebook has no codes to assign rows to")
-    codes, distances = arrays.empty((rows.shape[0],), np.int64), arrays.empty((rows.shape[0],), rows.dtype)
-    arrays.run(device.module.assign_codes, rows, codebook, codes, distances)
-    return Assignment(*device.results(features, codes, distances))
-
-
-def _class_sums_on_device(device: _Device, features: Any, codes: Any, num_codes: int, weights: Any,
-                          deterministic: bool) -> ClassSums:
-    arrays = device.arrays
-    rows = checks.float_matrix(exportable(features), "features", arrays)
-    checked_codes, weights, _ = checks.device_codes(exportable(codes), rows, num_codes, exportable(weights), arrays,
-                                                    count=False)
-    counts, sums = arrays.empty((num_codes,), np.float64), arrays.empty((num_codes, rows.shape[1]), np.float64)
-    arrays.run(device.module.class_sums, rows, checked_codes, weights, counts, sums, deterministic=deterministic)
-    return ClassSums(*device.results(features, counts, sums))
-
-
-def _ema_update_on_device(device: _Device, features: Any, codes: Any, states: tuple, settings, weights: Any,
-                          deterministic: bool) -> Any:
-    arrays = device.arrays
-    cluster_size, embed_avg, embed = _exportable(*states)
-    rows, embed_checked = checks.features_and_codebook(exportable(features), embed, "embed", arrays)
-    checked_codes, weights, counts = checks.device_codes(exportable(codes), rows, embed_checked.shape[0],
-                                                         exportable(weights), arrays)
-    checked_states = checks.ema_states(cluster_size, embed_avg, embed, embed_checked, {"features": rows}, arrays)
-    arrays.run(device.module.ema_step, rows, checked_codes, weights, *checked_states, settings,
-               deterministic=deterministic)
-    _written(*states)
-    return device.results(features, counts)[0]
-
-
-def _ema_apply_on_device(device: _Device, counts: Any, sums: Any, states: tuple, settings) -> None:
-    arrays = device.arrays
-    cluster_size, embed_avg, embed = _exportable(*states)
-    embed_checked = checks.float_matrix(embed, "embed", arrays)
-    num_codes, width = embed_checked.shape
-    counts = checks.device_float64_input(exportable(counts), "counts", (num_codes,), arrays)
-    sums = checks.device_float64_input(exportable(sums), "sums", (num_codes, width), arrays)
-    checked_states = checks.ema_states(cluster_size, embed_avg, embed, embed_checked, {"counts": counts, "sums": sums},
-                                       arrays)
-    arrays.run(device.module.ema_apply, counts, sums, *checked_states, settings)
-    _written(*states)
-
-
-def _quantize_on_device(device: _Device, features: Any, states: tuple, settings, weights: Any, update: bool,
-                        deterministic: bool) -> Quantized:
-    arrays, module = device.arrays, device.module
-    cluster_size, embed_avg, embed = _exportable(*states)
-    rows, codebook = checks.features_and_codebook(exportable(features), embed, "embed", arrays)
-    num_codes, batch_size = codebook.shape[0], rows.shape[0]
-    if num_codes == 0 and batch_size > 0:
-        raise ValueError("embed has no codes to assign rows to")
-    weights = checks.device_weights(exportable(weights), rows, arrays) if update else None
-    if update:  # every check of the arrays before the first write
-        checked_states = checks.ema_states(cluster_size, embed_avg, embed, codebook,
-                                           {"features": rows, "weights": weights}, arrays)
-    codes, distances = arrays.empty((batch_size,), np.int64), arrays.empty((batch_size,), rows.dtype)
-    arrays.run(module.assign_codes, rows, codebook, codes, distances)
-    quantized = arrays.empty(tuple(rows.shape), rows.dtype)
-    arrays.run(module.gather_codes, codebook, codes, quantized)  # gathered before the update moves the codes
-    checked_codes, weights, counts = checks.device_codes(codes, rows, num_codes, weights, arrays)  # (the weights)
-    if update:
-        arrays.run(module.ema_step, rows, checked_codes, weights, *checked_states, settings,
-                   deterministic=deterministic)
-        _written(*states)
-    return Quantized(*device.results(features, codes, distances, quantized, counts))
-
-
-def _kmeans_update_on_device(device: _Device, features: Any, codes: Any, states: tuple, weights: Any,
-                             deterministic: bool) -> Any:
-    arrays = device.arrays
-    centers, weight_sums = _exportable(*states)
-    rows, centers_checked = checks.features_and_codebook(exportable(features), centers, "centers", arrays)
-    num_codes = centers_checked.shape[0]
-    checked_codes, weights, counts = checks.device_codes(exportable(codes), rows, num_codes, exportable(weights),
-                                                         arrays)
-    inputs = {"features": rows}
-    checked_states = (checks.state_array(centers, "centers", tuple(centers_checked.shape), rows.dtype, inputs, arrays),
-                      checks.state_array(weight_sums, "weight_sums", (num_codes,), rows.dtype, inputs, arrays))
-    checks.distinct_states(arrays, centers=checked_states[0], weight_sums=checked_states[1])
-    arrays.run(device.module.kmeans_update, rows, checked_codes, weights, *checked_states,
-               deterministic=deterministic)
-    _written(*states)
-    return device.results(features, counts)[0]

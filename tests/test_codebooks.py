@@ -202,3 +202,35 @@ def test_kmeans_update_refuses_bad_state_before_writing():
     assert not centers.any() and not weight_sums.any()
     with pytest.raises(ValueError, match="unknown backend"):
         codebooks.kmeans_update(np.ones((3, 2)), [0, 1, 2], centers, weight_sums, backend="gpu")
+
+
+def test_quantize_and_ema_apply_refuse_bad_state_before_writing():
+    features, codes, (cluster_size, embed_avg, embed) = _batch(9, 50, 16, 3, np.float32)
+    snapshot = [s.copy() for s in (cluster_size, embed_avg, embed)]
+    with pytest.raises(ValueError, match="embed_avg must have shape"):
+        codebooks.quantize(features, cluster_size, embed_avg[:-1], embed)
+    with pytest.raises(ValueError, match="weights must be finite"):
+        codebooks.quantize(features, cluster_size, embed_avg, embed, weights=np.full(50, np.nan))
+    counts, sums = codebooks.class_sums(features, codes, 16)
+    with pytest.raises(ValueError, match="sums must have shape"):
+        codebooks.ema_apply(counts, sums[:, :2], cluster_size, embed_avg, embed)
+    with pytest.raises(TypeError, match="cluster_size must have dtype"):
+        codebooks.ema_apply(counts, sums, cluster_size.astype(np.float64), embed_avg, embed)
+    for got, before in zip((cluster_size, embed_avg, embed), snapshot):
+        np.testing.assert_array_equal(got, before)
+
+
+def test_a_state_array_whose_elements_share_memory_is_refused():
+    features, codes, (cluster_size, embed_avg, embed) = _batch(10, 20, 4, 3, np.float64)
+    one_row_four_times = np.lib.stride_tricks.as_strided(embed_avg[:1], shape=(4, 3), strides=(0, 8), writeable=True)
+    with pytest.raises(ValueError, match="embed_avg overlaps itself"):
+        codebooks.ema_update(features, codes, cluster_size, one_row_four_times, embed)
+
+
+def test_minibatch_kmeans_checks_its_settings_when_made():
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        codebooks.MiniBatchKMeans(np.zeros((2, 2)), backend="gpu")
+    with pytest.raises(TypeError, match="init must be float32 or float64"):
+        codebooks.MiniBatchKMeans(np.zeros((2, 2), np.int64))
+    kmeans = codebooks.MiniBatchKMeans([[0, 0], [4, 4]])  # a list of ints is numbers, read as float64
+    assert kmeans.cluster_centers_.dtype == np.float64

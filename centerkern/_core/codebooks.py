@@ -124,9 +124,28 @@ def _check_state(checked: Any, name: str, shape: tuple[int, ...], dtype: np.dtyp
         raise ValueError(f"{name} must have shape {shape}, got {tuple(checked.shape)}")
     if not arrays.is_writable(checked):
         raise ValueError(f"{name} is read-only; the update writes it in place")
+    if overlaps_itself(tuple(checked.shape), arrays.strides(checked), checked.dtype.itemsize):
+        raise ValueError(f"{name} overlaps itself (strides {tuple(arrays.strides(checked))} for shape "
+                         f"{tuple(checked.shape)}): some of its elements share memory; pass an array that owns each")
     for input_name, value in inputs.items():
         if value is not None and arrays.may_share_memory(checked, value):
             raise ValueError(f"{name} shares memory with {input_name}; pass arrays of their own")
+
+
+def check_has_codes(rows: Any, codebook: Any, codebook_name: str) -> None:
+    """A batch with rows needs a code to assign them to."""
+    if codebook.shape[0] == 0 and rows.shape[0] > 0:
+        raise ValueError(f"{codebook_name} has no codes to assign rows to")
+
+
+def kmeans_states(centers: Any, weight_sums: Any, centers_checked: Any, inputs: dict,
+                  arrays=HostArrays) -> tuple[Any, Any]:
+    """Mini-batch k-means' two state arrays, shaped and typed after ``centers_checked`` (K, D)."""
+    num_codes = centers_checked.shape[0]
+    states = (state_array(centers, "centers", tuple(centers_checked.shape), centers_checked.dtype, inputs, arrays),
+              state_array(weight_sums, "weight_sums", (num_codes,), centers_checked.dtype, inputs, arrays))
+    distinct_states(arrays, centers=states[0], weight_sums=states[1])
+    return states
 
 
 def ema_states(cluster_size: Any, embed_avg: Any, embed: Any, embed_checked: Any, inputs: dict,

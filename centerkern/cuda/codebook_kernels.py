@@ -17,8 +17,9 @@ Why this layout:
   the order of the additions, and so the last bits, may change from run to run. With
   ``deterministic=True`` the host orders the rows by code (a stable ``argsort`` of a copy of
   the codes, and each code's offsets into that order), and ``ordered_sums`` gives each (code,
-  column) one thread that adds the code's rows in batch order: no float atomics, the bits of
-  the reference's ``np.add.at``, whatever the launch shape.
+  column) one thread that adds the code's rows in batch order: no float atomics, the same bits
+  whatever the launch shape, and without weights the bits of the reference's ``np.add.at``
+  (with weights the compiler may fuse ``w * x + sum`` into one rounding).
 * The EMA update: ``ema_sizes`` computes the new cluster sizes and their total in one block,
   each thread over a fixed stride of codes and then a tree in shared memory, so that the total
   (which every Laplace-smoothed code divides by) is summed in the same order on every run;

@@ -15,7 +15,11 @@ identical:
 - ``dense``: each rank's per-code counts and sums (K x (1 + D), float64) are all-reduced, then
   applied (``ema_apply``);
 - ``auto``: sparse while all ranks' rows together are fewer than K / 4 (the measured crossover
-  of the center-loss exchanges); the ranks first share their batch sizes, so that they choose alike.
+  of the center-loss exchanges).
+
+Before either, the ranks share their batch sizes and whether their input passed its checks (one
+small all-gather): ``auto`` then chooses alike on every rank, and a bad input on one rank fails
+every rank (``centerkern.PeerInputError`` on the others) instead of leaving them waiting.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from torch import nn
 from .. import codebooks
 from .._adapters.batch_classes import EXCHANGES, exchange_for
 from .._core import codebooks as checks
+from .._core.errors import PeerInputError
 from .._core.validation import check_choice
 
 __all__ = ["EMACodebook", "CodebookOutput"]
@@ -108,7 +113,7 @@ class EMACodebook(nn.Module):
                  eps: float = 1e-5, smoothing: str = "current_code", process_group: Any = None,
                  distributed: bool = False, exchange: str = "auto"):
         super().__init__()
-        self.settings = checks.ema_settings(decay, eps, smoothing)
+        checks.ema_settings(decay, eps, smoothing)  # refused here; each call checks them again
         self.decay, self.eps, self.smoothing = decay, eps, smoothing
         self.exchange = check_choice(exchange, "exchange", EXCHANGES)
         self.process_group = process_group
@@ -130,7 +135,8 @@ class EMACodebook(nn.Module):
             Rows of D, shape (..., D); with h codebooks, (h, ..., D), codebook i taking
             ``x[i]``.
         mask : torch.Tensor of bool, optional
-            Rows to leave out of the update (False), shaped as ``x`` without D.
+            Rows to leave out of the update (False), shaped as ``x`` without D (with h
+            codebooks, with or without h: one mask for every codebook).
 
         Returns
         -------
@@ -153,14 +159,21 @@ class EMACodebook(nn.Module):
         """
         rows_shape = x.shape[:-1]
         flat = x.detach().reshape(self.num_codebooks, -1, x.shape[-1]).to(self.embed.dtype)
-        weights = None if mask is None else mask.reshape(self.num_codebooks, -1).to(torch.float64)
+        collective = self.training and self.distributed
+        problem = None
+        try:
+            weights = _mask_weights(mask, self.num_codebooks, flat.shape[1])
+        except (TypeError, ValueError) as error:
+            if not collective:
+                raise
+            problem, weights = error, None  # raised once the other ranks know (_distributed_step)
         quantized, codes, counts = [], [], []
         for index in range(self.num_codebooks):
             rows = flat[index].contiguous()
             state = (self.cluster_size[index], self.embed_avg[index], self.embed[index])
             row_weights = None if weights is None else weights[index]
-            if self.training and self.distributed:
-                result = self._distributed_step(rows, row_weights, *state)
+            if collective:
+                result = self._distributed_step(rows, row_weights, problem, *state)
             else:
                 result = codebooks.quantize(rows, *state, decay=self.decay, eps=self.eps, smoothing=self.smoothing,
                                             weights=row_weights, update=self.training)
@@ -170,15 +183,22 @@ class EMACodebook(nn.Module):
         return CodebookOutput(torch.stack(quantized).reshape(*rows_shape, x.shape[-1]).to(x.dtype),
                               torch.stack(codes).reshape(rows_shape), torch.stack(counts))
 
-    def _distributed_step(self, rows, weights, cluster_size, embed_avg, embed) -> codebooks.Quantized:
+    def _distributed_step(self, rows, weights, problem, cluster_size, embed_avg, embed) -> codebooks.Quantized:
+        """One codebook's step on every rank. The ranks first share their batch sizes and whether
+        their input failed its checks (``problem``, raised here on its own rank), so that a bad
+        batch fails every rank, none left waiting in a collective that the bad one never reaches,
+        and so that ``auto`` chooses alike everywhere."""
         import torch.distributed as dist
 
         group = self.process_group
-        ranks = dist.get_world_size(group)
+        sizes, failed = _sizes_and_failures(group, dist.get_world_size(group), rows, problem is not None)
+        if problem is not None:
+            raise problem
+        if failed:
+            raise PeerInputError(f"the input of rank(s) {failed} failed validation; no rank moved its codebook")
         assignment = codebooks.assign_codes(rows, embed)
         quantized = embed[assignment.codes]  # the codes before the update
         options = dict(decay=self.decay, eps=self.eps, smoothing=self.smoothing)
-        sizes = _batch_sizes(group, ranks, rows.shape[0])
         if exchange_for(self.exchange, 1, sum(sizes), self.codebook_size) == "sparse":
             all_rows, all_codes, all_weights = _all_gathered(group, sizes, rows, assignment.codes, weights)
             counts = codebooks.ema_update(all_rows, all_codes, cluster_size, embed_avg, embed,
@@ -194,13 +214,27 @@ class EMACodebook(nn.Module):
         return codebooks.Quantized(assignment.codes, assignment.distances, quantized, counts)
 
 
-def _batch_sizes(group, ranks: int, batch_size: int) -> list[int]:
-    """Every rank's number of rows."""
+def _mask_weights(mask: torch.Tensor | None, num_codebooks: int, rows: int) -> torch.Tensor | None:
+    """The mask as float64 weights, (h, rows): one mask for every codebook, or one per codebook."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    if mask.numel() == rows:
+        return mask.reshape(1, rows).expand(num_codebooks, rows).to(torch.float64)
+    if mask.numel() == num_codebooks * rows:
+        return mask.reshape(num_codebooks, rows).to(torch.float64)
+    raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit {rows} rows per codebook")
+
+
+def _sizes_and_failures(group, ranks: int, rows: torch.Tensor, failed: bool) -> tuple[list[int], list[int]]:
+    """Every rank's number of rows, and the ranks whose input failed its checks."""
     import torch.distributed as dist
 
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(ranks)]
-    dist.all_gather(sizes, torch.tensor([batch_size], dtype=torch.int64), group=group)
-    return [int(size.item()) for size in sizes]
+    mine = torch.tensor([rows.shape[0], int(failed)], dtype=torch.int64, device=rows.device)
+    every = [torch.zeros_like(mine) for _ in range(ranks)]
+    dist.all_gather(every, mine, group=group)
+    return [int(part[0]) for part in every], [rank for rank, part in enumerate(every) if part[1]]
 
 
 def _all_gathered(group, sizes: list[int], rows: torch.Tensor, codes: torch.Tensor, weights: torch.Tensor | None):
@@ -209,12 +243,13 @@ def _all_gathered(group, sizes: list[int], rows: torch.Tensor, codes: torch.Tens
 
     largest = max(sizes)
     # one message: each row with its code and weight as float64 columns (exact for codes < 2^53)
-    table = torch.zeros(largest, rows.shape[1] + 2, dtype=torch.float64)
+    table = torch.zeros(largest, rows.shape[1] + 2, dtype=torch.float64, device=rows.device)
     table[:rows.shape[0], :-2] = rows
     table[:rows.shape[0], -2] = codes.to(torch.float64)
     table[:rows.shape[0], -1] = 1.0 if weights is None else weights
     gathered = [torch.empty_like(table) for _ in sizes]
     dist.all_gather(gathered, table, group=group)
     whole = torch.cat([part[:size] for part, size in zip(gathered, sizes)])
-    all_weights = None if weights is None else whole[:, -1].contiguous()
-    return whole[:, :-2].to(rows.dtype).contiguous(), whole[:, -2].to(torch.int64), all_weights
+    # every rank's weights, ones where a rank had no mask: a rank without one of its own must
+    # still weigh the others' rows as they do
+    return whole[:, :-2].to(rows.dtype).contiguous(), whole[:, -2].to(torch.int64), whole[:, -1].contiguous()

@@ -1129,6 +1129,69 @@ def gpu_command(result: Result) -> str:
     return f"python benchmarks/gpu_check.py {result.shown_path}"
 
 
+# --------------------------------------------------------------------------- codebooks-*.json
+
+
+def _memory_cell(memory) -> str:
+    """A peak-memory entry: MiB over the setup, or why it was not measured."""
+    if isinstance(memory, str):
+        return memory
+    if not isinstance(memory, dict) or "increase_mib" not in memory:
+        return DASH if memory is None else str(memory.get("error", DASH))
+    return f"{memory['increase_mib']:,.1f} MiB"
+
+
+def codebooks_ema_table(results: list[Result], page: Page) -> list[nodes.Node]:
+    """A row per N x K x D: the update alone and forward + update, ours against
+    vector-quantize-pytorch's, and the peak memory of one forward + update call."""
+    shown = []
+    for result in results:
+        rows = []
+        for case in result.data["ema"].values():
+            medians = case["median_ms"]
+            peer = "vector-quantize-pytorch"
+            skipped = case.get(peer)
+            memory = case.get("peak memory", {})
+
+            def cell(what: str) -> str:
+                ours = medians[f"centerkern {what}"]
+                theirs = medians.get(f"{peer} {what}")
+                return milliseconds(ours) + ("" if theirs is None else f" vs {milliseconds(theirs)}, "
+                                                                        f"{faster_or_slower(ours, theirs)}")
+
+            rows.append([f"{case['N']:,} x {case['K']:,} x {case['D']}", f"{case['one-hot bytes'] / 2**20:,.0f} MiB",
+                         cell("update"), cell("forward+update"), _memory_cell(memory.get("centerkern")),
+                         skipped if skipped else _memory_cell(memory.get(peer))])
+        shown.append(table(["N x K x D", "one-hot N x K", "update alone, ms (vs the peer's)",
+                            "forward + update, ms (vs the peer's)", "peak memory, centerkern",
+                            "peak memory, vector-quantize-pytorch"], rows,
+                           caption="the EMA codebook, float32, median of the timed calls; peak memory: "
+                                   + result.data.get("memory", "of one forward + update call")))
+    return shown
+
+
+def codebooks_kmeans_table(results: list[Result], page: Page) -> list[nodes.Node]:
+    """A row per mini-batch k-means case: partial_fit and the update alone against scikit-learn's."""
+    shown = []
+    for result in results:
+        rows = []
+        for case in result.data["kmeans"].values():
+            medians = case["median_ms"]
+            row = [f"{case['N']:,} x {case['K']:,} x {case['D']}, {case['dtype']}"]
+            for what in ("partial_fit", "update"):
+                ours, theirs = medians.get(f"centerkern {what}"), medians.get(f"scikit-learn {what}")
+                row.append(DASH if theirs is None else
+                           f"{milliseconds(ours)} vs {milliseconds(theirs)}, {faster_or_slower(ours, theirs)}")
+            rows.append(row)
+        shown.append(table(["N x K x D", "partial_fit, ms (vs scikit-learn's)", "update alone, ms (vs scikit-learn's)"],
+                           rows, caption="mini-batch k-means, median of the timed calls"))
+    return shown
+
+
+def codebooks_command(result: Result) -> str:
+    return "python benchmarks/codebooks.py"
+
+
 # --------------------------------------------------------------------------- the kinds
 
 
@@ -1146,6 +1209,8 @@ KINDS = {kind.name: kind for kind in [
          sharded_command),
     Kind("data-parallel", {"table": data_parallel_table, "goals": recorded_goals, "provenance": provenance},
          data_parallel_command),
+    Kind("codebooks", {"ema": codebooks_ema_table, "kmeans": codebooks_kmeans_table, "goals": recorded_goals,
+                       "provenance": provenance}, codebooks_command),
     Kind("gpu-host", {"table": gpu_host_table, "provenance": provenance}, lambda result: "python benchmarks/gpu_host_time.py"),
     Kind("gpu", {"timings": gpu_timings, "ratios": gpu_ratios, "checks": gpu_checks,
                  "launch-shapes": gpu_launch_shapes, "provenance": provenance}, gpu_command),

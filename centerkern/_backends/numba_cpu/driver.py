@@ -223,11 +223,13 @@ def _item_rows(num_codes: int, width: int) -> np.ndarray:
     return np.empty(((num_codes + codebooks.CODES_PER_ITEM - 1) // codebooks.CODES_PER_ITEM, width), np.float64)
 
 
-def _in_place(entry, dtype, inputs: tuple, states: tuple, after: tuple) -> None:
-    """Run ``entry`` (compiled for ``dtype``) on read-only ``inputs`` and on ``states`` updated in
-    place (through C-contiguous copies where they are not), the settings and scratch ``after`` them."""
+def _in_place(kernel, dtype, inputs: tuple, states: tuple, after: tuple) -> None:
+    """Run ``kernel`` (``codebooks.Regimes``, compiled for ``dtype``, on one thread or every
+    thread by the call's size) on read-only ``inputs`` and on ``states`` updated in place
+    (through C-contiguous copies where they are not), the settings and scratch ``after`` them."""
     computed = [state if state.flags.carray else np.array(state, order="C") for state in states]
-    with _one_launch_at_a_time():
+    entry = kernel.of(sum(array.size for array in (*inputs, *states)))
+    with _one_launch_at_a_time() if entry is kernel.parallel else _NO_LOCK:
         entry.compiled(dtype)(*(_readable(x) for x in inputs), *computed, *after)
     for state, result in zip(states, computed):
         if result is not state:
@@ -251,9 +253,8 @@ def assign_codes(features, codebook, codes, distances) -> None:
 def class_sums(features, codes, weights, counts, sums) -> None:
     """Write the per-code weight sums and weighted feature sums of the batch (float64)."""
     starts, order = _order_scratch(codes.size, counts.size)
-    with _one_launch_at_a_time():
-        codebooks.class_sums.compiled(features.dtype)(_readable(features), _readable(codes),
-                                                      _readable(_weights(weights)), counts, sums, starts, order)
+    _in_place(codebooks.class_sums, features.dtype, (features, codes, _weights(weights)), (counts, sums),
+              (starts, order))
 
 
 def ema_step(features, codes, weights, cluster_size, embed_avg, embed, settings) -> None:

@@ -30,6 +30,7 @@ import hashlib
 import os
 import sys
 import threading
+import types
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -162,6 +163,15 @@ def cache_location(py_func) -> tuple[str | None, str]:
         tried = ", ".join(locator.description for locator in LOCATORS)
         return None, f"none writable ({tried} tried); kernels compile in memory in each process"
     return impl.locator.get_cache_path(), impl.locator.description
+
+
+def renamed(function, name: str):
+    """``function`` as a function of its own ``name``: the same code compiled twice (once with
+    parallel=True) is cached and loaded as two functions, since Numba names a function's cache
+    files after it."""
+    copy = types.FunctionType(function.__code__, function.__globals__, name)
+    copy.__qualname__ = name
+    return copy
 
 
 def helper(function=None, **options):

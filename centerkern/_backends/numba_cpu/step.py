@@ -41,14 +41,13 @@ either regime. Sums are taken in float64.
 
 from __future__ import annotations
 
-import types as pytypes
 
 import numba
 import numpy as np
 from numba import prange, types
 
 from ..._core.rules import SCATTER_SUB
-from .jit import Entry, helper
+from .jit import Entry, helper, renamed
 from .passes import ITEMS_PER_CHUNK, batch_tile, finish_spanning_classes, label_chunk
 from .rows import Batch
 from .sort import HISTOGRAM_SIZE, ROWS_PER_TILE, plan, sort_by_label
@@ -193,15 +192,6 @@ def _entry(labels, rows, centers, written, grad, rows_are_features, rule, ints, 
     return _step(Batch(labels, rows, centers, written, grad, rows_are_features), rule, ints, floats, layout, threads)
 
 
-def _named(name: str):
-    """``_entry`` as a function of its own name. The two entry points are the same code, compiled
-    as two functions (one with parallel=True) so that each is cached and loaded on its own: Numba
-    names a function's cache files after it."""
-    function = pytypes.FunctionType(_entry.__code__, _entry.__globals__, name)
-    function.__qualname__ = name
-    return function
-
-
 def _signature(dtype):
     """(labels, rows, centers, written, grad, rows_are_features, rule, ints, floats, layout,
     threads) -> float64. ``rule``: a ``RuleCoefficients``, taken whole. ``threads``: the most
@@ -219,5 +209,5 @@ def _signature(dtype):
 # How Numba types a RuleCoefficients of Python floats and a bool (what the driver passes).
 RULE_TYPE = numba.typeof(SCATTER_SUB)
 
-step_serial = Entry("step_serial", _named("step_serial"), _signature)
-step_parallel = Entry("step_parallel", _named("step_parallel"), _signature, parallel=True)
+step_serial = Entry("step_serial", renamed(_entry, "step_serial"), _signature)
+step_parallel = Entry("step_parallel", renamed(_entry, "step_parallel"), _signature, parallel=True)
