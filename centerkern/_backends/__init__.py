@@ -1,8 +1,9 @@
 """The backends: their names, which of them can run here, and each loaded when a call first needs it.
 
 A backend is a module with the same three functions and signatures (``gather_centers``,
-``scatter_sub_update``, ``center_loss_step``), which compute, in place, on arrays that
-``centerkern._core.validation`` has checked:
+``scatter_sub_update``, ``center_loss_step``), and the same five for ``centerkern.codebooks``
+(``assign_codes``, ``class_sums``, ``ema_step``, ``ema_apply``, ``kmeans_update``), which compute,
+in place, on arrays that ``centerkern._core.validation`` (or ``_core.codebooks``) has checked:
 
 =========  ==============================  ==================================================
 name       module                          what it is

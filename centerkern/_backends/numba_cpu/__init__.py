@@ -1,7 +1,8 @@
 """The ``numba`` backend: parallel CPU kernels, race-free with any amount of duplicate labels.
 
 The same three functions as every backend (``gather_centers``, ``scatter_sub_update``,
-``center_loss_step``), and ``zeros`` for large host allocations. Each concern has a module of
+``center_loss_step``), the codebook functions (``assign_codes``, ``class_sums``, ``ema_step``,
+``ema_apply``, ``kmeans_update``), and ``zeros`` for large host allocations. Each concern has a module of
 its own, each importing only those above it:
 
 - ``jit``: how kernels are compiled (entry points, one signature per dtype) and cached;
