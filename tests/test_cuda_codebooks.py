@@ -224,3 +224,32 @@ def test_cuda_backend_on_host_arrays_returns_host_arrays():
     assignment = codebooks.assign_codes(features, codebook, backend="cuda")
     assert isinstance(assignment.codes, np.ndarray)
     np.testing.assert_array_equal(assignment.codes, codebooks.assign_codes(features, codebook, backend="numpy").codes)
+
+
+def test_cuda_ema_codebook_on_torch_cuda_tensors_equals_the_cpu_module():
+    """EMACodebook's buffers on a GPU (torch CUDA tensors, the cuda kernels on torch's stream)
+    move as on the CPU, step after step, and vector-quantize-pytorch's Codebook on the GPU agrees."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs torch with CUDA and a GPU")
+    from centerkern.torch import EMACodebook
+
+    torch.manual_seed(0)
+    on_cpu = EMACodebook(16, 256, decay=0.9)
+    on_gpu = EMACodebook(16, 256, decay=0.9).cuda()
+    on_gpu.load_state_dict(on_cpu.state_dict())
+    vector_quantize = pytest.importorskip("vector_quantize_pytorch.vector_quantize_pytorch")
+    peer = vector_quantize.Codebook(16, 256, decay=0.9, dead_code_threshold_ratio=0.0).cuda()
+    peer.load_state_dict({name: value.cuda() for name, value in on_cpu.state_dict().items()}, strict=False)
+    for _ in range(3):
+        x = torch.randn(4, 128, 16)
+        quantize, codes, counts = on_gpu(x.cuda())
+        expected_quantize, expected_codes, expected_counts = on_cpu(x)
+        peer_quantize, peer_codes, _ = peer(x.cuda())
+        assert quantize.is_cuda and torch.equal(codes.cpu(), expected_codes) and torch.equal(counts.cpu(), expected_counts)
+        assert torch.equal(peer_codes.cpu(), expected_codes)
+        torch.testing.assert_close(quantize.cpu(), expected_quantize)
+        torch.testing.assert_close(peer_quantize.cpu(), expected_quantize)
+        for name in ("cluster_size", "embed_avg", "embed"):
+            torch.testing.assert_close(getattr(on_gpu, name).cpu(), getattr(on_cpu, name), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(getattr(peer, name).cpu(), getattr(on_cpu, name), rtol=1e-5, atol=1e-5)
