@@ -48,6 +48,7 @@ from jax.custom_derivatives import SymbolicZero, zero_from_primal
 from ._adapters.batch_classes import (EXCHANGES, bad_label_template, check_labels_of_every_shard,
                                       check_shapes_and_dtypes, exchange_for, host_combine, host_partials, host_step,
                                       table_width)
+from ._adapters import jax_codebooks
 from ._adapters.jax_codebooks import CodebookState, CodebookStep, codebook_step, ema_update
 from ._adapters.settings import computed_dtype, host_backend
 from ._core.interop import FLOAT_DTYPES
@@ -417,6 +418,9 @@ def _host_call(key: str, function, shapes: tuple, *operands) -> tuple:
     if _host_targets_serve():
         return tuple(jax.ffi.ffi_call(name, shapes, vmap_method="sequential")(*operands))
     return tuple(jax.pure_callback(function, shapes, *operands, vmap_method="sequential"))
+
+
+jax_codebooks.host_call = _host_call  # the codebook functions run their host work as this module does
 
 
 def _host_targets_serve() -> bool:

@@ -1,8 +1,9 @@
 """The codebook updates for JAX: ``centerkern.jax.codebook_step`` and ``centerkern.jax.ema_update``.
 
 JAX's arrays are immutable, so these return the codebook's new state instead of writing it: the
-kernels (``centerkern.codebooks``) run on the host in a ``jax.pure_callback`` on copies of the
-state, usable under ``jax.jit``. No gradient flows through them (the features are
+kernels (``centerkern.codebooks``) run on the host, on copies of the state, as ``centerkern.jax``
+runs its host functions (an XLA FFI target on the CPU, else ``jax.pure_callback``), usable
+under ``jax.jit``. No gradient flows through them (the features are
 ``stop_gradient``-ed): a VQ layer passes gradients straight through its quantized rows itself,
 ``x + stop_gradient(quantized - x)``.
 
@@ -80,6 +81,21 @@ class CodebookStep(NamedTuple):
     state: CodebookState
 
 
+# How a host function runs inside a traced step: ``centerkern.jax`` puts its ``_host_call`` here
+# when it is imported (a layer above this module, which may not import it). It runs the function
+# as an XLA FFI target on the device's own thread, where ``jax.pure_callback`` would put every
+# shard's operands on device 0 and wait there: under ``shard_map`` on 4 host devices that
+# deadlocked the first step, every time. ``host_call(key, function, shapes, *operands)``: ``key``
+# names the function and must determine what it does (a target is registered once per key).
+host_call = None
+
+
+def _key(*settings) -> str:
+    """A host function's key: its name and every setting it closes over, and JAX's x64 mode,
+    which decides the types it returns."""
+    return "_".join(map(str, (*settings, "x64" if jax.config.jax_enable_x64 else "x32")))
+
+
 def _int_type():
     return jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
 
@@ -139,9 +155,9 @@ def ema_update(features, codes, cluster_size, embed_avg, embed, *, decay: float 
 
     weights = jnp.zeros(0, jnp.float32) if weights is None else jnp.asarray(weights)
     shapes = (jax.ShapeDtypeStruct((embed.shape[0],), _int_type()), *_state_shapes(cluster_size, embed_avg, embed))
-    counts, *state = jax.pure_callback(host, shapes, jax.lax.stop_gradient(features), codes,
-                                       jax.lax.stop_gradient(weights), cluster_size, embed_avg, embed,
-                                       vmap_method="sequential")
+    counts, *state = host_call(_key("codebook_ema", decay, eps, smoothing, backend), host, shapes,
+                               jax.lax.stop_gradient(features), codes, jax.lax.stop_gradient(weights),
+                               cluster_size, embed_avg, embed)
     return counts, CodebookState(*state)
 
 
@@ -189,10 +205,10 @@ def codebook_step(features, cluster_size, embed_avg, embed, *, decay: float = 0.
 
     def assign(rows, codebook):
         codes, _ = codebooks.assign_codes(rows, codebook, backend=backend)
-        return codes.astype(_int_type())
+        return (codes.astype(_int_type()),)
 
-    codes = jax.pure_callback(assign, jax.ShapeDtypeStruct((features.shape[0],), _int_type()), features, embed,
-                              vmap_method="sequential")
+    codes, = host_call(_key("codebook_assign", backend), assign,
+                       (jax.ShapeDtypeStruct((features.shape[0],), _int_type()),), features, embed)
     quantized = jnp.take(embed, codes, axis=0)
     if not update:
         counts = jnp.zeros(embed.shape[0], _int_type()).at[codes].add(1)
@@ -218,10 +234,10 @@ def _data_parallel_step(features, codes, quantized, weights, cluster_size, embed
                 rows_per_code.astype(_int_type()))
 
     weights = jnp.zeros(0, jnp.float32) if weights is None else jnp.asarray(weights)
-    table, counts = jax.pure_callback(
-        local_sums, (jax.ShapeDtypeStruct((num_codes, 1 + width), table_type),
-                     jax.ShapeDtypeStruct((num_codes,), _int_type())),
-        features, codes, jax.lax.stop_gradient(weights), vmap_method="sequential")
+    table, counts = host_call(
+        _key("codebook_sums", num_codes, backend), local_sums,
+        (jax.ShapeDtypeStruct((num_codes, 1 + width), table_type), jax.ShapeDtypeStruct((num_codes,), _int_type())),
+        features, codes, jax.lax.stop_gradient(weights))
     table, counts = jax.lax.psum((table, counts), axis_name)
 
     def apply(whole, *state):
@@ -230,6 +246,6 @@ def _data_parallel_step(features, codes, quantized, weights, cluster_size, embed
                             smoothing=smoothing, backend=backend)
         return tuple(state)
 
-    state = jax.pure_callback(apply, tuple(_state_shapes(cluster_size, embed_avg, embed)), table, cluster_size,
-                              embed_avg, embed, vmap_method="sequential")
+    state = host_call(_key("codebook_apply", settings.decay, settings.eps, smoothing, backend), apply,
+                      tuple(_state_shapes(cluster_size, embed_avg, embed)), table, cluster_size, embed_avg, embed)
     return CodebookStep(quantized, codes, counts, CodebookState(*state))
