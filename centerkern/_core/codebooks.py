@@ -21,8 +21,8 @@ import numpy as np
 
 from .errors import label_out_of_range
 from .interop import check_writable
-from .validation import (HostArrays, check_choice, check_feature_size, check_label_count, check_label_dtype,
-                         check_same_dtype, overlaps_itself, _float_matrix, _labels)
+from .validation import (HostArrays, check_choice, check_feature_size, check_same_dtype, flat_labels,
+                         overlaps_itself, _float_matrix, _labels)
 
 #: How the EMA codebook divides its sums by its counts (``smoothing=``):
 #:
@@ -104,20 +104,16 @@ def _weights_array(array: Any, features: Any) -> Any:
 
 def state_array(array: Any, name: str, shape: tuple[int, ...], dtype: np.dtype, inputs: dict,
                 arrays=HostArrays) -> Any:
-    """A state array the call updates in place: a writable host array of ``shape`` and ``dtype``
-    that shares no memory with the call's inputs (a device array for a device call's ``arrays``,
-    see ``device_state``)."""
-    if arrays is not HostArrays:
-        return device_state(array, name, shape, dtype, inputs, arrays)
+    """A state array the call updates in place: a writable array of ``shape`` and ``dtype`` in the
+    memory of ``arrays`` (host, or a device call's), that owns each of its elements and shares no
+    memory with the call's inputs."""
     if isinstance(array, (list, tuple)):
         raise TypeError(f"{name} must be an array, got a {type(array).__name__}")
     check_writable(array)
-    checked = HostArrays.asarray(array, name)
-    _check_state(checked, name, shape, dtype, inputs, HostArrays)
-    return checked
-
-
-def _check_state(checked: Any, name: str, shape: tuple[int, ...], dtype: np.dtype, inputs: dict, arrays) -> None:
+    if arrays is not HostArrays and not arrays.holds(array):
+        raise ValueError(f"{name} must live in device memory, where backend 'cuda' computes: the update writes it "
+                         "in place")
+    checked = arrays.asarray(array, name)
     if checked.dtype != dtype:
         raise TypeError(f"{name} must have dtype {dtype}, as the features and embed, got {checked.dtype}")
     if tuple(checked.shape) != shape:
@@ -130,6 +126,7 @@ def _check_state(checked: Any, name: str, shape: tuple[int, ...], dtype: np.dtyp
     for input_name, value in inputs.items():
         if value is not None and arrays.may_share_memory(checked, value):
             raise ValueError(f"{name} shares memory with {input_name}; pass arrays of their own")
+    return checked
 
 
 def check_has_codes(rows: Any, codebook: Any, codebook_name: str) -> None:
@@ -185,14 +182,7 @@ def device_codes(codes: Any, features: Any, num_codes: int, weights: Any, arrays
     None, each code's number of rows as int64 or None where not ``count``). Host codes or
     weights are copied to the device first. The values are checked on the device, in one pass
     that also makes the int64 and float64 copies the kernels read."""
-    if isinstance(codes, (list, tuple)):
-        codes = np.asarray(codes)
-        if codes.size == 0:
-            codes = codes.astype(np.int64)  # [] is float64 to NumPy, but means "no codes" here
-    array = arrays.asarray(codes, "labels")
-    check_label_dtype(array, array.dtype.kind in "iu")
-    check_label_count(array, int(array.size), features.shape[0], "features")
-    flat = arrays.flat_labels(array)
+    flat = flat_labels(codes, features.shape[0], arrays, "features")
     weights = device_weights(weights, features, arrays)
     checked = arrays.checked_codes(flat, num_codes, weights, count)
     if checked.bad_code is not None:
@@ -210,23 +200,6 @@ def device_weights(weights: Any, features: Any, arrays) -> Any:
     if isinstance(weights, (list, tuple)):
         weights = np.asarray(weights)
     return _weights_array(arrays.asarray(weights, "weights"), features)
-
-
-def device_state(array: Any, name: str, shape: tuple[int, ...], dtype: np.dtype, inputs: dict, arrays) -> Any:
-    """A state array the call updates in place on the device: a writable device array of
-    ``shape`` and ``dtype`` that owns each of its elements and shares no memory with the inputs."""
-    if isinstance(array, (list, tuple)):
-        raise TypeError(f"{name} must be an array, got a {type(array).__name__}")
-    check_writable(array)
-    if not arrays.holds(array):
-        raise ValueError(f"{name} must live in device memory, where backend 'cuda' computes: the update writes it "
-                         "in place")
-    checked = arrays.asarray(array, name)
-    _check_state(checked, name, shape, dtype, inputs, arrays)
-    if overlaps_itself(tuple(checked.shape), arrays.strides(checked), checked.dtype.itemsize):
-        raise ValueError(f"{name} overlaps itself (strides {tuple(arrays.strides(checked))} for shape "
-                         f"{tuple(checked.shape)}): some of its elements share memory")
-    return checked
 
 
 def device_float64_input(x: Any, what: str, shape: tuple[int, ...], arrays) -> Any:

@@ -206,19 +206,24 @@ def check_feature_size(rows, rows_name: str, centers) -> None:
         )
 
 
-def _labels(
-    labels: Any, batch_size: int | None, num_classes: int, arrays, batch_source: str, first_position: int = 0
-) -> Any:
+def flat_labels(labels: Any, batch_size: int | None, arrays, batch_source: str) -> Any:
+    """Labels (or codes) as a flat vector of ``arrays``, their dtype and count checked; their
+    values are checked by the caller, where they are (host or device)."""
     if isinstance(labels, (list, tuple)):
         labels = np.asarray(labels)
         if labels.size == 0:
             labels = labels.astype(np.int64)  # [] is float64 to NumPy, but means "no labels" here
     array = arrays.asarray(labels, "labels")
     check_label_dtype(array, array.dtype.kind in "iu")
-    count = int(array.size)
     if batch_size is not None:
-        check_label_count(array, count, batch_size, batch_source)
-    flat = arrays.flat_labels(array)
+        check_label_count(array, int(array.size), batch_size, batch_source)
+    return arrays.flat_labels(array)
+
+
+def _labels(
+    labels: Any, batch_size: int | None, num_classes: int, arrays, batch_source: str, first_position: int = 0
+) -> Any:
+    flat = flat_labels(labels, batch_size, arrays, batch_source)
     bad = arrays.first_out_of_range(flat, num_classes)
     if bad is not None:
         position, value = bad
