@@ -12,8 +12,8 @@ identical:
 
 - ``sparse``: the ranks' rows, codes and weights are all-gathered and every rank applies the
   whole batch in rank order (the same bits as one process on the concatenated batch);
-- ``dense``: each rank's per-code counts and sums (K x (1 + D), float64) are all-reduced, then
-  applied (``ema_apply``);
+- ``dense``: each rank's per-code row counts, weights and sums (K x (2 + D), float64) are all-reduced
+  in one call, then applied (``ema_apply``);
 - ``auto``: sparse while all ranks' rows together are fewer than K / 4 (the measured crossover
   of the center-loss exchanges).
 
@@ -205,12 +205,12 @@ class EMACodebook(nn.Module):
                                           weights=all_weights, **options)
         else:
             sums = codebooks.class_sums(rows, assignment.codes, self.codebook_size, weights=weights)
-            table = torch.cat([sums.counts[:, None], sums.sums], dim=1)
-            row_counts = torch.bincount(assignment.codes, minlength=self.codebook_size)
+            # one all-reduce: the rows per code ride in the table as float64, exact below 2^53
+            row_counts = torch.bincount(assignment.codes, minlength=self.codebook_size).to(torch.float64)
+            table = torch.cat([row_counts[:, None], sums.counts[:, None], sums.sums], dim=1)
             dist.all_reduce(table, group=group)
-            dist.all_reduce(row_counts, group=group)
-            codebooks.ema_apply(table[:, 0], table[:, 1:], cluster_size, embed_avg, embed, **options)
-            counts = row_counts
+            codebooks.ema_apply(table[:, 1], table[:, 2:], cluster_size, embed_avg, embed, **options)
+            counts = table[:, 0].to(torch.int64)
         return codebooks.Quantized(assignment.codes, assignment.distances, quantized, counts)
 
 
